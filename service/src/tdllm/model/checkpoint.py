@@ -1,0 +1,183 @@
+"""Model files -> (config, tokenizer, Hugging Face-named tensors), one tensor at a time.
+
+Two plaintext sources are understood: a GGUF file (the bundled SmolLM2 is one; quantized tensors
+are dequantized with the `gguf` package) and a Hugging Face-style directory (config.json,
+*.safetensors, tokenizer.json). Tensors are yielded lazily so loading never holds a second full
+copy of the model. Sealed directories (encrypted at rest) plug in here in a later issue.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tdllm.errors import ModelLoadError
+from tdllm.model.bundled import bundled_model_path
+from tdllm.model.config import ModelConfig
+from tdllm.model.tokenizer import Tokenizer
+
+NamedTensors = Iterator[tuple[str, torch.Tensor]]
+
+GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+@dataclass
+class Checkpoint:
+    """A model source, opened: its shape, its tokenizer, and a way to stream its tensors."""
+
+    name: str
+    path: Path
+    config: ModelConfig
+    tokenizer: Tokenizer
+    tensors: Callable[[], NamedTensors]
+
+
+def open_checkpoint(source: str | Path) -> Checkpoint:
+    """`source` is ``bundled``, a ``.gguf`` file, or a Hugging Face-style safetensors directory."""
+    if str(source) == "bundled":
+        return open_gguf(bundled_model_path())
+    path = Path(source)
+    if path.is_dir():
+        return open_hf_directory(path)
+    if path.is_file():
+        return open_gguf(path)
+    raise ModelLoadError(f"model not found: {source} (expected 'bundled', a .gguf file or a directory)")
+
+
+# -- GGUF ---------------------------------------------------------------------------------------
+
+
+def open_gguf(path: Path) -> Checkpoint:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from None
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"{path}: architecture {arch!r} is not supported (llama only)")
+    names = {t.name for t in reader.tensors}
+    try:
+        config = _gguf_config(fields, tied="output.weight" not in names)
+    except (KeyError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: incomplete llama metadata ({exc})") from None
+    tokenizer = Tokenizer.from_gguf_fields(fields)
+    name = str(fields.get("general.name") or path.stem)
+    return Checkpoint(name, path, config, tokenizer, lambda: _gguf_tensors(reader, config))
+
+
+def _gguf_config(fields: dict[str, Any], tied: bool) -> ModelConfig:
+    def key(k: str) -> Any:
+        return fields[f"llama.{k}"]
+
+    heads = int(key("attention.head_count"))
+    hidden = int(key("embedding_length"))
+    vocab = fields.get("llama.vocab_size") or len(fields["tokenizer.ggml.tokens"])
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(fields.get("llama.attention.head_count_kv") or heads),
+        head_dim=int(fields.get("llama.rope.dimension_count") or hidden // heads),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(fields.get("llama.rope.freq_base") or 10000.0),
+        max_position_embeddings=int(key("context_length")),
+        tie_word_embeddings=tied,
+    )
+
+
+def _gguf_tensors(reader: Any, config: ModelConfig) -> NamedTensors:
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if not array.flags.writeable:  # unquantized tensors come straight from the memory map
+            array = array.copy()
+        tensor = torch.from_numpy(array.reshape([int(d) for d in reversed(t.shape)]))
+        # llama.cpp stores q/k rows interleaved for its rotary kernel; undo it (rotate-half layout)
+        if name.endswith("q_proj.weight"):
+            tensor = _unpermute_rope(tensor, config.num_heads)
+        elif name.endswith("k_proj.weight"):
+            tensor = _unpermute_rope(tensor, config.num_kv_heads)
+        yield name, tensor
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in GGUF_GLOBAL_NAMES:
+        return GGUF_GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_LAYER_NAMES and parts[3] == "weight":
+        return f"model.layers.{int(parts[1])}.{GGUF_LAYER_NAMES[parts[2]]}.weight"
+    raise ModelLoadError(f"GGUF tensor {gguf_name!r} has no place in a llama model")
+
+
+def _unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    rows, cols = weight.shape
+    return weight.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# -- Hugging Face directory ---------------------------------------------------------------------
+
+
+def open_hf_directory(folder: Path) -> Checkpoint:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder}: not a model directory (no config.json)")
+    try:
+        raw = json.loads(config_path.read_text())
+        config = ModelConfig.from_hf(raw)
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{config_path}: not a usable Llama config ({exc})") from None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no *.safetensors files")
+    tokenizer = Tokenizer.from_hf_directory(folder)
+    return Checkpoint(folder.name, folder, config, tokenizer, lambda: _safetensors(files))
+
+
+def _safetensors(files: list[Path]) -> NamedTensors:
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118  (safe_open is not a dict)
+                yield name, f.get_tensor(name)
+
+
+def save_hf_directory(checkpoint: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """Write `checkpoint` as a Hugging Face-style directory (config, safetensors, tokenizer)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: (t.to(dtype) if dtype else t).contiguous() for name, t in checkpoint.tensors()
+    }
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(checkpoint.config.to_hf(), indent=2))
+    checkpoint.tokenizer.save_hf_directory(folder)

@@ -1,0 +1,99 @@
+"""Every projection in the model is a `Linear` whose matmul is delegated to a `LinearMethod`.
+
+This is vLLM's split: the layer owns its name and shape; the method owns the parameters it needs
+(`create_weights`) and how the product is computed (`apply`). A `LinearMethodTable` maps layer
+names (glob patterns over names like ``model.layers.3.self_attn.qkv_proj``) to methods, so a later
+profile can run one layer on the TD CPU, another on an untrusted device or behind masks, without
+the model file knowing. The plain TD-CPU method is the only one the foundation needs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LinearMethod(Protocol):
+    """How one projection's weights are held and how ``y = x @ W.T`` is computed."""
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        """Register on `layer` the parameters/buffers this method needs (shapes from `layer`)."""
+        ...
+
+    def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
+        """Take checkpoint rows ``[n, in_features]`` for output rows ``row_offset:row_offset+n``.
+
+        Fused projections (q|k|v, gate|up) receive one checkpoint tensor per shard.
+        """
+        ...
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """Return ``x @ W.T`` for ``x[..., in_features]``."""
+        ...
+
+
+class Linear(nn.Module):
+    """A bias-free projection whose storage and compute belong to its `LinearMethod`."""
+
+    def __init__(
+        self, name: str, in_features: int, out_features: int, method: LinearMethod, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.in_features = in_features
+        self.out_features = out_features
+        self.method = method
+        method.create_weights(self, dtype)
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{self.name}: checkpoint weight has shape {tuple(weight.shape)}, "
+                f"expected {(self.out_features, self.in_features)}"
+            )
+        self.method.load_weight(self, weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, {self.in_features}->{self.out_features}, {type(self.method).__name__}"
+
+
+class PlainCpuMethod:
+    """Weights in TD memory, matmul on the TD CPU with stock PyTorch (oneDNN; AMX where present)."""
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        weight = torch.empty(layer.out_features, layer.in_features, dtype=dtype)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+
+    def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
+        layer.weight.data[row_offset : row_offset + weight.shape[0]].copy_(weight)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight)
+
+
+class LinearMethodTable:
+    """Chooses a `LinearMethod` per layer name; the first matching glob pattern wins.
+
+    The table is data (later read from configuration, and so part of the measured image), not
+    `if` statements scattered through the model.
+    """
+
+    def __init__(
+        self, rules: Sequence[tuple[str, LinearMethod]] = (), default: LinearMethod | None = None
+    ) -> None:
+        self.rules = list(rules)
+        self.default = default if default is not None else PlainCpuMethod()
+
+    def method_for(self, name: str) -> LinearMethod:
+        for pattern, method in self.rules:
+            if fnmatch.fnmatchcase(name, pattern):
+                return method
+        return self.default

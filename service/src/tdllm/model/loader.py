@@ -1,0 +1,36 @@
+"""Build a `Transformer` for a checkpoint and stream its weights in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tdllm.errors import ModelLoadError
+from tdllm.model.checkpoint import Checkpoint, open_checkpoint
+from tdllm.model.linear import LinearMethodTable
+from tdllm.model.transformer import Transformer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def load_model(
+    source: str | Path | Checkpoint,
+    dtype: torch.dtype = torch.float32,
+    methods: LinearMethodTable | None = None,
+) -> tuple[Transformer, Checkpoint]:
+    checkpoint = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    model = Transformer(checkpoint.config, methods, dtype)
+    try:
+        with torch.no_grad():
+            model.load_weights(checkpoint.tensors())
+    except ValueError as exc:
+        raise ModelLoadError(f"{checkpoint.path}: {exc}") from None
+    return model.eval(), checkpoint

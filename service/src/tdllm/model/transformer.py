@@ -1,0 +1,318 @@
+"""A Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied lm_head.
+
+Read top to bottom: `KVCache`, `Batch` (the per-step positions and masks), `Transformer`, `Block`,
+`Attention`, `FeedForward`, `RMSNorm`, rotary helpers. Module and parameter names follow the
+Hugging Face Llama layout (``model.layers.N.self_attn...``) so checkpoints map one to one, except
+that q/k/v and gate/up are fused (`STACKED`) to halve the number of matmuls per block.
+
+No projection here is an `nn.Linear`: each is a `Linear` that asks the `LinearMethodTable` for its
+strategy by full name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tdllm.model.config import ModelConfig
+from tdllm.model.linear import Linear, LinearMethodTable, PlainCpuMethod
+
+# checkpoint projection -> (fused projection, shard index); see Transformer.load_weights
+STACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class KVCache:
+    """Keys and values of every layer for `max_batch` slots of `max_seq_len` positions each.
+
+    A sequence owns one slot for its whole life; positions are per sequence, so sequences of
+    different lengths share a decode step without padding.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, max_batch: int, max_seq_len: int, dtype: torch.dtype
+    ) -> None:
+        shape = (max_batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class Batch:
+    """Where each row of a forward pass sits: its cache slot and the position of its first token.
+
+    Either one sequence with any number of tokens (prefill) or many sequences with one token
+    each (decode).
+    """
+
+    slots: list[int]
+    starts: list[int]
+    num_tokens: int
+
+    def __post_init__(self) -> None:
+        assert len(self.slots) == len(self.starts) >= 1
+        assert self.num_tokens == 1 or len(self.slots) == 1, "multi-token rows: one sequence only"
+        self.span = max(self.starts) + self.num_tokens  # cache positions attention reads
+        lo = self.slots[0]
+        # contiguous slots are read as a view instead of a gather
+        self.slot_range = (
+            slice(lo, lo + len(self.slots))
+            if self.slots == list(range(lo, lo + len(self.slots)))
+            else None
+        )
+        self.slot_index = torch.tensor(self.slots)
+        self.positions = torch.tensor(self.starts)[:, None] + torch.arange(self.num_tokens)
+        self.causal = len(self.slots) == 1 and self.starts[0] == 0
+        self.mask: torch.Tensor | None = None
+        if not self.causal:  # key j is visible to query t iff j <= position of t
+            keys = torch.arange(self.span)
+            self.mask = (keys[None, None, None, :] <= self.positions[:, None, :, None]).contiguous()
+
+    def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
+        if self.num_tokens == 1:
+            cache[self.slot_index, :, torch.tensor(self.starts)] = new[:, :, 0]
+        else:
+            s, p = self.slots[0], self.starts[0]
+            cache[s, :, p : p + self.num_tokens] = new[0]
+
+    def read(self, cache: torch.Tensor) -> torch.Tensor:
+        if self.slot_range is not None:
+            return cache[self.slot_range, :, : self.span]
+        return cache[:, :, : self.span].index_select(0, self.slot_index)
+
+
+class Transformer(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        methods: LinearMethodTable | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        methods = methods or LinearMethodTable()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(cfg, i, methods, dtype) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = Linear(
+            "lm_head", cfg.hidden_size, cfg.vocab_size, methods.method_for("lm_head"), dtype
+        )
+        cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+        self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
+
+    def forward(
+        self, tokens: torch.Tensor, batch: Batch, cache: KVCache, last_only: bool = True
+    ) -> torch.Tensor:
+        """Logits ``[B, T or 1, vocab]`` for `tokens` ``[B, T]`` placed as `batch` says."""
+        x = self.embed_tokens(tokens)
+        cos = self.rope_cos[batch.positions][:, None]  # [B, 1, T, head_dim]
+        sin = self.rope_sin[batch.positions][:, None]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, batch, cos, sin, cache.k[i], cache.v[i])
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named checkpoint tensors in, one at a time, checking coverage."""
+        linears = {m.name: m for m in self.modules() if isinstance(m, Linear)}
+        # checkpoint name of every non-projection parameter ("model." + our attribute path)
+        params = {
+            f"model.{n}": p
+            for n, p in self.named_parameters()
+            if not n.endswith("_proj.weight") and not n.startswith("lm_head.")
+        }
+        expected = set(params)
+        for name in linears:
+            if name.endswith(("qkv_proj", "gate_up_proj")):
+                parts = ("q_proj", "k_proj", "v_proj") if "qkv" in name else ("gate_proj", "up_proj")
+                prefix = name.rsplit(".", 1)[0]
+                expected.update(f"{prefix}.{p}.weight" for p in parts)
+            else:
+                expected.add(f"{name}.weight")
+        if self.cfg.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+        seen: set[str] = set()
+        for ckpt_name, tensor in tensors:
+            if ckpt_name in seen or ckpt_name not in expected:
+                why = "twice" if ckpt_name in seen else "but the model has no such weight"
+                raise ValueError(f"checkpoint tensor {ckpt_name} given {why}")
+            seen.add(ckpt_name)
+            self._load_one(ckpt_name, tensor, linears, params)
+        missing = sorted(expected - seen)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        if self.cfg.tie_word_embeddings:
+            self._tie_lm_head()
+
+    def _load_one(
+        self,
+        ckpt_name: str,
+        tensor: torch.Tensor,
+        linears: dict[str, Linear],
+        params: dict[str, nn.Parameter],
+    ) -> None:
+        module_name = ckpt_name.removesuffix(".weight")
+        prefix, _, leaf = module_name.rpartition(".")
+        if leaf in STACKED:
+            fused, shard = STACKED[leaf]
+            linear = linears[f"{prefix}.{fused}"]
+            sizes = linear.shard_sizes  # type: ignore[attr-defined]
+            offset = sum(sizes[:shard])
+            if tuple(tensor.shape) != (sizes[shard], linear.in_features):
+                raise ValueError(f"{ckpt_name} has shape {tuple(tensor.shape)}")
+            linear.method.load_weight(linear, tensor, offset)
+        elif module_name in linears:
+            linears[module_name].load_weight(tensor)
+        else:
+            param = params[ckpt_name]
+            if param.shape != tensor.shape:
+                raise ValueError(f"{ckpt_name} has shape {tuple(tensor.shape)}")
+            param.data.copy_(tensor)
+
+    def _tie_lm_head(self) -> None:
+        if isinstance(self.lm_head.method, PlainCpuMethod):  # share, do not copy
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head.load_weight(self.embed_tokens.weight.data)
+
+
+class Block(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, index: int, methods: LinearMethodTable, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        prefix = f"model.layers.{index}"
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, f"{prefix}.self_attn", methods, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = FeedForward(cfg, f"{prefix}.mlp", methods, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: Batch,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def fused_linear(
+    name: str, in_features: int, shards: list[int], methods: LinearMethodTable, dtype: torch.dtype
+) -> Linear:
+    layer = Linear(name, in_features, sum(shards), methods.method_for(name), dtype)
+    layer.shard_sizes = shards  # type: ignore[assignment]  # rows of each checkpoint tensor
+    return layer
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, prefix: str, methods: LinearMethodTable, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = fused_linear(f"{prefix}.qkv_proj", cfg.hidden_size, self.sizes, methods, dtype)
+        self.o_proj = Linear(
+            f"{prefix}.o_proj", q_size, cfg.hidden_size, methods.method_for(f"{prefix}.o_proj"), dtype
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: Batch,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        batch.write(k_cache, k)
+        batch.write(v_cache, v)
+        y = F.scaled_dot_product_attention(
+            q,
+            batch.read(k_cache),
+            batch.read(v_cache),
+            attn_mask=batch.mask,
+            is_causal=batch.causal and T > 1,
+            enable_gqa=self.n_heads != self.n_kv,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(
+        self, cfg: ModelConfig, prefix: str, methods: LinearMethodTable, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = fused_linear(
+            f"{prefix}.gate_up_proj", cfg.hidden_size, [self.inter, self.inter], methods, dtype
+        )
+        self.down_proj = Linear(
+            f"{prefix}.down_proj",
+            self.inter,
+            cfg.hidden_size,
+            methods.method_for(f"{prefix}.down_proj"),
+            dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32 whatever the model dtype, as the reference implementation does
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, theta: float, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[max_pos, head_dim]`` for rotate-half RoPE, computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
