@@ -28,7 +28,10 @@ def _has_gpu() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     have = {
         "gpu": (config.getoption("--run-gpu") and _has_gpu(), "needs an NVIDIA GPU and --run-gpu"),
-        "tdx": (config.getoption("--run-tdx") and TSM_REPORT.is_dir(), "needs a TDX guest and --run-tdx"),
+        "tdx": (
+            config.getoption("--run-tdx") and TSM_REPORT.is_dir(),
+            "needs a TDX guest and --run-tdx",
+        ),
     }
     for item in items:
         for marker, (ok, reason) in have.items():

@@ -62,7 +62,9 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
         return open_hf_directory(path)
     if path.is_file():
         return open_gguf(path)
-    raise ModelLoadError(f"model not found: {source} (expected 'bundled', a .gguf file or a directory)")
+    raise ModelLoadError(
+        f"model not found: {source} (expected 'bundled', a .gguf file or a directory)"
+    )
 
 
 # -- GGUF ---------------------------------------------------------------------------------------
@@ -132,7 +134,12 @@ def _hf_name(gguf_name: str) -> str:
     if gguf_name in GGUF_GLOBAL_NAMES:
         return GGUF_GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_LAYER_NAMES and parts[3] == "weight":
+    if (
+        len(parts) == 4
+        and parts[0] == "blk"
+        and parts[2] in GGUF_LAYER_NAMES
+        and parts[3] == "weight"
+    ):
         return f"model.layers.{int(parts[1])}.{GGUF_LAYER_NAMES[parts[2]]}.weight"
     raise ModelLoadError(f"GGUF tensor {gguf_name!r} has no place in a llama model")
 
@@ -166,18 +173,18 @@ def _safetensors(files: list[Path]) -> NamedTensors:
 
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118  (safe_open is not a dict)
+            for name in f.keys():
                 yield name, f.get_tensor(name)
 
 
-def save_hf_directory(checkpoint: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> None:
+def save_hf_directory(
+    checkpoint: Checkpoint, folder: Path, dtype: torch.dtype | None = None
+) -> None:
     """Write `checkpoint` as a Hugging Face-style directory (config, safetensors, tokenizer)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        name: (t.to(dtype) if dtype else t).contiguous() for name, t in checkpoint.tensors()
-    }
+    tensors = {name: (t.to(dtype) if dtype else t).contiguous() for name, t in checkpoint.tensors()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(checkpoint.config.to_hf(), indent=2))
     checkpoint.tokenizer.save_hf_directory(folder)

@@ -41,12 +41,21 @@ class Linear(nn.Module):
     """A bias-free projection whose storage and compute belong to its `LinearMethod`."""
 
     def __init__(
-        self, name: str, in_features: int, out_features: int, method: LinearMethod, dtype: torch.dtype
+        self,
+        name: str,
+        in_features: int,
+        out_features: int,
+        method: LinearMethod,
+        dtype: torch.dtype,
+        shard_sizes: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.name = name
         self.in_features = in_features
         self.out_features = out_features
+        # rows of each checkpoint tensor a fused projection (q|k|v, gate|up) is made of
+        self.shard_sizes = shard_sizes or [out_features]
+        assert sum(self.shard_sizes) == out_features
         self.method = method
         method.create_weights(self, dtype)
 
@@ -73,10 +82,16 @@ class PlainCpuMethod:
         layer.weight = nn.Parameter(weight, requires_grad=False)
 
     def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
-        layer.weight.data[row_offset : row_offset + weight.shape[0]].copy_(weight)
+        _weight(layer).data[row_offset : row_offset + weight.shape[0]].copy_(weight)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight)
+        return F.linear(x, _weight(layer))
+
+
+def _weight(layer: Linear) -> torch.Tensor:
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 class LinearMethodTable:

@@ -88,7 +88,9 @@ class Tokenizer:
     def from_gguf_fields(cls, fields: Mapping[str, Any]) -> Tokenizer:
         kind = fields.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise ModelLoadError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE only)")
+            raise ModelLoadError(
+                f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE only)"
+            )
         tokens: list[str] = list(fields["tokenizer.ggml.tokens"])
         merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
         backend = BpeBackend(
@@ -96,12 +98,20 @@ class Tokenizer:
         )
         backend.pre_tokenizer = _gguf_pre_tokenizer(str(fields.get("tokenizer.ggml.pre", "gpt2")))
         backend.decoder = decoders.ByteLevel()
-        types = list(fields.get("tokenizer.ggml.token_type") or [])
+        types = list(fields.get("tokenizer.ggml.token_type") or [1] * len(tokens))
         backend.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL_TOKEN]
+            [
+                AddedToken(t, special=True, normalized=False)
+                for t, k in zip(tokens, types, strict=True)
+                if k == CONTROL_TOKEN
+            ]
         )
         backend.add_tokens(
-            [AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED_TOKEN]
+            [
+                AddedToken(t, normalized=False)
+                for t, k in zip(tokens, types, strict=True)
+                if k == USER_DEFINED_TOKEN
+            ]
         )
         return cls(
             backend,
@@ -141,8 +151,12 @@ class Tokenizer:
         self.backend.save(str(folder / "tokenizer.json"))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": self.token_text(self.bos_token_id) if self.bos_token_id is not None else None,
-            "eos_token": self.token_text(self.eos_token_id) if self.eos_token_id is not None else None,
+            "bos_token": self.token_text(self.bos_token_id)
+            if self.bos_token_id is not None
+            else None,
+            "eos_token": self.token_text(self.eos_token_id)
+            if self.eos_token_id is not None
+            else None,
             "add_bos_token": self.add_bos,
             "chat_template": self.chat_template,
         }

@@ -96,6 +96,9 @@ class Batch:
 
 
 class Transformer(nn.Module):
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -142,7 +145,9 @@ class Transformer(nn.Module):
         expected = set(params)
         for name in linears:
             if name.endswith(("qkv_proj", "gate_up_proj")):
-                parts = ("q_proj", "k_proj", "v_proj") if "qkv" in name else ("gate_proj", "up_proj")
+                parts = (
+                    ("q_proj", "k_proj", "v_proj") if "qkv" in name else ("gate_proj", "up_proj")
+                )
                 prefix = name.rsplit(".", 1)[0]
                 expected.update(f"{prefix}.{p}.weight" for p in parts)
             else:
@@ -174,7 +179,7 @@ class Transformer(nn.Module):
         if leaf in STACKED:
             fused, shard = STACKED[leaf]
             linear = linears[f"{prefix}.{fused}"]
-            sizes = linear.shard_sizes  # type: ignore[attr-defined]
+            sizes = linear.shard_sizes
             offset = sum(sizes[:shard])
             if tuple(tensor.shape) != (sizes[shard], linear.in_features):
                 raise ValueError(f"{ckpt_name} has shape {tuple(tensor.shape)}")
@@ -221,9 +226,7 @@ class Block(nn.Module):
 def fused_linear(
     name: str, in_features: int, shards: list[int], methods: LinearMethodTable, dtype: torch.dtype
 ) -> Linear:
-    layer = Linear(name, in_features, sum(shards), methods.method_for(name), dtype)
-    layer.shard_sizes = shards  # type: ignore[assignment]  # rows of each checkpoint tensor
-    return layer
+    return Linear(name, in_features, sum(shards), methods.method_for(name), dtype, shards)
 
 
 class Attention(nn.Module):
@@ -234,9 +237,15 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = fused_linear(f"{prefix}.qkv_proj", cfg.hidden_size, self.sizes, methods, dtype)
+        self.qkv_proj = fused_linear(
+            f"{prefix}.qkv_proj", cfg.hidden_size, self.sizes, methods, dtype
+        )
         self.o_proj = Linear(
-            f"{prefix}.o_proj", q_size, cfg.hidden_size, methods.method_for(f"{prefix}.o_proj"), dtype
+            f"{prefix}.o_proj",
+            q_size,
+            cfg.hidden_size,
+            methods.method_for(f"{prefix}.o_proj"),
+            dtype,
         )
 
     def forward(

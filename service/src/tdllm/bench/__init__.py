@@ -1,0 +1,1 @@
+"""`tdllm bench`: side-by-side measurements, each configuration in its own process."""

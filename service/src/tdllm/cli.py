@@ -1,0 +1,176 @@
+"""The `tdllm` command line: generate, bench, doctor.
+
+Every error a user can cause ends as one line on stderr (`error: ...`) and a non-zero exit code;
+no traceback reaches the terminal.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from typing import Any
+
+import click
+
+from tdllm.errors import TdllmError, UsageError
+
+DTYPE = click.Choice(["bf16", "fp32"])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tdllm")
+def cli() -> None:
+    """tdllm: a confidential LLM appliance for Intel TDX."""
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option(
+    "--model",
+    default="bundled",
+    show_default=True,
+    help="'bundled', a .gguf file or a model directory",
+)
+@click.option(
+    "--chat/--no-chat", default=False, help="wrap the prompt in the model's chat template"
+)
+@click.option("--system", default=None, help="system message (with --chat)")
+@click.option("--max-tokens", type=click.IntRange(1, 32768), default=256, show_default=True)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0.0, 2.0),
+    default=0.2,
+    show_default=True,
+    help="0 is greedy",
+)
+@click.option(
+    "--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.9, show_default=True
+)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 is off")
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="stop string (repeatable)")
+@click.option("--dtype", type=DTYPE, default="fp32", show_default=True)
+def generate(
+    prompt: str,
+    model: str,
+    chat: bool,
+    system: str | None,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: tuple[str, ...],
+    dtype: str,
+) -> None:
+    """Generate a completion for PROMPT ('-' reads stdin) and stream it to the terminal."""
+    from tdllm.engine import Engine, SamplingParams
+    from tdllm.model.checkpoint import open_checkpoint
+    from tdllm.model.loader import load_model, parse_dtype
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    try:
+        params = SamplingParams(max_tokens, temperature, top_k, top_p, seed, stop)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    checkpoint = open_checkpoint(model)
+    tokenizer = checkpoint.tokenizer
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        prompt = tokenizer.apply_chat_template(messages)
+    ids = tokenizer.encode(prompt)
+    context = checkpoint.config.max_position_embeddings
+    if len(ids) >= context:
+        raise UsageError(f"the prompt has {len(ids)} tokens; the model's context is {context}")
+    status(f"loading {checkpoint.name} ({dtype}) ...")
+    net, _ = load_model(checkpoint, parse_dtype(dtype))
+    engine = Engine(
+        net, tokenizer, max_batch=1, max_seq_len=min(context, len(ids) + max_tokens + 1)
+    )
+    for out in engine.stream(ids, params):
+        click.echo(out.text, nl=False)
+    click.echo()
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--dtype", "dtypes", type=DTYPE, multiple=True, help="repeatable; default both")
+@click.option(
+    "--engine",
+    "engines",
+    type=click.Choice(["ours", "hf"]),
+    multiple=True,
+    help="repeatable; default both",
+)
+@click.option("--model", default="bundled", show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(2, 4096), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True)
+@click.pass_context
+def bench(
+    ctx: click.Context,
+    as_json: bool,
+    dtypes: tuple[str, ...],
+    engines: tuple[str, ...],
+    model: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+) -> None:
+    """Measure tdllm's engine against Hugging Face transformers, side by side in one run.
+
+    Prefill tok/s (one PROMPT_TOKENS prompt), time to first token, decode tok/s at batch 1 and 8
+    (NEW_TOKENS each), peak RSS, for bf16 and fp32. Needs the [bench] extra (transformers).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from tdllm.bench.engine_bench import format_table, run_engine_bench
+
+    engines = engines or ("ours", "hf")
+    if "hf" in engines and importlib.util.find_spec("transformers") is None:
+        raise UsageError("the reference engine needs transformers: pip install 'tdllm[bench]'")
+    report = run_engine_bench(
+        dtypes or ("bf16", "fp32"), engines, model, prompt_tokens, new_tokens, repeats, status
+    )
+    click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+
+
+@cli.command()
+def doctor() -> None:
+    """Report CPU features, torch/oneDNN versions, IPEX, and whether this is a TDX guest."""
+    from tdllm.doctor import report
+
+    rows = report()
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+def status(message: str) -> None:
+    """Progress for people: on stderr, and only when stderr is a terminal."""
+    if sys.stderr.isatty():
+        click.echo(message, err=True)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point: run the CLI, turning every expected failure into one line and an exit code."""
+    try:
+        return cli.main(args=argv, prog_name="tdllm", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except TdllmError as exc:
+        click.echo(f"error: {exc.diagnostics()}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)

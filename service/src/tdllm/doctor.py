@@ -1,0 +1,67 @@
+"""`tdllm doctor`: what this machine offers the TD engine, and what is missing."""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+TSM_REPORT = Path("/sys/kernel/config/tsm/report")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
+
+
+def onednn_version() -> str:
+    found = re.search(r"(?:oneDNN|MKL-DNN) v([\w.]+)", torch.__config__.show())
+    return found.group(1) if found else "not built in"
+
+
+def ipex_status() -> str:
+    try:
+        import intel_extension_for_pytorch as ipex  # type: ignore[import-not-found]
+    except ImportError:
+        return "not installed (optional; retired upstream after 2.8 - stock PyTorch/oneDNN is used)"
+    except Exception as exc:  # a version mismatch makes IPEX raise at import
+        return f"installed but unusable with torch {torch.__version__}: {exc}"
+    ipex_version = str(getattr(ipex, "__version__", "?"))
+    if (
+        ipex_version.split("+")[0].rsplit(".", 1)[0]
+        != torch.__version__.split("+")[0].rsplit(".", 1)[0]
+    ):
+        return f"installed ({ipex_version}) but does not match torch {torch.__version__}: not used"
+    return f"active ({ipex_version})"
+
+
+def report() -> list[tuple[str, str]]:
+    flags = cpu_flags()
+    seen = [f for f in CPU_FLAGS if f in flags]
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
+    threads = f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+    return [
+        ("cpu", platform.processor() or platform.machine()),
+        ("cpu features", ", ".join(seen) or "none of interest"),
+        (
+            "bf16 matmul",
+            "native (AVX512-BF16/AMX)"
+            if native_bf16
+            else "emulated: bf16 is slow here, prefer fp32",
+        ),
+        ("amx", "yes" if "amx_tile" in flags else "no"),
+        ("torch", f"{torch.__version__} ({threads})"),
+        ("oneDNN", onednn_version()),
+        ("ipex", ipex_status()),
+        (
+            "tdx guest",
+            f"yes ({TSM_REPORT})" if TSM_REPORT.is_dir() else f"no ({TSM_REPORT} absent)",
+        ),
+    ]

@@ -1,0 +1,190 @@
+"""The generation loop: per-sequence prefill into a cache slot, then batched decode steps."""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tdllm.engine.sampling import SamplingParams, sample
+from tdllm.engine.stops import TextStream
+from tdllm.errors import UsageError
+from tdllm.model.tokenizer import Tokenizer
+from tdllm.model.transformer import Batch, KVCache, Transformer
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request: a token, the text it made final, and the end."""
+
+    request_id: int
+    token_id: int
+    text: str
+    finish_reason: str | None  # "stop" (eos or stop string), "length", or None while running
+
+
+@dataclass
+class Completion:
+    request_id: int
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    stream: TextStream
+    generator: torch.Generator
+    slot: int = -1
+    output: list[int] = field(default_factory=list)
+
+    @property
+    def position(self) -> int:  # cache position of the next token to feed
+        return len(self.prompt) + len(self.output) - 1
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        max_seq_len: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_len = min(
+            max_seq_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings
+        )
+        self.cache = KVCache(model.cfg, max_batch, self.max_seq_len, model.dtype)
+        self.free_slots = list(range(max_batch))
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self._ids = itertools.count()
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def check_prompt(self, prompt: Sequence[int]) -> None:
+        """Raise `UsageError` for a prompt this engine cannot run (never fails later)."""
+        if not prompt:
+            raise UsageError("the prompt is empty")
+        if len(prompt) >= self.max_seq_len:
+            raise UsageError(
+                f"the prompt has {len(prompt)} tokens; the context holds {self.max_seq_len} "
+                "(prompt plus at least one generated token)"
+            )
+        vocab = self.model.cfg.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise UsageError(f"token ids must be in [0, {vocab})")
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        self.check_prompt(prompt)
+        request = _Request(
+            next(self._ids),
+            list(prompt),
+            params,
+            TextStream(self.tokenizer, params.stop),
+            params.generator(),
+        )
+        self.waiting.append(request)
+        return request.id
+
+    def cancel(self, request_id: int) -> None:
+        """Forget a request (a client went away); its slot is freed at once."""
+        self.waiting = deque(r for r in self.waiting if r.id != request_id)
+        for r in [r for r in self.running if r.id == request_id]:
+            self._finish(r)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- stepping -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Admit waiting requests into free slots (prefill), then one decode step for the rest."""
+        outputs: list[StepOutput] = []
+        decoding = list(self.running)
+        while self.waiting and self.free_slots:
+            request = self.waiting.popleft()
+            request.slot = self.free_slots.pop(0)
+            self.running.append(request)
+            batch = Batch([request.slot], [0], len(request.prompt))
+            logits = self.model(torch.tensor([request.prompt]), batch, self.cache)
+            outputs.append(self._advance(request, logits[0, -1]))
+        if decoding:
+            decoding.sort(key=lambda r: r.slot)  # contiguous slots read the cache as a view
+            tokens = torch.tensor([[r.output[-1]] for r in decoding])
+            batch = Batch([r.slot for r in decoding], [r.position for r in decoding], 1)
+            logits = self.model(tokens, batch, self.cache)
+            outputs.extend(self._advance(r, logits[i, -1]) for i, r in enumerate(decoding))
+        self.free_slots.sort()
+        return outputs
+
+    def _advance(self, request: _Request, logits: torch.Tensor) -> StepOutput:
+        token = sample(logits, request.params, request.generator)
+        request.output.append(token)
+        if token in self.tokenizer.stop_token_ids and not request.params.ignore_eos:
+            return self._end(request, token, request.stream.flush(), "stop")
+        text = request.stream.push(token)
+        if request.stream.stopped:
+            return self._end(request, token, text, "stop")
+        full = len(request.output) >= request.params.max_tokens
+        if full or request.position >= self.max_seq_len:  # no room to feed this token back
+            return self._end(request, token, text + request.stream.flush(), "length")
+        return StepOutput(request.id, token, text, None)
+
+    def _end(self, request: _Request, token: int, text: str, reason: str) -> StepOutput:
+        self._finish(request)
+        return StepOutput(request.id, token, text, reason)
+
+    def _finish(self, request: _Request) -> None:
+        self.running.remove(request)
+        self.free_slots.append(request.slot)
+        request.slot = -1
+
+    # -- conveniences ---------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
+        """Run `prompts` to completion together; results in the order given."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        for prompt in prompts:
+            self.check_prompt(prompt)
+        ids = [self.submit(p, sp) for p, sp in zip(prompts, per_prompt, strict=True)]
+        done: dict[int, Completion] = {}
+        tokens: dict[int, list[int]] = {i: [] for i in ids}
+        texts: dict[int, list[str]] = {i: [] for i in ids}
+        while len(done) < len(ids):
+            for out in self.step():
+                tokens[out.request_id].append(out.token_id)
+                texts[out.request_id].append(out.text)
+                if out.finish_reason:
+                    prompt_len = len(prompts[ids.index(out.request_id)])
+                    done[out.request_id] = Completion(
+                        out.request_id,
+                        prompt_len,
+                        tokens[out.request_id],
+                        "".join(texts[out.request_id]),
+                        out.finish_reason,
+                    )
+        return [done[i] for i in ids]
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[StepOutput]:
+        """Generate for one prompt alone, yielding each step's output as it comes."""
+        request_id = self.submit(prompt, params)
+        while True:
+            for out in self.step():
+                if out.request_id == request_id:
+                    yield out
+                    if out.finish_reason:
+                        return
