@@ -45,3 +45,21 @@ def tdx_vectors() -> Path:
     if not TDX_VECTORS.is_dir():
         pytest.skip(f"test vectors not found at {TDX_VECTORS}")
     return TDX_VECTORS
+
+
+@pytest.fixture(scope="session")
+def bundled_checkpoint():  # type: ignore[no-untyped-def]
+    """The bundled SmolLM2-135M-Instruct, opened once per test session."""
+    from tdllm.model.checkpoint import open_checkpoint
+
+    return open_checkpoint("bundled")
+
+
+@pytest.fixture(scope="session")
+def bundled_fp32(bundled_checkpoint):  # type: ignore[no-untyped-def]
+    """(model, checkpoint) for the bundled model in fp32, loaded once per test session."""
+    import torch
+
+    from tdllm.model.loader import load_model
+
+    return load_model(bundled_checkpoint, torch.float32)

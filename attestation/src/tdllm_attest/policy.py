@@ -1,0 +1,411 @@
+"""Is the quote what we expect? The signed reference-values / TCB policy and its evaluation.
+
+The policy is a JSON document (schema `tdllm-attest-policy/1`, checked by hand here) wrapped in an
+Ed25519-signed envelope. `check_tcb` judges the TCB status that `verify` returned; `validate`
+compares the TD report with the reference values and reports every mismatch at once.
+See docs/attestation.md for the format with a full example.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from tdllm_attest.abi import (
+    MR_CONFIG_ID_SIZE,
+    MR_OWNER_CONFIG_SIZE,
+    MR_OWNER_SIZE,
+    MR_SEAM_SIZE,
+    MR_TD_SIZE,
+    RTMR_SIZE,
+    TD_ATTRIBUTES_RESERVED_MASK,
+    XFAM_SIZE,
+    TdReport10,
+    TdReport15,
+)
+from tdllm_attest.collateral import FreshnessLimits
+from tdllm_attest.errors import Mismatch, PolicyDocumentError, PolicyMismatch, TcbStatusError
+from tdllm_attest.eventlog import Event, replay
+from tdllm_attest.verify import TCB_STATUSES, VerifiedQuote
+
+POLICY_SCHEMA = "tdllm-attest-policy/1"
+SIGNATURE_ALG = "Ed25519"
+STATUS_UP_TO_DATE = "UpToDate"
+STATUS_REVOKED = "Revoked"
+RTMR3_ZERO = "zero"
+RTMR3_EVENT_LOG = "event_log"
+_TOP_KEYS = {
+    "schema",
+    "name",
+    "tcb",
+    "xfam",
+    "mr_seam",
+    "measurements",
+    "mr_config_id",
+    "mr_owner",
+    "mr_owner_config",
+    "rtmr3",
+    "rtmr3_allowed_events",
+    "allow_service_td",
+}
+_TCB_KEYS = {
+    "accepted_statuses",
+    "allowed_advisories",
+    "min_tcb_evaluation_data_number",
+    "max_collateral_age_days",
+}
+_TUPLE_KEYS = {"name", "mr_td", "rtmr0", "rtmr1", "rtmr2"}
+
+
+@dataclass(frozen=True)
+class TcbPolicy:
+    """Which TCB statuses and advisories are acceptable. Revoked is refused even if listed."""
+
+    accepted_statuses: frozenset[str] = frozenset({STATUS_UP_TO_DATE})
+    allowed_advisories: frozenset[str] = frozenset()
+    min_tcb_evaluation_data_number: int | None = None
+    max_collateral_age: timedelta | None = None
+
+
+@dataclass(frozen=True)
+class MeasurementTuple:
+    """One allowed (MRTD, RTMR0, RTMR1, RTMR2) combination, e.g. one release of the image."""
+
+    name: str
+    mr_td: bytes
+    rtmr0: bytes
+    rtmr1: bytes
+    rtmr2: bytes
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Reference values and TCB rules a genuine quote must also satisfy."""
+
+    name: str
+    tcb: TcbPolicy
+    xfam: frozenset[bytes]
+    measurements: tuple[MeasurementTuple, ...]
+    mr_config_id: bytes
+    mr_owner: bytes
+    mr_owner_config: bytes
+    rtmr3: str | bytes  # "zero", "event_log", or an exact 48-byte value
+    mr_seam: frozenset[bytes] = field(default_factory=frozenset)
+    rtmr3_allowed_events: frozenset[bytes] | None = None
+    allow_service_td: bool = False
+
+    def freshness_limits(self) -> FreshnessLimits:
+        """Collateral limits that `verify_quote` must apply for this policy."""
+        return FreshnessLimits(
+            max_age=self.tcb.max_collateral_age,
+            min_tcb_evaluation_data_number=self.tcb.min_tcb_evaluation_data_number,
+        )
+
+
+def canonical_json(value: Any) -> bytes:
+    """The bytes that are signed: sorted keys, no spaces, UTF-8 (RFC 8785 for our value types)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _hex(value: object, size: int, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise PolicyDocumentError(f"policy {where}: want a hex string of {size} bytes")
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise PolicyDocumentError(f"policy {where}: {value!r} is not hex") from None
+    if len(raw) != size:
+        raise PolicyDocumentError(f"policy {where}: {len(raw)} bytes, want {size}")
+    return raw
+
+
+def _list(value: object, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise PolicyDocumentError(f"policy {where}: want a list")
+    return value
+
+
+def _keys(obj: object, allowed: set[str], required: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise PolicyDocumentError(f"policy {where}: want an object")
+    unknown = set(obj) - allowed
+    missing = required - set(obj)
+    if unknown:
+        raise PolicyDocumentError(f"policy {where}: unknown key(s) {sorted(unknown)}")
+    if missing:
+        raise PolicyDocumentError(f"policy {where}: missing key(s) {sorted(missing)}")
+    return obj
+
+
+def _optional_int(value: object, where: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise PolicyDocumentError(f"policy {where}: want a non-negative integer")
+    return value
+
+
+def _tcb_policy(obj: object) -> TcbPolicy:
+    tcb = _keys(obj, _TCB_KEYS, {"accepted_statuses"}, "tcb")
+    statuses = _list(tcb["accepted_statuses"], "tcb.accepted_statuses")
+    for status in statuses:
+        if status not in TCB_STATUSES:
+            raise PolicyDocumentError(f"policy tcb.accepted_statuses: unknown status {status!r}")
+    advisories = _list(tcb.get("allowed_advisories", []), "tcb.allowed_advisories")
+    if not all(isinstance(a, str) for a in advisories):
+        raise PolicyDocumentError("policy tcb.allowed_advisories: want strings")
+    age = _optional_int(tcb.get("max_collateral_age_days"), "tcb.max_collateral_age_days")
+    return TcbPolicy(
+        accepted_statuses=frozenset(statuses),
+        allowed_advisories=frozenset(advisories),
+        min_tcb_evaluation_data_number=_optional_int(
+            tcb.get("min_tcb_evaluation_data_number"), "tcb.min_tcb_evaluation_data_number"
+        ),
+        max_collateral_age=None if age is None else timedelta(days=age),
+    )
+
+
+def policy_from_document(doc: object) -> Policy:
+    """Schema-check a policy document (the inner, unsigned object) and build a `Policy`."""
+    required = {"schema", "tcb", "xfam", "measurements", "mr_config_id", "mr_owner"}
+    required |= {"mr_owner_config", "rtmr3"}
+    top = _keys(doc, _TOP_KEYS, required, "document")
+    if top["schema"] != POLICY_SCHEMA:
+        raise PolicyDocumentError(f"policy schema {top['schema']!r} is not {POLICY_SCHEMA!r}")
+    tuples = []
+    for i, item in enumerate(_list(top["measurements"], "measurements")):
+        t = _keys(item, _TUPLE_KEYS, _TUPLE_KEYS - {"name"}, f"measurements[{i}]")
+        tuples.append(
+            MeasurementTuple(
+                name=str(t.get("name", f"#{i}")),
+                mr_td=_hex(t["mr_td"], MR_TD_SIZE, f"measurements[{i}].mr_td"),
+                rtmr0=_hex(t["rtmr0"], RTMR_SIZE, f"measurements[{i}].rtmr0"),
+                rtmr1=_hex(t["rtmr1"], RTMR_SIZE, f"measurements[{i}].rtmr1"),
+                rtmr2=_hex(t["rtmr2"], RTMR_SIZE, f"measurements[{i}].rtmr2"),
+            )
+        )
+    if not tuples:
+        raise PolicyDocumentError("policy measurements: at least one allowed tuple is required")
+    rtmr3_raw = top["rtmr3"]
+    rtmr3: str | bytes
+    if rtmr3_raw in (RTMR3_ZERO, RTMR3_EVENT_LOG):
+        rtmr3 = str(rtmr3_raw)
+    else:
+        rtmr3 = _hex(rtmr3_raw, RTMR_SIZE, "rtmr3 (want 'zero', 'event_log' or 48 bytes hex)")
+    allowed_events = top.get("rtmr3_allowed_events")
+    allow_service_td = top.get("allow_service_td", False)
+    if not isinstance(allow_service_td, bool):
+        raise PolicyDocumentError("policy allow_service_td: want true or false")
+    return Policy(
+        name=str(top.get("name", "")),
+        tcb=_tcb_policy(top["tcb"]),
+        xfam=frozenset(
+            _hex(x, XFAM_SIZE, f"xfam[{i}]") for i, x in enumerate(_list(top["xfam"], "xfam"))
+        ),
+        measurements=tuple(tuples),
+        mr_config_id=_hex(top["mr_config_id"], MR_CONFIG_ID_SIZE, "mr_config_id"),
+        mr_owner=_hex(top["mr_owner"], MR_OWNER_SIZE, "mr_owner"),
+        mr_owner_config=_hex(top["mr_owner_config"], MR_OWNER_CONFIG_SIZE, "mr_owner_config"),
+        rtmr3=rtmr3,
+        mr_seam=frozenset(
+            _hex(x, MR_SEAM_SIZE, f"mr_seam[{i}]")
+            for i, x in enumerate(_list(top.get("mr_seam", []), "mr_seam"))
+        ),
+        rtmr3_allowed_events=None
+        if allowed_events is None
+        else frozenset(
+            _hex(x, RTMR_SIZE, f"rtmr3_allowed_events[{i}]")
+            for i, x in enumerate(_list(allowed_events, "rtmr3_allowed_events"))
+        ),
+        allow_service_td=allow_service_td,
+    )
+
+
+def sign_policy(document: dict[str, Any], key: Ed25519PrivateKey) -> str:
+    """Wrap a policy document in a signed envelope (JSON text) after checking its schema."""
+    policy_from_document(document)
+    signature = key.sign(canonical_json(document))
+    envelope = {
+        "policy": document,
+        "signature": {"alg": SIGNATURE_ALG, "value": base64.b64encode(signature).decode()},
+    }
+    return json.dumps(envelope, indent=2, sort_keys=True) + "\n"
+
+
+def load_public_key(pem: bytes) -> Ed25519PublicKey:
+    """Load the policy signer's Ed25519 public key (PEM SubjectPublicKeyInfo)."""
+    try:
+        key = load_pem_public_key(pem)
+    except (ValueError, TypeError):
+        raise PolicyDocumentError("policy key is not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise PolicyDocumentError("policy key is not an Ed25519 public key")
+    return key
+
+
+def load_policy(text: str, key: Ed25519PublicKey) -> Policy:
+    """Verify a signed policy envelope with `key`, then schema-check the document inside."""
+    try:
+        envelope = json.loads(text)
+    except ValueError:
+        raise PolicyDocumentError("policy file is not JSON") from None
+    env = _keys(envelope, {"policy", "signature"}, {"policy", "signature"}, "envelope")
+    sig = _keys(env["signature"], {"alg", "value"}, {"alg", "value"}, "signature")
+    if sig["alg"] != SIGNATURE_ALG or not isinstance(sig["value"], str):
+        raise PolicyDocumentError(f"policy signature algorithm must be {SIGNATURE_ALG}")
+    try:
+        signature = base64.b64decode(sig["value"], validate=True)
+        key.verify(signature, canonical_json(env["policy"]))
+    except (binascii.Error, ValueError, InvalidSignature):
+        raise PolicyDocumentError("policy signature does not verify with the given key") from None
+    return policy_from_document(env["policy"])
+
+
+def check_tcb(verified: VerifiedQuote, tcb: TcbPolicy | None = None) -> None:
+    """Judge the TCB status and advisories; Revoked is never accepted."""
+    tcb = tcb or TcbPolicy()
+    status = verified.tcb_status
+    if status == STATUS_REVOKED or status not in tcb.accepted_statuses:
+        raise TcbStatusError(
+            f"TCB status {status} is not accepted (accepted: "
+            f"{', '.join(sorted(tcb.accepted_statuses - {STATUS_REVOKED})) or 'none'})"
+        )
+    refused = [a for a in verified.advisory_ids if a not in tcb.allowed_advisories]
+    if refused:
+        raise TcbStatusError(f"advisories not on the allow-list: {', '.join(refused)}")
+    minimum = tcb.min_tcb_evaluation_data_number
+    if minimum is not None and verified.tcb_evaluation_data_number < minimum:
+        raise TcbStatusError(
+            f"TCB evaluation data number {verified.tcb_evaluation_data_number} is below {minimum}"
+        )
+
+
+def td_baseline_mismatches(report: TdReport10, *, allow_service_td: bool = False) -> list[Mismatch]:
+    """Checks every production TD must pass, with or without reference values."""
+    out = []
+    if report.debug:
+        out.append(Mismatch("td_attributes.debug", "1", "0"))
+    if not report.sept_ve_disable:
+        out.append(Mismatch("td_attributes.sept_ve_disable", "0", "1"))
+    reserved = report.td_attributes_value & TD_ATTRIBUTES_RESERVED_MASK
+    if reserved:
+        out.append(Mismatch("td_attributes.reserved", f"{reserved:#x}", "0"))
+    if any(report.mr_signer_seam):
+        out.append(Mismatch("mr_signer_seam", report.mr_signer_seam.hex(), "zero (Intel module)"))
+    if isinstance(report, TdReport15) and any(report.mr_service_td) and not allow_service_td:
+        out.append(Mismatch("mr_service_td", report.mr_service_td.hex(), "zero"))
+    return out
+
+
+def check_td_baseline(verified: VerifiedQuote) -> None:
+    """Raise `PolicyMismatch` if the baseline TD checks fail (used when no policy is given)."""
+    mismatches = td_baseline_mismatches(verified.quote.td_report)
+    if mismatches:
+        raise PolicyMismatch(mismatches)
+
+
+def _eq(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+def _tuple_mismatches(report: TdReport10, allowed: tuple[MeasurementTuple, ...]) -> list[Mismatch]:
+    found = (report.mr_td, report.rtmr[0], report.rtmr[1], report.rtmr[2])
+    names = ("mr_td", "rtmr0", "rtmr1", "rtmr2")
+    for t in allowed:
+        if all(_eq(f, e) for f, e in zip(found, (t.mr_td, t.rtmr0, t.rtmr1, t.rtmr2), strict=True)):
+            return []
+
+    # Report per register against the closest tuple, so the message names what differs.
+    def distance(t: MeasurementTuple) -> int:
+        want = (t.mr_td, t.rtmr0, t.rtmr1, t.rtmr2)
+        return sum(not _eq(f, e) for f, e in zip(found, want, strict=True))
+
+    best = min(allowed, key=distance)
+    want = (best.mr_td, best.rtmr0, best.rtmr1, best.rtmr2)
+    out = [
+        Mismatch(n, f.hex(), f"{e.hex()} (tuple {best.name!r})")
+        for n, f, e in zip(names, found, want, strict=True)
+        if not _eq(f, e)
+    ]
+    if not out:  # unreachable: a zero-distance tuple would have matched above
+        out.append(Mismatch("measurements", "no allowed tuple", "one allowed tuple"))
+    if len(allowed) > 1:
+        out.append(
+            Mismatch(
+                "measurements",
+                "(mr_td, rtmr0, rtmr1, rtmr2) matches no allowed tuple",
+                f"one of {', '.join(repr(t.name) for t in allowed)}",
+            )
+        )
+    return out
+
+
+def validate(
+    verified: VerifiedQuote,
+    policy: Policy,
+    *,
+    ccel_events: list[Event] | None = None,
+    runtime_events: list[Event] | None = None,
+) -> None:
+    """Compare the TD report with the policy; raise `PolicyMismatch` listing every difference.
+
+    `ccel_events`, when given, must replay to RTMR0..2 of the quote. RTMR3 is checked as the
+    policy says: zero, an exact value, or the replay of `runtime_events`.
+    """
+    report = verified.quote.td_report
+    out = td_baseline_mismatches(report, allow_service_td=policy.allow_service_td)
+    if report.xfam not in policy.xfam:
+        allowed = ", ".join(sorted(x.hex() for x in policy.xfam)) or "none"
+        out.append(Mismatch("xfam", report.xfam.hex(), f"one of {allowed}"))
+    if policy.mr_seam and report.mr_seam not in policy.mr_seam:
+        out.append(Mismatch("mr_seam", report.mr_seam.hex(), "an allow-listed TDX module"))
+    out += _tuple_mismatches(report, policy.measurements)
+    for name, found, want in (
+        ("mr_config_id", report.mr_config_id, policy.mr_config_id),
+        ("mr_owner", report.mr_owner, policy.mr_owner),
+        ("mr_owner_config", report.mr_owner_config, policy.mr_owner_config),
+    ):
+        if not _eq(found, want):
+            out.append(Mismatch(name, found.hex(), want.hex()))
+    out += _rtmr3_mismatches(report, policy, runtime_events)
+    if ccel_events is not None:
+        replayed = replay(ccel_events)
+        for i in range(3):
+            if not _eq(replayed[i], report.rtmr[i]):
+                out.append(
+                    Mismatch(f"rtmr{i}", report.rtmr[i].hex(), f"{replayed[i].hex()} (CCEL replay)")
+                )
+    if out:
+        raise PolicyMismatch(out)
+
+
+def _rtmr3_mismatches(
+    report: TdReport10, policy: Policy, runtime_events: list[Event] | None
+) -> list[Mismatch]:
+    found = report.rtmr[3]
+    out: list[Mismatch] = []
+    if isinstance(policy.rtmr3, bytes):
+        want, label = policy.rtmr3, "policy value"
+    elif policy.rtmr3 == RTMR3_EVENT_LOG:
+        if runtime_events is None:
+            return [Mismatch("rtmr3", found.hex(), "a runtime event log to replay (none given)")]
+        want, label = replay(runtime_events)[3], "runtime event log replay"
+        allowed = policy.rtmr3_allowed_events
+        if allowed is not None:
+            bad = [e.digest.hex() for e in runtime_events if e.digest not in allowed]
+            if bad:
+                out.append(Mismatch("rtmr3.events", ", ".join(bad), "allow-listed event digests"))
+    else:
+        want, label = bytes(RTMR_SIZE), "zero"
+    if not _eq(found, want):
+        out.append(Mismatch("rtmr3", found.hex(), f"{want.hex()} ({label})"))
+    return out

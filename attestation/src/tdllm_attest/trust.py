@@ -1,0 +1,72 @@
+"""Trust anchors: the pinned Intel SGX Root CA, and the type a later simulated mode plugs into.
+
+The production anchor is embedded here and pinned by SHA-256; it is never taken from the quote or
+the collateral. A different anchor (a test PKI) can be passed to the verifier explicitly, but an
+anchor whose subject claims to be Intel and whose hash is not the pin is always refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from tdllm_attest.errors import ChainError
+
+INTEL_SGX_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+
+# Intel SGX Root CA (public certificate, valid 2018-05-21 .. 2049-12-31).
+INTEL_SGX_ROOT_CA_PEM = b"""-----BEGIN CERTIFICATE-----
+MIICjzCCAjSgAwIBAgIUImUM1lqdNInzg7SVUr9QGzknBqwwCgYIKoZIzj0EAwIw
+aDEaMBgGA1UEAwwRSW50ZWwgU0dYIFJvb3QgQ0ExGjAYBgNVBAoMEUludGVsIENv
+cnBvcmF0aW9uMRQwEgYDVQQHDAtTYW50YSBDbGFyYTELMAkGA1UECAwCQ0ExCzAJ
+BgNVBAYTAlVTMB4XDTE4MDUyMTEwNDUxMFoXDTQ5MTIzMTIzNTk1OVowaDEaMBgG
+A1UEAwwRSW50ZWwgU0dYIFJvb3QgQ0ExGjAYBgNVBAoMEUludGVsIENvcnBvcmF0
+aW9uMRQwEgYDVQQHDAtTYW50YSBDbGFyYTELMAkGA1UECAwCQ0ExCzAJBgNVBAYT
+AlVTMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEC6nEwMDIYZOj/iPWsCzaEKi7
+1OiOSLRFhWGjbnBVJfVnkY4u3IjkDYYL0MxO4mqsyYjlBalTVYxFP2sJBK5zlKOB
+uzCBuDAfBgNVHSMEGDAWgBQiZQzWWp00ifODtJVSv1AbOScGrDBSBgNVHR8ESzBJ
+MEegRaBDhkFodHRwczovL2NlcnRpZmljYXRlcy50cnVzdGVkc2VydmljZXMuaW50
+ZWwuY29tL0ludGVsU0dYUm9vdENBLmRlcjAdBgNVHQ4EFgQUImUM1lqdNInzg7SV
+Ur9QGzknBqwwDgYDVR0PAQH/BAQDAgEGMBIGA1UdEwEB/wQIMAYBAf8CAQEwCgYI
+KoZIzj0EAwIDSQAwRgIhAOW/5QkR+S9CiSDcNoowLuPRLsWGf/Yi7GSX94BgwTwg
+AiEA4J0lrHoMs+Xo5o/sX6O9QWxHRAvZUGOdRQ7cvqRXaqI=
+-----END CERTIFICATE-----
+"""
+
+
+@dataclass(frozen=True)
+class TrustAnchor:
+    """A root certificate that the PCK chain and all collateral chains must lead to."""
+
+    der: bytes
+    certificate: x509.Certificate
+    sha256: str
+    is_intel: bool
+
+    @classmethod
+    def from_der(cls, der: bytes) -> TrustAnchor:
+        """Build an anchor from DER; refuses a look-alike Intel root that is not the pinned one."""
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise ChainError(f"trust anchor is not a DER certificate: {exc}") from None
+        digest = hashlib.sha256(der).hexdigest()
+        is_intel = digest == INTEL_SGX_ROOT_CA_SHA256
+        if not is_intel and "intel" in cert.subject.rfc4514_string().lower():
+            raise ChainError(
+                "trust anchor claims to be Intel but is not the pinned Intel SGX Root CA "
+                f"(sha256 {digest})"
+            )
+        return cls(der=der, certificate=cert, sha256=digest, is_intel=is_intel)
+
+    @classmethod
+    def intel(cls) -> TrustAnchor:
+        """The pinned production anchor, the Intel SGX Root CA."""
+        der = x509.load_pem_x509_certificate(INTEL_SGX_ROOT_CA_PEM).public_bytes(Encoding.DER)
+        anchor = cls.from_der(der)
+        if not anchor.is_intel:  # the embedded copy must match the pin
+            raise ChainError("embedded Intel SGX Root CA does not match its pinned SHA-256")
+        return anchor

@@ -1,0 +1,63 @@
+"""The sampler: greedy, temperature, top-k, top-p, per-request seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tdllm.engine.sampling import SamplingParams, sample
+
+LOGITS = torch.tensor([0.5, 3.0, 2.9, -1.0, 0.0, 1.0])
+
+
+def draws(params: SamplingParams, n: int = 200) -> list[int]:
+    g = params.generator()
+    return [sample(LOGITS, params, g) for _ in range(n)]
+
+
+def test_temperature_zero_is_argmax() -> None:
+    assert set(draws(SamplingParams(temperature=0.0), 20)) == {1}
+
+
+def test_same_seed_gives_same_samples() -> None:
+    p = SamplingParams(temperature=1.0, seed=1234)
+    assert draws(p) == draws(p)
+
+
+def test_different_seeds_give_different_samples() -> None:
+    one, two = SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0, seed=2)
+    assert draws(one) != draws(two)
+
+
+def test_top_k_limits_choices_to_the_k_best() -> None:
+    assert set(draws(SamplingParams(temperature=1.5, top_k=2, seed=0))) == {1, 2}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    probs = LOGITS.softmax(-1)  # token 1 alone has ~0.45 of the mass, 1 and 2 together ~0.86
+    assert 0.4 < float(probs[1]) < 0.5
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.3, seed=0))) == {1}
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.8, seed=0))) == {1, 2}
+
+
+def test_high_temperature_reaches_unlikely_tokens() -> None:
+    assert len(set(draws(SamplingParams(temperature=2.0, seed=0), 500))) == len(LOGITS)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_tokens": 0},
+        {"temperature": -0.1},
+        {"temperature": 2.5},
+        {"temperature": float("nan")},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"stop": ("",)},
+        {"stop": ("a", "b", "c", "d", "e")},
+    ],
+)
+def test_rejects_invalid_parameters(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)  # type: ignore[arg-type]

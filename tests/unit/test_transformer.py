@@ -1,0 +1,114 @@
+"""The model file: strategy-driven projections, weight loading checks, KV cache and batching."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from tdllm.model.linear import Linear, LinearMethodTable, PlainCpuMethod
+from tdllm.model.transformer import Batch, KVCache, Transformer
+from tests.tiny_model import TINY, tiny_model, tiny_tensors
+
+
+class CountingMethod(PlainCpuMethod):
+    """A plain method that records which layers it ran, to prove the table routes by name."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(layer.name)
+        return super().apply(layer, x)
+
+
+def full_forward(model: Transformer, ids: list[int]) -> torch.Tensor:
+    cache = KVCache(model.cfg, 1, len(ids), torch.float32)
+    with torch.inference_mode():
+        return model(torch.tensor([ids]), Batch([0], [0], len(ids)), cache, last_only=False)[0]
+
+
+def test_model_never_constructs_nn_linear() -> None:
+    model = tiny_model()
+    assert not [m for m in model.modules() if isinstance(m, nn.Linear)]
+    names = sorted(m.name for m in model.modules() if isinstance(m, Linear))
+    assert "lm_head" in names
+    assert "model.layers.1.self_attn.qkv_proj" in names
+    assert "model.layers.0.mlp.down_proj" in names
+
+
+def test_method_table_routes_layers_by_name_pattern() -> None:
+    counting = CountingMethod()
+    table = LinearMethodTable([("model.layers.1.*", counting)])
+    model = tiny_model(methods=table)
+    full_forward(model, [1, 2, 3])
+    assert counting.calls  # the matching layers ran through the chosen method ...
+    assert all(name.startswith("model.layers.1.") for name in counting.calls)
+    assert set(counting.calls) == {
+        "model.layers.1.self_attn.qkv_proj",
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.1.mlp.gate_up_proj",
+        "model.layers.1.mlp.down_proj",
+    }  # ... and no other layer did
+
+
+def test_incremental_decode_matches_full_recompute() -> None:
+    model = tiny_model()
+    ids = [5, 17, 3, 42, 8, 9, 61]
+    reference = full_forward(model, ids)
+    cache = KVCache(model.cfg, 2, 16, torch.float32)
+    with torch.inference_mode():
+        model(torch.tensor([ids[:3]]), Batch([1], [0], 3), cache)
+        for pos in range(3, len(ids)):
+            step = model(torch.tensor([[ids[pos]]]), Batch([1], [pos], 1), cache)[0, -1]
+            torch.testing.assert_close(step, reference[pos], rtol=1e-5, atol=1e-5)
+
+
+def test_batched_decode_of_different_lengths_matches_each_alone() -> None:
+    model = tiny_model()
+    seqs = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12]]
+    cache = KVCache(model.cfg, 4, 16, torch.float32)
+    slots = [3, 0, 2]  # deliberately not contiguous
+    with torch.inference_mode():
+        for slot, s in zip(slots, seqs, strict=True):
+            model(torch.tensor([s[:-1]]), Batch([slot], [0], len(s) - 1), cache)
+        last = torch.tensor([[s[-1]] for s in seqs])
+        batched = model(last, Batch(slots, [len(s) - 1 for s in seqs], 1), cache)[:, -1]
+    for row, s in enumerate(seqs):
+        torch.testing.assert_close(batched[row], full_forward(model, s)[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_tied_lm_head_shares_the_embedding() -> None:
+    cfg = dataclasses.replace(TINY, tie_word_embeddings=True)
+    model = tiny_model(cfg)
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda t: t.pop("model.layers.0.self_attn.k_proj.weight"), "lacks"),
+        (lambda t: t.__setitem__("model.layers.9.mlp.up_proj.weight", torch.zeros(1)), "no such"),
+        (
+            lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", torch.zeros(3, 3)),
+            "shape",
+        ),
+        (lambda t: t.__setitem__("model.norm.weight", torch.zeros(7)), "shape"),
+    ],
+    ids=["missing tensor", "unknown tensor", "wrong projection shape", "wrong norm shape"],
+)
+def test_rejects_checkpoint_that_does_not_fit(mutate, message) -> None:  # type: ignore[no-untyped-def]
+    tensors = tiny_tensors()
+    mutate(tensors)
+    model = Transformer(TINY)
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model.load_weights(tensors.items())
+
+
+def test_rejects_checkpoint_tensor_given_twice() -> None:
+    tensors = list(tiny_tensors().items())
+    model = Transformer(TINY)
+    with pytest.raises(ValueError, match="twice"), torch.no_grad():
+        model.load_weights([*tensors, tensors[0]])
