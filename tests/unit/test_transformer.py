@@ -112,3 +112,19 @@ def test_rejects_checkpoint_tensor_given_twice() -> None:
     model = Transformer(TINY)
     with pytest.raises(ValueError, match="twice"), torch.no_grad():
         model.load_weights([*tensors, tensors[0]])
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 130])
+def test_widened_bf16_path_equals_fp32_product_rounded_once(rows: int) -> None:
+    torch.manual_seed(0)
+    layer = Linear("l", 64, 5000, PlainCpuMethod(native_bf16=False), torch.bfloat16)
+    layer.load_weight(torch.randn(5000, 64))
+    x = torch.randn(2, rows, 64).bfloat16()
+    with torch.inference_mode():
+        out = layer(x)
+    expected = torch.nn.functional.linear(x.float(), layer.weight.float()).bfloat16()
+    assert out.dtype == torch.bfloat16
+    if rows * 2 >= 8:  # the widened path: bit-identical to one rounding of the fp32 product
+        assert torch.equal(out, expected)
+    else:  # PyTorch's own bf16 GEMM: same values up to bf16 rounding
+        torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)

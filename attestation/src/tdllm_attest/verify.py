@@ -67,6 +67,7 @@ class VerifiedQuote:
     anchor_sha256: str
     verified_at: datetime
     checks: tuple[CheckResult, ...]
+    simulated: bool = False  # True when the anchor is not Intel's (a simulated-TD test root)
 
 
 class VerificationProgress:
@@ -224,4 +225,5 @@ def verify_quote(
         anchor_sha256=anchor.sha256,
         verified_at=now,
         checks=tuple(progress.checks),
+        simulated=not anchor.is_intel,
     )

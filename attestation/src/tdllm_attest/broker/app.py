@@ -1,0 +1,188 @@
+"""The key broker's HTTP surface: `POST /v1/challenge`, `POST /v1/attest` (Flask).
+
+Clients get terse RFC 7807 problems; the audit logger `tdllm_attest.broker.audit` gets every
+decision with its full reason, the client address, session, key id and quote hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from tdllm_attest.broker.appraisal import appraise
+from tdllm_attest.broker.keystore import KeystoreError
+from tdllm_attest.broker.problems import (
+    BadRequest,
+    BodyTooLarge,
+    BrokerProblem,
+    EvidenceRejected,
+    PolicyRefused,
+    UnknownKey,
+)
+from tdllm_attest.broker.protocol import (
+    HASH_ALG,
+    PATH_ATTEST,
+    PATH_CHALLENGE,
+    PROBLEM_CONTENT_TYPE,
+    PROTOCOL,
+    from_b64url,
+)
+from tdllm_attest.broker.ratelimit import RateLimiter
+from tdllm_attest.broker.sessions import SessionStore
+from tdllm_attest.broker.settings import BrokerSettings
+from tdllm_attest.broker.wrapping import encrypt_to_tee
+
+audit = logging.getLogger("tdllm_attest.broker.audit")
+log = logging.getLogger(__name__)
+MAX_KEY_ID_LENGTH = 256
+
+
+def _problem(problem: BrokerProblem) -> Response:
+    return Response(
+        json.dumps(problem.body()), status=problem.status, content_type=PROBLEM_CONTENT_TYPE
+    )
+
+
+def _json_body() -> dict[str, Any]:
+    try:
+        doc = json.loads(request.get_data(cache=False))
+    except RequestEntityTooLarge:
+        raise
+    except ValueError:
+        raise BadRequest("body is not JSON") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("body is not a JSON object")
+    return doc
+
+
+def _str_field(doc: dict[str, Any], name: str) -> str:
+    value = doc.get(name)
+    if not isinstance(value, str) or not value or len(value) > MAX_KEY_ID_LENGTH * 64:
+        raise BadRequest(f"field {name!r} missing or not a non-empty string")
+    return value
+
+
+def create_app(settings: BrokerSettings) -> Flask:
+    """Build the broker app around `settings` (all state lives in this app instance)."""
+    app = Flask("tdllm_attest.broker")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    sessions = SessionStore(settings.now, settings.session_ttl)
+    limiter = RateLimiter(settings.now, settings.rate_limit, settings.rate_window)
+    if settings.simulated:
+        log.warning(
+            "UNSAFE: key broker in SIMULATED mode (test root sha256=%s); "
+            "only keys marked 'simulated' can be released",
+            settings.anchor.sha256,
+        )
+
+    @app.errorhandler(BrokerProblem)
+    def on_problem(problem: BrokerProblem) -> Response:
+        audit.warning(
+            "refused client=%s path=%s status=%d type=%s reason=%s",
+            request.remote_addr,
+            request.path,
+            problem.status,
+            problem.code,
+            problem.reason,
+        )
+        return _problem(problem)
+
+    @app.errorhandler(HTTPException)
+    def on_http(exc: HTTPException) -> Response:
+        problem: BrokerProblem
+        if isinstance(exc, RequestEntityTooLarge):
+            problem = BodyTooLarge(f"body exceeds {settings.max_body_bytes} bytes")
+        else:
+            problem = BrokerProblem(f"HTTP {exc.code} on {request.method} {request.path}")
+            problem.status = exc.code or 400
+            problem.code = "http-" + str(problem.status)
+            problem.title = exc.name
+        return on_problem(problem)
+
+    @app.before_request
+    def rate_limit() -> None:
+        limiter.hit(request.remote_addr or "unknown")
+
+    @app.post(PATH_CHALLENGE)
+    def challenge() -> Response:
+        doc = _json_body()
+        if doc.get("protocol") != PROTOCOL or doc.get("tee") != "tdx":
+            raise BadRequest(f"protocol must be {PROTOCOL!r} and tee 'tdx'")
+        key_id = _str_field(doc, "key_id")
+        if len(key_id) > MAX_KEY_ID_LENGTH or settings.keystore.get(key_id) is None:
+            raise UnknownKey(f"unknown key id {key_id[:MAX_KEY_ID_LENGTH]!r}")
+        session = sessions.open(key_id)
+        audit.info(
+            "challenge client=%s session=%s key_id=%s",
+            request.remote_addr,
+            session.session_id,
+            key_id,
+        )
+        return Response(
+            json.dumps(
+                {
+                    "session_id": session.session_id,
+                    "nonce": session.nonce,
+                    "expires_at": int(session.expires_at.timestamp()),
+                    "hash_alg": HASH_ALG,
+                }
+            ),
+            content_type="application/json",
+        )
+
+    @app.post(PATH_ATTEST)
+    def attest() -> Response:
+        doc = _json_body()
+        session = sessions.take(_str_field(doc, "session_id"))  # burned from here on
+        try:
+            raw_quote = from_b64url(_str_field(doc, "quote"))
+        except ValueError:
+            raise EvidenceRejected(
+                f"session {session.session_id}: quote is not base64url"
+            ) from None
+        quote_hash = hashlib.sha256(raw_quote).hexdigest()
+        record = settings.keystore.get(session.key_id)
+        if record is None:
+            raise UnknownKey(f"key {session.key_id!r} disappeared from the keystore")
+        try:
+            appraisal = appraise(
+                session=session,
+                record=record,
+                runtime=doc.get("runtime_data"),
+                raw_quote=raw_quote,
+                request_collateral=doc.get("collateral"),
+                settings=settings,
+            )
+        except BrokerProblem as problem:
+            problem.reason = (
+                f"session={session.session_id} key_id={session.key_id} "
+                f"quote_sha256={quote_hash}: {problem.reason}"
+            )
+            raise
+        try:
+            data_key = settings.keystore.unwrap(record)
+        except KeystoreError as exc:
+            raise PolicyRefused(f"keystore: {exc}") from None
+        jwe = encrypt_to_tee(
+            data_key, appraisal.tee_pubkey, key_id=record.key_id, session_id=session.session_id
+        )
+        audit.info(
+            "released client=%s session=%s key_id=%s mode=%s tcb=%s quote_sha256=%s",
+            request.remote_addr,
+            session.session_id,
+            record.key_id,
+            appraisal.mode,
+            appraisal.verified.tcb_status,
+            quote_hash,
+        )
+        return Response(
+            json.dumps({"key_id": record.key_id, "jwe": jwe, "result": appraisal.summary()}),
+            content_type="application/json",
+        )
+
+    return app

@@ -1,0 +1,114 @@
+"""Appraise one attest request against its session and the key's policy; return the claims.
+
+Every refusal is a `BrokerProblem` whose `reason` is the full story (for the audit log).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from tdllm_attest.binding import check_report_data
+from tdllm_attest.broker.keystore import KeyRecord
+from tdllm_attest.broker.problems import EvidenceRejected, PolicyRefused
+from tdllm_attest.broker.protocol import PROTOCOL, RUNTIME_DATA_KEYS, report_data_for
+from tdllm_attest.broker.sessions import Session
+from tdllm_attest.broker.settings import BrokerSettings
+from tdllm_attest.broker.wrapping import tee_public_key
+from tdllm_attest.collateral import Collateral, collateral_from_json
+from tdllm_attest.errors import AttestationError, PolicyMismatch, TcbStatusError
+from tdllm_attest.policy import check_tcb, validate
+from tdllm_attest.simulated import MODE_PRODUCTION, MODE_SIMULATED
+from tdllm_attest.verify import VerifiedQuote, verify_quote
+
+
+@dataclass(frozen=True)
+class Appraisal:
+    """What was verified: for the release response and the audit log."""
+
+    verified: VerifiedQuote
+    tee_pubkey: Any
+    mode: str
+
+    def summary(self) -> dict[str, Any]:
+        """Claims returned to the TD with its key (nothing secret)."""
+        return {
+            "tcb_status": self.verified.tcb_status,
+            "simulated": self.verified.simulated,
+            "mode": self.mode,
+            "quote_sha256": hashlib.sha256(self.verified.quote.raw).hexdigest(),
+        }
+
+
+def _check_runtime_data(runtime: object, session: Session) -> dict[str, Any]:
+    if not isinstance(runtime, dict) or set(runtime) != RUNTIME_DATA_KEYS:
+        raise EvidenceRejected("runtime_data is not an object with exactly the protocol keys")
+    for name, want in (
+        ("protocol", PROTOCOL),
+        ("session_id", session.session_id),
+        ("nonce", session.nonce),
+        ("key_id", session.key_id),
+    ):
+        if runtime[name] != want:
+            raise EvidenceRejected(f"runtime_data.{name} does not match the session")
+    return runtime
+
+
+def _collateral(request_collateral: object, settings: BrokerSettings, raw: bytes) -> Collateral:
+    try:
+        if settings.collateral is not None:
+            return settings.collateral.get(raw)
+        if isinstance(request_collateral, str):
+            return collateral_from_json(request_collateral)
+    except AttestationError as exc:
+        raise EvidenceRejected(f"collateral: {exc}") from None
+    raise EvidenceRejected("no collateral: none configured and none in the request")
+
+
+def appraise(
+    *,
+    session: Session,
+    record: KeyRecord,
+    runtime: object,
+    raw_quote: bytes,
+    request_collateral: object,
+    settings: BrokerSettings,
+) -> Appraisal:
+    """Session binding, quote verification, REPORTDATA, release mode, TCB and TD policy."""
+    runtime_data = _check_runtime_data(runtime, session)
+    try:
+        pubkey = tee_public_key(runtime_data["tee_pubkey"])
+    except ValueError as exc:
+        raise EvidenceRejected(str(exc)) from None
+    policy = settings.policies.get(record.policy)
+    if policy is None:
+        raise PolicyRefused(f"key {record.key_id!r} names unknown policy {record.policy!r}")
+    collateral = _collateral(request_collateral, settings, raw_quote)
+    try:
+        verified = verify_quote(
+            raw_quote,
+            collateral,
+            now=settings.now(),
+            anchor=settings.anchor,
+            limits=policy.freshness_limits(),
+        )
+    except (TcbStatusError, PolicyMismatch) as exc:  # genuine, but refused by TD/TCB rules
+        raise PolicyRefused(f"quote verification: {type(exc).__name__}: {exc}") from None
+    except AttestationError as exc:
+        raise EvidenceRejected(f"quote verification: {type(exc).__name__}: {exc}") from None
+    try:
+        check_report_data(verified, report_data_for(runtime_data))
+    except AttestationError as exc:
+        raise EvidenceRejected(f"REPORTDATA does not bind runtime_data: {exc}") from None
+    mode = MODE_SIMULATED if verified.simulated else MODE_PRODUCTION
+    if mode not in record.modes:
+        raise PolicyRefused(
+            f"key {record.key_id!r} may be released in {sorted(record.modes)}, evidence is {mode}"
+        )
+    try:
+        check_tcb(verified, policy.tcb)
+        validate(verified, policy)
+    except (TcbStatusError, PolicyMismatch) as exc:
+        raise PolicyRefused(f"policy {policy.name!r}: {exc}") from None
+    return Appraisal(verified=verified, tee_pubkey=pubkey, mode=mode)

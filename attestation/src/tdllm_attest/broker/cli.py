@@ -1,0 +1,52 @@
+"""`tdllm-broker serve`: run the key broker (loopback by default; put TLS in front of it)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import click
+from werkzeug.serving import run_simple
+
+from tdllm_attest.broker.app import create_app
+from tdllm_attest.broker.keystore import Keystore, load_kek
+from tdllm_attest.broker.settings import BrokerSettings
+from tdllm_attest.policy import load_policy, load_public_key
+from tdllm_attest.simulated import select_trust_anchor
+
+
+def settings_from_file(path: Path) -> BrokerSettings:
+    """Config JSON: mode, keystore, kek, policy_public_key, policies {name: file},
+    optional simulated_root (DER file; needs mode "simulated" and TDLLM_ALLOW_SIMULATED_TDX=1)."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    key = load_public_key(Path(doc["policy_public_key"]).read_bytes())
+    policies = {
+        name: load_policy(Path(file).read_text(encoding="utf-8"), key)
+        for name, file in doc["policies"].items()
+    }
+    root = doc.get("simulated_root")
+    anchor = select_trust_anchor(
+        doc["mode"],
+        simulated_root_der=Path(root).read_bytes() if root else None,
+        environ=os.environ,
+    )
+    keystore = Keystore.load(Path(doc["keystore"]), load_kek(Path(doc["kek"])))
+    return BrokerSettings(keystore=keystore, policies=policies, anchor=anchor)
+
+
+@click.group()
+def main() -> None:
+    """tdllm key broker (protocol tdllm-kb/1, see docs/attestation.md)."""
+
+
+@main.command()
+@click.option("--config", "config", type=click.Path(exists=True, path_type=Path), required=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8750, show_default=True, type=int)
+def serve(config: Path, host: str, port: int) -> None:
+    """Serve POST /v1/challenge and POST /v1/attest."""
+    logging.basicConfig(level=logging.INFO)
+    app = create_app(settings_from_file(config))
+    run_simple(host, port, app, threaded=True)

@@ -1,0 +1,123 @@
+"""In-TD key client: challenge -> ephemeral key -> quote over REPORTDATA -> attest -> unwrap.
+
+HTTP goes through an injected `Transport` (`RequestsTransport` for real use; tests may adapt
+Flask's test client). The data key is returned as a bytearray the caller can zero after use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import requests
+from jwcrypto import jwk  # type: ignore[import-untyped]
+
+from tdllm_attest.broker.protocol import (
+    HASH_ALG,
+    PATH_ATTEST,
+    PATH_CHALLENGE,
+    PROTOCOL,
+    b64url,
+    report_data_for,
+    runtime_data,
+)
+from tdllm_attest.broker.wrapping import decrypt_from_broker
+from tdllm_attest.errors import AttestationError
+from tdllm_attest.quote import QuoteProvider
+
+
+class KeyReleaseError(AttestationError):
+    """The broker refused, or its answer was not a key for us. `problem` holds its problem+json."""
+
+    def __init__(self, message: str, problem: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem or {}
+
+
+class Transport(Protocol):
+    """POST a JSON object to a broker path; return (HTTP status, decoded JSON object)."""
+
+    def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Send `body` to `path`."""
+        ...
+
+
+@dataclass
+class RequestsTransport:
+    """A `requests` session against `base_url` (e.g. "https://kb.example:8443")."""
+
+    base_url: str
+    session: requests.Session = field(default_factory=requests.Session)
+    timeout_s: float = 30.0
+
+    def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        resp = self.session.post(self.base_url + path, json=body, timeout=self.timeout_s)
+        try:
+            doc = resp.json()
+        except ValueError:
+            doc = {}
+        return resp.status_code, doc if isinstance(doc, dict) else {}
+
+
+def _generate_ephemeral_key() -> Any:
+    return jwk.JWK.generate(kty="OKP", crv="X25519")
+
+
+@dataclass
+class KeyClient:
+    """Fetches data keys from a broker for this TD. `collateral` is optional JSON text.
+
+    The ephemeral key lives only inside `fetch_key`; references to it are dropped on return
+    (best effort: Python cannot guarantee the memory is zeroed).
+    """
+
+    transport: Transport
+    provider: QuoteProvider
+    collateral: Callable[[bytes], str] | None = None
+    new_ephemeral_key: Callable[[], Any] = _generate_ephemeral_key
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        status, doc = self.transport.post_json(path, body)
+        if status != 200:
+            raise KeyReleaseError(f"broker refused {path}: {status} {doc.get('type', '')}", doc)
+        return doc
+
+    def fetch_key(self, key_id: str) -> bytearray:
+        """Run the whole key-release protocol for `key_id`; return the data key."""
+        challenge = self._post(
+            PATH_CHALLENGE, {"protocol": PROTOCOL, "tee": "tdx", "key_id": key_id}
+        )
+        session_id, nonce = challenge.get("session_id"), challenge.get("nonce")
+        if not isinstance(session_id, str) or not isinstance(nonce, str):
+            raise KeyReleaseError("challenge response lacks session_id / nonce")
+        if challenge.get("hash_alg") != HASH_ALG:
+            raise KeyReleaseError(f"broker asks for hash {challenge.get('hash_alg')!r}")
+        ephemeral = self.new_ephemeral_key()
+        try:
+            runtime = runtime_data(
+                session_id=session_id,
+                nonce=nonce,
+                key_id=key_id,
+                tee_pubkey=ephemeral.export_public(as_dict=True),
+            )
+            quote = self.provider.get_quote(report_data_for(runtime))
+            body: dict[str, Any] = {
+                "session_id": session_id,
+                "runtime_data": runtime,
+                "quote": b64url(quote),
+            }
+            if self.collateral is not None:
+                body["collateral"] = self.collateral(quote)
+            answer = self._post(PATH_ATTEST, body)
+            jwe_text = answer.get("jwe")
+            if answer.get("key_id") != key_id or not isinstance(jwe_text, str):
+                raise KeyReleaseError("attest response is not a key for this request")
+            try:
+                return bytearray(
+                    decrypt_from_broker(jwe_text, ephemeral, key_id=key_id, session_id=session_id)
+                )
+            except Exception as exc:  # any unwrap failure means "no key"
+                raise KeyReleaseError(f"cannot unwrap the released key: {exc}") from None
+        finally:
+            del ephemeral

@@ -1,0 +1,66 @@
+"""Wire format of `tdllm-kb/1`, shared by the broker and the in-TD client.
+
+REPORTDATA = SHA-512(b"tdllm-kb/1\\0" || canonical_json(runtime_data)), all 64 bytes used, where
+runtime_data = {protocol, session_id, nonce, key_id, tee_pubkey (public JWK)}.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from typing import Any
+
+from tdllm_attest.policy import canonical_json
+
+PROTOCOL = "tdllm-kb/1"
+DOMAIN_TAG = PROTOCOL.encode() + b"\x00"
+HASH_ALG = "sha512"
+JWE_ALG = "ECDH-ES+A256KW"
+JWE_ENC = "A256GCM"
+NONCE_SIZE = 32
+SESSION_ID_SIZE = 16
+RUNTIME_DATA_KEYS = frozenset({"protocol", "session_id", "nonce", "key_id", "tee_pubkey"})
+# Ephemeral TD keys the broker will encrypt to: (kty, crv) -> the JWK members allowed.
+ALLOWED_TEE_KEYS: dict[tuple[str, str], frozenset[str]] = {
+    ("OKP", "X25519"): frozenset({"kty", "crv", "x"}),
+    ("EC", "P-384"): frozenset({"kty", "crv", "x", "y"}),
+}
+
+PATH_CHALLENGE = "/v1/challenge"
+PATH_ATTEST = "/v1/attest"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+ERROR_TYPE_PREFIX = "urn:tdllm:kb:error:"
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded base64url (RFC 7515 section 2)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def from_b64url(text: str) -> bytes:
+    """Decode unpadded base64url; raises ValueError on anything else."""
+    if not isinstance(text, str) or "=" in text:
+        raise ValueError("not unpadded base64url text")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64url") from None
+
+
+def runtime_data(
+    *, session_id: str, nonce: str, key_id: str, tee_pubkey: dict[str, str]
+) -> dict[str, Any]:
+    """The runtime data object the TD binds into REPORTDATA."""
+    return {
+        "protocol": PROTOCOL,
+        "session_id": session_id,
+        "nonce": nonce,
+        "key_id": key_id,
+        "tee_pubkey": dict(tee_pubkey),
+    }
+
+
+def report_data_for(runtime: dict[str, Any]) -> bytes:
+    """The 64 REPORTDATA bytes that bind `runtime` (domain-separated SHA-512)."""
+    return hashlib.sha512(DOMAIN_TAG + canonical_json(runtime)).digest()

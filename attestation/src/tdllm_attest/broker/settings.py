@@ -1,0 +1,41 @@
+"""Everything the broker needs, injected: keystore, policies, trust anchor, clock, limits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from tdllm_attest.broker.keystore import Keystore
+from tdllm_attest.collateral import CollateralSource
+from tdllm_attest.policy import Policy
+from tdllm_attest.trust import TrustAnchor
+
+
+def system_clock() -> datetime:
+    """The real time (the only place the broker reads it); tests inject their own clock."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Broker configuration. The anchor decides the mode: Intel's root means production.
+
+    Build the anchor with `tdllm_attest.simulated.select_trust_anchor`, never by hand, so the
+    simulated test root only ever comes through its two-switch gate.
+    """
+
+    keystore: Keystore
+    policies: Mapping[str, Policy]
+    anchor: TrustAnchor
+    now: Callable[[], datetime] = system_clock
+    collateral: CollateralSource | None = None
+    session_ttl: timedelta = timedelta(seconds=60)
+    max_body_bytes: int = 64 * 1024
+    rate_limit: int = 30
+    rate_window: timedelta = timedelta(seconds=60)
+
+    @property
+    def simulated(self) -> bool:
+        """True when evidence is verified against a simulated (non-Intel) root."""
+        return not self.anchor.is_intel

@@ -1,0 +1,134 @@
+"""Builders for broker tests: a simulated platform, a matching policy, a broker and a TD client."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flask.testing import FlaskClient
+
+from tdllm_attest.broker.app import create_app
+from tdllm_attest.broker.client import KeyClient
+from tdllm_attest.broker.keystore import Keystore
+from tdllm_attest.broker.settings import BrokerSettings
+from tdllm_attest.policy import MeasurementTuple, Policy, TcbPolicy
+from tdllm_attest.quote import SimulatedProvider
+from tdllm_attest.simulated import (
+    ALLOW_SIMULATED_ENV,
+    SimulatedTdxPlatform,
+    SyntheticTdFields,
+    select_trust_anchor,
+)
+
+SIM_NOW = datetime(2026, 1, 15, 12, tzinfo=UTC)
+SIMULATED_ENV = {ALLOW_SIMULATED_ENV: "1"}
+TEST_KEY_ID = "model/test/1"
+OTHER_TEST_KEY_ID = "model/other/1"
+PRODUCTION_KEY_ID = "model/prod/1"
+POLICY_NAME = "simulated-appliance"
+MR_TD = bytes(range(48))
+RTMRS = (b"\x01" * 48, b"\x02" * 48, b"\x03" * 48, bytes(48))
+
+
+def td_fields(**changes: Any) -> SyntheticTdFields:
+    """The synthetic TD the test policy expects, with `changes` applied."""
+    base: dict[str, Any] = {"mr_td": MR_TD, "rtmrs": RTMRS} | changes
+    return SyntheticTdFields(**base)
+
+
+def policy_for_template(platform: SimulatedTdxPlatform) -> Policy:
+    """A policy that the default synthetic TD (`td_fields()`) satisfies."""
+    from tdllm_attest.abi import parse_quote
+
+    report = parse_quote(platform.quote(td_fields())).td_report
+    return Policy(
+        name=POLICY_NAME,
+        tcb=TcbPolicy(),
+        xfam=frozenset({report.xfam}),
+        measurements=(MeasurementTuple("sim", MR_TD, RTMRS[0], RTMRS[1], RTMRS[2]),),
+        mr_config_id=report.mr_config_id,
+        mr_owner=report.mr_owner,
+        mr_owner_config=report.mr_owner_config,
+        rtmr3="zero",
+    )
+
+
+@dataclass
+class FakeClock:
+    """A settable clock for the broker."""
+
+    now: datetime = SIM_NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class FlaskTransport:
+    """Adapts Flask's test client to the key client's `Transport`."""
+
+    client: FlaskClient
+    mutate: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
+    sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if self.mutate is not None:
+            body = self.mutate(path, body)
+        self.sent.append((path, body))
+        resp = self.client.post(path, json=body)
+        doc = resp.get_json(silent=True)
+        return resp.status_code, doc if isinstance(doc, dict) else {}
+
+
+@dataclass
+class SimulatedDeployment:
+    """A simulated platform, a broker (Flask app) and the data keys it holds."""
+
+    platform: SimulatedTdxPlatform
+    clock: FakeClock
+    settings: BrokerSettings
+    data_keys: dict[str, bytes]
+
+    def app_client(self) -> FlaskClient:
+        return create_app(self.settings).test_client()
+
+    def key_client(
+        self,
+        transport: Any,
+        *,
+        fields: SyntheticTdFields | None = None,
+        collateral: str | None = None,
+    ) -> KeyClient:
+        text = collateral if collateral is not None else self.platform.collateral_json()
+        return KeyClient(
+            transport=transport,
+            provider=SimulatedProvider(self.platform, fields or td_fields()),
+            collateral=lambda _quote: text,
+        )
+
+
+def simulated_deployment(**settings_changes: Any) -> SimulatedDeployment:
+    """Generate a fresh simulated PKI, a keystore with test and production keys, and settings."""
+    platform = SimulatedTdxPlatform(SIM_NOW)
+    keystore = Keystore([], secrets.token_bytes(32))
+    data_keys = {k: secrets.token_bytes(32) for k in (TEST_KEY_ID, OTHER_TEST_KEY_ID)}
+    data_keys[PRODUCTION_KEY_ID] = secrets.token_bytes(32)
+    keystore.wrap(TEST_KEY_ID, POLICY_NAME, {"simulated"}, data_keys[TEST_KEY_ID])
+    keystore.wrap(OTHER_TEST_KEY_ID, POLICY_NAME, {"simulated"}, data_keys[OTHER_TEST_KEY_ID])
+    keystore.wrap(PRODUCTION_KEY_ID, POLICY_NAME, {"production"}, data_keys[PRODUCTION_KEY_ID])
+    clock = FakeClock()
+    anchor = select_trust_anchor(
+        "simulated", simulated_root_der=platform.root_der, environ=SIMULATED_ENV
+    )
+    options: dict[str, Any] = {"session_ttl": timedelta(seconds=60)} | settings_changes
+    settings = BrokerSettings(
+        keystore=keystore,
+        policies={POLICY_NAME: policy_for_template(platform)},
+        anchor=anchor,
+        now=clock,
+        **options,
+    )
+    return SimulatedDeployment(platform, clock, settings, data_keys)
