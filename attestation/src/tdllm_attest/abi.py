@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from tdllm_attest.bytereader import ByteReader
 from tdllm_attest.errors import QuoteParseError
 
 # Header (48 bytes, same in v4 and v5).
@@ -255,34 +256,11 @@ class Quote:
         return self.raw[: self.signed_end]
 
 
-class _Reader:
-    """Bounds-checked cursor; every read past the end is a QuoteParseError."""
-
-    def __init__(self, data: bytes, offset: int = 0, end: int | None = None) -> None:
-        self.data = data
-        self.pos = offset
-        self.end = len(data) if end is None else end
-
-    def take(self, size: int, what: str) -> bytes:
-        if size < 0 or self.pos + size > self.end:
-            raise QuoteParseError(
-                f"quote truncated: {what} needs {size} bytes at offset {self.pos:#x}, "
-                f"only {max(self.end - self.pos, 0)} left"
-            )
-        out = self.data[self.pos : self.pos + size]
-        self.pos += size
-        return out
-
-    def u16(self, what: str) -> int:
-        value: int = struct.unpack("<H", self.take(2, what))[0]
-        return value
-
-    def u32(self, what: str) -> int:
-        value: int = struct.unpack("<I", self.take(4, what))[0]
-        return value
+def _quote_reader(data: bytes, offset: int = 0, end: int | None = None) -> ByteReader:
+    return ByteReader(data, offset, end, error=QuoteParseError, subject="quote")
 
 
-def _parse_header(r: _Reader) -> QuoteHeader:
+def _parse_header(r: ByteReader) -> QuoteHeader:
     header = QuoteHeader(
         version=r.u16("version"),
         attestation_key_type=r.u16("attestation_key_type"),
@@ -305,7 +283,7 @@ def _parse_header(r: _Reader) -> QuoteHeader:
     return header
 
 
-def _parse_td_report(r: _Reader, body_type: int) -> TdReport10:
+def _parse_td_report(r: ByteReader, body_type: int) -> TdReport10:
     fields = {
         "tee_tcb_svn": r.take(TEE_TCB_SVN_SIZE, "tee_tcb_svn"),
         "mr_seam": r.take(MR_SEAM_SIZE, "mr_seam"),
@@ -391,7 +369,7 @@ def parse_pck_chain(pem: bytes) -> PckCertChain:
     return PckCertChain(pem=pem, certificates_der=(ders[0], ders[1], ders[2]))
 
 
-def _parse_signature_data(r: _Reader) -> SignatureData:
+def _parse_signature_data(r: ByteReader) -> SignatureData:
     quote_signature = r.take(ECDSA_SIGNATURE_SIZE, "quote signature")
     attestation_key = r.take(ECDSA_PUBLIC_KEY_SIZE, "attestation key")
     outer_type = r.u16("certification data type")
@@ -445,7 +423,7 @@ def parse_quote(data: bytes) -> Quote:
     data = bytes(data)
     if len(data) > MAX_QUOTE_BUFFER_SIZE:
         raise QuoteParseError(f"quote buffer of {len(data)} bytes exceeds {MAX_QUOTE_BUFFER_SIZE}")
-    r = _Reader(data)
+    r = _quote_reader(data)
     header = _parse_header(r)
     if header.version == QUOTE_VERSION_4:
         body_type = BODY_TYPE_TD_REPORT_10
@@ -473,7 +451,7 @@ def parse_quote(data: bytes) -> Quote:
         )
     if sig_end > MAX_QUOTE_SIZE:
         raise QuoteParseError(f"quote of {sig_end} bytes exceeds {MAX_QUOTE_SIZE}")
-    signature_data = _parse_signature_data(_Reader(data, r.pos, sig_end))
+    signature_data = _parse_signature_data(_quote_reader(data, r.pos, sig_end))
     trailing = data[sig_end:]
     if trailing.strip(b"\x00"):
         raise QuoteParseError(

@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from tdllm_attest.abi import RTMR_COUNT, RTMR_SIZE
+from tdllm_attest.bytereader import ByteReader
 from tdllm_attest.errors import EventLogError
 
 CCEL_SIGNATURE = b"CCEL"
@@ -66,34 +67,10 @@ def parse_ccel_table(data: bytes) -> CcelTable:
     return CcelTable(cc_type, cc_subtype, laml, lasa)
 
 
-class _Cursor:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int, what: str) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise EventLogError(f"event log truncated in {what} at offset {self.pos:#x}")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def u8(self, what: str) -> int:
-        return self.take(1, what)[0]
-
-    def u16(self, what: str) -> int:
-        value: int = struct.unpack("<H", self.take(2, what))[0]
-        return value
-
-    def u32(self, what: str) -> int:
-        value: int = struct.unpack("<I", self.take(4, what))[0]
-        return value
-
-
 def _parse_spec_id(event: bytes) -> dict[int, int]:
     if not event.startswith(SPEC_ID_EVENT03):
         raise EventLogError("first event is not a TCG 'Spec ID Event03'")
-    c = _Cursor(event)
+    c = ByteReader(event, error=EventLogError, subject="event log")
     c.take(len(SPEC_ID_EVENT03) + 4 + 4, "Spec ID header")  # signature, platformClass, versions
     count = c.u32("algorithm count")
     if count == 0 or count > 16:
@@ -109,7 +86,7 @@ def _parse_spec_id(event: bytes) -> dict[int, int]:
 
 def parse_ccel_log(data: bytes) -> list[Event]:
     """Parse a TCG2 crypto-agile event log (CCEL log area); trailing 0x00/0xFF padding ends it."""
-    c = _Cursor(data)
+    c = ByteReader(data, error=EventLogError, subject="event log")
     # First event: legacy TCG_PCClientPCREvent with a SHA-1 slot, carrying the Spec ID event.
     c.u32("first event MR index")
     if c.u32("first event type") != EV_NO_ACTION:
