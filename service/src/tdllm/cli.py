@@ -1,4 +1,4 @@
-"""The `tdllm` command line: generate, bench, doctor.
+"""The `tdllm` command line: generate, bench, doctor, seal, keygen.
 
 Every error a user can cause ends as one line on stderr (`error: ...`) and a non-zero exit code;
 no traceback reaches the terminal.
@@ -9,11 +9,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
+from tdllm.api.commands import bench_serve, serve
 from tdllm.errors import TdllmError, UsageError
+from tdllm.protection.commands import bench_split, prepare
+from tdllm.sealing.commands import keygen, seal
 
 DTYPE = click.Choice(["bf16", "fp32"])
 
@@ -30,7 +34,13 @@ def cli() -> None:
     "--model",
     default="bundled",
     show_default=True,
-    help="'bundled', a .gguf file or a model directory",
+    help="'bundled', a .gguf file, a model directory or a sealed model directory",
+)
+@click.option(
+    "--key",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="recipient private key that opens a sealed --model (from `tdllm keygen`)",
 )
 @click.option(
     "--chat/--no-chat", default=False, help="wrap the prompt in the model's chat template"
@@ -51,9 +61,29 @@ def cli() -> None:
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
 @click.option("--dtype", type=DTYPE, default="fp32", show_default=True)
+@click.option(
+    "--profile",
+    type=click.Choice(["td-only", "split"]),
+    default="td-only",
+    show_default=True,
+    help="split: the public prefix runs on --device, the private tail in the TD",
+)
+@click.option(
+    "--device", type=click.Choice(["cpu", "process", "cuda"]), default="cpu", show_default=True
+)
+@click.option(
+    "--k", type=click.IntRange(1), default=2, show_default=True, help="split: tail layers in the TD"
+)
+@click.option(
+    "--public-ref",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="split: public-prefix reference from `tdllm prepare` (default: the bundled base)",
+)
 def generate(
     prompt: str,
     model: str,
+    key: Path | None,
     chat: bool,
     system: str | None,
     max_tokens: int,
@@ -63,11 +93,16 @@ def generate(
     seed: int | None,
     stop: tuple[str, ...],
     dtype: str,
+    profile: str,
+    device: str,
+    k: int,
+    public_ref: Path | None,
 ) -> None:
     """Generate a completion for PROMPT ('-' reads stdin) and stream it to the terminal."""
     from tdllm.engine import Engine, SamplingParams
     from tdllm.model.checkpoint import open_checkpoint
-    from tdllm.model.loader import load_model, parse_dtype
+    from tdllm.model.loader import parse_dtype
+    from tdllm.protection.profiles import ProtectionOptions, build_model
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -77,7 +112,7 @@ def generate(
         params = SamplingParams(max_tokens, temperature, top_k, top_p, seed, stop)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    checkpoint = open_checkpoint(model)
+    checkpoint = open_checkpoint(model, key)
     tokenizer = checkpoint.tokenizer
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -88,11 +123,11 @@ def generate(
     context = checkpoint.config.max_position_embeddings
     if len(ids) >= context:
         raise UsageError(f"the prompt has {len(ids)} tokens; the model's context is {context}")
-    status(f"loading {checkpoint.name} ({dtype}) ...")
-    net, _ = load_model(checkpoint, parse_dtype(dtype))
-    engine = Engine(
-        net, tokenizer, max_batch=1, max_seq_len=min(context, len(ids) + max_tokens + 1)
-    )
+    status(f"loading {checkpoint.name} ({dtype}, {profile}) ...")
+    max_seq_len = min(context, len(ids) + max_tokens + 1)
+    options = ProtectionOptions(profile, device, k, public_ref)
+    net = build_model(checkpoint, parse_dtype(dtype), options, 1, max_seq_len)
+    engine = Engine(net, tokenizer, max_batch=1, max_seq_len=max_seq_len)
     for out in engine.stream(ids, params):
         click.echo(out.text, nl=False)
     click.echo()
@@ -139,6 +174,24 @@ def bench(
         dtypes or ("bf16", "fp32"), engines, model, prompt_tokens, new_tokens, repeats, status
     )
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+
+
+@bench.command("unseal")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_unseal(as_json: bool) -> None:
+    """Seal/unseal throughput (bundled model, 1 GiB synthetic) and sealed vs plain load time."""
+    from tdllm.sealing.bench import format_report, run_unseal_bench
+
+    report = run_unseal_bench(status)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+cli.add_command(seal)
+cli.add_command(keygen)
+cli.add_command(serve)
+bench.add_command(bench_serve)
+cli.add_command(prepare)
+bench.add_command(bench_split)
 
 
 @cli.command()

@@ -42,6 +42,12 @@ def ipex_status() -> str:
     return f"active ({ipex_version})"
 
 
+def protection_status() -> str:
+    from tdllm.protection.profiles import describe
+
+    return describe()
+
+
 def report() -> list[tuple[str, str]]:
     flags = cpu_flags()
     seen = [f for f in CPU_FLAGS if f in flags]
@@ -60,6 +66,7 @@ def report() -> list[tuple[str, str]]:
         ("torch", f"{torch.__version__} ({threads})"),
         ("oneDNN", onednn_version()),
         ("ipex", ipex_status()),
+        ("protection", protection_status()),
         (
             "tdx guest",
             f"yes ({TSM_REPORT})" if TSM_REPORT.is_dir() else f"no ({TSM_REPORT} absent)",

@@ -3,7 +3,8 @@
 Two plaintext sources are understood: a GGUF file (the bundled SmolLM2 is one; quantized tensors
 are dequantized with the `gguf` package) and a Hugging Face-style directory (config.json,
 *.safetensors, tokenizer.json). Tensors are yielded lazily so loading never holds a second full
-copy of the model. Sealed directories (encrypted at rest) plug in here in a later issue.
+copy of the model. Sealed directories (encrypted at rest, `tdllm.sealing`) open through the
+same `Checkpoint` shape, their tensors decrypted one at a time as they are streamed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tdllm.errors import ModelLoadError
+from tdllm.errors import ModelLoadError, UsageError
 from tdllm.model.bundled import bundled_model_path
 from tdllm.model.config import ModelConfig
 from tdllm.model.tokenizer import Tokenizer
@@ -53,11 +54,19 @@ class Checkpoint:
     tensors: Callable[[], NamedTensors]
 
 
-def open_checkpoint(source: str | Path) -> Checkpoint:
-    """`source` is ``bundled``, a ``.gguf`` file, or a Hugging Face-style safetensors directory."""
+def open_checkpoint(source: str | Path, key: Path | None = None) -> Checkpoint:
+    """`source` is ``bundled``, a ``.gguf`` file, a Hugging Face-style safetensors directory, or a
+    sealed model directory (then `key` is the recipient private key file that opens it)."""
+    from tdllm.sealing.reader import is_sealed_directory, open_sealed
+
+    path = Path(source)
+    sealed = str(source) != "bundled" and path.is_dir() and is_sealed_directory(path)
+    if sealed:
+        return open_sealed(path, key)
+    if key is not None:
+        raise UsageError(f"{source} is not a sealed model directory; --key opens sealed ones only")
     if str(source) == "bundled":
         return open_gguf(bundled_model_path())
-    path = Path(source)
     if path.is_dir():
         return open_hf_directory(path)
     if path.is_file():

@@ -1,4 +1,4 @@
-"""Build a `Transformer` for a checkpoint and stream its weights in."""
+"""Build a `Transformer` for a checkpoint and stream its weights in; never return half a model."""
 
 from __future__ import annotations
 
@@ -31,6 +31,18 @@ def load_model(
     try:
         with torch.no_grad():
             model.load_weights(checkpoint.tensors())
-    except ValueError as exc:
-        raise ModelLoadError(f"{checkpoint.path}: {exc}") from None
+    except BaseException as exc:
+        # A sealed checkpoint may fail on a later tensor after earlier ones were decrypted into
+        # the model: scrub what got in, so no half-loaded plaintext model outlives the error.
+        _zero(model)
+        del model
+        if isinstance(exc, ValueError):
+            raise ModelLoadError(f"{checkpoint.path}: {exc}") from None
+        raise
     return model.eval(), checkpoint
+
+
+def _zero(model: Transformer) -> None:
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.zero_()

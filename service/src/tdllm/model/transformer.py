@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,18 @@ class Batch:
         return cache[:, :, : self.span].index_select(0, self.slot_index)
 
 
+class PrefixPlacement(Protocol):
+    """Who computes the embedding and blocks ``0..num_layers-1`` when not this model.
+
+    The model only needs the hidden states entering block `num_layers`; where they come from
+    (and how they are checked) is the placement's business, so this file knows no trust boundary.
+    """
+
+    num_layers: int
+
+    def __call__(self, tokens: torch.Tensor, batch: Batch) -> torch.Tensor: ...
+
+
 class Transformer(nn.Module):
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
@@ -119,19 +132,37 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
+        # None: every block runs here. Otherwise the first `prefix.num_layers` blocks (and the
+        # embedding) are computed by `prefix`, e.g. a public prefix on an untrusted device.
+        self.prefix: PrefixPlacement | None = None
 
     def forward(
         self, tokens: torch.Tensor, batch: Batch, cache: KVCache, last_only: bool = True
     ) -> torch.Tensor:
         """Logits ``[B, T or 1, vocab]`` for `tokens` ``[B, T]`` placed as `batch` says."""
-        x = self.embed_tokens(tokens)
-        cos = self.rope_cos[batch.positions][:, None]  # [B, 1, T, head_dim]
-        sin = self.rope_sin[batch.positions][:, None]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, batch, cos, sin, cache.k[i], cache.v[i])
+        if self.prefix is None:
+            x = self.forward_blocks(self.embed_tokens(tokens), batch, cache, 0, len(self.layers))
+        else:  # the first blocks run elsewhere (see `PrefixPlacement`); the rest run here
+            x = self.prefix(tokens, batch)
+            x = self.forward_blocks(x, batch, cache, self.prefix.num_layers, len(self.layers))
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
+
+    def forward_blocks(
+        self, x: torch.Tensor, batch: Batch, cache: KVCache, start: int, end: int
+    ) -> torch.Tensor:
+        """Hidden states after blocks ``start..end-1`` for hidden states `x` entering `start`.
+
+        `cache` holds at least the layers run; a cache made for fewer layers (an audit's) is
+        indexed from `start`'s own layer when it has exactly ``end - start`` of them.
+        """
+        cos = self.rope_cos[batch.positions][:, None]  # [B, 1, T, head_dim]
+        sin = self.rope_sin[batch.positions][:, None]
+        offset = start if len(cache.k) == end - start else 0
+        for i in range(start, end):
+            x = self.layers[i](x, batch, cos, sin, cache.k[i - offset], cache.v[i - offset])
+        return x
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named checkpoint tensors in, one at a time, checking coverage."""

@@ -1,0 +1,74 @@
+"""The Flask application factory: `gunicorn 'tdllm.api.app:create_app()'`.
+
+`create_app` resolves settings (unless given), builds metrics and the boot state, and starts
+the boot thread; it returns at once, so the worker answers /health while the model is attested
+and loaded. Tests pass `engine_runner` (an already running engine) to skip the boot entirely,
+or `boot_deps` to boot against a simulated TD and broker.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from flask import Flask
+
+from tdllm.api import attestation, health, metrics
+from tdllm.api.auth import install_api_keys
+from tdllm.api.boot import Boot, BootDeps, BootState, quote_provider_for
+from tdllm.api.identity import ServiceIdentity
+from tdllm.api.logs import install_request_logging
+from tdllm.api.metrics import ServiceMetrics
+from tdllm.api.openai import chat, completions, models
+from tdllm.api.openai.errors import register_error_handlers
+from tdllm.api.runner import EngineRunner
+from tdllm.settings import Settings, load_settings
+
+
+@dataclass
+class Service:
+    """Everything a request handler needs, at ``current_app.extensions["tdllm"]``."""
+
+    settings: Settings
+    metrics: ServiceMetrics
+    state: BootState
+    identity: ServiceIdentity
+    boot_deps: BootDeps
+    started: int
+    boot: Boot | None = None
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine_runner: EngineRunner | None = None,
+    boot_deps: BootDeps | None = None,
+) -> Flask:
+    settings = settings or load_settings()
+    deps = boot_deps or BootDeps()
+    app = Flask("tdllm.api")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep OpenAI's field order
+    service_metrics = ServiceMetrics()
+    state = BootState(service_metrics)
+    state.quote_provider, state.simulated = quote_provider_for(settings, deps)
+    service = Service(settings, service_metrics, state, ServiceIdentity(), deps, int(time.time()))
+    app.extensions["tdllm"] = service
+
+    def observe(endpoint: str, status: int, duration: float) -> None:
+        service_metrics.requests.labels(endpoint, str(status)).inc()
+        service_metrics.latency.labels(endpoint).observe(duration)
+
+    install_request_logging(app, observe)
+    install_api_keys(app, settings.api_keys)
+    register_error_handlers(app)
+    for module in (health, metrics, attestation, models, completions, chat):
+        app.register_blueprint(module.blueprint)
+
+    if engine_runner is not None:
+        engine_runner.observer = service_metrics.observer()
+        state.runner = engine_runner
+        state.set("ready", "ready")
+    else:
+        service.boot = Boot(settings, state, deps).start()
+    return app

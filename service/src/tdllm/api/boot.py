@@ -1,0 +1,200 @@
+"""The boot sequence, on a background thread: attest -> data key -> unseal in memory -> ready.
+
+For a sealed model: a quote provider (configfs-tsm on a TD; the simulated one only when the
+settings say ``attestation = "simulated"`` AND TDLLM_ALLOW_SIMULATED_TDX=1, never as a fallback)
+feeds `KeyClient`'s challenge/attest exchange with the key broker; the released data key opens
+the sealed directory, whose tensors are decrypted straight into the model's memory. Nothing
+plaintext is ever written to disk. An unreachable broker (or a 429/5xx answer) is retried with
+doubling back-off up to ``boot_attempts``; a refusal is final. Until the engine runs, `/ready`
+answers 503 with `BootState.reason`. Dev sources (bundled, GGUF, directory) skip attestation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tdllm.api.metrics import ServiceMetrics
+from tdllm.api.runner import EngineRunner
+from tdllm.settings import Settings
+
+log = logging.getLogger("tdllm.api.boot")
+_RETRY_STATUSES = {429, 500, 502, 503, 504}
+
+
+class BootFailed(Exception):  # noqa: N818  # reads as the event
+    """Boot cannot complete; the message is the not-ready reason (no secrets in it)."""
+
+
+@dataclass
+class BootDeps:
+    """What tests (or `make run`) inject instead of the real TD, broker and clock."""
+
+    quote_provider: Any = None  # a tdllm_attest QuoteProvider
+    transport: Any = None  # a tdllm_attest.broker.client.Transport
+    collateral: Callable[[bytes], str] | None = None
+    sleep: Callable[[float], None] | None = None
+
+
+@dataclass
+class BootState:
+    """Where boot is; read by /ready and the API, written by the boot thread."""
+
+    metrics: ServiceMetrics
+    phase: str = "starting"
+    reason: str = "starting"
+    runner: EngineRunner | None = None
+    quote_provider: Any = None
+    simulated: bool = False
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.set("starting", "starting")
+
+    def set(self, phase: str, reason: str) -> None:
+        self.phase, self.reason = phase, reason
+        self.metrics.boot_phase.state(phase)
+        self.metrics.ready.set(1 if phase == "ready" else 0)
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready" and self.runner is not None and self.runner.alive
+
+    def not_ready_reason(self) -> str:
+        if self.phase == "ready" and self.runner is not None and not self.runner.alive:
+            return self.runner.failed or "the engine stopped"
+        return self.reason
+
+
+def quote_provider_for(settings: Settings, deps: BootDeps) -> tuple[Any, bool]:
+    """(provider, simulated) for the configured attestation mode; None when there is none."""
+    if deps.quote_provider is not None:
+        return deps.quote_provider, settings.attestation == "simulated"
+    if settings.attestation == "tdx":
+        from tdllm_attest.quote import ConfigfsTsmProvider
+
+        return ConfigfsTsmProvider(), False
+    if settings.attestation == "simulated":  # Settings already demanded the environment switch
+        from tdllm_attest.quote import SimulatedProvider
+        from tdllm_attest.simulated import SimulatedTdxPlatform
+
+        log.warning("UNSAFE: attestation mode 'simulated': quotes prove nothing")
+        return SimulatedProvider(SimulatedTdxPlatform(datetime.now(UTC))), True
+    return None, False
+
+
+class Boot:
+    def __init__(self, settings: Settings, state: BootState, deps: BootDeps | None = None) -> None:
+        self.settings = settings
+        self.state = state
+        self.deps = deps or BootDeps()
+        self.thread = threading.Thread(target=self.run, name="tdllm-boot", daemon=True)
+
+    def start(self) -> Boot:
+        self.thread.start()
+        return self
+
+    def run(self) -> None:
+        try:
+            checkpoint = self._open()
+            self.state.set("loading", "loading the model into memory")
+            self.state.runner = self._start_engine(checkpoint)
+            self.state.set("ready", "ready")
+            log.info("ready: serving %s", self.state.runner.model_name)
+        except BootFailed as exc:
+            self.state.set("failed", str(exc))
+            log.error("boot failed: %s", exc)
+        except Exception as exc:  # a bug or a broken model: say which kind, never the content
+            self.state.set("failed", f"boot failed ({type(exc).__name__})")
+            log.error("boot failed: %s", type(exc).__name__)
+
+    def _open(self) -> Any:
+        from tdllm.errors import TdllmError
+        from tdllm.model.checkpoint import open_checkpoint
+
+        if not self.settings.sealed:
+            self.state.set("loading", f"opening model {self.settings.model}")
+            try:
+                return open_checkpoint(self.settings.model)
+            except TdllmError as exc:
+                raise BootFailed(exc.diagnostics()) from None
+        from tdllm.sealing.keys import wipe
+        from tdllm.sealing.reader import open_sealed
+
+        key = self._fetch_key()
+        self.state.set("unsealing", "opening the sealed model")
+        try:
+            return open_sealed(
+                Path(self.settings.model), data_key=key, model_id=self.settings.model_id
+            )
+        except TdllmError as exc:
+            raise BootFailed(f"cannot open the sealed model: {exc.diagnostics()}") from None
+        finally:
+            wipe(key)
+
+    def _fetch_key(self) -> bytearray:
+        import requests
+
+        from tdllm_attest.broker.client import KeyClient, KeyReleaseError, RequestsTransport
+        from tdllm_attest.errors import AttestationError
+
+        url, key_id = self.settings.broker_url or "", self.settings.key_id or ""
+        provider = self.state.quote_provider
+        transport = self.deps.transport or RequestsTransport(url, timeout_s=30)
+        client = KeyClient(transport=transport, provider=provider, collateral=self.deps.collateral)
+        sleep = self.deps.sleep or self.state._stopped.wait
+        attempts, delay = self.settings.boot_attempts, self.settings.boot_backoff_s
+        metric = self.state.metrics.key_release_attempts
+        for attempt in range(1, attempts + 1):
+            self.state.set(
+                "attesting", f"attesting to the key broker (attempt {attempt}/{attempts})"
+            )
+            try:
+                key = client.fetch_key(key_id)
+                metric.labels("released").inc()
+                return key
+            except requests.RequestException as exc:
+                why = f"key broker unreachable ({type(exc).__name__})"
+                metric.labels("unreachable").inc()
+            except KeyReleaseError as exc:
+                status = exc.problem.get("status")
+                kind = exc.problem.get("type", "")
+                if status not in _RETRY_STATUSES:
+                    metric.labels("refused").inc()
+                    raise BootFailed(
+                        f"the key broker refused the key: {status} {kind}".strip()
+                    ) from None
+                why = f"key broker busy ({status})"
+                metric.labels("busy").inc()
+            except AttestationError as exc:
+                metric.labels("quote_failed").inc()
+                raise BootFailed(f"cannot produce a quote: {exc}") from None
+            log.warning("%s; attempt %d/%d", why, attempt, attempts)
+            if attempt == attempts:
+                raise BootFailed(f"{why}; gave up after {attempts} attempts")
+            self.state.set("attesting", f"{why}; retrying in {delay:g}s")
+            sleep(delay)
+            delay = min(delay * 2, self.settings.boot_backoff_max_s)
+        raise AssertionError("unreachable")
+
+    def _start_engine(self, checkpoint: Any) -> EngineRunner:
+        from tdllm.engine import Engine
+        from tdllm.model.bundled import BUNDLED_NAME
+        from tdllm.model.loader import load_model, parse_dtype
+
+        default_name = BUNDLED_NAME if self.settings.model == "bundled" else checkpoint.name
+
+        model, _ = load_model(checkpoint, parse_dtype(self.settings.dtype))
+        context = min(self.settings.context_tokens, checkpoint.config.max_position_embeddings)
+        engine = Engine(model, checkpoint.tokenizer, self.settings.max_batch, context)
+        return EngineRunner(
+            engine,
+            model_name=self.settings.served_model_name or default_name,
+            queue_size=self.settings.queue_size,
+            observer=self.state.metrics.observer(),
+        ).start()

@@ -1,0 +1,25 @@
+"""Liveness (/health: the process answers) and readiness (/ready: completions can be served).
+
+Load balancers and systemd watchdogs need the two apart: a service that is still attesting or
+loading is alive (do not restart it) but not ready (do not send it traffic).
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+from flask.typing import ResponseReturnValue
+
+blueprint = Blueprint("health", __name__)
+
+
+@blueprint.get("/health")
+def health() -> ResponseReturnValue:
+    return jsonify({"status": "ok"})
+
+
+@blueprint.get("/ready")
+def ready() -> ResponseReturnValue:
+    state = current_app.extensions["tdllm"].state
+    if state.ready:
+        return jsonify({"ready": True, "phase": state.phase, "model": state.runner.model_name})
+    return jsonify({"ready": False, "phase": state.phase, "reason": state.not_ready_reason()}), 503

@@ -1,0 +1,43 @@
+"""POST /v1/chat/completions: messages rendered with the model's own chat template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+from flask.typing import ResponseReturnValue
+
+from tdllm.api.openai import generation
+from tdllm.api.openai.protocol import decode_body, parse_chat
+
+blueprint = Blueprint("chat", __name__)
+OBJECT = "chat.completion"
+CHUNK_OBJECT = "chat.completion.chunk"
+
+
+@blueprint.post("/v1/chat/completions")
+def create_chat_completion() -> ResponseReturnValue:
+    parsed = parse_chat(decode_body(request.get_data(cache=False)))
+    runner = generation.running_engine()
+    generation.check_model(runner, parsed.sampling)
+    tokenizer = runner.engine.tokenizer
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(parsed.messages))
+    default_max = current_app.extensions["tdllm"].settings.default_max_tokens
+    gen = generation.start(runner, prompt, parsed.sampling, default_max, "chatcmpl")
+
+    def head(kind: str) -> dict[str, Any]:
+        return {"id": gen.id, "object": kind, "created": gen.created, "model": gen.model}
+
+    def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+        delta = {"content": text} if text else {}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return head(CHUNK_OBJECT) | {"choices": [choice]}
+
+    if parsed.sampling.stream:
+        opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+        first = head(CHUNK_OBJECT) | {"choices": [opening | {"finish_reason": None}]}
+        return generation.stream(gen, chunk, first)
+    text, finish = generation.complete(gen)
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+    return jsonify(head(OBJECT) | {"choices": [choice], "usage": gen.usage.body()})

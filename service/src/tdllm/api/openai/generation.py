@@ -1,0 +1,200 @@
+"""What completions and chat share: limits, submission to the runner, and the two response modes.
+
+Both endpoints reduce to (prompt token ids, sampling params) plus a way to shape one chunk or one
+final body; this module runs that through the `EngineRunner` either to completion or as an SSE
+stream, counting usage and time-to-first-token. A client that disconnects mid-stream closes the
+generator, which cancels its sequence in the engine at once.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Response, current_app, g, stream_with_context
+
+from tdllm.api.openai import sse
+from tdllm.api.openai.errors import ApiError, from_exception, invalid, not_ready, queue_full
+from tdllm.api.openai.protocol import Sampling
+from tdllm.api.runner import EngineRunner, Overloaded, RequestHandle, RunnerStopped
+from tdllm.engine import SamplingParams
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+    def body(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+@dataclass
+class Generation:
+    """One accepted request on its way through the engine."""
+
+    id: str
+    created: int
+    model: str
+    sampling: Sampling
+    handle: RequestHandle
+    usage: Usage
+    started: float
+
+
+def running_engine() -> EngineRunner:
+    state = current_app.extensions["tdllm"].state
+    if not state.ready:
+        raise not_ready(state.not_ready_reason())
+    runner: EngineRunner = state.runner
+    return runner
+
+
+def check_model(runner: EngineRunner, sampling: Sampling) -> None:
+    if sampling.model != runner.model_name:
+        raise ApiError(
+            404,
+            f"the model {sampling.model!r} does not exist; this service serves "
+            f"{runner.model_name!r}",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
+
+
+def start(
+    runner: EngineRunner, prompt: list[int], sampling: Sampling, default_max: int, prefix: str
+) -> Generation:
+    """Check limits, build sampling params and queue the request (429 when full)."""
+    service = current_app.extensions["tdllm"]
+    settings = service.settings
+    if len(prompt) > settings.max_prompt_tokens:
+        raise invalid(
+            f"the prompt has {len(prompt)} tokens; the limit is {settings.max_prompt_tokens}",
+            "prompt" if prefix == "cmpl" else "messages",
+            "context_length_exceeded",
+        )
+    vocab = runner.engine.model.cfg.vocab_size
+    if max(prompt) >= vocab:
+        raise invalid(f"token ids must be in [0, {vocab})", "prompt")
+    context = runner.engine.max_seq_len
+    room = context - len(prompt)
+    max_tokens = sampling.max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, min(default_max, room))
+    if max_tokens > settings.max_tokens_limit:
+        raise invalid(
+            f"max_tokens is {max_tokens}; the limit is {settings.max_tokens_limit}", "max_tokens"
+        )
+    if max_tokens > room:
+        raise invalid(
+            f"this model's context holds {context} tokens; the prompt has {len(prompt)} and "
+            f"max_tokens asks for {max_tokens}",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        stop=sampling.stop,
+    )
+    try:
+        handle = runner.submit(prompt, params)
+    except Overloaded:
+        raise queue_full() from None
+    except RunnerStopped as exc:
+        raise not_ready(str(exc)) from None
+    service.metrics.prompt_tokens.inc(len(prompt))
+    g.log_fields = {"prompt_tokens": len(prompt), "max_tokens": max_tokens}
+    return Generation(
+        f"{prefix}-{secrets.token_hex(12)}",
+        int(time.time()),
+        runner.model_name,
+        sampling,
+        handle,
+        Usage(len(prompt)),
+        g.started,
+    )
+
+
+def _outputs(gen: Generation) -> Iterator[tuple[str, str | None]]:
+    """(text, finish_reason) per step, counting usage and recording TTFT."""
+    service = current_app.extensions["tdllm"]
+    first = True
+    timeout = service.settings.request_timeout_s
+    for out in gen.handle.outputs(timeout):
+        if first:
+            service.metrics.ttft.observe(time.monotonic() - gen.started)
+            first = False
+        gen.usage.completion_tokens += 1
+        yield out.text, out.finish_reason
+
+
+def complete(gen: Generation) -> tuple[str, str]:
+    """Run to the end: (text, finish_reason)."""
+    parts: list[str] = []
+    reason = "stop"
+    try:
+        for text, finish in _outputs(gen):
+            parts.append(text)
+            reason = finish or reason
+    except (RunnerStopped, TimeoutError) as exc:
+        raise not_ready(str(exc)) from None
+    g.log_fields |= {"completion_tokens": gen.usage.completion_tokens, "finish_reason": reason}
+    return "".join(parts), reason
+
+
+def stream(
+    gen: Generation,
+    chunk: Callable[[str | None, str | None], dict[str, Any]],
+    first: dict[str, Any] | None = None,
+) -> Response:
+    """An SSE response: `chunk(text, finish_reason)` shapes each event's payload."""
+    fields = g.log_fields
+
+    def events() -> Iterator[str]:
+        include_usage = gen.sampling.include_usage
+        if first is not None:
+            yield sse.event(first | ({"usage": None} if include_usage else {}))
+        try:
+            for text, finish in _outputs(gen):
+                if text or finish:
+                    payload = chunk(text, finish)
+                    yield sse.event(payload | ({"usage": None} if include_usage else {}))
+                if finish:
+                    fields.update(
+                        completion_tokens=gen.usage.completion_tokens, finish_reason=finish
+                    )
+        except Exception as exc:  # headers are gone: report in-band, the way OpenAI does
+            yield sse.event(from_exception(_as_api_error(exc)).body())
+            return
+        if include_usage:
+            yield sse.event(
+                {
+                    "id": gen.id,
+                    "object": chunk(None, None)["object"],
+                    "created": gen.created,
+                    "model": gen.model,
+                    "choices": [],
+                    "usage": gen.usage.body(),
+                }
+            )
+        yield sse.DONE
+
+    # keeps the request context (and `g`) alive while the body streams
+    return Response(stream_with_context(events()), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
+
+
+def _as_api_error(exc: Exception) -> Exception:
+    if isinstance(exc, RunnerStopped | TimeoutError):
+        return not_ready(str(exc))
+    return exc

@@ -1,0 +1,32 @@
+"""GET /v1/models: the one model this service runs (the list is empty until boot is done)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+from flask.typing import ResponseReturnValue
+
+from tdllm.api.openai.errors import ApiError
+
+blueprint = Blueprint("models", __name__)
+OWNER = "tdllm"
+
+
+def _card(name: str, created: int) -> dict[str, object]:
+    return {"id": name, "object": "model", "created": created, "owned_by": OWNER}
+
+
+@blueprint.get("/v1/models")
+def list_models() -> ResponseReturnValue:
+    service = current_app.extensions["tdllm"]
+    runner = service.state.runner if service.state.ready else None
+    cards = [_card(runner.model_name, service.started)] if runner is not None else []
+    return jsonify({"object": "list", "data": cards})
+
+
+@blueprint.get("/v1/models/<path:model>")
+def retrieve_model(model: str) -> ResponseReturnValue:
+    service = current_app.extensions["tdllm"]
+    runner = service.state.runner if service.state.ready else None
+    if runner is None or model != runner.model_name:
+        raise ApiError(404, "no such model", "invalid_request_error", "model", "model_not_found")
+    return jsonify(_card(runner.model_name, service.started))

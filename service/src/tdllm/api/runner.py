@@ -1,0 +1,212 @@
+"""One thread owns the engine; request threads talk to it through queues.
+
+`Engine` is not thread-safe, and batching only happens if one loop sees every request: so the
+runner's thread admits new requests, applies cancellations, and calls `Engine.step()` while any
+sequence is running, which decodes all running sequences together (continuous batching). Each
+request gets a `RequestHandle` whose queue receives its `StepOutput`s. Admission is bounded:
+beyond ``max_batch + queue_size`` outstanding requests `submit` raises `Overloaded` (a 429).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from tdllm.engine import Engine, SamplingParams
+from tdllm.engine.engine import StepOutput
+
+log = logging.getLogger("tdllm.api.runner")
+_IDLE_POLL_S = 0.25
+
+
+class Overloaded(Exception):  # noqa: N818  # reads as the state it reports
+    """Too many requests are outstanding; the caller should answer 429."""
+
+
+class RunnerStopped(Exception):  # noqa: N818
+    """The engine thread is gone (shutdown or a failed step); the request cannot finish."""
+
+
+@dataclass
+class RunnerStats:
+    """Counters for tests and metrics; written only by the engine thread."""
+
+    steps: int = 0
+    max_decode_batch: int = 0  # most sequences ever decoded in one step
+    admitted: int = 0
+    cancelled: int = 0
+
+
+@dataclass
+class StepObserver:
+    """Hooks the metrics module plugs in (all optional; called on the engine thread)."""
+
+    on_step: Callable[[int, int, int], None] = lambda decoding, running, waiting: None
+    on_tokens: Callable[[int], None] = lambda n: None
+
+
+class RequestHandle:
+    """A submitted request as its HTTP thread sees it."""
+
+    def __init__(self, runner: EngineRunner, prompt: Sequence[int], params: SamplingParams) -> None:
+        self.runner = runner
+        self.prompt = list(prompt)
+        self.params = params
+        self.events: queue.SimpleQueue[StepOutput | BaseException] = queue.SimpleQueue()
+        self.finished = False
+
+    def outputs(self, timeout_s: float) -> Iterator[StepOutput]:
+        """Yield step outputs until one carries a finish reason; cancels if abandoned early."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    item = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise TimeoutError("generation timed out") from None
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    self.finished = True
+                yield item
+                if self.finished:
+                    return
+        finally:
+            if not self.finished:  # client went away, timeout, or generator closed
+                self.cancel()
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.runner._inbox.put(("cancel", self))
+
+
+class EngineRunner:
+    """Drives `engine` on a dedicated thread; `submit` from any thread."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        model_name: str,
+        queue_size: int = 32,
+        observer: StepObserver | None = None,
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.capacity = len(engine.free_slots) + queue_size
+        self.observer = observer or StepObserver()
+        self.stats = RunnerStats()
+        self._inbox: queue.SimpleQueue[tuple[str, RequestHandle]] = queue.SimpleQueue()
+        self._outstanding = 0
+        self._lock = threading.Lock()
+        self._by_id: dict[int, RequestHandle] = {}
+        self._ids: dict[int, int] = {}  # id(handle) -> engine request id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tdllm-engine", daemon=True)
+        self.failed: str | None = None
+
+    # -- any thread -------------------------------------------------------------------------------
+
+    def start(self) -> EngineRunner:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> RequestHandle:
+        """Queue a request (prompt already checked against the engine's limits)."""
+        if not self.alive:
+            raise RunnerStopped(self.failed or "the engine is not running")
+        with self._lock:
+            if self._outstanding >= self.capacity:
+                raise Overloaded()
+            self._outstanding += 1
+        handle = RequestHandle(self, prompt, params)
+        self._inbox.put(("submit", handle))
+        return handle
+
+    # -- the engine thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox(block=not self.engine.has_work)
+                if self.engine.has_work:
+                    self._step()
+        except Exception as exc:  # a failed step must not leave requests waiting forever
+            self.failed = f"engine step failed ({type(exc).__name__})"
+            log.error("%s; failing %d requests", self.failed, len(self._by_id))
+            for handle in list(self._by_id.values()):
+                handle.events.put(RunnerStopped(self.failed))
+        finally:
+            self._stop.set()
+
+    def _drain_inbox(self, *, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, action: str, handle: RequestHandle) -> None:
+        if action == "submit":
+            if handle.finished:  # cancelled before the engine saw it
+                self._release()
+                return
+            try:
+                request_id = self.engine.submit(handle.prompt, handle.params)
+            except Exception as exc:  # a prompt the engine refuses: fail this request only
+                handle.events.put(exc)
+                self._release()
+                return
+            self._by_id[request_id] = handle
+            self._ids[id(handle)] = request_id
+            self.stats.admitted += 1
+        else:
+            request_id = self._ids.pop(id(handle), -1)
+            if self._by_id.pop(request_id, None) is not None:
+                self.engine.cancel(request_id)
+                self.stats.cancelled += 1
+                self._release()
+
+    def _step(self) -> None:
+        decoding = len(self.engine.running)
+        outputs = self.engine.step()
+        self.stats.steps += 1
+        self.stats.max_decode_batch = max(self.stats.max_decode_batch, decoding)
+        self.observer.on_step(decoding, len(self.engine.running), len(self.engine.waiting))
+        self.observer.on_tokens(len(outputs))
+        for out in outputs:
+            handle = self._by_id.get(out.request_id)
+            if handle is None:
+                continue
+            handle.events.put(out)
+            if out.finish_reason is not None:
+                del self._by_id[out.request_id]
+                self._ids.pop(id(handle), None)
+                self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._outstanding -= 1

@@ -1,0 +1,1 @@
+"""Protection profiles (`td-only`, `split`), `tdllm prepare`, and `tdllm bench split`."""

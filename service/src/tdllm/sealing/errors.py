@@ -1,0 +1,18 @@
+"""The one error a sealed model raises when it cannot be opened."""
+
+from __future__ import annotations
+
+from tdllm.errors import ModelLoadError
+
+
+class SealedModelError(ModelLoadError):
+    """A sealed model could not be opened.
+
+    Deliberately says only *what* failed (a tensor or "manifest"), never *why*: a wrong key, a
+    flipped bit, a reordered chunk and a truncated file all read the same, so the error cannot
+    serve as an oracle (the Fernet `InvalidToken` rule; docs/sealed-format.md).
+    """
+
+    def __init__(self, source: object, what: str) -> None:
+        super().__init__(f"{source}: cannot unseal {what} (wrong key, or damaged files)")
+        self.what = what

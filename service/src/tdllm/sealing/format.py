@@ -1,0 +1,164 @@
+"""The sealed model format, version 1: names, the manifest schema, key derivation and chunk AAD.
+
+Everything both the writer and the reader must agree on byte for byte lives here, so the format
+has one definition (docs/sealed-format.md describes the same thing in prose). The AEAD, nonce
+and chunk details stay inside the sealing package; callers see `seal_checkpoint` and
+`open_sealed` with one opaque error (the Fernet recipe-over-primitives shape).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+FORMAT = "tdllm-sealed/1"
+MANIFEST_NAME = "sealed-model.json"
+DATA_FILE_PATTERN = "weights-{:05d}.sealed"
+CIPHER = "AES-256-GCM"
+DATA_KEY_BYTES = 32
+NONCE_BYTES = 12  # 96-bit random nonce, stored in front of every chunk
+TAG_BYTES = 16
+CHUNK_OVERHEAD = NONCE_BYTES + TAG_BYTES
+DEFAULT_CHUNK_SIZE = 1 << 20  # plaintext bytes per chunk
+DEFAULT_MAX_FILE_SIZE = 4 << 30  # a new data file starts before a tensor that would cross this
+MAX_MANIFEST_BYTES = 256 << 20  # refuse to parse anything bigger (a tokenizer.json is a few MB)
+
+SEALED = "sealed"
+PUBLIC = "public"
+
+# Stored dtypes use safetensors' names; the bytes are little-endian, as torch holds them on x86.
+DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one byte form that is MACed or used as AAD: sorted keys, no spaces, UTF-8."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def derive_key(data_key: bytes | bytearray, model_id: str, purpose: str) -> bytearray:
+    """HKDF-SHA256 subkey of the model's data key, salted with the model id.
+
+    Separate subkeys for chunks and the manifest MAC keep the two uses apart; the model-id salt
+    means two models sealed under one data key (a broker may reuse one) still get different
+    chunk keys, so a chunk from one can never authenticate in the other.
+    """
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=bytes.fromhex(model_id),
+        info=f"{FORMAT} {purpose}".encode(),
+    )
+    return bytearray(hkdf.derive(bytes(data_key)))
+
+
+CHUNK_KEY = "chunk key"
+MAC_KEY = "manifest mac"
+
+
+def chunk_aad(
+    model_id: str, name: str, dtype: str, shape: list[int], index: int, count: int
+) -> bytes:
+    """Associated data of one chunk: binds it to its model, tensor, type, shape and position."""
+    return canonical_json(
+        {
+            "chunk": index,
+            "chunks": count,
+            "dtype": dtype,
+            "format": FORMAT,
+            "model_id": model_id,
+            "shape": shape,
+            "tensor": name,
+        }
+    )
+
+
+def chunk_count(nbytes: int, chunk_size: int) -> int:
+    """Chunks of a tensor of `nbytes`; an empty tensor still gets one (authenticated) chunk."""
+    return max(1, math.ceil(nbytes / chunk_size))
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor's row of the manifest."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    protection: str  # SEALED or PUBLIC
+    file: str
+    offset: int
+    length: int  # stored bytes (chunks with nonces and tags, or the raw public bytes)
+    chunks: int
+    sha256: str | None  # public tensors only: hex digest of the raw bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Plaintext size."""
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": self.shape,
+            "protection": self.protection,
+            "file": self.file,
+            "offset": self.offset,
+            "length": self.length,
+            "chunks": self.chunks,
+        }
+        if self.sha256 is not None:
+            row["sha256"] = self.sha256
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any], chunk_size: int) -> TensorEntry:
+        """Parse and check one row; raises ValueError/KeyError/TypeError on anything odd."""
+        entry = cls(
+            name=_str(row["name"]),
+            dtype=_str(row["dtype"]),
+            shape=[_int(d) for d in row["shape"]],
+            protection=_str(row["protection"]),
+            file=_str(row["file"]),
+            offset=_int(row["offset"]),
+            length=_int(row["length"]),
+            chunks=_int(row["chunks"]),
+            sha256=_str(row["sha256"]) if "sha256" in row else None,
+        )
+        if entry.dtype not in DTYPES or entry.protection not in (SEALED, PUBLIC):
+            raise ValueError("unknown dtype or protection")
+        if entry.protection == SEALED:
+            expected_chunks = chunk_count(entry.nbytes, chunk_size)
+            expected_length = entry.nbytes + expected_chunks * CHUNK_OVERHEAD
+            ok = entry.chunks == expected_chunks and entry.sha256 is None
+        else:
+            expected_length = entry.nbytes
+            ok = entry.chunks == 0 and entry.sha256 is not None and len(entry.sha256) == 64
+        if not ok or entry.length != expected_length or entry.offset < 0:
+            raise ValueError("inconsistent tensor entry")
+        return entry
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError("expected a non-negative integer")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value

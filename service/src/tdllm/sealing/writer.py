@@ -1,0 +1,254 @@
+"""Seal a checkpoint: stream its tensors, encrypt them chunk by chunk, write the manifest last.
+
+Only ciphertext (and the tensors the caller chose to make public) ever reaches the disk: each
+tensor is encrypted from its in-memory bytes into a reused buffer and written from there; no
+temporary files, and the data key is never written anywhere except wrapped inside a JWE.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import torch
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from tqdm import tqdm
+
+from tdllm.errors import UsageError
+from tdllm.model.checkpoint import Checkpoint
+from tdllm.sealing import format as fmt
+from tdllm.sealing.keys import wipe
+from tdllm.sealing.recipients import wrap_data_key
+
+
+@dataclass
+class SealReport:
+    """What `seal_checkpoint` wrote (sizes only, never content)."""
+
+    path: Path
+    model_id: str
+    key_id: str
+    recipients: int
+    sealed_tensors: int = 0
+    public_tensors: int = 0
+    plaintext_bytes: int = 0
+    stored_bytes: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+def seal_checkpoint(
+    checkpoint: Checkpoint,
+    out: Path,
+    recipients: Sequence[Any] = (),
+    *,
+    data_key: bytes | bytearray | None = None,
+    key_id: str | None = None,
+    dtype: torch.dtype | None = None,
+    seal_patterns: Sequence[str] = (),
+    public_patterns: Sequence[str] = (),
+    chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
+    max_file_size: int = fmt.DEFAULT_MAX_FILE_SIZE,
+) -> SealReport:
+    """Write `checkpoint` to the new directory `out` as a sealed model.
+
+    `recipients` are public keys (jwcrypto JWKs) the data key is wrapped to. With no recipients
+    the caller must pass `data_key` and keep it (a key broker does); otherwise nobody could ever
+    open the result. A tensor is stored public (in the clear, hash-bound by the manifest) only
+    when it matches a public pattern and no seal pattern; everything else is sealed.
+    """
+    if not recipients and data_key is None:
+        raise UsageError("no recipient: give at least one --recipient public key")
+    if data_key is not None and len(data_key) != fmt.DATA_KEY_BYTES:
+        raise UsageError("a data key is 32 bytes (AES-256)")
+    if chunk_size < 1:
+        raise UsageError("chunk size must be positive")
+    if dtype is not None and dtype not in fmt.DTYPE_NAMES:
+        raise UsageError(f"cannot store tensors as {dtype}")
+    _prepare_directory(out)
+    model_id = os.urandom(16).hex()
+    key = bytearray(data_key) if data_key is not None else bytearray(os.urandom(32))
+    chunk_key = fmt.derive_key(key, model_id, fmt.CHUNK_KEY)
+    mac_key = fmt.derive_key(key, model_id, fmt.MAC_KEY)
+    report = SealReport(out, model_id, key_id or f"model/{model_id}", len(recipients))
+    try:
+        entries = _write_tensors(
+            checkpoint,
+            out,
+            _Plan(model_id, dtype, seal_patterns, public_patterns, chunk_size, max_file_size),
+            AESGCM(chunk_key),
+            report,
+        )
+        manifest = {
+            "format": fmt.FORMAT,
+            "model_id": model_id,
+            "key_id": report.key_id,
+            "name": checkpoint.name,
+            "cipher": fmt.CIPHER,
+            "chunk_size": chunk_size,
+            "config": checkpoint.config.to_hf(),
+            "tokenizer": _tokenizer_json(checkpoint),
+            "files": [{"name": n, "size": (out / n).stat().st_size} for n in report.files],
+            "tensors": [e.to_json() for e in entries],
+        }
+        mac = hmac.HMAC(mac_key, hashes.SHA256())
+        mac.update(fmt.canonical_json(manifest))
+        document = {
+            "format": fmt.FORMAT,
+            "manifest": manifest,
+            "mac": mac.finalize().hex(),
+            "recipients": [wrap_data_key(key, r, model_id, report.key_id) for r in recipients],
+        }
+        (out / fmt.MANIFEST_NAME).write_bytes(fmt.canonical_json(document))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        wipe(key, chunk_key, mac_key)
+    return report
+
+
+@dataclass(frozen=True)
+class _Plan:
+    model_id: str
+    dtype: torch.dtype | None
+    seal_patterns: Sequence[str]
+    public_patterns: Sequence[str]
+    chunk_size: int
+    max_file_size: int
+
+    def is_public(self, name: str) -> bool:
+        def matches(patterns: Sequence[str]) -> bool:
+            return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+        return matches(self.public_patterns) and not matches(self.seal_patterns)
+
+
+def _prepare_directory(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not an empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _tokenizer_json(checkpoint: Checkpoint) -> dict[str, Any]:
+    tok = checkpoint.tokenizer
+    return {
+        "tokenizer_json": tok.backend.to_str(),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "chat_template": tok.chat_template,
+        "add_bos": tok.add_bos,
+    }
+
+
+def _write_tensors(
+    checkpoint: Checkpoint, out: Path, plan: _Plan, aead: AESGCM, report: SealReport
+) -> list[fmt.TensorEntry]:
+    entries: list[fmt.TensorEntry] = []
+    seen: set[str] = set()
+    buffer = bytearray(plan.chunk_size + fmt.TAG_BYTES)  # ciphertext only, reused per chunk
+    bar = tqdm(
+        desc="sealing", unit="B", unit_scale=True, disable=not sys.stderr.isatty(), leave=False
+    )
+    with _DataFiles(out, plan.max_file_size, report.files) as files, bar:
+        for name, tensor in checkpoint.tensors():
+            if name in seen:
+                raise UsageError(f"the checkpoint has tensor {name} twice")
+            seen.add(name)
+            stored = tensor.detach().to("cpu", plan.dtype or tensor.dtype).contiguous()
+            if stored.dtype not in fmt.DTYPE_NAMES:
+                raise UsageError(f"tensor {name} has dtype {stored.dtype}; use --dtype")
+            raw = stored.reshape(-1).view(torch.uint8).numpy().data
+            entry = fmt.TensorEntry(
+                name=name,
+                dtype=fmt.DTYPE_NAMES[stored.dtype],
+                shape=list(stored.shape),
+                protection=fmt.PUBLIC if plan.is_public(name) else fmt.SEALED,
+                file="",
+                offset=0,
+                length=0,
+                chunks=0,
+                sha256=None,
+            )
+            if entry.protection == fmt.PUBLIC:
+                length = len(raw)
+                file, offset = files.reserve(length)
+                files.write(raw)
+                entry = replace(entry, file=file, offset=offset, length=length, sha256=_sha256(raw))
+                report.public_tensors += 1
+            else:
+                chunks = fmt.chunk_count(len(raw), plan.chunk_size)
+                length = len(raw) + chunks * fmt.CHUNK_OVERHEAD
+                file, offset = files.reserve(length)
+                for index in range(chunks):
+                    piece = raw[index * plan.chunk_size : (index + 1) * plan.chunk_size]
+                    aad = fmt.chunk_aad(
+                        plan.model_id, name, entry.dtype, entry.shape, index, chunks
+                    )
+                    nonce = os.urandom(fmt.NONCE_BYTES)
+                    sealed = memoryview(buffer)[: len(piece) + fmt.TAG_BYTES]
+                    aead.encrypt_into(nonce, piece, aad, sealed)
+                    files.write(nonce)
+                    files.write(sealed)
+                entry = replace(entry, file=file, offset=offset, length=length, chunks=chunks)
+                report.sealed_tensors += 1
+            entries.append(entry)
+            report.plaintext_bytes += len(raw)
+            report.stored_bytes += length
+            bar.update(len(raw))
+    return entries
+
+
+def _sha256(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _DataFiles:
+    """Appends tensors to weights-NNNNN.sealed, starting a new file before one that would make
+    the current file exceed `max_size` (a single larger tensor gets a file of its own)."""
+
+    def __init__(self, out: Path, max_size: int, names: list[str]) -> None:
+        self.out = out
+        self.max_size = max_size
+        self.names = names
+        self.file: IO[bytes] | None = None
+        self.offset = 0
+
+    def reserve(self, length: int) -> tuple[str, int]:
+        if self.file is None or (self.offset and self.offset + length > self.max_size):
+            self._next()
+        return self.names[-1], self.offset
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.file is None:
+            raise RuntimeError("reserve() before write()")
+        self.file.write(data)
+        self.offset += len(data)
+
+    def _next(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        name = fmt.DATA_FILE_PATTERN.format(len(self.names))
+        self.file = open(self.out / name, "xb")  # closed in _next / __exit__
+        self.names.append(name)
+        self.offset = 0
+
+    def __enter__(self) -> _DataFiles:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.file is not None:
+            self.file.close()

@@ -1,0 +1,180 @@
+"""Service configuration, resolved once: defaults -> TOML file -> ``TDLLM_*`` environment -> test
+overrides, into one frozen, validated `Settings`.
+
+This is the only module of the service that reads ``os.environ``: everything else receives a
+`Settings`, so a test can build any configuration without touching the process environment and
+a running service cannot change its mind halfway through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tdllm.errors import UsageError
+
+ENV_PREFIX = "TDLLM_"
+CONFIG_ENV = "TDLLM_CONFIG"  # path of the TOML file, when not given explicitly
+ALLOW_SIMULATED_ENV = "TDLLM_ALLOW_SIMULATED_TDX"  # the same switch the attestation side demands
+ATTESTATION_MODES = ("none", "tdx", "simulated")
+DTYPES = ("fp32", "bf16")
+
+
+class SettingsError(UsageError):
+    """The configuration is inconsistent or names an unknown setting; the service will not start."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service needs to know about its deployment (see docs/api.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # 'bundled', a .gguf file, a Hugging Face directory (dev), or a sealed model directory
+    model: str = "bundled"
+    served_model_name: str | None = None  # the `model` id clients see; default: the model's name
+    dtype: str = "fp32"
+    max_batch: int = 8  # sequences decoded together (KV-cache slots)
+    context_tokens: int = 2048  # KV-cache length per slot: prompt + completion
+    max_prompt_tokens: int = 1536
+    max_tokens_limit: int = 1024  # largest `max_tokens` a request may ask for
+    default_max_tokens: int = 256  # chat requests without max_tokens
+    queue_size: int = 32  # requests waiting beyond the running batch before 429
+    max_body_bytes: int = 1 << 20
+    request_timeout_s: float = 300.0
+    api_keys: tuple[str, ...] = ()  # empty: no authentication (loopback/dev)
+    # sealed models: how the data key is obtained
+    attestation: str = "none"  # none | tdx | simulated
+    broker_url: str | None = None
+    key_id: str | None = None
+    model_id: str | None = None  # pin the sealed model (refuse any other)
+    allow_simulated: bool = False  # from TDLLM_ALLOW_SIMULATED_TDX=1, never from the file
+    boot_attempts: int = 8
+    boot_backoff_s: float = 1.0
+    boot_backoff_max_s: float = 30.0
+    threads: int = 32  # gunicorn gthread threads in the single worker
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not (0 < self.port < 65536):
+            problems.append("port must be in 1..65535")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}")
+        for name in ("max_batch", "context_tokens", "max_prompt_tokens", "max_tokens_limit"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.max_prompt_tokens >= self.context_tokens:
+            problems.append("max_prompt_tokens must be smaller than context_tokens")
+        if not (1 <= self.default_max_tokens <= self.max_tokens_limit):
+            problems.append("default_max_tokens must be in 1..max_tokens_limit")
+        if self.queue_size < 0 or self.max_body_bytes < 1024 or self.threads < 1:
+            problems.append("queue_size >= 0, max_body_bytes >= 1024 and threads >= 1")
+        if self.boot_attempts < 1 or self.boot_backoff_s < 0 or self.request_timeout_s <= 0:
+            problems.append("boot_attempts >= 1, boot_backoff_s >= 0, request_timeout_s > 0")
+        if self.attestation not in ATTESTATION_MODES:
+            problems.append(f"attestation must be one of {', '.join(ATTESTATION_MODES)}")
+        if self.attestation == "simulated" and not self.allow_simulated:
+            problems.append(f"attestation 'simulated' also needs {ALLOW_SIMULATED_ENV}=1")
+        if self.sealed and self.attestation == "none":
+            problems.append("a broker_url needs attestation 'tdx' or 'simulated'")
+        if self.sealed and not self.key_id:
+            problems.append("a broker_url needs key_id (the sealed model's key at the broker)")
+        if any(not k or len(k) < 16 for k in self.api_keys):
+            problems.append("api keys must be at least 16 characters")
+        if problems:
+            raise SettingsError("invalid settings: " + "; ".join(problems))
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the model's key comes from a key broker (attested boot)."""
+        return self.broker_url is not None
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_NOT_FROM_FILE = {"allow_simulated"}  # a file on disk must not be able to turn simulation on
+
+
+def load_settings(
+    config_file: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Resolve the settings; `environ` defaults to ``os.environ`` (tests pass their own)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = config_file or (Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else None)
+    if path is not None:
+        values |= _from_toml(path)
+    values |= _from_environment(env)
+    values |= dict(overrides or {})
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise SettingsError(f"unknown settings: {', '.join(unknown)}")
+    try:
+        return Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"invalid settings: {exc}") from None
+
+
+def service_environment(settings_file: Path | None, **changes: str) -> dict[str, str]:
+    """The environment for a child process (gunicorn) that resolves the same settings."""
+    env = dict(os.environ)
+    if settings_file is not None:
+        env[CONFIG_ENV] = str(settings_file)
+    env.update({ENV_PREFIX + k.upper(): v for k, v in changes.items()})
+    return env
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"cannot read settings file {path}: {exc}") from None
+    table = document.get("service", document)
+    if not isinstance(table, dict):
+        raise SettingsError(f"{path}: [service] must be a table")
+    forbidden = sorted(set(table) & _NOT_FROM_FILE)
+    if forbidden:
+        raise SettingsError(f"{path}: {', '.join(forbidden)} can only come from the environment")
+    return dict(table)
+
+
+def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if name == "allow_simulated":
+            values[name] = env.get(ALLOW_SIMULATED_ENV) == "1"
+        elif key in env:
+            values[name] = env[key]
+    return values
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Environment values arrive as text; file values may be typed already."""
+    kind = str(_FIELDS[name].type)
+    if kind.startswith("tuple"):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(str(i).strip() for i in items if str(i).strip())
+    if value is None or not isinstance(value, str):
+        if kind == "int" and isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer")
+        return value
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if kind == "bool":
+        if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"{name} must be a boolean")
+        return value.lower() in ("1", "true", "yes")
+    if kind.startswith("str | None"):
+        return value or None
+    return value

@@ -1,0 +1,99 @@
+"""`Crossing`: the one class through which TD code talks to an untrusted device.
+
+Reviewers audit this file to know what can leave the TD: a public prefix shape, public prefix
+weights (already hash-verified by the caller, `split.py`), token ids and cache placements.
+What comes back (hidden states) is checked for shape and dtype here and copied out of the
+device's memory before the TD uses it; its values are checked by `audit.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tdllm.model.config import ModelConfig
+from tdllm.trusted.errors import DeviceIntegrityError
+from tdllm.untrusted.device import DEVICE_KINDS, UntrustedDevice, available_kinds, open_device
+from tdllm.untrusted.prefix import PrefixShape
+from tdllm.untrusted.transcript import Transcript
+
+__all__ = ["DEVICE_KINDS", "Crossing", "available_devices"]
+
+
+def available_devices() -> list[str]:
+    return available_kinds()
+
+
+class Crossing:
+    def __init__(self, device: UntrustedDevice) -> None:
+        self.device = device
+        self.shape: PrefixShape | None = None
+
+    @classmethod
+    def open(cls, kind: str, keep_payloads: bool = False) -> Crossing:
+        """A crossing to a fresh device of `kind`; `keep_payloads` keeps every byte (tests)."""
+        return cls(open_device(kind, keep_payloads))
+
+    @property
+    def kind(self) -> str:
+        return self.device.kind
+
+    @property
+    def transcript(self) -> Transcript:
+        return self.device.transcript
+
+    def install_prefix(
+        self,
+        cfg: ModelConfig,
+        num_layers: int,
+        public_weights: dict[str, torch.Tensor],
+        max_batch: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+    ) -> None:
+        """Send the prefix's public shape and weights (cast to `dtype`) to the device."""
+        self.shape = PrefixShape(
+            num_layers=num_layers,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            rms_norm_eps=cfg.rms_norm_eps,
+            rope_theta=cfg.rope_theta,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            rope_positions=cfg.max_position_embeddings,
+            dtype=str(dtype),
+        )
+        expected = set(self.shape.weight_names())
+        if set(public_weights) != expected:
+            raise ValueError("install_prefix takes exactly the prefix's public weights")
+        self.device.load(self.shape, {n: t.to(dtype) for n, t in public_weights.items()})
+
+    def run_prefix(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
+        """Hidden states from the device, shape- and dtype-checked, in TD-owned memory."""
+        if self.shape is None:
+            raise RuntimeError("install_prefix() before run_prefix()")
+        hidden = self.device.run_prefix(tokens, list(slots), list(starts))
+        want = (*tokens.shape, self.shape.hidden_size)
+        if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != want:
+            raise DeviceIntegrityError(
+                f"device returned hidden states of shape {_shape(hidden)}, expected {want}"
+            )
+        if hidden.dtype != self.shape.torch_dtype:
+            raise DeviceIntegrityError(
+                f"device returned {hidden.dtype}, expected {self.shape.dtype}"
+            )
+        return hidden.to("cpu").clone()
+
+    def dump(self) -> dict[str, torch.Tensor]:
+        """Everything the device holds (for the A1 test and `tdllm protect`)."""
+        return self.device.dump()
+
+    def close(self) -> None:
+        self.device.close()
+
+
+def _shape(value: object) -> object:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__

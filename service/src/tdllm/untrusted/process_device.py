@@ -1,0 +1,162 @@
+"""The `process` device: the public prefix in a separate OS process, fed over pipes.
+
+The device is its own program (``python -m tdllm.untrusted.process_device``) reading stdin and
+writing stdout, so nothing of TD memory is forked into it and what crosses is real bytes, counted
+as they are written: each message is a JSON header followed by one raw buffer per tensor, each
+framed by an 8-byte length. The TD side never unpickles anything the device sends (a lying
+device could otherwise run code in the TD); it parses JSON and copies bytes into tensors of the
+shape and dtype it expects. (`multiprocessing` with spawn re-imports the caller's main script,
+which a CLI or a test runner cannot promise to survive; a plain subprocess has no such trap.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import IO, Any
+
+import torch
+
+from tdllm.untrusted.prefix import DTYPES, PrefixShape, PublicPrefix
+from tdllm.untrusted.transcript import Transcript, tensor_bytes
+
+Message = tuple[dict[str, Any], dict[str, torch.Tensor]]
+
+
+class Channel:
+    """Length-framed byte messages over a pair of pipes."""
+
+    def __init__(self, reader: IO[bytes], writer: IO[bytes]) -> None:
+        self.reader, self.writer = reader, writer
+
+    def send_bytes(self, data: bytes) -> None:
+        self.writer.write(len(data).to_bytes(8, "little"))
+        self.writer.write(data)
+        self.writer.flush()
+
+    def recv_bytes(self) -> bytes:
+        size = int.from_bytes(self._read(8), "little")
+        return self._read(size)
+
+    def _read(self, size: int) -> bytes:
+        data = self.reader.read(size)
+        if len(data) != size:
+            raise EOFError("the device process closed its pipe")
+        return data
+
+
+def send(conn: Channel, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[int]:
+    """Write one message; returns the byte count of each part (header first)."""
+    specs = [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype)} for n, t in tensors.items()]
+    encoded = json.dumps(header | {"tensors": specs}).encode()
+    conn.send_bytes(encoded)
+    sizes = [len(encoded)]
+    for tensor in tensors.values():
+        data = tensor_bytes(tensor)
+        conn.send_bytes(data)
+        sizes.append(len(data))
+    return sizes
+
+
+def receive(conn: Channel) -> tuple[Message, bytes]:
+    """Read one message: (header, tensors) and the raw header bytes."""
+    raw = conn.recv_bytes()
+    header = json.loads(raw)
+    tensors: dict[str, torch.Tensor] = {}
+    for spec in header.pop("tensors"):
+        dtype = DTYPES.get(spec["dtype"]) or {"torch.int64": torch.int64}[spec["dtype"]]
+        data = bytearray(conn.recv_bytes())
+        flat = (
+            torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        )
+        tensors[spec["name"]] = flat.view(dtype).reshape(spec["shape"])
+    return (header, tensors), raw
+
+
+class ProcessDevice:
+    """TD-side handle of a device process; records every byte it writes and reads."""
+
+    kind = "process"
+
+    def __init__(self, keep_payloads: bool = False) -> None:
+        self.transcript = Transcript(keep_payloads)
+        command = [sys.executable, "-m", "tdllm.untrusted.process_device"]
+        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [*command, str(torch.get_num_threads())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        if self.process.stdin is None or self.process.stdout is None:
+            raise RuntimeError("the device process has no pipes")
+        self.conn = Channel(self.process.stdout, self.process.stdin)
+
+    def _call(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Message:
+        send(self.conn, header, tensors)
+        (reply, out), raw = receive(self.conn)
+        self.transcript.metadata("from_device", "reply", raw)
+        for name, tensor in out.items():
+            self.transcript.tensor("from_device", name, tensor)
+        if "error" in reply:
+            raise RuntimeError(f"device process: {reply['error']}")
+        return reply, out
+
+    def load(self, shape: PrefixShape, weights: dict[str, torch.Tensor]) -> None:
+        header = {"op": "load", "shape": shape.to_json()}
+        self.transcript.metadata("to_device", "load", json.dumps(header).encode())
+        for name, tensor in weights.items():
+            self.transcript.tensor("to_device", name, tensor)
+        self._call(header, weights)
+
+    def run_prefix(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
+        header = {"op": "run", "slots": slots, "starts": starts}
+        self.transcript.metadata("to_device", "placement", json.dumps(header).encode())
+        self.transcript.tensor("to_device", "tokens", tokens)
+        _, out = self._call(header, {"tokens": tokens})
+        return out["hidden"]
+
+    def dump(self) -> dict[str, torch.Tensor]:
+        return self._call({"op": "dump"}, {})[1]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                send(self.conn, {"op": "close"}, {})
+                self.process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def serve(conn: Channel, threads: int) -> None:
+    """The device process: answer messages until told to close."""
+    torch.set_num_threads(threads)
+    prefix: PublicPrefix | None = None
+    while True:
+        try:
+            (header, tensors), _ = receive(conn)
+        except EOFError:  # the TD went away
+            return
+        op = header["op"]
+        try:
+            if op == "close":
+                return
+            if op == "load":
+                prefix = PublicPrefix(PrefixShape(**header["shape"]), tensors)
+                send(conn, {"ok": True}, {})
+            elif op == "run" and prefix is not None:
+                hidden = prefix.run(tensors["tokens"], header["slots"], header["starts"])
+                send(conn, {"ok": True}, {"hidden": hidden})
+            elif op == "dump" and prefix is not None:
+                send(conn, {"ok": True}, prefix.held_weights() | prefix.held_caches())
+            else:
+                send(conn, {"error": f"cannot {op} now"}, {})
+        except (ValueError, RuntimeError, KeyError) as exc:
+            send(conn, {"error": str(exc)}, {})
+
+
+if __name__ == "__main__":
+    serve(Channel(sys.stdin.buffer, sys.stdout.buffer), int(sys.argv[1]))

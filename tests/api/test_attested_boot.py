@@ -1,0 +1,153 @@
+"""Boot with a simulated TD against a simulated key broker on loopback HTTP."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from tdllm.api.app import create_app
+from tdllm.api.boot import BootDeps
+from tdllm.api.identity import report_data
+from tdllm.api.local_service import free_port
+from tdllm.sealing.writer import seal_checkpoint
+from tdllm.settings import Settings
+from tdllm_attest.abi import parse_quote
+from tdllm_attest.broker.app import create_app as create_broker
+from tdllm_attest.broker.protocol import from_b64url
+from tdllm_attest.quote import SimulatedProvider
+from tests.attestation.simulated_broker import (
+    TEST_KEY_ID,
+    SimulatedDeployment,
+    simulated_deployment,
+    td_fields,
+)
+from tests.sealing.synthetic import synthetic_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
+
+
+@pytest.fixture(scope="module")
+def deployment() -> SimulatedDeployment:
+    return simulated_deployment()
+
+
+@pytest.fixture(scope="module")
+def sealed_model(deployment: SimulatedDeployment, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sealed") / "tiny"
+    seal_checkpoint(
+        synthetic_checkpoint(),
+        out,
+        data_key=deployment.data_keys[TEST_KEY_ID],
+        key_id=TEST_KEY_ID,
+    )
+    return out
+
+
+class Broker:
+    """The simulated broker served over real HTTP on `port`, started on demand."""
+
+    def __init__(self, deployment: SimulatedDeployment, port: int) -> None:
+        self.app = create_broker(deployment.settings)
+        self.port = port
+        self.server: BaseWSGIServer | None = None
+
+    def start(self) -> None:
+        self.server = make_server("127.0.0.1", self.port, self.app, threaded=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+@pytest.fixture
+def broker(deployment: SimulatedDeployment) -> Iterator[Broker]:
+    running = Broker(deployment, free_port())
+    yield running
+    running.stop()
+
+
+def service(
+    deployment: SimulatedDeployment, sealed: Path, port: int, **fields: Any
+) -> tuple[Flask, Any]:
+    settings = Settings(
+        model=str(sealed),
+        attestation="simulated",
+        allow_simulated=True,
+        broker_url=f"http://127.0.0.1:{port}",
+        key_id=TEST_KEY_ID,
+        boot_attempts=40,
+        boot_backoff_s=0.1,
+        boot_backoff_max_s=0.2,
+        context_tokens=64,
+        max_prompt_tokens=32,
+        max_tokens_limit=16,
+        default_max_tokens=8,
+    )
+    deps = BootDeps(
+        quote_provider=SimulatedProvider(deployment.platform, td_fields(**fields)),
+        collateral=lambda _quote: deployment.platform.collateral_json(),
+    )
+    app = create_app(settings, boot_deps=deps)
+    return app, app.extensions["tdllm"]
+
+
+def wait_for(predicate: Any, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_broker_down_then_up_gives_not_ready_then_ready(
+    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker
+) -> None:
+    app, svc = service(deployment, sealed_model, broker.port)
+    client = app.test_client()
+    wait_for(lambda: "unreachable" in svc.state.reason)
+    resp = client.get("/ready")
+    assert resp.status_code == 503 and "unreachable" in resp.get_json()["reason"]
+    assert client.get("/health").status_code == 200
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 2}
+    assert client.post("/v1/completions", json=body).get_json()["error"]["code"] == "not_ready"
+    broker.start()
+    wait_for(lambda: svc.state.ready)
+    assert client.get("/ready").status_code == 200
+    doc = client.post("/v1/completions", json=body).get_json()
+    assert doc["usage"]["completion_tokens"] >= 1
+    svc.state.runner.stop()
+
+
+def test_broker_refusal_leaves_the_service_not_ready_with_the_reason(
+    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker
+) -> None:
+    broker.start()
+    app, svc = service(deployment, sealed_model, broker.port, mr_td=b"\xee" * 48)
+    wait_for(lambda: svc.state.phase == "failed")
+    resp = app.test_client().get("/ready")
+    assert resp.status_code == 503
+    assert "refused" in resp.get_json()["reason"]
+
+
+def test_attestation_binds_the_nonce_and_the_service_key(
+    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker
+) -> None:
+    app, svc = service(deployment, sealed_model, broker.port)  # needs no broker to attest
+    client = app.test_client()
+    nonce = secrets.token_hex(32)
+    doc = client.get(f"/v1/attestation?nonce={nonce}").get_json()
+    assert doc["simulated"] is True and "SIMULATED" in doc["warning"]
+    quote = parse_quote(from_b64url(doc["quote"]))
+    expected = report_data(nonce, doc["service_public_key"])
+    assert quote.td_report.report_data == expected
+    assert doc["service_public_key"] == svc.identity.public_jwk
+    assert client.get("/v1/attestation?nonce=zz").status_code == 400
+    assert client.get("/v1/attestation").status_code == 400

@@ -1,0 +1,38 @@
+"""The bundled SmolLM2 made private in its last K blocks: split equals td-only token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tdllm.engine import Engine, SamplingParams
+from tdllm.protection.private_model import private_checkpoint
+from tdllm.protection.profiles import ProtectionOptions, build_model, close_model
+from tests.integration.test_reference_equivalence import QUESTIONS
+
+NEW_TOKENS = 16
+
+
+@pytest.mark.slow
+def test_split_greedy_tokens_equal_td_only_for_the_eight_reference_prompts(
+    bundled_checkpoint,
+) -> None:  # type: ignore[no-untyped-def]
+    checkpoint = private_checkpoint(bundled_checkpoint, k=2)
+    tok = checkpoint.tokenizer
+    prompts = [
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS
+    ]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    results = {}
+    for profile, device in (("td-only", "cpu"), ("split", "cpu"), ("split", "process")):
+        options = ProtectionOptions(profile, device, 2, audit_rate=1.0)
+        model = build_model(checkpoint, torch.float32, options, 1, 128)
+        try:
+            engine = Engine(model, tok, max_batch=1, max_seq_len=128)
+            results[(profile, device)] = [
+                engine.generate([p], params)[0].token_ids for p in prompts
+            ]
+        finally:
+            close_model(model)
+    assert results[("split", "cpu")] == results[("td-only", "cpu")]
+    assert results[("split", "process")] == results[("td-only", "cpu")]
