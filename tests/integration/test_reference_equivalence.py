@@ -76,15 +76,27 @@ def test_prompt_alone_and_inside_mixed_length_batch_give_same_tokens(bundled_fp3
     assert [c.token_ids for c in batched] == alone
 
 
-def test_bf16_greedy_agrees_with_transformers_bf16_on_first_tokens(
-    bundled_checkpoint, prompts
+def test_bf16_logits_are_as_close_to_fp32_as_transformers_bf16(
+    bundled_checkpoint, hf_model, prompts
 ) -> None:  # type: ignore[no-untyped-def]
+    """bf16 is lossy in both engines; ours must lose no more than the reference does.
+
+    (Exact bf16 token equality is not a sound check: GEMM kernels round differently and near-ties
+    flip. Our prefill accumulates in fp32 and rounds once on CPUs without native bf16.)
+    """
     from tdllm.model.loader import load_model
 
     model, _ = load_model(bundled_checkpoint, torch.bfloat16)
     hf16 = load_hf(bundled_checkpoint, torch.bfloat16)
-    engine = Engine(model, bundled_checkpoint.tokenizer, max_batch=1, max_seq_len=256)
-    eos = bundled_checkpoint.tokenizer.eos_token_id
-    for prompt in prompts[:4]:
-        ours = engine.generate([prompt], greedy(4))[0].token_ids
-        assert ours == hf_greedy(hf16, prompt, 4, eos)
+    cache = KVCache(model.cfg, 1, 256, torch.bfloat16)
+    ours_err, hf_err = [], []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            ref = hf_model(ids).logits[0, -1]
+            ours = model(ids, Batch([0], [0], len(prompt)), cache)[0, -1].float()
+            theirs = hf16(ids).logits[0, -1].float()
+            ours_err.append(float((ours - ref).abs().max()))
+            hf_err.append(float((theirs - ref).abs().max()))
+            assert int(ours.argmax()) == int(ref.argmax())  # the first greedy token survives bf16
+    assert sum(ours_err) <= 1.1 * sum(hf_err), (ours_err, hf_err)

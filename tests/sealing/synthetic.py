@@ -7,6 +7,7 @@ the real weights.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,21 +18,10 @@ from tokenizers import decoders, models
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.config import ModelConfig
 from tdllm.model.tokenizer import Tokenizer
+from tests.tiny_model import TINY as TINY_MODEL
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?0123456789"[:62]
-TINY = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
+TINY = dataclasses.replace(TINY_MODEL, vocab_size=64)  # one token per ALPHABET char + 2
 SMALL_CHUNK = 256  # bytes: many chunks per tensor, so chunk-level mutations have targets
 
 

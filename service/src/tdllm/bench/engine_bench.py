@@ -7,37 +7,16 @@ and peak RSS are hf/ours.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
+from tdllm.bench.machine import machine
 from tdllm.errors import TdllmError
 
 SPEEDS = ("prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s")
 COSTS = ("ttft_s", "peak_rss_mb")
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
-            )
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
 
 
 def run_engine_bench(

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from tdllm.bench.machine import machine
 from tdllm.model.checkpoint import Checkpoint, open_checkpoint, open_hf_directory, save_hf_directory
 from tdllm.model.loader import load_model
 from tdllm.sealing.reader import DEFAULT_THREADS, open_sealed
@@ -40,7 +41,7 @@ def run_unseal_bench(
         root = Path(tmp)
         progress("bundled model: dequantizing ...")
         bundled = _in_memory(open_checkpoint("bundled"))
-        report: dict[str, Any] = {"machine": _machine(), "repeats": repeats}
+        report: dict[str, Any] = {"machine": machine(), "repeats": repeats}
         progress("bundled model: seal / unseal ...")
         report["bundled"] = _throughput(bundled, root / "bundled", key, repeats)
         progress("bundled model: load time, sealed vs plain ...")
@@ -140,15 +141,3 @@ def _remove(folder: Path) -> None:
     for path in folder.iterdir():
         path.unlink()
     folder.rmdir()
-
-
-def _machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
-            )
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
