@@ -48,7 +48,9 @@ def test_rejects_unknown_dtype() -> None:
 
 
 def test_rejects_missing_model_file(tmp_path: Path) -> None:
-    assert_one_line_error(run("generate", "hi", "--model", str(tmp_path / "nope.gguf")), "not found")
+    assert_one_line_error(
+        run("generate", "hi", "--model", str(tmp_path / "nope.gguf")), "not found"
+    )
 
 
 def test_rejects_a_file_that_is_not_a_model(tmp_path: Path) -> None:
