@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from tdllm_attest import memo
 from tdllm_attest.bytereader import ByteReader
 from tdllm_attest.errors import QuoteParseError
 
@@ -336,8 +337,17 @@ def _parse_qe_report(raw: bytes) -> QeReport:
 def parse_pck_chain(pem: bytes) -> PckCertChain:
     """Parse the embedded PEM chain; it must be the canonical PEM of exactly three certificates.
 
-    Intel's QE appends one NUL byte; that single NUL is the only tolerated extra byte.
+    Intel's QE appends one NUL byte; that single NUL is the only tolerated extra byte. The result
+    is a pure function of `pem`, so accepted chains are remembered (quotes of one platform share
+    one chain); a rejected chain is parsed, and rejected, again each time.
     """
+    return _pck_chains.get_or_compute(pem, lambda: _parse_pck_chain(pem))
+
+
+_pck_chains: memo.BoundedCache[bytes, PckCertChain] = memo.BoundedCache()
+
+
+def _parse_pck_chain(pem: bytes) -> PckCertChain:
     body = pem[:-1] if pem.endswith(PEM_NUL_TERMINATOR) else pem
     try:
         # cryptography warns (instead of failing) on some malformed attributes; strict framing

@@ -10,9 +10,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from tdllm_attest import memo
 from tdllm_attest.clock import require_aware
 from tdllm_attest.errors import AttestationError, ChainError
 from tdllm_attest.trust import TrustAnchor
+
+_pem_chains: memo.BoundedCache[bytes, tuple[x509.Certificate, ...]] = memo.BoundedCache()
 
 
 def _name(cert: x509.Certificate) -> str:
@@ -45,7 +48,7 @@ def verify_chain(
             )
     for child, parent in itertools.pairwise(certs):
         try:
-            child.verify_directly_issued_by(parent)
+            memo.check_issued_by(child, parent)
         except (ValueError, TypeError, InvalidSignature) as exc:
             raise error(
                 f"{what}: {_name(child)!r} is not signed by {_name(parent)!r} "
@@ -59,7 +62,9 @@ def load_pem_chain(
     """Parse a PEM bundle into certificates, mapping any parse failure to `error`."""
     data = pem.encode() if isinstance(pem, str) else pem
     try:
-        certs = x509.load_pem_x509_certificates(data)
+        certs = _pem_chains.get_or_compute(
+            data, lambda: tuple(x509.load_pem_x509_certificates(data))
+        )
     except ValueError as exc:
         raise error(f"{what}: not a valid PEM certificate bundle ({exc})") from None
-    return certs
+    return list(certs)

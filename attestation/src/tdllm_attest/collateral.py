@@ -17,10 +17,10 @@ from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from tdllm_attest import memo
 from tdllm_attest.chain import load_pem_chain, verify_chain
 from tdllm_attest.clock import require_aware
 from tdllm_attest.errors import CollateralError
@@ -224,13 +224,13 @@ class FetcherCollateralSource:
 
 def _load_crl(der: bytes, what: str) -> x509.CertificateRevocationList:
     try:
-        return x509.load_der_x509_crl(der)
+        return memo.crl_from_der(der)
     except ValueError:
         raise CollateralError(f"{what} is not a DER CRL") from None
 
 
 def _check_crl(
-    crl: x509.CertificateRevocationList,
+    crl_der: bytes,
     issuer: x509.Certificate,
     now: datetime,
     limits: FreshnessLimits,
@@ -238,11 +238,12 @@ def _check_crl(
     *,
     apply_max_age: bool = True,
 ) -> None:
+    crl = _load_crl(crl_der, what)
     if crl.issuer != issuer.subject:
         raise CollateralError(f"{what} is issued by {crl.issuer.rfc4514_string()!r}, not the CA")
     public_key = issuer.public_key()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(
-        public_key
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not memo.crl_signature_valid(
+        crl, crl_der, public_key, memo.der_of(issuer)
     ):
         raise CollateralError(f"{what} signature does not verify")
     next_update = crl.next_update_utc
@@ -270,7 +271,9 @@ def _check_document(
     s = int.from_bytes(doc.signature[32:], "big")
     try:
         # The signature covers the exact text served by Intel; re-serialising would break it.
-        key.verify(encode_dss_signature(r, s), doc.text.encode(), ec.ECDSA(hashes.SHA256()))
+        memo.check_ecdsa_sha256(
+            key, memo.der_of(chain[0]), encode_dss_signature(r, s), doc.text.encode()
+        )
     except InvalidSignature:
         raise CollateralError(f"{what} signature does not verify over its JSON text") from None
     if not doc.issue_date <= now <= doc.next_update:
@@ -315,7 +318,7 @@ def check_collateral(
     _check_document(tcb, anchor, now, limits, "TCB Info")
     _check_document(qe, anchor, now, limits, "QE Identity")
     _check_crl(
-        _load_crl(collateral.root_ca_crl, "root CA CRL"),
+        collateral.root_ca_crl,
         anchor.certificate,
         now,
         limits,
@@ -328,4 +331,4 @@ def check_collateral(
     verify_chain(crl_chain, anchor, now, error=CollateralError, what="PCK CRL issuer chain")
     if crl_chain[0].subject != pck_ca.subject or crl_chain[0].public_key() != pck_ca.public_key():
         raise CollateralError("PCK CRL issuer is not the quote's PCK CA")
-    _check_crl(_load_crl(collateral.pck_crl, "PCK CRL"), pck_ca, now, limits, "PCK CRL")
+    _check_crl(collateral.pck_crl, pck_ca, now, limits, "PCK CRL")

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from tdllm_attest import memo
 from tdllm_attest.abi import Quote
 from tdllm_attest.chain import verify_chain
 from tdllm_attest.collateral import Collateral
@@ -53,7 +54,7 @@ def attestation_key(quote: Quote) -> ec.EllipticCurvePublicKey:
 def pck_certificates(quote: Quote) -> tuple[x509.Certificate, x509.Certificate, x509.Certificate]:
     """The embedded PCK leaf, intermediate CA and root as certificate objects."""
     leaf, ca, root = (
-        x509.load_der_x509_certificate(d) for d in quote.signature_data.pck_chain.certificates_der
+        memo.certificate_from_der(d) for d in quote.signature_data.pck_chain.certificates_der
     )
     return leaf, ca, root
 
@@ -95,8 +96,8 @@ def check_pck_chain(
     leaf, ca, root = pck_certificates(quote)
     verify_chain([leaf, ca, root], anchor, now, error=ChainError, what="PCK certificate chain")
     try:
-        pck_crl = x509.load_der_x509_crl(collateral.pck_crl)
-        root_crl = x509.load_der_x509_crl(collateral.root_ca_crl)
+        pck_crl = memo.crl_from_der(collateral.pck_crl)
+        root_crl = memo.crl_from_der(collateral.root_ca_crl)
     except ValueError:
         raise CollateralError("collateral CRL is not DER") from None
     if pck_crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None:

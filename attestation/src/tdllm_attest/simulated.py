@@ -139,18 +139,35 @@ class SimulatedTdxPlatform:
     `quote()` makes v4 quotes, `collateral_json()` the matching dcap-qvl collateral; both verify
     only against `root_der` (use `simulated_trust_anchor`). Certificates are valid a year from
     `now` minus an hour, collateral and CRLs 30 days.
+
+    `validity` overrides the (not before, not after) period of named certificates, for negative
+    tests of expired / not-yet-valid certificates: keys "root", "pck_ca", "pck_leaf",
+    "tcb_signer".
     """
 
-    def __init__(self, now: datetime) -> None:
+    CERTIFICATE_NAMES = frozenset({"root", "pck_ca", "pck_leaf", "tcb_signer"})
+
+    def __init__(
+        self, now: datetime, *, validity: Mapping[str, tuple[datetime, datetime]] | None = None
+    ) -> None:
         self.now = require_aware(now)
+        self._validity = dict(validity or {})
+        unknown = set(self._validity) - self.CERTIFICATE_NAMES
+        if unknown:
+            raise ValueError(f"unknown certificate name(s) in validity: {sorted(unknown)}")
         self._template = _template()
-        self._root = self._issue(UNSAFE_TEST_ROOT_CN, None, ca=True)
-        self._pck_ca = self._issue("TDLLM UNSAFE TEST PCK Platform CA", self._root, ca=True)
-        self._tcb_signer = self._issue("TDLLM UNSAFE TEST TCB Signing", self._root, ca=False)
+        self._root = self._issue(UNSAFE_TEST_ROOT_CN, None, ca=True, name="root")
+        self._pck_ca = self._issue(
+            "TDLLM UNSAFE TEST PCK Platform CA", self._root, ca=True, name="pck_ca"
+        )
+        self._tcb_signer = self._issue(
+            "TDLLM UNSAFE TEST TCB Signing", self._root, ca=False, name="tcb_signer"
+        )
         self._pck_leaf = self._issue(
             "TDLLM UNSAFE TEST PCK Certificate",
             self._pck_ca,
             ca=False,
+            name="pck_leaf",
             extra=x509.UnrecognizedExtension(
                 SGX_EXTENSION_OID, bytes.fromhex(self._template["pck_sgx_extension_der"])
             ),
@@ -167,8 +184,12 @@ class SimulatedTdxPlatform:
         issuer: _Issued | None,
         *,
         ca: bool,
+        name: str,
         extra: x509.ExtensionType | None = None,
     ) -> _Issued:
+        not_before, not_after = self._validity.get(
+            name, (self.now - _BACKDATE, self.now + _CERT_LIFETIME)
+        )
         key = ec.generate_private_key(ec.SECP256R1())
         issuer_key = issuer.key if issuer else key
         issuer_name = issuer.cert.subject if issuer else _name(cn)
@@ -180,8 +201,8 @@ class SimulatedTdxPlatform:
             .issuer_name(issuer_name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(self.now - _BACKDATE)
-            .not_valid_after(self.now + _CERT_LIFETIME)
+            .not_valid_before(require_aware(not_before))
+            .not_valid_after(require_aware(not_after))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -233,11 +254,15 @@ class SimulatedTdxPlatform:
         tcb_status: str = "UpToDate",
         revoke_pck_leaf: bool = False,
         revoke_pck_ca: bool = False,
+        qe_identity_changes: Mapping[str, Any] | None = None,
     ) -> str:
         """dcap-qvl `QuoteCollateralV3` JSON signed by the test PKI.
 
         `tcb_status` replaces the status of the platform TCB level the default quote matches
-        (e.g. "OutOfDate", "Revoked"); the revoke switches list a certificate in a CRL.
+        (e.g. "OutOfDate", "Revoked"); the revoke switches list a certificate in a CRL;
+        `qe_identity_changes` replaces top-level QE Identity fields before it is signed (e.g.
+        `{"mrsigner": ...}`, `{"isvprodid": 3}`, `{"attributes": ...}`, `{"tcbLevels": [...]}`),
+        so that a validly signed QE Identity can disagree with the quote's QE report.
         """
         tcb_info = copy.deepcopy(self._template["tcb_info"])
         qe_identity = copy.deepcopy(self._template["qe_identity"])
@@ -245,6 +270,7 @@ class SimulatedTdxPlatform:
             doc["issueDate"] = _time(self.now - _BACKDATE)
             doc["nextUpdate"] = _time(self.now + _COLLATERAL_LIFETIME)
         tcb_info["tcbLevels"][0]["tcbStatus"] = tcb_status
+        qe_identity.update(copy.deepcopy(dict(qe_identity_changes or {})))
         tcb_text, tcb_sig = self._signed(tcb_info)
         qe_text, qe_sig = self._signed(qe_identity)
         root_pem = self._root.pem

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import dcap_qvl  # type: ignore[import-untyped]  # ships a .pyi but no py.typed marker
 
-from tdllm_attest import crosscheck
+from tdllm_attest import crosscheck, memo
 from tdllm_attest.abi import Quote, TdReport15, parse_quote
 from tdllm_attest.clock import require_aware, unix_seconds
 from tdllm_attest.collateral import Collateral, CollateralSource, FreshnessLimits, check_collateral
@@ -86,7 +86,11 @@ class VerificationProgress:
 
 
 # dcap-qvl reports every failure as ValueError with a message; map messages to our classes.
+# The QE report must match the QE Identity (MRSIGNER, ISVPRODID, attributes, MISCSELECT): a
+# mismatch means the quote did not come from Intel's TD QE, so it is a signature-class failure
+# (evidence not genuine), not a TD policy one; a QE ISVSVN below the levels is a TCB failure.
 _DCAP_CLASSES: tuple[tuple[tuple[str, ...], type[AttestationError]], ...] = (
+    (("qe mrsigner", "qe isvprodid", "qe attributes", "qe miscselect"), SignatureError),
     (("tcb level", "tcb status", "isvsvn", "tcb info", "tdx module"), TcbStatusError),
     (("expired", "crl", "collateral", "not yet valid", "issue"), CollateralError),
     (("debug", "sept_ve", "attribute", "mrservicetd", "service td"), PolicyMismatch),
@@ -105,9 +109,15 @@ def _classify_dcap_error(message: str) -> AttestationError:
     return SignatureError(f"dcap-qvl: {message}")
 
 
+_dcap_collaterals: memo.BoundedCache[str, Any] = memo.BoundedCache(maxsize=32)
+
+
 def _dcap_collateral(collateral: Collateral) -> Any:
+    text = collateral.source_json
     try:
-        return dcap_qvl.QuoteCollateralV3.from_json(collateral.source_json)
+        return _dcap_collaterals.get_or_compute(
+            text, lambda: dcap_qvl.QuoteCollateralV3.from_json(text)
+        )
     except ValueError as exc:
         raise CollateralError(f"dcap-qvl refuses the collateral: {exc}") from None
 
