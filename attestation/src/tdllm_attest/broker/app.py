@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from tdllm_attest.broker.appraisal import appraise
+from tdllm_attest.broker.appraisal import appraise, parse_event_logs
 from tdllm_attest.broker.keystore import KeystoreError
 from tdllm_attest.broker.problems import (
     BadRequest,
@@ -157,6 +157,7 @@ def create_app(settings: BrokerSettings) -> Flask:
                 raw_quote=raw_quote,
                 request_collateral=doc.get("collateral"),
                 settings=settings,
+                event_logs=parse_event_logs(doc.get("ccel"), doc.get("runtime_log")),
             )
         except BrokerProblem as problem:
             problem.reason = (

@@ -12,12 +12,18 @@ from typing import Any
 from tdllm_attest.binding import check_report_data
 from tdllm_attest.broker.keystore import KeyRecord
 from tdllm_attest.broker.problems import EvidenceRejected, PolicyRefused
-from tdllm_attest.broker.protocol import PROTOCOL, RUNTIME_DATA_KEYS, report_data_for
+from tdllm_attest.broker.protocol import (
+    PROTOCOL,
+    RUNTIME_DATA_KEYS,
+    from_b64url,
+    report_data_for,
+)
 from tdllm_attest.broker.sessions import Session
 from tdllm_attest.broker.settings import BrokerSettings
 from tdllm_attest.broker.wrapping import tee_public_key
 from tdllm_attest.collateral import Collateral, collateral_from_json
-from tdllm_attest.errors import AttestationError, PolicyMismatch, TcbStatusError
+from tdllm_attest.errors import AttestationError, EventLogError, PolicyMismatch, TcbStatusError
+from tdllm_attest.eventlog import Event, parse_ccel_log, parse_ccel_table, parse_runtime_log
 from tdllm_attest.policy import check_tcb, validate
 from tdllm_attest.simulated import MODE_PRODUCTION, MODE_SIMULATED
 from tdllm_attest.verify import VerifiedQuote, verify_quote
@@ -66,6 +72,33 @@ def _collateral(request_collateral: object, settings: BrokerSettings, raw: bytes
     raise EvidenceRejected("no collateral: none configured and none in the request")
 
 
+@dataclass(frozen=True)
+class EventLogs:
+    """Optional event-log evidence from the attest request (parsed; replayed by the policy)."""
+
+    ccel: list[Event] | None = None
+    runtime: list[Event] | None = None
+
+
+def parse_event_logs(ccel: object, runtime_log: object) -> EventLogs:
+    """`ccel` = {"table": b64url, "data": b64url}; `runtime_log` = the RTMR3 log's JSON text."""
+    try:
+        ccel_events = None
+        if ccel is not None:
+            if not isinstance(ccel, dict) or set(ccel) != {"table", "data"}:
+                raise EvidenceRejected("ccel is not an object with exactly 'table' and 'data'")
+            parse_ccel_table(from_b64url(ccel["table"]))
+            ccel_events = parse_ccel_log(from_b64url(ccel["data"]))
+        runtime_events = None
+        if runtime_log is not None:
+            if not isinstance(runtime_log, str):
+                raise EvidenceRejected("runtime_log is not JSON text")
+            runtime_events = parse_runtime_log(runtime_log)
+    except (EventLogError, ValueError) as exc:
+        raise EvidenceRejected(f"event log: {exc}") from None
+    return EventLogs(ccel_events, runtime_events)
+
+
 def appraise(
     *,
     session: Session,
@@ -74,8 +107,14 @@ def appraise(
     raw_quote: bytes,
     request_collateral: object,
     settings: BrokerSettings,
+    event_logs: EventLogs | None = None,
 ) -> Appraisal:
-    """Session binding, quote verification, REPORTDATA, release mode, TCB and TD policy."""
+    """Session binding, quote verification, REPORTDATA, release mode, TCB and TD policy.
+
+    `event_logs` (CCEL, runtime RTMR3 log) are replayed against the quote's RTMRs by the policy;
+    a policy with ``rtmr3: "event_log"`` refuses a request that carries no runtime log.
+    """
+    logs = event_logs or EventLogs()
     runtime_data = _check_runtime_data(runtime, session)
     try:
         pubkey = tee_public_key(runtime_data["tee_pubkey"])
@@ -108,7 +147,7 @@ def appraise(
         )
     try:
         check_tcb(verified, policy.tcb)
-        validate(verified, policy)
+        validate(verified, policy, ccel_events=logs.ccel, runtime_events=logs.runtime)
     except (TcbStatusError, PolicyMismatch) as exc:
         raise PolicyRefused(f"policy {policy.name!r}: {exc}") from None
     return Appraisal(verified=verified, tee_pubkey=pubkey, mode=mode)

@@ -76,6 +76,10 @@ class KeyClient:
     provider: QuoteProvider
     collateral: Callable[[bytes], str] | None = None
     new_ephemeral_key: Callable[[], Any] = _generate_ephemeral_key
+    # Event logs for a policy that replays RTMRs: the runtime RTMR3 log (JSON text) and the
+    # CCEL ACPI table + log bytes; read at attest time, after the quote.
+    runtime_log: Callable[[], str] | None = None
+    ccel: Callable[[], tuple[bytes, bytes]] | None = None
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         status, doc = self.transport.post_json(path, body)
@@ -109,6 +113,11 @@ class KeyClient:
             }
             if self.collateral is not None:
                 body["collateral"] = self.collateral(quote)
+            if self.runtime_log is not None:
+                body["runtime_log"] = self.runtime_log()
+            if self.ccel is not None:
+                table, data = self.ccel()
+                body["ccel"] = {"table": b64url(table), "data": b64url(data)}
             answer = self._post(PATH_ATTEST, body)
             jwe_text = answer.get("jwe")
             if answer.get("key_id") != key_id or not isinstance(jwe_text, str):

@@ -31,7 +31,7 @@ class BrokerSettings:
     now: Callable[[], datetime] = system_clock
     collateral: CollateralSource | None = None
     session_ttl: timedelta = timedelta(seconds=60)
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = 1024 * 1024  # a CCEL log area is 256 KiB (base64: ~350 KB)
     rate_limit: int = 30
     rate_window: timedelta = timedelta(seconds=60)
 
