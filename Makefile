@@ -27,7 +27,7 @@ $(STAMP): attestation/pyproject.toml service/pyproject.toml $(CONSTRAINTS)
 venv: $(STAMP)
 
 run: venv
-	$(VENV)/bin/tdllm generate --chat "In two sentences: why would someone run a language model inside a trusted execution environment?"
+	TDLLM_ALLOW_SIMULATED_TDX=1 $(VENV)/bin/tdllm appliance
 
 lint: venv
 	$(VENV)/bin/ruff check .

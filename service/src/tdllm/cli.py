@@ -14,7 +14,9 @@ from typing import Any
 
 import click
 
+from tdllm.api.appliance import appliance
 from tdllm.api.commands import bench_serve, serve
+from tdllm.api.e2e_commands import chat
 from tdllm.errors import TdllmError, UsageError
 from tdllm.protection.commands import bench_split, prepare
 from tdllm.sealing.commands import keygen, seal
@@ -189,6 +191,8 @@ def bench_unseal(as_json: bool) -> None:
 cli.add_command(seal)
 cli.add_command(keygen)
 cli.add_command(serve)
+cli.add_command(appliance)
+cli.add_command(chat)
 bench.add_command(bench_serve)
 cli.add_command(prepare)
 bench.add_command(bench_split)

@@ -23,6 +23,7 @@ from tdllm.trusted.split import OffloadedPrefix, offload_public_prefix
 PROFILES = ("td-only", "split")
 DEFAULT_K = 2
 DEFAULT_AUDIT_RATE = 0.01
+DEFAULT_FREIVALDS_RATE = 0.01  # per step; see docs/security.md for what it catches and costs
 # The only public base shipped: per-tensor sha256 of the bundled SmolLM2-135M-Instruct (fp32).
 PINNED_REFERENCE = Path(__file__).with_name("references") / "SmolLM2-135M-Instruct.json"
 
@@ -34,6 +35,7 @@ class ProtectionOptions:
     k: int = DEFAULT_K
     public_reference: Path | None = None  # None: the pinned bundled base
     audit_rate: float = DEFAULT_AUDIT_RATE
+    freivalds_rate: float = DEFAULT_FREIVALDS_RATE
     keep_payloads: bool = False  # keep every crossing byte in the transcript (tests, attacks)
 
     def __post_init__(self) -> None:
@@ -66,7 +68,15 @@ def build_model(
     crossing = Crossing.open(options.device, options.keep_payloads)
     try:
         offload_public_prefix(
-            model, checkpoint, reference, crossing, k, max_batch, max_seq_len, options.audit_rate
+            model,
+            checkpoint,
+            reference,
+            crossing,
+            k,
+            max_batch,
+            max_seq_len,
+            options.audit_rate,
+            options.freivalds_rate,
         )
     except BaseException:
         crossing.close()

@@ -49,6 +49,7 @@ class Crossing:
         max_batch: int,
         max_seq_len: int,
         dtype: torch.dtype,
+        keep_gemm_io: bool = False,
     ) -> None:
         """Send the prefix's public shape and weights (cast to `dtype`) to the device."""
         self.shape = PrefixShape(
@@ -65,6 +66,7 @@ class Crossing:
             max_seq_len=max_seq_len,
             rope_positions=cfg.max_position_embeddings,
             dtype=str(dtype),
+            keep_gemm_io=keep_gemm_io,
         )
         expected = set(self.shape.weight_names())
         if set(public_weights) != expected:
@@ -85,7 +87,18 @@ class Crossing:
             raise DeviceIntegrityError(
                 f"device returned {hidden.dtype}, expected {self.shape.dtype}"
             )
-        return hidden.to("cpu").clone()
+        # one copy into TD memory, whatever the device: a device-resident tensor (or, in process,
+        # one the device still references) must not be what the tail reads.
+        return hidden.to("cpu", copy=True)
+
+    def gemm_io(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The last step's projection inputs/outputs the TD asked for, copied into TD memory."""
+        out = self.device.gemm_io(list(names))
+        if not isinstance(out, dict):
+            raise DeviceIntegrityError("device returned no projection records")
+        return {
+            str(n): t.to("cpu", copy=True) for n, t in out.items() if isinstance(t, torch.Tensor)
+        }
 
     def dump(self) -> dict[str, torch.Tensor]:
         """Everything the device holds (for the A1 test and `tdllm protect`)."""

@@ -16,6 +16,7 @@ from tdllm.model.transformer import Batch, Transformer
 from tdllm.trusted.audit import ReexecutionAudit
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import DeviceIntegrityError
+from tdllm.trusted.freivalds import FreivaldsCheck
 from tdllm.trusted.public_reference import PublicReference
 
 
@@ -41,8 +42,15 @@ def prefix_names(num_prefix_layers: int) -> list[str]:
 class OffloadedPrefix:
     """The model's `PrefixPlacement` for `split`: hidden states from the device, audited."""
 
-    def __init__(self, crossing: Crossing, num_layers: int, audit: ReexecutionAudit | None) -> None:
+    def __init__(
+        self,
+        crossing: Crossing,
+        num_layers: int,
+        audit: ReexecutionAudit | None,
+        freivalds: FreivaldsCheck | None = None,
+    ) -> None:
         self.crossing, self.num_layers, self.audit = crossing, num_layers, audit
+        self.freivalds = freivalds
         self.failure: DeviceIntegrityError | None = None
 
     def __call__(self, tokens: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -54,6 +62,10 @@ class OffloadedPrefix:
             hidden = self.crossing.run_prefix(tokens, batch.slots, batch.starts)
             if self.audit is not None:
                 self.audit.check(tokens, batch, hidden)
+            if self.freivalds is not None:
+                names = self.freivalds.sample()
+                if names:
+                    self.freivalds.check(self.crossing.gemm_io(names), names)
         except DeviceIntegrityError as exc:
             self.failure = exc
             raise
@@ -69,6 +81,7 @@ def offload_public_prefix(
     max_batch: int,
     max_seq_len: int,
     audit_rate: float,
+    freivalds_rate: float = 0.0,
 ) -> OffloadedPrefix:
     """Verify the prefix tensors of `checkpoint` against `reference`, send them, attach."""
     num_layers = model.cfg.num_layers
@@ -79,13 +92,36 @@ def offload_public_prefix(
     if set(public) != names:
         raise ValueError(f"checkpoint lacks prefix tensors {sorted(names - set(public))[:3]}")
     reference.verify(public)  # before a single byte is sent
-    crossing.install_prefix(model.cfg, num_layers - k, public, max_batch, max_seq_len, model.dtype)
+    crossing.install_prefix(
+        model.cfg,
+        num_layers - k,
+        public,
+        max_batch,
+        max_seq_len,
+        model.dtype,
+        keep_gemm_io=freivalds_rate > 0,
+    )
     del public
     audit = (
         ReexecutionAudit(model, num_layers - k, audit_rate, max_batch, max_seq_len)
         if audit_rate > 0
         else None
     )
-    placement = OffloadedPrefix(crossing, num_layers - k, audit)
+    freivalds = (
+        FreivaldsCheck(prefix_projections(model, num_layers - k), freivalds_rate)
+        if freivalds_rate > 0
+        else None
+    )
+    placement = OffloadedPrefix(crossing, num_layers - k, audit, freivalds)
     model.prefix = placement
     return placement
+
+
+def prefix_projections(model: Transformer, num_prefix_layers: int) -> dict[str, torch.Tensor]:
+    """The TD's copies of the prefix's (fused) projection weights, under the device's names."""
+    out: dict[str, torch.Tensor] = {}
+    for i in range(num_prefix_layers):
+        for part in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            linear = model.get_submodule(f"layers.{i}.{part}")
+            out[f"model.layers.{i}.{part}.weight"] = linear.get_parameter("weight").detach()
+    return out

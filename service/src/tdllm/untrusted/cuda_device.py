@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tdllm.untrusted.device import record_load, record_step
+from tdllm.untrusted.device import record_gemm_request, record_load, record_step
 from tdllm.untrusted.prefix import PrefixShape, PublicPrefix
 from tdllm.untrusted.transcript import Transcript
 
@@ -38,6 +38,13 @@ class CudaDevice:
         hidden = self._loaded().run(tokens, slots, starts).to("cpu")
         self.transcript.tensor("from_device", "hidden", hidden)
         return hidden
+
+    def gemm_io(self, names: list[str]) -> dict[str, torch.Tensor]:
+        record_gemm_request(self.transcript, names)
+        out = {n: t.to("cpu") for n, t in self._loaded().gemm_io_of(names).items()}
+        for name, tensor in out.items():
+            self.transcript.tensor("from_device", name, tensor)
+        return out
 
     def dump(self) -> dict[str, torch.Tensor]:
         held = self._loaded().held_weights() | self._loaded().held_caches()

@@ -30,6 +30,10 @@ class UntrustedDevice(Protocol):
         """Hidden states ``[B, T, hidden]`` entering block `shape.num_layers`."""
         ...
 
+    def gemm_io(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """``NAME:x``/``NAME:y`` of the last `run_prefix` for the projection weights `names`."""
+        ...
+
     def dump(self) -> dict[str, torch.Tensor]:
         """Everything resident: weights under checkpoint names, plus ``kv.*`` caches."""
         ...
@@ -55,6 +59,13 @@ class CpuDevice:
         hidden = self._loaded().run(tokens, slots, starts)
         self.transcript.tensor("from_device", "hidden", hidden)
         return hidden
+
+    def gemm_io(self, names: list[str]) -> dict[str, torch.Tensor]:
+        record_gemm_request(self.transcript, names)
+        out = self._loaded().gemm_io_of(names)
+        for name, tensor in out.items():
+            self.transcript.tensor("from_device", name, tensor)
+        return out
 
     def dump(self) -> dict[str, torch.Tensor]:
         prefix = self._loaded()
@@ -84,6 +95,10 @@ def record_step(
         "to_device", "placement", json.dumps({"slots": slots, "starts": starts}).encode()
     )
     transcript.tensor("to_device", "tokens", tokens)
+
+
+def record_gemm_request(transcript: Transcript, names: list[str]) -> None:
+    transcript.metadata("to_device", "gemm_io", json.dumps(names).encode())
 
 
 def open_device(kind: str, keep_payloads: bool = False) -> UntrustedDevice:

@@ -37,6 +37,7 @@ class PrefixShape:
     max_seq_len: int
     rope_positions: int  # the model's max_position_embeddings: same table, same rounding
     dtype: str  # "torch.float32" or "torch.bfloat16"
+    keep_gemm_io: bool = False  # keep the last step's projection inputs/outputs (Freivalds)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +98,11 @@ class PublicPrefix:
         self.native_bf16 = bool(
             torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         )
+        # With `keep_gemm_io`, the inputs and outputs of every projection of the last `run`,
+        # by weight name, so the TD can Freivalds-check any of them after the fact (it picks
+        # which only once the step is done). Off by default: it pins the step's activations.
+        self.keep_gemm_io = shape.keep_gemm_io
+        self.gemm_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _fuse(self, weights: dict[str, torch.Tensor], fused: str, parts: list[str]) -> None:
         dtype = self.shape.torch_dtype
@@ -130,10 +136,21 @@ class PublicPrefix:
             for kind, t in (("k", self.k[i]), ("v", self.v[i]))
         }
 
+    def gemm_io_of(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """``NAME:x`` and ``NAME:y`` of the last run for each projection weight NAME asked for."""
+        if not self.keep_gemm_io:
+            raise RuntimeError("this prefix was loaded without keep_gemm_io")
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            x, y = self.gemm_io[name]
+            out[f"{name}:x"], out[f"{name}:y"] = x, y
+        return out
+
     @torch.inference_mode()
     def run(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
         """Hidden states ``[B, T, hidden]`` after the prefix for `tokens` ``[B, T]``."""
         steps = _Steps(slots, starts, tokens.shape[1], self.device)
+        self.gemm_io = {}
         x = F.embedding(tokens.to(self.device), self.weights["model.embed_tokens.weight"])
         cos = self.rope_cos[steps.positions][:, None]
         sin = self.rope_sin[steps.positions][:, None]
@@ -148,7 +165,7 @@ class PublicPrefix:
         h = self._norm(x, w[f"{p}.input_layernorm.weight"])
         B, T, _ = h.shape
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        q, k, v = self._linear(h, w[f"{p}.self_attn.qkv_proj.weight"]).split(
+        q, k, v = self._linear(h, f"{p}.self_attn.qkv_proj.weight").split(
             [q_size, kv_size, kv_size], dim=-1
         )
         q = q.view(B, T, s.num_heads, s.head_dim).transpose(1, 2)
@@ -165,19 +182,25 @@ class PublicPrefix:
             is_causal=steps.causal and T > 1,
             enable_gqa=s.num_heads != s.num_kv_heads,
         )
-        x = x + self._linear(y.transpose(1, 2).reshape(B, T, -1), w[f"{p}.self_attn.o_proj.weight"])
+        x = x + self._linear(y.transpose(1, 2).reshape(B, T, -1), f"{p}.self_attn.o_proj.weight")
         h = self._norm(x, w[f"{p}.post_attention_layernorm.weight"])
-        gate, up = self._linear(h, w[f"{p}.mlp.gate_up_proj.weight"]).split(
+        gate, up = self._linear(h, f"{p}.mlp.gate_up_proj.weight").split(
             s.intermediate_size, dim=-1
         )
-        return x + self._linear(F.silu(gate) * up, w[f"{p}.mlp.down_proj.weight"])
+        return x + self._linear(F.silu(gate) * up, f"{p}.mlp.down_proj.weight")
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.shape.rms_norm_eps)
         return weight * x32.to(x.dtype)
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        y = self._matmul(x, self.weights[name])
+        if self.keep_gemm_io:
+            self.gemm_io[name] = (x, y)
+        return y
+
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # the TD's PlainCpuMethod widens bf16 to fp32 on CPUs without native bf16; do the same
         slow_bf16 = weight.dtype == torch.bfloat16 and not self.native_bf16
         if slow_bf16 and self.device.type == "cpu" and x.numel() // x.shape[-1] >= 8:

@@ -115,6 +115,11 @@ class ProcessDevice:
         _, out = self._call(header, {"tokens": tokens})
         return out["hidden"]
 
+    def gemm_io(self, names: list[str]) -> dict[str, torch.Tensor]:
+        header = {"op": "gemm_io", "names": names}
+        self.transcript.metadata("to_device", "gemm_io", json.dumps(header).encode())
+        return self._call(header, {})[1]
+
     def dump(self) -> dict[str, torch.Tensor]:
         return self._call({"op": "dump"}, {})[1]
 
@@ -150,6 +155,8 @@ def serve(conn: Channel, threads: int) -> None:
             elif op == "run" and prefix is not None:
                 hidden = prefix.run(tensors["tokens"], header["slots"], header["starts"])
                 send(conn, {"ok": True}, {"hidden": hidden})
+            elif op == "gemm_io" and prefix is not None:
+                send(conn, {"ok": True}, prefix.gemm_io_of(header["names"]))
             elif op == "dump" and prefix is not None:
                 send(conn, {"ok": True}, prefix.held_weights() | prefix.held_caches())
             else:

@@ -1,0 +1,267 @@
+"""`tdllm appliance` (`make run`): key broker + attested service on one UNSAFE simulated TD.
+
+Why one process tree: a simulated TD's quotes are signed by an in-memory test PKI, and the
+broker must trust exactly that PKI's root. So this parent generates the `SimulatedTdxPlatform`
+in memory, then forks two children that inherit it: the key broker (loopback, its own port)
+and the service (gunicorn, one gthread worker, on TDLLM_HOST:TDLLM_PORT, default
+127.0.0.1:8000). No simulated private key ever touches disk; only the PUBLIC root is written to
+``.tdllm/UNSAFE-simulated-root.der`` for clients. The service boots as in production: quote ->
+broker challenge/attest -> data key -> unseal in memory -> ready. The parent then verifies one
+attestation itself, prints how to call the service, and on SIGINT/SIGTERM stops both children.
+Needs TDLLM_ALLOW_SIMULATED_TDX=1 (the Makefile sets it), like every other simulated path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+import click
+import requests
+
+from tdllm.api.appliance_state import KEY_ID, POLICY_NAME, ApplianceState, prepare_state
+from tdllm.api.attest_client import AttestedService, new_nonce, verify_attestation
+from tdllm.api.local_service import free_port
+from tdllm.errors import TdllmError, UsageError
+from tdllm.model.bundled import BUNDLED_NAME
+from tdllm.settings import ALLOW_SIMULATED_ENV, Settings, load_settings
+from tdllm_attest.policy import MeasurementTuple, Policy, TcbPolicy
+from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields, select_trust_anchor
+
+MR_TD = hashlib.sha384(b"tdllm UNSAFE simulated appliance").digest()
+RTMRS = tuple(hashlib.sha384(b"tdllm UNSAFE simulated rtmr%d" % i).digest() for i in range(3))
+TD_FIELDS = SyntheticTdFields(mr_td=MR_TD, rtmrs=(*RTMRS, bytes(48)))  # type: ignore[arg-type]
+SIMULATED_ENV = {ALLOW_SIMULATED_ENV: "1"}
+_FORK = multiprocessing.get_context("fork")
+
+
+def appliance_policy(platform: SimulatedTdxPlatform) -> Policy:
+    """The policy the simulated appliance TD (`TD_FIELDS`) satisfies, and nothing else."""
+    from tdllm_attest.abi import parse_quote
+
+    report = parse_quote(platform.quote(TD_FIELDS)).td_report
+    return Policy(
+        name=POLICY_NAME,
+        tcb=TcbPolicy(),
+        xfam=frozenset({report.xfam}),
+        measurements=(MeasurementTuple("simulated-appliance", MR_TD, *RTMRS),),
+        mr_config_id=report.mr_config_id,
+        mr_owner=report.mr_owner,
+        mr_owner_config=report.mr_owner_config,
+        rtmr3="zero",
+    )
+
+
+def _exit_on_signals() -> None:
+    def stop(_signum: int, _frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _run_broker(state: ApplianceState, platform: SimulatedTdxPlatform, port: int) -> None:
+    from werkzeug.serving import make_server
+
+    from tdllm_attest.broker.app import create_app as create_broker
+    from tdllm_attest.broker.settings import BrokerSettings
+
+    _exit_on_signals()
+    anchor = select_trust_anchor(
+        "simulated", simulated_root_der=platform.root_der, environ=SIMULATED_ENV
+    )
+    settings = BrokerSettings(
+        keystore=state.keystore, policies={POLICY_NAME: appliance_policy(platform)}, anchor=anchor
+    )
+    server = make_server("127.0.0.1", port, create_broker(settings), threaded=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def _run_service(settings: Settings, platform: SimulatedTdxPlatform) -> None:
+    from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
+
+    from tdllm.api.app import create_app
+    from tdllm.api.boot import BootDeps
+    from tdllm.api.logs import logging_config
+    from tdllm_attest.quote import SimulatedProvider
+
+    class Gunicorn(BaseApplication):  # type: ignore[misc]  # gunicorn ships no types
+        """The same worker model as `tdllm serve` (gunicorn_conf), with the app built here."""
+
+        def load_config(self) -> None:
+            options = {
+                "bind": [f"{settings.host}:{settings.port}"],
+                "workers": 1,
+                "worker_class": "gthread",
+                "threads": settings.threads,
+                "timeout": 60,
+                "graceful_timeout": 10,
+                "preload_app": False,
+                "logconfig_dict": logging_config(settings.log_level),
+                "accesslog": None,
+            }
+            for name, value in options.items():
+                self.cfg.set(name, value)
+
+        def load(self) -> Any:
+            deps = BootDeps(
+                quote_provider=SimulatedProvider(platform, TD_FIELDS),
+                collateral=lambda _quote: platform.collateral_json(),
+            )
+            return create_app(settings, boot_deps=deps)
+
+    Gunicorn().run()
+
+
+def _wait_ready(url: str, children: list[BaseProcess], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in children:
+            if not child.is_alive():
+                raise TdllmError(f"the {child.name} process exited ({child.exitcode})")
+        try:
+            resp = requests.get(url + "/ready", timeout=2)
+            if resp.status_code == 200:
+                return
+            reason = resp.json().get("reason", "")
+            if "failed" in reason or "refused" in reason:
+                raise TdllmError(f"the service cannot boot: {reason}")
+        except (requests.RequestException, ValueError):
+            pass
+        time.sleep(0.25)
+    raise TdllmError(f"the service was not ready within {timeout_s:g}s")
+
+
+def _attest(url: str, platform: SimulatedTdxPlatform) -> AttestedService:
+    anchor = select_trust_anchor(
+        "simulated", simulated_root_der=platform.root_der, environ=SIMULATED_ENV
+    )
+    nonce = new_nonce()
+    doc = requests.get(f"{url}/v1/attestation", params={"nonce": nonce}, timeout=30).json()
+    return verify_attestation(doc, nonce, anchor)
+
+
+def _summary(url: str, attested: AttestedService, state: ApplianceState, model: str) -> str:
+    base = url + "/v1"
+    return f"""
+================ tdllm appliance: SIMULATED TDX (UNSAFE, NOT A REAL TD) ================
+attestation   verified against the SIMULATED test root sha256={attested.anchor_sha256[:16]}...
+              (this proves nothing: the quote was signed by an in-memory test PKI)
+              tcb_status={attested.tcb_status} mr_td={attested.mr_td[:32]}...
+              REPORTDATA binds our nonce and service key x25519:{attested.public_key.hex()[:32]}...
+model         {model} (sealed in {state.sealed}, key released by the local broker)
+root cert     {state.root_file} (public; for tdllm chat --e2e --simulated-root)
+
+curl {base}/chat/completions -H 'Content-Type: application/json' \\
+  -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+python -c 'import openai; c = openai.OpenAI(base_url="{base}", api_key="unused"); \\
+print(c.chat.completions.create(model="{model}", \\
+messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
+
+Ctrl-C stops the service and the broker.
+=========================================================================================="""
+
+
+DEMO_QUESTION = "In two sentences: why would someone run a language model inside a TEE?"
+
+
+def _demo_answer(url: str, model: str) -> str:
+    """One real chat completion through the API, so a first run shows the model answering."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": DEMO_QUESTION}],
+        "max_tokens": 80,
+        "temperature": 0,
+    }
+    doc = requests.post(f"{url}/v1/chat/completions", json=body, timeout=300).json()
+    answer = str(doc["choices"][0]["message"]["content"]).strip()
+    return f"\nQ: {DEMO_QUESTION}\nA: {answer}\n"
+
+
+def _stop(children: list[BaseProcess]) -> None:
+    for child in children:
+        if child.is_alive() and child.pid is not None:
+            os.kill(child.pid, signal.SIGTERM)
+    for child in children:
+        child.join(timeout=20)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+@click.command()
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path(".tdllm"),
+    show_default=True,
+    help="local UNSAFE dev state: broker KEK, keystore, sealed model, simulated root",
+)
+@click.option("--ready-timeout", type=click.FloatRange(1), default=300.0, show_default=True)
+def appliance(state_dir: Path, ready_timeout: float) -> None:
+    """Run the full appliance on a SIMULATED TD: key broker + attested service, until Ctrl-C.
+
+    Seals the bundled model once into --state-dir, starts the broker and the service
+    (TDLLM_HOST/TDLLM_PORT, default 127.0.0.1:8000), verifies an attestation and prints how to
+    call it. Needs TDLLM_ALLOW_SIMULATED_TDX=1. For development only: nothing here is protected.
+    """
+    base = load_settings()
+    if not base.allow_simulated:
+        raise UsageError(f"the appliance runs a SIMULATED TD: set {ALLOW_SIMULATED_ENV}=1")
+    state = prepare_state(state_dir, click.echo)
+    platform = SimulatedTdxPlatform(datetime.now(UTC))
+    state.root_file.write_bytes(platform.root_der)
+    broker_port = free_port()
+    settings = load_settings(
+        overrides={
+            "model": str(state.sealed),
+            "attestation": "simulated",
+            "broker_url": f"http://127.0.0.1:{broker_port}",
+            "key_id": KEY_ID,
+            "served_model_name": base.served_model_name or BUNDLED_NAME,
+            "boot_backoff_s": 0.2,
+            "boot_backoff_max_s": 2.0,
+            "boot_attempts": 20,
+        }
+    )
+    url = f"http://{settings.host}:{settings.port}"
+    broker = _FORK.Process(
+        target=_run_broker, args=(state, platform, broker_port), name="key broker"
+    )
+    service = _FORK.Process(target=_run_service, args=(settings, platform), name="service")
+    children: list[BaseProcess] = [broker, service]
+
+    def stop(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    broker.start()
+    service.start()
+    signal.signal(signal.SIGTERM, stop)
+    click.echo(f"key broker pid {broker.pid} on 127.0.0.1:{broker_port}; service pid {service.pid}")
+    try:
+        _wait_ready(url, children, ready_timeout)
+        attested = _attest(url, platform)
+        model = requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        click.echo(_summary(url, attested, state, model))
+        click.echo(_demo_answer(url, model))
+        sys.stdout.flush()
+        while all(child.is_alive() for child in children):
+            time.sleep(0.5)
+        raise TdllmError("a child process exited; stopping the appliance")
+    except KeyboardInterrupt:
+        click.echo("stopping the service and the key broker")
+    finally:
+        _stop(children)
+    click.echo("stopped")

@@ -1,0 +1,95 @@
+"""`tdllm appliance` (`make run`): broker + service on a simulated TD, as a real process tree."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from tdllm.api.local_service import free_port
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
+TDLLM = str(Path(sys.executable).with_name("tdllm"))
+
+
+def _wait_for(path: Path, text: str, process: subprocess.Popen[bytes], timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = path.read_text(encoding="utf-8", errors="replace")
+        if text in out:
+            return out
+        assert process.poll() is None, f"the appliance exited early:\n{out}"
+        time.sleep(0.25)
+    raise AssertionError(f"no {text!r} within {timeout_s}s")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_appliance_serves_an_attested_chat_and_stops_both_processes_on_sigint(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    env = dict(os.environ, TDLLM_PORT=str(port), TDLLM_ALLOW_SIMULATED_TDX="1")
+    out = tmp_path / "out.txt"
+    with out.open("wb") as sink:
+        process = subprocess.Popen(  # our own CLI, fixed argv
+            [TDLLM, "appliance", "--state-dir", str(tmp_path / "state")],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        text = _wait_for(out, "\nA: ", process, 240)
+        assert "SIMULATED" in text and "REPORTDATA binds our nonce" in text
+        demo = text.split("\nA: ", 1)[1].strip()
+        assert len(demo.split()) >= 5, text  # the model really answered the demo question
+        assert f"http://127.0.0.1:{port}/v1/chat/completions" in text
+        pids = [int(p) for p in re.findall(r"pid (\d+)", text)]
+        assert len(pids) == 2
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        answer = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=4,
+            temperature=0,
+        )
+        assert answer.usage is not None and answer.usage.completion_tokens >= 1
+        assert (tmp_path / "state" / "UNSAFE-dev-broker-kek.bin").stat().st_mode & 0o077 == 0
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while not all(_gone(pid) for pid in pids):
+            assert time.monotonic() < deadline, "a child outlived the appliance"
+            time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_appliance_refuses_without_the_simulation_switch(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TDLLM_ALLOW_SIMULATED_TDX"}
+    done = subprocess.run(  # our own CLI, fixed argv
+        [TDLLM, "appliance", "--state-dir", str(tmp_path / "state")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "TDLLM_ALLOW_SIMULATED_TDX=1" in done.stderr
+    assert not (tmp_path / "state").exists()

@@ -1,0 +1,79 @@
+"""Freivalds spot checks: honest device products pass, forged ones are caught and stop serving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tdllm.protection.freivalds_rate import detection_rate
+from tdllm.trusted.crossing import Crossing
+from tdllm.trusted.errors import DeviceIntegrityError
+from tdllm.trusted.freivalds import FreivaldsCheck
+from tdllm.trusted.split import offload_public_prefix, prefix_projections
+from tdllm.untrusted.device import CpuDevice, open_device
+from tests.protection.conftest import MAX_BATCH, MAX_SEQ, K, td_only
+from tests.protection.engine_runs import greedy_tokens
+
+
+class GemmForgingDevice(CpuDevice):
+    """Runs honestly but reports one projection output with one entry changed."""
+
+    def gemm_io(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out = dict(super().gemm_io(names))
+        key = f"{sorted(names)[-1]}:y"
+        forged = out[key].clone()
+        forged.view(-1)[0] += 0.05 * float(forged.abs().max())
+        out[key] = forged
+        return out
+
+
+def split_with_freivalds(checkpoint, reference, device, rate=1.0):  # type: ignore[no-untyped-def]
+    model = td_only(checkpoint)
+    crossing = Crossing(device)
+    offload_public_prefix(
+        model, checkpoint, reference, crossing, K, MAX_BATCH, MAX_SEQ, 0.0, freivalds_rate=rate
+    )
+    return model, crossing
+
+
+@pytest.mark.parametrize("kind", ["cpu", "process"])
+def test_an_honest_device_passes_every_freivalds_check_and_tokens_match(
+    kind, private_checkpoint, reference
+) -> None:  # type: ignore[no-untyped-def]
+    model, crossing = split_with_freivalds(private_checkpoint, reference, open_device(kind))
+    try:
+        assert greedy_tokens(model) == greedy_tokens(td_only(private_checkpoint))
+        assert model.prefix.freivalds.checked > 0
+    finally:
+        crossing.close()
+
+
+def test_a_forged_gemm_output_is_caught_and_the_secret_vectors_are_redrawn(
+    private_checkpoint, reference
+) -> None:  # type: ignore[no-untyped-def]
+    model, crossing = split_with_freivalds(private_checkpoint, reference, GemmForgingDevice())
+    try:
+        vectors = model.prefix.freivalds._vectors
+        with pytest.raises(DeviceIntegrityError, match="Freivalds check failed"):
+            greedy_tokens(model)
+        assert model.prefix.freivalds._vectors is not vectors
+        with pytest.raises(DeviceIntegrityError, match="serving stopped"):
+            greedy_tokens(model)
+    finally:
+        crossing.close()
+
+
+def test_one_entry_forgeries_above_tolerance_are_all_detected(
+    private_checkpoint, reference
+) -> None:  # type: ignore[no-untyped-def]
+    model, crossing = split_with_freivalds(private_checkpoint, reference, CpuDevice())
+    try:
+        greedy_tokens(model)
+        names = sorted(prefix_projections(model, model.prefix.num_layers))
+        io = crossing.gemm_io(names)
+        records = {n: (io[f"{n}:x"], io[f"{n}:y"]) for n in names}
+        check = FreivaldsCheck(prefix_projections(model, model.prefix.num_layers), 1.0)
+        assert all(check.verify(n, x, y) for n, (x, y) in records.items())
+        assert detection_rate(check, records, 1e-2, trials=200, seed=7) == 1.0
+    finally:
+        crossing.close()
