@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tdllm.model.checkpoint import Checkpoint
+from tdllm.model.transformer import Transformer
 from tdllm.protection.freivalds_rate import detection_rate
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import DeviceIntegrityError
 from tdllm.trusted.freivalds import FreivaldsCheck
-from tdllm.trusted.split import offload_public_prefix, prefix_projections
-from tdllm.untrusted.device import CpuDevice, open_device
+from tdllm.trusted.public_reference import PublicReference
+from tdllm.trusted.split import OffloadedPrefix, offload_public_prefix, prefix_projections
+from tdllm.untrusted.device import CpuDevice, UntrustedDevice, open_device
 from tests.protection.conftest import MAX_BATCH, MAX_SEQ, K, td_only
 from tests.protection.engine_runs import greedy_tokens
 
@@ -27,7 +30,20 @@ class GemmForgingDevice(CpuDevice):
         return out
 
 
-def split_with_freivalds(checkpoint, reference, device, rate=1.0):  # type: ignore[no-untyped-def]
+def placement(model: Transformer) -> OffloadedPrefix:
+    assert isinstance(model.prefix, OffloadedPrefix)
+    return model.prefix
+
+
+def freivalds_of(model: Transformer) -> FreivaldsCheck:
+    check = placement(model).freivalds
+    assert check is not None
+    return check
+
+
+def split_with_freivalds(
+    checkpoint: Checkpoint, reference: PublicReference, device: UntrustedDevice, rate: float = 1.0
+) -> tuple[Transformer, Crossing]:
     model = td_only(checkpoint)
     crossing = Crossing(device)
     offload_public_prefix(
@@ -38,25 +54,25 @@ def split_with_freivalds(checkpoint, reference, device, rate=1.0):  # type: igno
 
 @pytest.mark.parametrize("kind", ["cpu", "process"])
 def test_an_honest_device_passes_every_freivalds_check_and_tokens_match(
-    kind, private_checkpoint, reference
-) -> None:  # type: ignore[no-untyped-def]
+    kind: str, private_checkpoint: Checkpoint, reference: PublicReference
+) -> None:
     model, crossing = split_with_freivalds(private_checkpoint, reference, open_device(kind))
     try:
         assert greedy_tokens(model) == greedy_tokens(td_only(private_checkpoint))
-        assert model.prefix.freivalds.checked > 0
+        assert freivalds_of(model).checked > 0
     finally:
         crossing.close()
 
 
 def test_a_forged_gemm_output_is_caught_and_the_secret_vectors_are_redrawn(
-    private_checkpoint, reference
-) -> None:  # type: ignore[no-untyped-def]
+    private_checkpoint: Checkpoint, reference: PublicReference
+) -> None:
     model, crossing = split_with_freivalds(private_checkpoint, reference, GemmForgingDevice())
     try:
-        vectors = model.prefix.freivalds._vectors
+        vectors = freivalds_of(model)._vectors
         with pytest.raises(DeviceIntegrityError, match="Freivalds check failed"):
             greedy_tokens(model)
-        assert model.prefix.freivalds._vectors is not vectors
+        assert freivalds_of(model)._vectors is not vectors
         with pytest.raises(DeviceIntegrityError, match="serving stopped"):
             greedy_tokens(model)
     finally:
@@ -64,15 +80,15 @@ def test_a_forged_gemm_output_is_caught_and_the_secret_vectors_are_redrawn(
 
 
 def test_one_entry_forgeries_above_tolerance_are_all_detected(
-    private_checkpoint, reference
-) -> None:  # type: ignore[no-untyped-def]
+    private_checkpoint: Checkpoint, reference: PublicReference
+) -> None:
     model, crossing = split_with_freivalds(private_checkpoint, reference, CpuDevice())
     try:
         greedy_tokens(model)
-        names = sorted(prefix_projections(model, model.prefix.num_layers))
+        names = sorted(prefix_projections(model, placement(model).num_layers))
         io = crossing.gemm_io(names)
         records = {n: (io[f"{n}:x"], io[f"{n}:y"]) for n in names}
-        check = FreivaldsCheck(prefix_projections(model, model.prefix.num_layers), 1.0)
+        check = FreivaldsCheck(prefix_projections(model, placement(model).num_layers), 1.0)
         assert all(check.verify(n, x, y) for n, (x, y) in records.items())
         assert detection_rate(check, records, 1e-2, trials=200, seed=7) == 1.0
     finally:
