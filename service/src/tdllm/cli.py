@@ -18,7 +18,7 @@ from tdllm.api.appliance import appliance
 from tdllm.api.commands import bench_serve, serve
 from tdllm.api.e2e_commands import chat
 from tdllm.errors import TdllmError, UsageError
-from tdllm.protection.commands import bench_split, prepare
+from tdllm.protection.commands import bench_split, finetune_tail, prepare
 from tdllm.sealing.commands import keygen, seal
 
 DTYPE = click.Choice(["bf16", "fp32"])
@@ -195,6 +195,7 @@ cli.add_command(appliance)
 cli.add_command(chat)
 bench.add_command(bench_serve)
 cli.add_command(prepare)
+cli.add_command(finetune_tail)
 bench.add_command(bench_split)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from flask import Flask
 
-from tdllm.api import attestation, e2e, health, metrics
+from tdllm.api import attestation, e2e, health, metrics, openapi
 from tdllm.api.auth import install_api_keys
 from tdllm.api.boot import Boot, BootDeps, BootState, quote_provider_for
 from tdllm.api.identity import ServiceIdentity
@@ -62,7 +62,7 @@ def create_app(
     install_request_logging(app, observe)
     install_api_keys(app, settings.api_keys)
     register_error_handlers(app)
-    for module in (health, metrics, attestation, models, completions, chat, e2e):
+    for module in (health, metrics, openapi, attestation, models, completions, chat, e2e):
         app.register_blueprint(module.blueprint)
 
     if engine_runner is not None:

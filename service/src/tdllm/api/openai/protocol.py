@@ -225,7 +225,9 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
         param = f"messages[{i}]"
         if not isinstance(message, dict) or set(message) - {"role", "content", "name"}:
             raise invalid(f"{param} must be an object with role and content", param)
-        role = CHAT_ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        role_name = message.get("role")
+        # a list or object role is unhashable: it must be a 400, not a TypeError (a 500)
+        role = CHAT_ROLES.get(role_name) if isinstance(role_name, str) else None
         if role is None:
             raise invalid(f"{param}.role must be one of {', '.join(CHAT_ROLES)}", param)
         out.append({"role": role, "content": _content(message.get("content"), param)})
