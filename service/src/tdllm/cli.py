@@ -17,6 +17,7 @@ import click
 from tdllm.api.appliance import appliance
 from tdllm.api.commands import bench_serve, serve
 from tdllm.api.e2e_commands import chat
+from tdllm.attacks.commands import attack
 from tdllm.errors import TdllmError, UsageError
 from tdllm.protection.commands import bench_split, finetune_tail, prepare
 from tdllm.sealing.commands import keygen, seal
@@ -196,6 +197,7 @@ cli.add_command(chat)
 bench.add_command(bench_serve)
 cli.add_command(prepare)
 cli.add_command(finetune_tail)
+cli.add_command(attack)
 bench.add_command(bench_split)
 
 
