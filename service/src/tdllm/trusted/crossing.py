@@ -1,12 +1,17 @@
 """`Crossing`: the one class through which TD code talks to an untrusted device.
 
 Reviewers audit this file to know what can leave the TD: a public prefix shape, public prefix
-weights (already hash-verified by the caller, `split.py`), token ids and cache placements.
+weights (already hash-verified by the caller, `split.py`), token ids and cache placements; and,
+for profiles that offload single ops, the tensors their callers `put` and the `call` arguments
+(masked or obfuscated by the caller: the profile's module says why each is safe to publish).
 What comes back (hidden states) is checked for shape and dtype here and copied out of the
 device's memory before the TD uses it; its values are checked by `audit.py`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -99,6 +104,36 @@ class Crossing:
         return {
             str(n): t.to("cpu", copy=True) for n, t in out.items() if isinstance(t, torch.Tensor)
         }
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Leave `tensor` resident on the device (the caller vouches it may be published)."""
+        self.device.put(name, tensor)
+
+    def call(
+        self,
+        op: str,
+        args: Mapping[str, torch.Tensor],
+        expect: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+        params: Mapping[str, Any] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run offloaded op `op`; its outputs must be exactly `expect` (name -> shape, dtype).
+
+        They are copied into TD memory; their values are for the caller to check.
+        """
+        out = self.device.call(op, dict(args), dict(params or {}))
+        if not isinstance(out, dict) or set(out) != set(expect):
+            raise DeviceIntegrityError(f"device answered {op} with the wrong outputs")
+        checked: dict[str, torch.Tensor] = {}
+        for name, (shape, dtype) in expect.items():
+            tensor = out[name]
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(shape):
+                raise DeviceIntegrityError(
+                    f"device returned {name} of shape {_shape(tensor)}, expected {tuple(shape)}"
+                )
+            if tensor.dtype != dtype:
+                raise DeviceIntegrityError(f"device returned {name} as {tensor.dtype}, not {dtype}")
+            checked[name] = tensor.to("cpu", copy=True)
+        return checked
 
     def dump(self) -> dict[str, torch.Tensor]:
         """Everything the device holds (for the A1 test and `tdllm protect`)."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from tdllm.untrusted.device import record_gemm_request, record_load, record_step
+from tdllm.untrusted.device import record_call, record_gemm_request, record_load, record_step
+from tdllm.untrusted.offload import OffloadStore
 from tdllm.untrusted.prefix import PrefixShape, PublicPrefix
 from tdllm.untrusted.transcript import Transcript
 
@@ -27,6 +30,7 @@ class CudaDevice:
             raise RuntimeError("no CUDA device is available")
         self.transcript = Transcript(keep_payloads)
         self.prefix: PublicPrefix | None = None
+        self.store = OffloadStore("cuda")
 
     def load(self, shape: PrefixShape, weights: dict[str, torch.Tensor]) -> None:
         record_load(self.transcript, shape, weights)
@@ -46,12 +50,29 @@ class CudaDevice:
             self.transcript.tensor("from_device", name, tensor)
         return out
 
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        self.transcript.tensor("to_device", name, tensor)
+        self.store.put(name, tensor)
+
+    def call(
+        self, op: str, args: dict[str, torch.Tensor], params: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        record_call(self.transcript, op, args, params)
+        out = self.store.call(op, args, params)
+        torch.cuda.synchronize()
+        for name, tensor in out.items():
+            self.transcript.tensor("from_device", name, tensor)
+        return out
+
     def dump(self) -> dict[str, torch.Tensor]:
-        held = self._loaded().held_weights() | self._loaded().held_caches()
+        held = self.store.held()
+        if self.prefix is not None:
+            held |= self.prefix.held_weights() | self.prefix.held_caches()
         return {name: t.to("cpu") for name, t in held.items()}
 
     def close(self) -> None:
         self.prefix = None
+        self.store.clear()
         torch.cuda.empty_cache()
 
     def _loaded(self) -> PublicPrefix:

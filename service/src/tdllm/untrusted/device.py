@@ -8,10 +8,11 @@ metadata item that crossed, and can `dump` everything it holds, for the A1 attac
 from __future__ import annotations
 
 import json
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
+from tdllm.untrusted.offload import OffloadStore
 from tdllm.untrusted.prefix import PrefixShape, PublicPrefix
 from tdllm.untrusted.transcript import Transcript
 
@@ -34,8 +35,19 @@ class UntrustedDevice(Protocol):
         """``NAME:x``/``NAME:y`` of the last `run_prefix` for the projection weights `names`."""
         ...
 
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Keep `tensor` resident under `name`, for offloaded ops (`offload.py`)."""
+        ...
+
+    def call(
+        self, op: str, args: dict[str, torch.Tensor], params: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """Run the offloaded op `op` ("module.function") on resident tensors and `args`."""
+        ...
+
     def dump(self) -> dict[str, torch.Tensor]:
-        """Everything resident: weights under checkpoint names, plus ``kv.*`` caches."""
+        """Everything resident: prefix weights under checkpoint names, ``kv.*`` caches, and
+        tensors `put` for offloaded ops."""
         ...
 
     def close(self) -> None: ...
@@ -49,6 +61,7 @@ class CpuDevice:
     def __init__(self, keep_payloads: bool = False) -> None:
         self.transcript = Transcript(keep_payloads)
         self.prefix: PublicPrefix | None = None
+        self.store = OffloadStore("cpu")
 
     def load(self, shape: PrefixShape, weights: dict[str, torch.Tensor]) -> None:
         record_load(self.transcript, shape, weights)
@@ -67,12 +80,28 @@ class CpuDevice:
             self.transcript.tensor("from_device", name, tensor)
         return out
 
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        self.transcript.tensor("to_device", name, tensor)
+        self.store.put(name, tensor)
+
+    def call(
+        self, op: str, args: dict[str, torch.Tensor], params: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        record_call(self.transcript, op, args, params)
+        out = self.store.call(op, args, params)
+        for name, tensor in out.items():
+            self.transcript.tensor("from_device", name, tensor)
+        return out
+
     def dump(self) -> dict[str, torch.Tensor]:
-        prefix = self._loaded()
-        return prefix.held_weights() | prefix.held_caches()
+        held = self.store.held()
+        if self.prefix is not None:
+            held |= self.prefix.held_weights() | self.prefix.held_caches()
+        return held
 
     def close(self) -> None:
         self.prefix = None
+        self.store.clear()
 
     def _loaded(self) -> PublicPrefix:
         if self.prefix is None:
@@ -99,6 +128,14 @@ def record_step(
 
 def record_gemm_request(transcript: Transcript, names: list[str]) -> None:
     transcript.metadata("to_device", "gemm_io", json.dumps(names).encode())
+
+
+def record_call(
+    transcript: Transcript, op: str, args: dict[str, torch.Tensor], params: dict[str, Any]
+) -> None:
+    transcript.metadata("to_device", "call", json.dumps({"op": op, "params": params}).encode())
+    for name, tensor in args.items():
+        transcript.tensor("to_device", name, tensor)
 
 
 def open_device(kind: str, keep_payloads: bool = False) -> UntrustedDevice:

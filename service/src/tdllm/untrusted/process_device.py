@@ -18,10 +18,25 @@ from typing import IO, Any
 
 import torch
 
-from tdllm.untrusted.prefix import DTYPES, PrefixShape, PublicPrefix
+from tdllm.untrusted.offload import OffloadStore
+from tdllm.untrusted.prefix import PrefixShape, PublicPrefix
 from tdllm.untrusted.transcript import Transcript, tensor_bytes
 
 Message = tuple[dict[str, Any], dict[str, torch.Tensor]]
+# the only tensor types that may cross; anything else in a header is a protocol error
+WIRE_DTYPES = {
+    str(d): d
+    for d in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+    )
+}
 
 
 class Channel:
@@ -65,7 +80,9 @@ def receive(conn: Channel) -> tuple[Message, bytes]:
     header = json.loads(raw)
     tensors: dict[str, torch.Tensor] = {}
     for spec in header.pop("tensors"):
-        dtype = DTYPES.get(spec["dtype"]) or {"torch.int64": torch.int64}[spec["dtype"]]
+        dtype = WIRE_DTYPES.get(spec["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor type {spec['dtype']!r} may not cross")
         data = bytearray(conn.recv_bytes())
         flat = (
             torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
@@ -120,6 +137,21 @@ class ProcessDevice:
         self.transcript.metadata("to_device", "gemm_io", json.dumps(header).encode())
         return self._call(header, {})[1]
 
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        header = {"op": "put", "name": name}
+        self.transcript.metadata("to_device", "put", json.dumps(header).encode())
+        self.transcript.tensor("to_device", name, tensor)
+        self._call(header, {name: tensor})
+
+    def call(
+        self, op: str, args: dict[str, torch.Tensor], params: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        header = {"op": "call", "call": op, "params": params}
+        self.transcript.metadata("to_device", "call", json.dumps(header).encode())
+        for name, tensor in args.items():
+            self.transcript.tensor("to_device", name, tensor)
+        return self._call(header, args)[1]
+
     def dump(self) -> dict[str, torch.Tensor]:
         return self._call({"op": "dump"}, {})[1]
 
@@ -140,6 +172,7 @@ def serve(conn: Channel, threads: int) -> None:
     """The device process: answer messages until told to close."""
     torch.set_num_threads(threads)
     prefix: PublicPrefix | None = None
+    store = OffloadStore("cpu")
     while True:
         try:
             (header, tensors), _ = receive(conn)
@@ -157,8 +190,16 @@ def serve(conn: Channel, threads: int) -> None:
                 send(conn, {"ok": True}, {"hidden": hidden})
             elif op == "gemm_io" and prefix is not None:
                 send(conn, {"ok": True}, prefix.gemm_io_of(header["names"]))
-            elif op == "dump" and prefix is not None:
-                send(conn, {"ok": True}, prefix.held_weights() | prefix.held_caches())
+            elif op == "put":
+                store.put(header["name"], tensors[header["name"]])
+                send(conn, {"ok": True}, {})
+            elif op == "call":
+                send(conn, {"ok": True}, store.call(header["call"], tensors, header["params"]))
+            elif op == "dump":
+                held = store.held()
+                if prefix is not None:
+                    held |= prefix.held_weights() | prefix.held_caches()
+                send(conn, {"ok": True}, held)
             else:
                 send(conn, {"error": f"cannot {op} now"}, {})
         except (ValueError, RuntimeError, KeyError) as exc:
