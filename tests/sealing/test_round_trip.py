@@ -41,6 +41,21 @@ def test_opens_to_identical_tensors_config_and_tokenizer(
     assert_same_tensors(tensors_of(source), tensors_of(opened))
 
 
+def test_decrypts_straight_into_the_memory_the_loader_names(
+    seal_tiny: Sealer, recipient: tuple[Path, Path]
+) -> None:
+    source = tensors_of(synthetic_checkpoint(seed=2))
+    targets = {
+        name: torch.empty_like(t) for name, t in source.items() if name.endswith("proj.weight")
+    }
+    opened = open_sealed(seal_tiny(synthetic_checkpoint(seed=2)), recipient[1])
+    assert opened.tensors_into is not None
+    streamed = dict(opened.tensors_into(lambda name, shape, dtype: targets.get(name)))
+    assert_same_tensors(source, streamed)
+    for name, target in targets.items():  # no temporary: the yielded tensor is that memory
+        assert streamed[name].data_ptr() == target.data_ptr()
+
+
 def test_keeps_the_source_dtype_by_default_and_converts_on_request(seal_tiny: Sealer) -> None:
     key = os.urandom(32)
     bf16_source = synthetic_checkpoint(dtype=torch.bfloat16)

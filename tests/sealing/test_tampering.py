@@ -327,6 +327,23 @@ def test_zeroes_the_failed_tensor_and_streams_nothing_after_it(
     assert Q_PROJ not in names and names  # earlier tensors came through, the failed one never did
 
 
+def test_zeroes_model_memory_it_was_decrypting_into_when_a_later_chunk_fails(
+    sealed: Path, recipient: tuple[Path, Path]
+) -> None:
+    target = torch.full((32, 32), 7.0)  # Q_PROJ's shape: chunks 0-4 land here before chunk 5 fails
+    path, offset, _ = chunk_span(sealed, Q_PROJ, 5)
+    checkpoint = open_sealed(sealed, recipient[1])
+    assert checkpoint.tensors_into is not None
+
+    def into(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        return target if name == Q_PROJ else None
+
+    with xored(path, offset + 40, 0x80), pytest.raises(SealedModelError, match=Q_PROJ):
+        for _ in checkpoint.tensors_into(into):
+            pass
+    assert torch.count_nonzero(target) == 0
+
+
 def test_a_sealed_checkpoint_streams_once(sealed: Path, recipient: tuple[Path, Path]) -> None:
     checkpoint: Checkpoint = open_sealed(sealed, recipient[1])
     list(checkpoint.tensors())

@@ -24,6 +24,8 @@ from tdllm.model.config import ModelConfig
 from tdllm.model.tokenizer import Tokenizer
 
 NamedTensors = Iterator[tuple[str, torch.Tensor]]
+# (checkpoint name, shape, dtype) -> the model memory that tensor will be copied into, or None
+Destination = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor | None]
 
 GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -52,6 +54,9 @@ class Checkpoint:
     config: ModelConfig
     tokenizer: Tokenizer
     tensors: Callable[[], NamedTensors]
+    # Sources that produce fresh memory per tensor (sealed: decrypted) can write straight into
+    # the model instead: one pass and no temporary to page-fault in (see docs/performance.md).
+    tensors_into: Callable[[Destination], NamedTensors] | None = None
 
 
 def open_checkpoint(source: str | Path, key: Path | None = None) -> Checkpoint:

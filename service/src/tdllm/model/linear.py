@@ -99,7 +99,7 @@ class PlainCpuMethod:
         layer.weight = nn.Parameter(weight, requires_grad=False)
 
     def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
-        _weight(layer).data[row_offset : row_offset + weight.shape[0]].copy_(weight)
+        copy_unless_same(_weight(layer).data[row_offset : row_offset + weight.shape[0]], weight)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         weight = _weight(layer)
@@ -128,6 +128,18 @@ def _widened_bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         widened.copy_(rows)
         out[..., start : start + rows.shape[0]] = F.linear(x32, widened)
     return out
+
+
+def copy_unless_same(target: torch.Tensor, source: torch.Tensor) -> None:
+    """`target.copy_(source)`, skipped when a reader already wrote `source` into `target`."""
+    same = (
+        source.data_ptr() == target.data_ptr()
+        and source.dtype == target.dtype
+        and source.shape == target.shape
+        and source.stride() == target.stride()
+    )
+    if not same:
+        target.copy_(source)
 
 
 def _weight(layer: Linear) -> torch.Tensor:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from tdllm.errors import ModelLoadError
-from tdllm.model.checkpoint import Checkpoint, open_checkpoint
+from tdllm.model.checkpoint import Checkpoint, Destination, open_checkpoint
 from tdllm.model.linear import LinearMethodTable
 from tdllm.model.transformer import Transformer
 
@@ -30,7 +30,10 @@ def load_model(
     model = Transformer(checkpoint.config, methods, dtype)
     try:
         with torch.no_grad():
-            model.load_weights(checkpoint.tensors())
+            if checkpoint.tensors_into is not None:
+                model.load_weights(checkpoint.tensors_into(_destination_of(model)))
+            else:
+                model.load_weights(checkpoint.tensors())
     except BaseException as exc:
         # A sealed checkpoint may fail on a later tensor after earlier ones were decrypted into
         # the model: scrub what got in, so no half-loaded plaintext model outlives the error.
@@ -40,6 +43,18 @@ def load_model(
             raise ModelLoadError(f"{checkpoint.path}: {exc}") from None
         raise
     return model.eval(), checkpoint
+
+
+def _destination_of(model: Transformer) -> Destination:
+    targets = model.weight_destinations()
+
+    def destination(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        target = targets.get(name)
+        if target is None or tuple(target.shape) != shape or target.dtype != dtype:
+            return None  # e.g. an fp32 checkpoint loaded as bf16: the reader allocates, we cast
+        return target if target.is_contiguous() else None
+
+    return destination
 
 
 def _zero(model: Transformer) -> None:

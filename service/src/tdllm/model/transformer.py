@@ -11,6 +11,7 @@ strategy by full name.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdllm.model.config import ModelConfig
-from tdllm.model.linear import Linear, LinearMethodTable, PlainCpuMethod
+from tdllm.model.linear import Linear, LinearMethodTable, PlainCpuMethod, copy_unless_same
 
 # checkpoint projection -> (fused projection, shard index); see Transformer.load_weights
 STACKED = {
@@ -106,6 +107,17 @@ class PrefixPlacement(Protocol):
     num_layers: int
 
     def __call__(self, tokens: torch.Tensor, batch: Batch) -> torch.Tensor: ...
+
+
+class AttentionCore(Protocol):
+    """Attention before o_proj (``[B, T, heads*head_dim]``) for one layer, computed by a profile.
+
+    It writes this layer's `k_cache`/`v_cache` as it needs; the model only applies o_proj.
+    """
+
+    def __call__(
+        self, x: torch.Tensor, batch: Batch, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 class Transformer(nn.Module):
@@ -198,6 +210,29 @@ class Transformer(nn.Module):
         if self.cfg.tie_word_embeddings:
             self._tie_lm_head()
 
+    def weight_destinations(self) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> the model memory that tensor is copied into, for every weight held
+        in plain TD storage (a reader may decrypt straight into it); others are absent."""
+        out: dict[str, torch.Tensor] = {}
+        for module in self.modules():
+            if not isinstance(module, Linear) or not isinstance(module.method, PlainCpuMethod):
+                continue
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)
+            weight = weight.data
+            prefix, _, fused = module.name.rpartition(".")
+            shards = [(leaf, i) for leaf, (into, i) in STACKED.items() if into == fused]
+            if not shards:
+                out[f"{module.name}.weight"] = weight
+                continue
+            offsets = [0, *itertools.accumulate(module.shard_sizes)]
+            for leaf, index in shards:
+                out[f"{prefix}.{leaf}.weight"] = weight[offsets[index] : offsets[index + 1]]
+        for name, param in self.named_parameters():
+            if not name.endswith("_proj.weight") and not name.startswith("lm_head."):
+                out[f"model.{name}"] = param.data
+        return out
+
     def _load_one(
         self,
         ckpt_name: str,
@@ -221,7 +256,7 @@ class Transformer(nn.Module):
             param = params[ckpt_name]
             if param.shape != tensor.shape:
                 raise ValueError(f"{ckpt_name} has shape {tuple(tensor.shape)}")
-            param.data.copy_(tensor)
+            copy_unless_same(param.data, tensor)
 
     def _tie_lm_head(self) -> None:
         if isinstance(self.lm_head.method, PlainCpuMethod):  # share, do not copy
@@ -278,6 +313,9 @@ class Attention(nn.Module):
             methods.method_for(f"{prefix}.o_proj"),
             dtype,
         )
+        # None: q/k/v, RoPE and attention run here. A profile may install its own core for
+        # them (`obfuscated`: padded scores from a device); o_proj stays this module's.
+        self.core: AttentionCore | None = None
 
     def forward(
         self,
@@ -288,6 +326,8 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
+        if self.core is not None:
+            return self.o_proj(self.core(x, batch, k_cache, v_cache))
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer as BpeBackend
 from tqdm import tqdm
 
 from tdllm.errors import ModelLoadError, UsageError
-from tdllm.model.checkpoint import Checkpoint
+from tdllm.model.checkpoint import Checkpoint, Destination
 from tdllm.model.config import ModelConfig
 from tdllm.model.tokenizer import Tokenizer
 from tdllm.sealing import format as fmt
@@ -115,7 +115,7 @@ def _open(
         raise
     finally:
         wipe(mac_key)
-    return Checkpoint(str(manifest["name"]), path, config, tokenizer, source.stream)
+    return Checkpoint(str(manifest["name"]), path, config, tokenizer, source.stream, source.stream)
 
 
 def _read_limited(path: Path) -> bytes:
@@ -181,8 +181,12 @@ class _SealedTensors:
         weakref.finalize(source, wipe, chunk_key)
         return source
 
-    def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) in manifest order, each fully authenticated before it is yielded."""
+    def stream(self, into: Destination | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) in manifest order, each fully authenticated before it is yielded.
+
+        With `into`, a tensor is decrypted straight into the memory `into` names for it (the
+        model's own parameter); that memory is zeroed if the tensor fails.
+        """
         if self.streamed:
             raise ModelLoadError(f"{self.path}: a sealed checkpoint streams once; open it again")
         self.streamed = True
@@ -199,7 +203,9 @@ class _SealedTensors:
         try:
             aead = AESGCM(self.chunk_key)
             for entry in self.entries:
-                tensor = torch.empty(entry.shape, dtype=fmt.DTYPES[entry.dtype])
+                dtype = fmt.DTYPES[entry.dtype]
+                target = into(entry.name, tuple(entry.shape), dtype) if into else None
+                tensor = target if target is not None else torch.empty(entry.shape, dtype=dtype)
                 try:
                     if entry.file not in files:
                         files[entry.file] = os.open(self.path / entry.file, os.O_RDONLY)
