@@ -146,7 +146,7 @@ def test_attestation_binds_the_nonce_and_the_service_key(
     doc = client.get(f"/v1/attestation?nonce={nonce}").get_json()
     assert doc["simulated"] is True and "SIMULATED" in doc["warning"]
     quote = parse_quote(from_b64url(doc["quote"]))
-    expected = report_data(nonce, doc["service_public_key"])
+    expected = report_data(nonce, doc["service_public_key"], doc["signing_public_key"])
     assert quote.td_report.report_data == expected
     assert doc["service_public_key"] == svc.identity.public_jwk
     assert client.get("/v1/attestation?nonce=zz").status_code == 400

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from flask.testing import FlaskClient
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tdllm.api.app import create_app
 from tdllm.api.attest_client import AttestationRefused, anchor_for
@@ -19,6 +19,7 @@ from tdllm_attest.broker.protocol import b64url, from_b64url
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform
 from tests.api.conftest import api_settings
+from tests.api.e2e_transport import Events, RecordingTransport
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 SIMULATED = {"TDLLM_ALLOW_SIMULATED_TDX": "1"}
@@ -29,30 +30,6 @@ def _flip(text: str) -> str:
     raw = bytearray(from_b64url(text))
     raw[-1] ^= 1
     return b64url(bytes(raw))
-
-
-@dataclass
-class RecordingTransport:
-    """The client's network, recorded: every byte sent and received lands in `wire`."""
-
-    client: FlaskClient
-    wire: list[bytes] = field(default_factory=list)
-    tamper_get: Any = None
-    tamper_post: Any = None
-    tamper_answer: Any = None
-
-    def get(self, path: str, params: dict[str, str]) -> Any:
-        resp = self.client.get(path, query_string=params)
-        self.wire += [json.dumps(params).encode(), resp.data]
-        doc = resp.get_json()
-        return self.tamper_get(doc) if self.tamper_get else doc
-
-    def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        body = self.tamper_post(body) if self.tamper_post else body
-        resp = self.client.post(path, json=body)
-        self.wire += [json.dumps(body).encode(), resp.data]
-        doc = resp.get_json()
-        return resp.status_code, self.tamper_answer(doc) if self.tamper_answer else doc
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +57,88 @@ def _ask(client: E2eClient) -> dict[str, Any]:
     return client.chat(messages, max_tokens=8, temperature=0)
 
 
+def _ask_streamed(client: E2eClient, **options: Any) -> str:
+    messages = [{"role": "user", "content": PROMPT}]
+    chunks = client.chat_stream(messages, **({"max_tokens": 8, "temperature": 0} | options))
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+
+
+def _assert_no_plaintext(wire: list[bytes], answer: str) -> None:
+    joined = b"".join(wire)
+    for secret in (PROMPT, "Quillhaven", answer.strip()[:12]):
+        assert secret.encode() not in joined
+    for marker in (b"chat.completion", b"messages", b"delta", b"finish_reason"):
+        assert marker not in joined
+
+
 def test_the_wire_carries_neither_prompt_nor_answer(
     transport: RecordingTransport, platform: SimulatedTdxPlatform
 ) -> None:
     answer = _ask(_client(transport, platform))
     text = answer["choices"][0]["message"]["content"]
     assert answer["usage"]["completion_tokens"] >= 1 and text
-    wire = b"".join(transport.wire)
-    for secret in (PROMPT, "Quillhaven", text.strip()[:12]):
-        assert secret.encode() not in wire
-    assert b"chat.completion" not in wire and b"messages" not in wire
+    _assert_no_plaintext(transport.wire, text)
+
+
+def test_a_streamed_answer_equals_the_whole_answer_and_never_crosses_the_wire_in_clear(
+    transport: RecordingTransport, platform: SimulatedTdxPlatform
+) -> None:
+    client = _client(transport, platform)
+    streamed = _ask_streamed(client)
+    whole = _ask(client)["choices"][0]["message"]["content"]
+    assert streamed == whole and streamed
+    _assert_no_plaintext(transport.wire, streamed)
+    (records,) = transport.streams
+    assert len(records) >= 3 and [r["final"] for r in records] == [False] * (len(records) - 1) + [
+        True
+    ]
+    # every record is padded to 256-byte blocks: token lengths do not show in ciphertext sizes
+    assert {(len(from_b64url(r["ciphertext"])) - 16) % 256 for r in records} == {0}
+
+
+def test_stream_usage_chunks_arrive_sealed_too(
+    transport: RecordingTransport, platform: SimulatedTdxPlatform
+) -> None:
+    client = _client(transport, platform)
+    messages = [{"role": "user", "content": PROMPT}]
+    chunks = list(
+        client.chat_stream(
+            messages, max_tokens=4, temperature=0, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
 
 
 def test_a_tampered_answer_is_refused(
     transport: RecordingTransport, platform: SimulatedTdxPlatform
 ) -> None:
     transport.tamper_answer = lambda doc: doc | {"ciphertext": _flip(doc["ciphertext"])}
-    with pytest.raises(E2eError, match="does not decrypt"):
+    with pytest.raises(E2eError, match="signature does not verify"):
+        _ask(_client(transport, platform))
+
+
+def test_a_forged_answer_signature_is_refused(
+    transport: RecordingTransport, platform: SimulatedTdxPlatform
+) -> None:
+    transport.tamper_answer = lambda doc: doc | {"signature": _flip(doc["signature"])}
+    with pytest.raises(E2eError, match="signature does not verify"):
+        _ask(_client(transport, platform))
+
+
+def test_an_answer_signed_by_a_key_the_quote_does_not_bind_is_refused(
+    transport: RecordingTransport, platform: SimulatedTdxPlatform
+) -> None:
+    other = Ed25519PrivateKey.generate()
+    transport.tamper_answer = lambda doc: doc | {"signature": b64url(other.sign(b"x"))}
+    with pytest.raises(E2eError, match="signature does not verify"):
+        _ask(_client(transport, platform))
+
+
+def test_an_unsigned_answer_is_refused(
+    transport: RecordingTransport, platform: SimulatedTdxPlatform
+) -> None:
+    transport.tamper_answer = lambda doc: {k: v for k, v in doc.items() if k != "signature"}
+    with pytest.raises(E2eError, match="not a signed"):
         _ask(_client(transport, platform))
 
 
@@ -116,13 +158,27 @@ def test_an_attestation_for_another_nonce_is_refused(
         _ask(_client(transport, platform))
 
 
+@pytest.mark.parametrize(
+    ("name", "crv"), [("service_public_key", "X25519"), ("signing_public_key", "Ed25519")]
+)
 def test_a_swapped_service_key_is_refused(
-    transport: RecordingTransport, platform: SimulatedTdxPlatform
+    transport: RecordingTransport, platform: SimulatedTdxPlatform, name: str, crv: str
 ) -> None:
-    other = {"kty": "OKP", "crv": "X25519", "x": b64url(bytes(range(32)))}
-    transport.tamper_get = lambda doc: doc | {"service_public_key": other}
+    other = {"kty": "OKP", "crv": crv, "x": b64url(bytes(range(32)))}
+    transport.tamper_get = lambda doc: doc | {name: other} if "quote" in doc else doc
     with pytest.raises(AttestationRefused, match="REPORTDATA"):
         _ask(_client(transport, platform))
+    assert all(b"ciphertext" not in chunk for chunk in transport.wire)
+
+
+def test_a_tampered_quote_is_refused(
+    transport: RecordingTransport, platform: SimulatedTdxPlatform
+) -> None:
+    transport.tamper_get = lambda doc: (
+        doc | {"quote": _flip(doc["quote"])} if "quote" in doc else doc
+    )
+    with pytest.raises(AttestationRefused):
+        _ask_streamed(_client(transport, platform))
     assert all(b"ciphertext" not in chunk for chunk in transport.wire)
 
 
@@ -131,9 +187,86 @@ def test_a_simulated_root_is_refused_without_the_switch(platform: SimulatedTdxPl
         anchor_for(platform.root_der, {})
 
 
-def test_a_streaming_e2e_request_is_refused_inside_the_envelope(
+def _swap(events: Events) -> Events:
+    return [events[0], events[2], events[1], *events[3:]]
+
+
+def _flip_record(i: int) -> Callable[[Events], Events]:
+    def tamper(events: Events) -> Events:
+        events[i] = events[i] | {"ciphertext": _flip(events[i]["ciphertext"])}
+        return events
+
+    return tamper
+
+
+def _falsely_final(events: Events) -> Events:
+    return [*events[:2], events[2] | {"final": True, "signature": events[-1]["signature"]}]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "refusal"),
+    [
+        pytest.param(_swap, "record 1 does not decrypt", id="reordered"),
+        pytest.param(lambda e: [e[0], *e[2:]], "record 1 does not decrypt", id="dropped"),
+        pytest.param(lambda e: e[:-1], "truncated", id="final record cut"),
+        pytest.param(lambda e: e[:2], "truncated", id="cut mid-stream"),
+        pytest.param(_flip_record(1), "record 1 does not decrypt", id="ciphertext bit flip"),
+        pytest.param(_flip_record(-1), "record .* does not decrypt", id="final record bit flip"),
+        pytest.param(_falsely_final, "record 2 does not decrypt", id="chunk marked final"),
+        pytest.param(lambda e: [*e, e[1]], "after its final record", id="record after final"),
+        pytest.param(
+            lambda e: [*e[:-1], e[-1] | {"signature": _flip(e[-1]["signature"])}],
+            "signature does not verify",
+            id="forged final signature",
+        ),
+        pytest.param(
+            lambda e: [*e[:-1], {k: v for k, v in e[-1].items() if k != "signature"}],
+            "carries no signature",
+            id="unsigned final record",
+        ),
+    ],
+)
+def test_a_tampered_stream_is_refused(
+    transport: RecordingTransport,
+    platform: SimulatedTdxPlatform,
+    tamper: Callable[[Events], Events],
+    refusal: str,
+) -> None:
+    transport.tamper_records = tamper
+    with pytest.raises(E2eError, match=refusal):
+        _ask_streamed(_client(transport, platform))
+
+
+def test_a_record_from_another_stream_is_refused(
     transport: RecordingTransport, platform: SimulatedTdxPlatform
 ) -> None:
     client = _client(transport, platform)
-    with pytest.raises(E2eError, match="stream"):
-        client.chat([{"role": "user", "content": PROMPT}], stream=True)
+    _ask_streamed(client)
+    earlier = transport.streams[0]
+    transport.tamper_records = lambda events: [events[0], earlier[1], *events[2:]]
+    with pytest.raises(E2eError, match="record 1 does not decrypt"):
+        _ask_streamed(client)
+
+
+def test_a_streamed_request_the_service_rejects_ends_in_a_signed_error(
+    transport: RecordingTransport, platform: SimulatedTdxPlatform
+) -> None:
+    with pytest.raises(E2eError, match=r"answered 400: .*max_tokens"):
+        _ask_streamed(_client(transport, platform), max_tokens=100_000)
+    (records,) = transport.streams
+    assert len(records) == 1 and records[0]["final"] is True
+
+
+def test_e2e_logs_hold_neither_prompt_nor_answer(
+    transport: RecordingTransport, platform: SimulatedTdxPlatform, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = _client(transport, platform)
+    answers = [_ask_streamed(client), _ask(client)["choices"][0]["message"]["content"]]
+    with pytest.raises(E2eError, match="400"):
+        _ask_streamed(client, max_tokens=100_000)  # an error answer echoes nothing either
+    assert any(r.name == "tdllm.api.access" for r in caplog.records)
+    for record in caplog.records:
+        for secret in ("Quillhaven", *(a.strip()[:12] for a in answers)):
+            assert secret not in record.getMessage()
+            assert secret not in str(getattr(record, "fields", ""))

@@ -39,6 +39,13 @@ class Settings:
     model: str = "bundled"
     served_model_name: str | None = None  # the `model` id clients see; default: the model's name
     dtype: str = "fp32"
+    # protection profile of the served model (docs/security.md): td-only | split (| ...);
+    # `device` is the untrusted device of offloading profiles, `k` the private tail length,
+    # `public_ref` a public-prefix.json from `tdllm prepare` (default: the pinned bundled base)
+    profile: str = "td-only"
+    device: str = "cpu"
+    k: int = 2
+    public_ref: str | None = None
     max_batch: int = 8  # sequences decoded together (KV-cache slots)
     context_tokens: int = 2048  # KV-cache length per slot: prompt + completion
     max_prompt_tokens: int = 1536
@@ -57,6 +64,11 @@ class Settings:
     boot_attempts: int = 8
     boot_backoff_s: float = 1.0
     boot_backoff_max_s: float = 30.0
+    # client attestation: the path of the runtime (RTMR3) event log the image's extender keeps
+    # (JSON, tdllm_attest.eventlog.parse_runtime_log) and the id of the reference-values
+    # document this deployment is checked against; /v1/attestation returns both
+    runtime_log: str | None = None
+    reference_values_id: str | None = None
     threads: int = 32  # gunicorn gthread threads in the single worker
     log_level: str = "info"
 
@@ -85,6 +97,13 @@ class Settings:
             problems.append("a broker_url needs attestation 'tdx' or 'simulated'")
         if self.sealed and not self.key_id:
             problems.append("a broker_url needs key_id (the sealed model's key at the broker)")
+        rv_id = self.reference_values_id
+        if rv_id is not None and not (0 < len(rv_id) <= 200 and rv_id.isprintable()):
+            problems.append("reference_values_id must be 1..200 printable characters")
+        if self.profile != "td-only" or self.device != "cpu":
+            problems += _protection_problems(self.profile, self.device)
+        if self.k < 1:
+            problems.append("k must be at least 1")
         if any(not k or len(k) < 16 for k in self.api_keys):
             problems.append("api keys must be at least 16 characters")
         if problems:
@@ -94,6 +113,17 @@ class Settings:
     def sealed(self) -> bool:
         """Whether the model's key comes from a key broker (attested boot)."""
         return self.broker_url is not None
+
+
+def _protection_problems(profile: str, device: str) -> list[str]:
+    """Checked by the protection package itself (imported only when the default is changed)."""
+    from tdllm.protection.profiles import ProtectionOptions
+
+    try:
+        ProtectionOptions(profile, device)
+    except UsageError as exc:
+        return [str(exc)]
+    return []
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

@@ -1,8 +1,9 @@
-"""GET /v1/attestation?nonce=HEX: a fresh quote binding the client's nonce and the service key.
+"""GET /v1/attestation?nonce=HEX: a fresh quote binding the client's nonce and the service keys.
 
 A client sends a fresh random nonce, verifies the quote offline (`tdllm-verify`), recomputes
-REPORTDATA from its nonce and the returned key (`identity.report_data`), and only then trusts
-the key. In simulated mode the answer says ``"simulated": true`` and the quote proves nothing.
+REPORTDATA from its nonce and the returned keys (`identity.report_data`), replays the runtime
+event log (when there is one) into RTMR3, and only then trusts the keys. In simulated mode the
+answer says ``"simulated": true`` and the quote proves nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
@@ -18,11 +20,19 @@ from flask.typing import ResponseReturnValue
 from tdllm.api.identity import ATTEST_PROTOCOL, report_data
 from tdllm.api.openai.errors import ApiError, invalid
 from tdllm_attest.broker.protocol import b64url
+from tdllm_attest.errors import EventLogError
+from tdllm_attest.eventlog import parse_runtime_log
 
 log = logging.getLogger("tdllm.api.attestation")
 blueprint = Blueprint("attestation", __name__)
 _NONCE = re.compile(r"(?:[0-9a-fA-F]{2}){16,64}")  # 16..64 bytes
 _quote_lock = threading.Lock()  # configfs-tsm has one report entry per request anyway
+_LOG_ATTEMPTS = 3  # an extend racing our quote changes the log; re-read a bounded number of times
+MAX_LOG_BYTES = 4 << 20
+
+
+def _unavailable(message: str, code: str) -> ApiError:
+    return ApiError(503, message, "service_unavailable", None, code)
 
 
 @blueprint.get("/v1/attestation")
@@ -33,38 +43,77 @@ def attestation() -> ResponseReturnValue:
         raise invalid("nonce must be 16 to 64 bytes of hex", "nonce")
     provider = service.state.quote_provider
     if provider is None:
-        raise ApiError(
-            503,
+        raise _unavailable(
             "this service runs without attestation (attestation = 'none'): nothing to prove",
-            "service_unavailable",
-            None,
             "attestation_unavailable",
         )
     nonce = nonce.lower()
-    public_jwk = service.identity.public_jwk
-    data = report_data(nonce, public_jwk)
-    try:
-        with _quote_lock:
-            quote = provider.get_quote(data)
-    except Exception as exc:  # the TD's quote path failed: an outage, not a client mistake
-        service.metrics.attestations.labels("failed").inc()
-        log.error("quote generation failed (%s)", type(exc).__name__)
-        raise ApiError(
-            503, "cannot produce a quote now", "service_unavailable", None, "quote_failed"
-        ) from None
+    identity = service.identity
+    public_jwk, signing_jwk = identity.public_jwk, identity.signing_jwk
+    data = report_data(nonce, public_jwk, signing_jwk)
+    log_path = service.settings.runtime_log
+    quote, event_log = _quote_with_log(service, provider, data, log_path)
     service.metrics.attestations.labels("ok").inc()
     collateral = getattr(service.boot_deps, "collateral", None)
     body: dict[str, Any] = {
         "protocol": ATTEST_PROTOCOL,
         "nonce": nonce,
         "service_public_key": public_jwk,
+        "signing_public_key": signing_jwk,
         "report_data": data.hex(),
         "quote": b64url(quote),
         "collateral": collateral(quote) if collateral is not None else None,
-        "event_log": None,
-        "reference_values_id": None,
+        "event_log": event_log,
+        "reference_values_id": service.settings.reference_values_id,
         "simulated": service.state.simulated,
     }
     if service.state.simulated:
         body["warning"] = "SIMULATED TDX: this quote proves nothing about the service"
     return jsonify(body)
+
+
+def _quote_with_log(
+    service: Any, provider: Any, data: bytes, log_path: str | None
+) -> tuple[bytes, str | None]:
+    """A quote and the runtime log as it was around it (unchanged before and after)."""
+    for _ in range(_LOG_ATTEMPTS):
+        before = _read_log(service, log_path)
+        quote = _quote(service, provider, data)
+        after = _read_log(service, log_path)
+        if before == after:
+            return quote, after
+    service.metrics.attestations.labels("failed").inc()
+    log.error("the runtime event log kept changing while quoting")
+    raise _unavailable("the runtime event log is changing; try again", "event_log_unavailable")
+
+
+def _quote(service: Any, provider: Any, data: bytes) -> bytes:
+    try:
+        with _quote_lock:
+            quote: bytes = provider.get_quote(data)
+            return quote
+    except Exception as exc:  # the TD's quote path failed: an outage, not a client mistake
+        service.metrics.attestations.labels("failed").inc()
+        log.error("quote generation failed (%s)", type(exc).__name__)
+        raise _unavailable("cannot produce a quote now", "quote_failed") from None
+
+
+def _read_log(service: Any, log_path: str | None) -> str | None:
+    """The configured runtime log's text, checked to parse; a configured but unusable log is
+    an outage (503), never silently omitted, so a client cannot be shown a quote whose RTMR3
+    measurements we were told to explain but did not."""
+    if log_path is None:
+        return None
+    try:
+        raw = Path(log_path).read_bytes()
+        if len(raw) > MAX_LOG_BYTES:
+            raise EventLogError(f"over {MAX_LOG_BYTES} bytes")
+        text = raw.decode("utf-8")
+        parse_runtime_log(text)
+    except (OSError, UnicodeDecodeError, EventLogError) as exc:
+        service.metrics.attestations.labels("failed").inc()
+        log.error("runtime event log unusable (%s)", type(exc).__name__)
+        raise _unavailable(
+            "the runtime event log is unavailable", "event_log_unavailable"
+        ) from None
+    return text

@@ -1,13 +1,19 @@
 """Client of the end-to-end encrypted mode: attest first, then talk only in ciphertext.
 
 `E2eClient.chat` fetches /v1/attestation with a fresh nonce, verifies it (`attest_client`),
-encrypts the request to the attested key and decrypts the answer. The HTTP layer is a
-`Transport` so tests can record every byte that crosses the "network".
+encrypts the request to the attested key, checks the answer's signature against the attested
+signing key and decrypts it. `E2eClient.chat_stream` does the same for ``stream: true`` and
+yields each chunk as its sealed record arrives; the stream only counts as complete once its
+signed final record has verified. The HTTP layer is a `Transport` so tests can record every
+byte that crosses the "network".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import requests
@@ -18,18 +24,30 @@ from tdllm.api.attest_client import (
     new_nonce,
     verify_attestation,
 )
-from tdllm.api.e2e_protocol import E2eDecryptError, open_response, seal_request
+from tdllm.api.e2e_protocol import (
+    E2eDecryptError,
+    ExchangeKeys,
+    StreamOpener,
+    open_response,
+    seal_request,
+)
 from tdllm.errors import TdllmError
 from tdllm_attest.trust import TrustAnchor
 
+PATH = "/v1/e2e/chat/completions"
+MAX_EVENT_BYTES = 1 << 20  # one sealed record; a chunk is a few hundred bytes
+
 
 class E2eError(TdllmError):
-    """The encrypted exchange failed (tampered answer, service error); one line for people."""
+    """The encrypted exchange failed (tampered answer, bad signature, service error)."""
 
 
 class Transport(Protocol):
     def get(self, path: str, params: dict[str, str]) -> Any: ...
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]: ...
+    def post_stream(self, path: str, body: dict[str, Any]) -> tuple[int, Iterator[bytes]]:
+        """(status, the response body's lines without their line ends)."""
+        ...
 
 
 @dataclass
@@ -44,12 +62,21 @@ class RequestsTransport:
         resp = requests.post(self.base_url + path, json=body, timeout=self.timeout_s)
         return resp.status_code, resp.json()
 
+    def post_stream(self, path: str, body: dict[str, Any]) -> tuple[int, Iterator[bytes]]:
+        resp = requests.post(self.base_url + path, json=body, timeout=self.timeout_s, stream=True)
+        return resp.status_code, resp.iter_lines()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
 
 @dataclass
 class E2eClient:
     transport: Transport
     anchor: TrustAnchor
     attested: AttestedService | None = None
+    clock: Callable[[], datetime] = field(default=_now)
 
     def attest(self) -> AttestedService:
         nonce = new_nonce()
@@ -59,25 +86,79 @@ class E2eClient:
             raise AttestationRefused(
                 f"cannot fetch the attestation ({type(exc).__name__})"
             ) from None
-        self.attested = verify_attestation(doc, nonce, self.anchor)
+        self.attested = verify_attestation(doc, nonce, self.anchor, now=self.clock())
         return self.attested
 
     def chat(self, messages: list[dict[str, str]], **options: Any) -> dict[str, Any]:
-        """The plain OpenAI chat.completion document, exchanged encrypted."""
-        attested = self.attested or self.attest()
-        if "model" not in options:  # the model list is public; only the exchange is secret
-            options["model"] = self.transport.get("/v1/models", {})["data"][0]["id"]
-        payload = {"messages": messages, **options}
-        envelope, key = seal_request(attested.public_key, payload)
-        status, doc = self.transport.post("/v1/e2e/chat/completions", envelope)
+        """The plain OpenAI chat.completion document, exchanged encrypted and signed."""
+        attested, envelope, keys = self._seal(messages, options | {"stream": False})
+        status, doc = self.transport.post(PATH, envelope)
         if status != 200:
-            message = doc.get("error", {}).get("message") if isinstance(doc, dict) else None
-            raise E2eError(f"the service refused the encrypted request ({status}): {message}")
+            raise E2eError(f"the service refused the encrypted request ({status}): {_message(doc)}")
         try:
-            inner_status, body = open_response(key, doc)
+            inner_status, body = open_response(keys, attested.signing_key, doc)
         except E2eDecryptError as exc:
             raise E2eError(str(exc)) from None
         if inner_status != 200 or not isinstance(body, dict):
-            message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-            raise E2eError(f"the service answered {inner_status}: {message}")
+            raise E2eError(f"the service answered {inner_status}: {_message(body)}")
         return body
+
+    def chat_stream(
+        self, messages: list[dict[str, str]], **options: Any
+    ) -> Iterator[dict[str, Any]]:
+        """The plain chat.completion.chunk documents, each decrypted as it arrives.
+
+        Raises `E2eError` on the first record that does not authenticate in sequence, on an
+        error chunk, and at the end when the signed final record is missing or wrong.
+        """
+        attested, envelope, keys = self._seal(messages, options | {"stream": True})
+        status, lines = self.transport.post_stream(PATH, envelope)
+        if status != 200:
+            doc = _json(b"".join(lines))
+            raise E2eError(f"the service refused the encrypted request ({status}): {_message(doc)}")
+        yield from _open_stream(lines, StreamOpener(keys, attested.signing_key))
+
+    def _seal(
+        self, messages: list[dict[str, str]], options: dict[str, Any]
+    ) -> tuple[AttestedService, dict[str, str], ExchangeKeys]:
+        attested = self.attested or self.attest()
+        if "model" not in options:  # the model list is public; only the exchange is secret
+            options["model"] = self.transport.get("/v1/models", {})["data"][0]["id"]
+        envelope, keys = seal_request(attested.public_key, {"messages": messages, **options})
+        return attested, envelope, keys
+
+
+def _open_stream(lines: Iterator[bytes], opener: StreamOpener) -> Iterator[dict[str, Any]]:
+    try:
+        for line in lines:
+            if not line:
+                continue  # the blank line between events
+            if len(line) > MAX_EVENT_BYTES or not line.startswith(b"data: "):
+                raise E2eDecryptError("the encrypted stream is not tdllm-e2e/2 records")
+            final, value = opener.open(_json(line[len(b"data: ") :]))
+            if final:
+                if value["status"] != 200:
+                    raise E2eError(
+                        f"the service answered {value['status']}: {_message(value['body'])}"
+                    )
+                continue  # anything after this is refused by the opener
+            if not isinstance(value, dict) or "error" in value:
+                raise E2eError(f"the service failed mid-stream: {_message(value)}")
+            yield value
+        opener.finish()
+    except E2eDecryptError as exc:
+        raise E2eError(str(exc)) from None
+    except requests.RequestException as exc:
+        raise E2eError(f"the encrypted stream broke off ({type(exc).__name__})") from None
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _message(doc: Any) -> Any:
+    error = doc.get("error") if isinstance(doc, dict) else None
+    return error.get("message") if isinstance(error, dict) else None

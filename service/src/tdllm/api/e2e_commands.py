@@ -19,8 +19,18 @@ from tdllm.errors import UsageError
     help="UNSAFE: trust this simulated TDX root (also needs TDLLM_ALLOW_SIMULATED_TDX=1)",
 )
 @click.option("--max-tokens", type=click.IntRange(1, 4096), default=128, show_default=True)
-def chat(prompt: str, url: str, simulated_root: Path | None, max_tokens: int) -> None:
-    """Verify the service's attestation, then send PROMPT encrypted to its attested key."""
+@click.option(
+    "--stream/--no-stream",
+    default=True,
+    show_default=True,
+    help="print the answer as its encrypted chunks arrive",
+)
+def chat(prompt: str, url: str, simulated_root: Path | None, max_tokens: int, stream: bool) -> None:
+    """Verify the service's attestation, then send PROMPT encrypted to its attested key.
+
+    Every answer is signed by the attested signing key; a streamed answer only counts once its
+    signed final record verified (before that, an error line ends the output).
+    """
     from tdllm.api.attest_client import anchor_for
     from tdllm.api.e2e_client import E2eClient, RequestsTransport
     from tdllm.settings import ALLOW_SIMULATED_ENV, load_settings
@@ -34,5 +44,12 @@ def chat(prompt: str, url: str, simulated_root: Path | None, max_tokens: int) ->
     attested = client.attest()
     if attested.simulated:
         click.echo("WARNING: SIMULATED TDX attestation: this proves nothing", err=True)
-    answer = client.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens)
-    click.echo(answer["choices"][0]["message"]["content"])
+    messages = [{"role": "user", "content": prompt}]
+    if not stream:
+        answer = client.chat(messages, max_tokens=max_tokens)
+        click.echo(answer["choices"][0]["message"]["content"])
+        return
+    for chunk in client.chat_stream(messages, max_tokens=max_tokens):
+        for choice in chunk.get("choices", []):
+            click.echo(choice.get("delta", {}).get("content") or "", nl=False)
+    click.echo()
