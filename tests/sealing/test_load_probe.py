@@ -14,7 +14,7 @@ from .synthetic import Sealer, synthetic_checkpoint
 
 
 def probe(kind: str, folder: Path, key: bytes = b"") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603 - our own interpreter and module
+    return subprocess.run(
         [sys.executable, "-m", "tdllm.sealing.load_probe", kind, str(folder)],
         input=key.hex() + "\n",
         capture_output=True,
