@@ -1,0 +1,162 @@
+"""`MaskedLinearMethod`: a projection whose public-base product runs masked on a device.
+
+For ``y = x @ W.T`` with ``W = W0 + D`` (W0 the public base weight, D the secret delta):
+
+1. the TD quantizes ``x`` to fixed point (`masked_ring.quantize_activation`), adds a fresh
+   one-time pad ``r`` (`pads.PadPool`) and sends only ``x~ = x_q + r mod 2^32``;
+2. the device returns ``x~ @ W0_q.T`` over Z (`untrusted/masked_ops.gemm_ring`), W0_q being
+   the int8 quantization of the PUBLIC base weight, the only weight it ever holds;
+3. the TD checks it (`modular_freivalds`, every call), unmasks ``y_q = y~ - r @ W0_q.T mod
+   2^32`` (exact: ``|x_q @ W0_q.T| < 2^31``), dequantizes, and adds the delta ``x @ D.T`` itself
+   (dense, or the rank-r factors ``B @ A`` of its SVD).
+
+With no crossing (`crossing=None`) the same method is the TD's plain reference: it computes
+``x_q @ W0_q.T`` exactly in TD memory and does everything else identically, so greedy tokens
+from the two paths are bit-identical (tests/protection/test_masked_equivalence.py).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tdllm.model.linear import Linear, PlainCpuMethod
+from tdllm.trusted.crossing import Crossing
+from tdllm.trusted.errors import DeviceIntegrityError
+from tdllm.trusted.masked_ring import (
+    exact_product,
+    quantize_activation,
+    quantize_weight,
+    wide_chunks,
+    x_max_for,
+)
+from tdllm.trusted.modular_freivalds import ModularFreivalds
+from tdllm.trusted.pads import DEFAULT_BATCH, PadPool, mask, unmask
+
+OP = "masked_ops.gemm_ring"
+
+
+@dataclass
+class MaskedState:
+    """What the TD keeps for one masked projection."""
+
+    device_name: str  # the name its int8 public weight is resident under on the device
+    weight_q: torch.Tensor  # int8 [out, in]: public (deterministic from the public base)
+    scale: torch.Tensor  # fp64 [out]
+    weight_t64: list[torch.Tensor]  # float64 W0_q.T chunks: exact TD products (pads, reference)
+    x_max: int
+    delta: torch.Tensor | None = None  # dense [out, in] fp32, or None
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (B [out, r], A [r, in]) fp32
+    pads: PadPool | None = None
+    freivalds: ModularFreivalds | None = None
+
+
+@dataclass
+class MaskedStats:
+    calls: int = 0
+    rows: int = 0
+    checked_calls: int = 0
+    layers: list[str] = field(default_factory=list)
+
+
+class MaskedLinearMethod(PlainCpuMethod):
+    """Loads the MODEL weight like the plain method (until `install` replaces it by the
+    masked state); `apply` runs masked on `crossing`, or as the TD reference when it is None."""
+
+    def __init__(self, crossing: Crossing | None = None, check_rate: float = 1.0) -> None:
+        super().__init__()
+        if not 0.0 <= check_rate <= 1.0:
+            raise ValueError("the Freivalds rate is a probability")
+        self.crossing = crossing
+        self.check_rate = check_rate
+        self.failure: DeviceIntegrityError | None = None
+        self.stats = MaskedStats()
+        self._coin = secrets.SystemRandom()
+
+    def install(
+        self,
+        layer: Linear,
+        base_weight: torch.Tensor,
+        rank: int | None,
+        pad_batch: int = DEFAULT_BATCH,
+    ) -> float:
+        """Quantize the public `base_weight`, keep ``MODEL - BASE`` as the TD's delta, put the
+        int8 weight on the device, drop the plain MODEL weight. Returns the delta's relative
+        residual ``||D - D_r|| / ||D||`` (0 when kept exactly or when there is no delta)."""
+        plain = layer.get_parameter("weight")
+        model_weight = plain.detach().float()
+        q, scale = quantize_weight(base_weight)
+        state = MaskedState(layer.name, q, scale, wide_chunks(q), x_max_for(layer.in_features))
+        residual = _set_delta(state, model_weight - base_weight.float(), rank)
+        if self.crossing is not None:
+            self.crossing.put(state.device_name, q)
+            state.pads = PadPool(state.weight_t64, pad_batch)
+            state.freivalds = ModularFreivalds(q)
+        layer.masked_state = state  # type: ignore[assignment]
+        layer.weight = nn.Parameter(torch.empty(0, dtype=plain.dtype), requires_grad=False)
+        self.stats.layers.append(layer.name)
+        return residual
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        state: MaskedState = layer.masked_state  # type: ignore[assignment]
+        rows = x.reshape(-1, layer.in_features)
+        x_q, x_scale = quantize_activation(rows, state.x_max)
+        if self.crossing is None:
+            y_q = exact_product(x_q, state.weight_t64)
+        else:
+            y_q = self._offloaded(state, x_q).to(torch.int64)
+        y = (y_q.to(torch.float64) * (x_scale[:, None] * state.scale[None, :])).float()
+        if state.delta is not None:
+            y = y + rows.float() @ state.delta.T
+        elif state.factors is not None:
+            b, a = state.factors
+            y = y + (rows.float() @ a.T) @ b.T
+        self.stats.calls += 1
+        self.stats.rows += rows.shape[0]
+        return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+    def _offloaded(self, state: MaskedState, x_q: torch.Tensor) -> torch.Tensor:
+        if self.failure is not None:  # once caught lying, the device is never used again
+            raise DeviceIntegrityError(
+                f"serving stopped after an integrity failure: {self.failure}"
+            )
+        if self.crossing is None or state.pads is None or state.freivalds is None:
+            raise RuntimeError(f"{state.device_name} was installed without a device")
+        n, out_f = x_q.shape[0], state.weight_q.shape[0]
+        pads, products = state.pads.take(n)
+        masked = mask(x_q, pads)
+        try:
+            y_full = self.crossing.call(
+                OP, {"x": masked}, {"y": ((n, out_f), torch.int64)}, {"weight": state.device_name}
+            )["y"]
+            if self.check_rate >= 1.0 or self._coin.random() < self.check_rate:
+                self.stats.checked_calls += 1
+                if not state.freivalds.verify(masked, y_full):
+                    state.freivalds.new_epoch()
+                    raise DeviceIntegrityError(
+                        f"Freivalds check failed: the device's product for {state.device_name} "
+                        "is not x~ @ W.T; serving through it is stopped"
+                    )
+        except DeviceIntegrityError as exc:
+            self.failure = exc
+            raise
+        return unmask(y_full, products)
+
+
+def _set_delta(state: MaskedState, delta: torch.Tensor, rank: int | None) -> float:
+    """Keep `delta` in the TD: dense when ``rank`` is None or factoring would not be cheaper,
+    else its rank-r SVD; returns the relative residual of what is dropped."""
+    if not bool(delta.any()):
+        return 0.0
+    out_f, in_f = delta.shape
+    if rank is None or rank * (out_f + in_f) >= out_f * in_f:
+        state.delta = delta.contiguous()
+        return 0.0
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    b = (u[:, :rank] * s[:rank]).float().contiguous()
+    a = vh[:rank].float().contiguous()
+    state.factors = (b, a)
+    return float(s[rank:].norm() / s.norm())

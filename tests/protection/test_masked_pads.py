@@ -1,0 +1,81 @@
+"""`masked`: every pad is used once, masked words look nothing like the activation, and the
+Freivalds check over prime fields accepts honest products and rejects forged ones."""
+
+from __future__ import annotations
+
+import torch
+
+from tdllm.model.linear import Linear
+from tdllm.trusted.crossing import Crossing
+from tdllm.trusted.masked_linear import MaskedLinearMethod
+from tdllm.trusted.masked_ring import exact_product, quantize_weight, wide_chunks, wrap32
+from tdllm.trusted.modular_freivalds import PRIMES, ModularFreivalds
+from tdllm.trusted.pads import PadPool, mask, unmask
+
+
+def _masked_layer(crossing: Crossing, out_f: int = 24, in_f: int = 40) -> Linear:
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(5))
+    method = MaskedLinearMethod(crossing)
+    layer = Linear("model.layers.0.mlp.down_proj", in_f, out_f, method, torch.float32)
+    layer.load_weight(w)
+    method.install(layer, w, None, pad_batch=4)
+    return layer
+
+
+def test_pads_are_fresh_for_every_row_and_never_handed_out_twice() -> None:
+    q, _ = quantize_weight(torch.randn(8, 16))
+    pool = PadPool(wide_chunks(q), batch=5)
+    taken = [pool.take(n)[0] for n in (1, 3, 7, 2, 5)]
+    rows = torch.cat(taken)
+    assert pool.taken == 18 and pool.generated >= 18
+    assert len({tuple(r.tolist()) for r in rows}) == rows.shape[0]
+
+
+def test_pad_products_unmask_to_the_exact_product() -> None:
+    g = torch.Generator().manual_seed(1)
+    q, _ = quantize_weight(torch.randn(12, 64, generator=g))
+    pool = PadPool(wide_chunks(q))
+    x = torch.randint(-2000, 2000, (3, 64), generator=g, dtype=torch.int32)
+    pads, products = pool.take(3)
+    masked = mask(x, pads)
+    device_answer = exact_product(masked, wide_chunks(q))  # what an honest device returns
+    assert torch.equal(unmask(device_answer, products), wrap32(exact_product(x, wide_chunks(q))))
+
+
+def test_the_same_activation_crosses_as_different_words_every_time() -> None:
+    crossing = Crossing.open("cpu", keep_payloads=True)
+    try:
+        layer = _masked_layer(crossing)
+        x = torch.randn(2, 40)
+        out = [layer(x) for _ in range(3)]
+        assert all(torch.equal(out[0], o) for o in out[1:])  # the TD's result is the same
+        sent = [
+            torch.frombuffer(bytearray(r.payload or b""), dtype=torch.int32).reshape(2, 40)
+            for r in crossing.transcript.records
+            if r.name == "x" and r.direction == "to_device"
+        ]
+        assert len(sent) == 3
+        rows = torch.cat(sent)
+        assert len({tuple(r.tolist()) for r in rows}) == 6  # no row repeats, even for equal x
+        # differences between two crossings of the same x are pad differences: not constant
+        assert len(set((sent[0] - sent[1]).flatten().tolist())) > 40
+    finally:
+        crossing.close()
+
+
+def test_freivalds_accepts_honest_products_and_rejects_single_word_forgeries() -> None:
+    g = torch.Generator().manual_seed(2)
+    q, _ = quantize_weight(torch.randn(30, 50, generator=g))
+    check = ModularFreivalds(q)
+    x = torch.randint(-(2**31), 2**31, (4, 50), generator=g, dtype=torch.int64).to(torch.int32)
+    y = exact_product(x, wide_chunks(q))
+    assert check.verify(x, y)
+    for change in (1, -1, 1 << 31, 1 << 32, PRIMES[0], PRIMES[1], PRIMES[0] * PRIMES[1]):
+        forged = y.clone()
+        forged[2, 7] += change
+        assert not check.verify(x, forged), change
+    forged = y.clone()
+    forged[0, 0] = -(2**63)  # out of range; abs() would have wrapped
+    assert not check.verify(x, forged)
+    assert not check.verify(x, y[:, :29])  # wrong shape
+    assert check.verify(x, y)  # still accepts the honest product afterwards
