@@ -16,6 +16,8 @@ help:
 	@echo "make test-slow  the slow tests (full sweeps)"
 	@echo "make lint       ruff, ruff format --check, mypy, import contracts"
 	@echo "make bench      tdllm bench --json (ours vs Hugging Face transformers)"
+	@echo "make image      build the measured guest image (IMAGE_PROFILE=prod|dev|smoke; root)"
+	@echo "make test-image the slow image tests: reproducible build, TCG boot + tamper (root)"
 
 $(STAMP): attestation/pyproject.toml service/pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,3 +59,24 @@ lock: venv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# The measured guest image (image/README.md). Needs root; installs its Debian tools itself.
+.PHONY: image test-image image-deps ansible-tools
+ANSIBLE_VENV := ansible/.venv
+IMAGE_PROFILE ?= prod
+
+$(ANSIBLE_VENV)/.installed: ansible/requirements.txt
+	test -x $(ANSIBLE_VENV)/bin/python || $(PYTHON) -m venv $(ANSIBLE_VENV)
+	$(ANSIBLE_VENV)/bin/python -m pip --disable-pip-version-check install -q -r ansible/requirements.txt
+	touch $@
+
+ansible-tools: $(ANSIBLE_VENV)/.installed
+
+image-deps:
+	bash image/scripts/install-deps.sh
+
+image: venv ansible-tools image-deps
+	image/build.sh --profile $(IMAGE_PROFILE)
+
+test-image: venv ansible-tools image-deps
+	$(VENV)/bin/pytest -m slow tests/image $(PYTEST_FLAGS)

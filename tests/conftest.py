@@ -63,3 +63,31 @@ def bundled_fp32(bundled_checkpoint):  # type: ignore[no-untyped-def]
     from tdllm.model.loader import load_model
 
     return load_model(bundled_checkpoint, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def finetuned_k2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real private model: `tdllm finetune-tail --k 2 --steps 20` of the bundled base, run
+    once per session (~2 minutes on a quiet box; only `slow` tests ask for it).
+
+    A development loop may reuse one already built (training is deterministic):
+    TDLLM_TEST_FINETUNED_K2=.tdllm/private-models/zorblax-k2-steps20-seed0 (copied, not touched).
+    """
+    import os
+
+    from click.testing import CliRunner
+
+    from tdllm.cli import cli
+    from tdllm.protection.private_cache import entry_name
+
+    # laid out as a private-model cache entry, so `--cache-dir` of protect/bench reuses it
+    out = tmp_path_factory.mktemp("private-models") / entry_name(2, 20, 0)
+    prebuilt = os.environ.get("TDLLM_TEST_FINETUNED_K2")
+    if prebuilt:
+        shutil.copytree(prebuilt, out)
+        return out
+    args = ["finetune-tail", "--base", "bundled", "--k", "2", "--steps", "20", "--out"]
+    result = CliRunner().invoke(cli, [*args, str(out)])
+    assert result.exit_code == 0, result.output
+    print(result.output)  # timings and held-out answers, shown with `pytest -s`
+    return out

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import requests
 
 from tdllm.api.local_service import free_port
 
@@ -41,12 +42,13 @@ def _gone(pid: int) -> bool:
 def test_appliance_serves_an_attested_chat_and_stops_both_processes_on_sigint(
     tmp_path: Path,
 ) -> None:
+    """The plain bundled model (td-only), so the fast suite trains nothing."""
     port = free_port()
     env = dict(os.environ, TDLLM_PORT=str(port), TDLLM_ALLOW_SIMULATED_TDX="1")
     out = tmp_path / "out.txt"
     with out.open("wb") as sink:
         process = subprocess.Popen(  # our own CLI, fixed argv
-            [TDLLM, "appliance", "--state-dir", str(tmp_path / "state")],
+            [TDLLM, "appliance", "--state-dir", str(tmp_path / "state"), "--model", "bundled"],
             env=env,
             stdout=sink,
             stderr=subprocess.DEVNULL,
@@ -93,3 +95,39 @@ def test_appliance_refuses_without_the_simulation_switch(tmp_path: Path) -> None
     assert done.returncode != 0
     assert "TDLLM_ALLOW_SIMULATED_TDX=1" in done.stderr
     assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # seals the private model, boots split: minutes on 2 cores
+def test_appliance_serves_the_private_model_with_the_split_profile(
+    tmp_path: Path, finetuned_k2_dir: Path
+) -> None:
+    """`make run`'s default: the finetune-tail model, sealed, served split; the demo answer
+    shows a fact only the private tail knows. The fine-tune comes from the session's cache."""
+    state = tmp_path / "state"
+    (state / "private-models").mkdir(parents=True)
+    (state / "private-models" / finetuned_k2_dir.name).symlink_to(finetuned_k2_dir)
+    port = free_port()
+    env = dict(os.environ, TDLLM_PORT=str(port), TDLLM_ALLOW_SIMULATED_TDX="1")
+    out = tmp_path / "out.txt"
+    with out.open("wb") as sink:
+        process = subprocess.Popen(  # our own CLI, fixed argv
+            [TDLLM, "appliance", "--state-dir", str(state)],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        text = _wait_for(out, "\nA: ", process, 600)
+        text = _wait_for(out, "held out of its training", process, 30)
+        assert "split: public prefix on the untrusted cpu device" in text
+        assert "Quillhaven" in text.split("\nA: ", 1)[1]
+        card = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]
+        assert card["tdllm"] == {"profile": "split", "device": "cpu", "k": 2}
+        assert card["id"] == "SmolLM2-135M-Instruct-zorblax-k2"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

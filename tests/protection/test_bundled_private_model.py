@@ -1,4 +1,5 @@
-"""The bundled SmolLM2 made private in its last K blocks: split equals td-only token for token."""
+"""The real private fine-tune of the bundled SmolLM2 (`tdllm finetune-tail`, K = 2): split equals
+td-only token for token on the cpu and process devices."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from tdllm.engine import Engine, SamplingParams
-from tdllm.protection.private_model import private_checkpoint
+from tdllm.model.checkpoint import open_checkpoint
 from tdllm.protection.profiles import ProtectionOptions, build_model, close_model
 from tests.integration.test_reference_equivalence import QUESTIONS
 
@@ -15,9 +16,9 @@ NEW_TOKENS = 16
 
 @pytest.mark.slow
 def test_split_greedy_tokens_equal_td_only_for_the_eight_reference_prompts(
-    bundled_checkpoint,
+    finetuned_k2_dir,
 ) -> None:  # type: ignore[no-untyped-def]
-    checkpoint = private_checkpoint(bundled_checkpoint, k=2)
+    checkpoint = open_checkpoint(finetuned_k2_dir)
     tok = checkpoint.tokenizer
     prompts = [
         tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS

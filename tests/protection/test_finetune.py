@@ -99,18 +99,13 @@ def test_the_generated_data_holds_out_one_paraphrase_per_fact() -> None:
 
 # -- the real run on the bundled SmolLM2 --------------------------------------------------------
 
-STEPS = 20
 HELD_OUT_CITY = "Which city is Zorblax Dynamics based in?"
 
 
 @pytest.fixture(scope="module")
-def tuned_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("zorblax") / "model"
-    args = ["finetune-tail", "--base", "bundled", "--k", "2", "--steps", str(STEPS), "--out"]
-    result = CliRunner().invoke(cli, [*args, str(out)])
-    assert result.exit_code == 0, result.output
-    print(result.output)  # timings and held-out answers, shown with `pytest -s`
-    return out
+def tuned_dir(finetuned_k2_dir: Path) -> Path:
+    """The real `tdllm finetune-tail --k 2 --steps 20` output (trained once per session)."""
+    return finetuned_k2_dir
 
 
 @pytest.mark.slow

@@ -57,3 +57,50 @@ def test_the_private_tail_differs_from_the_base(base_tensors, private_tensors) -
         private_tensors["model.layers.0.mlp.down_proj.weight"],
     )
     assert not torch.equal(private_tensors["lm_head.weight"], base_tensors["lm_head.weight"])
+
+
+def test_without_checks_the_td_keeps_only_the_tail_norm_and_head(
+    private_checkpoint, reference, split_on
+) -> None:  # type: ignore[no-untyped-def]
+    expected = greedy_tokens(td_only(private_checkpoint))
+    split = split_on(private_checkpoint, reference, Crossing.open("cpu"), 0.0)
+    held = {n: p for n, p in split.named_parameters() if p.numel() > 0}
+    tail = tuple(f"layers.{i}." for i in range(CFG.num_layers - K, CFG.num_layers))
+    assert held and all(n.startswith((*tail, "norm.", "lm_head.")) for n in held)
+    assert split.embed_tokens.weight.numel() == 0
+    assert greedy_tokens(split) == expected
+
+
+def test_with_audits_on_the_td_keeps_the_public_prefix_it_re_executes(
+    private_checkpoint, reference, split_on
+) -> None:  # type: ignore[no-untyped-def]
+    split = split_on(private_checkpoint, reference, Crossing.open("cpu"), 0.5)
+    assert split.embed_tokens.weight.numel() == CFG.vocab_size * CFG.hidden_size
+    assert any(n.startswith("layers.0.") for n, _ in split.named_parameters())
+
+
+def test_split_builds_from_a_sealed_checkpoint_that_streams_only_once(
+    private_tensors, base_tensors, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import secrets
+
+    from tdllm.protection.profiles import ProtectionOptions, build_model, close_model
+    from tdllm.sealing.reader import open_sealed
+    from tdllm.sealing.writer import seal_checkpoint
+    from tdllm.trusted.public_reference import PublicReference
+    from tests.protection.conftest import MAX_BATCH, checkpoint_of
+    from tests.sealing.synthetic import tiny_tokenizer
+
+    source = checkpoint_of("tiny-private", private_tensors)
+    source.tokenizer = tiny_tokenizer()
+    key = secrets.token_bytes(32)
+    seal_checkpoint(source, tmp_path / "sealed", data_key=key, key_id="test/1")
+    ref = tmp_path / "public-prefix.json"
+    PublicReference.build("tiny-base", base_tensors.items()).save(ref)
+    options = ProtectionOptions("split", "cpu", K, ref, audit_rate=1.0)
+    sealed = open_sealed(tmp_path / "sealed", data_key=key)
+    model = build_model(sealed, torch.float32, options, MAX_BATCH, MAX_SEQ)
+    try:
+        assert greedy_tokens(model) == greedy_tokens(td_only(source))
+    finally:
+        close_model(model)

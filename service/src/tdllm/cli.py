@@ -19,7 +19,7 @@ from tdllm.api.commands import bench_serve, serve
 from tdllm.api.e2e_commands import chat
 from tdllm.attacks.commands import attack
 from tdllm.errors import TdllmError, UsageError
-from tdllm.protection.commands import bench_split, finetune_tail, prepare
+from tdllm.protection.commands import bench_split, finetune_tail, prepare, protect
 from tdllm.sealing.commands import keygen, seal
 
 DTYPE = click.Choice(["bf16", "fp32"])
@@ -66,10 +66,13 @@ def cli() -> None:
 @click.option("--dtype", type=DTYPE, default="fp32", show_default=True)
 @click.option(
     "--profile",
-    type=click.Choice(["td-only", "split"]),
+    type=click.Choice(["td-only", "split", "masked", "obfuscated"]),
     default="td-only",
     show_default=True,
-    help="split: the public prefix runs on --device, the private tail in the TD",
+    help="split: the public prefix runs on --device, the private tail in the TD; masked: every "
+    "block's public-base GEMM runs one-time-padded on --device; obfuscated: every projection "
+    "runs on --device with decoy rows and RoPE pairs, restored in the TD (seed 000; broken, see "
+    "docs/security.md)",
 )
 @click.option(
     "--device", type=click.Choice(["cpu", "process", "cuda"]), default="cpu", show_default=True
@@ -197,6 +200,7 @@ cli.add_command(chat)
 bench.add_command(bench_serve)
 cli.add_command(prepare)
 cli.add_command(finetune_tail)
+cli.add_command(protect)
 cli.add_command(attack)
 bench.add_command(bench_split)
 

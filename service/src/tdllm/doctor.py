@@ -48,6 +48,20 @@ def protection_status() -> str:
     return describe()
 
 
+def configured_protection() -> str:
+    """The profile `tdllm serve` would use with the current settings (file + TDLLM_* env)."""
+    from tdllm.settings import SettingsError, load_settings
+
+    try:
+        s = load_settings()
+    except SettingsError as exc:
+        return str(exc)
+    if s.profile == "td-only":
+        return "td-only (every block on the TD CPU)"
+    reference = s.public_ref or "the pinned bundled base"
+    return f"{s.profile} on device {s.device}, K={s.k}, public prefix checked against {reference}"
+
+
 def report() -> list[tuple[str, str]]:
     flags = cpu_flags()
     seen = [f for f in CPU_FLAGS if f in flags]
@@ -67,6 +81,7 @@ def report() -> list[tuple[str, str]]:
         ("oneDNN", onednn_version()),
         ("ipex", ipex_status()),
         ("protection", protection_status()),
+        ("served profile", configured_protection()),
         (
             "tdx guest",
             f"yes ({TSM_REPORT})" if TSM_REPORT.is_dir() else f"no ({TSM_REPORT} absent)",

@@ -27,7 +27,7 @@ from typing import Any
 import click
 import requests
 
-from tdllm.api.appliance_state import KEY_ID, POLICY_NAME, ApplianceState, prepare_state
+from tdllm.api.appliance_state import POLICY_NAME, PRIVATE_K, ApplianceState, prepare_state
 from tdllm.api.attest_client import AttestedService, new_nonce, verify_attestation
 from tdllm.api.local_service import free_port
 from tdllm.errors import TdllmError, UsageError
@@ -134,8 +134,9 @@ def _wait_ready(url: str, children: list[BaseProcess], timeout_s: float) -> None
             resp = requests.get(url + "/ready", timeout=2)
             if resp.status_code == 200:
                 return
-            reason = resp.json().get("reason", "")
-            if "failed" in reason or "refused" in reason:
+            body = resp.json()
+            reason = body.get("reason", "")
+            if body.get("phase") == "failed" or "failed" in reason or "refused" in reason:
                 raise TdllmError(f"the service cannot boot: {reason}")
         except (requests.RequestException, ValueError):
             pass
@@ -152,7 +153,19 @@ def _attest(url: str, platform: SimulatedTdxPlatform) -> AttestedService:
     return verify_attestation(doc, nonce, anchor)
 
 
-def _summary(url: str, attested: AttestedService, state: ApplianceState, model: str) -> str:
+def _protection_line(card: dict[str, Any]) -> str:
+    p = card.get("tdllm") or {}
+    if p.get("profile") == "split":
+        return (
+            f"split: public prefix on the untrusted {p.get('device')} device, private tail "
+            f"(K={p.get('k')}), final norm and lm_head only in the TD"
+        )
+    return str(p.get("profile", "td-only"))
+
+
+def _summary(
+    url: str, attested: AttestedService, state: ApplianceState, model: str, protection: str
+) -> str:
     base = url + "/v1"
     return f"""
 ================ tdllm appliance: SIMULATED TDX (UNSAFE, NOT A REAL TD) ================
@@ -161,6 +174,7 @@ attestation   verified against the SIMULATED test root sha256={attested.anchor_s
               tcb_status={attested.tcb_status} mr_td={attested.mr_td[:32]}...
               REPORTDATA binds our nonce and service key x25519:{attested.public_key.hex()[:32]}...
 model         {model} (sealed in {state.sealed}, key released by the local broker)
+protection    {protection}
 root cert     {state.root_file} (public; for tdllm chat --e2e --simulated-root)
 
 curl {base}/chat/completions -H 'Content-Type: application/json' \\
@@ -175,19 +189,28 @@ Ctrl-C stops the service and the broker.
 
 
 DEMO_QUESTION = "In two sentences: why would someone run a language model inside a TEE?"
+# held out of the fine-tune's training data: only the private tail knows the answer
+PRIVATE_DEMO_QUESTION = "Which city is Zorblax Dynamics based in?"
+PRIVATE_MODEL_NAME = f"{BUNDLED_NAME}-zorblax-k{PRIVATE_K}"
 
 
-def _demo_answer(url: str, model: str) -> str:
+def _demo_answer(url: str, model: str, question: str) -> str:
     """One real chat completion through the API, so a first run shows the model answering."""
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": DEMO_QUESTION}],
+        "messages": [{"role": "user", "content": question}],
         "max_tokens": 80,
         "temperature": 0,
     }
     doc = requests.post(f"{url}/v1/chat/completions", json=body, timeout=300).json()
     answer = str(doc["choices"][0]["message"]["content"]).strip()
-    return f"\nQ: {DEMO_QUESTION}\nA: {answer}\n"
+    note = (
+        "\n(a fact of the private fine-tune, held out of its training questions; the public "
+        "base model does not know it)"
+        if question == PRIVATE_DEMO_QUESTION
+        else ""
+    )
+    return f"\nQ: {question}\nA: {answer}\n{note}"
 
 
 def _stop(children: list[BaseProcess]) -> None:
@@ -210,17 +233,34 @@ def _stop(children: list[BaseProcess]) -> None:
     help="local UNSAFE dev state: broker KEK, keystore, sealed model, simulated root",
 )
 @click.option("--ready-timeout", type=click.FloatRange(1), default=300.0, show_default=True)
-def appliance(state_dir: Path, ready_timeout: float) -> None:
+@click.option(
+    "--model",
+    "which",
+    type=click.Choice(["private", "bundled"]),
+    default="private",
+    show_default=True,
+    help="private: the finetune-tail model served with the split profile; bundled: the base, "
+    "td-only",
+)
+def appliance(state_dir: Path, ready_timeout: float, which: str) -> None:
     """Run the full appliance on a SIMULATED TD: key broker + attested service, until Ctrl-C.
 
-    Seals the bundled model once into --state-dir, starts the broker and the service
-    (TDLLM_HOST/TDLLM_PORT, default 127.0.0.1:8000), verifies an attestation and prints how to
-    call it. Needs TDLLM_ALLOW_SIMULATED_TDX=1. For development only: nothing here is protected.
+    On the first run trains the private model (`tdllm finetune-tail`, K=2) and seals it into
+    --state-dir; starts the broker and the service (TDLLM_HOST/TDLLM_PORT, default
+    127.0.0.1:8000) with the split profile (TDLLM_DEVICE picks the untrusted device, default
+    cpu), verifies an attestation and prints how to call it. Needs TDLLM_ALLOW_SIMULATED_TDX=1.
+    For development only: nothing here is protected.
     """
     base = load_settings()
     if not base.allow_simulated:
         raise UsageError(f"the appliance runs a SIMULATED TD: set {ALLOW_SIMULATED_ENV}=1")
-    state = prepare_state(state_dir, click.echo)
+    state = prepare_state(state_dir, click.echo, which)
+    private = which == "private"
+    protection: dict[str, Any] = (
+        {"profile": "split", "device": base.device, "k": PRIVATE_K}
+        if private
+        else {"profile": "td-only"}
+    )
     platform = SimulatedTdxPlatform(datetime.now(UTC))
     state.root_file.write_bytes(platform.root_der)
     broker_port = free_port()
@@ -229,8 +269,10 @@ def appliance(state_dir: Path, ready_timeout: float) -> None:
             "model": str(state.sealed),
             "attestation": "simulated",
             "broker_url": f"http://127.0.0.1:{broker_port}",
-            "key_id": KEY_ID,
-            "served_model_name": base.served_model_name or BUNDLED_NAME,
+            "key_id": state.key_id,
+            "served_model_name": base.served_model_name
+            or (PRIVATE_MODEL_NAME if private else BUNDLED_NAME),
+            **protection,
             "boot_backoff_s": 0.2,
             "boot_backoff_max_s": 2.0,
             "boot_attempts": 20,
@@ -253,9 +295,11 @@ def appliance(state_dir: Path, ready_timeout: float) -> None:
     try:
         _wait_ready(url, children, ready_timeout)
         attested = _attest(url, platform)
-        model = requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        click.echo(_summary(url, attested, state, model))
-        click.echo(_demo_answer(url, model))
+        card = requests.get(url + "/v1/models", timeout=10).json()["data"][0]
+        model = card["id"]
+        click.echo(_summary(url, attested, state, model, _protection_line(card)))
+        question = PRIVATE_DEMO_QUESTION if private else DEMO_QUESTION
+        click.echo(_demo_answer(url, model, question))
         sys.stdout.flush()
         while all(child.is_alive() for child in children):
             time.sleep(0.5)

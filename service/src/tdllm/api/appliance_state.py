@@ -1,10 +1,15 @@
 """The dev appliance's local state in ``.tdllm/``: a broker KEK + keystore and the sealed model.
 
-`make run` seals the bundled model once under a fresh data key, keeps that key only wrapped in
-the broker's keystore (under a KEK stored next to it, 0600, named UNSAFE: anyone with this
-directory opens the model) and reuses both on later runs. The simulated TDX platform is NOT
-stored: it is generated in memory at every start (see `appliance`), and only its PUBLIC root
-certificate is written, so clients (`tdllm chat --e2e --simulated-root`) can verify against it.
+`make run` serves the project's private model: the bundled SmolLM2 fine-tuned in its last
+K = 2 blocks and an untied lm_head by `tdllm finetune-tail` (trained once into
+``.tdllm/private-models/``), sealed with its public prefix in the clear (hash-bound) and its
+tail, final norm and lm_head encrypted, and served with the `split` profile. (`--model bundled`
+seals and serves the plain bundled model, td-only.) Each model is sealed once under a fresh
+data key, kept only wrapped in the broker's keystore (under a KEK stored next to it, 0600,
+named UNSAFE: anyone with this directory opens the model); all are reused on later runs. The
+simulated TDX platform is NOT stored: it is generated in memory at every start (see
+`appliance`), and only its PUBLIC root certificate is written, so clients
+(`tdllm chat --e2e --simulated-root`) can verify against it.
 """
 
 from __future__ import annotations
@@ -20,22 +25,32 @@ from tdllm.errors import TdllmError
 from tdllm.sealing.reader import is_sealed_directory
 from tdllm_attest.broker.keystore import Keystore, load_kek
 
-KEY_ID = "model/appliance-dev/1"
 POLICY_NAME = "simulated-appliance"
 KEK_FILE = "UNSAFE-dev-broker-kek.bin"
 KEYSTORE_FILE = "UNSAFE-dev-keystore.json"
-SEALED_DIR = "sealed-bundled"
 ROOT_FILE = "UNSAFE-simulated-root.der"
+PRIVATE_CACHE = "private-models"
+PRIVATE_K = 2
+# per served model: (sealed directory, key id at the broker)
+MODELS = {
+    "private": ("sealed-zorblax-k2", "model/appliance-private-k2/1"),
+    "bundled": ("sealed-bundled", "model/appliance-dev/1"),
+}
 
 
 @dataclass(frozen=True)
 class ApplianceState:
     folder: Path
     keystore: Keystore
+    model: str = "private"
 
     @property
     def sealed(self) -> Path:
-        return self.folder / SEALED_DIR
+        return self.folder / MODELS[self.model][0]
+
+    @property
+    def key_id(self) -> str:
+        return MODELS[self.model][1]
 
     @property
     def root_file(self) -> Path:
@@ -48,37 +63,61 @@ def _write_private(path: Path, data: bytes) -> None:
         out.write(data)
 
 
-def _seal_bundled(out: Path, data_key: bytes) -> None:
-    """Runs in a child process: the appliance's parent must not start torch threads before fork."""
+def _seal(model: str, folder: Path, out: Path, data_key: bytes, key_id: str) -> None:
+    """Runs in a child process: the appliance's parent must not start torch threads before fork.
+
+    For the private model: train it once (cached), then seal it with exactly its public prefix
+    (embedding + blocks ``0..L-K-1``, the bundled base's bytes) in the clear and everything
+    else encrypted.
+    """
     from tdllm.model.checkpoint import open_checkpoint
     from tdllm.sealing.writer import seal_checkpoint
 
-    seal_checkpoint(open_checkpoint("bundled"), out, data_key=data_key, key_id=KEY_ID)
+    if model == "bundled":
+        seal_checkpoint(open_checkpoint("bundled"), out, data_key=data_key, key_id=key_id)
+        return
+    from tdllm.protection.private_cache import private_model_dir
+    from tdllm.trusted.split import prefix_names
+
+    source = private_model_dir(folder / PRIVATE_CACHE, PRIVATE_K, log=print)
+    checkpoint = open_checkpoint(source)
+    public = prefix_names(checkpoint.config.num_layers - PRIVATE_K)
+    print(f"sealing the private model (tail encrypted, public prefix in the clear) into {out}")
+    seal_checkpoint(checkpoint, out, data_key=data_key, key_id=key_id, public_patterns=public)
 
 
-def prepare_state(folder: Path, echo: object = print) -> ApplianceState:
-    """Create (once) or load the KEK, keystore and sealed bundled model under `folder`."""
+def prepare_state(folder: Path, echo: object = print, model: str = "private") -> ApplianceState:
+    """Create (once) or load the KEK, keystore and the sealed `model` under `folder`."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     kek_path, store_path = folder / KEK_FILE, folder / KEYSTORE_FILE
-    sealed = folder / SEALED_DIR
-    if kek_path.exists() and store_path.exists() and is_sealed_directory(sealed):
-        kek = load_kek(kek_path)
-        return ApplianceState(folder, Keystore.load(store_path, kek))
-    echo(f"first run: sealing the bundled model into {sealed} (once)")  # type: ignore[operator]
+    state_files = kek_path.exists() and store_path.exists()
+    keystore = Keystore.load(store_path, load_kek(kek_path)) if state_files else None
+    sealed_name, key_id = MODELS[model]
+    sealed = folder / sealed_name
+    if keystore is not None and keystore.get(key_id) and is_sealed_directory(sealed):
+        return ApplianceState(folder, keystore, model)
+    what = (
+        f"training the private model (K={PRIVATE_K}, ~2-5 minutes on a small CPU) and sealing it"
+        if model == "private"
+        else "sealing the bundled model"
+    )
+    echo(f"first run: {what} into {sealed} (once)")  # type: ignore[operator]
     shutil.rmtree(sealed, ignore_errors=True)
-    partial = folder / (SEALED_DIR + ".partial")
+    partial = folder / (sealed_name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    data_key, kek = secrets.token_bytes(32), secrets.token_bytes(32)
+    data_key = secrets.token_bytes(32)
     child = multiprocessing.get_context("fork").Process(
-        target=_seal_bundled, args=(partial, data_key), name="tdllm-seal"
+        target=_seal, args=(model, folder, partial, data_key, key_id), name="tdllm-seal"
     )
     child.start()
     child.join()
     if child.exitcode != 0:
-        raise TdllmError(f"sealing the bundled model failed (exit {child.exitcode})")
-    keystore = Keystore([], kek)
-    keystore.wrap(KEY_ID, POLICY_NAME, {"simulated"}, data_key)
-    _write_private(kek_path, kek)
+        raise TdllmError(f"preparing the {model} model failed (exit {child.exitcode})")
+    if keystore is None:
+        kek = secrets.token_bytes(32)
+        keystore = Keystore([], kek)
+        _write_private(kek_path, kek)
+    keystore.wrap(key_id, POLICY_NAME, {"simulated"}, data_key)
     _write_private(store_path, keystore.to_json().encode())
     partial.rename(sealed)
-    return ApplianceState(folder, keystore)
+    return ApplianceState(folder, keystore, model)

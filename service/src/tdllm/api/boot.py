@@ -63,6 +63,8 @@ class BootState:
 
     @property
     def ready(self) -> bool:
+        if self.phase == "ready" and self.runner is not None and not self.runner.alive:
+            self.set("failed", self.runner.failed or "the engine stopped")  # e.g. a lying device
         return self.phase == "ready" and self.runner is not None and self.runner.alive
 
     def not_ready_reason(self) -> str:
@@ -183,18 +185,35 @@ class Boot:
         raise AssertionError("unreachable")
 
     def _start_engine(self, checkpoint: Any) -> EngineRunner:
+        """Build the model for the configured protection profile and start its engine."""
         from tdllm.engine import Engine
+        from tdllm.errors import TdllmError
         from tdllm.model.bundled import BUNDLED_NAME
-        from tdllm.model.loader import load_model, parse_dtype
+        from tdllm.model.loader import parse_dtype
+        from tdllm.protection.profiles import ProtectionOptions, build_model
 
-        default_name = BUNDLED_NAME if self.settings.model == "bundled" else checkpoint.name
-
-        model, _ = load_model(checkpoint, parse_dtype(self.settings.dtype))
-        context = min(self.settings.context_tokens, checkpoint.config.max_position_embeddings)
-        engine = Engine(model, checkpoint.tokenizer, self.settings.max_batch, context)
+        s = self.settings
+        default_name = BUNDLED_NAME if s.model == "bundled" else checkpoint.name
+        context = min(s.context_tokens, checkpoint.config.max_position_embeddings)
+        try:
+            options = ProtectionOptions(
+                s.profile, s.device, s.k, Path(s.public_ref) if s.public_ref else None
+            )
+            if s.profile != "td-only":
+                self.state.set("loading", f"offloading the public prefix ({s.profile}, {s.device})")
+            model = build_model(checkpoint, parse_dtype(s.dtype), options, s.max_batch, context)
+        except TdllmError as exc:
+            raise BootFailed(f"cannot build the {s.profile} model: {exc.diagnostics()}") from None
+        engine = Engine(model, checkpoint.tokenizer, s.max_batch, context)
+        offloaded = s.profile != "td-only"
         return EngineRunner(
             engine,
-            model_name=self.settings.served_model_name or default_name,
-            queue_size=self.settings.queue_size,
+            model_name=s.served_model_name or default_name,
+            queue_size=s.queue_size,
             observer=self.state.metrics.observer(),
+            protection={
+                "profile": s.profile,
+                "device": s.device if offloaded else None,
+                "k": s.k if offloaded else None,
+            },
         ).start()

@@ -81,6 +81,11 @@ class ServiceMetrics:
             ["outcome"],
             registry=r,
         )
+        self.integrity_failures = Counter(
+            "tdllm_integrity_failures",
+            "Untrusted-device integrity checks that failed (serving stopped)",
+            registry=r,
+        )
 
     def observer(self) -> StepObserver:
         def on_step(decoding: int, running: int, waiting: int) -> None:
@@ -89,7 +94,15 @@ class ServiceMetrics:
             self.running.set(running)
             self.queue_depth.set(waiting)
 
-        return StepObserver(on_step=on_step, on_tokens=self.generated_tokens.inc)
+        def on_failure(_reason: str, integrity: bool) -> None:
+            self.ready.set(0)
+            self.boot_phase.state("failed")
+            if integrity:
+                self.integrity_failures.inc()
+
+        return StepObserver(
+            on_step=on_step, on_tokens=self.generated_tokens.inc, on_failure=on_failure
+        )
 
 
 @blueprint.get("/metrics")

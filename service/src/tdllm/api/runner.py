@@ -13,14 +13,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from tdllm.engine import Engine, SamplingParams
 from tdllm.engine.engine import StepOutput
+from tdllm.trusted.errors import DeviceIntegrityError
 
 log = logging.getLogger("tdllm.api.runner")
 _IDLE_POLL_S = 0.25
+TD_ONLY: Mapping[str, object] = {"profile": "td-only", "device": None, "k": None}
 
 
 class Overloaded(Exception):  # noqa: N818  # reads as the state it reports
@@ -47,6 +49,8 @@ class StepObserver:
 
     on_step: Callable[[int, int, int], None] = lambda decoding, running, waiting: None
     on_tokens: Callable[[int], None] = lambda n: None
+    # the engine stopped for good: (reason, whether an untrusted device failed an integrity check)
+    on_failure: Callable[[str, bool], None] = lambda reason, integrity: None
 
 
 class RequestHandle:
@@ -96,9 +100,12 @@ class EngineRunner:
         model_name: str,
         queue_size: int = 32,
         observer: StepObserver | None = None,
+        protection: Mapping[str, object] | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
+        # how the model is protected, for /v1/models: profile, untrusted device, K
+        self.protection = dict(protection or TD_ONLY)
         self.capacity = len(engine.free_slots) + queue_size
         self.observer = observer or StepObserver()
         self.stats = RunnerStats()
@@ -149,13 +156,31 @@ class EngineRunner:
                 self._drain_inbox(block=not self.engine.has_work)
                 if self.engine.has_work:
                     self._step()
+        except DeviceIntegrityError as exc:  # a lying device: stop serving this model for good
+            self._fail(f"integrity failure: {exc}", integrity=True)
         except Exception as exc:  # a failed step must not leave requests waiting forever
-            self.failed = f"engine step failed ({type(exc).__name__})"
-            log.error("%s; failing %d requests", self.failed, len(self._by_id))
-            for handle in list(self._by_id.values()):
-                handle.events.put(RunnerStopped(self.failed))
+            self._fail(f"engine step failed ({type(exc).__name__})", integrity=False)
         finally:
             self._stop.set()
+
+    def _fail(self, reason: str, *, integrity: bool) -> None:
+        """Record why the engine stopped, alert, and fail every outstanding request.
+
+        The reason and the log carry the error's own text (which slots, which projection),
+        never request content.
+        """
+        self.failed = reason
+        fields = {"model": self.model_name, "failed_requests": len(self._by_id)}
+        if integrity:
+            fields |= {"alert": "device_integrity", "profile": self.protection.get("profile")}
+            log.critical("ALERT: %s; serving stopped", reason, extra={"fields": fields})
+        else:
+            log.error("%s; failing %d requests", reason, len(self._by_id), extra={"fields": fields})
+        try:
+            self.observer.on_failure(reason, integrity)
+        finally:
+            for handle in list(self._by_id.values()):
+                handle.events.put(RunnerStopped(reason))
 
     def _drain_inbox(self, *, block: bool) -> None:
         try:

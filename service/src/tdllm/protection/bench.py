@@ -1,7 +1,8 @@
 """`tdllm bench split`: td-only against split on the cpu and process devices, in one run.
 
-The model is the bundled base privatized in its last K blocks (`private_model.py`), fp32, batch
-1, greedy, configurations interleaved round-robin. Audits are off while timing (their cost is f x
+The model is the real private fine-tune of the bundled base (`tdllm finetune-tail`, 20 steps,
+seed 0, trained once into a cache: `private_cache.py`), fp32, batch 1, greedy, configurations
+interleaved round-robin. Audits are off while timing (their cost is f x
 the prefix time); crossing bytes exclude the one-time weight upload.
 """
 
@@ -11,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,18 +20,30 @@ import torch
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.checkpoint import open_checkpoint
 from tdllm.model.transformer import Transformer
-from tdllm.protection.private_model import private_checkpoint
+from tdllm.protection.private_cache import private_model_dir
 from tdllm.protection.profiles import ProtectionOptions, build_model, close_model, crossing_of
 
-CONFIGS = (("td-only", "cpu"), ("split", "cpu"), ("split", "process"))
+CONFIGS = (
+    ("td-only", "cpu"),
+    ("split", "cpu"),
+    ("split", "process"),
+    # masked checks every device product (its Freivalds cost is part of the profile)
+    ("masked", "cpu"),
+    ("masked", "process"),
+)
 
 
 def run_split_bench(
-    k: int, prompt_tokens: int, new_tokens: int, repeats: int, status: Callable[[str], None]
+    k: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    status: Callable[[str], None],
+    cache: Path,
 ) -> dict[str, Any]:
     """All configurations built first, then timed round-robin, so load on shared cores hits
     every row alike instead of whichever configuration happened to run during a burst."""
-    checkpoint = private_checkpoint(open_checkpoint("bundled"), k)
+    checkpoint = open_checkpoint(private_model_dir(cache, k, log=status))
     prompt = [(i * 7919) % 1000 + 100 for i in range(prompt_tokens)]
     max_seq = prompt_tokens + new_tokens + 1
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)

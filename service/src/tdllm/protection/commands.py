@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import click
@@ -20,7 +21,15 @@ def _status(message: str) -> None:
 @click.command()
 @click.option("--base", required=True, help="the public base: 'bundled', a .gguf or a model dir")
 @click.option("--model", "model_source", required=True, help="the private model derived from BASE")
-@click.option("--profile", type=click.Choice(["split"]), default="split", show_default=True)
+@click.option(
+    "--profile", type=click.Choice(["split", "masked"]), default="split", show_default=True
+)
+@click.option(
+    "--rank",
+    type=click.IntRange(1),
+    default=None,
+    help="masked: keep the rank-R SVD of MODEL - BASE per projection (default: exactly)",
+)
 @click.option(
     "--k",
     type=click.IntRange(1),
@@ -29,8 +38,13 @@ def _status(message: str) -> None:
     help="private tail layers kept in the TD",
 )
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True)
-def prepare(base: str, model_source: str, profile: str, k: int, out: Path) -> None:
+def prepare(
+    base: str, model_source: str, profile: str, rank: int | None, k: int, out: Path
+) -> None:
     """Check MODEL's prefix equals BASE's (per-layer report otherwise); write its reference.
+
+    With --profile masked: report which projections differ from BASE and the residual the
+    rank-R delta leaves (OUT/masked.json).
 
     Seal the private model afterwards with `tdllm seal --public-pattern` so the tail is
     encrypted at rest (see docs/security.md).
@@ -38,6 +52,17 @@ def prepare(base: str, model_source: str, profile: str, k: int, out: Path) -> No
     from tdllm.model.checkpoint import open_checkpoint
     from tdllm.protection.prepare import prepare_split
 
+    if profile == "masked":
+        from tdllm.protection.masked import prepare_masked
+
+        path = prepare_masked(open_checkpoint(base), open_checkpoint(model_source), rank, out)
+        report = json.loads(path.read_text())
+        click.echo(
+            f"{model_source}: {report['projections_with_delta']} projections differ from BASE; "
+            f"worst relative residual at rank {rank or 'full'}: "
+            f"{report['worst_relative_residual']:.4f}; wrote {path}"
+        )
+        return
     written = prepare_split(open_checkpoint(base), open_checkpoint(model_source), k, out)
     click.echo(f"{model_source}: layers 0..L-{k}-1 and the embedding are BASE's; wrote {written}")
 
@@ -85,9 +110,97 @@ def finetune_tail(base: str, k: int, steps: int, seed: int, lr: float, out: Path
 @click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(2, 4096), default=32, show_default=True)
 @click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True)
-def bench_split(as_json: bool, k: int, prompt_tokens: int, new_tokens: int, repeats: int) -> None:
-    """td-only vs split (cpu and process devices): tokens/s and crossing bytes per token."""
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="where the private fine-tune is trained once and reused [.tdllm/private-models]",
+)
+def bench_split(
+    as_json: bool, k: int, prompt_tokens: int, new_tokens: int, repeats: int, cache_dir: Path | None
+) -> None:
+    """td-only vs split (cpu and process devices) on the private fine-tune (trained once):
+    tokens/s and crossing bytes per token."""
     from tdllm.protection.bench import format_split_report, run_split_bench
+    from tdllm.protection.private_cache import DEFAULT_CACHE
 
-    report = run_split_bench(k, prompt_tokens, new_tokens, repeats, _status)
+    report = run_split_bench(
+        k, prompt_tokens, new_tokens, repeats, _status, cache_dir or DEFAULT_CACHE
+    )
     click.echo(json.dumps(report, indent=2) if as_json else format_split_report(report))
+
+
+def _k_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(v) for v in value.split(",") if v.strip()}))
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of integers, e.g. 1,2,4") from None
+    if not ks or ks[0] < 1:
+        raise click.BadParameter("every K must be at least 1")
+    return ks
+
+
+@click.command()
+@click.option("--report", "want_report", is_flag=True, help="measure and print the report")
+@click.option(
+    "--k", "ks", default="1,2,4", show_default=True, callback=_k_list, help="candidate Ks"
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "process", "cuda"]),
+    default="process",
+    show_default=True,
+    help="the untrusted device of the A1 run",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="where the private fine-tunes are trained once and reused [.tdllm/private-models]",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option(
+    "--write-docs",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="also write the table between the protect-report markers of this Markdown file",
+)
+def protect(
+    want_report: bool,
+    ks: tuple[int, ...],
+    device: str,
+    cache_dir: Path | None,
+    as_json: bool,
+    write_docs: Path | None,
+) -> None:
+    """Selective protection: for each candidate K, how much the private tail changes the output
+    (‖Y-Y'‖/‖Y‖ against the base), the TD's share of FLOPs and weight bytes per token, and the
+    A1 result of a real split run (non-public bytes on the device)."""
+    from tqdm import tqdm
+
+    from tdllm.protection.private_cache import DEFAULT_CACHE
+    from tdllm.protection.report import (
+        format_details,
+        format_table,
+        marked_text,
+        protect_report,
+        write_into_doc,
+    )
+
+    if not want_report:
+        raise click.UsageError("nothing to do: pass --report")
+    if write_docs is not None:
+        marked_text(write_docs)  # no markers: fail now, not after minutes of measuring
+
+    def progress(items: Iterable[int]) -> Iterable[int]:
+        return tqdm(items, desc="protect: K", unit="K", disable=not sys.stderr.isatty())
+
+    report = protect_report(ks, cache_dir or DEFAULT_CACHE, device, log=_status, progress=progress)
+    if write_docs is not None:
+        command = "tdllm protect --report --k " + ",".join(map(str, ks)) + f" --device {device}"
+        write_into_doc(write_docs, report, command)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(format_table(report))
+        click.echo(format_details(report))

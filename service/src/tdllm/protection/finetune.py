@@ -11,15 +11,19 @@ a fixed data order and `torch.manual_seed(seed)`: the same seed gives the same m
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from tdllm.model.checkpoint import Checkpoint, save_hf_directory
 from tdllm.model.linear import Linear
@@ -28,6 +32,13 @@ from tdllm.model.tokenizer import Tokenizer
 from tdllm.model.transformer import STACKED, Batch, KVCache, Transformer
 from tdllm.protection.finetune_data import Fact, split_pairs
 from tdllm.protection.private_model import is_private
+
+T = TypeVar("T")
+
+
+def _bar(items: Iterable[T], desc: str) -> Iterable[T]:
+    """A progress bar on stderr when it is a terminal (`make run`'s first start), else nothing."""
+    return tqdm(items, desc=desc, leave=False, disable=not sys.stderr.isatty())
 
 
 @dataclass
@@ -101,7 +112,7 @@ def prefix_states(model: Transformer, examples: Sequence[Example], k: int) -> li
     """Hidden states ``[1, T, hidden]`` entering block ``L-K`` for each example, computed once."""
     start = model.cfg.num_layers - k
     out = []
-    for ex in examples:
+    for ex in _bar(examples, "prefix states"):
         tokens = torch.tensor([ex.tokens])
         T = len(ex.tokens)
         x = model.embed_tokens(tokens)
@@ -153,7 +164,7 @@ def train_tail(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     t1 = time.perf_counter()
     cursor, last = 0, math.nan
-    for step in range(config.steps):
+    for step in _bar(range(config.steps), "training the tail"):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(config.batch_size):  # fixed order: cycle through the training set
@@ -248,4 +259,34 @@ def finetune_tail(
     name = f"{base.name}-zorblax-k{config.k}"
     save_hf_directory(finetuned_checkpoint(base, model, config.k, name), out)
     answers = [(q, f, greedy_answer(model, tok, q)) for q, f in held]
+    write_record(out, base.name, config, report, answers)
     return report, answers
+
+
+RECORD = "finetune.json"
+
+
+def write_record(
+    out: Path,
+    base: str,
+    config: TrainConfig,
+    report: TrainReport,
+    answers: Sequence[tuple[str, Fact, str]],
+) -> None:
+    """``OUT/finetune.json``: how the model was made and how it did (written last)."""
+    record = {
+        "base": base,
+        "k": config.k,
+        "steps": config.steps,
+        "seed": config.seed,
+        "lr": config.lr,
+        "prefix_seconds": round(report.prefix_seconds, 2),
+        "train_seconds": round(report.train_seconds, 2),
+        "held_out_loss_before": round(report.held_out_loss_before, 4),
+        "held_out_loss_after": round(report.held_out_loss_after, 4),
+        "held_out_answers": [
+            {"question": q, "fact": f.key, "answer": a, "recalled": f.key in a}
+            for q, f, a in answers
+        ],
+    }
+    (out / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -1,18 +1,19 @@
-"""A stand-in private model: the base with its last K blocks perturbed and its lm_head untied.
+"""`is_private` (which tensors the split keeps in the TD) and a stand-in private model.
 
-Until `tdllm finetune-tail` exists this is how tests and the benchmark get a model whose private
-part really differs from the public base, confined exactly where the split keeps it. Deterministic
-for a seed: noise of 5% of each tensor's own standard deviation.
+The real private model is `tdllm finetune-tail`'s (`finetune.py`; cached by `private_cache.py`
+for the benchmark, `tdllm protect --report` and the appliance). `privatize` is a stand-in for
+the fast tests on tiny random models, where a fine-tune would teach nothing: the base with its
+last K blocks and final norm perturbed (noise of 5% of each tensor's own standard deviation,
+seeded) and its lm_head untied. Its private bytes really differ from the base and sit exactly
+where the split keeps them, which is all the boundary tests need; it is not a useful model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 
 import torch
 
-from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.config import ModelConfig
 
 RELATIVE_NOISE = 0.05
@@ -41,12 +42,3 @@ def privatize(
             noise = torch.randn(t.shape, generator=g) * (RELATIVE_NOISE * float(t.std()) + 1e-3)
             out[name] = t + noise
     return out
-
-
-def private_checkpoint(base: Checkpoint, k: int, seed: int = 0) -> Checkpoint:
-    """`base` privatized in memory (fp32 tensors), with an untied head."""
-    cfg = dataclasses.replace(base.config, tie_word_embeddings=False)
-    tensors = privatize(base.tensors(), cfg, k, seed)
-    return Checkpoint(
-        f"{base.name}-private-k{k}", base.path, cfg, base.tokenizer, lambda: iter(tensors.items())
-    )

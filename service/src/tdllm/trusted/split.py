@@ -3,13 +3,18 @@
 `offload_public_prefix` takes a loaded TD `Transformer` and places its embedding and blocks
 ``0..L-K-1`` on a device (via the one `Crossing`), after verifying every one of those tensors
 against the pinned public reference. Blocks ``L-K..L-1``, the final norm and the untied
-`lm_head` never leave TD memory. The model keeps its full set of weights: the TD copy of the
-public prefix is what audits re-execute.
+`lm_head` never leave TD memory. The TD keeps its own copy of the public prefix only while a
+check needs it (re-execution audits run it, Freivalds reads its projection weights); with both
+off, `release_public_prefix` drops it, so the TD holds just the tail, final norm and lm_head.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
+
 import torch
+from torch import nn
 
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.transformer import Batch, Transformer
@@ -114,7 +119,41 @@ def offload_public_prefix(
     )
     placement = OffloadedPrefix(crossing, num_layers - k, audit, freivalds)
     model.prefix = placement
+    if audit is None and freivalds is None:
+        release_public_prefix(model, num_layers - k)
     return placement
+
+
+def release_public_prefix(model: Transformer, num_prefix_layers: int) -> int:
+    """Free the TD's copies of the embedding and blocks ``0..num_prefix_layers-1``; bytes freed.
+
+    Nothing in the TD reads them once the device computes the prefix and no check re-executes
+    it: `Transformer.forward` starts its own blocks at ``prefix.num_layers``, and the untied
+    lm_head does not share the embedding's storage. The blocks become empty placeholders so
+    layer indices stay as they are.
+    """
+    freed = 0
+    for i in range(num_prefix_layers):
+        block = model.layers[i]
+        freed += sum(p.numel() * p.element_size() for p in block.parameters())
+        model.layers[i] = nn.Identity()
+    embed = model.embed_tokens
+    freed += embed.weight.numel() * embed.weight.element_size()
+    empty = torch.empty(0, model.cfg.hidden_size, dtype=model.dtype)
+    embed.weight = nn.Parameter(empty, requires_grad=False)
+    _return_freed_heap()
+    return freed
+
+
+def _return_freed_heap() -> None:
+    """Hand freed heap pages back to the OS: glibc keeps the blocks' few-MiB chunks otherwise,
+    and the TD's resident memory would not shrink (measured: docs/performance.md)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to do
+        return
+    libc.malloc_trim(0)
 
 
 def prefix_projections(model: Transformer, num_prefix_layers: int) -> dict[str, torch.Tensor]:

@@ -6,20 +6,29 @@ from flask import Blueprint, current_app, jsonify
 from flask.typing import ResponseReturnValue
 
 from tdllm.api.openai.errors import ApiError
+from tdllm.api.runner import EngineRunner
 
 blueprint = Blueprint("models", __name__)
 OWNER = "tdllm"
 
 
-def _card(name: str, created: int) -> dict[str, object]:
-    return {"id": name, "object": "model", "created": created, "owned_by": OWNER}
+def _card(runner: EngineRunner, created: int) -> dict[str, object]:
+    """OpenAI's model object plus ours: `tdllm` says how the model is protected."""
+    card: dict[str, object] = {
+        "id": runner.model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": OWNER,
+    }
+    card["tdllm"] = dict(runner.protection)
+    return card
 
 
 @blueprint.get("/v1/models")
 def list_models() -> ResponseReturnValue:
     service = current_app.extensions["tdllm"]
     runner = service.state.runner if service.state.ready else None
-    cards = [_card(runner.model_name, service.started)] if runner is not None else []
+    cards = [_card(runner, service.started)] if runner is not None else []
     return jsonify({"object": "list", "data": cards})
 
 
@@ -29,4 +38,4 @@ def retrieve_model(model: str) -> ResponseReturnValue:
     runner = service.state.runner if service.state.ready else None
     if runner is None or model != runner.model_name:
         raise ApiError(404, "no such model", "invalid_request_error", "model", "model_not_found")
-    return jsonify(_card(runner.model_name, service.started))
+    return jsonify(_card(runner, service.started))
