@@ -15,7 +15,7 @@ import hmac
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from tdllm.api.identity import ATTEST_PROTOCOL, okp_jwk, report_data
@@ -66,9 +66,10 @@ def anchor_for(simulated_root_der: bytes | None, environ: Mapping[str, str]) -> 
 
 
 def verify_attestation(
-    doc: Any, nonce: str, anchor: TrustAnchor, *, now: datetime | None = None
+    doc: Any, nonce: str, anchor: TrustAnchor, *, now: datetime
 ) -> AttestedService:
-    """Check an /v1/attestation answer for `nonce`; raise `AttestationRefused` on any defect."""
+    """Check an /v1/attestation answer for `nonce` at time `now` (injected: the caller's clock);
+    raise `AttestationRefused` on any defect."""
     if not isinstance(doc, dict) or doc.get("protocol") != ATTEST_PROTOCOL:
         raise AttestationRefused(f"attestation refused: not a {ATTEST_PROTOCOL} document")
     if doc.get("nonce") != nonce:
@@ -87,7 +88,7 @@ def verify_attestation(
         verified = verify_quote(
             from_b64url(str(doc.get("quote", ""))),
             collateral_from_json(collateral_text),
-            now=now or datetime.now(UTC),
+            now=now,
             anchor=anchor,
         )
         check_tcb(verified)
