@@ -1,4 +1,5 @@
-"""`tdllm bench split`: td-only against split on the cpu and process devices, in one run.
+"""`tdllm bench split`: td-only against split, masked and obfuscated on the cpu and process
+devices, in one run.
 
 The model is the real private fine-tune of the bundled base (`tdllm finetune-tail`, 20 steps,
 seed 0, trained once into a cache: `private_cache.py`), fp32, batch 1, greedy, configurations
@@ -30,6 +31,9 @@ CONFIGS = (
     # masked checks every device product (its Freivalds cost is part of the profile)
     ("masked", "cpu"),
     ("masked", "process"),
+    # obfuscated has no integrity checks to turn off: its rows are the scheme as it is
+    ("obfuscated", "cpu"),
+    ("obfuscated", "process"),
 )
 
 
