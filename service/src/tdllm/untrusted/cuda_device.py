@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from tdllm.untrusted.device import record_call, record_gemm_request, record_load, record_step
+from tdllm.untrusted.device import (
+    InProcessOffload,
+    record_gemm_request,
+    record_load,
+    record_step,
+)
 from tdllm.untrusted.offload import OffloadStore
 from tdllm.untrusted.prefix import PrefixShape, PublicPrefix
 from tdllm.untrusted.transcript import Transcript
@@ -16,7 +19,7 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-class CudaDevice:
+class CudaDevice(InProcessOffload):
     """Weights and KV cache on `cuda:0`; hidden states come back to TD memory as CPU tensors.
 
     GPU reductions are not bit-identical to the TD CPU's, so re-execution audits of this device
@@ -46,20 +49,6 @@ class CudaDevice:
     def gemm_io(self, names: list[str]) -> dict[str, torch.Tensor]:
         record_gemm_request(self.transcript, names)
         out = {n: t.to("cpu") for n, t in self._loaded().gemm_io_of(names).items()}
-        for name, tensor in out.items():
-            self.transcript.tensor("from_device", name, tensor)
-        return out
-
-    def put(self, name: str, tensor: torch.Tensor) -> None:
-        self.transcript.tensor("to_device", name, tensor)
-        self.store.put(name, tensor)
-
-    def call(
-        self, op: str, args: dict[str, torch.Tensor], params: dict[str, Any]
-    ) -> dict[str, torch.Tensor]:
-        record_call(self.transcript, op, args, params)
-        out = self.store.call(op, args, params)
-        torch.cuda.synchronize()
         for name, tensor in out.items():
             self.transcript.tensor("from_device", name, tensor)
         return out

@@ -53,7 +53,27 @@ class UntrustedDevice(Protocol):
     def close(self) -> None: ...
 
 
-class CpuDevice:
+class InProcessOffload:
+    """`put`/`call` for a device whose `OffloadStore` lives in this process (cpu, cuda)."""
+
+    transcript: Transcript
+    store: OffloadStore
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        self.transcript.tensor("to_device", name, tensor)
+        self.store.put(name, tensor)
+
+    def call(
+        self, op: str, args: dict[str, torch.Tensor], params: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        record_call(self.transcript, op, args, params)
+        out = self.store.call(op, args, params)  # copies back to CPU memory: synchronous
+        for name, tensor in out.items():
+            self.transcript.tensor("from_device", name, tensor)
+        return out
+
+
+class CpuDevice(InProcessOffload):
     """The prefix in this process, on the CPU: the reference device, used by tests and CI."""
 
     kind = "cpu"
@@ -76,19 +96,6 @@ class CpuDevice:
     def gemm_io(self, names: list[str]) -> dict[str, torch.Tensor]:
         record_gemm_request(self.transcript, names)
         out = self._loaded().gemm_io_of(names)
-        for name, tensor in out.items():
-            self.transcript.tensor("from_device", name, tensor)
-        return out
-
-    def put(self, name: str, tensor: torch.Tensor) -> None:
-        self.transcript.tensor("to_device", name, tensor)
-        self.store.put(name, tensor)
-
-    def call(
-        self, op: str, args: dict[str, torch.Tensor], params: dict[str, Any]
-    ) -> dict[str, torch.Tensor]:
-        record_call(self.transcript, op, args, params)
-        out = self.store.call(op, args, params)
         for name, tensor in out.items():
             self.transcript.tensor("from_device", name, tensor)
         return out
