@@ -15,8 +15,9 @@ import os
 import re
 import sys
 import weakref
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,11 @@ class _SealedTensors:
             leave=False,
         )
         pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        # Small tensors are decrypted whole, several at a time (a window of in-flight tensors),
+        # and still yielded in order, each only once authenticated; a large one is split into
+        # runs across the threads instead. Most tensors of a small model are below the split
+        # size, so without the window they would decrypt on one thread.
+        window: deque[tuple[fmt.TensorEntry, torch.Tensor, Future[None]]] = deque()
         try:
             aead = AESGCM(self.chunk_key)
             for entry in self.entries:
@@ -209,19 +215,47 @@ class _SealedTensors:
                 try:
                     if entry.file not in files:
                         files[entry.file] = os.open(self.path / entry.file, os.O_RDONLY)
-                    self._read(entry, files[entry.file], tensor, aead, pool)
+                except OSError:
+                    raise SealedModelError(self.path, f"tensor {entry.name}") from None
+                fd = files[entry.file]
+                if pool is not None and entry.nbytes < 2 * MIN_BYTES_PER_THREAD:
+                    job = pool.submit(self._read, entry, fd, tensor, aead, None)
+                    window.append((entry, tensor, job))
+                    if len(window) > 2 * self.threads:
+                        yield self._finish(*window.popleft(), bar)
+                    continue
+                while window:
+                    yield self._finish(*window.popleft(), bar)
+                try:
+                    self._read(entry, fd, tensor, aead, pool)
                 except Exception:  # opaque on purpose, see the module docstring
                     tensor.zero_()
                     raise SealedModelError(self.path, f"tensor {entry.name}") from None
                 bar.update(entry.nbytes)
                 yield entry.name, tensor
+            while window:
+                yield self._finish(*window.popleft(), bar)
         finally:
             if pool is not None:
-                pool.shutdown(wait=True)
+                pool.shutdown(wait=True)  # no thread writes into any tensor after this
+            for _, unyielded, _ in window:  # decrypted (or half) but never handed out
+                unyielded.zero_()
             wipe(self.chunk_key)
             for fd in files.values():
                 os.close(fd)
             bar.close()
+
+    def _finish(
+        self, entry: fmt.TensorEntry, tensor: torch.Tensor, job: Future[None], bar: tqdm[Any]
+    ) -> tuple[str, torch.Tensor]:
+        """The windowed tensor once its job has authenticated every chunk; zeroed if not."""
+        try:
+            job.result()
+        except Exception:  # opaque on purpose, see the module docstring
+            tensor.zero_()
+            raise SealedModelError(self.path, f"tensor {entry.name}") from None
+        bar.update(entry.nbytes)
+        return entry.name, tensor
 
     def _read(
         self,
