@@ -104,23 +104,27 @@ def finetune_tail(base: str, k: int, steps: int, seed: int, lr: float, out: Path
         click.echo(f"  {question} -> {answer}")
 
 
+# the private fine-tunes (`private_cache.py`) are trained once there and reused
+CACHE_DIR = click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="where the private fine-tunes are trained once and reused [.tdllm/private-models]",
+)
+
+
 @click.command("split")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--k", type=click.IntRange(1), default=DEFAULT_K, show_default=True)
 @click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(2, 4096), default=32, show_default=True)
 @click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True)
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="where the private fine-tune is trained once and reused [.tdllm/private-models]",
-)
+@CACHE_DIR
 def bench_split(
     as_json: bool, k: int, prompt_tokens: int, new_tokens: int, repeats: int, cache_dir: Path | None
 ) -> None:
-    """td-only vs split (cpu and process devices) on the private fine-tune (trained once):
-    tokens/s and crossing bytes per token."""
+    """td-only vs split, masked and obfuscated (cpu and process devices) on the private
+    fine-tune (trained once): tokens/s and crossing bytes per token, in one run."""
     from tdllm.protection.bench import format_split_report, run_split_bench
     from tdllm.protection.private_cache import DEFAULT_CACHE
 
@@ -152,12 +156,7 @@ def _k_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[i
     show_default=True,
     help="the untrusted device of the A1 run",
 )
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="where the private fine-tunes are trained once and reused [.tdllm/private-models]",
-)
+@CACHE_DIR
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option(
     "--write-docs",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +78,7 @@ def build_model(
             "model has no private head (untie it when preparing the private model)"
         )
     reference = PublicReference.load(options.public_reference or PINNED_REFERENCE)
-    crossing = Crossing.open(options.device, options.keep_payloads)
-    try:
+    with _crossing_for(options) as crossing:
         offload_public_prefix(
             model,
             checkpoint,
@@ -90,10 +90,19 @@ def build_model(
             options.audit_rate,
             options.freivalds_rate,
         )
+    return model
+
+
+@contextmanager
+def _crossing_for(options: ProtectionOptions) -> Iterator[Crossing]:
+    """A fresh crossing to the profile's device, closed if building the model on it fails (on
+    success the model owns it: `close_model`)."""
+    crossing = Crossing.open(options.device, options.keep_payloads)
+    try:
+        yield crossing
     except BaseException:
         crossing.close()
         raise
-    return model
 
 
 def _build_masked(
@@ -103,12 +112,8 @@ def _build_masked(
     from tdllm.protection.masked import build_masked
 
     base = open_checkpoint(options.masked_base)
-    crossing = Crossing.open(options.device, options.keep_payloads)
-    try:
+    with _crossing_for(options) as crossing:
         model, _ = build_masked(checkpoint, base, dtype, crossing, options.masked_rank)
-    except BaseException:
-        crossing.close()
-        raise
     return model
 
 
@@ -117,8 +122,7 @@ def _build_obfuscated(
 ) -> Transformer:
     from tdllm.protection.obfuscated import obfuscate_model
 
-    crossing = Crossing.open(options.device, options.keep_payloads)
-    try:
+    with _crossing_for(options) as crossing:
         obfuscate_model(
             model,
             crossing,
@@ -127,9 +131,6 @@ def _build_obfuscated(
             options.obfuscation_eta,
             options.obfuscation_seed,
         )
-    except BaseException:
-        crossing.close()
-        raise
     return model
 
 
