@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -66,7 +67,9 @@ def _ask_streamed(client: E2eClient, **options: Any) -> str:
 def _assert_no_plaintext(wire: list[bytes], answer: str) -> None:
     joined = b"".join(wire)
     for secret in (PROMPT, "Quillhaven", answer.strip()[:12]):
+        # JSON would carry non-ASCII as \u escapes: neither form may appear
         assert secret.encode() not in joined
+        assert json.dumps(secret)[1:-1].encode() not in joined
     for marker in (b"chat.completion", b"messages", b"delta", b"finish_reason"):
         assert marker not in joined
 
