@@ -9,6 +9,7 @@ import torch
 from tdllm.attacks import a1_private_bytes as a1
 from tdllm.attacks import a8_prompt_recovery as a8
 from tdllm.attacks.result import AttackOptions
+from tdllm.errors import UsageError
 from tdllm.model.checkpoint import Checkpoint
 from tests.protection.conftest import K
 
@@ -77,3 +78,22 @@ def test_a8_on_the_bundled_model_masked_hides_prompts_split_does_not() -> None:
     assert masked.value <= a8.THRESHOLD and masked.passed
     split = a8.run(AttackOptions(profile="split"))
     assert split.value >= 0.95 and not split.passed
+
+
+def test_a8_recovers_every_prompt_token_from_the_obfuscated_profiles_plain_inputs(
+    tiny_pair: tuple[Checkpoint, Checkpoint],
+) -> None:
+    # the seed's scheme permutes and pads weights; the activations it sends stay plaintext
+    target = a1.open_target("obfuscated", "cpu", *tiny_pair, K, 32)
+    try:
+        detail = a8.measure(target, PROMPTS)
+    finally:
+        target.close()
+    assert detail["prompt_tokens"] == 72
+    assert detail["nearest_neighbour_recovery"] >= 0.95
+    assert detail["membership_bag_of_words_f1"] >= 0.9
+
+
+def test_a1_refuses_the_obfuscated_profile() -> None:
+    with pytest.raises(UsageError, match="A1 targets"):
+        a1.run(AttackOptions(profile="obfuscated", quick=True))

@@ -19,11 +19,20 @@ OVMF = Path("/usr/share/ovmf/OVMF.fd")
 PREBUILT_ENV = "TDLLM_SMOKE_IMAGE"
 
 
-def build(profile: str, out: Path, timeout_s: int = 3600) -> Path:
-    """Run image/build.sh; return the profile's artefact directory."""
+def snapshot(dest: Path) -> Path:
+    """A clone of the committed tree (edits in the working tree cannot leak into a build), with
+    the tool venvs it needs linked in from this checkout."""
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(dest)], check=True)
+    for venv in (".venv", "ansible/.venv"):
+        (dest / venv).symlink_to(REPO / venv)
+    return dest
+
+
+def build(profile: str, out: Path, timeout_s: int = 3600, repo: Path = REPO) -> Path:
+    """Run `repo`'s image/build.sh; return the profile's artefact directory."""
     started = time.monotonic()
     result = subprocess.run(
-        [REPO / "image" / "build.sh", "--profile", profile, "--out", out],
+        [repo / "image" / "build.sh", "--profile", profile, "--out", out],
         capture_output=True,
         text=True,
         timeout=timeout_s,

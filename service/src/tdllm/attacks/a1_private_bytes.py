@@ -13,7 +13,8 @@ and decoded. Two measurements:
    quantization), are searched for in the haystack.
 
 ``value`` = non-public resident bytes + 16 x windows found; the claim holds at 0.
-`open_target` and `prefill_and_decode` are shared with A8.
+`open_target` (which also opens `obfuscated`, whose device holds transformed private weights by
+design, for A8) and `prefill_and_decode` are shared with A8.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tdllm.model.loader import load_model
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.protection.masked import base_weight, build_masked, masked_linears
 from tdllm.protection.private_cache import DEFAULT_CACHE, private_model_dir
+from tdllm.protection.profiles import ProtectionOptions, build_model, crossing_of
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.masked_ring import quantize_weight
 from tdllm.trusted.public_reference import PublicReference
@@ -38,7 +40,8 @@ from tdllm.trusted.split import offload_public_prefix
 
 WINDOW = 16
 WINDOWS_PER_TENSOR = 8
-PROFILES = ("split", "masked")
+PROFILES = ("split", "masked")  # A1's targets; the other profiles put private bytes there
+TARGETS = (*PROFILES, "obfuscated")
 
 
 @dataclasses.dataclass
@@ -64,10 +67,16 @@ def open_target(
     profile: str, device: str, private: Checkpoint, base: Checkpoint, k: int, max_seq: int
 ) -> Target:
     """`private` served by `profile` on a fresh `device` that keeps every crossing byte."""
-    if profile not in PROFILES:
-        raise UsageError(f"this attack targets {' or '.join(PROFILES)}, not {profile!r}")
+    if profile not in TARGETS:
+        raise UsageError(f"this attack targets {', '.join(TARGETS)}, not {profile!r}")
     base_tensors = {n: t.float() for n, t in base.tensors()}
     private_tensors = {n: t.float() for n, t in private.tensors()}
+    if profile == "obfuscated":
+        options = ProtectionOptions(profile, device, k, keep_payloads=True)
+        obfuscated = build_model(private, torch.float32, options, 1, max_seq)
+        crossing_used = crossing_of(obfuscated)
+        assert crossing_used is not None  # obfuscated always offloads
+        return Target(profile, obfuscated, crossing_used, base_tensors, private_tensors, max_seq)
     crossing = Crossing.open(device, keep_payloads=True)
     try:
         if profile == "split":
@@ -166,6 +175,8 @@ def measure(target: Target, prompts: list[list[int]], new_tokens: int) -> dict[s
 
 
 def run(options: AttackOptions) -> AttackResult:
+    if options.profile not in PROFILES:
+        raise UsageError(f"A1 targets {' or '.join(PROFILES)}, not {options.profile!r}")
     private, base = default_checkpoints(options.k)
     prompts = [[(i * 7919 + j * 104729) % 40000 + 100 for j in range(24)] for i in range(4)]
     prompts = prompts[:1] if options.quick else prompts

@@ -14,7 +14,9 @@ layer-0 view and runs two attacks:
 Device views: `split` — the layer-0 value cache the device holds (``kv.0.v``: position-
 independent, no RoPE), candidates ``v_proj(norm_0(embed(v)))``; `masked` — the int32 words sent
 for layer 0's qkv product, candidates the fixed-point ``norm_0(embed(v))`` the device would get
-unpadded. ``value`` is the better of the two rates; prompt privacy holds at <= 5%.
+unpadded; `obfuscated` — the plaintext input of layer 0's padded qkv product (the seed's scheme
+obfuscates weights, not activations), candidates ``norm_0(embed(v))``. ``value`` is the better
+of the two rates; prompt privacy holds at <= 5%.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from tdllm.model.transformer import Batch, KVCache
 from tdllm.trusted.masked_ring import RING, quantize_activation, x_max_for
 
 THRESHOLD = 0.05
-LAYER0_QKV = "model.layers.0.self_attn.qkv_proj"
+LAYER0_QKV = "model.layers.0.self_attn.qkv_proj"  # masked: the call's "weight"
+LAYER0 = "model.layers.0"  # obfuscated: the attention_scores call's "layer"
 MEMBER_RESIDUAL = 1e-4  # relative residual under which a candidate is "in the span"
 HELD_OUT = (
     "The committee postponed its decision on the new bridge until the spring.",
@@ -59,6 +62,8 @@ def candidates(target: Target) -> np.ndarray:
     normed = _normed_embeddings(target.base, cfg.rms_norm_eps)
     if target.profile == "split":
         return (normed @ target.base["model.layers.0.self_attn.v_proj.weight"].float().T).numpy()
+    if target.profile == "obfuscated":
+        return normed.numpy()
     words, _ = quantize_activation(normed, x_max_for(cfg.hidden_size))
     return words.numpy()
 
@@ -72,15 +77,17 @@ def observe(target: Target, prompt: list[int]) -> np.ndarray:
     if target.profile == "split":
         v = target.crossing.dump()["kv.0.v"][0, :, : len(prompt)]  # [kv_heads, T, head_dim]
         return v.transpose(0, 1).reshape(len(prompt), -1).float().numpy()
+    key, wanted = ("layer", LAYER0) if target.profile == "obfuscated" else ("weight", LAYER0_QKV)
     records = target.crossing.transcript.records[mark:]
     for i, record in enumerate(records):
         if record.name == "call" and record.payload is not None:
             params = json.loads(record.payload).get("params", {})
-            if params.get("weight") == LAYER0_QKV:
+            if params.get(key) == wanted:
                 sent = next(r for r in records[i + 1 :] if r.name == "x")
-                data = bytearray(sent.payload or b"")
-                words = np.frombuffer(data, dtype=np.int32).reshape(sent.shape)
-                return words.copy()
+                dtype = getattr(torch, sent.dtype.removeprefix("torch."))
+                raw = torch.frombuffer(bytearray(sent.payload or b""), dtype=torch.uint8)
+                rows = raw.view(dtype).reshape(-1, sent.shape[-1])
+                return (rows.float() if rows.is_floating_point() else rows).numpy()
     raise RuntimeError("the device never received layer 0's qkv input")
 
 
