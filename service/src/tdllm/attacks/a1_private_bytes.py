@@ -75,7 +75,8 @@ def open_target(
         options = ProtectionOptions(profile, device, k, keep_payloads=True)
         obfuscated = build_model(private, torch.float32, options, 1, max_seq)
         crossing_used = crossing_of(obfuscated)
-        assert crossing_used is not None  # obfuscated always offloads
+        if crossing_used is None:  # obfuscated always offloads; a build that did not is a bug
+            raise RuntimeError("the obfuscated build opened no crossing")
         return Target(profile, obfuscated, crossing_used, base_tensors, private_tensors, max_seq)
     crossing = Crossing.open(device, keep_payloads=True)
     try:

@@ -5,6 +5,12 @@ The model is the real private fine-tune of the bundled base (`tdllm finetune-tai
 seed 0, trained once into a cache: `private_cache.py`), fp32, batch 1, greedy, configurations
 interleaved round-robin. Audits are off while timing (their cost is f x
 the prefix time); crossing bytes exclude the one-time weight upload.
+
+TD FLOPs: after timing, one more run of td-only and of every `process` row under torch's
+`FlopCounterMode`. With the `process` device the device's work runs in another process, so
+what the counter sees is exactly what the TD computed (pads, checks, restores, decoy scores and
+its own layers included); it is reported as a share of td-only's count. (`cpu` rows run the
+device's ops in the same process, so they are not counted.)
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.checkpoint import open_checkpoint
@@ -72,12 +79,18 @@ def run_split_bench(
             run.row(len(prompt), (_crossed(run.model) - b) / repeats)
             for run, b in zip(runs, before, strict=True)
         ]
+        status("bench: counting the TD's FLOPs (td-only and the process rows)")
+        for run, row in zip(runs, rows, strict=True):
+            if run.profile == "td-only" or run.device == "process":
+                row["td_flops"] = run.count_flops(prompt, params)
     finally:
         for run in runs:
             close_model(run.model)
-    base = rows[0]["seconds"]
+    base, base_flops = rows[0]["seconds"], rows[0]["td_flops"]
     for row in rows:
         row["time_vs_td_only"] = round(row["seconds"] / base, 3)
+        if "td_flops" in row:
+            row["td_flops_vs_td_only"] = round(row["td_flops"] / base_flops, 4)
     return {
         "model": checkpoint.name,
         "k": k,
@@ -104,6 +117,12 @@ class _Run:
         self.seconds.append(time.perf_counter() - start)
         self.new_tokens = len(out.token_ids)
 
+    def count_flops(self, prompt: list[int], params: SamplingParams) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.engine.generate([prompt], params)
+        return int(counter.get_total_flops())
+
     def row(self, prompt_tokens: int, crossed: float) -> dict[str, Any]:
         best = min(self.seconds)
         return {
@@ -129,12 +148,13 @@ def format_split_report(report: dict[str, Any]) -> str:
     lines = [
         head,
         f"{'profile':<8} {'device':<8} {'s/run':>8} {'median':>8} {'tok/s':>8} {'x td-only':>9} "
-        f"{'bytes/token':>12}",
+        f"{'bytes/token':>12} {'TD FLOPs':>9}",
     ]
     for r in report["rows"]:
         lines.append(
             f"{r['profile']:<8} {r['device']:<8} {r['seconds']:>8.3f} {r['median_seconds']:>8.3f} "
             f"{r['tokens_per_s']:>8.2f} "
-            f"{r['time_vs_td_only']:>9.3f} {r['crossing_bytes_per_token']:>12.1f}"
+            f"{r['time_vs_td_only']:>9.3f} {r['crossing_bytes_per_token']:>12.1f} "
+            + (f"{100 * r['td_flops_vs_td_only']:>8.1f}%" if "td_flops_vs_td_only" in r else "")
         )
     return "\n".join(lines)

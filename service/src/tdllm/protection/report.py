@@ -26,7 +26,6 @@ is to steal (design §7.3): it says which K carries the fine-tune, not which K i
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tdllm.doc_sections import markers, read_marked, replace_marked
 from tdllm.errors import UsageError
 from tdllm.model.checkpoint import Checkpoint, open_checkpoint
 from tdllm.model.loader import load_model
@@ -65,8 +65,8 @@ UNRELATED_QUESTIONS = (
     "Name a planet in the solar system.",
     "Why is the sky blue?",
 )
-BEGIN_MARK = "<!-- protect-report:begin -->"
-END_MARK = "<!-- protect-report:end -->"
+SECTION = "protect-report"  # docs/security.md's generated section (doc_sections.py)
+BEGIN_MARK, END_MARK = markers(SECTION)
 
 
 @dataclass
@@ -376,26 +376,15 @@ def format_details(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-_MARKED = re.compile(re.escape(BEGIN_MARK) + r".*?" + re.escape(END_MARK), re.DOTALL)
-
-
 def marked_text(path: Path) -> str:
     """`path`'s text, which must hold the report markers (checked before any measuring)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not _MARKED.search(text):
-        raise UsageError(f"{path} has no {BEGIN_MARK} ... {END_MARK} markers")
-    return text
+    return read_marked(path, SECTION)
 
 
 def write_into_doc(path: Path, report: dict[str, Any], command: str) -> None:
     """Replace the text between the report markers in `path` with this report."""
-    text = marked_text(path)
     body = "\n".join(
         [
-            BEGIN_MARK,
             f"Written by `{command}` (do not edit by hand).",
             "",
             format_table(report),
@@ -403,7 +392,6 @@ def write_into_doc(path: Path, report: dict[str, Any], command: str) -> None:
             "```",
             format_details(report),
             "```",
-            END_MARK,
         ]
     )
-    path.write_text(_MARKED.sub(lambda _: body, text, count=1), encoding="utf-8")
+    replace_marked(path, SECTION, body)
