@@ -19,7 +19,7 @@ from tdllm.api.commands import bench_serve, serve
 from tdllm.api.e2e_commands import chat
 from tdllm.attacks.commands import attack
 from tdllm.errors import TdllmError, UsageError
-from tdllm.protection.commands import bench_split, finetune_tail, prepare, protect
+from tdllm.protection.commands import bench_fidelity, bench_split, finetune_tail, prepare, protect
 from tdllm.sealing.commands import keygen, seal
 
 DTYPE = click.Choice(["bf16", "fp32"])
@@ -203,6 +203,7 @@ cli.add_command(finetune_tail)
 cli.add_command(protect)
 cli.add_command(attack)
 bench.add_command(bench_split)
+bench.add_command(bench_fidelity)
 
 
 @cli.command()

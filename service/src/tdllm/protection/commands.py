@@ -134,6 +134,33 @@ def bench_split(
     click.echo(json.dumps(report, indent=2) if as_json else format_split_report(report))
 
 
+@click.command("fidelity")
+@click.option("--model", default="bundled", show_default=True, help="the model to quantize")
+@click.option("--base", default="bundled", show_default=True, help="its public base")
+@click.option("--new-tokens", type=click.IntRange(1, 512), default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_fidelity(model: str, base: str, new_tokens: int, as_json: bool) -> None:
+    """masked's quantization against the fp32 and bf16 models: perplexity on held-out text and
+    greedy-token agreement over 8 prompts."""
+    from tdllm.model.checkpoint import open_checkpoint
+    from tdllm.protection.masked_fidelity import measure
+
+    report = measure(open_checkpoint(model), open_checkpoint(base), new_tokens)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"model {report['model']}, base {report['base']}, {report['threads']} threads")
+    fp32 = report["perplexity"]["fp32"]
+    for name, ppl in report["perplexity"].items():
+        agree = report["greedy"].get(name, {})
+        click.echo(
+            f"{name:<12} perplexity {ppl:8.3f} ({100 * (ppl / fp32 - 1):+.2f}% vs fp32)  "
+            f"greedy tokens = fp32: {100 * agree.get('token_agreement_vs_fp32', 0):5.1f}%  "
+            f"identical continuations: {agree.get('identical_continuations', 0)}/"
+            f"{report['prompts']}"
+        )
+
+
 def _k_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
     try:
         ks = tuple(sorted({int(v) for v in value.split(",") if v.strip()}))

@@ -1,6 +1,6 @@
 """What the `masked` profile's quantization costs in quality, and what it costs the TD in FLOPs.
 
-``python -m tdllm.protection.masked_fidelity [--model bundled] [--json]`` compares, on the same
+``tdllm bench fidelity [--model bundled] [--json]`` compares, on the same
 MODEL: the unquantized fp32 and bf16 TD models against the masked profile's quantized path
 (int8 public-base weights, fixed-point activations, the TD's exact delta). The quantized path
 is computed by the TD reference (`build_masked(..., crossing=None)`), which the tests prove
@@ -8,16 +8,14 @@ bit-identical in greedy tokens to the masked device path, so no device is needed
 
 - perplexity on held-out text (`HELD_OUT_TEXT`, written for this project, so not in any
   training set), one causal forward over all of it;
-- greedy-token agreement of the quantized path with the fp32 model over 8 prompts x
-  `new_tokens`: the fraction of generated positions equal, and how many of the 8
-  continuations are identical (bf16 gets perplexity only: its decode is slow without native
-  bf16).
+- greedy-token agreement of bf16 and of the quantized path with the fp32 model over 8 prompts
+  x `new_tokens`: the fraction of generated positions equal, and how many of the 8
+  continuations are identical. bf16 is the baseline: how often does a rounding change that
+  everyone accepts already flip a near-tie? (Its decode is slow on CPUs without native bf16.)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
@@ -26,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tdllm.model.checkpoint import Checkpoint, open_checkpoint
+from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.config import ModelConfig
 from tdllm.model.loader import load_model
 from tdllm.model.transformer import Batch, KVCache, Transformer
@@ -51,7 +49,7 @@ HELD_OUT_TEXT = (
     "market would compete with the shops on the high street. After four hours of discussion the "
     "vote was postponed until an independent study of passenger flows is finished next year."
 )
-GREEDY = ("fp32", "masked-int8")  # bf16 decode is slow on CPUs without native bf16: ppl only
+GREEDY = ("fp32", "bf16", "masked-int8")
 PROMPTS = (
     "The best way to learn a new language is",
     "Here is a short recipe for tomato soup:",
@@ -154,18 +152,3 @@ def measure(checkpoint: Checkpoint, base: Checkpoint, new_tokens: int) -> dict[s
         "td_flops": td_flop_share(checkpoint.config, len(prompts[0]) + new_tokens),
         "threads": torch.get_num_threads(),
     }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="bundled")
-    parser.add_argument("--base", default="bundled")
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    report = measure(open_checkpoint(args.model), open_checkpoint(args.base), args.new_tokens)
-    print(json.dumps(report, indent=1) if args.json else report)
-
-
-if __name__ == "__main__":
-    main()
