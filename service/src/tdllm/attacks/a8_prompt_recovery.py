@@ -154,6 +154,8 @@ def run(options: AttackOptions) -> AttackResult:
         target.close()
     if options.profile == "split":
         detail["claim"] = "split does not hide prompts: its prefix sees them by design"
+    if options.profile == "obfuscated":
+        detail["claim"] = "obfuscated hides weights only: its projections get plaintext inputs"
     value = max(detail["nearest_neighbour_recovery"], detail["membership_bag_of_words_f1"])
     return AttackResult(
         "A8",
