@@ -9,7 +9,7 @@ from tdllm.engine import Engine, SamplingParams
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.protection.bench import _Run
 from tdllm.protection.profiles import ProtectionOptions, build_model, close_model
-from tests.protection.conftest import K, MAX_SEQ
+from tests.protection.conftest import MAX_SEQ, K
 
 
 def _td_flops(checkpoint: Checkpoint, profile: str, device: str) -> int:

@@ -3,14 +3,23 @@ Freivalds check over prime fields accepts honest products and rejects forged one
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import torch
 
+from tdllm.api.runner import EngineRunner
+from tdllm.attacks.device_view import _NoTokenizer
+from tdllm.engine import Engine, SamplingParams
+from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.linear import Linear
+from tdllm.protection.masked import build_masked, masked_method_of
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.masked_linear import MaskedLinearMethod
 from tdllm.trusted.masked_ring import exact_product, quantize_weight, wide_chunks, wrap32
 from tdllm.trusted.modular_freivalds import PRIMES, ModularFreivalds
-from tdllm.trusted.pads import PadPool, mask, unmask
+from tdllm.trusted.pads import IDLE_RESERVE, PadPool, mask, unmask
+from tests.protection.conftest import checkpoint_of
 
 
 def _masked_layer(crossing: Crossing, out_f: int = 24, in_f: int = 40) -> Linear:
@@ -79,3 +88,49 @@ def test_freivalds_accepts_honest_products_and_rejects_single_word_forgeries() -
     assert not check.verify(x, forged)
     assert not check.verify(x, y[:, :29])  # wrong shape
     assert check.verify(x, y)  # still accepts the honest product afterwards
+
+
+def test_top_up_adds_one_batch_at_a_time_until_the_reserve() -> None:
+    q, _ = quantize_weight(torch.randn(8, 16))
+    pool = PadPool(wide_chunks(q), batch=5)
+    steps = 0
+    while pool.top_up(12):
+        steps += 1
+    assert steps == 3 and pool.ready == 12 and pool.generated == 12  # 5 + 5 + 2
+    pool.take(12)
+    assert pool.ready == 0 and pool.taken == 12
+
+
+def test_an_idle_engine_precomputes_pads_so_a_request_needs_no_refill(
+    private_checkpoint: Checkpoint, base_tensors: dict[str, torch.Tensor]
+) -> None:
+    crossing = Crossing.open("cpu")
+    try:
+        model, _ = build_masked(
+            private_checkpoint, checkpoint_of("tiny-base", base_tensors), torch.float32, crossing
+        )
+        method = masked_method_of(model)
+        assert method is not None
+        pools = [p for p in (s.pads for s in _states(model)) if p is not None]
+        runner = EngineRunner(Engine(model, _NoTokenizer(), 1, 32), model_name="tiny")  # type: ignore[arg-type]
+        runner.start()
+        try:
+            deadline = time.monotonic() + 60
+            while any(p.ready < IDLE_RESERVE for p in pools):  # no request was ever sent
+                assert time.monotonic() < deadline and runner.alive, runner.failed
+                time.sleep(0.05)
+            params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+            handle = runner.submit(list(range(5, 17)), params)
+            tokens = [o.token_id for o in handle.outputs(timeout_s=60)]
+        finally:
+            runner.stop()
+        assert len(tokens) == 3
+        # 12 prompt rows + 2 decode rows per projection, all from the idle-time reserve
+        assert all(p.taken == 14 for p in pools)
+        assert all(p.misses == 0 for p in pools)
+    finally:
+        crossing.close()
+
+
+def _states(model: torch.nn.Module) -> list[Any]:
+    return [m.masked_state for m in model.modules() if hasattr(m, "masked_state")]

@@ -151,9 +151,13 @@ class EngineRunner:
     # -- the engine thread ------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        idle_work = _idle_work(self.engine)
         try:
             while not self._stop.is_set():
-                self._drain_inbox(block=not self.engine.has_work)
+                # idle: one short slice of the model's background work (masked: precompute
+                # pads) between polls, so a new request waits at most one slice
+                busy_idle = not self.engine.has_work and idle_work is not None and idle_work()
+                self._drain_inbox(block=not self.engine.has_work and not busy_idle)
                 if self.engine.has_work:
                     self._step()
         except DeviceIntegrityError as exc:  # a lying device: stop serving this model for good
@@ -235,3 +239,14 @@ class EngineRunner:
     def _release(self) -> None:
         with self._lock:
             self._outstanding -= 1
+
+
+def _idle_work(engine: Engine) -> Callable[[], bool] | None:
+    """What the model can do while no request runs: a callable doing one slice and returning
+    whether more remains (masked: top up its pad pools), or None."""
+    from tdllm.protection.masked import masked_method_of
+
+    method = masked_method_of(engine.model)
+    if method is None or method.crossing is None:
+        return None
+    return method.precompute_pads

@@ -34,7 +34,7 @@ from tdllm.trusted.masked_ring import (
     x_max_for,
 )
 from tdllm.trusted.modular_freivalds import ModularFreivalds
-from tdllm.trusted.pads import DEFAULT_BATCH, PadPool, mask, unmask
+from tdllm.trusted.pads import DEFAULT_BATCH, IDLE_RESERVE, PadPool, mask, unmask
 
 OP = "masked_ops.gemm_ring"
 
@@ -75,6 +75,7 @@ class MaskedLinearMethod(PlainCpuMethod):
         self.failure: DeviceIntegrityError | None = None
         self.stats = MaskedStats()
         self._coin = secrets.SystemRandom()
+        self._pools: list[PadPool] = []
 
     def install(
         self,
@@ -94,11 +95,17 @@ class MaskedLinearMethod(PlainCpuMethod):
         if self.crossing is not None:
             self.crossing.put(state.device_name, q)
             state.pads = PadPool(state.weight_t64, pad_batch)
+            self._pools.append(state.pads)
             state.freivalds = ModularFreivalds(q)
         layer.masked_state = state  # type: ignore[assignment]
         layer.weight = nn.Parameter(torch.empty(0, dtype=plain.dtype), requires_grad=False)
         self.stats.layers.append(layer.name)
         return residual
+
+    def precompute_pads(self, reserve: int = IDLE_RESERVE) -> bool:
+        """One slice of idle work: top up the first pool below `reserve` by one batch.
+        False when every pool is full (nothing left to do while idle)."""
+        return any(pool.top_up(reserve) for pool in self._pools)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         state: MaskedState = layer.masked_state  # type: ignore[assignment]

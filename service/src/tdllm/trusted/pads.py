@@ -9,8 +9,9 @@ alternative ``r = s L + e`` (protection.md section 6) would cut the TD's cost to
 of the GEMM, but rests on parameters nobody has reviewed, and at SmolLM2's widths (in = 576,
 k = 384, t = 58) it would still cost 77% of the GEMM, so its saving does not pay for the risk
 here. The price: the TD computes one full GEMM per pad (the device's work, again); batching
-pads makes that a GEMM over `batch` rows instead of per-token GEMVs, and an appliance can fill
-the pool in idle time.
+pads makes that a GEMM over `batch` rows instead of per-token GEMVs, and the service's engine
+thread tops every pool up to `IDLE_RESERVE` rows while it has no request (`top_up`, one batch
+per idle slice), so a request's first `IDLE_RESERVE` rows per projection find their pads ready.
 
 Pads are consumed first-in first-out and deleted from the pool as they are taken; a pool never
 hands out a row twice (`taken` counts them, tests check freshness).
@@ -25,6 +26,8 @@ import torch
 from tdllm.trusted.masked_ring import RING, exact_product, wrap32
 
 DEFAULT_BATCH = 32  # pads precomputed per refill: one [32, in] x [in, out] GEMM
+# rows kept ready per projection in idle time: 64 x (in + out) words, ~66 MB for SmolLM2-135M
+IDLE_RESERVE = 64
 
 
 def random_words(rows: int, cols: int) -> torch.Tensor:
@@ -46,6 +49,7 @@ class PadPool:
         self._products = torch.empty(0, weight_t64[0].shape[1], dtype=torch.int32)
         self.taken = 0
         self.generated = 0
+        self.misses = 0  # takes that had to compute pads on the request's path
 
     def refill(self, rows: int) -> None:
         pads = random_words(rows, self.in_features)
@@ -54,10 +58,23 @@ class PadPool:
         self._products = torch.cat([self._products, products])
         self.generated += rows
 
+    @property
+    def ready(self) -> int:
+        """Unused pads in the pool."""
+        return int(self._pads.shape[0])
+
+    def top_up(self, reserve: int) -> bool:
+        """Add one batch if fewer than `reserve` pads are ready; whether it did."""
+        if self.ready >= reserve:
+            return False
+        self.refill(min(self.batch, reserve - self.ready))
+        return True
+
     def take(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`rows` unused pads ``[rows, in]`` and their products ``[rows, out]`` (int32 words)."""
         missing = rows - self._pads.shape[0]
         if missing > 0:
+            self.misses += 1
             self.refill(max(missing, self.batch))
         pads, products = self._pads[:rows], self._products[:rows]
         self._pads, self._products = self._pads[rows:].clone(), self._products[rows:].clone()
