@@ -164,6 +164,22 @@ class QuoteService:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+def _guest_settings(sealed: Path, broker: Broker, qgs: QuoteService) -> Settings:
+    """What the image's smoke profile configures: no injected provider, only URLs."""
+    return Settings(
+        model=str(sealed),
+        attestation="simulated",
+        allow_simulated=True,
+        simulated_quote_url=qgs.url,
+        broker_url=f"http://127.0.0.1:{broker.port}",
+        key_id=TEST_KEY_ID,
+        context_tokens=64,
+        max_prompt_tokens=32,
+        max_tokens_limit=16,
+        default_max_tokens=8,
+    )
+
+
 def test_a_guest_boots_from_settings_alone_with_the_hosts_simulated_quote_service(
     deployment: SimulatedDeployment, sealed_model: Path, broker: Broker
 ) -> None:
@@ -172,19 +188,7 @@ def test_a_guest_boots_from_settings_alone_with_the_hosts_simulated_quote_servic
     broker.start()
     qgs = QuoteService(deployment)
     try:
-        settings = Settings(
-            model=str(sealed_model),
-            attestation="simulated",
-            allow_simulated=True,
-            simulated_quote_url=qgs.url,
-            broker_url=f"http://127.0.0.1:{broker.port}",
-            key_id=TEST_KEY_ID,
-            context_tokens=64,
-            max_prompt_tokens=32,
-            max_tokens_limit=16,
-            default_max_tokens=8,
-        )
-        app = create_app(settings)
+        app = create_app(_guest_settings(sealed_model, broker, qgs))
         svc = app.extensions["tdllm"]
         wait_for(lambda: svc.state.ready or svc.state.phase == "failed")
         assert svc.state.ready, svc.state.reason
@@ -208,15 +212,7 @@ def test_a_quote_service_for_another_td_gets_the_key_refused(
     broker.start()
     qgs = QuoteService(deployment, mr_td=b"\xee" * 48)
     try:
-        settings = Settings(
-            model=str(sealed_model),
-            attestation="simulated",
-            allow_simulated=True,
-            simulated_quote_url=qgs.url,
-            broker_url=f"http://127.0.0.1:{broker.port}",
-            key_id=TEST_KEY_ID,
-        )
-        svc = create_app(settings).extensions["tdllm"]
+        svc = create_app(_guest_settings(sealed_model, broker, qgs)).extensions["tdllm"]
         wait_for(lambda: svc.state.phase == "failed")
         assert "refused" in svc.state.reason
     finally:

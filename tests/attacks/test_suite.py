@@ -6,6 +6,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,11 +64,7 @@ def test_evidence_and_verdict_come_from_the_measured_detail(
 ) -> None:
     prompts = [[(5 * i + 11 * j) % 97 for j in range(10)] for i in range(1, 4)]
     for profile in ("split", "masked"):
-        target = a1.open_target(profile, "cpu", *tiny_pair, K, 32)
-        try:
-            detail = a8.measure(target, prompts)
-        finally:
-            target.close()
+        detail = _a8_on_tiny(profile, tiny_pair, prompts)
         if profile == "split":
             detail["claim"] = "split does not hide prompts"
         rate = detail["nearest_neighbour_recovery"]
@@ -77,6 +74,16 @@ def test_evidence_and_verdict_come_from_the_measured_detail(
         assert verdict(result) == expected
     broken = AttackResult("A2", "obfuscated", "rows", 1.0, False, {})
     assert verdict(broken) == "**broken**"
+
+
+def _a8_on_tiny(
+    profile: str, pair: tuple[Checkpoint, Checkpoint], prompts: list[list[int]]
+) -> dict[str, Any]:
+    target = a1.open_target(profile, "cpu", *pair, K, 32)
+    try:
+        return a8.measure(target, prompts)
+    finally:
+        target.close()
 
 
 @pytest.mark.parametrize(
