@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tdllm.attacks.device_view import _NoTokenizer
+from tdllm.attacks.device_view import NoTokenizer
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.protection.bench import _Run
@@ -16,7 +16,7 @@ def _td_flops(checkpoint: Checkpoint, profile: str, device: str) -> int:
     options = ProtectionOptions(profile, device, K, obfuscation_seed=0)
     model = build_model(checkpoint, torch.float32, options, 1, MAX_SEQ)
     try:
-        engine = Engine(model, _NoTokenizer(), 1, MAX_SEQ)  # type: ignore[arg-type]
+        engine = Engine(model, NoTokenizer(), 1, MAX_SEQ)  # type: ignore[arg-type]
         run = _Run(profile, device, model, engine)
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         return run.count_flops(list(range(3, 15)), params)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from tdllm.api.runner import EngineRunner
-from tdllm.attacks.device_view import _NoTokenizer
+from tdllm.attacks.device_view import NoTokenizer
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.linear import Linear
@@ -112,7 +112,7 @@ def test_an_idle_engine_precomputes_pads_so_a_request_needs_no_refill(
         method = masked_method_of(model)
         assert method is not None
         pools = [p for p in (s.pads for s in _states(model)) if p is not None]
-        runner = EngineRunner(Engine(model, _NoTokenizer(), 1, 32), model_name="tiny")  # type: ignore[arg-type]
+        runner = EngineRunner(Engine(model, NoTokenizer(), 1, 32), model_name="tiny")  # type: ignore[arg-type]
         runner.start()
         try:
             deadline = time.monotonic() + 60

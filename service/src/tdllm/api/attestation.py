@@ -17,6 +17,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from tdllm.api.boot import collateral_for
 from tdllm.api.identity import ATTEST_PROTOCOL, report_data
 from tdllm.api.openai.errors import ApiError, invalid
 from tdllm_attest.broker.protocol import b64url
@@ -54,10 +55,7 @@ def attestation() -> ResponseReturnValue:
     log_path = service.settings.runtime_log
     quote, event_log = _quote_with_log(service, provider, data, log_path)
     service.metrics.attestations.labels("ok").inc()
-    # injected (tests, `make run`), else what the provider serves (a simulated quote service)
-    collateral = getattr(service.boot_deps, "collateral", None) or getattr(
-        provider, "collateral", None
-    )
+    collateral = collateral_for(service.boot_deps, provider)
     body: dict[str, Any] = {
         "protocol": ATTEST_PROTOCOL,
         "nonce": nonce,

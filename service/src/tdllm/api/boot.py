@@ -99,6 +99,14 @@ def quote_provider_for(settings: Settings, deps: BootDeps) -> tuple[Any, bool]:
     return None, False
 
 
+def collateral_for(deps: BootDeps | None, provider: Any) -> Callable[[bytes], str] | None:
+    """Collateral for a quote: injected (tests, `make run`), else what the quote provider serves
+    (the simulated quote service does), else none (the verifier fetches its own)."""
+    injected = deps.collateral if deps is not None else None
+    served: Callable[[bytes], str] | None = getattr(provider, "collateral", None)
+    return injected or served
+
+
 class Boot:
     def __init__(self, settings: Settings, state: BootState, deps: BootDeps | None = None) -> None:
         self.settings = settings
@@ -157,8 +165,7 @@ class Boot:
         url, key_id = self.settings.broker_url or "", self.settings.key_id or ""
         provider = self.state.quote_provider
         transport = self.deps.transport or RequestsTransport(url, timeout_s=30)
-        # a simulated quote service also serves its platform's collateral
-        collateral = self.deps.collateral or getattr(provider, "collateral", None)
+        collateral = collateral_for(self.deps, provider)
         client = KeyClient(transport=transport, provider=provider, collateral=collateral)
         sleep = self.deps.sleep or self.state._stopped.wait
         attempts, delay = self.settings.boot_attempts, self.settings.boot_backoff_s

@@ -21,7 +21,6 @@ of the two rates; prompt privacy holds at <= 5%.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors  # type: ignore[import-untyped]
 
 from tdllm.attacks.a1_private_bytes import Target, default_checkpoints, open_target
+from tdllm.attacks.device_view import parse_calls
 from tdllm.attacks.result import AttackOptions, AttackResult
 from tdllm.model.transformer import Batch, KVCache
 from tdllm.trusted.masked_ring import RING, quantize_activation, x_max_for
@@ -78,16 +78,11 @@ def observe(target: Target, prompt: list[int]) -> np.ndarray:
         v = target.crossing.dump()["kv.0.v"][0, :, : len(prompt)]  # [kv_heads, T, head_dim]
         return v.transpose(0, 1).reshape(len(prompt), -1).float().numpy()
     key, wanted = ("layer", LAYER0) if target.profile == "obfuscated" else ("weight", LAYER0_QKV)
-    records = target.crossing.transcript.records[mark:]
-    for i, record in enumerate(records):
-        if record.name == "call" and record.payload is not None:
-            params = json.loads(record.payload).get("params", {})
-            if params.get(key) == wanted:
-                sent = next(r for r in records[i + 1 :] if r.name == "x")
-                dtype = getattr(torch, sent.dtype.removeprefix("torch."))
-                raw = torch.frombuffer(bytearray(sent.payload or b""), dtype=torch.uint8)
-                rows = raw.view(dtype).reshape(-1, sent.shape[-1])
-                return (rows.float() if rows.is_floating_point() else rows).numpy()
+    for call in parse_calls(target.crossing.transcript.records[mark:]):
+        if call.params.get(key) == wanted:
+            x = call.args["x"]
+            rows = x.reshape(-1, x.shape[-1])
+            return (rows.float() if rows.is_floating_point() else rows).numpy()
     raise RuntimeError("the device never received layer 0's qkv input")
 
 

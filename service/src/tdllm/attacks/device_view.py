@@ -75,7 +75,7 @@ def private_checkpoint(options: AttackOptions, base: Checkpoint) -> Checkpoint:
     return open_checkpoint(str(private_model_dir(DEFAULT_CACHE, options.k)))
 
 
-class _NoTokenizer:
+class NoTokenizer:
     """For checkpoints without one (tiny test models): no stop tokens, no text."""
 
     stop_token_ids: frozenset[int] = frozenset()
@@ -114,7 +114,7 @@ def observe(
             raise ValueError(f"profile {options.profile} offloads nothing to a device")
         # recording starts when serving does: the weights put at build time are in the dump
         crossing.transcript.keep_payloads = record_calls
-        tokenizer = private_ckpt.tokenizer or _NoTokenizer()
+        tokenizer = private_ckpt.tokenizer or NoTokenizer()
         engine = Engine(model, tokenizer, max_batch=4, max_seq_len=max_seq)  # type: ignore[arg-type]
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         engine.generate(prompts, params)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,14 +46,13 @@ def run_suite(
     options: AttackOptions,
     progress: Callable[[int, str, str], None] | None = None,
 ) -> list[SuiteRow]:
-    """Run each (attack, profile) with `options` (its profile replaced); in order."""
+    """Run each (attack, profile) in order, with `options` but for the profile."""
     rows = []
     for i, (name, profile) in enumerate(pairs):
         if progress is not None:
             progress(i, name, profile)
         started = time.perf_counter()
-        opts = AttackOptions(profile, options.device, options.seed, options.k, options.quick)
-        result = runner(name)(opts)
+        result = runner(name)(dataclasses.replace(options, profile=profile))
         rows.append(SuiteRow(result, round(time.perf_counter() - started, 1)))
     return rows
 
