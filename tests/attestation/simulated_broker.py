@@ -14,6 +14,7 @@ from tdllm_attest.broker.app import create_app
 from tdllm_attest.broker.client import KeyClient
 from tdllm_attest.broker.keystore import Keystore
 from tdllm_attest.broker.settings import BrokerSettings
+from tdllm_attest.collateral import FetcherCollateralSource
 from tdllm_attest.policy import MeasurementTuple, Policy, TcbPolicy
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import (
@@ -84,6 +85,16 @@ class FlaskTransport:
 
 
 @dataclass
+class ServedCollateral:
+    """What the broker's own collateral source (its PCCS, in production) currently serves."""
+
+    text: str
+
+    def __call__(self, _raw_quote: bytes) -> str:
+        return self.text
+
+
+@dataclass
 class SimulatedDeployment:
     """A simulated platform, a broker (Flask app) and the data keys it holds."""
 
@@ -91,6 +102,7 @@ class SimulatedDeployment:
     clock: FakeClock
     settings: BrokerSettings
     data_keys: dict[str, bytes]
+    served_collateral: ServedCollateral
 
     def app_client(self) -> FlaskClient:
         return create_app(self.settings).test_client()
@@ -102,11 +114,15 @@ class SimulatedDeployment:
         fields: SyntheticTdFields | None = None,
         collateral: str | None = None,
     ) -> KeyClient:
+        """A TD's key client; `collateral` is what the broker's own source serves meanwhile
+        (under `accept_request_collateral_insecure` the TD also sends it in its request)."""
         text = collateral if collateral is not None else self.platform.collateral_json()
+        self.served_collateral.text = text
+        insecure = self.settings.accept_request_collateral_insecure
         return KeyClient(
             transport=transport,
             provider=SimulatedProvider(self.platform, fields or td_fields()),
-            collateral=lambda _quote: text,
+            collateral=(lambda _quote: text) if insecure else None,
         )
 
 
@@ -123,7 +139,11 @@ def simulated_deployment(**settings_changes: Any) -> SimulatedDeployment:
     anchor = select_trust_anchor(
         "simulated", simulated_root_der=platform.root_der, environ=SIMULATED_ENV
     )
-    options: dict[str, Any] = {"session_ttl": timedelta(seconds=60)} | settings_changes
+    served = ServedCollateral(platform.collateral_json())
+    options: dict[str, Any] = {
+        "session_ttl": timedelta(seconds=60),
+        "collateral": FetcherCollateralSource(served),
+    } | settings_changes
     settings = BrokerSettings(
         keystore=keystore,
         policies={POLICY_NAME: policy_for_template(platform)},
@@ -131,4 +151,4 @@ def simulated_deployment(**settings_changes: Any) -> SimulatedDeployment:
         now=clock,
         **options,
     )
-    return SimulatedDeployment(platform, clock, settings, data_keys)
+    return SimulatedDeployment(platform, clock, settings, data_keys, served)

@@ -31,7 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from tdllm_attest import abi
-from tdllm_attest.collateral import Collateral, collateral_from_json, load_collateral
+from tdllm_attest.collateral import (
+    Collateral,
+    FetcherCollateralSource,
+    collateral_from_json,
+    load_collateral,
+)
 from tdllm_attest.policy import MeasurementTuple, Policy, TcbPolicy
 from tdllm_attest.simulated import (
     ALLOW_SIMULATED_ENV,
@@ -109,15 +114,16 @@ def bench_release(n: int) -> dict[str, float]:
     keystore = Keystore([], secrets.token_bytes(32))
     data_key = secrets.token_bytes(32)
     keystore.wrap(BENCH_KEY_ID, BENCH_POLICY, {MODE_SIMULATED}, data_key)
+    collateral = platform.collateral_json()
     settings = BrokerSettings(
         keystore=keystore,
         policies={BENCH_POLICY: _policy(platform)},
         anchor=anchor,
         now=lambda: SIM_NOW,
+        collateral=FetcherCollateralSource(lambda _quote: collateral),
         rate_limit=1_000_000,
         session_ttl=timedelta(seconds=60),
     )
-    collateral = platform.collateral_json()
     server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -128,7 +134,6 @@ def bench_release(n: int) -> dict[str, float]:
                     f"http://127.0.0.1:{server.server_port}", session=session
                 ),
                 provider=SimulatedProvider(platform, _fields()),
-                collateral=lambda _quote: collateral,
             )
 
             def release() -> None:

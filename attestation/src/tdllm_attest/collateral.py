@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from tdllm_attest import memo
-from tdllm_attest.chain import load_pem_chain, verify_chain
+from tdllm_attest.chain import common_name, load_pem_chain, verify_chain
 from tdllm_attest.clock import require_aware
 from tdllm_attest.errors import CollateralError
 from tdllm_attest.trust import TrustAnchor
@@ -257,11 +257,35 @@ def _check_crl(
         raise CollateralError(f"{what} is older than the freshness limit {limits.max_age}")
 
 
+def _check_signer(
+    chain: list[x509.Certificate], anchor: TrustAnchor, root_crl_der: bytes, what: str
+) -> None:
+    """The signer is the pinned TCB Signing identity, issued by the root, not revoked by it."""
+    signer = chain[0]
+    if common_name(signer) != anchor.tcb_signing_cn:
+        raise CollateralError(
+            f"{what} is signed by {common_name(signer)!r}, not by {anchor.tcb_signing_cn!r}"
+        )
+    crl = _load_crl(root_crl_der, "root CA CRL")
+    if crl.get_revoked_certificate_by_serial_number(signer.serial_number) is not None:
+        raise CollateralError(
+            f"{what} signing certificate (serial {signer.serial_number:x}) is revoked by the root"
+        )
+
+
 def _check_document(
-    doc: SignedDocument, anchor: TrustAnchor, now: datetime, limits: FreshnessLimits, what: str
+    doc: SignedDocument,
+    anchor: TrustAnchor,
+    now: datetime,
+    limits: FreshnessLimits,
+    what: str,
+    *,
+    root_crl_der: bytes,
 ) -> None:
     chain = load_pem_chain(doc.issuer_chain, error=CollateralError, what=f"{what} issuer chain")
-    verify_chain(chain, anchor, now, error=CollateralError, what=f"{what} issuer chain")
+    # Exactly [TCB Signing, root]: a look-alike under the PCK CA would make the chain longer.
+    verify_chain(chain, anchor, now, error=CollateralError, what=f"{what} issuer chain", length=2)
+    _check_signer(chain, anchor, root_crl_der, what)
     if len(doc.signature) != ECDSA_P256_SIGNATURE_SIZE:
         raise CollateralError(f"{what} signature is {len(doc.signature)} bytes, want 64 (r||s)")
     key = chain[0].public_key()
@@ -315,8 +339,7 @@ def check_collateral(
         raise CollateralError(
             f"TCB Info is for FMSPC {collateral.fmspc}, the quote's platform is {fmspc.upper()}"
         )
-    _check_document(tcb, anchor, now, limits, "TCB Info")
-    _check_document(qe, anchor, now, limits, "QE Identity")
+    # The root CRL first: it decides whether the TCB Signing certificate is still good.
     _check_crl(
         collateral.root_ca_crl,
         anchor.certificate,
@@ -325,10 +348,21 @@ def check_collateral(
         "root CA CRL",
         apply_max_age=False,  # Intel re-issues the root CRL about yearly; expiry still applies
     )
+    root_crl = collateral.root_ca_crl
+    _check_document(tcb, anchor, now, limits, "TCB Info", root_crl_der=root_crl)
+    _check_document(qe, anchor, now, limits, "QE Identity", root_crl_der=root_crl)
     crl_chain = load_pem_chain(
         collateral.pck_crl_issuer_chain, error=CollateralError, what="PCK CRL issuer chain"
     )
-    verify_chain(crl_chain, anchor, now, error=CollateralError, what="PCK CRL issuer chain")
+    verify_chain(
+        crl_chain,
+        anchor,
+        now,
+        error=CollateralError,
+        what="PCK CRL issuer chain",
+        length=2,
+        leaf_is_ca=True,
+    )
     if crl_chain[0].subject != pck_ca.subject or crl_chain[0].public_key() != pck_ca.public_key():
         raise CollateralError("PCK CRL issuer is not the quote's PCK CA")
     _check_crl(collateral.pck_crl, pck_ca, now, limits, "PCK CRL")

@@ -94,7 +94,9 @@ def check_pck_chain(
 ) -> None:
     """PCK leaf -> CA -> anchor, valid at `now`, neither leaf nor CA revoked."""
     leaf, ca, root = pck_certificates(quote)
-    verify_chain([leaf, ca, root], anchor, now, error=ChainError, what="PCK certificate chain")
+    verify_chain(
+        [leaf, ca, root], anchor, now, error=ChainError, what="PCK certificate chain", length=3
+    )
     try:
         pck_crl = memo.crl_from_der(collateral.pck_crl)
         root_crl = memo.crl_from_der(collateral.root_ca_crl)

@@ -36,7 +36,7 @@ from cryptography.x509.oid import NameOID
 from tdllm_attest import abi
 from tdllm_attest.clock import require_aware
 from tdllm_attest.errors import ChainError
-from tdllm_attest.trust import TrustAnchor
+from tdllm_attest.trust import SIMULATED_TCB_SIGNING_CN, TrustAnchor
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ _CERT_LIFETIME = timedelta(days=365)
 _COLLATERAL_LIFETIME = timedelta(days=30)
 _BACKDATE = timedelta(hours=1)
 _P256_HALF = 32
+# Who signs a simulated TCB Info / QE Identity: the real role, or one of the signer attacks.
+CollateralSigner = Literal["tcb_signer", "pck_leaf", "pck_ca", "pck_ca_lookalike"]
 
 
 class SimulationRefused(ChainError):  # noqa: N818  # reads as the event it reports
@@ -161,7 +163,7 @@ class SimulatedTdxPlatform:
             "TDLLM UNSAFE TEST PCK Platform CA", self._root, ca=True, name="pck_ca"
         )
         self._tcb_signer = self._issue(
-            "TDLLM UNSAFE TEST TCB Signing", self._root, ca=False, name="tcb_signer"
+            SIMULATED_TCB_SIGNING_CN, self._root, ca=False, name="tcb_signer"
         )
         self._pck_leaf = self._issue(
             "TDLLM UNSAFE TEST PCK Certificate",
@@ -227,7 +229,7 @@ class SimulatedTdxPlatform:
             builder = builder.add_extension(extra, critical=False)
         return _Issued(key, builder.sign(issuer_key, hashes.SHA256()))
 
-    def _crl(self, issuer: _Issued, revoked: x509.Certificate | None) -> bytes:
+    def _crl(self, issuer: _Issued, *revoked: x509.Certificate) -> bytes:
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(issuer.cert.subject)
@@ -235,18 +237,32 @@ class SimulatedTdxPlatform:
             .next_update(self.now + _COLLATERAL_LIFETIME)
             .add_extension(x509.CRLNumber(1), critical=False)
         )
-        if revoked is not None:
+        for cert in revoked:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder()
-                .serial_number(revoked.serial_number)
+                .serial_number(cert.serial_number)
                 .revocation_date(self.now - _BACKDATE)
                 .build()
             )
         return builder.sign(issuer.key, hashes.SHA256()).public_bytes(Encoding.DER)
 
-    def _signed(self, doc: dict[str, Any]) -> tuple[str, str]:
+    def _collateral_signer(self, signer: CollateralSigner) -> tuple[_Issued, str]:
+        """(signing key + certificate, issuer chain PEM) of who signs TCB Info / QE Identity."""
+        root_pem = self._root.pem
+        if signer == "tcb_signer":
+            return self._tcb_signer, self._tcb_signer.pem + root_pem
+        if signer == "pck_leaf":  # the attack: a leaked PCK key re-signs the TCB levels
+            return self._pck_leaf, self._pck_leaf.pem + self._pck_ca.pem + root_pem
+        if signer == "pck_ca":
+            return self._pck_ca, self._pck_ca.pem + root_pem
+        # a certificate named like the TCB signer, but issued by the PCK CA
+        lookalike = self._issue(SIMULATED_TCB_SIGNING_CN, self._pck_ca, ca=False, name="")
+        return lookalike, lookalike.pem + self._pck_ca.pem + root_pem
+
+    @staticmethod
+    def _signed(doc: dict[str, Any], signer: _Issued) -> tuple[str, str]:
         text = json.dumps(doc, separators=(",", ":"))
-        return text, _raw_signature(self._tcb_signer.key, text.encode()).hex()
+        return text, _raw_signature(signer.key, text.encode()).hex()
 
     def collateral_json(
         self,
@@ -255,6 +271,8 @@ class SimulatedTdxPlatform:
         revoke_pck_leaf: bool = False,
         revoke_pck_ca: bool = False,
         qe_identity_changes: Mapping[str, Any] | None = None,
+        signer: CollateralSigner = "tcb_signer",
+        revoke_tcb_signer: bool = False,
     ) -> str:
         """dcap-qvl `QuoteCollateralV3` JSON signed by the test PKI.
 
@@ -263,6 +281,9 @@ class SimulatedTdxPlatform:
         `qe_identity_changes` replaces top-level QE Identity fields before it is signed (e.g.
         `{"mrsigner": ...}`, `{"isvprodid": 3}`, `{"attributes": ...}`, `{"tcbLevels": [...]}`),
         so that a validly signed QE Identity can disagree with the quote's QE report.
+        `signer` picks who signs TCB Info and QE Identity (the attacks: a PCK leaf, the PCK CA,
+        or a TCB-signer look-alike issued by the PCK CA); `revoke_tcb_signer` lists the TCB
+        Signing certificate in the root CA CRL.
         """
         tcb_info = copy.deepcopy(self._template["tcb_info"])
         qe_identity = copy.deepcopy(self._template["qe_identity"])
@@ -271,22 +292,22 @@ class SimulatedTdxPlatform:
             doc["nextUpdate"] = _time(self.now + _COLLATERAL_LIFETIME)
         tcb_info["tcbLevels"][0]["tcbStatus"] = tcb_status
         qe_identity.update(copy.deepcopy(dict(qe_identity_changes or {})))
-        tcb_text, tcb_sig = self._signed(tcb_info)
-        qe_text, qe_sig = self._signed(qe_identity)
-        root_pem = self._root.pem
+        signing, signing_chain = self._collateral_signer(signer)
+        tcb_text, tcb_sig = self._signed(tcb_info, signing)
+        qe_text, qe_sig = self._signed(qe_identity, signing)
+        revoked_by_root = [self._pck_ca.cert] if revoke_pck_ca else []
+        revoked_by_root += [self._tcb_signer.cert] if revoke_tcb_signer else []
         return json.dumps(
             {
-                "pck_crl_issuer_chain": self._pck_ca.pem + root_pem,
-                "root_ca_crl": self._crl(
-                    self._root, self._pck_ca.cert if revoke_pck_ca else None
-                ).hex(),
+                "pck_crl_issuer_chain": self._pck_ca.pem + self._root.pem,
+                "root_ca_crl": self._crl(self._root, *revoked_by_root).hex(),
                 "pck_crl": self._crl(
-                    self._pck_ca, self._pck_leaf.cert if revoke_pck_leaf else None
+                    self._pck_ca, *([self._pck_leaf.cert] if revoke_pck_leaf else [])
                 ).hex(),
-                "tcb_info_issuer_chain": self._tcb_signer.pem + root_pem,
+                "tcb_info_issuer_chain": signing_chain,
                 "tcb_info": tcb_text,
                 "tcb_info_signature": tcb_sig,
-                "qe_identity_issuer_chain": self._tcb_signer.pem + root_pem,
+                "qe_identity_issuer_chain": signing_chain,
                 "qe_identity": qe_text,
                 "qe_identity_signature": qe_sig,
             }

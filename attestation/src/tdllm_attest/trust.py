@@ -16,6 +16,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tdllm_attest.errors import ChainError
 
 INTEL_SGX_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+# The one identity allowed to sign TCB Info and QE Identity (as Intel's QVL/QvE pin it): any other
+# key that chains to the root (a PCK leaf, a PCK CA) could otherwise re-sign the TCB levels.
+INTEL_TCB_SIGNING_CN = "Intel SGX TCB Signing"
+# Its counterpart under a simulated (test) root; never accepted under Intel's root.
+SIMULATED_TCB_SIGNING_CN = "TDLLM UNSAFE TEST TCB Signing"
 
 # Intel SGX Root CA (public certificate, valid 2018-05-21 .. 2049-12-31).
 INTEL_SGX_ROOT_CA_PEM = b"""-----BEGIN CERTIFICATE-----
@@ -45,6 +50,11 @@ class TrustAnchor:
     certificate: x509.Certificate
     sha256: str
     is_intel: bool
+
+    @property
+    def tcb_signing_cn(self) -> str:
+        """Subject CN of the certificate that must sign TCB Info / QE Identity under this root."""
+        return INTEL_TCB_SIGNING_CN if self.is_intel else SIMULATED_TCB_SIGNING_CN
 
     @classmethod
     def from_der(cls, der: bytes) -> TrustAnchor:

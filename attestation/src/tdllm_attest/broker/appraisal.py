@@ -11,7 +11,7 @@ from typing import Any
 
 from tdllm_attest.binding import check_report_data
 from tdllm_attest.broker.keystore import KeyRecord
-from tdllm_attest.broker.problems import EvidenceRejected, PolicyRefused
+from tdllm_attest.broker.problems import CollateralUnavailable, EvidenceRejected, PolicyRefused
 from tdllm_attest.broker.protocol import (
     PROTOCOL,
     RUNTIME_DATA_KEYS,
@@ -22,7 +22,13 @@ from tdllm_attest.broker.sessions import Session
 from tdllm_attest.broker.settings import BrokerSettings
 from tdllm_attest.broker.wrapping import tee_public_key
 from tdllm_attest.collateral import Collateral, collateral_from_json
-from tdllm_attest.errors import AttestationError, EventLogError, PolicyMismatch, TcbStatusError
+from tdllm_attest.errors import (
+    AttestationError,
+    CollateralError,
+    EventLogError,
+    PolicyMismatch,
+    TcbStatusError,
+)
 from tdllm_attest.eventlog import Event, parse_ccel_log, parse_ccel_table, parse_runtime_log
 from tdllm_attest.policy import check_tcb, validate
 from tdllm_attest.simulated import MODE_PRODUCTION, MODE_SIMULATED
@@ -62,14 +68,21 @@ def _check_runtime_data(runtime: object, session: Session) -> dict[str, Any]:
 
 
 def _collateral(request_collateral: object, settings: BrokerSettings, raw: bytes) -> Collateral:
+    """The broker's own collateral; the request's only under the insecure dev switch.
+
+    A failing source is a refusal (the TD retries later), never a reason to use the request's.
+    """
     try:
         if settings.collateral is not None:
             return settings.collateral.get(raw)
-        if isinstance(request_collateral, str):
+        if settings.accept_request_collateral_insecure and isinstance(request_collateral, str):
             return collateral_from_json(request_collateral)
     except AttestationError as exc:
-        raise EvidenceRejected(f"collateral: {exc}") from None
-    raise EvidenceRejected("no collateral: none configured and none in the request")
+        raise CollateralUnavailable(f"collateral: {exc}") from None
+    raise CollateralUnavailable(
+        "no collateral: the broker has no collateral source configured"
+        + ("" if settings.accept_request_collateral_insecure else " (request collateral ignored)")
+    )
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,8 @@ def appraise(
         )
     except (TcbStatusError, PolicyMismatch) as exc:  # genuine, but refused by TD/TCB rules
         raise PolicyRefused(f"quote verification: {type(exc).__name__}: {exc}") from None
+    except CollateralError as exc:  # the broker's own collateral is stale or bad: not the TD's
+        raise CollateralUnavailable(f"quote verification: {exc}") from None
     except AttestationError as exc:
         raise EvidenceRejected(f"quote verification: {type(exc).__name__}: {exc}") from None
     try:

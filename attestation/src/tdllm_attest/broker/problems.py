@@ -56,6 +56,17 @@ class PolicyRefused(BrokerProblem):
     title = "The key may not be released to this TD"
 
 
+class CollateralUnavailable(BrokerProblem):
+    """The broker cannot get current collateral of its own (PCCS down, stale): retry later.
+
+    Never answered by falling back to collateral the request (the host) supplies.
+    """
+
+    status = 503
+    code = "collateral-unavailable"
+    title = "Attestation collateral is unavailable; retry later"
+
+
 class UnknownKey(BrokerProblem):
     """No such key id in the keystore."""
 

@@ -29,7 +29,11 @@ class BrokerSettings:
     policies: Mapping[str, Policy]
     anchor: TrustAnchor
     now: Callable[[], datetime] = system_clock
+    # The broker's own collateral source (a PCCS client in production). Collateral that the
+    # request carries comes from the host, which would pick the oldest still-valid one (hiding a
+    # revocation or TCB recovery): it is ignored unless this loudly named dev switch is on.
     collateral: CollateralSource | None = None
+    accept_request_collateral_insecure: bool = False
     session_ttl: timedelta = timedelta(seconds=60)
     max_body_bytes: int = 1024 * 1024  # a CCEL log area is 256 KiB (base64: ~350 KB)
     rate_limit: int = 30

@@ -73,13 +73,18 @@ def _run_broker(state: ApplianceState, platform: SimulatedTdxPlatform, port: int
 
     from tdllm_attest.broker.app import create_app as create_broker
     from tdllm_attest.broker.settings import BrokerSettings
+    from tdllm_attest.collateral import FetcherCollateralSource
 
     _exit_on_signals()
     anchor = select_trust_anchor(
         "simulated", simulated_root_der=platform.root_der, environ=SIMULATED_ENV
     )
-    settings = BrokerSettings(
-        keystore=state.keystore, policies={POLICY_NAME: appliance_policy(platform)}, anchor=anchor
+    collateral = FetcherCollateralSource(lambda _quote: platform.collateral_json())
+    settings = BrokerSettings(  # the broker's own collateral: what the TD sends is ignored
+        keystore=state.keystore,
+        policies={POLICY_NAME: appliance_policy(platform)},
+        anchor=anchor,
+        collateral=collateral,
     )
     server = make_server("127.0.0.1", port, create_broker(settings), threaded=True)
     try:
