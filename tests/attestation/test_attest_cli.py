@@ -20,7 +20,7 @@ from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.verify import verify_quote
 from tests.attestation.attest_mutations import Vector, put
 
-V4_AT = "2025-07-01T00:00:00Z"
+V4_AT = "2025-06-19T12:00:00Z"
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -168,7 +168,7 @@ def test_exit_code_names_the_failure_class(
             "--collateral",
             v5_no_tcb_match.collateral_path,
             "--at",
-            "2026-03-01T00:00:00Z",
+            "2026-02-18T12:00:00Z",
         ]
     elif name == "policy: measurement mismatch":
         other = json.loads(json.dumps(doc))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,60 @@ def test_rejects_tcb_evaluation_data_number_below_the_policy_minimum(
 ) -> None:
     with pytest.raises(TcbStatusError, match="evaluation data number"):
         check_tcb(verified_v4, TcbPolicy(min_tcb_evaluation_data_number=18))
+
+
+def _out_of_date(verified: VerifiedQuote, days_after_tcb_date: float) -> VerifiedQuote:
+    """The real v4 quote as if its TCB level had gone OutOfDate, verified that long after."""
+    assert verified.tcb_date is not None
+    when = datetime.fromisoformat(verified.tcb_date) + timedelta(days=days_after_tcb_date)
+    return dataclasses.replace(
+        verified,
+        tcb_status="OutOfDate",
+        advisory_ids=("INTEL-SA-01234",),
+        verified_at=when,
+    )
+
+
+def test_out_of_date_is_accepted_only_within_the_tcb_recovery_grace(
+    verified_v4: VerifiedQuote,
+) -> None:
+    grace = TcbPolicy(out_of_date_grace=timedelta(days=30))
+    decision = check_tcb(_out_of_date(verified_v4, 29), grace)
+    assert "within the TCB-recovery grace" in decision and "INTEL-SA-01234" in decision
+    with pytest.raises(TcbStatusError, match="grace ended"):
+        check_tcb(_out_of_date(verified_v4, 31), grace)
+    with pytest.raises(TcbStatusError, match="OutOfDate"):  # no grace configured
+        check_tcb(_out_of_date(verified_v4, 1))
+
+
+def test_grace_never_admits_revoked_or_other_statuses(verified_v4: VerifiedQuote) -> None:
+    grace = TcbPolicy(out_of_date_grace=timedelta(days=30))
+    for status in ("Revoked", "ConfigurationNeeded", "SWHardeningNeeded"):
+        with pytest.raises(TcbStatusError, match=status):
+            check_tcb(dataclasses.replace(_out_of_date(verified_v4, 1), tcb_status=status), grace)
+
+
+def test_grace_still_enforces_the_minimum_tcb_evaluation_data_number(
+    verified_v4: VerifiedQuote,
+) -> None:
+    tcb = TcbPolicy(out_of_date_grace=timedelta(days=30), min_tcb_evaluation_data_number=18)
+    with pytest.raises(TcbStatusError, match="evaluation data number"):
+        check_tcb(_out_of_date(verified_v4, 1), tcb)
+
+
+def test_policy_document_without_an_age_limit_gets_the_24_hour_default(
+    verified_v4: VerifiedQuote,
+) -> None:
+    policy = policy_from_document(policy_document(verified_v4))
+    assert policy.freshness_limits().max_age == timedelta(hours=24)
+    doc = policy_document(verified_v4)
+    doc["tcb"] |= {"max_collateral_age_hours": 6, "out_of_date_grace_days": 14}
+    policy = policy_from_document(doc)
+    assert policy.freshness_limits().max_age == timedelta(hours=6)
+    assert policy.tcb.out_of_date_grace == timedelta(days=14)
+    doc["tcb"]["max_collateral_age_days"] = 1
+    with pytest.raises(PolicyDocumentError, match="not both"):
+        policy_from_document(doc)
 
 
 # --- §8.6 groups 15-17: TD attributes, module identity, measurements -------------------------

@@ -16,7 +16,7 @@ from tdllm_attest import errors
 from tests.attestation.attest_mutations import Vector
 
 REPO = Path(__file__).resolve().parents[2]
-V4_AT = "2025-07-01T00:00:00Z"
+V4_AT = "2025-06-19T12:00:00Z"
 
 
 def _run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -101,8 +101,13 @@ def test_rejects_spr_e4_quote_for_its_trailing_text_and_then_for_its_tcb(
     with pytest.raises(QuoteParseError, match="trailing"):
         verify_quote(spr_e4.quote, spr_e4.collateral, now=spr_e4.at, anchor=intel_anchor)
     stripped = spr_e4.quote[:-39]
-    with pytest.raises(TcbStatusError, match="No matching TCB level"):
+    with pytest.raises(CollateralError, match="freshness limit"):  # parts issued 10 days apart
         verify_quote(stripped, spr_e4.collateral, now=spr_e4.at, anchor=intel_anchor)
+    no_age_limit = FreshnessLimits(max_age=None)
+    with pytest.raises(TcbStatusError, match="No matching TCB level"):
+        verify_quote(
+            stripped, spr_e4.collateral, now=spr_e4.at, anchor=intel_anchor, limits=no_age_limit
+        )
 
 
 @pytest.mark.parametrize("name", ["v4", "v5", "v5_no_tcb_match", "spr_e4"])
@@ -356,11 +361,16 @@ def test_rejects_collateral_outside_its_validity_window(
 def test_rejects_collateral_older_than_the_freshness_limit(
     v4: Vector, intel_anchor: TrustAnchor
 ) -> None:
+    eleven_days_later = v4.at + timedelta(days=11)  # still before every nextUpdate
+    with pytest.raises(CollateralError, match=r"freshness limit 24\.0 h"):  # the default
+        verify_quote(v4.quote, v4.collateral, now=eleven_days_later, anchor=intel_anchor)
     limits = FreshnessLimits(max_age=timedelta(days=7))
     with pytest.raises(CollateralError, match="freshness limit"):
-        verify_quote(v4.quote, v4.collateral, now=v4.at, anchor=intel_anchor, limits=limits)
+        verify_quote(
+            v4.quote, v4.collateral, now=eleven_days_later, anchor=intel_anchor, limits=limits
+        )
     fresh = FreshnessLimits(max_age=timedelta(days=30))
-    verify_quote(v4.quote, v4.collateral, now=v4.at, anchor=intel_anchor, limits=fresh)
+    verify_quote(v4.quote, v4.collateral, now=eleven_days_later, anchor=intel_anchor, limits=fresh)
 
 
 def test_rejects_collateral_below_the_minimum_tcb_evaluation_data_number(

@@ -13,7 +13,7 @@ import binascii
 import hmac
 import json
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -32,7 +32,7 @@ from tdllm_attest.abi import (
     TdReport10,
     TdReport15,
 )
-from tdllm_attest.collateral import FreshnessLimits
+from tdllm_attest.collateral import DEFAULT_MAX_COLLATERAL_AGE, FreshnessLimits
 from tdllm_attest.errors import Mismatch, PolicyDocumentError, PolicyMismatch, TcbStatusError
 from tdllm_attest.eventlog import Event, replay
 from tdllm_attest.verify import TCB_STATUSES, VerifiedQuote
@@ -41,6 +41,7 @@ POLICY_SCHEMA = "tdllm-attest-policy/1"
 SIGNATURE_ALG = "Ed25519"
 STATUS_UP_TO_DATE = "UpToDate"
 STATUS_REVOKED = "Revoked"
+OUT_OF_DATE_STATUSES = frozenset({"OutOfDate", "OutOfDateConfigurationNeeded"})
 RTMR3_ZERO = "zero"
 RTMR3_EVENT_LOG = "event_log"
 _TOP_KEYS = {
@@ -62,18 +63,27 @@ _TCB_KEYS = {
     "allowed_advisories",
     "min_tcb_evaluation_data_number",
     "max_collateral_age_days",
+    "max_collateral_age_hours",
+    "out_of_date_grace_days",
 }
 _TUPLE_KEYS = {"name", "mr_td", "rtmr0", "rtmr1", "rtmr2"}
 
 
 @dataclass(frozen=True)
 class TcbPolicy:
-    """Which TCB statuses and advisories are acceptable. Revoked is refused even if listed."""
+    """Which TCB statuses and advisories are acceptable. Revoked is refused even if listed.
+
+    `out_of_date_grace`: after a TCB recovery, a platform is OutOfDate until its operator updates
+    it; the owner may keep serving meanwhile. An OutOfDate(ConfigurationNeeded) status is then
+    accepted while the matched TCB level's `tcbDate` (the last date it was known not vulnerable)
+    is within the grace; the advisories that made it out of date are tolerated only then.
+    """
 
     accepted_statuses: frozenset[str] = frozenset({STATUS_UP_TO_DATE})
     allowed_advisories: frozenset[str] = frozenset()
     min_tcb_evaluation_data_number: int | None = None
-    max_collateral_age: timedelta | None = None
+    max_collateral_age: timedelta | None = DEFAULT_MAX_COLLATERAL_AGE
+    out_of_date_grace: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -163,14 +173,25 @@ def _tcb_policy(obj: object) -> TcbPolicy:
     advisories = _list(tcb.get("allowed_advisories", []), "tcb.allowed_advisories")
     if not all(isinstance(a, str) for a in advisories):
         raise PolicyDocumentError("policy tcb.allowed_advisories: want strings")
-    age = _optional_int(tcb.get("max_collateral_age_days"), "tcb.max_collateral_age_days")
+    if "max_collateral_age_days" in tcb and "max_collateral_age_hours" in tcb:
+        raise PolicyDocumentError("policy tcb: give max_collateral_age_hours or _days, not both")
+    days = _optional_int(tcb.get("max_collateral_age_days"), "tcb.max_collateral_age_days")
+    hours = _optional_int(tcb.get("max_collateral_age_hours"), "tcb.max_collateral_age_hours")
+    grace = _optional_int(tcb.get("out_of_date_grace_days"), "tcb.out_of_date_grace_days")
+    if days is not None:
+        max_age = timedelta(days=days)
+    elif hours is not None:
+        max_age = timedelta(hours=hours)
+    else:  # absent: the default, never "no limit" (fail closed)
+        max_age = DEFAULT_MAX_COLLATERAL_AGE
     return TcbPolicy(
         accepted_statuses=frozenset(statuses),
         allowed_advisories=frozenset(advisories),
         min_tcb_evaluation_data_number=_optional_int(
             tcb.get("min_tcb_evaluation_data_number"), "tcb.min_tcb_evaluation_data_number"
         ),
-        max_collateral_age=None if age is None else timedelta(days=age),
+        max_collateral_age=max_age,
+        out_of_date_grace=None if grace is None else timedelta(days=grace),
     )
 
 
@@ -270,23 +291,50 @@ def load_policy(text: str, key: Ed25519PublicKey) -> Policy:
     return policy_from_document(env["policy"])
 
 
-def check_tcb(verified: VerifiedQuote, tcb: TcbPolicy | None = None) -> None:
-    """Judge the TCB status and advisories; Revoked is never accepted."""
+def _grace_until(verified: VerifiedQuote, tcb: TcbPolicy) -> datetime | None:
+    """End of the TCB-recovery grace for this quote, or None when it does not apply."""
+    if verified.tcb_status not in OUT_OF_DATE_STATUSES or tcb.out_of_date_grace is None:
+        return None
+    if verified.tcb_date is None:
+        raise TcbStatusError("OutOfDate TCB level carries no tcbDate: no grace can apply")
+    try:
+        tcb_date = datetime.fromisoformat(verified.tcb_date)
+    except ValueError:
+        raise TcbStatusError(f"TCB level date {verified.tcb_date!r} is not ISO 8601") from None
+    if tcb_date.tzinfo is None:
+        raise TcbStatusError(f"TCB level date {verified.tcb_date!r} has no time zone")
+    return tcb_date + tcb.out_of_date_grace
+
+
+def check_tcb(verified: VerifiedQuote, tcb: TcbPolicy | None = None) -> str:
+    """Judge the TCB status and advisories; Revoked is never accepted.
+
+    Returns how the status was accepted (for per-check reports); raises `TcbStatusError`.
+    """
     tcb = tcb or TcbPolicy()
     status = verified.tcb_status
-    if status == STATUS_REVOKED or status not in tcb.accepted_statuses:
+    grace_until = None if status in tcb.accepted_statuses else _grace_until(verified, tcb)
+    in_grace = grace_until is not None and verified.verified_at <= grace_until
+    if status == STATUS_REVOKED or (status not in tcb.accepted_statuses and not in_grace):
+        expired = f"; TCB-recovery grace ended {grace_until.isoformat()}" if grace_until else ""
         raise TcbStatusError(
             f"TCB status {status} is not accepted (accepted: "
-            f"{', '.join(sorted(tcb.accepted_statuses - {STATUS_REVOKED})) or 'none'})"
+            f"{', '.join(sorted(tcb.accepted_statuses - {STATUS_REVOKED})) or 'none'}){expired}"
         )
     refused = [a for a in verified.advisory_ids if a not in tcb.allowed_advisories]
-    if refused:
+    if refused and not in_grace:
         raise TcbStatusError(f"advisories not on the allow-list: {', '.join(refused)}")
     minimum = tcb.min_tcb_evaluation_data_number
     if minimum is not None and verified.tcb_evaluation_data_number < minimum:
         raise TcbStatusError(
             f"TCB evaluation data number {verified.tcb_evaluation_data_number} is below {minimum}"
         )
+    if in_grace and grace_until is not None:
+        return (
+            f"{status} accepted within the TCB-recovery grace (tcbDate {verified.tcb_date}, "
+            f"until {grace_until.isoformat()}; advisories {', '.join(refused) or 'none'})"
+        )
+    return f"{status} accepted"
 
 
 def td_baseline_mismatches(report: TdReport10, *, allow_service_td: bool = False) -> list[Mismatch]:
