@@ -32,7 +32,7 @@ from tdllm_attest.broker.protocol import (
     PROTOCOL,
     from_b64url,
 )
-from tdllm_attest.broker.ratelimit import RateLimiter
+from tdllm_attest.broker.ratelimit import ForwardedClient, RateLimiter, rate_limit_key
 from tdllm_attest.broker.sessions import SessionStore
 from tdllm_attest.broker.settings import BrokerSettings
 from tdllm_attest.broker.wrapping import encrypt_to_tee
@@ -71,8 +71,12 @@ def create_app(settings: BrokerSettings) -> Flask:
     """Build the broker app around `settings` (all state lives in this app instance)."""
     app = Flask("tdllm_attest.broker")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    sessions = SessionStore(settings.now, settings.session_ttl)
-    limiter = RateLimiter(settings.now, settings.rate_limit, settings.rate_window)
+    # request.remote_addr is the client from here on: the peer, or who a trusted proxy names
+    app.wsgi_app = ForwardedClient(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]
+    sessions = SessionStore(settings.now, settings.session_ttl, settings.max_sessions)
+    limiter = RateLimiter(
+        settings.now, settings.rate_limit, settings.rate_window, settings.max_rate_clients
+    )
     if settings.simulated:
         log.warning(
             "UNSAFE: key broker in SIMULATED mode (test root sha256=%s); "
@@ -106,7 +110,7 @@ def create_app(settings: BrokerSettings) -> Flask:
 
     @app.before_request
     def rate_limit() -> None:
-        limiter.hit(request.remote_addr or "unknown")
+        limiter.hit(rate_limit_key(request.remote_addr or ""))
 
     @app.post(PATH_CHALLENGE)
     def challenge() -> Response:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 import click
@@ -41,12 +43,36 @@ def main() -> None:
     """tdllm key broker (protocol tdllm-kb/1, see docs/attestation.md)."""
 
 
+def _networks(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> tuple[IPv4Network | IPv6Network, ...]:
+    """`--trusted-proxy` values as networks (a bare address is a /32 or /128)."""
+    try:
+        return tuple(ip_network(value.strip()) for value in values)
+    except ValueError as exc:
+        raise click.BadParameter(f"not a network in CIDR notation: {exc}") from None
+
+
 @main.command()
 @click.option("--config", "config", type=click.Path(exists=True, path_type=Path), required=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8750, show_default=True, type=int)
-def serve(config: Path, host: str, port: int) -> None:
+@click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    metavar="CIDR",
+    multiple=True,
+    callback=_networks,
+    help="A reverse proxy whose X-Forwarded-For is believed (repeatable; default: none, the "
+    "header is ignored). List only your own proxies: any client inside these networks can "
+    "choose the address it is rate limited as.",
+)
+def serve(
+    config: Path, host: str, port: int, trusted_proxies: tuple[IPv4Network | IPv6Network, ...]
+) -> None:
     """Serve POST /v1/challenge and POST /v1/attest."""
     logging.basicConfig(level=logging.INFO)
-    app = create_app(settings_from_file(config))
-    run_simple(host, port, app, threaded=True)
+    settings = settings_from_file(config)
+    if trusted_proxies:
+        settings = dataclasses.replace(settings, trusted_proxies=tuple(trusted_proxies))
+    run_simple(host, port, create_app(settings), threaded=True)

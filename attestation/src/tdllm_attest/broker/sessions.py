@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,17 +26,28 @@ class Session:
 class SessionStore:
     """In-memory sessions; `take` hands a session out at most once (then it is gone).
 
-    Expired sessions are purged on each `open`; `max_sessions` bounds memory.
+    At most `max_sessions` live at once. Sessions are kept in the order they were opened, which
+    is also the order they expire in, so expired ones are purged from the front on each `open`
+    and, when the table is still full, the oldest pending session is evicted. A challenge flood
+    can thus make a legitimate client's pending session disappear: its attest then fails closed
+    (`invalid-session`, nothing released) and it retries with a fresh challenge, which the flood
+    cannot refuse. Refusing new sessions instead would let the same flood lock out every client.
     """
 
     def __init__(
         self, now: Callable[[], datetime], ttl: timedelta, max_sessions: int = 10_000
     ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
         self._now = now
         self._ttl = ttl
         self._max = max_sessions
-        self._sessions: dict[str, Session] = {}
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
 
     def open(self, key_id: str) -> Session:
         """Start a session for `key_id` with a fresh 128-bit id and 32-byte nonce."""
@@ -47,12 +59,18 @@ class SessionStore:
             expires_at=now + self._ttl,
         )
         with self._lock:
-            for sid in [s for s, v in self._sessions.items() if v.expires_at < now]:
-                del self._sessions[sid]
-            if len(self._sessions) >= self._max:
-                raise InvalidSession(f"session table full ({self._max}); refusing new sessions")
+            self._drop_expired(now)
+            while len(self._sessions) >= self._max:
+                self._sessions.popitem(last=False)
             self._sessions[session.session_id] = session
         return session
+
+    def _drop_expired(self, now: datetime) -> None:
+        while self._sessions:
+            oldest = next(iter(self._sessions.values()))
+            if oldest.expires_at >= now:
+                return
+            self._sessions.popitem(last=False)
 
     def take(self, session_id: str) -> Session:
         """Remove and return the session: used or not, it can never be presented again."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Network, IPv6Network
 
 from tdllm_attest.broker.keystore import Keystore
 from tdllm_attest.collateral import CollateralSource
@@ -38,6 +39,15 @@ class BrokerSettings:
     max_body_bytes: int = 1024 * 1024  # a CCEL log area is 256 KiB (base64: ~350 KB)
     rate_limit: int = 30
     rate_window: timedelta = timedelta(seconds=60)
+    # peers whose X-Forwarded-For is believed (CIDRs); empty: the header is never read
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    max_rate_clients: int = 10_000  # rate-limit counters kept (oldest evicted, expired first)
+    max_sessions: int = 10_000  # pending challenges kept (oldest evicted, expired first)
+
+    def __post_init__(self) -> None:
+        for name in ("max_rate_clients", "max_sessions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
 
     @property
     def simulated(self) -> bool:

@@ -1,34 +1,76 @@
-"""Optional bearer API keys for everything under /v1/ (health, readiness and metrics stay open
-for the local supervisor and scraper). Keys are compared in constant time and never logged."""
+"""Optional bearer API keys for everything under /v1/, and who may scrape /metrics.
+
+Health and readiness stay open for the supervisor and load balancer. /metrics counts prompt
+tokens and times every request, so it needs an API key when keys are configured and otherwise
+answers only loopback peers. Keys are compared in constant time and never logged.
+"""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
+from ipaddress import IPv6Address, ip_address
 
 from flask import Flask, request
 
 from tdllm.api.openai.errors import ApiError
 
 
+def _bearer_matches(keys: Sequence[str]) -> bool:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    given = token.strip().encode()
+    ok = False
+    for key in keys:  # no early exit: every key is compared
+        ok |= hmac.compare_digest(given, key.encode())
+    return scheme.lower() == "bearer" and ok
+
+
+def require_api_key(keys: Sequence[str]) -> None:
+    """Raise 401 unless the request carries one of `keys` as a bearer token."""
+    if not _bearer_matches(keys):
+        raise ApiError(
+            401,
+            "missing or invalid API key (send Authorization: Bearer <key>)",
+            "authentication_error",
+            None,
+            "invalid_api_key",
+        )
+
+
+def is_loopback(peer: str | None) -> bool:
+    """Whether the direct peer is this machine (IPv4-mapped IPv6 included); unknown is not."""
+    try:
+        address = ip_address((peer or "").strip())
+    except ValueError:
+        return False
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def require_scraper(keys: Sequence[str]) -> None:
+    """/metrics: an API key when keys exist (loopback is no excuse then), else a loopback peer.
+
+    The service reads no forwarding header, so a reverse proxy on this machine makes every
+    client loopback: deploy one only together with API keys.
+    """
+    if keys:
+        require_api_key(keys)
+    elif not is_loopback(request.remote_addr):
+        raise ApiError(
+            403,
+            "metrics are served to loopback only (or configure api_keys and send one)",
+            "permission_error",
+            None,
+            "metrics_forbidden",
+        )
+
+
 def install_api_keys(app: Flask, keys: tuple[str, ...]) -> None:
     if not keys:
         return
-    encoded = [k.encode() for k in keys]
 
     @app.before_request
     def _check() -> None:
-        if not request.path.startswith("/v1/"):
-            return
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        given = token.strip().encode()
-        ok = False
-        for key in encoded:  # no early exit: every key is compared
-            ok |= hmac.compare_digest(given, key)
-        if scheme.lower() != "bearer" or not ok:
-            raise ApiError(
-                401,
-                "missing or invalid API key (send Authorization: Bearer <key>)",
-                "authentication_error",
-                None,
-                "invalid_api_key",
-            )
+        if request.path.startswith("/v1/"):
+            require_api_key(keys)

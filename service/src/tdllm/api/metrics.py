@@ -2,7 +2,9 @@
 
 Each app has its own registry, so tests can build many apps in one process. Label values come
 only from route templates, status codes and fixed reason words: never from a path or a body, so
-nothing a client types can reach the metrics (or explode their cardinality).
+nothing a client types can reach the metrics (or explode their cardinality). The counters still
+move with every request (prompt tokens, timings), so only an operator may read them: the route
+needs an API key when keys are configured, else a loopback peer (`tdllm.api.auth.require_scraper`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from tdllm.api.auth import require_scraper
 from tdllm.api.runner import StepObserver
 
 BOOT_PHASES = ["starting", "attesting", "unsealing", "loading", "ready", "failed"]
@@ -103,6 +106,11 @@ class ServiceMetrics:
         return StepObserver(
             on_step=on_step, on_tokens=self.generated_tokens.inc, on_failure=on_failure
         )
+
+
+@blueprint.before_request
+def _only_operators() -> None:
+    require_scraper(current_app.extensions["tdllm"].settings.api_keys)
 
 
 @blueprint.get("/metrics")
