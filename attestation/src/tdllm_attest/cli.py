@@ -1,4 +1,7 @@
-"""`tdllm-verify`: offline verification of a TDX quote, for users of the appliance.
+"""`tdllm-verify`: verification of a TDX quote, for users of the appliance.
+
+Collateral comes from a file (`--collateral`, offline) or from a PCCS / Intel PCS (`--pccs`, cached
+on disk; `--at` pins the time for the cache as for the verification).
 
 Exit codes (one per failure class; docs/attestation.md): 0 all checks passed, 1 internal error,
 2 usage / unreadable input, 3 quote parse, 4 signature or chain, 5 collateral, 6 TCB status,
@@ -21,9 +24,16 @@ import click
 
 from tdllm_attest import errors
 from tdllm_attest.binding import check_report_data, expected_report_data
-from tdllm_attest.collateral import load_collateral
+from tdllm_attest.collateral import CollateralSource, load_collateral
 from tdllm_attest.errors import AttestationError, PolicyMismatch
 from tdllm_attest.eventlog import Event, parse_ccel_log, parse_ccel_table, parse_runtime_log
+from tdllm_attest.pccs import (
+    CollateralCache,
+    PccsClient,
+    PccsCollateralSource,
+    RetryPolicy,
+    default_cache_dir,
+)
 from tdllm_attest.policy import (
     Policy,
     TcbPolicy,
@@ -36,6 +46,7 @@ from tdllm_attest.policy import (
 from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.verify import CheckResult, VerificationProgress, VerifiedQuote, verify_quote
 
+PCCS_RETRY = RetryPolicy()  # tries and backoff for --pccs (tests replace the sleep)
 NOT_CHECKED_BANNER = (
     "WARNING: NO POLICY GIVEN - MEASUREMENTS (MRTD, RTMR0-3, MRCONFIGID, MROWNER, XFAM) WERE "
     "NOT CHECKED. Only the platform (genuine TDX, TCB status, baseline TD attributes) was verified."
@@ -81,6 +92,22 @@ def _parse_report_data(value: str | None) -> bytes | None:
     return raw
 
 
+def _collateral_from(
+    path: Path | None, pccs_url: str | None, cache_dir: Path | None, at: datetime
+) -> Path | PccsCollateralSource:
+    """The collateral file, or a cached PCCS source whose clock is `--at` (exactly one given)."""
+    if pccs_url is None:
+        if path is None or not path.is_file():
+            raise click.UsageError(f"cannot read collateral {path}: no such file")
+        return path
+    try:
+        client = PccsClient(pccs_url, retry=PCCS_RETRY)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--pccs") from None
+    cache = CollateralCache(cache_dir if cache_dir is not None else default_cache_dir())
+    return PccsCollateralSource(client, cache, now=lambda: at)
+
+
 def _step(run: _Run, name: str, check: Any) -> None:
     run.progress.run(name, check)
 
@@ -88,14 +115,16 @@ def _step(run: _Run, name: str, check: Any) -> None:
 def _evaluate(
     run: _Run,
     quote: bytes,
-    collateral_path: Path,
+    collateral_from: Path | CollateralSource,
     policy: Policy | None,
     at: datetime,
     report_data: bytes | None,
     ccel_events: list[Event] | None,
     runtime_events: list[Event] | None,
 ) -> None:
-    collateral = load_collateral(collateral_path)
+    collateral = (
+        load_collateral(collateral_from) if isinstance(collateral_from, Path) else collateral_from
+    )
     limits = policy.freshness_limits() if policy else None
     verified = verify_quote(
         quote,
@@ -193,9 +222,19 @@ def _print_text(run: _Run) -> None:
 @click.argument("quote", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--collateral",
-    required=True,
     type=click.Path(path_type=Path, dir_okay=False),
-    help="DCAP collateral (dcap-qvl JSON layout).",
+    help="DCAP collateral (dcap-qvl JSON layout). Exactly one of --collateral / --pccs.",
+)
+@click.option(
+    "--pccs",
+    "pccs_url",
+    metavar="URL",
+    help="Fetch collateral from this PCCS / Intel PCS (API v4), e.g. https://pccs.example:8081.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Collateral cache for --pccs (default ~/.cache/tdllm/collateral).",
 )
 @click.option(
     "--policy",
@@ -231,7 +270,9 @@ def _print_text(run: _Run) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def verify_command(
     quote: Path,
-    collateral: Path,
+    collateral: Path | None,
+    pccs_url: str | None,
+    cache_dir: Path | None,
     policy_path: Path | None,
     policy_key: Path | None,
     at_text: str | None,
@@ -241,7 +282,11 @@ def verify_command(
     runtime_log: Path | None,
     as_json: bool,
 ) -> None:
-    """Verify a TDX QUOTE offline: platform (DCAP), TCB status, and reference values."""
+    """Verify a TDX QUOTE: platform (DCAP), TCB status, and reference values."""
+    if (collateral is None) == (pccs_url is None):
+        raise click.UsageError("give exactly one of --collateral FILE or --pccs URL")
+    if cache_dir is not None and pccs_url is None:
+        raise click.UsageError("--cache-dir is only used with --pccs")
     if (policy_path is None) != (policy_key is None):
         raise click.UsageError("--policy and --policy-key must be given together")
     if (ccel_table is None) != (ccel_data is None):
@@ -251,8 +296,7 @@ def verify_command(
     at = _parse_at(at_text)
     expected = _parse_report_data(report_data)
     quote_bytes = _read_bytes(quote, "quote")
-    if not collateral.is_file():
-        raise click.UsageError(f"cannot read collateral {collateral}: no such file")
+    source = _collateral_from(collateral, pccs_url, cache_dir, at)
     run = _Run()
     try:
         policy = None
@@ -267,9 +311,12 @@ def verify_command(
         if runtime_log is not None:
             text = _read_bytes(runtime_log, "runtime log").decode("utf-8", "replace")
             runtime_events = parse_runtime_log(text)
-        _evaluate(run, quote_bytes, collateral, policy, at, expected, ccel_events, runtime_events)
+        _evaluate(run, quote_bytes, source, policy, at, expected, ccel_events, runtime_events)
     except AttestationError as exc:
         run.error = exc
+    finally:
+        if isinstance(source, PccsCollateralSource):
+            source.client.close()
     if as_json:
         click.echo(json.dumps(_summary(run), indent=2))
     else:

@@ -15,15 +15,17 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+import dcap_qvl  # type: ignore[import-untyped]  # ships a .pyi but no py.typed marker
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from tdllm_attest import memo
+from tdllm_attest.abi import Quote
 from tdllm_attest.chain import common_name, load_pem_chain, verify_chain
 from tdllm_attest.clock import require_aware
-from tdllm_attest.errors import CollateralError
+from tdllm_attest.errors import ChainError, CollateralError, QuoteParseError
 from tdllm_attest.trust import TrustAnchor
 
 COLLATERAL_FIELDS = (
@@ -43,6 +45,12 @@ TCB_INFO_MIN_VERSION = 3
 QE_IDENTITY_ID_TD_QE = "TD_QE"
 ECDSA_P256_SIGNATURE_SIZE = 64
 MAX_COLLATERAL_BYTES = 1024 * 1024
+# Issuer CN of the PCK leaf -> the `ca` of the PCK CRL that covers it (PCS/PCCS `pckcrl?ca=`).
+PCK_CA_TYPES = {"Intel SGX PCK Platform CA": "platform", "Intel SGX PCK Processor CA": "processor"}
+# Intel's collateral is valid for 30 days; accepting all of it would let a host serve the oldest
+# still-valid copy and hide a revocation or TCB recovery for weeks. A relying party that fetches
+# its own collateral daily loses nothing with 24 hours.
+DEFAULT_MAX_COLLATERAL_AGE = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -82,12 +90,48 @@ class FreshnessLimits:
     """Stricter-than-expiry limits on collateral, applied at `now`.
 
     `max_age`: TCB Info / QE Identity `issueDate` and the PCK CRL `thisUpdate` must be at most
-    this old (the root CA CRL is only checked for expiry: Intel re-issues it about yearly).
+    this old (the root CA CRL is only checked for expiry: Intel re-issues it about yearly);
+    24 hours unless the relying party says otherwise, None only for offline forensics.
     `min_tcb_evaluation_data_number`: reject collateral from older TCB recovery events.
     """
 
-    max_age: timedelta | None = None
+    max_age: timedelta | None = DEFAULT_MAX_COLLATERAL_AGE
     min_tcb_evaluation_data_number: int | None = None
+
+
+@dataclass(frozen=True)
+class PckPlatform:
+    """Which collateral a quote needs: its platform's FMSPC and the CA that issued its PCK leaf."""
+
+    fmspc: str  # 12 upper-case hex digits, from the leaf's Intel SGX extension
+    ca: str  # "platform" or "processor": which PCK CRL covers the leaf
+
+
+def pck_fmspc(quote: Quote) -> str:
+    """FMSPC (upper-case hex) from the Intel SGX extension of the quote's PCK leaf."""
+    try:
+        ext = dcap_qvl.parse_quote(quote.raw).pck_extension()
+    except ValueError as exc:
+        raise QuoteParseError(f"cannot read the PCK certificate extension: {exc}") from None
+    if ext is None:
+        raise ChainError("PCK leaf certificate has no Intel SGX extension")
+    return bytes(ext.fmspc).hex().upper()
+
+
+def pck_ca_type(quote: Quote) -> str:
+    """The PCK CA type ("platform" or "processor") from the issuer CN of the quote's PCK leaf."""
+    leaf = memo.certificate_from_der(quote.signature_data.pck_chain.leaf_der)
+    names = leaf.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    cn = names[0].value if len(names) == 1 else None
+    ca = PCK_CA_TYPES.get(cn) if isinstance(cn, str) else None
+    if ca is None:
+        raise ChainError(f"PCK leaf issuer CN {cn!r} is neither Intel PCK CA (Platform/Processor)")
+    return ca
+
+
+def pck_platform(quote: Quote) -> PckPlatform:
+    """FMSPC and PCK CA of the platform that produced `quote`: the key of its collateral."""
+    return PckPlatform(fmspc=pck_fmspc(quote), ca=pck_ca_type(quote))
 
 
 def _parse_time(value: object, what: str) -> datetime:
@@ -222,6 +266,11 @@ class FetcherCollateralSource:
         return collateral_from_json(text)
 
 
+def _age(delta: timedelta) -> str:
+    hours = delta.total_seconds() / 3600
+    return f"{hours:.1f} h" if hours < 72 else f"{hours / 24:.1f} days"
+
+
 def _load_crl(der: bytes, what: str) -> x509.CertificateRevocationList:
     try:
         return memo.crl_from_der(der)
@@ -254,7 +303,10 @@ def _check_crl(
             f"{next_update.isoformat() if next_update else 'missing'})"
         )
     if apply_max_age and limits.max_age is not None and now - crl.last_update_utc > limits.max_age:
-        raise CollateralError(f"{what} is older than the freshness limit {limits.max_age}")
+        raise CollateralError(
+            f"{what} was issued {_age(now - crl.last_update_utc)} ago, more than the freshness "
+            f"limit {_age(limits.max_age)}"
+        )
 
 
 def _check_signer(
@@ -306,7 +358,10 @@ def _check_document(
             f"nextUpdate {doc.next_update.isoformat()})"
         )
     if limits.max_age is not None and now - doc.issue_date > limits.max_age:
-        raise CollateralError(f"{what} is older than the freshness limit {limits.max_age}")
+        raise CollateralError(
+            f"{what} was issued {_age(now - doc.issue_date)} ago, more than the freshness limit "
+            f"{_age(limits.max_age)}"
+        )
     minimum = limits.min_tcb_evaluation_data_number
     if minimum is not None and doc.tcb_evaluation_data_number < minimum:
         raise CollateralError(

@@ -19,7 +19,13 @@ import dcap_qvl  # type: ignore[import-untyped]  # ships a .pyi but no py.typed 
 from tdllm_attest import crosscheck, memo
 from tdllm_attest.abi import Quote, TdReport15, parse_quote
 from tdllm_attest.clock import require_aware, unix_seconds
-from tdllm_attest.collateral import Collateral, CollateralSource, FreshnessLimits, check_collateral
+from tdllm_attest.collateral import (
+    Collateral,
+    CollateralSource,
+    FreshnessLimits,
+    check_collateral,
+    pck_fmspc,
+)
 from tdllm_attest.errors import (
     AttestationError,
     ChainError,
@@ -122,16 +128,6 @@ def _dcap_collateral(collateral: Collateral) -> Any:
         raise CollateralError(f"dcap-qvl refuses the collateral: {exc}") from None
 
 
-def _pck_fmspc(quote: Quote) -> str:
-    try:
-        ext = dcap_qvl.parse_quote(quote.raw).pck_extension()
-    except ValueError as exc:
-        raise QuoteParseError(f"cannot read the PCK certificate extension: {exc}") from None
-    if ext is None:
-        raise ChainError("PCK leaf certificate has no Intel SGX extension")
-    return bytes(ext.fmspc).hex().upper()
-
-
 def _compare_parsers(quote: Quote, dcap_report: dict[str, Any]) -> None:
     """Our parser and dcap-qvl's must read the same body (differential defence)."""
     (kind, fields), *_ = dcap_report.items()
@@ -192,7 +188,7 @@ def verify_quote(
         holder["collateral"] = (
             collateral if isinstance(collateral, Collateral) else collateral.get(quote.raw)
         )
-        holder["fmspc"] = _pck_fmspc(quote)
+        holder["fmspc"] = pck_fmspc(quote)
 
     progress.run("collateral available", load)
     col: Collateral = holder["collateral"]
