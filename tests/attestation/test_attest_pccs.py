@@ -33,10 +33,10 @@ from tdllm_attest.pccs import (
     normalize_base_url,
     signed_object_text,
 )
+from tdllm_attest.pccs_server import LoopbackPccs
 from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.verify import verify_quote
 from tests.attestation.attest_mutations import Vector
-from tests.attestation.pccs_server import LoopbackPccs
 
 TODAY = datetime(2026, 12, 3, tzinfo=UTC)  # a fixed "today": every vector has expired by then
 V4_PLATFORM = PckPlatform("B0C06F000000", "platform")

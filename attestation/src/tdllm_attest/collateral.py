@@ -45,8 +45,10 @@ TCB_INFO_MIN_VERSION = 3
 QE_IDENTITY_ID_TD_QE = "TD_QE"
 ECDSA_P256_SIGNATURE_SIZE = 64
 MAX_COLLATERAL_BYTES = 1024 * 1024
-# Issuer CN of the PCK leaf -> the `ca` of the PCK CRL that covers it (PCS/PCCS `pckcrl?ca=`).
-PCK_CA_TYPES = {"Intel SGX PCK Platform CA": "platform", "Intel SGX PCK Processor CA": "processor"}
+# How the PCK leaf's issuer CN ends -> the `ca` of the PCK CRL that covers it (`pckcrl?ca=`):
+# Intel's "Intel SGX PCK Platform CA" and the simulated PKI's look-alike. It only picks which CRL
+# to ask for; the CRL's issuer is then checked against the quote's PCK CA itself.
+PCK_CA_TYPES = {"PCK Platform CA": "platform", "PCK Processor CA": "processor"}
 # Intel's collateral is valid for 30 days; accepting all of it would let a host serve the oldest
 # still-valid copy and hide a revocation or TCB recovery for weeks. A relying party that fetches
 # its own collateral daily loses nothing with 24 hours.
@@ -123,10 +125,11 @@ def pck_ca_type(quote: Quote) -> str:
     leaf = memo.certificate_from_der(quote.signature_data.pck_chain.leaf_der)
     names = leaf.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     cn = names[0].value if len(names) == 1 else None
-    ca = PCK_CA_TYPES.get(cn) if isinstance(cn, str) else None
-    if ca is None:
-        raise ChainError(f"PCK leaf issuer CN {cn!r} is neither Intel PCK CA (Platform/Processor)")
-    return ca
+    if isinstance(cn, str):
+        for suffix, ca in PCK_CA_TYPES.items():
+            if cn.endswith(suffix):
+                return ca
+    raise ChainError(f"PCK leaf issuer CN {cn!r} is neither PCK Platform CA nor Processor CA")
 
 
 def pck_platform(quote: Quote) -> PckPlatform:

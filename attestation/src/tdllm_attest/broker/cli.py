@@ -8,6 +8,7 @@ import logging
 import os
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from typing import Any
 
 import click
 from werkzeug.serving import run_simple
@@ -15,14 +16,44 @@ from werkzeug.serving import run_simple
 from tdllm_attest.broker.app import create_app
 from tdllm_attest.broker.keystore import Keystore, load_kek
 from tdllm_attest.broker.settings import BrokerSettings
+from tdllm_attest.collateral import CollateralSource
+from tdllm_attest.pccs import CollateralCache, PccsClient, PccsCollateralSource, default_cache_dir
 from tdllm_attest.policy import load_policy, load_public_key
 from tdllm_attest.simulated import select_trust_anchor
 
+log = logging.getLogger("tdllm_attest.broker")
+
+
+def collateral_source(doc: dict[str, Any]) -> CollateralSource | None:
+    """The broker's own collateral: a PCCS (`pccs_url`) with an on-disk cache
+    (`collateral_cache_dir`, default ~/.cache/tdllm/collateral)."""
+    url = doc.get("pccs_url")
+    if url is None:
+        return None
+    if not isinstance(url, str):
+        raise click.UsageError("broker config: pccs_url must be a URL string")
+    cache_dir = doc.get("collateral_cache_dir")
+    cache = CollateralCache(Path(cache_dir) if cache_dir else default_cache_dir())
+    return PccsCollateralSource(PccsClient(url), cache)
+
 
 def settings_from_file(path: Path) -> BrokerSettings:
-    """Config JSON: mode, keystore, kek, policy_public_key, policies {name: file},
-    optional simulated_root (DER file; needs mode "simulated" and TDLLM_ALLOW_SIMULATED_TDX=1)."""
+    """Config JSON: mode, keystore, kek, policy_public_key, policies {name: file}, pccs_url
+    (+ optional collateral_cache_dir), optional simulated_root (DER file; needs mode "simulated"
+    and TDLLM_ALLOW_SIMULATED_TDX=1), optional accept_request_collateral_insecure (dev only)."""
     doc = json.loads(path.read_text(encoding="utf-8"))
+    source = collateral_source(doc)
+    insecure = doc.get("accept_request_collateral_insecure", False) is True
+    if source is None and not insecure:
+        raise click.UsageError(
+            "broker config: pccs_url is required (the broker verifies quotes against collateral "
+            "it fetches itself; accept_request_collateral_insecure is for development only)"
+        )
+    if insecure:
+        log.warning(
+            "INSECURE: accepting collateral from attest requests (the host may pick stale "
+            "collateral); never in production"
+        )
     key = load_public_key(Path(doc["policy_public_key"]).read_bytes())
     policies = {
         name: load_policy(Path(file).read_text(encoding="utf-8"), key)
@@ -35,7 +66,13 @@ def settings_from_file(path: Path) -> BrokerSettings:
         environ=os.environ,
     )
     keystore = Keystore.load(Path(doc["keystore"]), load_kek(Path(doc["kek"])))
-    return BrokerSettings(keystore=keystore, policies=policies, anchor=anchor)
+    return BrokerSettings(
+        keystore=keystore,
+        policies=policies,
+        anchor=anchor,
+        collateral=source,
+        accept_request_collateral_insecure=insecure,
+    )
 
 
 @click.group()

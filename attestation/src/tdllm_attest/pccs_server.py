@@ -1,9 +1,12 @@
-"""A PCCS (Intel PCS API v4 wire format) on 127.0.0.1 for tests, serving the real collateral.
+"""A PCCS (Intel PCS API v4 wire format) on 127.0.0.1: for tests, benches and the simulated TD.
 
-The vectors are read from shared/testvectors at run time (never copied). Responses are built by
-string concatenation around the vectors' exact signed texts, so Intel's signatures still verify.
+It serves collateral in dcap-qvl's layout (a file, e.g. the real test vectors read from
+shared/testvectors at run time, or a callable such as a simulated platform's `collateral_json`)
+the way a PCCS does, so `pccs.PccsClient` runs its production path against it. Responses are
+built by string concatenation around the exact signed texts, so the signatures still verify.
 `Misbehaviour` makes the server fail on purpose (outage, truncation, another FMSPC, shifted dates,
-broken encodings); every request path is recorded so tests can count tries.
+broken encodings); every request path is recorded so tests can count tries. It holds no secret
+and decides nothing: whatever it serves is verified by the client like any PCCS's answer.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from urllib.parse import parse_qs, quote, urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from tdllm_attest.collateral import PCK_CA_TYPES
+
 _DATE_FIELD = re.compile(r'"(issueDate|nextUpdate)":"([^"]+)"')
-_CA_OF_CN = {"Intel SGX PCK Platform CA": "platform", "Intel SGX PCK Processor CA": "processor"}
 
 
 @dataclass
@@ -62,13 +66,13 @@ def _shift_dates(text: str, shift: timedelta) -> str:
 class LoopbackPccs:
     """A threaded PCCS on an ephemeral loopback port; use as a context manager."""
 
-    def __init__(self, collateral_path: Path) -> None:
+    def __init__(self, collateral: Path | Callable[[], str], *, port: int = 0) -> None:
         self.misbehaviour = Misbehaviour()
         self.requests: list[str] = []
         self._lock = threading.Lock()
-        self._layout: dict[str, str] = {}
-        self.serve(collateral_path)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._source: Callable[[], str] = lambda: "{}"
+        self.serve(collateral)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
         self._server.daemon_threads = True
         self._server.pccs = self  # type: ignore[attr-defined]  # read by _Handler
         self._thread = threading.Thread(
@@ -80,17 +84,35 @@ class LoopbackPccs:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def serve(self, collateral_path: Path) -> None:
-        """Serve this collateral file (dcap-qvl layout) from now on."""
-        self._layout = json.loads(collateral_path.read_text(encoding="utf-8"))
+    def serve(self, collateral: Path | Callable[[], str]) -> None:
+        """Serve this collateral (a dcap-qvl layout file, or a callable returning its text)."""
+        if isinstance(collateral, Path):
+            path = collateral
+            self._source = lambda: path.read_text(encoding="utf-8")
+        else:
+            self._source = collateral
+
+    @property
+    def _layout(self) -> dict[str, str]:
+        layout: dict[str, str] = json.loads(self._source())
+        return layout
 
     def request_count(self) -> int:
         with self._lock:
             return len(self.requests)
 
-    def __enter__(self) -> LoopbackPccs:
+    def start(self) -> LoopbackPccs:
+        """Serve on a background thread until `close`."""
         self._thread.start()
         return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> LoopbackPccs:
+        return self.start()
 
     def __exit__(
         self,
@@ -98,9 +120,7 @@ class LoopbackPccs:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self.close()
 
     # -- request handling (called on the server's threads) ---------------------------------
 
@@ -154,12 +174,13 @@ class LoopbackPccs:
         return _Reply(200, body.encode("utf-8"), headers, is_json=True)
 
     def _pck_crl(self, query: dict[str, str]) -> _Reply:
-        der = bytes.fromhex(self._layout["pck_crl"])
+        layout = self._layout
+        der = bytes.fromhex(layout["pck_crl"])
         cn = x509.load_der_x509_crl(der).issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        if _CA_OF_CN.get(str(cn[0].value)) != query.get("ca"):
+        if _ca_of(str(cn[0].value)) != query.get("ca"):
             return _Reply(404, b"")
         encoding = self.misbehaviour.pck_crl_as or query.get("encoding", "pem")
-        chain = quote(self._layout["pck_crl_issuer_chain"], safe="")
+        chain = quote(layout["pck_crl_issuer_chain"], safe="")
         return _Reply(200, _encode_crl(der, encoding), {"SGX-PCK-CRL-Issuer-Chain": chain})
 
     def _root_crl(self, query: dict[str, str]) -> _Reply:
@@ -179,6 +200,10 @@ class LoopbackPccs:
         handler.end_headers()
         handler.wfile.write(sent)
         handler.close_connection = True
+
+
+def _ca_of(cn: str) -> str | None:
+    return next((ca for suffix, ca in PCK_CA_TYPES.items() if cn.endswith(suffix)), None)
 
 
 def _encode_crl(der: bytes, encoding: str) -> bytes:
