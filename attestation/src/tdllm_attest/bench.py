@@ -11,7 +11,8 @@ every time-dependent and per-quote check still runs.
 Key release (needs the `broker` extra and `TDLLM_ALLOW_SIMULATED_TDX=1`, the simulated-mode
 switch): a simulated TD asks a broker served on 127.0.0.1 for a data key: challenge, ephemeral
 X25519 key, synthetic quote, attest (full verification + policy), JWE, unwrap; over a real socket
-with `requests`.
+with `requests`; the broker's collateral comes from memory, from a PCCS on loopback for every
+release (cold), or from that PCCS behind the on-disk cache (cached).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 from tdllm_attest import abi
 from tdllm_attest.collateral import (
     Collateral,
+    CollateralSource,
     FetcherCollateralSource,
     collateral_from_json,
     load_collateral,
@@ -99,7 +101,41 @@ def _policy(platform: SimulatedTdxPlatform) -> Policy:
 
 
 def bench_release(n: int) -> dict[str, float]:
-    """Median full key release (simulated TD -> loopback broker) in ms; see the module doc."""
+    """Median full key release (simulated TD -> loopback broker) in ms, by collateral source.
+
+    `release_*`: the broker's collateral source hands over collateral already in memory (the
+    verification and protocol alone); `release_pccs_cold_*`: the broker fetches it from a PCCS
+    on loopback for every release (no cache: four HTTP GETs); `release_pccs_cached_*`: the same
+    PCCS behind the on-disk cache, as `tdllm-broker serve` runs (the first release fetches).
+    """
+    import tempfile
+
+    from tdllm_attest.pccs import CollateralCache, PccsClient, PccsCollateralSource
+    from tdllm_attest.pccs_server import LoopbackPccs
+
+    platform = SimulatedTdxPlatform(SIM_NOW)
+    collateral = platform.collateral_json()
+    result: dict[str, float] = {}
+    memory = FetcherCollateralSource(lambda _quote: collateral)
+    first, median = _time_releases(platform, memory, n)
+    result |= {"release_first_ms": first, "release_median_ms": median}
+    with LoopbackPccs(lambda: collateral) as pccs, tempfile.TemporaryDirectory() as cache_dir:
+        for name, cache in (("cold", None), ("cached", CollateralCache(Path(cache_dir)))):
+            client = PccsClient(pccs.url)
+            source = PccsCollateralSource(client, cache, now=lambda: SIM_NOW)
+            try:
+                first, median = _time_releases(platform, source, n)
+            finally:
+                client.close()
+            result |= {f"release_pccs_{name}_first_ms": first}
+            result |= {f"release_pccs_{name}_median_ms": median}
+    return result
+
+
+def _time_releases(
+    platform: SimulatedTdxPlatform, collateral: CollateralSource, n: int
+) -> tuple[float, float]:
+    """(first, median) ms of key releases from a broker on 127.0.0.1 using `collateral`."""
     import requests  # broker extra, imported only for this benchmark
     from werkzeug.serving import make_server
 
@@ -109,18 +145,16 @@ def bench_release(n: int) -> dict[str, float]:
     from tdllm_attest.broker.settings import BrokerSettings
     from tdllm_attest.quote import SimulatedProvider
 
-    platform = SimulatedTdxPlatform(SIM_NOW)
     anchor = simulated_trust_anchor(platform.root_der, mode=MODE_SIMULATED, environ=os.environ)
     keystore = Keystore([], secrets.token_bytes(32))
     data_key = secrets.token_bytes(32)
     keystore.wrap(BENCH_KEY_ID, BENCH_POLICY, {MODE_SIMULATED}, data_key)
-    collateral = platform.collateral_json()
     settings = BrokerSettings(
         keystore=keystore,
         policies={BENCH_POLICY: _policy(platform)},
         anchor=anchor,
         now=lambda: SIM_NOW,
-        collateral=FetcherCollateralSource(lambda _quote: collateral),
+        collateral=collateral,
         rate_limit=1_000_000,
         session_ttl=timedelta(seconds=60),
     )
@@ -140,10 +174,9 @@ def bench_release(n: int) -> dict[str, float]:
                 if bytes(client.fetch_key(BENCH_KEY_ID)) != data_key:
                     raise RuntimeError("released key differs from the stored one")
 
-            first, median = _median_ms(release, n, warmup=3)
+            return _median_ms(release, n, warmup=3)
     finally:
         server.shutdown()
-    return {"release_first_ms": first, "release_median_ms": median}
 
 
 def _parse_at(value: str) -> datetime:
