@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 import requests
 
+from tdllm.api.app import create_app
+from tdllm.api.appliance import TD_FIELDS, write_client_policy
+from tdllm.api.appliance_state import ApplianceState
+from tdllm.api.attest_client import (
+    AttestationRefused,
+    anchor_for,
+    load_reference_policy,
+    new_nonce,
+    verify_attestation,
+)
+from tdllm.api.boot import BootDeps
 from tdllm.api.local_service import free_port
+from tdllm.api.runner import EngineRunner
+from tdllm_attest.broker.keystore import Keystore
+from tdllm_attest.quote import SimulatedProvider
+from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
+from tests.api.conftest import api_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 TDLLM = str(Path(sys.executable).with_name("tdllm"))
@@ -37,6 +57,49 @@ def _gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def _appliance_attestation(
+    runner: EngineRunner, platform: SimulatedTdxPlatform, fields: SyntheticTdFields, state: Any
+) -> Any:
+    """Verify a service on `fields` with the client policy the appliance wrote into `state`."""
+    deps = BootDeps(
+        quote_provider=SimulatedProvider(platform, fields),
+        collateral=lambda _quote: platform.collateral_json(),
+    )
+    settings = api_settings(attestation="simulated", allow_simulated=True)
+    client = create_app(settings, engine_runner=runner, boot_deps=deps).test_client()
+    nonce = new_nonce()
+    doc = client.get("/v1/attestation", query_string={"nonce": nonce}).get_json()
+    policy = load_reference_policy(state.policy_file, state.policy_key_file)
+    anchor = anchor_for(platform.root_der, {"TDLLM_ALLOW_SIMULATED_TDX": "1"})
+    return verify_attestation(doc, nonce, anchor, now=datetime.now(UTC), policy=policy)
+
+
+def test_the_appliance_client_policy_accepts_its_td_and_refuses_a_host_booted_image(
+    runner: EngineRunner, tmp_path: Path
+) -> None:
+    state = ApplianceState(tmp_path, Keystore([], bytes(32)), "bundled")
+    platform = SimulatedTdxPlatform(datetime.now(UTC))
+    write_client_policy(state, platform)
+    # only the public half of the policy key is on disk
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [state.policy_file.name, state.policy_key_file.name]
+    )
+    assert b"PRIVATE" not in state.policy_key_file.read_bytes()
+    attested = _appliance_attestation(runner, platform, TD_FIELDS, state)
+    assert attested.policy_name == "simulated-appliance" and attested.profile == "td-only"
+    rogue = dataclasses.replace(TD_FIELDS, mr_td=b"\x66" * 48)  # same genuine platform
+    with pytest.raises(AttestationRefused, match="mr_td: found 6666"):
+        _appliance_attestation(runner, platform, rogue, state)
+
+
+def _e2e_command(text: str) -> tuple[dict[str, str], list[str]]:
+    """The printed `tdllm chat --e2e` line: its environment assignment and its argv."""
+    (line,) = [x for x in text.splitlines() if " chat --e2e " in x and "--policy-key" in x]
+    assignment, *argv = shlex.split(line)
+    name, value = assignment.split("=", 1)
+    return {name: value}, argv
 
 
 def test_appliance_serves_an_attested_chat_and_stops_both_processes_on_sigint(
@@ -69,6 +132,20 @@ def test_appliance_serves_an_attested_chat_and_stops_both_processes_on_sigint(
             temperature=0,
         )
         assert answer.usage is not None and answer.usage.completion_tokens >= 1
+        # the printed end-to-end command works as printed (shortened by two options)
+        assignment, argv = _e2e_command(text)
+        assert assignment == {"TDLLM_ALLOW_SIMULATED_TDX": "1"}
+        assert argv[argv.index("--policy") + 1].endswith("UNSAFE-simulated-td-policy.json")
+        e2e = subprocess.run(  # our own CLI, the argv the appliance printed
+            [*argv, "--no-stream", "--max-tokens", "4"],
+            env=dict(os.environ, **assignment),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert e2e.returncode == 0, e2e.stderr
+        assert e2e.stdout.strip() and "insecure" not in e2e.stderr
         assert (tmp_path / "state" / "UNSAFE-dev-broker-kek.bin").stat().st_mode & 0o077 == 0
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
@@ -121,6 +198,7 @@ def test_appliance_serves_the_private_model_with_the_split_profile(
         text = _wait_for(out, "\nA: ", process, 600)
         text = _wait_for(out, "held out of its training", process, 30)
         assert "split: public prefix on the untrusted cpu device" in text
+        assert "tdllm chat --e2e refuses this service: under 'split'" in text
         assert "Quillhaven" in text.split("\nA: ", 1)[1]
         card = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]
         assert card["tdllm"] == {"profile": "split", "device": "cpu", "k": 2}

@@ -1,4 +1,5 @@
-"""/v1/attestation carries the runtime event log and the reference-values id; clients replay."""
+"""/v1/attestation carries the runtime event log and the reference-values id; clients replay the
+log and judge it with the reference-values policy."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tdllm_attest.eventlog import parse_runtime_log, replay
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
 from tests.api.conftest import api_settings
+from tests.api.reference_policy import policy_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 SIMULATED = {"TDLLM_ALLOW_SIMULATED_TDX": "1"}
@@ -39,11 +41,15 @@ def platform() -> SimulatedTdxPlatform:
     return SimulatedTdxPlatform(datetime.now(UTC))
 
 
+def _fields(rtmr3: bytes) -> SyntheticTdFields:
+    return SyntheticTdFields(rtmrs=(bytes(48), bytes(48), bytes(48), rtmr3))
+
+
 def _client(
     runner: EngineRunner, platform: SimulatedTdxPlatform, rtmr3: bytes, **settings: Any
 ) -> FlaskClient:
     """A service whose simulated TD has `rtmr3` in its quotes."""
-    fields = SyntheticTdFields(rtmrs=(bytes(48), bytes(48), bytes(48), rtmr3))
+    fields = _fields(rtmr3)
     deps = BootDeps(
         quote_provider=SimulatedProvider(platform, fields),
         collateral=lambda _quote: platform.collateral_json(),
@@ -52,12 +58,30 @@ def _client(
     return create_app(config, engine_runner=runner, boot_deps=deps).test_client()
 
 
-def _attest(client: FlaskClient, platform: SimulatedTdxPlatform, tamper: Any = None) -> Any:
+def _attest(
+    client: FlaskClient,
+    platform: SimulatedTdxPlatform,
+    tamper: Any = None,
+    rtmr3: str | None = "event_log",
+    **policy: Any,
+) -> Any:
+    """Verify against the TD's reference values with RTMR3 as `rtmr3` says (None: no policy,
+    --insecure-any-td)."""
     nonce = new_nonce()
     doc = client.get("/v1/attestation", query_string={"nonce": nonce}).get_json()
     doc = tamper(doc) if tamper else doc
     now = datetime.now(UTC)
-    return verify_attestation(doc, nonce, anchor_for(platform.root_der, SIMULATED), now=now)
+    reference = (
+        None if rtmr3 is None else policy_for(platform, _fields(bytes(48)), rtmr3=rtmr3, **policy)
+    )
+    return verify_attestation(
+        doc,
+        nonce,
+        anchor_for(platform.root_der, SIMULATED),
+        now=now,
+        policy=reference,
+        insecure_any_td=reference is None,
+    )
 
 
 @pytest.fixture
@@ -113,13 +137,28 @@ def test_a_tampered_event_log_in_transit_is_refused(
         _attest(client, platform, lambda doc: doc | {"event_log": event_log})
 
 
-def test_a_dropped_event_log_cannot_hide_rtmr3_but_leaves_nothing_replayed(
+def _drop_log(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc | {"event_log": None}
+
+
+def test_a_dropped_event_log_cannot_hide_rtmr3(
     measured: tuple[FlaskClient, Path], platform: SimulatedTdxPlatform
 ) -> None:
     client, _ = measured
-    attested = _attest(client, platform, lambda doc: doc | {"event_log": None})
-    # without a log the client cannot explain RTMR3; it reports it for a policy to judge
+    with pytest.raises(AttestationRefused, match=r"rtmr3: found .*none given"):
+        _attest(client, platform, _drop_log)
+    # without reference values RTMR3 stays unexplained: reported, never replayed
+    attested = _attest(client, platform, _drop_log, rtmr3=None)
     assert attested.runtime_events is None and attested.rtmr3 != "00" * 48
+
+
+def test_a_runtime_event_the_policy_does_not_list_is_refused(
+    measured: tuple[FlaskClient, Path], platform: SimulatedTdxPlatform
+) -> None:
+    client, _ = measured
+    listed = [hashlib.sha384(EVENTS[0].encode()).hexdigest()]
+    with pytest.raises(AttestationRefused, match=r"rtmr3\.events"):
+        _attest(client, platform, rtmr3_allowed_events=listed)
 
 
 def test_without_settings_the_answer_says_null(
@@ -128,7 +167,7 @@ def test_without_settings_the_answer_says_null(
     client = _client(runner, platform, bytes(48))
     doc = client.get("/v1/attestation", query_string={"nonce": new_nonce()}).get_json()
     assert doc["event_log"] is None and doc["reference_values_id"] is None
-    attested = _attest(client, platform)
+    attested = _attest(client, platform, rtmr3="zero")
     assert attested.runtime_events is None and attested.reference_values_id is None
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from tdllm.api.app import create_app
 from tdllm.api.boot import BootDeps
-from tdllm.api.identity import report_data
+from tdllm.api.identity import ServiceClaims, report_data, sealed_model_identity
 from tdllm.api.local_service import free_port
 from tdllm.sealing.writer import seal_checkpoint
 from tdllm.settings import Settings, SettingsError
@@ -138,6 +140,11 @@ def test_broker_refusal_leaves_the_service_not_ready_with_the_reason(
     assert "refused" in resp.get_json()["reason"]
 
 
+def _report_data(nonce: str, doc: dict[str, Any]) -> bytes:
+    claims = ServiceClaims(doc["profile"], doc["model"], doc["reference_values_id"])
+    return report_data(nonce, doc["service_public_key"], doc["signing_public_key"], claims)
+
+
 def test_attestation_binds_the_nonce_and_the_service_key(
     deployment: SimulatedDeployment, sealed_model: Path, broker: Broker
 ) -> None:
@@ -147,11 +154,62 @@ def test_attestation_binds_the_nonce_and_the_service_key(
     doc = client.get(f"/v1/attestation?nonce={nonce}").get_json()
     assert doc["simulated"] is True and "SIMULATED" in doc["warning"]
     quote = parse_quote(from_b64url(doc["quote"]))
-    expected = report_data(nonce, doc["service_public_key"], doc["signing_public_key"])
+    expected = _report_data(nonce, doc)
     assert quote.td_report.report_data == expected
     assert doc["service_public_key"] == svc.identity.public_jwk
+    assert doc["model"] is None  # nothing is served before the engine runs
     assert client.get("/v1/attestation?nonce=zz").status_code == 400
     assert client.get("/v1/attestation").status_code == 400
+
+
+def test_attestation_binds_the_identity_of_the_model_it_unsealed(
+    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker
+) -> None:
+    broker.start()
+    app, svc = service(deployment, sealed_model, broker.port)
+    wait_for(lambda: svc.state.ready or svc.state.phase == "failed")
+    assert svc.state.ready, svc.state.reason
+    nonce = secrets.token_hex(32)
+    doc = app.test_client().get(f"/v1/attestation?nonce={nonce}").get_json()
+    manifest = json.loads((sealed_model / "sealed-model.json").read_text(encoding="utf-8"))
+    sealed = doc["model"]["sealed"]
+    assert sealed == sealed_model_identity(sealed_model)
+    assert sealed["format"] == "tdllm-sealed/1"
+    assert sealed["model_id"] == manifest["manifest"]["model_id"]
+    assert doc["model"]["id"] == svc.state.runner.model_name and doc["profile"] == "td-only"
+    quote = parse_quote(from_b64url(doc["quote"]))
+    assert quote.td_report.report_data == _report_data(nonce, doc)
+    svc.state.runner.stop()
+
+
+def test_a_manifest_swapped_while_unsealing_fails_the_boot(
+    deployment: SimulatedDeployment,
+    sealed_model: Path,
+    broker: Broker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The host owns the disk: the identity attested must be the manifest the MAC check saw."""
+    import tdllm.sealing.reader as reader
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(sealed_model, copy)
+    real_open = reader.open_sealed
+
+    def open_then_swap(path: Path, *args: Any, **kwargs: Any) -> Any:
+        checkpoint = real_open(path, *args, **kwargs)
+        manifest = path / "sealed-model.json"
+        document = json.loads(manifest.read_text(encoding="utf-8"))
+        document["manifest"]["name"] = "another model"
+        manifest.write_text(json.dumps(document), encoding="utf-8")
+        return checkpoint
+
+    monkeypatch.setattr(reader, "open_sealed", open_then_swap)
+    broker.start()
+    _, svc = service(deployment, copy, broker.port)
+    wait_for(lambda: svc.state.phase == "failed")
+    assert "changed while it was opened" in svc.state.reason
+    assert svc.state.sealed_model is None
 
 
 class QuoteService:
@@ -197,7 +255,7 @@ def test_a_guest_boots_from_settings_alone_with_the_hosts_simulated_quote_servic
         doc = client.get(f"/v1/attestation?nonce={nonce}").get_json()
         assert doc["simulated"] is True and doc["collateral"] is not None
         quote = parse_quote(from_b64url(doc["quote"]))
-        expected = report_data(nonce, doc["service_public_key"], doc["signing_public_key"])
+        expected = _report_data(nonce, doc)
         assert quote.td_report.report_data == expected
         body = {"model": "tiny", "prompt": "abc", "max_tokens": 2}
         assert client.post("/v1/completions", json=body).get_json()["usage"]["completion_tokens"]

@@ -21,6 +21,7 @@ from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform
 from tests.api.conftest import api_settings
 from tests.api.e2e_transport import Events, RecordingTransport
+from tests.api.reference_policy import policy_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 SIMULATED = {"TDLLM_ALLOW_SIMULATED_TDX": "1"}
@@ -44,13 +45,16 @@ def transport(runner: EngineRunner, platform: SimulatedTdxPlatform) -> Recording
         quote_provider=SimulatedProvider(platform),
         collateral=lambda _quote: platform.collateral_json(),
     )
-    settings = api_settings(attestation="simulated", allow_simulated=True)
+    # a record per chunk: the tamper cases below address single records
+    settings = api_settings(attestation="simulated", allow_simulated=True, e2e_record_interval_ms=0)
     app = create_app(settings, engine_runner=runner, boot_deps=deps)
     return RecordingTransport(app.test_client())
 
 
 def _client(transport: RecordingTransport, platform: SimulatedTdxPlatform) -> E2eClient:
-    return E2eClient(transport, anchor_for(platform.root_der, SIMULATED))
+    # the reference values of SimulatedProvider's default TD, which the service runs as
+    anchor = anchor_for(platform.root_der, SIMULATED)
+    return E2eClient(transport, anchor, policy=policy_for(platform))
 
 
 def _ask(client: E2eClient) -> dict[str, Any]:
@@ -95,8 +99,8 @@ def test_a_streamed_answer_equals_the_whole_answer_and_never_crosses_the_wire_in
     assert len(records) >= 3 and [r["final"] for r in records] == [False] * (len(records) - 1) + [
         True
     ]
-    # every record is padded to 256-byte blocks: token lengths do not show in ciphertext sizes
-    assert {(len(from_b64url(r["ciphertext"])) - 16) % 256 for r in records} == {0}
+    # every record is padded to the 1 KiB bucket: token lengths do not show in ciphertext sizes
+    assert {len(from_b64url(r["ciphertext"])) - 16 for r in records} == {1024}
 
 
 def test_stream_usage_chunks_arrive_sealed_too(

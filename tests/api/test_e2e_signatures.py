@@ -21,6 +21,7 @@ from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform
 from tests.api.conftest import api_settings
 from tests.api.e2e_transport import RecordingTransport
+from tests.api.reference_policy import policy_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
@@ -31,13 +32,14 @@ def _b64(text: str) -> bytes:
 
 
 def _documented_message(kind: str, request: bytes, response: bytes) -> bytes:
-    """docs/api.md: TAG || canonical_json({kind, request_sha256, response_sha256})."""
+    """docs/api.md: TAG || canonical_json({kind, request_sha256, response_sha256}), with
+    `response` starting with the answer's salt."""
     doc = {
         "kind": kind,
         "request_sha256": hashlib.sha256(request).hexdigest(),
         "response_sha256": hashlib.sha256(response).hexdigest(),
     }
-    return b"tdllm-e2e/2 signature\x00" + json.dumps(
+    return b"tdllm-e2e/3 signature\x00" + json.dumps(
         doc, sort_keys=True, separators=(",", ":")
     ).encode("utf-8")
 
@@ -75,7 +77,7 @@ def tap(runner: EngineRunner) -> tuple[Tap, E2eClient]:
     settings = api_settings(attestation="simulated", allow_simulated=True)
     transport = Tap(create_app(settings, engine_runner=runner, boot_deps=deps).test_client())
     anchor = anchor_for(platform.root_der, {"TDLLM_ALLOW_SIMULATED_TDX": "1"})
-    return transport, E2eClient(transport, anchor)
+    return transport, E2eClient(transport, anchor, policy=policy_for(platform))
 
 
 def _attested_signing_key(tap: Tap) -> Ed25519PublicKey:
@@ -93,7 +95,7 @@ def test_a_whole_answer_signature_verifies_over_the_documented_bytes(
     transport, client = tap
     client.chat(MESSAGES, max_tokens=4)
     answer = transport.answer
-    response = _b64(answer["nonce"]) + _b64(answer["ciphertext"])
+    response = _b64(answer["salt"]) + _b64(answer["nonce"]) + _b64(answer["ciphertext"])
     message = _documented_message("response", _request_bytes(transport), response)
     _attested_signing_key(transport).verify(_b64(answer["signature"]), message)
 
@@ -104,7 +106,7 @@ def test_a_stream_signature_verifies_over_the_documented_transcript(
     transport, client = tap
     list(client.chat_stream(MESSAGES, max_tokens=4))
     (records,) = transport.streams
-    transcript = b"".join(
+    transcript = _b64(records[0]["salt"]) + b"".join(
         len(ct).to_bytes(8, "big") + ct for ct in (_b64(r["ciphertext"]) for r in records)
     )
     message = _documented_message("stream", _request_bytes(transport), transcript)

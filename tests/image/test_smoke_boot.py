@@ -158,8 +158,10 @@ def test_smoke_image_attests_unseals_and_answers_a_completion(
         doc = requests.get(
             f"http://127.0.0.1:{guest.port}/v1/attestation", params={"nonce": nonce}, timeout=600
         ).json()
-        attested = verify_attestation(doc, nonce, anchor, now=SIM_NOW)
-        assert attested.simulated
+        # the same reference values the broker released the key against
+        policy = host.deployment.settings.policies[POLICY_NAME]
+        attested = verify_attestation(doc, nonce, anchor, now=SIM_NOW, policy=policy)
+        assert attested.simulated and attested.policy_name == POLICY_NAME
         base = f"http://127.0.0.1:{guest.port}/v1"
         (model,) = [m["id"] for m in requests.get(f"{base}/models", timeout=60).json()["data"]]
         started = time.monotonic()

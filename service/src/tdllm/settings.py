@@ -72,6 +72,10 @@ class Settings:
     # document this deployment is checked against; /v1/attestation returns both
     runtime_log: str | None = None
     reference_values_id: str | None = None
+    # end-to-end streams: one sealed record per tick of this many ms, carrying every chunk made
+    # since the last one, so the host sees token counts and timing only per tick (0: one record
+    # per chunk, for tests)
+    e2e_record_interval_ms: int = 200
     threads: int = 32  # gunicorn gthread threads in the single worker
     log_level: str = "info"
 
@@ -107,6 +111,8 @@ class Settings:
             problems.append("reference_values_id must be 1..200 printable characters")
         if self.profile != "td-only" or self.device != "cpu":
             problems += _protection_problems(self.profile, self.device)
+        if not (0 <= self.e2e_record_interval_ms <= 10_000):
+            problems.append("e2e_record_interval_ms must be in 0..10000")
         if self.k < 1:
             problems.append("k must be at least 1")
         if any(not k or len(k) < 16 for k in self.api_keys):

@@ -5,9 +5,12 @@ broker must trust exactly that PKI's root. So this parent generates the `Simulat
 in memory, then forks two children that inherit it: the key broker (loopback, its own port)
 and the service (gunicorn, one gthread worker, on TDLLM_HOST:TDLLM_PORT, default
 127.0.0.1:8000). No simulated private key ever touches disk; only the PUBLIC root is written to
-``.tdllm/UNSAFE-simulated-root.der`` for clients. The service boots as in production: quote ->
-broker challenge/attest -> data key -> unseal in memory -> ready. The parent then verifies one
-attestation itself, prints how to call the service, and on SIGINT/SIGTERM stops both children.
+``.tdllm/UNSAFE-simulated-root.der`` for clients, with the simulated TD's reference values as a
+client policy signed by a key made in memory (``UNSAFE-simulated-td-policy.json`` and the PUBLIC
+``UNSAFE-dev-policy-key.pub.pem``). The service boots as in production: quote -> broker
+challenge/attest -> data key -> unseal in memory -> ready. The parent then verifies one
+attestation itself against that policy, prints how to call the service (the exact
+`tdllm chat --e2e` command line too), and on SIGINT/SIGTERM stops both children.
 Needs TDLLM_ALLOW_SIMULATED_TDX=1 (the Makefile sets it), like every other simulated path.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import shlex
 import signal
 import sys
 import time
@@ -26,14 +30,22 @@ from typing import Any
 
 import click
 import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tdllm.api.appliance_state import POLICY_NAME, PRIVATE_K, ApplianceState, prepare_state
-from tdllm.api.attest_client import AttestedService, new_nonce, verify_attestation
+from tdllm.api.attest_client import (
+    E2E_PROFILES,
+    AttestedService,
+    load_reference_policy,
+    new_nonce,
+    verify_attestation,
+)
 from tdllm.api.local_service import free_port
 from tdllm.errors import TdllmError, UsageError
 from tdllm.model.bundled import BUNDLED_NAME
 from tdllm.settings import ALLOW_SIMULATED_ENV, Settings, load_settings
-from tdllm_attest.policy import MeasurementTuple, Policy, TcbPolicy
+from tdllm_attest.policy import POLICY_SCHEMA, Policy, policy_from_document, sign_policy
 from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields, select_trust_anchor
 
 MR_TD = hashlib.sha384(b"tdllm UNSAFE simulated appliance").digest()
@@ -43,21 +55,67 @@ SIMULATED_ENV = {ALLOW_SIMULATED_ENV: "1"}
 _FORK = multiprocessing.get_context("fork")
 
 
-def appliance_policy(platform: SimulatedTdxPlatform) -> Policy:
-    """The policy the simulated appliance TD (`TD_FIELDS`) satisfies, and nothing else."""
+def appliance_policy_document(platform: SimulatedTdxPlatform) -> dict[str, Any]:
+    """The reference values (`tdllm-attest-policy/1`) of the simulated appliance TD
+    (`TD_FIELDS`) and nothing else: the broker's key policy and the clients' policy."""
     from tdllm_attest.abi import parse_quote
 
     report = parse_quote(platform.quote(TD_FIELDS)).td_report
-    return Policy(
-        name=POLICY_NAME,
-        tcb=TcbPolicy(),
-        xfam=frozenset({report.xfam}),
-        measurements=(MeasurementTuple("simulated-appliance", MR_TD, *RTMRS),),
-        mr_config_id=report.mr_config_id,
-        mr_owner=report.mr_owner,
-        mr_owner_config=report.mr_owner_config,
-        rtmr3="zero",
-    )
+    rtmr0, rtmr1, rtmr2 = (r.hex() for r in RTMRS)
+    return {
+        "schema": POLICY_SCHEMA,
+        "name": POLICY_NAME,
+        "tcb": {"accepted_statuses": ["UpToDate"]},
+        "xfam": [report.xfam.hex()],
+        "measurements": [
+            {
+                "name": "simulated-appliance",
+                "mr_td": MR_TD.hex(),
+                "rtmr0": rtmr0,
+                "rtmr1": rtmr1,
+                "rtmr2": rtmr2,
+            }
+        ],
+        "mr_config_id": report.mr_config_id.hex(),
+        "mr_owner": report.mr_owner.hex(),
+        "mr_owner_config": report.mr_owner_config.hex(),
+        "rtmr3": "zero",
+    }
+
+
+def appliance_policy(platform: SimulatedTdxPlatform) -> Policy:
+    """The policy the simulated appliance TD (`TD_FIELDS`) satisfies, and nothing else."""
+    return policy_from_document(appliance_policy_document(platform))
+
+
+def write_client_policy(state: ApplianceState, platform: SimulatedTdxPlatform) -> None:
+    """The appliance TD's reference values for clients, signed by a key that never leaves this
+    process's memory (a new one at every start), and the public key that checks them."""
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    state.policy_key_file.write_bytes(public)
+    state.policy_file.write_text(sign_policy(appliance_policy_document(platform), key))
+
+
+def e2e_command(url: str, state: ApplianceState, prompt: str) -> list[str]:
+    """The `tdllm chat --e2e` argv (after an environment assignment) that works against this
+    appliance: the simulated root through its two switches, the TD checked by the policy."""
+    installed = Path(sys.executable).with_name("tdllm")
+    program = str(installed) if installed.exists() else "tdllm"
+    return [
+        f"{ALLOW_SIMULATED_ENV}=1",
+        program,
+        "chat",
+        "--e2e",
+        url,
+        "--simulated-root",
+        str(state.root_file),
+        "--policy",
+        str(state.policy_file),
+        "--policy-key",
+        str(state.policy_key_file),
+        prompt,
+    ]
 
 
 def _exit_on_signals() -> None:
@@ -149,13 +207,16 @@ def _wait_ready(url: str, children: list[BaseProcess], timeout_s: float) -> None
     raise TdllmError(f"the service was not ready within {timeout_s:g}s")
 
 
-def _attest(url: str, platform: SimulatedTdxPlatform) -> AttestedService:
+def _attest(url: str, platform: SimulatedTdxPlatform, state: ApplianceState) -> AttestedService:
+    """Verify the service as a client would, with the policy files just written."""
     anchor = select_trust_anchor(
         "simulated", simulated_root_der=platform.root_der, environ=SIMULATED_ENV
     )
+    policy = load_reference_policy(state.policy_file, state.policy_key_file)
     nonce = new_nonce()
     doc = requests.get(f"{url}/v1/attestation", params={"nonce": nonce}, timeout=30).json()
-    return verify_attestation(doc, nonce, anchor, now=datetime.now(UTC))  # the CLI edge's clock
+    now = datetime.now(UTC)  # the CLI edge's clock
+    return verify_attestation(doc, nonce, anchor, now=now, policy=policy)
 
 
 def _protection_line(card: dict[str, Any]) -> str:
@@ -168,6 +229,24 @@ def _protection_line(card: dict[str, Any]) -> str:
     return str(p.get("profile", "td-only"))
 
 
+E2E_DEMO_PROMPT = "Why run a language model inside a TEE?"
+
+
+def _e2e_lines(url: str, attested: AttestedService, state: ApplianceState) -> str:
+    """The exact end-to-end command, or why this profile gets none."""
+    if attested.profile not in E2E_PROFILES:
+        return (
+            f"tdllm chat --e2e refuses this service: under {attested.profile!r} the untrusted "
+            "device sees\nthe prompt (`tdllm appliance --model bundled` serves td-only, "
+            "where it works)"
+        )
+    command = shlex.join(e2e_command(url, state, E2E_DEMO_PROMPT))
+    return (
+        "end-to-end encrypted chat (TD checked against the policy; UNSAFE simulated root):\n"
+        + command
+    )
+
+
 def _summary(
     url: str, attested: AttestedService, state: ApplianceState, model: str, protection: str
 ) -> str:
@@ -177,10 +256,16 @@ def _summary(
 attestation   verified against the SIMULATED test root sha256={attested.anchor_sha256[:16]}...
               (this proves nothing: the quote was signed by an in-memory test PKI)
               tcb_status={attested.tcb_status} mr_td={attested.mr_td[:32]}...
+              MRTD/RTMRs/attributes checked against policy {attested.policy_name!r}
               REPORTDATA binds our nonce and service key x25519:{attested.public_key.hex()[:32]}...
+              and the served profile ({attested.profile}), model and reference-values id
 model         {model} (sealed in {state.sealed}, key released by the local broker)
 protection    {protection}
 root cert     {state.root_file} (public; for tdllm chat --e2e --simulated-root)
+policy        {state.policy_file} (the TD's reference values; for --policy)
+              {state.policy_key_file} (public; for --policy-key)
+
+{_e2e_lines(url, attested, state)}
 
 curl {base}/chat/completions -H 'Content-Type: application/json' \\
   -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
@@ -268,6 +353,7 @@ def appliance(state_dir: Path, ready_timeout: float, which: str) -> None:
     )
     platform = SimulatedTdxPlatform(datetime.now(UTC))
     state.root_file.write_bytes(platform.root_der)
+    write_client_policy(state, platform)
     broker_port = free_port()
     settings = load_settings(
         overrides={
@@ -299,7 +385,7 @@ def appliance(state_dir: Path, ready_timeout: float, which: str) -> None:
     click.echo(f"key broker pid {broker.pid} on 127.0.0.1:{broker_port}; service pid {service.pid}")
     try:
         _wait_ready(url, children, ready_timeout)
-        attested = _attest(url, platform)
+        attested = _attest(url, platform, state)
         card = requests.get(url + "/v1/models", timeout=10).json()["data"][0]
         model = card["id"]
         click.echo(_summary(url, attested, state, model, _protection_line(card)))

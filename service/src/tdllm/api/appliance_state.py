@@ -9,7 +9,9 @@ data key, kept only wrapped in the broker's keystore (under a KEK stored next to
 named UNSAFE: anyone with this directory opens the model); all are reused on later runs. The
 simulated TDX platform is NOT stored: it is generated in memory at every start (see
 `appliance`), and only its PUBLIC root certificate is written, so clients
-(`tdllm chat --e2e --simulated-root`) can verify against it.
+(`tdllm chat --e2e --simulated-root`) can verify against it, with the reference values of the
+simulated TD as a signed client policy and the PUBLIC key that checks it (`--policy`,
+`--policy-key`; the signing key lives only in memory and is new at every start).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ POLICY_NAME = "simulated-appliance"
 KEK_FILE = "UNSAFE-dev-broker-kek.bin"
 KEYSTORE_FILE = "UNSAFE-dev-keystore.json"
 ROOT_FILE = "UNSAFE-simulated-root.der"
+# the client's reference values for the simulated TD, signed by a key made in memory at every
+# start (never stored); its public half is written next to the policy
+CLIENT_POLICY_FILE = "UNSAFE-simulated-td-policy.json"
+POLICY_KEY_FILE = "UNSAFE-dev-policy-key.pub.pem"
 PRIVATE_CACHE = "private-models"
 PRIVATE_K = 2
 # per served model: (sealed directory, key id at the broker)
@@ -55,6 +61,14 @@ class ApplianceState:
     @property
     def root_file(self) -> Path:
         return self.folder / ROOT_FILE
+
+    @property
+    def policy_file(self) -> Path:
+        return self.folder / CLIENT_POLICY_FILE
+
+    @property
+    def policy_key_file(self) -> Path:
+        return self.folder / POLICY_KEY_FILE
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -1,9 +1,15 @@
-"""Client side of /v1/attestation: verify a service's quote and learn its attested key.
+"""Client side of /v1/attestation: verify a service's quote, its identity and its claims.
 
 A client trusts the service keys only after (1) the quote verifies against the trust anchor
-with the collateral from the response, (2) the TCB status is acceptable, (3) REPORTDATA
-equals the binding of *its own* fresh nonce and the returned keys (`identity.report_data`) and
-(4) the runtime event log, when the answer carries one, replays to the quote's RTMR3.
+with the collateral from the response, (2) the TCB status is acceptable to the reference-values
+policy, (3) the TD is the one the policy names: MRTD/RTMR0-2 one of its allowed tuples, TD
+attributes, XFAM and owner fields as listed, RTMR3 as it says (the runtime event log, when the
+answer carries one, must replay to the quote's RTMR3 first), (4) REPORTDATA equals the binding
+of *its own* fresh nonce, the returned keys and the returned claims (protection profile, model
+identity, reference-values id; `identity.report_data`). Without a policy it refuses: a genuine
+quote only says "some TD", and a host can boot its own, prompt-logging image on genuine TDX
+hardware. Only an explicit `insecure_any_td=True` skips (3), never the baseline TD checks
+(DEBUG off etc.), and the result says so.
 The anchor is Intel's root unless the caller passes the simulated test root, which goes
 through `tdllm_attest.simulated.select_trust_anchor` (mode "simulated" AND
 TDLLM_ALLOW_SIMULATED_TDX=1); a simulated result is flagged, never silently trusted.
@@ -16,17 +22,34 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from tdllm.api.identity import ATTEST_PROTOCOL, okp_jwk, report_data
+from tdllm.api.identity import ATTEST_PROTOCOL, ServiceClaims, okp_jwk, report_data
 from tdllm.errors import TdllmError
 from tdllm_attest.broker.protocol import from_b64url
 from tdllm_attest.collateral import collateral_from_json
 from tdllm_attest.errors import AttestationError
 from tdllm_attest.eventlog import Event, parse_runtime_log, replay
-from tdllm_attest.policy import check_tcb
+from tdllm_attest.policy import (
+    Policy,
+    check_tcb,
+    check_td_baseline,
+    load_policy,
+    load_public_key,
+    validate,
+)
 from tdllm_attest.simulated import select_trust_anchor
 from tdllm_attest.trust import TrustAnchor
+from tdllm_attest.verify import VerifiedQuote
+
+# profiles under which prompts stay inside the TD (docs/security.md, A8): split and obfuscated
+# hand the device the prompt's tokens or activations, so end-to-end encryption would be a lie
+E2E_PROFILES = frozenset({"td-only", "masked"})
+NO_POLICY = (
+    "no reference-values policy: give --policy FILE --policy-key PUB.pem "
+    "(or, to skip checking which TD answers, --insecure-any-td)"
+)
 
 
 class AttestationRefused(TdllmError):  # noqa: N818  # reads as the event
@@ -37,7 +60,8 @@ class AttestationRefused(TdllmError):  # noqa: N818  # reads as the event
 
 @dataclass(frozen=True)
 class AttestedService:
-    """What a verified attestation proves: these keys live in that TD (or a simulation)."""
+    """What a verified attestation proves: these keys live in that TD (or a simulation), which
+    claims these things about itself."""
 
     public_key: bytes  # raw X25519: requests are encrypted to it
     signing_key: bytes  # raw Ed25519: every end-to-end answer is signed by it
@@ -46,10 +70,12 @@ class AttestedService:
     mr_td: str
     anchor_sha256: str
     rtmr3: str = ""
-    # the replayed runtime events (RTMR3), or None when the service sent no log; judging them
-    # is the caller's policy (tdllm-verify --policy), replaying them is ours
+    # the replayed runtime events (RTMR3), or None when the service sent no log
     runtime_events: tuple[Event, ...] | None = None
     reference_values_id: str | None = None
+    profile: str = ""  # the protection profile REPORTDATA binds
+    model: Mapping[str, Any] | None = None  # the served model's identity REPORTDATA binds
+    policy_name: str | None = None  # the reference values checked; None: any TD was accepted
 
 
 def new_nonce() -> str:
@@ -65,44 +91,55 @@ def anchor_for(simulated_root_der: bytes | None, environ: Mapping[str, str]) -> 
         raise AttestationRefused(str(exc)) from None
 
 
+def load_reference_policy(policy_file: Path, key_file: Path) -> Policy:
+    """The signed `tdllm-attest-policy/1` in `policy_file`, verified with the PEM `key_file`."""
+    try:
+        key = load_public_key(key_file.read_bytes())
+        return load_policy(policy_file.read_text(encoding="utf-8"), key)
+    except OSError as exc:
+        raise AttestationRefused(f"cannot read the policy: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise AttestationRefused("the policy file is not UTF-8 text") from None
+    except AttestationError as exc:
+        raise AttestationRefused(f"policy refused: {exc}") from None
+
+
 def verify_attestation(
-    doc: Any, nonce: str, anchor: TrustAnchor, *, now: datetime
+    doc: Any,
+    nonce: str,
+    anchor: TrustAnchor,
+    *,
+    now: datetime,
+    policy: Policy | None,
+    insecure_any_td: bool = False,
 ) -> AttestedService:
-    """Check an /v1/attestation answer for `nonce` at time `now` (injected: the caller's clock);
-    raise `AttestationRefused` on any defect."""
+    """Check an /v1/attestation answer for `nonce` at time `now` (injected: the caller's clock)
+    against the reference values `policy`; raise `AttestationRefused` on any defect.
+
+    `policy=None` is refused unless `insecure_any_td` says, explicitly, that any TD will do.
+    """
+    if policy is None and not insecure_any_td:
+        raise AttestationRefused(f"attestation refused: {NO_POLICY}")
     if not isinstance(doc, dict) or doc.get("protocol") != ATTEST_PROTOCOL:
         raise AttestationRefused(f"attestation refused: not a {ATTEST_PROTOCOL} document")
     if doc.get("nonce") != nonce:
         raise AttestationRefused("attestation refused: the answer is not for our nonce")
     key = _okp_key(doc.get("service_public_key"), "X25519", "service key")
     signing_key = _okp_key(doc.get("signing_public_key"), "Ed25519", "signing key")
+    claims = _claims(doc)
     collateral_text = doc.get("collateral")
     if not isinstance(collateral_text, str):
         raise AttestationRefused("attestation refused: the answer carries no collateral")
-    reference_values_id = doc.get("reference_values_id")
-    if reference_values_id is not None and not isinstance(reference_values_id, str):
-        raise AttestationRefused("attestation refused: reference_values_id is not a string")
-    from tdllm_attest.verify import verify_quote
-
-    try:
-        verified = verify_quote(
-            from_b64url(str(doc.get("quote", ""))),
-            collateral_from_json(collateral_text),
-            now=now,
-            anchor=anchor,
-        )
-        check_tcb(verified)
-    except AttestationError as exc:
-        raise AttestationRefused(f"attestation refused: {exc}") from None
-    except (ValueError, KeyError) as exc:
-        raise AttestationRefused(f"attestation refused: malformed ({type(exc).__name__})") from None
+    verified = _verified_quote(doc, collateral_text, anchor, now, policy)
     report = verified.quote.td_report
-    expected = report_data(nonce, okp_jwk("X25519", key), okp_jwk("Ed25519", signing_key))
+    expected = report_data(nonce, okp_jwk("X25519", key), okp_jwk("Ed25519", signing_key), claims)
     if not hmac.compare_digest(report.report_data, expected):
         raise AttestationRefused(
-            "attestation refused: REPORTDATA does not bind our nonce and the service keys"
+            "attestation refused: REPORTDATA does not bind our nonce, the service keys and "
+            "the served profile, model and reference-values id"
         )
     events = _replay_runtime_log(doc.get("event_log"), report.rtmr[3])
+    _check_identity(verified, policy, events)
     return AttestedService(
         public_key=key,
         signing_key=signing_key,
@@ -112,8 +149,77 @@ def verify_attestation(
         anchor_sha256=verified.anchor_sha256,
         rtmr3=report.rtmr[3].hex(),
         runtime_events=events,
-        reference_values_id=reference_values_id,
+        reference_values_id=claims.reference_values_id,
+        profile=claims.profile,
+        model=claims.model,
+        policy_name=policy.name if policy is not None else None,
     )
+
+
+def require_e2e_profile(attested: AttestedService) -> None:
+    """Refuse end-to-end encryption to a service whose profile shows prompts to its device."""
+    if attested.profile not in E2E_PROFILES:
+        raise AttestationRefused(
+            f"end-to-end encryption refused: the service's protection profile "
+            f"{attested.profile!r} shows prompts to its untrusted device (only "
+            f"{' and '.join(sorted(E2E_PROFILES))} keep them in the TD)"
+        )
+
+
+def _verified_quote(
+    doc: dict[str, Any],
+    collateral_text: str,
+    anchor: TrustAnchor,
+    now: datetime,
+    policy: Policy | None,
+) -> VerifiedQuote:
+    """The quote, verified with the policy's collateral limits and judged by its TCB rules."""
+    from tdllm_attest.verify import verify_quote
+
+    try:
+        verified = verify_quote(
+            from_b64url(str(doc.get("quote", ""))),
+            collateral_from_json(collateral_text),
+            now=now,
+            anchor=anchor,
+            limits=policy.freshness_limits() if policy is not None else None,
+        )
+        check_tcb(verified, policy.tcb if policy is not None else None)
+    except AttestationError as exc:
+        raise AttestationRefused(f"attestation refused: {exc}") from None
+    except (ValueError, KeyError) as exc:
+        raise AttestationRefused(f"attestation refused: malformed ({type(exc).__name__})") from None
+    return verified
+
+
+def _check_identity(
+    verified: VerifiedQuote, policy: Policy | None, events: tuple[Event, ...] | None
+) -> None:
+    """Is this the TD the reference values name? Without a policy only the baseline (no DEBUG
+    TD, SEPT_VE_DISABLE, Intel module) can be checked."""
+    try:
+        if policy is None:
+            check_td_baseline(verified)
+        else:
+            runtime = list(events) if events is not None else None
+            validate(verified, policy, runtime_events=runtime)
+    except AttestationError as exc:
+        what = "not the TD" if policy is None else f"not the TD of policy {policy.name!r}"
+        raise AttestationRefused(f"attestation refused: {what}: {exc}") from None
+
+
+def _claims(doc: dict[str, Any]) -> ServiceClaims:
+    """The served profile, model and reference-values id, type-checked (REPORTDATA binds them)."""
+    profile = doc.get("profile")
+    if not isinstance(profile, str):
+        raise AttestationRefused("attestation refused: the answer names no protection profile")
+    model = doc.get("model")
+    if model is not None and not isinstance(model, dict):
+        raise AttestationRefused("attestation refused: model is not an object")
+    reference_values_id = doc.get("reference_values_id")
+    if reference_values_id is not None and not isinstance(reference_values_id, str):
+        raise AttestationRefused("attestation refused: reference_values_id is not a string")
+    return ServiceClaims(profile, model, reference_values_id)
 
 
 def _okp_key(jwk: Any, crv: str, what: str) -> bytes:

@@ -1,9 +1,11 @@
-"""GET /v1/attestation?nonce=HEX: a fresh quote binding the client's nonce and the service keys.
+"""GET /v1/attestation?nonce=HEX: a fresh quote binding the client's nonce, the service keys and
+what the service claims (protection profile, model identity, reference-values id).
 
-A client sends a fresh random nonce, verifies the quote offline (`tdllm-verify`), recomputes
-REPORTDATA from its nonce and the returned keys (`identity.report_data`), replays the runtime
-event log (when there is one) into RTMR3, and only then trusts the keys. In simulated mode the
-answer says ``"simulated": true`` and the quote proves nothing.
+A client sends a fresh random nonce, verifies the quote (`tdllm-verify`, or `attest_client`)
+against the signed reference values, recomputes REPORTDATA from its nonce and the returned keys
+and claims (`identity.report_data`), replays the runtime event log (when there is one) into
+RTMR3, and only then trusts the keys and the claims. In simulated mode the answer says
+``"simulated": true`` and the quote proves nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from tdllm.api.boot import collateral_for
-from tdllm.api.identity import ATTEST_PROTOCOL, report_data
+from tdllm.api.identity import ATTEST_PROTOCOL, ServiceClaims, report_data
 from tdllm.api.openai.errors import ApiError, invalid
 from tdllm_attest.broker.protocol import b64url
 from tdllm_attest.errors import EventLogError
@@ -51,7 +53,8 @@ def attestation() -> ResponseReturnValue:
     nonce = nonce.lower()
     identity = service.identity
     public_jwk, signing_jwk = identity.public_jwk, identity.signing_jwk
-    data = report_data(nonce, public_jwk, signing_jwk)
+    claims = service_claims(service)
+    data = report_data(nonce, public_jwk, signing_jwk, claims)
     log_path = service.settings.runtime_log
     quote, event_log = _quote_with_log(service, provider, data, log_path)
     service.metrics.attestations.labels("ok").inc()
@@ -65,12 +68,27 @@ def attestation() -> ResponseReturnValue:
         "quote": b64url(quote),
         "collateral": collateral(quote) if collateral is not None else None,
         "event_log": event_log,
-        "reference_values_id": service.settings.reference_values_id,
+        "profile": claims.profile,
+        "model": claims.model,
+        "reference_values_id": claims.reference_values_id,
         "simulated": service.state.simulated,
     }
     if service.state.simulated:
         body["warning"] = "SIMULATED TDX: this quote proves nothing about the service"
     return jsonify(body)
+
+
+def service_claims(service: Any) -> ServiceClaims:
+    """What this service says about itself, as REPORTDATA binds it (identity.py)."""
+    runner = service.state.runner
+    model = None
+    if runner is not None:  # the served model exists only once the engine runs
+        model = {"id": runner.model_name, "sealed": service.state.sealed_model}
+    return ServiceClaims(
+        profile=service.settings.profile,
+        model=model,
+        reference_values_id=service.settings.reference_values_id,
+    )
 
 
 def _quote_with_log(

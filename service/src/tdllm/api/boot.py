@@ -51,6 +51,9 @@ class BootState:
     runner: EngineRunner | None = None
     quote_provider: Any = None
     simulated: bool = False
+    # the sealed model's identity as unsealed (identity.sealed_model_identity); /v1/attestation
+    # binds it. None for a plain model.
+    sealed_model: dict[str, str] | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -107,6 +110,15 @@ def collateral_for(deps: BootDeps | None, provider: Any) -> Callable[[bytes], st
     return injected or served
 
 
+def _sealed_identity(path: Path) -> dict[str, str] | None:
+    from tdllm.api.identity import sealed_model_identity
+
+    try:
+        return sealed_model_identity(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unsealing refuses such a directory anyway
+
+
 class Boot:
     def __init__(self, settings: Settings, state: BootState, deps: BootDeps | None = None) -> None:
         self.settings = settings
@@ -147,14 +159,19 @@ class Boot:
 
         key = self._fetch_key()
         self.state.set("unsealing", "opening the sealed model")
+        path = Path(self.settings.model)
         try:
-            return open_sealed(
-                Path(self.settings.model), data_key=key, model_id=self.settings.model_id
-            )
+            before = _sealed_identity(path)
+            checkpoint = open_sealed(path, data_key=key, model_id=self.settings.model_id)
         except TdllmError as exc:
             raise BootFailed(f"cannot open the sealed model: {exc.diagnostics()}") from None
         finally:
             wipe(key)
+        # the manifest the MAC check saw is the one read before and after (the host owns the disk)
+        if before is None or _sealed_identity(path) != before:
+            raise BootFailed("the sealed model changed while it was opened")
+        self.state.sealed_model = before
+        return checkpoint
 
     def _fetch_key(self) -> bytearray:
         import requests

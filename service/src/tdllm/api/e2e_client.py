@@ -1,10 +1,11 @@
 """Client of the end-to-end encrypted mode: attest first, then talk only in ciphertext.
 
 `E2eClient.chat` fetches /v1/attestation with a fresh nonce, verifies it (`attest_client`),
-encrypts the request to the attested key, checks the answer's signature against the attested
-signing key and decrypts it. `E2eClient.chat_stream` does the same for ``stream: true`` and
-yields each chunk as its sealed record arrives; the stream only counts as complete once its
-signed final record has verified. The HTTP layer is a `Transport` so tests can record every
+encrypts the request (and the API key, which travels only inside the envelope) to the attested
+key, checks the answer's signature against the attested signing key and decrypts it.
+`E2eClient.chat_stream` does the same for ``stream: true``: it authenticates each sealed record
+as it arrives and only then yields the chunks it carries; the stream only counts as complete once
+its signed final record has verified. The HTTP layer is a `Transport` so tests can record every
 byte that crosses the "network".
 """
 
@@ -22,9 +23,11 @@ from tdllm.api.attest_client import (
     AttestationRefused,
     AttestedService,
     new_nonce,
+    require_e2e_profile,
     verify_attestation,
 )
 from tdllm.api.e2e_protocol import (
+    PROTOCOL,
     E2eDecryptError,
     ExchangeKeys,
     StreamOpener,
@@ -32,10 +35,11 @@ from tdllm.api.e2e_protocol import (
     seal_request,
 )
 from tdllm.errors import TdllmError
+from tdllm_attest.policy import Policy
 from tdllm_attest.trust import TrustAnchor
 
 PATH = "/v1/e2e/chat/completions"
-MAX_EVENT_BYTES = 1 << 20  # one sealed record; a chunk is a few hundred bytes
+MAX_EVENT_BYTES = 1 << 20  # one sealed record: the chunks of one tick, a few KiB
 
 
 class E2eError(TdllmError):
@@ -77,8 +81,14 @@ class E2eClient:
     anchor: TrustAnchor
     attested: AttestedService | None = None
     clock: Callable[[], datetime] = field(default=_now)
+    # the TD's reference values; without them attest() refuses unless insecure_any_td is set
+    policy: Policy | None = None
+    insecure_any_td: bool = False
+    api_key: str | None = None  # sealed into every request, never sent as a header
 
     def attest(self) -> AttestedService:
+        """Verify the service (quote, reference values, bound claims) and that its profile keeps
+        prompts in the TD; only then is anything sealed to its key."""
         nonce = new_nonce()
         try:
             doc = self.transport.get("/v1/attestation", {"nonce": nonce})
@@ -86,8 +96,17 @@ class E2eClient:
             raise AttestationRefused(
                 f"cannot fetch the attestation ({type(exc).__name__})"
             ) from None
-        self.attested = verify_attestation(doc, nonce, self.anchor, now=self.clock())
-        return self.attested
+        attested = verify_attestation(
+            doc,
+            nonce,
+            self.anchor,
+            now=self.clock(),
+            policy=self.policy,
+            insecure_any_td=self.insecure_any_td,
+        )
+        require_e2e_profile(attested)
+        self.attested = attested
+        return attested
 
     def chat(self, messages: list[dict[str, str]], **options: Any) -> dict[str, Any]:
         """The plain OpenAI chat.completion document, exchanged encrypted and signed."""
@@ -123,9 +142,17 @@ class E2eClient:
     ) -> tuple[AttestedService, dict[str, str], ExchangeKeys]:
         attested = self.attested or self.attest()
         if "model" not in options:  # the model list is public; only the exchange is secret
-            options["model"] = self.transport.get("/v1/models", {})["data"][0]["id"]
-        envelope, keys = seal_request(attested.public_key, {"messages": messages, **options})
+            options["model"] = self._served_model()
+        request = {"messages": messages, **options}
+        envelope, keys = seal_request(attested.public_key, request, self.api_key)
         return attested, envelope, keys
+
+    def _served_model(self) -> str:
+        try:
+            model: str = self.transport.get("/v1/models", {})["data"][0]["id"]
+        except (requests.RequestException, ValueError, LookupError, TypeError):
+            raise E2eError("cannot list the served model: pass model=...") from None
+        return model
 
 
 def _open_stream(lines: Iterator[bytes], opener: StreamOpener) -> Iterator[dict[str, Any]]:
@@ -134,7 +161,8 @@ def _open_stream(lines: Iterator[bytes], opener: StreamOpener) -> Iterator[dict[
             if not line:
                 continue  # the blank line between events
             if len(line) > MAX_EVENT_BYTES or not line.startswith(b"data: "):
-                raise E2eDecryptError("the encrypted stream is not tdllm-e2e/2 records")
+                raise E2eDecryptError(f"the encrypted stream is not {PROTOCOL} records")
+            # the whole record authenticates (AEAD, in sequence) before any chunk is shown
             final, value = opener.open(_json(line[len(b"data: ") :]))
             if final:
                 if value["status"] != 200:
@@ -142,14 +170,20 @@ def _open_stream(lines: Iterator[bytes], opener: StreamOpener) -> Iterator[dict[
                         f"the service answered {value['status']}: {_message(value['body'])}"
                     )
                 continue  # anything after this is refused by the opener
-            if not isinstance(value, dict) or "error" in value:
-                raise E2eError(f"the service failed mid-stream: {_message(value)}")
-            yield value
+            yield from _chunks(value)
         opener.finish()
     except E2eDecryptError as exc:
         raise E2eError(str(exc)) from None
     except requests.RequestException as exc:
         raise E2eError(f"the encrypted stream broke off ({type(exc).__name__})") from None
+
+
+def _chunks(chunks: list[Any]) -> Iterator[dict[str, Any]]:
+    """The chunks one record carries (a tick's worth); an in-band error ends the stream."""
+    for chunk in chunks:
+        if not isinstance(chunk, dict) or "error" in chunk:
+            raise E2eError(f"the service failed mid-stream: {_message(chunk)}")
+        yield chunk
 
 
 def _json(raw: bytes) -> Any:
