@@ -280,3 +280,44 @@ def test_a_quote_service_for_another_td_gets_the_key_refused(
 def test_simulated_quote_url_needs_the_simulated_mode() -> None:
     with pytest.raises(SettingsError, match="simulated_quote_url needs attestation 'simulated'"):
         Settings(attestation="tdx", simulated_quote_url="http://127.0.0.1:1")
+
+
+def test_broker_without_current_collateral_gives_a_clear_not_ready_then_ready(
+    sealed_model: Path,
+) -> None:
+    """The broker's PCCS is down: the TD retries (bounded) and /ready says why; no fallback."""
+    from dataclasses import replace
+
+    from tdllm_attest.collateral import FetcherCollateralSource
+
+    down = {"now": True}
+    deployment = simulated_deployment()
+    served = deployment.platform.collateral_json()
+
+    def pccs(_quote: bytes) -> str:
+        if down["now"]:
+            raise ConnectionError("PCCS unreachable")
+        return served
+
+    deployment = replace(
+        deployment, settings=replace(deployment.settings, collateral=FetcherCollateralSource(pccs))
+    )
+    sealed = sealed_model.parent / "tiny-for-this-broker"
+    seal_checkpoint(
+        synthetic_checkpoint(),
+        sealed,
+        data_key=deployment.data_keys[TEST_KEY_ID],
+        key_id=TEST_KEY_ID,
+    )
+    running = Broker(deployment, free_port())
+    running.start()
+    try:
+        app, svc = service(deployment, sealed, running.port)
+        wait_for(lambda: "no current attestation collateral" in svc.state.reason)
+        resp = app.test_client().get("/ready")
+        assert resp.status_code == 503 and "PCCS" in resp.get_json()["reason"]
+        down["now"] = False
+        wait_for(lambda: svc.state.ready)
+        svc.state.runner.stop()
+    finally:
+        running.stop()

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -501,6 +502,22 @@ class CollateralCache:
                 Path(tmp).unlink(missing_ok=True)
 
 
+class MemoryCollateralCache:
+    """The same interface in memory, for a process that must not write (the in-TD service)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[PckPlatform, Collateral] = {}
+        self._lock = threading.Lock()
+
+    def load(self, platform: PckPlatform) -> Collateral | None:
+        with self._lock:
+            return self._entries.get(platform)
+
+    def store(self, platform: PckPlatform, collateral: Collateral) -> None:
+        with self._lock:
+            self._entries[platform] = collateral
+
+
 @dataclass(frozen=True)
 class PccsCollateralSource:
     """A `CollateralSource`: cached collateral while usable, else a fresh fetch from the PCCS.
@@ -511,7 +528,7 @@ class PccsCollateralSource:
     """
 
     client: PccsClient
-    cache: CollateralCache | None = None
+    cache: CollateralCache | MemoryCollateralCache | None = None
     now: Callable[[], datetime] = system_clock
     refresh_after: timedelta = DEFAULT_REFRESH_AFTER
     # A PCCS may itself hold collateral older than `refresh_after`; re-asking it on every call

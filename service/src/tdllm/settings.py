@@ -64,6 +64,9 @@ class Settings:
     # simulated mode only: the host's UNSAFE simulated quote service (tdllm_attest.simulated_qgs)
     # instead of an in-process test PKI, so a broker on the host can trust the same platform
     simulated_quote_url: str | None = None
+    # the host's PCCS (Intel PCS API v4): where /v1/attestation gets the collateral it serves
+    # with a quote; clients re-check its freshness themselves, the broker fetches its own
+    pccs_url: str | None = None
     boot_attempts: int = 8
     boot_backoff_s: float = 1.0
     boot_backoff_max_s: float = 30.0
@@ -100,6 +103,8 @@ class Settings:
             problems.append(f"attestation must be one of {', '.join(ATTESTATION_MODES)}")
         if self.attestation == "simulated" and not self.allow_simulated:
             problems.append(f"attestation 'simulated' also needs {ALLOW_SIMULATED_ENV}=1")
+        if self.pccs_url is not None and not self.pccs_url.startswith(("https://", "http://")):
+            problems.append("pccs_url must be an http(s) URL")
         if self.simulated_quote_url is not None and self.attestation != "simulated":
             problems.append("simulated_quote_url needs attestation 'simulated'")
         if self.sealed and self.attestation == "none":

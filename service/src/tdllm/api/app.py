@@ -15,7 +15,7 @@ from flask import Flask
 
 from tdllm.api import attestation, e2e, health, metrics, openapi
 from tdllm.api.auth import install_api_keys
-from tdllm.api.boot import Boot, BootDeps, BootState, quote_provider_for
+from tdllm.api.boot import Boot, BootDeps, BootState, collateral_for, quote_provider_for
 from tdllm.api.identity import ServiceIdentity
 from tdllm.api.logs import install_request_logging
 from tdllm.api.metrics import ServiceMetrics
@@ -52,6 +52,7 @@ def create_app(
     service_metrics = ServiceMetrics()
     state = BootState(service_metrics)
     state.quote_provider, state.simulated = quote_provider_for(settings, deps)
+    state.collateral = collateral_for(settings, deps, state.quote_provider)
     service = Service(settings, service_metrics, state, ServiceIdentity(), deps, int(time.time()))
     app.extensions["tdllm"] = service
 

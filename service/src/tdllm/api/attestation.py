@@ -19,11 +19,10 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from tdllm.api.boot import collateral_for
 from tdllm.api.identity import ATTEST_PROTOCOL, ServiceClaims, report_data
 from tdllm.api.openai.errors import ApiError, invalid
 from tdllm_attest.broker.protocol import b64url
-from tdllm_attest.errors import EventLogError
+from tdllm_attest.errors import AttestationError, EventLogError
 from tdllm_attest.eventlog import parse_runtime_log
 
 log = logging.getLogger("tdllm.api.attestation")
@@ -58,7 +57,7 @@ def attestation() -> ResponseReturnValue:
     log_path = service.settings.runtime_log
     quote, event_log = _quote_with_log(service, provider, data, log_path)
     service.metrics.attestations.labels("ok").inc()
-    collateral = collateral_for(service.boot_deps, provider)
+    collateral = _collateral(service, quote)
     body: dict[str, Any] = {
         "protocol": ATTEST_PROTOCOL,
         "nonce": nonce,
@@ -66,7 +65,7 @@ def attestation() -> ResponseReturnValue:
         "signing_public_key": signing_jwk,
         "report_data": data.hex(),
         "quote": b64url(quote),
-        "collateral": collateral(quote) if collateral is not None else None,
+        "collateral": collateral,
         "event_log": event_log,
         "profile": claims.profile,
         "model": claims.model,
@@ -76,6 +75,22 @@ def attestation() -> ResponseReturnValue:
     if service.state.simulated:
         body["warning"] = "SIMULATED TDX: this quote proves nothing about the service"
     return jsonify(body)
+
+
+def _collateral(service: Any, quote: bytes) -> str | None:
+    """The collateral text for `quote`, or None when none is configured; an outage is a 503."""
+    source = service.state.collateral
+    if source is None:
+        return None
+    try:
+        text: str = source(quote)
+        return text
+    except AttestationError as exc:
+        service.metrics.attestations.labels("failed").inc()
+        log.error("attestation collateral unavailable: %s", exc)
+        raise _unavailable(
+            "attestation collateral is unavailable (the PCCS); try again", "collateral_unavailable"
+        ) from None
 
 
 def service_claims(service: Any) -> ServiceClaims:

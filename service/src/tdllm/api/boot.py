@@ -51,6 +51,8 @@ class BootState:
     runner: EngineRunner | None = None
     quote_provider: Any = None
     simulated: bool = False
+    # collateral served with /v1/attestation quotes (collateral_for); None: clients fetch theirs
+    collateral: Callable[[bytes], str] | None = None
     # the sealed model's identity as unsealed (identity.sealed_model_identity); /v1/attestation
     # binds it. None for a plain model.
     sealed_model: dict[str, str] | None = None
@@ -102,12 +104,25 @@ def quote_provider_for(settings: Settings, deps: BootDeps) -> tuple[Any, bool]:
     return None, False
 
 
-def collateral_for(deps: BootDeps | None, provider: Any) -> Callable[[bytes], str] | None:
-    """Collateral for a quote: injected (tests, `make run`), else what the quote provider serves
-    (the simulated quote service does), else none (the verifier fetches its own)."""
+def collateral_for(
+    settings: Settings, deps: BootDeps | None, provider: Any
+) -> Callable[[bytes], str] | None:
+    """Collateral to serve with a quote on /v1/attestation: injected (tests), else what the quote
+    provider serves (the simulated quote service does), else from the configured PCCS (cached
+    in memory until it is due for a refresh), else none (clients fetch their own).
+
+    Only clients read it, and they check it themselves; the key broker fetches its own.
+    """
     injected = deps.collateral if deps is not None else None
     served: Callable[[bytes], str] | None = getattr(provider, "collateral", None)
-    return injected or served
+    if injected or served:
+        return injected or served
+    if settings.pccs_url is None:
+        return None
+    from tdllm_attest.pccs import MemoryCollateralCache, PccsClient, PccsCollateralSource
+
+    source = PccsCollateralSource(PccsClient(settings.pccs_url), MemoryCollateralCache())
+    return lambda quote: source.get(quote).source_json
 
 
 def _sealed_identity(path: Path) -> dict[str, str] | None:
@@ -182,8 +197,8 @@ class Boot:
         url, key_id = self.settings.broker_url or "", self.settings.key_id or ""
         provider = self.state.quote_provider
         transport = self.deps.transport or RequestsTransport(url, timeout_s=30)
-        collateral = collateral_for(self.deps, provider)
-        client = KeyClient(transport=transport, provider=provider, collateral=collateral)
+        # no collateral in the request: the broker verifies against collateral it fetched itself
+        client = KeyClient(transport=transport, provider=provider)
         sleep = self.deps.sleep or self.state._stopped.wait
         attempts, delay = self.settings.boot_attempts, self.settings.boot_backoff_s
         metric = self.state.metrics.key_release_attempts
@@ -206,7 +221,10 @@ class Boot:
                     raise BootFailed(
                         f"the key broker refused the key: {status} {kind}".strip()
                     ) from None
-                why = f"key broker busy ({status})"
+                if str(kind).endswith("collateral-unavailable"):
+                    why = "the key broker has no current attestation collateral (its PCCS)"
+                else:
+                    why = f"key broker busy ({status})"
                 metric.labels("busy").inc()
             except AttestationError as exc:
                 metric.labels("quote_failed").inc()
