@@ -73,6 +73,28 @@ mmdebstrap --quiet --mode=root --variant=minbase --skip=cleanup/apt/lists \
   --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
   "$IMAGE_SUITE" "$ROOTFS" "$IMAGE_MIRROR"
 
+log "pinned key broker: $IMAGE_BROKER_PUBLIC_KEY"
+broker_pub="$REPO/$IMAGE_BROKER_PUBLIC_KEY"
+[[ $IMAGE_BROKER_PUBLIC_KEY == /* ]] && broker_pub=$IMAGE_BROKER_PUBLIC_KEY
+if [[ ! -f $broker_pub ]]; then
+  [[ $broker_pub == *.pub.pem ]] || die "IMAGE_BROKER_PUBLIC_KEY must name a .pub.pem file"
+  mkdir -p "$(dirname "$broker_pub")"
+  "$REPO/.venv/bin/tdllm-broker" keygen --out "${broker_pub%.pub.pem}" >/dev/null
+  echo "warning: created an UNSAFE development broker key pair ${broker_pub%.pub.pem}.{key,pub}.pem" >&2
+fi
+# As extra variables before the profile's, so that a profile may pin its own (smoke does).
+"$PY" - "$broker_pub" "$WORK/broker-key.json" <<'PY' || die "$broker_pub is not an Ed25519 public key (PEM)"
+import json, sys
+from pathlib import Path
+from tdllm_attest.broker.signing import load_broker_public_key
+pem = Path(sys.argv[1]).read_bytes()
+try:
+    load_broker_public_key(pem)
+except ValueError as exc:
+    sys.exit(str(exc))
+Path(sys.argv[2]).write_text(json.dumps({"tdllm_service_broker_public_key": pem.decode()}))
+PY
+
 log "provisioning: ansible-playbook image.yml over the chroot connection (profile $PROFILE)"
 for m in proc sys dev dev/pts; do mount --bind "/$m" "$ROOTFS/$m"; done
 # Package scripts must not start services in the build chroot.
@@ -82,7 +104,7 @@ mkdir -p "$ROOTFS/tmp/wheelhouse"
 cp "$WHEELS"/*.whl "$ROOTFS/tmp/wheelhouse/"
 ANSIBLE_CONFIG="$REPO/ansible/ansible.cfg" "$ANSIBLE_PLAYBOOK" \
   -i "$REPO/ansible/inventory/build-chroot.yml" \
-  -e "ansible_host=$ROOTFS" -e "@$REPO/image/profiles/$PROFILE.yml" \
+  -e "ansible_host=$ROOTFS" -e "@$WORK/broker-key.json" -e "@$REPO/image/profiles/$PROFILE.yml" \
   -e "ml_runtime_wheelhouse=/tmp/wheelhouse" \
   -e "tdllm_service_unit_src=$REPO/service/deploy/tdllm.service" \
   "$REPO/ansible/playbooks/image.yml" >"$WORK/ansible.log" 2>&1 \

@@ -42,10 +42,10 @@ from tdllm_attest.errors import PolicyDocumentError
 from tdllm_attest.policy import (
     POLICY_SCHEMA,
     SIGNATURE_ALG,
-    canonical_json,
     load_public_key,
     sign_policy,
 )
+from tdllm_attest.wire import canonical_json
 
 SCHEMA = "tdllm-image-reference-values/1"
 ARTEFACTS = ("uki.efi", "vmlinuz", "initrd.img", "root.img")

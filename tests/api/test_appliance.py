@@ -21,17 +21,17 @@ import requests
 from tdllm.api.app import create_app
 from tdllm.api.appliance import TD_FIELDS, write_client_policy
 from tdllm.api.appliance_state import ApplianceState
-from tdllm.api.attest_client import (
+from tdllm.api.boot import BootDeps
+from tdllm.api.local_service import free_port
+from tdllm.api.runner import EngineRunner
+from tdllm_attest.broker.keystore import Keystore
+from tdllm_attest.client import (
     AttestationRefused,
     anchor_for,
     load_reference_policy,
     new_nonce,
     verify_attestation,
 )
-from tdllm.api.boot import BootDeps
-from tdllm.api.local_service import free_port
-from tdllm.api.runner import EngineRunner
-from tdllm_attest.broker.keystore import Keystore
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
 from tests.api.conftest import api_settings
@@ -179,8 +179,9 @@ def test_appliance_refuses_without_the_simulation_switch(tmp_path: Path) -> None
 def test_appliance_serves_the_private_model_with_the_split_profile(
     tmp_path: Path, finetuned_k2_dir: Path
 ) -> None:
-    """`make run`'s default: the finetune-tail model, sealed, served split; the demo answer
-    shows a fact only the private tail knows. The fine-tune comes from the session's cache."""
+    """`make run`'s private model (sealed tail and head) served split; the demo answer shows a
+    fact only the private tail knows, and no E2E command is offered (split shows prompts to
+    the device). The fine-tune comes from the session's cache."""
     state = tmp_path / "state"
     (state / "private-models").mkdir(parents=True)
     (state / "private-models" / finetuned_k2_dir.name).symlink_to(finetuned_k2_dir)
@@ -189,7 +190,7 @@ def test_appliance_serves_the_private_model_with_the_split_profile(
     out = tmp_path / "out.txt"
     with out.open("wb") as sink:
         process = subprocess.Popen(  # our own CLI, fixed argv
-            [TDLLM, "appliance", "--state-dir", str(state)],
+            [TDLLM, "appliance", "--state-dir", str(state), "--profile", "split"],
             env=env,
             stdout=sink,
             stderr=subprocess.DEVNULL,

@@ -22,25 +22,25 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from flask.testing import FlaskClient
 
 from tdllm.api.app import create_app
-from tdllm.api.attest_client import (
+from tdllm.api.boot import BootDeps
+from tdllm.api.runner import EngineRunner
+from tdllm_attest.abi import parse_quote
+from tdllm_attest.client import (
     AttestationRefused,
     AttestedService,
+    E2eClient,
     anchor_for,
     load_reference_policy,
     new_nonce,
     verify_attestation,
 )
-from tdllm.api.boot import BootDeps
-from tdllm.api.e2e_client import E2eClient
-from tdllm.api.identity import ATTEST_PROTOCOL, ServiceClaims, report_data
-from tdllm.api.runner import EngineRunner
-from tdllm_attest.abi import parse_quote
+from tdllm_attest.client.binding import ATTEST_PROTOCOL, ServiceClaims, report_data
 from tdllm_attest.policy import Policy
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
 from tests.api.conftest import MODEL, api_settings
 from tests.api.e2e_transport import RecordingTransport
-from tests.api.reference_policy import policy_for, write_signed_policy
+from tests.client.reference_policy import policy_for, write_signed_policy
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 SIMULATED = {"TDLLM_ALLOW_SIMULATED_TDX": "1"}

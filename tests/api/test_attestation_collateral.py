@@ -16,14 +16,14 @@ import pytest
 from flask.testing import FlaskClient
 
 from tdllm.api.app import create_app
-from tdllm.api.attest_client import anchor_for, new_nonce, verify_attestation
 from tdllm.api.boot import BootDeps
 from tdllm.api.runner import EngineRunner
+from tdllm_attest.client import anchor_for, new_nonce, verify_attestation
 from tdllm_attest.pccs_server import LoopbackPccs
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform
 from tests.api.conftest import api_settings
-from tests.api.reference_policy import policy_for
+from tests.client.reference_policy import policy_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 SIMULATED = {"TDLLM_ALLOW_SIMULATED_TDX": "1"}

@@ -13,15 +13,15 @@ import pytest
 from flask.testing import FlaskClient
 
 from tdllm.api.app import create_app
-from tdllm.api.attest_client import AttestationRefused, anchor_for, new_nonce, verify_attestation
 from tdllm.api.boot import BootDeps
 from tdllm.api.runner import EngineRunner
 from tdllm.settings import SettingsError, load_settings
+from tdllm_attest.client import AttestationRefused, anchor_for, new_nonce, verify_attestation
 from tdllm_attest.eventlog import parse_runtime_log, replay
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
 from tests.api.conftest import api_settings
-from tests.api.reference_policy import policy_for
+from tests.client.reference_policy import policy_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 SIMULATED = {"TDLLM_ALLOW_SIMULATED_TDX": "1"}

@@ -12,22 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from tdllm.api.app import create_app
 from tdllm.api.boot import BootDeps
-from tdllm.api.identity import ServiceClaims, report_data, sealed_model_identity
+from tdllm.api.identity import sealed_model_identity
 from tdllm.api.local_service import free_port
 from tdllm.sealing.writer import seal_checkpoint
 from tdllm.settings import Settings, SettingsError
 from tdllm_attest.abi import parse_quote
 from tdllm_attest.broker.app import create_app as create_broker
-from tdllm_attest.broker.protocol import from_b64url
+from tdllm_attest.client.binding import ServiceClaims, report_data
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated_qgs import create_qgs_app
+from tdllm_attest.wire import from_b64url
+from tests.attestation.impostor_broker import ImpostorTransport
 from tests.attestation.simulated_broker import (
     TEST_KEY_ID,
+    TEST_MODEL,
+    TEST_VERSION,
     SimulatedDeployment,
     simulated_deployment,
     td_fields,
@@ -42,16 +47,30 @@ def deployment() -> SimulatedDeployment:
     return simulated_deployment()
 
 
+def seal_test_model(deployment: SimulatedDeployment, out: Path, **changes: Any) -> Path:
+    """The synthetic model sealed as the test key's record says (model, version), `changes`
+    applied (the arguments of `seal_checkpoint`)."""
+    options: dict[str, Any] = {
+        "data_key": deployment.data_keys[TEST_KEY_ID],
+        "key_id": TEST_KEY_ID,
+        "model_name": TEST_MODEL,
+        "model_version": TEST_VERSION,
+    } | changes
+    seal_checkpoint(options.pop("checkpoint", None) or synthetic_checkpoint(), out, **options)
+    return out
+
+
 @pytest.fixture(scope="module")
 def sealed_model(deployment: SimulatedDeployment, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sealed") / "tiny"
-    seal_checkpoint(
-        synthetic_checkpoint(),
-        out,
-        data_key=deployment.data_keys[TEST_KEY_ID],
-        key_id=TEST_KEY_ID,
-    )
-    return out
+    return seal_test_model(deployment, tmp_path_factory.mktemp("sealed") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def broker_public_key(
+    deployment: SimulatedDeployment, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The broker key as the image pins it (a PEM file)."""
+    return deployment.write_broker_public_key(tmp_path_factory.mktemp("image"))
 
 
 class Broker:
@@ -79,27 +98,39 @@ def broker(deployment: SimulatedDeployment) -> Iterator[Broker]:
 
 
 def service(
-    deployment: SimulatedDeployment, sealed: Path, port: int, **fields: Any
+    deployment: SimulatedDeployment,
+    sealed: Path,
+    port: int,
+    *,
+    settings: dict[str, Any] | None = None,
+    transport: Any = None,
+    **fields: Any,
 ) -> tuple[Flask, Any]:
-    settings = Settings(
-        model=str(sealed),
-        attestation="simulated",
-        allow_simulated=True,
-        broker_url=f"http://127.0.0.1:{port}",
-        key_id=TEST_KEY_ID,
-        boot_attempts=40,
-        boot_backoff_s=0.1,
-        boot_backoff_max_s=0.2,
-        context_tokens=64,
-        max_prompt_tokens=32,
-        max_tokens_limit=16,
-        default_max_tokens=8,
-    )
+    """The service booting `sealed` against the broker on `port` (or `transport`), its quotes
+    carrying `fields`, `settings` changed; the image pins `deployment`'s broker key."""
+    pinned = deployment.write_broker_public_key(sealed.parent)
+    options: dict[str, Any] = {
+        "model": str(sealed),
+        "attestation": "simulated",
+        "allow_simulated": True,
+        "broker_url": f"http://127.0.0.1:{port}",
+        "broker_public_key": str(pinned),
+        "key_id": TEST_KEY_ID,
+        "boot_attempts": 400,  # a loaded CI machine must not outwait the boot (tests flip it)
+        "boot_backoff_s": 0.1,
+        "boot_backoff_max_s": 0.2,
+        "context_tokens": 64,
+        "max_prompt_tokens": 32,
+        "max_tokens_limit": 16,
+        "default_max_tokens": 8,
+    }
     deps = BootDeps(
         quote_provider=SimulatedProvider(deployment.platform, td_fields(**fields)),
+        transport=transport,
         collateral=lambda _quote: deployment.platform.collateral_json(),
     )
-    app = create_app(settings, boot_deps=deps)
+    settings_ = Settings(**(options | (settings or {})))
+    app = create_app(settings_, boot_deps=deps)
     return app, app.extensions["tdllm"]
 
 
@@ -222,7 +253,9 @@ class QuoteService:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def _guest_settings(sealed: Path, broker: Broker, qgs: QuoteService) -> Settings:
+def _guest_settings(
+    sealed: Path, broker: Broker, qgs: QuoteService, pinned_broker_key: Path
+) -> Settings:
     """What the image's smoke profile configures: no injected provider, only URLs."""
     return Settings(
         model=str(sealed),
@@ -230,6 +263,7 @@ def _guest_settings(sealed: Path, broker: Broker, qgs: QuoteService) -> Settings
         allow_simulated=True,
         simulated_quote_url=qgs.url,
         broker_url=f"http://127.0.0.1:{broker.port}",
+        broker_public_key=str(pinned_broker_key),
         key_id=TEST_KEY_ID,
         context_tokens=64,
         max_prompt_tokens=32,
@@ -239,14 +273,14 @@ def _guest_settings(sealed: Path, broker: Broker, qgs: QuoteService) -> Settings
 
 
 def test_a_guest_boots_from_settings_alone_with_the_hosts_simulated_quote_service(
-    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker
+    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker, broker_public_key: Path
 ) -> None:
     # what the image's smoke profile does: no injected provider or collateral; the quotes and
     # collateral come from the host's simulated QGS, whose platform the host's broker trusts
     broker.start()
     qgs = QuoteService(deployment)
     try:
-        app = create_app(_guest_settings(sealed_model, broker, qgs))
+        app = create_app(_guest_settings(sealed_model, broker, qgs, broker_public_key))
         svc = app.extensions["tdllm"]
         wait_for(lambda: svc.state.ready or svc.state.phase == "failed")
         assert svc.state.ready, svc.state.reason
@@ -265,12 +299,13 @@ def test_a_guest_boots_from_settings_alone_with_the_hosts_simulated_quote_servic
 
 
 def test_a_quote_service_for_another_td_gets_the_key_refused(
-    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker
+    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker, broker_public_key: Path
 ) -> None:
     broker.start()
     qgs = QuoteService(deployment, mr_td=b"\xee" * 48)
     try:
-        svc = create_app(_guest_settings(sealed_model, broker, qgs)).extensions["tdllm"]
+        guest = _guest_settings(sealed_model, broker, qgs, broker_public_key)
+        svc = create_app(guest).extensions["tdllm"]
         wait_for(lambda: svc.state.phase == "failed")
         assert "refused" in svc.state.reason
     finally:
@@ -302,13 +337,7 @@ def test_broker_without_current_collateral_gives_a_clear_not_ready_then_ready(
     deployment = replace(
         deployment, settings=replace(deployment.settings, collateral=FetcherCollateralSource(pccs))
     )
-    sealed = sealed_model.parent / "tiny-for-this-broker"
-    seal_checkpoint(
-        synthetic_checkpoint(),
-        sealed,
-        data_key=deployment.data_keys[TEST_KEY_ID],
-        key_id=TEST_KEY_ID,
-    )
+    sealed = seal_test_model(deployment, sealed_model.parent / "tiny-for-this-broker")
     running = Broker(deployment, free_port())
     running.start()
     try:
@@ -321,3 +350,112 @@ def test_broker_without_current_collateral_gives_a_clear_not_ready_then_ready(
         svc.state.runner.stop()
     finally:
         running.stop()
+
+
+# --- which model, which version, and from whom (the host owns the disk and the network) -------
+
+
+def _failed_boot(deployment: SimulatedDeployment, sealed: Path, broker: Broker, **kw: Any) -> str:
+    app, svc = service(deployment, sealed, broker.port, **kw)
+    wait_for(lambda: svc.state.phase == "failed" or svc.state.ready)
+    assert not svc.state.ready and svc.state.runner is None
+    resp = app.test_client().get("/ready")
+    assert resp.status_code == 503
+    assert resp.get_json()["reason"] == svc.state.reason
+    return str(svc.state.reason)
+
+
+def test_rolled_back_sealed_model_does_not_boot(
+    deployment: SimulatedDeployment, broker: Broker, tmp_path: Path
+) -> None:
+    """The host puts the owner's older version back on the disk. It is genuine and opens with
+    the same data key (a broker may reuse one key across versions), but the broker released
+    the key for the current version only."""
+    broker.start()
+    old = seal_test_model(deployment, tmp_path / "v1", model_version=TEST_VERSION - 1)
+    reason = _failed_boot(deployment, old, broker)
+    assert "refusing the released key" in reason
+    assert f"is model {TEST_MODEL!r} version {TEST_VERSION - 1}" in reason
+    assert f"released for model {TEST_MODEL!r} version {TEST_VERSION}" in reason
+
+
+def test_td_refuses_a_key_for_another_model(
+    deployment: SimulatedDeployment, broker: Broker, tmp_path: Path
+) -> None:
+    sealed = seal_test_model(deployment, tmp_path / "other", model_name="another-model")
+    broker.start()
+    reason = _failed_boot(deployment, sealed, broker)
+    assert "is model 'another-model'" in reason and f"released for model {TEST_MODEL!r}" in reason
+
+
+def test_td_refuses_a_key_below_its_min_model_version(
+    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker
+) -> None:
+    """The image's own floor holds even when the broker's policy still lets the key go."""
+    broker.start()
+    settings = {"min_model_version": TEST_VERSION + 1}
+    reason = _failed_boot(deployment, sealed_model, broker, settings=settings)
+    assert f"below this image's min_model_version {TEST_VERSION + 1}" in reason
+
+
+def test_td_boots_a_model_at_its_min_model_version(
+    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker
+) -> None:
+    broker.start()
+    settings = {"min_model_version": TEST_VERSION}
+    _, svc = service(deployment, sealed_model, broker.port, settings=settings)
+    wait_for(lambda: svc.state.ready or svc.state.phase == "failed")
+    assert svc.state.ready, svc.state.reason
+    svc.state.runner.stop()
+
+
+def _host_sealed_model(tmp_path: Path) -> tuple[bytes, Path]:
+    """A model the host sealed itself under its own key, named like the owner's."""
+    host_key = secrets.token_bytes(32)
+    sealed = tmp_path / "host-model"
+    seal_checkpoint(
+        synthetic_checkpoint(seed=7),
+        sealed,
+        data_key=host_key,
+        key_id=TEST_KEY_ID,
+        model_name=TEST_MODEL,
+        model_version=TEST_VERSION,
+    )
+    return host_key, sealed
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed by its own key", "unsigned"])
+def test_td_refuses_an_answer_from_an_impostor_broker(
+    deployment: SimulatedDeployment, broker: Broker, tmp_path: Path, signed: bool
+) -> None:
+    """The host answers in the broker's place: it gets a genuine quote and returns its own key
+    for its own (say, prompt-logging) model. Final at once: no retry, no key used."""
+    host_key, sealed = _host_sealed_model(tmp_path)
+    own_key = Ed25519PrivateKey.generate() if signed else None
+    impostor = ImpostorTransport(host_key, TEST_MODEL, TEST_VERSION, own_key)
+    reason = _failed_boot(deployment, sealed, broker, transport=impostor)
+    assert "refusing the key broker's answer" in reason
+    assert ("pinned broker key" if signed else "not signed") in reason
+    assert len(impostor.quotes) == 1
+
+
+def test_sealed_boot_needs_a_pinned_broker_key(sealed_model: Path) -> None:
+    with pytest.raises(SettingsError, match="broker_public_key"):
+        Settings(
+            model=str(sealed_model),
+            attestation="simulated",
+            allow_simulated=True,
+            broker_url="http://127.0.0.1:1",
+            key_id=TEST_KEY_ID,
+        )
+
+
+def test_a_pinned_broker_key_that_does_not_load_fails_the_boot_clearly(
+    deployment: SimulatedDeployment, sealed_model: Path, broker: Broker, tmp_path: Path
+) -> None:
+    not_a_key = tmp_path / "broker.pub.pem"
+    not_a_key.write_text("not a key")
+    broker.start()
+    settings = {"broker_public_key": str(not_a_key)}
+    reason = _failed_boot(deployment, sealed_model, broker, settings=settings)
+    assert f"cannot load the pinned broker public key {not_a_key}" in reason

@@ -12,16 +12,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tdllm.api.app import create_app
-from tdllm.api.attest_client import AttestationRefused, anchor_for
 from tdllm.api.boot import BootDeps
-from tdllm.api.e2e_client import E2eClient, E2eError
 from tdllm.api.runner import EngineRunner
-from tdllm_attest.broker.protocol import b64url, from_b64url
+from tdllm_attest.client import AttestationRefused, E2eClient, E2eError, anchor_for
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform
+from tdllm_attest.wire import b64url, from_b64url
 from tests.api.conftest import api_settings
 from tests.api.e2e_transport import Events, RecordingTransport
-from tests.api.reference_policy import policy_for
+from tests.client.reference_policy import policy_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 SIMULATED = {"TDLLM_ALLOW_SIMULATED_TDX": "1"}

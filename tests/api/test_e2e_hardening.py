@@ -23,11 +23,11 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from tdllm.api.app import create_app
-from tdllm.api.attest_client import anchor_for
 from tdllm.api.boot import BootDeps
 from tdllm.api.e2e import ReplayCache
-from tdllm.api.e2e_client import E2eClient, E2eError, RequestsTransport, Transport
-from tdllm.api.e2e_protocol import (
+from tdllm.api.runner import EngineRunner
+from tdllm_attest.client import E2eClient, E2eError, RequestsTransport, Transport, anchor_for
+from tdllm_attest.client.e2e_protocol import (
     STREAM_INFO,
     E2eDecryptError,
     StreamOpener,
@@ -37,15 +37,14 @@ from tdllm.api.e2e_protocol import (
     seal_request,
     seal_response,
 )
-from tdllm.api.runner import EngineRunner
-from tdllm_attest.broker.protocol import b64url, from_b64url
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform
+from tdllm_attest.wire import b64url, from_b64url
 from tests.api.conftest import MODEL, api_settings
 from tests.api.e2e_transport import Events, RecordingTransport
-from tests.api.reference_policy import policy_for
 from tests.api.tcp_recorder import TcpRecorder
 from tests.api.test_request_validation import assert_openai_error
+from tests.client.reference_policy import policy_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 PATH = "/v1/e2e/chat/completions"

@@ -13,15 +13,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from tdllm.api.app import create_app
-from tdllm.api.attest_client import anchor_for
 from tdllm.api.boot import BootDeps
-from tdllm.api.e2e_client import E2eClient
 from tdllm.api.runner import EngineRunner
+from tdllm_attest.client import E2eClient, anchor_for
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform
 from tests.api.conftest import api_settings
 from tests.api.e2e_transport import RecordingTransport
-from tests.api.reference_policy import policy_for
+from tests.client.reference_policy import policy_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 MESSAGES = [{"role": "user", "content": "Name a colour."}]

@@ -6,14 +6,17 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flask.testing import FlaskClient
 
 from tdllm_attest.broker.app import create_app
 from tdllm_attest.broker.client import KeyClient
 from tdllm_attest.broker.keystore import Keystore
 from tdllm_attest.broker.settings import BrokerSettings
+from tdllm_attest.broker.signing import public_pem
 from tdllm_attest.collateral import FetcherCollateralSource
 from tdllm_attest.policy import MeasurementTuple, Policy, TcbPolicy
 from tdllm_attest.quote import SimulatedProvider
@@ -29,6 +32,13 @@ SIMULATED_ENV = {ALLOW_SIMULATED_ENV: "1"}
 TEST_KEY_ID = "model/test/1"
 OTHER_TEST_KEY_ID = "model/other/1"
 PRODUCTION_KEY_ID = "model/prod/1"
+# the model and version each test key unlocks (its keystore record; the sealed manifest's too)
+TEST_MODEL, TEST_VERSION = "test-model", 2
+KEY_MODELS = {
+    TEST_KEY_ID: (TEST_MODEL, TEST_VERSION),
+    OTHER_TEST_KEY_ID: ("other-model", 1),
+    PRODUCTION_KEY_ID: ("prod-model", 1),
+}
 POLICY_NAME = "simulated-appliance"
 MR_TD = bytes(range(48))
 RTMRS = (b"\x01" * 48, b"\x02" * 48, b"\x03" * 48, bytes(48))
@@ -107,21 +117,35 @@ class SimulatedDeployment:
     def app_client(self) -> FlaskClient:
         return create_app(self.settings).test_client()
 
+    @property
+    def broker_public_key(self) -> Ed25519PublicKey:
+        """What the TD's image pins: the public half of the broker's answer-signing key."""
+        return self.settings.signing_key.public_key()
+
+    def write_broker_public_key(self, folder: Path) -> Path:
+        """The pinned key as the service reads it (`broker_public_key`: a PEM file)."""
+        path = folder / "broker.pub.pem"
+        path.write_bytes(public_pem(self.settings.signing_key))
+        return path
+
     def key_client(
         self,
         transport: Any,
         *,
         fields: SyntheticTdFields | None = None,
         collateral: str | None = None,
+        broker_key: Ed25519PublicKey | None = None,
     ) -> KeyClient:
         """A TD's key client; `collateral` is what the broker's own source serves meanwhile
-        (under `accept_request_collateral_insecure` the TD also sends it in its request)."""
+        (under `accept_request_collateral_insecure` the TD also sends it in its request);
+        `broker_key` is the key it pins (default: this broker's)."""
         text = collateral if collateral is not None else self.platform.collateral_json()
         self.served_collateral.text = text
         insecure = self.settings.accept_request_collateral_insecure
         return KeyClient(
             transport=transport,
             provider=SimulatedProvider(self.platform, fields or td_fields()),
+            broker_key=broker_key or self.broker_public_key,
             collateral=(lambda _quote: text) if insecure else None,
         )
 
@@ -132,9 +156,13 @@ def simulated_deployment(**settings_changes: Any) -> SimulatedDeployment:
     keystore = Keystore([], secrets.token_bytes(32))
     data_keys = {k: secrets.token_bytes(32) for k in (TEST_KEY_ID, OTHER_TEST_KEY_ID)}
     data_keys[PRODUCTION_KEY_ID] = secrets.token_bytes(32)
-    keystore.wrap(TEST_KEY_ID, POLICY_NAME, {"simulated"}, data_keys[TEST_KEY_ID])
-    keystore.wrap(OTHER_TEST_KEY_ID, POLICY_NAME, {"simulated"}, data_keys[OTHER_TEST_KEY_ID])
-    keystore.wrap(PRODUCTION_KEY_ID, POLICY_NAME, {"production"}, data_keys[PRODUCTION_KEY_ID])
+    for key_id, modes in (
+        (TEST_KEY_ID, {"simulated"}),
+        (OTHER_TEST_KEY_ID, {"simulated"}),
+        (PRODUCTION_KEY_ID, {"production"}),
+    ):
+        model, version = KEY_MODELS[key_id]
+        keystore.wrap(key_id, POLICY_NAME, modes, data_keys[key_id], model=model, version=version)
     clock = FakeClock()
     anchor = select_trust_anchor(
         "simulated", simulated_root_der=platform.root_der, environ=SIMULATED_ENV
@@ -148,6 +176,7 @@ def simulated_deployment(**settings_changes: Any) -> SimulatedDeployment:
         keystore=keystore,
         policies={POLICY_NAME: policy_for_template(platform)},
         anchor=anchor,
+        signing_key=Ed25519PrivateKey.generate(),
         now=clock,
         **options,
     )

@@ -26,10 +26,10 @@ from tdllm_attest.broker.protocol import (
     PATH_ATTEST,
     PATH_CHALLENGE,
     PROTOCOL,
-    b64url,
     report_data_for,
 )
 from tdllm_attest.quote import SimulatedProvider
+from tdllm_attest.wire import b64url
 from tests.attestation.simulated_broker import (
     OTHER_TEST_KEY_ID,
     PRODUCTION_KEY_ID,

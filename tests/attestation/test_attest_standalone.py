@@ -1,6 +1,7 @@
-"""`tdllm-verify` works from a venv holding only tdllm-attest and its pinned deps (no torch).
+"""tdllm-attest stands alone: `tdllm-verify`, the client SDK and `tdllm-chat` need no torch.
 
-Slow (~20-30 s: a fresh venv and a pip install from PyPI or pip's cache).
+The venv test is slow (~20-30 s: a fresh venv and a pip install from PyPI or pip's cache); the
+import check runs in this venv, where torch is installed but must not be loaded.
 """
 
 from __future__ import annotations
@@ -17,12 +18,28 @@ from tests.attestation.attest_mutations import Vector
 
 REPO = Path(__file__).resolve().parents[2]
 V4_AT = "2025-06-19T12:00:00Z"
+# what a user's `pip install tdllm-attest` lacks: the service, torch, and the [broker] extra
+NOT_INSTALLED = ("tdllm", "torch", "numpy", "flask", "werkzeug", "jwcrypto")
+LOADED_AFTER_HELP = f"""
+import sys
+import tdllm_attest.client
+from tdllm_attest.client.chat_cli import chat
+chat.main(["--help"], prog_name="tdllm-chat", standalone_mode=False)
+print(sorted({{m.split(".")[0] for m in sys.modules}} & set({NOT_INSTALLED!r})))
+"""
 
 
 def _run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(a) for a in args], capture_output=True, text=True, check=False, env=env, timeout=600
     )
+
+
+def test_the_client_sdk_and_tdllm_chat_load_neither_torch_nor_the_service() -> None:
+    done = _run(sys.executable, "-c", LOADED_AFTER_HELP)
+    assert done.returncode == 0, done.stderr
+    assert "--pccs URL" in done.stdout and "TDLLM_API_KEY" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.slow
@@ -71,3 +88,11 @@ def test_tdllm_verify_runs_from_a_venv_with_only_tdllm_attest_installed(
         "(1000 bytes)"
     ]
     assert "RESULT: FAIL (QuoteParseError, exit 3)" in bad.stdout
+
+    help_text = _run(venv / "bin" / "tdllm-chat", "--help", env=env)
+    assert help_text.returncode == 0, help_text.stderr
+    assert "--policy-key" in help_text.stdout and "--pccs" in help_text.stdout
+    sdk = _run(py, "-c", "from tdllm_attest.client import E2eClient, verify_attestation", env=env)
+    assert sdk.returncode == 0, sdk.stderr
+    refused = _run(venv / "bin" / "tdllm-chat", "--e2e", "http://127.0.0.1:9", "hi", env=env)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: no reference values")

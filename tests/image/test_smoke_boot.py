@@ -12,6 +12,7 @@ an artefact directory from `make image IMAGE_PROFILE=smoke` to skip the build.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
@@ -27,10 +28,10 @@ import requests
 import yaml  # type: ignore[import-untyped]
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from tdllm.api.attest_client import new_nonce, verify_attestation
 from tdllm.model.checkpoint import open_checkpoint
 from tdllm.sealing.writer import seal_checkpoint
 from tdllm_attest.broker.app import create_app as create_broker
+from tdllm_attest.client import new_nonce, verify_attestation
 from tdllm_attest.simulated import select_trust_anchor
 from tdllm_attest.simulated_qgs import create_qgs_app
 from tests.attestation.simulated_broker import (
@@ -50,6 +51,7 @@ from tests.image.images import (
     flip_byte_in_file,
     models_disk,
 )
+from tests.image.smoke_keys import SMOKE_MODEL, SMOKE_MODEL_VERSION, smoke_broker_key
 
 # A build, a TCG boot (~6 min to /ready here) and a prompt through torch under TCG.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -83,14 +85,26 @@ class HostSide:
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostSide]:
-    """Broker + simulated quote service on loopback, and the sealed bundled model's disk."""
+    """Broker + simulated quote service on loopback, and the sealed bundled model's disk. The
+    broker signs with the UNSAFE key the smoke profile pins; its record and the sealed manifest
+    name the same model and version."""
     require_root_build_tools()
     folder = tmp_path_factory.mktemp("host")
     deployment = simulated_deployment()
+    settings = dataclasses.replace(deployment.settings, signing_key=smoke_broker_key())
+    deployment = dataclasses.replace(deployment, settings=settings)
     data_key = secrets.token_bytes(32)
-    deployment.settings.keystore.wrap(SERVICE["key_id"], POLICY_NAME, {"simulated"}, data_key)
+    identity = {"model": SMOKE_MODEL, "version": SMOKE_MODEL_VERSION}
+    settings.keystore.wrap(SERVICE["key_id"], POLICY_NAME, {"simulated"}, data_key, **identity)
     sealed = folder / "sealed"
-    seal_checkpoint(open_checkpoint("bundled"), sealed, data_key=data_key, key_id=SERVICE["key_id"])
+    seal_checkpoint(
+        open_checkpoint("bundled"),
+        sealed,
+        data_key=data_key,
+        key_id=SERVICE["key_id"],
+        model_name=SMOKE_MODEL,
+        model_version=SMOKE_MODEL_VERSION,
+    )
     disk = models_disk(sealed, folder / "models.img", SERVICE_GID)
     shutil.rmtree(sealed)
     apps: list[Any] = [

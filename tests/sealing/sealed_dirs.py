@@ -8,7 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tdllm.sealing.format import CHUNK_OVERHEAD, MANIFEST_NAME, canonical_json
+from tdllm.sealing.format import CHUNK_OVERHEAD, MANIFEST_NAME
+from tdllm_attest.wire import canonical_json
 
 
 def document(folder: Path) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Installable on its own (no torch): users verify an appliance with this package alone. The modules
 follow go-tdx-guest's split into parsing (`abi`), cryptographic verification (`verify`) and policy
-validation (`policy`); see docs/attestation.md.
+validation (`policy`); see docs/attestation.md. `client` is the SDK for a tdllm service: verify its
+attestation, then chat with it end-to-end encrypted (docs/api.md).
 """
 
 from tdllm_attest.errors import AttestationError

@@ -31,6 +31,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from tdllm_attest import abi
 from tdllm_attest.collateral import (
     Collateral,
@@ -148,11 +150,13 @@ def _time_releases(
     anchor = simulated_trust_anchor(platform.root_der, mode=MODE_SIMULATED, environ=os.environ)
     keystore = Keystore([], secrets.token_bytes(32))
     data_key = secrets.token_bytes(32)
-    keystore.wrap(BENCH_KEY_ID, BENCH_POLICY, {MODE_SIMULATED}, data_key)
+    keystore.wrap(BENCH_KEY_ID, BENCH_POLICY, {MODE_SIMULATED}, data_key, model="bench", version=1)
+    signing_key = Ed25519PrivateKey.generate()
     settings = BrokerSettings(
         keystore=keystore,
         policies={BENCH_POLICY: _policy(platform)},
         anchor=anchor,
+        signing_key=signing_key,
         now=lambda: SIM_NOW,
         collateral=collateral,
         rate_limit=1_000_000,
@@ -168,6 +172,7 @@ def _time_releases(
                     f"http://127.0.0.1:{server.server_port}", session=session
                 ),
                 provider=SimulatedProvider(platform, _fields()),
+                broker_key=signing_key.public_key(),
             )
 
             def release() -> None:

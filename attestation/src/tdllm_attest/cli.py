@@ -326,10 +326,33 @@ def verify_command(
     sys.exit(run.error.exit_code if run.error else errors.EXIT_OK)
 
 
+class QuoteUnlessSubcommand(click.Group):
+    """`tdllm-verify QUOTE ...` stays the quote check (a first argument that names no
+    subcommand goes to `quote`); `tdllm-verify receipt ...` checks a receipt."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
+            args = ["quote", *args]
+        return super().parse_args(ctx, args)
+
+
+def verify_group() -> click.Group:
+    """The `tdllm-verify` command: `quote` (the default) and `receipt`."""
+    from tdllm_attest.receipt_cli import receipt_command  # it imports this module
+
+    return QuoteUnlessSubcommand(
+        "tdllm-verify",
+        commands={"quote": verify_command, "receipt": receipt_command},
+        context_settings={"help_option_names": ["-h", "--help"]},
+        help="Verify a TDX QUOTE (the default: tdllm-verify QUOTE ...), or a tdllm answer's "
+        "receipt (tdllm-verify receipt RECEIPT --attestation DOC ...).",
+    )
+
+
 def main() -> None:
     """Console-script entry point; any unexpected error is one line and exit 1, no traceback."""
     try:
-        verify_command.main(standalone_mode=True)
+        verify_group().main(prog_name="tdllm-verify", standalone_mode=True)
     except SystemExit:
         raise
     except Exception as exc:  # last resort: users must never see a traceback

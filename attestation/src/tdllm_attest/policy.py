@@ -35,7 +35,9 @@ from tdllm_attest.abi import (
 from tdllm_attest.collateral import DEFAULT_MAX_COLLATERAL_AGE, FreshnessLimits
 from tdllm_attest.errors import Mismatch, PolicyDocumentError, PolicyMismatch, TcbStatusError
 from tdllm_attest.eventlog import Event, replay
+from tdllm_attest.model_identity import valid_model_name
 from tdllm_attest.verify import TCB_STATUSES, VerifiedQuote
+from tdllm_attest.wire import canonical_json
 
 POLICY_SCHEMA = "tdllm-attest-policy/1"
 SIGNATURE_ALG = "Ed25519"
@@ -57,6 +59,7 @@ _TOP_KEYS = {
     "rtmr3",
     "rtmr3_allowed_events",
     "allow_service_td",
+    "models",
 }
 _TCB_KEYS = {
     "accepted_statuses",
@@ -67,6 +70,7 @@ _TCB_KEYS = {
     "out_of_date_grace_days",
 }
 _TUPLE_KEYS = {"name", "mr_td", "rtmr0", "rtmr1", "rtmr2"}
+_MODEL_KEYS = {"model", "min_version"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,14 @@ class MeasurementTuple:
 
 
 @dataclass(frozen=True)
+class ModelRule:
+    """A model whose keys may be released, from `min_version` on (older ones are rollbacks)."""
+
+    model: str
+    min_version: int
+
+
+@dataclass(frozen=True)
 class Policy:
     """Reference values and TCB rules a genuine quote must also satisfy."""
 
@@ -112,6 +124,8 @@ class Policy:
     mr_seam: frozenset[bytes] = field(default_factory=frozenset)
     rtmr3_allowed_events: frozenset[bytes] | None = None
     allow_service_td: bool = False
+    # which models (and from which version) a key under this policy may unlock; None: any
+    models: tuple[ModelRule, ...] | None = None
 
     def freshness_limits(self) -> FreshnessLimits:
         """Collateral limits that `verify_quote` must apply for this policy."""
@@ -119,11 +133,6 @@ class Policy:
             max_age=self.tcb.max_collateral_age,
             min_tcb_evaluation_data_number=self.tcb.min_tcb_evaluation_data_number,
         )
-
-
-def canonical_json(value: Any) -> bytes:
-    """The bytes that are signed: sorted keys, no spaces, UTF-8 (RFC 8785 for our value types)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _hex(value: object, size: int, where: str) -> bytes:
@@ -195,6 +204,24 @@ def _tcb_policy(obj: object) -> TcbPolicy:
     )
 
 
+def _model_rules(value: object) -> tuple[ModelRule, ...] | None:
+    if value is None:
+        return None
+    rules = []
+    for i, item in enumerate(_list(value, "models")):
+        rule = _keys(item, _MODEL_KEYS, _MODEL_KEYS, f"models[{i}]")
+        if not valid_model_name(rule["model"]):
+            raise PolicyDocumentError(f"policy models[{i}].model: want 1..200 printable characters")
+        minimum = _optional_int(rule["min_version"], f"models[{i}].min_version")
+        if minimum is None:
+            raise PolicyDocumentError(f"policy models[{i}].min_version: want an integer")
+        rules.append(ModelRule(rule["model"], minimum))
+    names = [r.model for r in rules]
+    if len(set(names)) != len(names):
+        raise PolicyDocumentError("policy models: a model is listed twice")
+    return tuple(rules)
+
+
 def policy_from_document(doc: object) -> Policy:
     """Schema-check a policy document (the inner, unsigned object) and build a `Policy`."""
     required = {"schema", "tcb", "xfam", "measurements", "mr_config_id", "mr_owner"}
@@ -248,6 +275,7 @@ def policy_from_document(doc: object) -> Policy:
             for i, x in enumerate(_list(allowed_events, "rtmr3_allowed_events"))
         ),
         allow_service_td=allow_service_td,
+        models=_model_rules(top.get("models")),
     )
 
 
@@ -289,6 +317,29 @@ def load_policy(text: str, key: Ed25519PublicKey) -> Policy:
     except (binascii.Error, ValueError, InvalidSignature):
         raise PolicyDocumentError("policy signature does not verify with the given key") from None
     return policy_from_document(env["policy"])
+
+
+def check_model_release(policy: Policy, model: str, version: int) -> None:
+    """Raise `PolicyMismatch` unless the policy lets a key for `model` at `version` go out.
+
+    A policy without `models` allows every model; an empty list allows none.
+    """
+    if policy.models is None:
+        return
+    rule = next((r for r in policy.models if r.model == model), None)
+    if rule is None:
+        allowed = ", ".join(repr(r.model) for r in policy.models) or "none"
+        raise PolicyMismatch([Mismatch("model", repr(model), f"one of {allowed}")])
+    if version < rule.min_version:
+        raise PolicyMismatch(
+            [
+                Mismatch(
+                    "model_version",
+                    f"{model!r} version {version}",
+                    f"at least version {rule.min_version} (older versions are rollbacks)",
+                )
+            ]
+        )
 
 
 def _grace_until(verified: VerifiedQuote, tcb: TcbPolicy) -> datetime | None:

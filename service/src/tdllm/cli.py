@@ -16,11 +16,12 @@ import click
 
 from tdllm.api.appliance import appliance
 from tdllm.api.commands import bench_serve, serve
-from tdllm.api.e2e_commands import chat
 from tdllm.attacks.commands import attack
 from tdllm.errors import TdllmError, UsageError
 from tdllm.protection.commands import bench_fidelity, bench_split, finetune_tail, prepare, protect
 from tdllm.sealing.commands import keygen, seal
+from tdllm_attest.client.chat_cli import chat
+from tdllm_attest.errors import AttestationError
 
 DTYPE = click.Choice(["bf16", "fp32"])
 
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> Any:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
-    except TdllmError as exc:
+    except (TdllmError, AttestationError) as exc:  # AttestationError: the client SDK's too
         click.echo(f"error: {exc.diagnostics()}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

@@ -60,6 +60,12 @@ class Settings:
     broker_url: str | None = None
     key_id: str | None = None
     model_id: str | None = None  # pin the sealed model (refuse any other)
+    # PEM file of the key broker's Ed25519 public key, pinned in the measured image: the TD
+    # takes a key only from an answer signed by it (the host cannot stand in for the broker)
+    broker_public_key: str | None = None
+    # the oldest sealed model version this image will serve: a key released for an older one
+    # (a rollback to a known-flawed model) is refused even if the broker lets it go
+    min_model_version: int = 1
     allow_simulated: bool = False  # from TDLLM_ALLOW_SIMULATED_TDX=1, never from the file
     # simulated mode only: the host's UNSAFE simulated quote service (tdllm_attest.simulated_qgs)
     # instead of an in-process test PKI, so a broker on the host can trust the same platform
@@ -111,6 +117,13 @@ class Settings:
             problems.append("a broker_url needs attestation 'tdx' or 'simulated'")
         if self.sealed and not self.key_id:
             problems.append("a broker_url needs key_id (the sealed model's key at the broker)")
+        if self.sealed and not self.broker_public_key:
+            problems.append(
+                "a broker_url needs broker_public_key (the PEM file of the broker's pinned "
+                "Ed25519 key; without it any host could answer as the broker)"
+            )
+        if not (1 <= self.min_model_version <= 2**53 - 1):
+            problems.append("min_model_version must be an integer from 1 to 2**53-1")
         rv_id = self.reference_values_id
         if rv_id is not None and not (0 < len(rv_id) <= 200 and rv_id.isprintable()):
             problems.append("reference_values_id must be 1..200 printable characters")

@@ -30,12 +30,13 @@ from tdllm_attest.broker.protocol import (
     PATH_CHALLENGE,
     PROBLEM_CONTENT_TYPE,
     PROTOCOL,
-    from_b64url,
 )
 from tdllm_attest.broker.ratelimit import ForwardedClient, RateLimiter, rate_limit_key
 from tdllm_attest.broker.sessions import SessionStore
 from tdllm_attest.broker.settings import BrokerSettings
+from tdllm_attest.broker.signing import sign_answer, signed_answer
 from tdllm_attest.broker.wrapping import encrypt_to_tee
+from tdllm_attest.wire import from_b64url
 
 audit = logging.getLogger("tdllm_attest.broker.audit")
 log = logging.getLogger(__name__)
@@ -174,20 +175,41 @@ def create_app(settings: BrokerSettings) -> Flask:
         except KeystoreError as exc:
             raise PolicyRefused(f"keystore: {exc}") from None
         jwe = encrypt_to_tee(
-            data_key, appraisal.tee_pubkey, key_id=record.key_id, session_id=session.session_id
+            data_key,
+            appraisal.tee_pubkey,
+            key_id=record.key_id,
+            session_id=session.session_id,
+            model=record.model,
+            version=record.version,
         )
         audit.info(
-            "released client=%s session=%s key_id=%s mode=%s tcb=%s quote_sha256=%s",
+            "released client=%s session=%s key_id=%s model=%r version=%d mode=%s tcb=%s "
+            "quote_sha256=%s",
             request.remote_addr,
             session.session_id,
             record.key_id,
+            record.model,
+            record.version,
             appraisal.mode,
             appraisal.verified.tcb_status,
             quote_hash,
         )
-        return Response(
-            json.dumps({"key_id": record.key_id, "jwe": jwe, "result": appraisal.summary()}),
-            content_type="application/json",
+        signed = signed_answer(
+            session_id=session.session_id,
+            key_id=record.key_id,
+            tee_pubkey=appraisal.tee_jwk,
+            jwe=jwe,
+            model=record.model,
+            version=record.version,
         )
+        answer = {
+            "key_id": record.key_id,
+            "jwe": jwe,
+            "model": record.model,
+            "version": record.version,
+            "signature": sign_answer(settings.signing_key, signed),
+            "result": appraisal.summary(),
+        }
+        return Response(json.dumps(answer), content_type="application/json")
 
     return app

@@ -15,7 +15,6 @@ from tdllm_attest.broker.problems import CollateralUnavailable, EvidenceRejected
 from tdllm_attest.broker.protocol import (
     PROTOCOL,
     RUNTIME_DATA_KEYS,
-    from_b64url,
     report_data_for,
 )
 from tdllm_attest.broker.sessions import Session
@@ -30,9 +29,10 @@ from tdllm_attest.errors import (
     TcbStatusError,
 )
 from tdllm_attest.eventlog import Event, parse_ccel_log, parse_ccel_table, parse_runtime_log
-from tdllm_attest.policy import check_tcb, validate
+from tdllm_attest.policy import check_model_release, check_tcb, validate
 from tdllm_attest.simulated import MODE_PRODUCTION, MODE_SIMULATED
 from tdllm_attest.verify import VerifiedQuote, verify_quote
+from tdllm_attest.wire import from_b64url
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Appraisal:
 
     verified: VerifiedQuote
     tee_pubkey: Any
+    tee_jwk: dict[str, str]  # the same key as sent (the broker's answer signature covers it)
     mode: str
 
     def summary(self) -> dict[str, Any]:
@@ -122,7 +123,8 @@ def appraise(
     settings: BrokerSettings,
     event_logs: EventLogs | None = None,
 ) -> Appraisal:
-    """Session binding, quote verification, REPORTDATA, release mode, TCB and TD policy.
+    """Session binding, quote verification, REPORTDATA, release mode, TCB, TD policy, and
+    whether the policy lets the record's model and version go out.
 
     `event_logs` (CCEL, runtime RTMR3 log) are replayed against the quote's RTMRs by the policy;
     a policy with ``rtmr3: "event_log"`` refuses a request that carries no runtime log.
@@ -163,6 +165,10 @@ def appraise(
     try:
         check_tcb(verified, policy.tcb)
         validate(verified, policy, ccel_events=logs.ccel, runtime_events=logs.runtime)
+        # a rollback: the key of an older (flawed, or laxly sealed) version of the model
+        check_model_release(policy, record.model, record.version)
     except (TcbStatusError, PolicyMismatch) as exc:
         raise PolicyRefused(f"policy {policy.name!r}: {exc}") from None
-    return Appraisal(verified=verified, tee_pubkey=pubkey, mode=mode)
+    return Appraisal(
+        verified=verified, tee_pubkey=pubkey, tee_jwk=runtime_data["tee_pubkey"], mode=mode
+    )

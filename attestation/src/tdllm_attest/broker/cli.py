@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from werkzeug.serving import run_simple
 
 from tdllm_attest.broker.app import create_app
 from tdllm_attest.broker.keystore import Keystore, load_kek
 from tdllm_attest.broker.settings import BrokerSettings
+from tdllm_attest.broker.signing import load_signing_key, write_signing_key_pair
 from tdllm_attest.collateral import CollateralSource
 from tdllm_attest.pccs import CollateralCache, PccsClient, PccsCollateralSource, default_cache_dir
 from tdllm_attest.policy import load_policy, load_public_key
@@ -37,10 +39,25 @@ def collateral_source(doc: dict[str, Any]) -> CollateralSource | None:
     return PccsCollateralSource(PccsClient(url), cache)
 
 
+def signing_key(doc: dict[str, Any]) -> Ed25519PrivateKey:
+    """The answer-signing key (`signing_key`: an Ed25519 PKCS#8 PEM file); required."""
+    path = doc.get("signing_key")
+    if not isinstance(path, str) or not path:
+        raise click.UsageError(
+            "broker config: signing_key is required (an Ed25519 private key PEM; the TD's image "
+            "pins its public half; make one with `tdllm-broker keygen --out PREFIX`)"
+        )
+    try:
+        return load_signing_key(Path(path))
+    except ValueError as exc:
+        raise click.UsageError(f"broker config: {exc}") from None
+
+
 def settings_from_file(path: Path) -> BrokerSettings:
-    """Config JSON: mode, keystore, kek, policy_public_key, policies {name: file}, pccs_url
-    (+ optional collateral_cache_dir), optional simulated_root (DER file; needs mode "simulated"
-    and TDLLM_ALLOW_SIMULATED_TDX=1), optional accept_request_collateral_insecure (dev only)."""
+    """Config JSON: mode, keystore, kek, signing_key (Ed25519 PEM), policy_public_key, policies
+    {name: file}, pccs_url (+ optional collateral_cache_dir), optional simulated_root (DER file;
+    needs mode "simulated" and TDLLM_ALLOW_SIMULATED_TDX=1), optional
+    accept_request_collateral_insecure (dev only)."""
     doc = json.loads(path.read_text(encoding="utf-8"))
     source = collateral_source(doc)
     insecure = doc.get("accept_request_collateral_insecure", False) is True
@@ -54,6 +71,7 @@ def settings_from_file(path: Path) -> BrokerSettings:
             "INSECURE: accepting collateral from attest requests (the host may pick stale "
             "collateral); never in production"
         )
+    answer_key = signing_key(doc)
     key = load_public_key(Path(doc["policy_public_key"]).read_bytes())
     policies = {
         name: load_policy(Path(file).read_text(encoding="utf-8"), key)
@@ -70,6 +88,7 @@ def settings_from_file(path: Path) -> BrokerSettings:
         keystore=keystore,
         policies=policies,
         anchor=anchor,
+        signing_key=answer_key,
         collateral=source,
         accept_request_collateral_insecure=insecure,
     )
@@ -113,3 +132,24 @@ def serve(
     if trusted_proxies:
         settings = dataclasses.replace(settings, trusted_proxies=tuple(trusted_proxies))
     run_simple(host, port, create_app(settings), threaded=True)
+
+
+@main.command()
+@click.option(
+    "--out",
+    "prefix",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="writes PREFIX.key.pem (private, mode 0600) and PREFIX.pub.pem",
+)
+def keygen(prefix: Path) -> None:
+    """Make the broker's Ed25519 answer-signing key pair (never overwrites).
+
+    The private key goes into the broker config (`signing_key`); the public key is pinned in
+    the TD's measured image (the service's `broker_public_key`).
+    """
+    try:
+        private, public = write_signing_key_pair(prefix)
+    except (FileExistsError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {private} (private, mode 0600: signing_key) and {public} (pin in the image)")

@@ -1,4 +1,5 @@
-"""In-TD key client: challenge -> ephemeral key -> quote over REPORTDATA -> attest -> unwrap.
+"""In-TD key client: challenge -> ephemeral key -> quote over REPORTDATA -> attest -> check the
+pinned broker's signature -> unwrap.
 
 HTTP goes through an injected `Transport` (`RequestsTransport` for real use; tests may adapt
 Flask's test client). The data key is returned as a bytearray the caller can zero after use.
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from jwcrypto import jwk  # type: ignore[import-untyped]
 
 from tdllm_attest.broker.protocol import (
@@ -18,13 +20,14 @@ from tdllm_attest.broker.protocol import (
     PATH_ATTEST,
     PATH_CHALLENGE,
     PROTOCOL,
-    b64url,
     report_data_for,
     runtime_data,
 )
+from tdllm_attest.broker.signing import AnswerSignatureError, signed_answer, verify_answer
 from tdllm_attest.broker.wrapping import decrypt_from_broker
 from tdllm_attest.errors import AttestationError
 from tdllm_attest.quote import QuoteProvider
+from tdllm_attest.wire import b64url
 
 
 class KeyReleaseError(AttestationError):
@@ -33,6 +36,20 @@ class KeyReleaseError(AttestationError):
     def __init__(self, message: str, problem: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.problem = problem or {}
+
+
+class BrokerAuthenticationError(KeyReleaseError):
+    """The answer is not one the pinned broker key signed for this exchange: an impostor, a
+    tampered or replayed answer. Never retried."""
+
+
+@dataclass(frozen=True)
+class ReleasedKey:
+    """A data key and what the broker released it for (from the signed, authenticated answer)."""
+
+    key: bytearray = field(repr=False)
+    model: str
+    version: int
 
 
 class Transport(Protocol):
@@ -74,6 +91,9 @@ class KeyClient:
 
     transport: Transport
     provider: QuoteProvider
+    # the broker's Ed25519 public key, pinned in the TD's measured image: answers must carry
+    # its signature (an impostor broker run by the host has no way to make one)
+    broker_key: Ed25519PublicKey
     collateral: Callable[[bytes], str] | None = None
     new_ephemeral_key: Callable[[], Any] = _generate_ephemeral_key
     # Event logs for a policy that replays RTMRs: the runtime RTMR3 log (JSON text) and the
@@ -89,6 +109,11 @@ class KeyClient:
 
     def fetch_key(self, key_id: str) -> bytearray:
         """Run the whole key-release protocol for `key_id`; return the data key."""
+        return self.fetch_release(key_id).key
+
+    def fetch_release(self, key_id: str) -> ReleasedKey:
+        """Run the whole key-release protocol for `key_id`; return the data key with the model
+        and version the (pinned, signature-checked) broker released it for."""
         challenge = self._post(
             PATH_CHALLENGE, {"protocol": PROTOCOL, "tee": "tdx", "key_id": key_id}
         )
@@ -119,14 +144,43 @@ class KeyClient:
                 table, data = self.ccel()
                 body["ccel"] = {"table": b64url(table), "data": b64url(data)}
             answer = self._post(PATH_ATTEST, body)
-            jwe_text = answer.get("jwe")
-            if answer.get("key_id") != key_id or not isinstance(jwe_text, str):
-                raise KeyReleaseError("attest response is not a key for this request")
+            jwe_text, model, version = self._authentic(answer, runtime)
             try:
-                return bytearray(
-                    decrypt_from_broker(jwe_text, ephemeral, key_id=key_id, session_id=session_id)
+                key = decrypt_from_broker(
+                    jwe_text,
+                    ephemeral,
+                    key_id=key_id,
+                    session_id=session_id,
+                    model=model,
+                    version=version,
                 )
             except Exception as exc:  # any unwrap failure means "no key"
                 raise KeyReleaseError(f"cannot unwrap the released key: {exc}") from None
+            return ReleasedKey(bytearray(key), model, version)
         finally:
             del ephemeral
+
+    def _authentic(self, answer: dict[str, Any], runtime: dict[str, Any]) -> tuple[str, str, int]:
+        """(jwe, model, version) of an answer the pinned broker key signed for this exchange.
+
+        Checked before the JWE is touched: an impostor broker (the host) could otherwise hand
+        us a key of its choosing for a model it sealed itself.
+        """
+        jwe_text, model, version = answer.get("jwe"), answer.get("model"), answer.get("version")
+        if answer.get("key_id") != runtime["key_id"] or not isinstance(jwe_text, str):
+            raise BrokerAuthenticationError("attest response is not a key for this request")
+        if not isinstance(model, str) or type(version) is not int:
+            raise BrokerAuthenticationError("attest response names no model and version")
+        document = signed_answer(
+            session_id=runtime["session_id"],
+            key_id=runtime["key_id"],
+            tee_pubkey=runtime["tee_pubkey"],
+            jwe=jwe_text,
+            model=model,
+            version=version,
+        )
+        try:
+            verify_answer(self.broker_key, document, answer.get("signature"))
+        except AnswerSignatureError as exc:
+            raise BrokerAuthenticationError(str(exc)) from None
+        return jwe_text, model, version

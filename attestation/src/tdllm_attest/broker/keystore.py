@@ -1,12 +1,15 @@
 """The broker's keystore: a JSON file of data keys, each AES-256-GCM-wrapped under a KEK.
 
-Each record names the policy its key is released under and the modes ("production",
-"simulated") it may be released in. The AAD of the wrap covers key id, policy and modes, so
-editing a record's policy or modes in the file makes its key undecryptable (fail closed).
+Each record names the policy its key is released under, the modes ("production", "simulated")
+it may be released in, and the model and version its key unlocks (the TD refuses a key for any
+other model or version than its sealed manifest's; the policy may set a minimum version). The
+AAD of the wrap covers key id, policy, modes, model and version, so editing any of them in the
+file makes the key undecryptable (fail closed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from collections.abc import Iterable
@@ -16,13 +19,15 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tdllm_attest.broker.protocol import b64url, from_b64url
-from tdllm_attest.policy import canonical_json
+from tdllm_attest.model_identity import valid_model_name, valid_model_version
 from tdllm_attest.simulated import MODE_PRODUCTION, MODE_SIMULATED
+from tdllm_attest.wire import b64url, canonical_json, from_b64url
 
 KEK_SIZE = 32
 GCM_NONCE_SIZE = 12
-KEYSTORE_VERSION = 1
+# 2: records carry model and version (in the AAD). Version 1 files are refused: their keys are
+# bound to no model, so nothing could tell the TD which model or version they unlock.
+KEYSTORE_VERSION = 2
 MODES = frozenset({MODE_PRODUCTION, MODE_SIMULATED})
 
 
@@ -32,18 +37,36 @@ class KeystoreError(Exception):
 
 @dataclass(frozen=True)
 class KeyRecord:
-    """One data key as stored: its name, policy, release modes and the wrapped bytes."""
+    """One data key as stored: its name, policy, release modes, the model and version it
+    unlocks, and the wrapped bytes."""
 
     key_id: str
     policy: str
     modes: frozenset[str]
+    model: str
+    version: int
     wrapped: bytes
 
     def aad(self) -> bytes:
         """What the wrap authenticates besides the key itself."""
         return canonical_json(
-            {"key_id": self.key_id, "policy": self.policy, "modes": sorted(self.modes)}
+            {
+                "key_id": self.key_id,
+                "policy": self.policy,
+                "modes": sorted(self.modes),
+                "model": self.model,
+                "version": self.version,
+            }
         )
+
+    def check(self) -> None:
+        """Raise `KeystoreError` if modes, model or version are not usable."""
+        if not self.modes or not self.modes <= MODES:
+            raise KeystoreError(f"key {self.key_id!r} has invalid modes {sorted(self.modes)}")
+        if not valid_model_name(self.model):
+            raise KeystoreError(f"key {self.key_id!r}: model must be 1..200 printable characters")
+        if not valid_model_version(self.version):
+            raise KeystoreError(f"key {self.key_id!r}: version must be an integer >= 1")
 
 
 def load_kek(path: Path) -> bytes:
@@ -78,16 +101,23 @@ class Keystore:
         except InvalidTag:
             raise KeystoreError(f"key {record.key_id!r} does not decrypt under the KEK") from None
 
-    def wrap(self, key_id: str, policy: str, modes: Iterable[str], data_key: bytes) -> KeyRecord:
-        """Wrap `data_key` into a new record and add it (used by admin tools and tests)."""
-        modes = frozenset(modes)
-        if not modes or not modes <= MODES:
-            raise KeystoreError(f"modes must be a non-empty subset of {sorted(MODES)}")
-        draft = KeyRecord(key_id, policy, modes, b"")
+    def wrap(
+        self,
+        key_id: str,
+        policy: str,
+        modes: Iterable[str],
+        data_key: bytes,
+        *,
+        model: str,
+        version: int,
+    ) -> KeyRecord:
+        """Wrap `data_key` (the key of `model` at `version`) into a new record and add it
+        (used by admin tools and tests)."""
+        draft = KeyRecord(key_id, policy, frozenset(modes), model, version, b"")
+        draft.check()
         nonce = secrets.token_bytes(GCM_NONCE_SIZE)
-        record = KeyRecord(
-            key_id, policy, modes, nonce + self._aead.encrypt(nonce, data_key, draft.aad())
-        )
+        wrapped = nonce + self._aead.encrypt(nonce, data_key, draft.aad())
+        record = dataclasses.replace(draft, wrapped=wrapped)
         self._records[key_id] = record
         return record
 
@@ -101,6 +131,8 @@ class Keystore:
                         "key_id": r.key_id,
                         "policy": r.policy,
                         "modes": sorted(r.modes),
+                        "model": r.model,
+                        "version": r.version,
                         "wrapped": b64url(r.wrapped),
                     }
                     for r in self._records.values()
@@ -114,6 +146,11 @@ class Keystore:
         """Parse a keystore file; every record is checked for shape, not yet decrypted."""
         try:
             doc = json.loads(text)
+            if doc["version"] == 1:
+                raise KeystoreError(
+                    "keystore version 1 binds its keys to no model and version: wrap each key "
+                    "again with its model and version (Keystore.wrap(..., model=, version=))"
+                )
             if doc["version"] != KEYSTORE_VERSION:
                 raise KeystoreError(f"keystore version {doc['version']!r} is not supported")
             records = [
@@ -121,6 +158,8 @@ class Keystore:
                     key_id=str(k["key_id"]),
                     policy=str(k["policy"]),
                     modes=frozenset(str(m) for m in k["modes"]),
+                    model=k["model"],
+                    version=k["version"],
                     wrapped=from_b64url(k["wrapped"]),
                 )
                 for k in doc["keys"]
@@ -128,8 +167,7 @@ class Keystore:
         except (ValueError, KeyError, TypeError) as exc:
             raise KeystoreError(f"keystore is malformed: {exc}") from None
         for r in records:
-            if not r.modes or not r.modes <= MODES:
-                raise KeystoreError(f"key {r.key_id!r} has invalid modes {sorted(r.modes)}")
+            r.check()
         return cls(records, kek)
 
     @classmethod

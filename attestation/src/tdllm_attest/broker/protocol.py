@@ -6,12 +6,10 @@ runtime_data = {protocol, session_id, nonce, key_id, tee_pubkey (public JWK)}.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from typing import Any
 
-from tdllm_attest.policy import canonical_json
+from tdllm_attest.wire import canonical_json
 
 PROTOCOL = "tdllm-kb/1"
 DOMAIN_TAG = PROTOCOL.encode() + b"\x00"
@@ -31,21 +29,6 @@ PATH_CHALLENGE = "/v1/challenge"
 PATH_ATTEST = "/v1/attest"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 ERROR_TYPE_PREFIX = "urn:tdllm:kb:error:"
-
-
-def b64url(data: bytes) -> str:
-    """Unpadded base64url (RFC 7515 section 2)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def from_b64url(text: str) -> bytes:
-    """Decode unpadded base64url; raises ValueError on anything else."""
-    if not isinstance(text, str) or "=" in text:
-        raise ValueError("not unpadded base64url text")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64url") from None
 
 
 def runtime_data(

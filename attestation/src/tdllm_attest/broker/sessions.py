@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from tdllm_attest.broker.problems import InvalidSession
-from tdllm_attest.broker.protocol import NONCE_SIZE, SESSION_ID_SIZE, b64url
+from tdllm_attest.broker.protocol import NONCE_SIZE, SESSION_ID_SIZE
+from tdllm_attest.wire import b64url
 
 
 @dataclass(frozen=True)

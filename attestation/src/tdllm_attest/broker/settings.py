@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Network, IPv6Network
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from tdllm_attest.broker.keystore import Keystore
 from tdllm_attest.collateral import CollateralSource
 from tdllm_attest.policy import Policy
@@ -29,6 +31,9 @@ class BrokerSettings:
     keystore: Keystore
     policies: Mapping[str, Policy]
     anchor: TrustAnchor
+    # signs every attest answer; its public half is pinned in the TD's measured image, so a
+    # "broker" the host runs itself cannot hand the TD a key (docs/attestation.md)
+    signing_key: Ed25519PrivateKey
     now: Callable[[], datetime] = system_clock
     # The broker's own collateral source (a PCCS client in production). Collateral that the
     # request carries comes from the host, which would pick the oldest still-valid one (hiding a

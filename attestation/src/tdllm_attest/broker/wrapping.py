@@ -1,4 +1,9 @@
-"""The data key on the wire: a compact JWE (ECDH-ES+A256KW, A256GCM) to the TD's ephemeral key."""
+"""The data key on the wire: a compact JWE (ECDH-ES+A256KW, A256GCM) to the TD's ephemeral key.
+
+The protected header (authenticated by the JWE's GCM tag) names the key id, the session, and the
+model and version the key unlocks (`tdllm_model`, `tdllm_version`), so the TD can hold the key
+to its sealed manifest.
+"""
 
 from __future__ import annotations
 
@@ -31,16 +36,29 @@ def tee_public_key(jwk_doc: object) -> Any:
     return key
 
 
-def encrypt_to_tee(data_key: bytes, tee_pubkey: Any, *, key_id: str, session_id: str) -> str:
-    """Compact JWE of `data_key` to `tee_pubkey`; kid and session_id are in the protected header."""
-    header = {"alg": JWE_ALG, "enc": JWE_ENC, "kid": key_id, "session_id": session_id}
+def encrypt_to_tee(
+    data_key: bytes, tee_pubkey: Any, *, key_id: str, session_id: str, model: str, version: int
+) -> str:
+    """Compact JWE of `data_key` to `tee_pubkey`; kid, session_id, model and version are in the
+    protected header."""
+    header = {
+        "alg": JWE_ALG,
+        "enc": JWE_ENC,
+        "kid": key_id,
+        "session_id": session_id,
+        "tdllm_model": model,
+        "tdllm_version": version,
+    }
     token = jwe.JWE(data_key, protected=json.dumps(header))
     token.add_recipient(tee_pubkey)
     return str(token.serialize(compact=True))
 
 
-def decrypt_from_broker(compact: str, private_key: Any, *, key_id: str, session_id: str) -> bytes:
-    """Decrypt with the ephemeral key; only our alg/enc, and kid/session_id must match."""
+def decrypt_from_broker(
+    compact: str, private_key: Any, *, key_id: str, session_id: str, model: str, version: int
+) -> bytes:
+    """Decrypt with the ephemeral key; only our alg/enc, and kid, session_id, model and version
+    must be the expected ones."""
     token = jwe.JWE(algs=[JWE_ALG, JWE_ENC])
     try:
         token.deserialize(compact, key=private_key)
@@ -51,4 +69,7 @@ def decrypt_from_broker(compact: str, private_key: Any, *, key_id: str, session_
         raise UnwrapError(f"JWE uses {header.get('alg')}/{header.get('enc')}, not ours")
     if header.get("kid") != key_id or header.get("session_id") != session_id:
         raise UnwrapError("JWE kid/session_id do not match the request")
+    found = (header.get("tdllm_model"), header.get("tdllm_version"))
+    if found != (model, version) or type(found[1]) is not int:
+        raise UnwrapError(f"JWE is for {found!r}, the signed answer says {(model, version)!r}")
     return bytes(token.payload)

@@ -3,17 +3,19 @@
 `create_app` resolves settings (unless given), builds metrics and the boot state, and starts
 the boot thread; it returns at once, so the worker answers /health while the model is attested
 and loaded. Tests pass `engine_runner` (an already running engine) to skip the boot entirely,
-or `boot_deps` to boot against a simulated TD and broker.
+`boot_deps` to boot against a simulated TD and broker, and `clock` to date receipts.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from flask import Flask
 
-from tdllm.api import attestation, e2e, health, metrics, openapi
+from tdllm.api import attestation, e2e, health, metrics, openapi, receipts
 from tdllm.api.auth import install_api_keys
 from tdllm.api.boot import Boot, BootDeps, BootState, collateral_for, quote_provider_for
 from tdllm.api.identity import ServiceIdentity
@@ -36,6 +38,8 @@ class Service:
     boot_deps: BootDeps
     started: int
     boot: Boot | None = None
+    # the one wall clock of request handling: receipt times, the TD's check of its own quote
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC), repr=False)
 
 
 def create_app(
@@ -43,6 +47,7 @@ def create_app(
     *,
     engine_runner: EngineRunner | None = None,
     boot_deps: BootDeps | None = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> Flask:
     settings = settings or load_settings()
     deps = boot_deps or BootDeps()
@@ -54,6 +59,8 @@ def create_app(
     state.quote_provider, state.simulated = quote_provider_for(settings, deps)
     state.collateral = collateral_for(settings, deps, state.quote_provider)
     service = Service(settings, service_metrics, state, ServiceIdentity(), deps, int(time.time()))
+    if clock is not None:
+        service.clock = clock
     app.extensions["tdllm"] = service
 
     def observe(endpoint: str, status: int, duration: float) -> None:
@@ -63,7 +70,8 @@ def create_app(
     install_request_logging(app, observe)
     install_api_keys(app, settings.api_keys)
     register_error_handlers(app)
-    for module in (health, metrics, openapi, attestation, models, completions, chat, e2e):
+    blueprints = (health, metrics, openapi, attestation, receipts, models, completions, chat, e2e)
+    for module in blueprints:
         app.register_blueprint(module.blueprint)
 
     if engine_runner is not None:

@@ -7,10 +7,12 @@ and the service (gunicorn, one gthread worker, on TDLLM_HOST:TDLLM_PORT, default
 127.0.0.1:8000). No simulated private key ever touches disk; only the PUBLIC root is written to
 ``.tdllm/UNSAFE-simulated-root.der`` for clients, with the simulated TD's reference values as a
 client policy signed by a key made in memory (``UNSAFE-simulated-td-policy.json`` and the PUBLIC
-``UNSAFE-dev-policy-key.pub.pem``). The service boots as in production: quote -> broker
-challenge/attest -> data key -> unseal in memory -> ready. The parent then verifies one
-attestation itself against that policy, prints how to call the service (the exact
-`tdllm chat --e2e` command line too), and on SIGINT/SIGTERM stops both children.
+``UNSAFE-dev-policy-key.pub.pem``). The broker's answer-signing key is made in memory too;
+the service pins its PUBLIC half (``dev-broker-answer-key.pub.pem``), as a measured image
+does. The service boots as in production: quote -> broker challenge/attest -> signed answer
+-> data key for exactly the sealed model and version -> unseal in memory -> ready. The parent
+then verifies one attestation itself against that policy, prints how to call the service (the
+exact `tdllm chat --e2e` command line too), and on SIGINT/SIGTERM stops both children.
 Needs TDLLM_ALLOW_SIMULATED_TDX=1 (the Makefile sets it), like every other simulated path.
 """
 
@@ -34,18 +36,25 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tdllm.api.appliance_state import POLICY_NAME, PRIVATE_K, ApplianceState, prepare_state
-from tdllm.api.attest_client import (
-    E2E_PROFILES,
+from tdllm.api.local_service import free_port
+from tdllm.errors import TdllmError, UsageError
+from tdllm.model.bundled import BUNDLED_NAME
+from tdllm.settings import ALLOW_SIMULATED_ENV, Settings, load_settings
+from tdllm_attest.broker.signing import public_pem
+from tdllm_attest.client.attest import (
     AttestedService,
     load_reference_policy,
     new_nonce,
     verify_attestation,
 )
-from tdllm.api.local_service import free_port
-from tdllm.errors import TdllmError, UsageError
-from tdllm.model.bundled import BUNDLED_NAME
-from tdllm.settings import ALLOW_SIMULATED_ENV, Settings, load_settings
-from tdllm_attest.policy import POLICY_SCHEMA, Policy, policy_from_document, sign_policy
+from tdllm_attest.client.e2e_protocol import E2E_PROFILES
+from tdllm_attest.policy import (
+    POLICY_SCHEMA,
+    ModelRule,
+    Policy,
+    policy_from_document,
+    sign_policy,
+)
 from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields, select_trust_anchor
 
 MR_TD = hashlib.sha384(b"tdllm UNSAFE simulated appliance").digest()
@@ -118,6 +127,11 @@ def e2e_command(url: str, state: ApplianceState, prompt: str) -> list[str]:
     ]
 
 
+# Profiles `make run` can serve; obfuscated is a lab profile (it shows prompts to the device
+# and its decoys cost more than split), reachable through `tdllm serve`.
+APPLIANCE_PROFILES = ("td-only", "masked", "split")
+
+
 def _exit_on_signals() -> None:
     def stop(_signum: int, _frame: Any) -> None:
         raise SystemExit(0)
@@ -126,7 +140,14 @@ def _exit_on_signals() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def _run_broker(state: ApplianceState, platform: SimulatedTdxPlatform, port: int) -> None:
+def _run_broker(
+    state: ApplianceState,
+    platform: SimulatedTdxPlatform,
+    port: int,
+    signing_key: Ed25519PrivateKey,
+) -> None:
+    import dataclasses
+
     from werkzeug.serving import make_server
 
     from tdllm_attest.broker.app import create_app as create_broker
@@ -138,10 +159,13 @@ def _run_broker(state: ApplianceState, platform: SimulatedTdxPlatform, port: int
         "simulated", simulated_root_der=platform.root_der, environ=SIMULATED_ENV
     )
     collateral = FetcherCollateralSource(lambda _quote: platform.collateral_json())
+    # the served model, from its current version on: older keys would be rollbacks
+    models = (ModelRule(state.model_name, state.model_version),)
     settings = BrokerSettings(  # the broker's own collateral: what the TD sends is ignored
         keystore=state.keystore,
-        policies={POLICY_NAME: appliance_policy(platform)},
+        policies={POLICY_NAME: dataclasses.replace(appliance_policy(platform), models=models)},
         anchor=anchor,
+        signing_key=signing_key,
         collateral=collateral,
     )
     server = make_server("127.0.0.1", port, create_broker(settings), threaded=True)
@@ -329,16 +353,24 @@ def _stop(children: list[BaseProcess]) -> None:
     type=click.Choice(["private", "bundled"]),
     default="private",
     show_default=True,
-    help="private: the finetune-tail model served with the split profile; bundled: the base, "
-    "td-only",
+    help="private: the finetune-tail model (sealed tail and head); bundled: the base model",
 )
-def appliance(state_dir: Path, ready_timeout: float, which: str) -> None:
+@click.option(
+    "--profile",
+    type=click.Choice(APPLIANCE_PROFILES),
+    default="td-only",
+    show_default=True,
+    help="protection profile of the private model: td-only and masked keep prompts inside the "
+    "TD (end-to-end chat works); split shows them to the untrusted device (E2E is refused)",
+)
+def appliance(state_dir: Path, ready_timeout: float, which: str, profile: str) -> None:
     """Run the full appliance on a SIMULATED TD: key broker + attested service, until Ctrl-C.
 
     On the first run trains the private model (`tdllm finetune-tail`, K=2) and seals it into
     --state-dir; starts the broker and the service (TDLLM_HOST/TDLLM_PORT, default
-    127.0.0.1:8000) with the split profile (TDLLM_DEVICE picks the untrusted device, default
-    cpu), verifies an attestation and prints how to call it. Needs TDLLM_ALLOW_SIMULATED_TDX=1.
+    127.0.0.1:8000) with --profile (default td-only; with split or masked TDLLM_DEVICE picks the
+    untrusted device, default cpu), verifies an attestation and prints how to call it, the
+    end-to-end chat command line included. Needs TDLLM_ALLOW_SIMULATED_TDX=1.
     For development only: nothing here is protected.
     """
     base = load_settings()
@@ -346,20 +378,27 @@ def appliance(state_dir: Path, ready_timeout: float, which: str) -> None:
         raise UsageError(f"the appliance runs a SIMULATED TD: set {ALLOW_SIMULATED_ENV}=1")
     state = prepare_state(state_dir, click.echo, which)
     private = which == "private"
+    if profile != "td-only" and not private:
+        raise UsageError("--profile applies to the private model (--model private)")
     protection: dict[str, Any] = (
-        {"profile": "split", "device": base.device, "k": PRIVATE_K}
-        if private
+        {"profile": profile, "device": base.device, "k": PRIVATE_K}
+        if profile != "td-only"
         else {"profile": "td-only"}
     )
     platform = SimulatedTdxPlatform(datetime.now(UTC))
     state.root_file.write_bytes(platform.root_der)
     write_client_policy(state, platform)
+    # the broker's answer-signing key: in memory only, new at every start; the service pins
+    # its public half, as a measured image does
+    broker_key = Ed25519PrivateKey.generate()
+    state.broker_key_file.write_bytes(public_pem(broker_key))
     broker_port = free_port()
     settings = load_settings(
         overrides={
             "model": str(state.sealed),
             "attestation": "simulated",
             "broker_url": f"http://127.0.0.1:{broker_port}",
+            "broker_public_key": str(state.broker_key_file),
             "key_id": state.key_id,
             "served_model_name": base.served_model_name
             or (PRIVATE_MODEL_NAME if private else BUNDLED_NAME),
@@ -371,7 +410,7 @@ def appliance(state_dir: Path, ready_timeout: float, which: str) -> None:
     )
     url = f"http://{settings.host}:{settings.port}"
     broker = _FORK.Process(
-        target=_run_broker, args=(state, platform, broker_port), name="key broker"
+        target=_run_broker, args=(state, platform, broker_port, broker_key), name="key broker"
     )
     service = _FORK.Process(target=_run_service, args=(settings, platform), name="service")
     children: list[BaseProcess] = [broker, service]

@@ -1,10 +1,11 @@
 """GET /v1/attestation?nonce=HEX: a fresh quote binding the client's nonce, the service keys and
 what the service claims (protection profile, model identity, reference-values id).
 
-A client sends a fresh random nonce, verifies the quote (`tdllm-verify`, or `attest_client`)
-against the signed reference values, recomputes REPORTDATA from its nonce and the returned keys
-and claims (`identity.report_data`), replays the runtime event log (when there is one) into
-RTMR3, and only then trusts the keys and the claims. In simulated mode the answer says
+A client sends a fresh random nonce, verifies the quote (`tdllm-verify`, or
+`tdllm_attest.client.attest`) against the signed reference values, recomputes REPORTDATA from
+its nonce and the returned keys and claims (`tdllm_attest.client.binding.report_data`), replays
+the runtime event log (when there is one) into RTMR3, and only then trusts the keys and the
+claims. In simulated mode the answer says
 ``"simulated": true`` and the quote proves nothing.
 """
 
@@ -19,11 +20,11 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from tdllm.api.identity import ATTEST_PROTOCOL, ServiceClaims, report_data
 from tdllm.api.openai.errors import ApiError, invalid
-from tdllm_attest.broker.protocol import b64url
+from tdllm_attest.client.binding import ATTEST_PROTOCOL, ServiceClaims, report_data
 from tdllm_attest.errors import AttestationError, EventLogError
 from tdllm_attest.eventlog import parse_runtime_log
+from tdllm_attest.wire import b64url
 
 log = logging.getLogger("tdllm.api.attestation")
 blueprint = Blueprint("attestation", __name__)
@@ -43,21 +44,28 @@ def attestation() -> ResponseReturnValue:
     nonce = request.args.get("nonce", "")
     if not _NONCE.fullmatch(nonce):
         raise invalid("nonce must be 16 to 64 bytes of hex", "nonce")
+    body, quote = attestation_document(service, nonce.lower(), service_claims(service))
+    body["collateral"] = served_collateral(service, quote)
+    return jsonify(body)
+
+
+def attestation_document(
+    service: Any, nonce: str, claims: ServiceClaims
+) -> tuple[dict[str, Any], bytes]:
+    """(the answer for `nonce` and `claims` with collateral still null, its raw quote); a 503
+    when there is no attestation or the quote (or the runtime log) cannot be had now."""
     provider = service.state.quote_provider
     if provider is None:
         raise _unavailable(
             "this service runs without attestation (attestation = 'none'): nothing to prove",
             "attestation_unavailable",
         )
-    nonce = nonce.lower()
     identity = service.identity
     public_jwk, signing_jwk = identity.public_jwk, identity.signing_jwk
-    claims = service_claims(service)
     data = report_data(nonce, public_jwk, signing_jwk, claims)
     log_path = service.settings.runtime_log
     quote, event_log = _quote_with_log(service, provider, data, log_path)
     service.metrics.attestations.labels("ok").inc()
-    collateral = _collateral(service, quote)
     body: dict[str, Any] = {
         "protocol": ATTEST_PROTOCOL,
         "nonce": nonce,
@@ -65,7 +73,7 @@ def attestation() -> ResponseReturnValue:
         "signing_public_key": signing_jwk,
         "report_data": data.hex(),
         "quote": b64url(quote),
-        "collateral": collateral,
+        "collateral": None,
         "event_log": event_log,
         "profile": claims.profile,
         "model": claims.model,
@@ -74,10 +82,10 @@ def attestation() -> ResponseReturnValue:
     }
     if service.state.simulated:
         body["warning"] = "SIMULATED TDX: this quote proves nothing about the service"
-    return jsonify(body)
+    return body, quote
 
 
-def _collateral(service: Any, quote: bytes) -> str | None:
+def served_collateral(service: Any, quote: bytes) -> str | None:
     """The collateral text for `quote`, or None when none is configured; an outage is a 503."""
     source = service.state.collateral
     if source is None:
@@ -94,7 +102,7 @@ def _collateral(service: Any, quote: bytes) -> str | None:
 
 
 def service_claims(service: Any) -> ServiceClaims:
-    """What this service says about itself, as REPORTDATA binds it (identity.py)."""
+    """What this service says about itself, as REPORTDATA binds it (client/binding.py)."""
     runner = service.state.runner
     model = None
     if runner is not None:  # the served model exists only once the engine runs

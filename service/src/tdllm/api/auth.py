@@ -1,7 +1,7 @@
 """Optional bearer API keys for everything under /v1/, and who may scrape /metrics.
 
-Health and readiness stay open for the supervisor and load balancer; /v1/attestation and
-/v1/e2e/* take no key in clear (E2E seals its key inside the envelope; the inner request is
+Health and readiness stay open for the supervisor and load balancer; /v1/attestation (and
+/v1/attestation/receipts) and /v1/e2e/* take no key in clear (E2E seals its key inside the envelope; the inner request is
 checked like any other). /metrics counts prompt tokens and times every request, so it needs an
 API key when keys are configured and otherwise answers only loopback peers. Keys are compared in
 constant time and never logged.
@@ -68,9 +68,11 @@ def require_scraper(keys: Sequence[str]) -> None:
         )
 
 
-# Paths under /v1/ that must not ask for a key in clear: the attestation is public by design
-# (a quote binding the service keys), and an end-to-end request carries its API key sealed inside
-# the envelope, where only the TD reads it (e2e.py authenticates it there, with the same check).
+# Path prefixes under /v1/ that must not ask for a key in clear: the attestations are public by
+# design (quotes binding the service keys; "/v1/attestation" covers the receipts one,
+# /v1/attestation/receipts, which third parties checking a receipt need), and an end-to-end
+# request carries its API key sealed inside the envelope, where only the TD reads it (e2e.py
+# authenticates it there, with the same check).
 _NO_CLEAR_KEY = ("/v1/attestation", "/v1/e2e/")
 
 

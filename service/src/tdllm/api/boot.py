@@ -2,11 +2,15 @@
 
 For a sealed model: a quote provider (configfs-tsm on a TD; the simulated one only when the
 settings say ``attestation = "simulated"`` AND TDLLM_ALLOW_SIMULATED_TDX=1, never as a fallback)
-feeds `KeyClient`'s challenge/attest exchange with the key broker; the released data key opens
-the sealed directory, whose tensors are decrypted straight into the model's memory. Nothing
-plaintext is ever written to disk. An unreachable broker (or a 429/5xx answer) is retried with
-doubling back-off up to ``boot_attempts``; a refusal is final. Until the engine runs, `/ready`
-answers 503 with `BootState.reason`. Dev sources (bundled, GGUF, directory) skip attestation.
+feeds `KeyClient`'s challenge/attest exchange with the key broker, whose answer must be signed
+by the broker key pinned in the image (`broker_public_key`); the released data key opens the
+sealed directory only if the broker released it for exactly the model and version the
+authenticated manifest names, and not below `min_model_version`; its tensors are decrypted
+straight into the model's memory. Nothing plaintext is ever written to disk. An unreachable
+broker (or a 429/5xx answer) is retried with doubling back-off up to ``boot_attempts``; a
+refusal, and an answer the pinned broker key did not sign, are final. Until the engine runs,
+`/ready` answers 503 with `BootState.reason`. Dev sources (bundled, GGUF, directory) skip
+attestation.
 """
 
 from __future__ import annotations
@@ -17,11 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tdllm.api.metrics import ServiceMetrics
 from tdllm.api.runner import EngineRunner
 from tdllm.settings import Settings
+
+if TYPE_CHECKING:  # imported lazily at run time: a plain model needs neither
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from tdllm.sealing.format import ModelVersion
+    from tdllm_attest.broker.client import ReleasedKey
 
 log = logging.getLogger("tdllm.api.boot")
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
@@ -169,36 +179,75 @@ class Boot:
                 return open_checkpoint(self.settings.model)
             except TdllmError as exc:
                 raise BootFailed(exc.diagnostics()) from None
+        from tdllm.sealing.errors import SealedModelMismatch
         from tdllm.sealing.keys import wipe
         from tdllm.sealing.reader import open_sealed
 
-        key = self._fetch_key()
+        release = self._fetch_key()
         self.state.set("unsealing", "opening the sealed model")
         path = Path(self.settings.model)
         try:
+            expect = self._expected_model(release)
             before = _sealed_identity(path)
-            checkpoint = open_sealed(path, data_key=key, model_id=self.settings.model_id)
+            checkpoint = open_sealed(
+                path, data_key=release.key, model_id=self.settings.model_id, expect=expect
+            )
+        except SealedModelMismatch as exc:  # a rollback or a swapped model: fail closed
+            raise BootFailed(f"refusing the released key: {exc.diagnostics()}") from None
         except TdllmError as exc:
             raise BootFailed(f"cannot open the sealed model: {exc.diagnostics()}") from None
         finally:
-            wipe(key)
+            wipe(release.key)
         # the manifest the MAC check saw is the one read before and after (the host owns the disk)
         if before is None or _sealed_identity(path) != before:
             raise BootFailed("the sealed model changed while it was opened")
         self.state.sealed_model = before
         return checkpoint
 
-    def _fetch_key(self) -> bytearray:
+    def _expected_model(self, release: ReleasedKey) -> ModelVersion:
+        """The model and version the key is for, unless this image refuses that version."""
+        from tdllm.sealing.format import ModelVersion
+
+        minimum = self.settings.min_model_version
+        if release.version < minimum:
+            raise BootFailed(
+                f"refusing the released key: it is for model {release.model!r} version "
+                f"{release.version}, below this image's min_model_version {minimum} (a rollback)"
+            )
+        try:
+            return ModelVersion(release.model, release.version)
+        except ValueError:
+            raise BootFailed(
+                "refusing the released key: its model name or version is invalid"
+            ) from None
+
+    def _broker_key(self) -> Ed25519PublicKey:
+        """The broker's Ed25519 public key pinned in the image (`broker_public_key`)."""
+        from tdllm_attest.broker.signing import load_broker_public_key
+
+        path = Path(self.settings.broker_public_key or "")
+        try:
+            return load_broker_public_key(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise BootFailed(f"cannot load the pinned broker public key {path}: {exc}") from None
+
+    def _fetch_key(self) -> ReleasedKey:
+        """The data key and the model/version the (authenticated) broker released it for."""
         import requests
 
-        from tdllm_attest.broker.client import KeyClient, KeyReleaseError, RequestsTransport
+        from tdllm_attest.broker.client import (
+            BrokerAuthenticationError,
+            KeyClient,
+            KeyReleaseError,
+            RequestsTransport,
+        )
         from tdllm_attest.errors import AttestationError
 
         url, key_id = self.settings.broker_url or "", self.settings.key_id or ""
         provider = self.state.quote_provider
         transport = self.deps.transport or RequestsTransport(url, timeout_s=30)
         # no collateral in the request: the broker verifies against collateral it fetched itself
-        client = KeyClient(transport=transport, provider=provider)
+        client = KeyClient(transport=transport, provider=provider, broker_key=self._broker_key())
         sleep = self.deps.sleep or self.state._stopped.wait
         attempts, delay = self.settings.boot_attempts, self.settings.boot_backoff_s
         metric = self.state.metrics.key_release_attempts
@@ -207,9 +256,12 @@ class Boot:
                 "attesting", f"attesting to the key broker (attempt {attempt}/{attempts})"
             )
             try:
-                key = client.fetch_key(key_id)
+                release = client.fetch_release(key_id)
                 metric.labels("released").inc()
-                return key
+                return release
+            except BrokerAuthenticationError as exc:  # an impostor: never retried, never used
+                metric.labels("unauthenticated").inc()
+                raise BootFailed(f"refusing the key broker's answer: {exc}") from None
             except requests.RequestException as exc:
                 why = f"key broker unreachable ({type(exc).__name__})"
                 metric.labels("unreachable").inc()

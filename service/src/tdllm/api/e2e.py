@@ -1,12 +1,13 @@
 """POST /v1/e2e/chat/completions: the encrypted twin of /v1/chat/completions (tdllm-e2e/3).
 
 The envelope is decrypted here, in the TD, with the attested service key (wire format:
-`tdllm.api.e2e_protocol`, docs/api.md). An envelope whose HPKE encapsulation this boot's key has
-already opened is refused (409 ``e2e_replay``): HPKE base mode has no replay protection of its
-own. The sealed request is then dispatched in-process to the ordinary chat handler (same
-validation, limits, auth and metrics) with the sealed API key as its only credential; the outer
-request's headers are never copied, so a key need not cross the host in clear. The answer, errors
-included, is sealed back under a fresh salted key and signed with the attested signing key.
+`tdllm_attest.client.e2e_protocol`, shared with clients; docs/api.md). An envelope whose HPKE
+encapsulation this boot's key has already opened is refused (409 ``e2e_replay``): HPKE base mode
+has no replay protection of its own. The sealed request is then dispatched in-process to the
+ordinary chat handler (same validation, limits, auth and metrics) with the sealed API key as its
+only credential; the outer request's headers are never copied, so a key need not cross the host
+in clear. The answer, errors included, is sealed back under a fresh salted key and signed with
+the attested signing key.
 
 With ``stream: true`` the chunks of the plain stream are buffered and one padded record leaves per
 tick of ``e2e_record_interval_ms``, so the host learns token counts and timing only per tick.
@@ -33,7 +34,10 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 
-from tdllm.api.e2e_protocol import (
+from tdllm.api.openai import sse
+from tdllm.api.openai.errors import ApiError, invalid
+from tdllm_attest.client.e2e_protocol import (
+    E2E_PROFILES,
     E2eDecryptError,
     ExchangeKeys,
     SealedRequest,
@@ -42,14 +46,10 @@ from tdllm.api.e2e_protocol import (
     parse_request,
     seal_response,
 )
-from tdllm.api.openai import sse
-from tdllm.api.openai.errors import ApiError, invalid
+from tdllm_attest.wire import canonical_json
 
 log = logging.getLogger("tdllm.api")
 blueprint = Blueprint("e2e", __name__)
-# td-only keeps everything in the TD and masked shows the device only one-time-padded values;
-# split and obfuscated show it prompt-derived activations by design (docs/security.md)
-E2E_PROFILES = ("td-only", "masked")
 REPLAY_CACHE_SIZE = 100_000  # encapsulations remembered per boot (~15 MB), oldest evicted first
 _REPLAY_CACHE = "tdllm.e2e.replay_cache"
 _DATA = "data: "
@@ -113,7 +113,11 @@ def e2e_chat_completion() -> ResponseReturnValue:
         sealed = parse_request(plaintext)
     except ValueError as exc:
         return _sealed_whole(keys, signer, streamed, 400, invalid(str(exc)).body())
-    inner = _dispatch(sealed)
+    try:
+        inner = _dispatch(sealed)
+    except ValueError:  # NaN or an infinity: no canonical bytes, and no OpenAI field takes one
+        message = "the sealed request is not canonical JSON (NaN or an infinity)"
+        return _sealed_whole(keys, signer, streamed, 400, invalid(message).body())
     if inner.status_code == 401:  # only authenticated requests keep a place in the cache
         _replays().forget(keys.enc_sha256)
     if inner.mimetype != sse.MIMETYPE:  # a whole answer, or an error before any token
@@ -169,13 +173,21 @@ def _dispatch(sealed: SealedRequest) -> Response:
     """Run the plain chat handler on the sealed request inside this process, authenticated by
     the sealed API key through the app's own key check (never the outer request's headers).
 
+    Its body is canonical_json(request): bytes the client can recompute, so the receipt's
+    request digest inside the sealed answer is checkable (ValueError on NaN or infinities).
+
     A streamed answer's body still runs under this inner request context: the chat handler
     wraps it in `stream_with_context`, which re-enters that context while it is iterated.
     """
     app = current_app._get_current_object()  # type: ignore[attr-defined]  # the real app
     headers = {} if sealed.api_key is None else {"Authorization": f"Bearer {sealed.api_key}"}
+    body = canonical_json(sealed.request)
     with app.test_request_context(
-        "/v1/chat/completions", method="POST", json=sealed.request, headers=headers
+        "/v1/chat/completions",
+        method="POST",
+        data=body,
+        content_type="application/json",
+        headers=headers,
     ):
         response: Response = app.full_dispatch_request()
         return response

@@ -41,6 +41,20 @@ from tdllm.errors import TdllmError, UsageError
 )
 @click.option("--key-id", default=None, help="key label for the broker [default: model/<id>]")
 @click.option(
+    "--model-name",
+    default=None,
+    help="the owner's model name in the authenticated manifest; the broker's key record must "
+    "name the same [default: the source's name]",
+)
+@click.option(
+    "--model-version",
+    type=click.IntRange(1, 2**53 - 1),
+    default=1,
+    show_default=True,
+    help="monotonic version of this model: seal every new version with a higher number, so "
+    "the broker policy and the image can refuse the older ones",
+)
+@click.option(
     "--dtype",
     type=click.Choice(["bf16", "fp32"]),
     default=None,
@@ -53,6 +67,8 @@ def seal(
     seal_patterns: tuple[str, ...],
     public_patterns: tuple[str, ...],
     key_id: str | None,
+    model_name: str | None,
+    model_version: int,
     dtype: str | None,
 ) -> None:
     """Encrypt SOURCE ('bundled', a .gguf file or a model directory) into a sealed directory.
@@ -78,6 +94,8 @@ def seal(
             out,
             keys,
             key_id=key_id,
+            model_name=model_name,
+            model_version=model_version,
             dtype=parse_dtype(dtype) if dtype else None,
             seal_patterns=seal_patterns,
             public_patterns=public_patterns,
@@ -85,7 +103,8 @@ def seal(
     except OSError as exc:  # disk full, permissions: the partial output is already removed
         raise TdllmError(f"cannot write {out}: {exc.strerror or exc}") from None
     click.echo(
-        f"sealed {checkpoint.name} -> {out}: model id {report.model_id}, key id {report.key_id}, "
+        f"sealed {checkpoint.name} -> {out}: model {report.model!r} version {report.version}, "
+        f"model id {report.model_id}, key id {report.key_id}, "
         f"{report.sealed_tensors} sealed + {report.public_tensors} public tensors, "
         f"{report.stored_bytes / 1e6:.1f} MB, {report.recipients} recipient(s)"
     )

@@ -8,7 +8,6 @@ and chunk details stay inside the sealing package; callers see `seal_checkpoint`
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,9 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from tdllm_attest.model_identity import valid_model_name, valid_model_version
+from tdllm_attest.wire import canonical_json as canonical_json  # MAC/AAD bytes: fmt.canonical_json
 
 FORMAT = "tdllm-sealed/1"
 MANIFEST_NAME = "sealed-model.json"
@@ -28,6 +30,7 @@ CHUNK_OVERHEAD = NONCE_BYTES + TAG_BYTES
 DEFAULT_CHUNK_SIZE = 1 << 20  # plaintext bytes per chunk
 DEFAULT_MAX_FILE_SIZE = 4 << 30  # a new data file starts before a tensor that would cross this
 MAX_MANIFEST_BYTES = 256 << 20  # refuse to parse anything bigger (a tokenizer.json is a few MB)
+DEFAULT_MODEL_VERSION = 1
 
 SEALED = "sealed"
 PUBLIC = "public"
@@ -39,13 +42,6 @@ DTYPES: dict[str, torch.dtype] = {
     "F16": torch.float16,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
-
-def canonical_json(value: Any) -> bytes:
-    """The one byte form that is MACed or used as AAD: sorted keys, no spaces, UTF-8."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
 
 
 def derive_key(data_key: bytes | bytearray, model_id: str, purpose: str) -> bytearray:
@@ -83,6 +79,32 @@ def chunk_aad(
             "tensor": name,
         }
     )
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """The owner's model name and monotonic version, as a sealed manifest states them (under
+    its MAC) and as the key broker releases a key for them (tdllm_attest.model_identity)."""
+
+    model: str
+    version: int
+
+    def __post_init__(self) -> None:
+        if not valid_model_name(self.model) or not valid_model_version(self.version):
+            raise ValueError("a model name is 1..200 printable characters, a version 1..2**53-1")
+
+    def __str__(self) -> str:
+        return f"model {self.model!r} version {self.version}"
+
+
+def manifest_model_version(manifest: dict[str, Any]) -> ModelVersion | None:
+    """The model and version of a manifest; None for one sealed before manifests had them.
+
+    Read it from an authenticated manifest only (after the MAC check).
+    """
+    if "model" not in manifest and "version" not in manifest:
+        return None
+    return ModelVersion(manifest["model"], manifest["version"])
 
 
 def chunk_count(nbytes: int, chunk_size: int) -> int:

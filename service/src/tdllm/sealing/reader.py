@@ -33,7 +33,7 @@ from tdllm.model.checkpoint import Checkpoint, Destination
 from tdllm.model.config import ModelConfig
 from tdllm.model.tokenizer import Tokenizer
 from tdllm.sealing import format as fmt
-from tdllm.sealing.errors import SealedModelError
+from tdllm.sealing.errors import SealedModelError, SealedModelMismatch
 from tdllm.sealing.keys import wipe
 from tdllm.sealing.recipients import load_private_key, unwrap_data_key
 
@@ -56,21 +56,24 @@ def open_sealed(
     *,
     data_key: bytes | bytearray | None = None,
     model_id: str | None = None,
+    expect: fmt.ModelVersion | None = None,
     threads: int = DEFAULT_THREADS,
 ) -> Checkpoint:
     """Open the sealed model in `path` with a recipient private key file or the raw data key.
 
     `model_id`, when given, pins the model: a directory holding any other model (even one
-    correctly sealed to the same recipient) is refused. Config and tokenizer come from the
-    authenticated manifest; the returned checkpoint's `tensors()` can be streamed once (the key
-    is wiped when that stream ends); open the directory again to reload. `threads` decrypt the
-    chunks of large tensors in parallel (default: up to 4, one per core).
+    correctly sealed to the same recipient) is refused. `expect` is the model and version the
+    key was released for: an authentic manifest that names another one (an older version put
+    back on the disk, say) raises `SealedModelMismatch`, which says what differs. Config and
+    tokenizer come from the authenticated manifest; the returned checkpoint's `tensors()` can be
+    streamed once (the key is wiped when that stream ends); open the directory again to reload.
+    `threads` decrypt the chunks of large tensors in parallel (default: up to 4, one per core).
     """
     if (key_file is None) == (data_key is None):
         raise UsageError(f"{path} is a sealed model: give exactly one key to open it (--key)")
     private_key = load_private_key(key_file) if key_file is not None else None
     try:
-        return _open(path, private_key, data_key, model_id, max(1, threads))
+        return _open(path, private_key, data_key, model_id, expect, max(1, threads))
     except SealedModelError:
         raise
     except Exception:  # every cause collapses into one opaque error, on purpose
@@ -82,6 +85,7 @@ def _open(
     private_key: Any,
     data_key: bytes | bytearray | None,
     model_id: str | None,
+    expect: fmt.ModelVersion | None,
     threads: int,
 ) -> Checkpoint:
     raw = _read_limited(path / fmt.MANIFEST_NAME)
@@ -108,6 +112,7 @@ def _open(
         # -- from here on the manifest is authentic --------------------------------------------
         if model_id is not None and found_id != model_id:
             raise ValueError("another model")
+        _check_model_version(path, manifest, expect)
         source = _SealedTensors.from_manifest(path, manifest, chunk_key, threads)
         config = ModelConfig.from_hf(manifest["config"])
         tokenizer = _tokenizer(manifest["tokenizer"])
@@ -117,6 +122,16 @@ def _open(
     finally:
         wipe(mac_key)
     return Checkpoint(str(manifest["name"]), path, config, tokenizer, source.stream, source.stream)
+
+
+def _check_model_version(
+    path: Path, manifest: dict[str, Any], expect: fmt.ModelVersion | None
+) -> None:
+    """Only on an authenticated manifest: is it the model and version the key is for?"""
+    found = fmt.manifest_model_version(manifest)  # a malformed pair raises: opaque, as any edit
+    if expect is not None and found != expect:
+        what = str(found) if found else "unversioned (sealed before model versions)"
+        raise SealedModelMismatch(path, what, str(expect))
 
 
 def _read_limited(path: Path) -> bytes:

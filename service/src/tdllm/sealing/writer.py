@@ -38,6 +38,8 @@ class SealReport:
     model_id: str
     key_id: str
     recipients: int
+    model: str = ""
+    version: int = fmt.DEFAULT_MODEL_VERSION
     sealed_tensors: int = 0
     public_tensors: int = 0
     plaintext_bytes: int = 0
@@ -52,6 +54,8 @@ def seal_checkpoint(
     *,
     data_key: bytes | bytearray | None = None,
     key_id: str | None = None,
+    model_name: str | None = None,
+    model_version: int = fmt.DEFAULT_MODEL_VERSION,
     dtype: torch.dtype | None = None,
     seal_patterns: Sequence[str] = (),
     public_patterns: Sequence[str] = (),
@@ -64,6 +68,9 @@ def seal_checkpoint(
     the caller must pass `data_key` and keep it (a key broker does); otherwise nobody could ever
     open the result. A tensor is stored public (in the clear, hash-bound by the manifest) only
     when it matches a public pattern and no seal pattern; everything else is sealed.
+    `model_name` (default: the checkpoint's name) and `model_version` name the owner's model in
+    the authenticated manifest: the TD takes a key only for exactly that model and version, so
+    seal every new version with a higher number (older ones are then refusable rollbacks).
     """
     if not recipients and data_key is None:
         raise UsageError("no recipient: give at least one --recipient public key")
@@ -73,12 +80,20 @@ def seal_checkpoint(
         raise UsageError("chunk size must be positive")
     if dtype is not None and dtype not in fmt.DTYPE_NAMES:
         raise UsageError(f"cannot store tensors as {dtype}")
+    identity = _model_version(checkpoint.name if model_name is None else model_name, model_version)
     _prepare_directory(out)
     model_id = os.urandom(16).hex()
     key = bytearray(data_key) if data_key is not None else bytearray(os.urandom(32))
     chunk_key = fmt.derive_key(key, model_id, fmt.CHUNK_KEY)
     mac_key = fmt.derive_key(key, model_id, fmt.MAC_KEY)
-    report = SealReport(out, model_id, key_id or f"model/{model_id}", len(recipients))
+    report = SealReport(
+        out,
+        model_id,
+        key_id or f"model/{model_id}",
+        len(recipients),
+        identity.model,
+        identity.version,
+    )
     try:
         entries = _write_tensors(
             checkpoint,
@@ -92,6 +107,8 @@ def seal_checkpoint(
             "model_id": model_id,
             "key_id": report.key_id,
             "name": checkpoint.name,
+            "model": identity.model,
+            "version": identity.version,
             "cipher": fmt.CIPHER,
             "chunk_size": chunk_size,
             "config": checkpoint.config.to_hf(),
@@ -130,6 +147,17 @@ class _Plan:
             return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
         return matches(self.public_patterns) and not matches(self.seal_patterns)
+
+
+def _model_version(name: str, version: int) -> fmt.ModelVersion:
+    try:
+        return fmt.ModelVersion(name, version)
+    except ValueError:
+        raise UsageError(
+            f"model name {name[:40]!r} / version {version!r}: the name must be 1..200 printable "
+            "characters and the version an integer from 1 to 2**53-1 (--model-name, "
+            "--model-version)"
+        ) from None
 
 
 def _prepare_directory(out: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, request
 from flask.typing import ResponseReturnValue
 
 from tdllm.api.openai import generation
@@ -17,13 +17,14 @@ CHUNK_OBJECT = "chat.completion.chunk"
 
 @blueprint.post("/v1/chat/completions")
 def create_chat_completion() -> ResponseReturnValue:
-    parsed = parse_chat(decode_body(request.get_data(cache=False)))
+    body = request.get_data(cache=False)
+    parsed = parse_chat(decode_body(body))
     runner = generation.running_engine()
     generation.check_model(runner, parsed.sampling)
     tokenizer = runner.engine.tokenizer
     prompt = tokenizer.encode(tokenizer.apply_chat_template(parsed.messages))
     default_max = current_app.extensions["tdllm"].settings.default_max_tokens
-    gen = generation.start(runner, prompt, parsed.sampling, default_max, "chatcmpl")
+    gen = generation.start(runner, prompt, parsed.sampling, default_max, "chatcmpl", body)
 
     def head(kind: str) -> dict[str, Any]:
         return {"id": gen.id, "object": kind, "created": gen.created, "model": gen.model}
@@ -40,4 +41,4 @@ def create_chat_completion() -> ResponseReturnValue:
     text, finish = generation.complete(gen)
     message = {"role": "assistant", "content": text}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-    return jsonify(head(OBJECT) | {"choices": [choice], "usage": gen.usage.body()})
+    return generation.answer(gen, head(OBJECT) | {"choices": [choice], "usage": gen.usage.body()})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
 from tdllm.api.openai import generation
@@ -18,7 +18,8 @@ DEFAULT_MAX_TOKENS = 16  # the OpenAI API's documented default for this endpoint
 
 @blueprint.post("/v1/completions")
 def create_completion() -> ResponseReturnValue:
-    parsed = parse_completion(decode_body(request.get_data(cache=False)))
+    body = request.get_data(cache=False)
+    parsed = parse_completion(decode_body(body))
     runner = generation.running_engine()
     generation.check_model(runner, parsed.sampling)
     prompt = (
@@ -28,7 +29,7 @@ def create_completion() -> ResponseReturnValue:
     )
     if not prompt:
         raise invalid("the prompt encodes to no tokens", "prompt")
-    gen = generation.start(runner, prompt, parsed.sampling, DEFAULT_MAX_TOKENS, "cmpl")
+    gen = generation.start(runner, prompt, parsed.sampling, DEFAULT_MAX_TOKENS, "cmpl", body)
 
     def choice(text: str | None, finish: str | None) -> dict[str, Any]:
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -39,4 +40,6 @@ def create_completion() -> ResponseReturnValue:
     if parsed.sampling.stream:
         return generation.stream(gen, lambda t, f: head() | {"choices": [choice(t, f)]})
     text, finish = generation.complete(gen)
-    return jsonify(head() | {"choices": [choice(text, finish)], "usage": gen.usage.body()})
+    return generation.answer(
+        gen, head() | {"choices": [choice(text, finish)], "usage": gen.usage.body()}
+    )

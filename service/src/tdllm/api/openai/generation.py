@@ -2,8 +2,9 @@
 
 Both endpoints reduce to (prompt token ids, sampling params) plus a way to shape one chunk or one
 final body; this module runs that through the `EngineRunner` either to completion or as an SSE
-stream, counting usage and time-to-first-token. A client that disconnects mid-stream closes the
-generator, which cancels its sequence in the engine at once.
+stream, counting usage and time-to-first-token, and signs the answer's receipt (`receipts`): a
+whole body's ``tdllm_receipt`` field, or the last event of a stream. A client that disconnects
+mid-stream closes the generator, which cancels its sequence in the engine at once.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Response, current_app, g, stream_with_context
+from flask import Response, current_app, g, jsonify, request, stream_with_context
 
 from tdllm.api.openai import sse
 from tdllm.api.openai.errors import ApiError, from_exception, invalid, not_ready, queue_full
 from tdllm.api.openai.protocol import Sampling
+from tdllm.api.receipts import PendingReceipt, pending_receipt
 from tdllm.api.runner import EngineRunner, Overloaded, RequestHandle, RunnerStopped
 from tdllm.engine import SamplingParams
+from tdllm_attest.client.receipt_protocol import RECEIPT_FIELD, StreamDigest, body_sha256
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Generation:
     handle: RequestHandle
     usage: Usage
     started: float
+    receipt: PendingReceipt | None  # None: the service runs without attestation
 
 
 def running_engine() -> EngineRunner:
@@ -70,9 +74,15 @@ def check_model(runner: EngineRunner, sampling: Sampling) -> None:
 
 
 def start(
-    runner: EngineRunner, prompt: list[int], sampling: Sampling, default_max: int, prefix: str
+    runner: EngineRunner,
+    prompt: list[int],
+    sampling: Sampling,
+    default_max: int,
+    prefix: str,
+    request_body: bytes,
 ) -> Generation:
-    """Check limits, build sampling params and queue the request (429 when full)."""
+    """Check limits, build sampling params, ready the receipt of `request_body` (the exact bytes
+    received) and queue the request (429 when full)."""
     service = current_app.extensions["tdllm"]
     settings = service.settings
     if len(prompt) > settings.max_prompt_tokens:
@@ -107,6 +117,7 @@ def start(
         seed=sampling.seed,
         stop=sampling.stop,
     )
+    receipt = pending_receipt(request.path, request_body, params, sampling.stream)
     try:
         handle = runner.submit(prompt, params)
     except Overloaded:
@@ -123,6 +134,7 @@ def start(
         handle,
         Usage(len(prompt)),
         g.started,
+        receipt,
     )
 
 
@@ -153,23 +165,40 @@ def complete(gen: Generation) -> tuple[str, str]:
     return "".join(parts), reason
 
 
+def answer(gen: Generation, body: dict[str, Any]) -> Response:
+    """The whole answer, with its receipt over `body` as a last, top-level field."""
+    if gen.receipt is not None:
+        body = body | {RECEIPT_FIELD: gen.receipt.sign(body_sha256(body))}
+    return jsonify(body)
+
+
 def stream(
     gen: Generation,
     chunk: Callable[[str | None, str | None], dict[str, Any]],
     first: dict[str, Any] | None = None,
 ) -> Response:
-    """An SSE response: `chunk(text, finish_reason)` shapes each event's payload."""
+    """An SSE response: `chunk(text, finish_reason)` shapes each event's payload. The last event
+    before ``[DONE]`` (the usage chunk, else the one with the finish reason) carries the receipt
+    over every payload of the stream."""
     fields = g.log_fields
+    digest = StreamDigest()
+
+    def event(payload: dict[str, Any], last: bool = False) -> str:
+        digest.add(payload)
+        if last and gen.receipt is not None:
+            payload = payload | {RECEIPT_FIELD: gen.receipt.sign(digest.hexdigest())}
+        return sse.event(payload)
 
     def events() -> Iterator[str]:
         include_usage = gen.sampling.include_usage
+        usage = {"usage": None} if include_usage else {}
         if first is not None:
-            yield sse.event(first | ({"usage": None} if include_usage else {}))
+            yield event(first | usage)
         try:
             for text, finish in _outputs(gen):
                 if text or finish:
-                    payload = chunk(text, finish)
-                    yield sse.event(payload | ({"usage": None} if include_usage else {}))
+                    last = bool(finish) and not include_usage
+                    yield event(chunk(text, finish) | usage, last)
                 if finish:
                     fields.update(
                         completion_tokens=gen.usage.completion_tokens, finish_reason=finish
@@ -178,16 +207,15 @@ def stream(
             yield sse.event(from_exception(_as_api_error(exc)).body())
             return
         if include_usage:
-            yield sse.event(
-                {
-                    "id": gen.id,
-                    "object": chunk(None, None)["object"],
-                    "created": gen.created,
-                    "model": gen.model,
-                    "choices": [],
-                    "usage": gen.usage.body(),
-                }
-            )
+            tail = {
+                "id": gen.id,
+                "object": chunk(None, None)["object"],
+                "created": gen.created,
+                "model": gen.model,
+                "choices": [],
+                "usage": gen.usage.body(),
+            }
+            yield event(tail, last=True)
         yield sse.DONE
 
     # keeps the request context (and `g`) alive while the body streams

@@ -13,7 +13,7 @@ the TD the same S again; every answer therefore draws a fresh 32-byte salt, sent
 first thing the answer sends, and is sealed under ``HKDF-SHA256(IKM=S, salt, info)`` with info
 ``tdllm-e2e/3 response`` (a whole answer) or ``tdllm-e2e/3 stream`` (stream records). Two answers
 to one request never share a key, so neither a two-time pad nor a record spliced from one answer
-into the other is possible. (The service also refuses replays outright: `tdllm.api.e2e`.)
+into the other is possible. (The service also refuses replays outright: 409 ``e2e_replay``.)
 
 A whole answer is one ChaCha20-Poly1305 ciphertext. A stream is a sequence of records, each
 sealed with its sequence number as the nonce and in the AAD (with a final flag), so records
@@ -43,8 +43,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pyhpke import AEADId, CipherSuite, KDFId, KEMId
 from pyhpke.context_interface import ContextInterface
 
-from tdllm.api.identity import canonical_json
-from tdllm_attest.broker.protocol import b64url, from_b64url
+from tdllm_attest.errors import AttestationError
+from tdllm_attest.wire import b64url, canonical_json, from_b64url
 
 PROTOCOL = "tdllm-e2e/3"
 INFO = PROTOCOL.encode()
@@ -57,9 +57,13 @@ SIGNATURE_TAG = b"tdllm-e2e/3 signature\x00"
 SALT_BYTES = 32
 MIN_BUCKET = 1024  # plaintexts are padded to max(MIN_BUCKET, the next power of two)
 SUITE = CipherSuite.new(KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, AEADId.CHACHA20_POLY1305)
+# The profiles under which the mode exists: td-only keeps everything in the TD and masked shows
+# the untrusted device only one-time-padded values; split and obfuscated show it prompt-derived
+# activations by design (docs/security.md, A8), so there end-to-end encryption would be a lie.
+E2E_PROFILES = ("td-only", "masked")
 
 
-class E2eDecryptError(Exception):
+class E2eDecryptError(AttestationError):
     """A ciphertext, signature or envelope did not authenticate; the message names no content."""
 
 

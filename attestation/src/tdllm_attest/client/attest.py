@@ -1,15 +1,17 @@
 """Client side of /v1/attestation: verify a service's quote, its identity and its claims.
 
 A client trusts the service keys only after (1) the quote verifies against the trust anchor
-with the collateral from the response, (2) the TCB status is acceptable to the reference-values
-policy, (3) the TD is the one the policy names: MRTD/RTMR0-2 one of its allowed tuples, TD
-attributes, XFAM and owner fields as listed, RTMR3 as it says (the runtime event log, when the
-answer carries one, must replay to the quote's RTMR3 first), (4) REPORTDATA equals the binding
-of *its own* fresh nonce, the returned keys and the returned claims (protection profile, model
-identity, reference-values id; `identity.report_data`). Without a policy it refuses: a genuine
-quote only says "some TD", and a host can boot its own, prompt-logging image on genuine TDX
-hardware. Only an explicit `insecure_any_td=True` skips (3), never the baseline TD checks
-(DEBUG off etc.), and the result says so.
+with collateral: its own when it has a source (a PCCS, a file; the answer's collateral comes
+through the host, which may serve a stale copy that hides a TCB recovery), else the answer's,
+(2) the TCB status is acceptable to the reference-values policy, (3) the TD is the one the
+policy names: MRTD/RTMR0-2 one of its allowed tuples, TD attributes, XFAM and owner fields as
+listed, RTMR3 as it says (the runtime event log, when the answer carries one, must replay to
+the quote's RTMR3 first), (4) REPORTDATA equals the binding of *its own* fresh nonce, the
+returned keys and the returned claims (protection profile, model identity, reference-values id;
+`binding.report_data`). Without a policy it refuses: a genuine quote only says "some TD", and a
+host can boot its own, prompt-logging image on genuine TDX hardware. Only an explicit
+`insecure_any_td=True` skips (3), never the baseline TD checks (DEBUG off etc.), and the result
+says so.
 The anchor is Intel's root unless the caller passes the simulated test root, which goes
 through `tdllm_attest.simulated.select_trust_anchor` (mode "simulated" AND
 TDLLM_ALLOW_SIMULATED_TDX=1); a simulated result is flagged, never silently trusted.
@@ -25,11 +27,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tdllm.api.identity import ATTEST_PROTOCOL, ServiceClaims, okp_jwk, report_data
-from tdllm.errors import TdllmError
-from tdllm_attest.broker.protocol import from_b64url
-from tdllm_attest.collateral import collateral_from_json
-from tdllm_attest.errors import AttestationError
+from tdllm_attest.client.binding import ATTEST_PROTOCOL, ServiceClaims, okp_jwk, report_data
+from tdllm_attest.client.e2e_protocol import E2E_PROFILES
+from tdllm_attest.client.errors import AttestationRefused
+from tdllm_attest.collateral import Collateral, CollateralSource, collateral_from_json
+from tdllm_attest.errors import AttestationError, BindingError
 from tdllm_attest.eventlog import Event, parse_runtime_log, replay
 from tdllm_attest.policy import (
     Policy,
@@ -42,20 +44,16 @@ from tdllm_attest.policy import (
 from tdllm_attest.simulated import select_trust_anchor
 from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.verify import VerifiedQuote
+from tdllm_attest.wire import from_b64url
 
-# profiles under which prompts stay inside the TD (docs/security.md, A8): split and obfuscated
-# hand the device the prompt's tokens or activations, so end-to-end encryption would be a lie
-E2E_PROFILES = frozenset({"td-only", "masked"})
 NO_POLICY = (
     "no reference-values policy: give --policy FILE --policy-key PUB.pem "
     "(or, to skip checking which TD answers, --insecure-any-td)"
 )
-
-
-class AttestationRefused(TdllmError):  # noqa: N818  # reads as the event
-    """The service's attestation did not verify; nothing may be sent to it."""
-
-    exit_code = 4
+NO_COLLATERAL = (
+    "the service served no collateral: verify with your own, --pccs URL (a PCCS or Intel PCS) "
+    "or --collateral FILE"
+)
 
 
 @dataclass(frozen=True)
@@ -101,7 +99,7 @@ def load_reference_policy(policy_file: Path, key_file: Path) -> Policy:
     except UnicodeDecodeError:
         raise AttestationRefused("the policy file is not UTF-8 text") from None
     except AttestationError as exc:
-        raise AttestationRefused(f"policy refused: {exc}") from None
+        raise AttestationRefused(f"policy refused: {exc}") from exc
 
 
 def verify_attestation(
@@ -112,11 +110,15 @@ def verify_attestation(
     now: datetime,
     policy: Policy | None,
     insecure_any_td: bool = False,
+    collateral_source: CollateralSource | None = None,
 ) -> AttestedService:
     """Check an /v1/attestation answer for `nonce` at time `now` (injected: the caller's clock)
     against the reference values `policy`; raise `AttestationRefused` on any defect.
 
     `policy=None` is refused unless `insecure_any_td` says, explicitly, that any TD will do.
+    With a `collateral_source` (e.g. `tdllm_attest.pccs.PccsCollateralSource`) the quote is
+    verified against its collateral and whatever the answer carries is ignored; without one the
+    answer's is used, and an answer without collateral is refused.
     """
     if policy is None and not insecure_any_td:
         raise AttestationRefused(f"attestation refused: {NO_POLICY}")
@@ -127,17 +129,16 @@ def verify_attestation(
     key = _okp_key(doc.get("service_public_key"), "X25519", "service key")
     signing_key = _okp_key(doc.get("signing_public_key"), "Ed25519", "signing key")
     claims = _claims(doc)
-    collateral_text = doc.get("collateral")
-    if not isinstance(collateral_text, str):
-        raise AttestationRefused("attestation refused: the answer carries no collateral")
-    verified = _verified_quote(doc, collateral_text, anchor, now, policy)
+    expected = _expected_report_data(nonce, key, signing_key, claims)
+    raw_quote = _quote_bytes(doc)
+    collateral = _collateral(doc, raw_quote, collateral_source)
+    verified = _verified_quote(raw_quote, collateral, anchor, now, policy)
     report = verified.quote.td_report
-    expected = report_data(nonce, okp_jwk("X25519", key), okp_jwk("Ed25519", signing_key), claims)
     if not hmac.compare_digest(report.report_data, expected):
         raise AttestationRefused(
             "attestation refused: REPORTDATA does not bind our nonce, the service keys and "
             "the served profile, model and reference-values id"
-        )
+        ) from BindingError("REPORTDATA does not bind the expected values")
     events = _replay_runtime_log(doc.get("event_log"), report.rtmr[3])
     _check_identity(verified, policy, events)
     return AttestedService(
@@ -166,9 +167,39 @@ def require_e2e_profile(attested: AttestedService) -> None:
         )
 
 
+def _quote_bytes(doc: dict[str, Any]) -> bytes:
+    try:
+        return from_b64url(str(doc.get("quote", "")))
+    except ValueError:
+        raise AttestationRefused("attestation refused: malformed (ValueError)") from None
+
+
+def _collateral(
+    doc: dict[str, Any], raw_quote: bytes, source: CollateralSource | None
+) -> Collateral:
+    """Our own collateral when we have a source (the answer's is then never read), else the
+    answer's; an outage of our source refuses, it never falls back to the host's copy."""
+    served = doc.get("collateral")
+    if source is None and not isinstance(served, str):
+        raise AttestationRefused(f"attestation refused: {NO_COLLATERAL}")
+    try:
+        return source.get(raw_quote) if source is not None else collateral_from_json(str(served))
+    except AttestationError as exc:
+        raise AttestationRefused(f"attestation refused: {exc}") from exc
+
+
+def _expected_report_data(
+    nonce: str, key: bytes, signing_key: bytes, claims: ServiceClaims
+) -> bytes:
+    try:
+        return report_data(nonce, okp_jwk("X25519", key), okp_jwk("Ed25519", signing_key), claims)
+    except ValueError:  # NaN or an infinity in the claims: no canonical form, nothing to bind
+        raise AttestationRefused("attestation refused: the claims are not canonical JSON") from None
+
+
 def _verified_quote(
-    doc: dict[str, Any],
-    collateral_text: str,
+    raw_quote: bytes,
+    collateral: Collateral,
     anchor: TrustAnchor,
     now: datetime,
     policy: Policy | None,
@@ -178,15 +209,15 @@ def _verified_quote(
 
     try:
         verified = verify_quote(
-            from_b64url(str(doc.get("quote", ""))),
-            collateral_from_json(collateral_text),
+            raw_quote,
+            collateral,
             now=now,
             anchor=anchor,
             limits=policy.freshness_limits() if policy is not None else None,
         )
         check_tcb(verified, policy.tcb if policy is not None else None)
     except AttestationError as exc:
-        raise AttestationRefused(f"attestation refused: {exc}") from None
+        raise AttestationRefused(f"attestation refused: {exc}") from exc
     except (ValueError, KeyError) as exc:
         raise AttestationRefused(f"attestation refused: malformed ({type(exc).__name__})") from None
     return verified
@@ -205,7 +236,7 @@ def _check_identity(
             validate(verified, policy, runtime_events=runtime)
     except AttestationError as exc:
         what = "not the TD" if policy is None else f"not the TD of policy {policy.name!r}"
-        raise AttestationRefused(f"attestation refused: {what}: {exc}") from None
+        raise AttestationRefused(f"attestation refused: {what}: {exc}") from exc
 
 
 def _claims(doc: dict[str, Any]) -> ServiceClaims:
@@ -245,7 +276,7 @@ def _replay_runtime_log(event_log: Any, rtmr3: bytes) -> tuple[Event, ...] | Non
         events = parse_runtime_log(event_log)
         replayed = replay(events)[3]
     except AttestationError as exc:
-        raise AttestationRefused(f"attestation refused: event log: {exc}") from None
+        raise AttestationRefused(f"attestation refused: event log: {exc}") from exc
     if not hmac.compare_digest(replayed, rtmr3):
         raise AttestationRefused(
             "attestation refused: the runtime event log does not replay to the quote's RTMR3"

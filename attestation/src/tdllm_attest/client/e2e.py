@@ -1,12 +1,17 @@
 """Client of the end-to-end encrypted mode: attest first, then talk only in ciphertext.
 
-`E2eClient.chat` fetches /v1/attestation with a fresh nonce, verifies it (`attest_client`),
+`E2eClient.chat` fetches /v1/attestation with a fresh nonce, verifies it (`client.attest`),
 encrypts the request (and the API key, which travels only inside the envelope) to the attested
 key, checks the answer's signature against the attested signing key and decrypts it.
 `E2eClient.chat_stream` does the same for ``stream: true``: it authenticates each sealed record
 as it arrives and only then yields the chunks it carries; the stream only counts as complete once
 its signed final record has verified. The HTTP layer is a `Transport` so tests can record every
 byte that crosses the "network".
+
+Every answer carries the service's receipt (`receipt_protocol`): the whole body's
+``tdllm_receipt``, or the last chunk's. Its request digest covers `E2eClient.last_request`, the
+exact bytes the TD's chat handler received; `receipt_attestation` fetches the document to check
+it against (`tdllm_attest.client.receipt.verify_receipt`, `tdllm-verify receipt`).
 """
 
 from __future__ import annotations
@@ -19,14 +24,13 @@ from typing import Any, Protocol
 
 import requests
 
-from tdllm.api.attest_client import (
-    AttestationRefused,
+from tdllm_attest.client.attest import (
     AttestedService,
     new_nonce,
     require_e2e_profile,
     verify_attestation,
 )
-from tdllm.api.e2e_protocol import (
+from tdllm_attest.client.e2e_protocol import (
     PROTOCOL,
     E2eDecryptError,
     ExchangeKeys,
@@ -34,16 +38,15 @@ from tdllm.api.e2e_protocol import (
     open_response,
     seal_request,
 )
-from tdllm.errors import TdllmError
+from tdllm_attest.client.errors import AttestationRefused, E2eError
+from tdllm_attest.client.receipt_protocol import RECEIPTS_PATH
+from tdllm_attest.collateral import CollateralSource
 from tdllm_attest.policy import Policy
 from tdllm_attest.trust import TrustAnchor
+from tdllm_attest.wire import canonical_json
 
 PATH = "/v1/e2e/chat/completions"
 MAX_EVENT_BYTES = 1 << 20  # one sealed record: the chunks of one tick, a few KiB
-
-
-class E2eError(TdllmError):
-    """The encrypted exchange failed (tampered answer, bad signature, service error)."""
 
 
 class Transport(Protocol):
@@ -85,6 +88,10 @@ class E2eClient:
     policy: Policy | None = None
     insecure_any_td: bool = False
     api_key: str | None = None  # sealed into every request, never sent as a header
+    # our own collateral (a PCCS, a file); None: the collateral the service serves, via its host
+    collateral_source: CollateralSource | None = None
+    # the exact body the TD's chat handler got for the last request: what receipts digest
+    last_request: bytes | None = field(default=None, repr=False)
 
     def attest(self) -> AttestedService:
         """Verify the service (quote, reference values, bound claims) and that its profile keeps
@@ -103,15 +110,26 @@ class E2eClient:
             now=self.clock(),
             policy=self.policy,
             insecure_any_td=self.insecure_any_td,
+            collateral_source=self.collateral_source,
         )
         require_e2e_profile(attested)
         self.attested = attested
         return attested
 
+    def receipt_attestation(self) -> Any:
+        """The service's receipt attestation document (unverified: `verify_receipt` checks it)."""
+        try:
+            return self.transport.get(RECEIPTS_PATH, {})
+        except (requests.RequestException, ValueError) as exc:
+            raise E2eError(f"cannot fetch the receipt attestation ({type(exc).__name__})") from None
+
     def chat(self, messages: list[dict[str, str]], **options: Any) -> dict[str, Any]:
         """The plain OpenAI chat.completion document, exchanged encrypted and signed."""
         attested, envelope, keys = self._seal(messages, options | {"stream": False})
-        status, doc = self.transport.post(PATH, envelope)
+        try:
+            status, doc = self.transport.post(PATH, envelope)
+        except (requests.RequestException, ValueError) as exc:
+            raise E2eError(f"the encrypted exchange failed ({type(exc).__name__})") from None
         if status != 200:
             raise E2eError(f"the service refused the encrypted request ({status}): {_message(doc)}")
         try:
@@ -131,7 +149,10 @@ class E2eClient:
         error chunk, and at the end when the signed final record is missing or wrong.
         """
         attested, envelope, keys = self._seal(messages, options | {"stream": True})
-        status, lines = self.transport.post_stream(PATH, envelope)
+        try:
+            status, lines = self.transport.post_stream(PATH, envelope)
+        except requests.RequestException as exc:
+            raise E2eError(f"the encrypted exchange failed ({type(exc).__name__})") from None
         if status != 200:
             doc = _json(b"".join(lines))
             raise E2eError(f"the service refused the encrypted request ({status}): {_message(doc)}")
@@ -141,13 +162,22 @@ class E2eClient:
         self, messages: list[dict[str, str]], options: dict[str, Any]
     ) -> tuple[AttestedService, dict[str, str], ExchangeKeys]:
         attested = self.attested or self.attest()
-        if "model" not in options:  # the model list is public; only the exchange is secret
-            options["model"] = self._served_model()
+        if "model" not in options:
+            options["model"] = self._served_model(attested)
         request = {"messages": messages, **options}
+        try:
+            self.last_request = canonical_json(request)  # the service dispatches exactly this
+        except ValueError:
+            raise E2eError("the request holds NaN or an infinity: not JSON") from None
         envelope, keys = seal_request(attested.public_key, request, self.api_key)
         return attested, envelope, keys
 
-    def _served_model(self) -> str:
+    def _served_model(self, attested: AttestedService) -> str:
+        """The model id the attestation binds; else the first of the public model list (which
+        asks for an API key in clear where keys are configured, so it is the fallback)."""
+        bound = attested.model.get("id") if attested.model is not None else None
+        if isinstance(bound, str):
+            return bound
         try:
             model: str = self.transport.get("/v1/models", {})["data"][0]["id"]
         except (requests.RequestException, ValueError, LookupError, TypeError):

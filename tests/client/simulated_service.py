@@ -1,0 +1,57 @@
+"""/v1/attestation answers as a service on a simulated TD gives them, without the service.
+
+The SDK tests need no engine and no torch: this stands in for `tdllm.api.attestation` (same
+document, same REPORTDATA binding), with the collateral the host would serve as a parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from tdllm_attest.client.binding import ATTEST_PROTOCOL, ServiceClaims, okp_jwk, report_data
+from tdllm_attest.quote import SimulatedProvider
+from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.wire import b64url
+
+MODEL = {"id": "simulated-model", "sealed": None}
+
+
+def _raw(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+@dataclass
+class SimulatedService:
+    """A TD measured as `fields` on `platform`, with its two ephemeral keys and its claims."""
+
+    platform: SimulatedTdxPlatform
+    fields: SyntheticTdFields = field(default_factory=SyntheticTdFields)
+    claims: ServiceClaims = field(default_factory=lambda: ServiceClaims("td-only", MODEL, None))
+    key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    signing_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+
+    def answer(self, nonce: str, *, collateral: str | None) -> dict[str, Any]:
+        """The /v1/attestation document for `nonce`, carrying `collateral` as the host served it."""
+        public_jwk = okp_jwk("X25519", _raw(self.key))
+        signing_jwk = okp_jwk("Ed25519", _raw(self.signing_key))
+        data = report_data(nonce, public_jwk, signing_jwk, self.claims)
+        quote = SimulatedProvider(self.platform, self.fields).get_quote(data)
+        return {
+            "protocol": ATTEST_PROTOCOL,
+            "nonce": nonce,
+            "service_public_key": public_jwk,
+            "signing_public_key": signing_jwk,
+            "report_data": data.hex(),
+            "quote": b64url(quote),
+            "collateral": collateral,
+            "event_log": None,
+            "profile": self.claims.profile,
+            "model": self.claims.model,
+            "reference_values_id": self.claims.reference_values_id,
+            "simulated": True,
+        }
