@@ -35,9 +35,9 @@ from cryptography.hazmat.primitives.serialization import (
     NoEncryption,
     PrivateFormat,
     PublicFormat,
-    load_pem_private_key,
 )
 
+from tdllm_attest.ed25519_pem import private_key_from_pem
 from tdllm_attest.errors import PolicyDocumentError
 from tdllm_attest.policy import (
     POLICY_SCHEMA,
@@ -191,12 +191,9 @@ def load_private_key(path: Path, *, create: bool) -> Ed25519PrivateKey:
             f.write(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
         print(f"warning: created an UNSAFE development signing key {path}", file=sys.stderr)
     try:
-        key = load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+        return private_key_from_pem(path.read_bytes(), f"signing key {path}")
+    except (OSError, ValueError) as exc:
         raise RefValuesError(f"cannot load signing key {path}: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise RefValuesError(f"signing key {path} is not an Ed25519 key")
-    return key
 
 
 def read_public_key(path: Path) -> Ed25519PublicKey:

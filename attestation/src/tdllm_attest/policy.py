@@ -18,7 +18,6 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from tdllm_attest.abi import (
     MR_CONFIG_ID_SIZE,
@@ -33,6 +32,7 @@ from tdllm_attest.abi import (
     TdReport15,
 )
 from tdllm_attest.collateral import DEFAULT_MAX_COLLATERAL_AGE, FreshnessLimits
+from tdllm_attest.ed25519_pem import public_key_from_pem
 from tdllm_attest.errors import Mismatch, PolicyDocumentError, PolicyMismatch, TcbStatusError
 from tdllm_attest.eventlog import Event, replay
 from tdllm_attest.model_identity import valid_model_name
@@ -293,12 +293,9 @@ def sign_policy(document: dict[str, Any], key: Ed25519PrivateKey) -> str:
 def load_public_key(pem: bytes) -> Ed25519PublicKey:
     """Load the policy signer's Ed25519 public key (PEM SubjectPublicKeyInfo)."""
     try:
-        key = load_pem_public_key(pem)
-    except (ValueError, TypeError):
-        raise PolicyDocumentError("policy key is not a PEM public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise PolicyDocumentError("policy key is not an Ed25519 public key")
-    return key
+        return public_key_from_pem(pem, "policy key")
+    except ValueError as exc:
+        raise PolicyDocumentError(str(exc)) from None
 
 
 def load_policy(text: str, key: Ed25519PublicKey) -> Policy:

@@ -23,11 +23,10 @@ from cryptography.hazmat.primitives.serialization import (
     NoEncryption,
     PrivateFormat,
     PublicFormat,
-    load_pem_private_key,
-    load_pem_public_key,
 )
 
 from tdllm_attest.broker.protocol import PROTOCOL
+from tdllm_attest.ed25519_pem import private_key_from_pem, public_key_from_pem
 from tdllm_attest.wire import b64url, canonical_json, from_b64url
 
 SIGNATURE_ALG = "Ed25519"
@@ -80,23 +79,15 @@ def verify_answer(key: Ed25519PublicKey, document: dict[str, Any], signature: ob
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """The broker's Ed25519 private key (PKCS#8 PEM, unencrypted)."""
     try:
-        key = load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+        pem = path.read_bytes()
+    except OSError as exc:
         raise ValueError(f"cannot read the broker signing key {path}: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"the broker signing key {path} is not an Ed25519 private key")
-    return key
+    return private_key_from_pem(pem, f"the broker signing key {path}")
 
 
 def load_broker_public_key(pem: bytes) -> Ed25519PublicKey:
     """The pinned broker public key (PEM SubjectPublicKeyInfo, Ed25519)."""
-    try:
-        key = load_pem_public_key(pem)
-    except (ValueError, TypeError):
-        raise ValueError("the broker public key is not a PEM public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError("the broker public key is not an Ed25519 public key")
-    return key
+    return public_key_from_pem(pem, "the broker public key")
 
 
 def public_pem(key: Ed25519PrivateKey) -> bytes:
