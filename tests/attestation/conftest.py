@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -14,6 +16,14 @@ from tests.attestation.attest_mutations import (
     V5_AT,
     Vector,
 )
+
+
+@pytest.fixture
+def quiet_simulated_warnings() -> Iterator[None]:
+    """Simulated mode warns on every quote by design; tests that make many mute it."""
+    logging.disable(logging.WARNING)
+    yield
+    logging.disable(logging.NOTSET)
 
 
 @pytest.fixture(scope="session")

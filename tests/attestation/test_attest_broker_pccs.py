@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +27,7 @@ from tests.attestation.simulated_broker import (
     simulated_deployment,
 )
 
-
-@pytest.fixture(autouse=True)
-def _quiet_simulated_warnings() -> Iterator[None]:
-    logging.disable(logging.WARNING)
-    yield
-    logging.disable(logging.NOTSET)
+pytestmark = pytest.mark.usefixtures("quiet_simulated_warnings")
 
 
 def _pccs_source(pccs: LoopbackPccs, cache_dir: Path | None = None) -> PccsCollateralSource:

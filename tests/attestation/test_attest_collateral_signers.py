@@ -9,8 +9,6 @@ collateral verifies; only the signer's identity and place in the PKI give it awa
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -46,11 +44,7 @@ from tests.attestation.simulated_broker import (
 ATTACK_SIGNERS: tuple[CollateralSigner, ...] = ("pck_leaf", "pck_ca", "pck_ca_lookalike")
 
 
-@pytest.fixture(autouse=True)
-def _quiet_simulated_warnings() -> Iterator[None]:
-    logging.disable(logging.WARNING)
-    yield
-    logging.disable(logging.NOTSET)
+pytestmark = pytest.mark.usefixtures("quiet_simulated_warnings")
 
 
 @pytest.fixture(scope="module")

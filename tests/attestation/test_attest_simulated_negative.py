@@ -7,8 +7,7 @@ Each case is a validly signed piece of evidence that must still be refused, with
 from __future__ import annotations
 
 import dataclasses
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -47,11 +46,7 @@ EXPIRED = (SIM_NOW - 3 * DAY, SIM_NOW - DAY)
 NOT_YET_VALID = (SIM_NOW + DAY, SIM_NOW + 3 * DAY)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_simulated_warnings() -> Iterator[None]:
-    logging.disable(logging.WARNING)
-    yield
-    logging.disable(logging.NOTSET)
+pytestmark = pytest.mark.usefixtures("quiet_simulated_warnings")
 
 
 @pytest.fixture(scope="module")
