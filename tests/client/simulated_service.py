@@ -1,12 +1,15 @@
 """/v1/attestation answers as a service on a simulated TD gives them, without the service.
 
 The SDK tests need no engine and no torch: this stands in for `tdllm.api.attestation` (same
-document, same REPORTDATA binding), with the collateral the host would serve as a parameter.
+document, same REPORTDATA binding), with the collateral the host would serve as a parameter, and
+for `tdllm.api.receipts` (`receipt_fields`: the receipt such a TD signs for BODY to REQUEST).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -14,11 +17,21 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tdllm_attest.client.binding import ATTEST_PROTOCOL, ServiceClaims, okp_jwk, report_data
+from tdllm_attest.client.receipt_protocol import format_time
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
-from tdllm_attest.wire import b64url
+from tdllm_attest.wire import b64url, from_b64url
 
 MODEL = {"id": "simulated-model", "sealed": None}
+NOW = datetime.now(UTC)
+REQUEST = b'{"model":"simulated-model","messages":[{"role":"user","content":"Hi"}]}'
+BODY: dict[str, Any] = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "simulated-model",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}}],
+}
 
 
 def _raw(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
@@ -55,3 +68,35 @@ class SimulatedService:
             "reference_values_id": self.claims.reference_values_id,
             "simulated": True,
         }
+
+
+def receipt_fields(
+    document: dict[str, Any], response_sha256: str, **changes: Any
+) -> dict[str, Any]:
+    """The receipt of BODY to REQUEST as the TD of `document` would sign it, and `changes`."""
+    quote = document["quote"]
+    receipt = {
+        "schema": "tdllm-receipt/1",
+        "time": format_time(NOW),
+        "endpoint": "/v1/chat/completions",
+        "stream": False,
+        "request_sha256": hashlib.sha256(REQUEST).hexdigest(),
+        "response_sha256": response_sha256,
+        "sampling": {
+            "max_tokens": 8,
+            "n": 1,
+            "seed": None,
+            "stop": [],
+            "temperature": "0.0",
+            "top_k": 0,
+            "top_p": "1.0",
+        },
+        "model": document["model"],
+        "profile": document["profile"],
+        "reference_values_id": document["reference_values_id"],
+        "attestation": {
+            "quote_sha256": hashlib.sha256(from_b64url(quote)).hexdigest(),
+            "tcb_status": "UpToDate",
+        },
+    }
+    return receipt | changes

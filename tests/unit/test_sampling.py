@@ -44,6 +44,14 @@ def test_high_temperature_reaches_unlikely_tokens() -> None:
     assert len(set(draws(SamplingParams(temperature=2.0, seed=0), 500))) == len(LOGITS)
 
 
+@pytest.mark.parametrize("temperature", [4.7e-126, 1e-30, float.fromhex("0x1p-1074")])
+def test_a_vanishing_temperature_samples_the_argmax_instead_of_failing(temperature: float) -> None:
+    """Regression: logits / 1e-126 overflowed to inf, softmax gave NaN and the engine step (every
+    request in it, then the service) failed; the API accepts any temperature in [0, 2]."""
+    params = SamplingParams(temperature=temperature, top_p=1.175494351e-38, seed=0)
+    assert set(draws(params, 20)) == {1}
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -9,6 +9,8 @@ contract keeps it so). The modules, bottom up:
 - `attest`: `verify_attestation` of a /v1/attestation answer against a signed reference-values
   policy, with the service's collateral or, better, the caller's own (`collateral_source`);
 - `e2e`: `E2eClient`, which attests first and then talks only in ciphertext;
+- `receipt_protocol`: the tdllm-receipt/1 bytes every answer's receipt is signed over, both sides;
+- `receipt`: `verify_receipt`, an answer's receipt checked offline against its attestation;
 - `chat_cli`: the `tdllm-chat` command (`tdllm chat` in the service is the same command);
 - `errors`: `AttestationRefused` and `E2eError`, leaves of `AttestationError`.
 """
@@ -23,17 +25,21 @@ from tdllm_attest.client.attest import (
 )
 from tdllm_attest.client.e2e import E2eClient, RequestsTransport, Transport
 from tdllm_attest.client.errors import AttestationRefused, E2eError
+from tdllm_attest.client.receipt import ReceiptRefused, VerifiedReceipt, verify_receipt
 
 __all__ = [
     "AttestationRefused",
     "AttestedService",
     "E2eClient",
     "E2eError",
+    "ReceiptRefused",
     "RequestsTransport",
     "Transport",
+    "VerifiedReceipt",
     "anchor_for",
     "load_reference_policy",
     "new_nonce",
     "require_e2e_profile",
     "verify_attestation",
+    "verify_receipt",
 ]

@@ -93,8 +93,8 @@ def verify_receipt(
     progress: VerificationProgress | None = None,
 ) -> VerifiedReceipt:
     """Check `receipt_doc` (``{"receipt", "signature"}``) against the receipt attestation
-    `attestation_doc` at time `now`; raise `ReceiptRefused` (or `AttestationRefused` for the
-    document) at the first check that fails. `progress` records each named check (the CLI).
+    `attestation_doc` at time `now`; raise `ReceiptRefused` at the first check that fails, its
+    `exit_code` the failure class. `progress` records each named check (the CLI).
 
     `request_bytes`: the exact request body sent; `response`: the answer kept, a whole body (an
     object) or a stream's event payloads (a list). Unchecked when None.

@@ -28,9 +28,9 @@ the value types every implementation writes alike (no floats in signed bytes).
 The response digest is over canonical JSON of what the client received, without the receipt:
 `canonical_json(body without "tdllm_receipt")` for a whole answer, and for a stream
 `canonical_json([payload_0, ..., payload_n])` over the JSON of every ``data:`` event before
-``[DONE]``, in order, with the ``tdllm_receipt`` member removed from the last one, which carries
-it. The answers hold only strings, integers, booleans and null, so this is exact; and a client
-that kept parsed objects (the official `openai` client's `to_dict()`) can check it too.
+``[DONE]``, in order, with the ``tdllm_receipt`` member removed (only the last one carries it).
+The answers hold only strings, integers, booleans and null, so this is exact; and a client that
+kept parsed objects (the official `openai` client's `to_dict()`) can check it too.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Optional bearer API keys for everything under /v1/, and who may scrape /metrics.
 
 Health and readiness stay open for the supervisor and load balancer; /v1/attestation (and
-/v1/attestation/receipts) and /v1/e2e/* take no key in clear (E2E seals its key inside the envelope; the inner request is
-checked like any other). /metrics counts prompt tokens and times every request, so it needs an
-API key when keys are configured and otherwise answers only loopback peers. Keys are compared in
-constant time and never logged.
+/v1/attestation/receipts) and /v1/e2e/* take no key in clear (E2E seals its key inside the
+envelope; the inner request is checked like any other). /metrics counts prompt tokens and times
+every request, so it needs an API key when keys are configured and otherwise answers only
+loopback peers. Keys are compared in constant time and never logged.
 """
 
 from __future__ import annotations

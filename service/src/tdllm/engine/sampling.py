@@ -48,7 +48,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     logits = logits.float()
     if params.greedy:
         return int(logits.argmax())
-    logits = logits / params.temperature
+    # float64, where every positive temperature the API accepts is nonzero, shifted first (softmax
+    # does not change): a tiny temperature then sends every logit but the largest to -inf, never
+    # to inf - inf = NaN (or 0 / 0), which made multinomial fail the whole engine step
+    logits = (logits.double() - logits.max()) / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
