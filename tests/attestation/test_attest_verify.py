@@ -379,3 +379,12 @@ def test_rejects_collateral_below_the_minimum_tcb_evaluation_data_number(
     limits = FreshnessLimits(min_tcb_evaluation_data_number=18)
     with pytest.raises(CollateralError, match="tcbEvaluationDataNumber"):
         verify_quote(v4.quote, v4.collateral, now=v4.at, anchor=intel_anchor, limits=limits)
+
+
+def test_checks_say_how_fresh_the_collateral_was(v4: Vector, intel_anchor: TrustAnchor) -> None:
+    verified = verify_quote(v4.quote, v4.collateral, now=v4.at, anchor=intel_anchor)
+    (freshness,) = [c for c in verified.checks if c.name == "collateral signatures and freshness"]
+    assert freshness.detail == (
+        "oldest part issued 2.0 h before the verification time (limit 24.0 h); "
+        "tcbEvaluationDataNumber 17"
+    )

@@ -191,7 +191,7 @@ def _checks(run: _Run) -> list[CheckResult]:
 def _print_text(run: _Run) -> None:
     for c in _checks(run):
         mark = "PASS" if c.passed else "FAIL"
-        click.echo(f"[{mark}] {c.name}" + (f": {c.detail}" if c.detail and not c.passed else ""))
+        click.echo(f"[{mark}] {c.name}" + (f": {c.detail}" if c.detail else ""))
     if isinstance(run.error, PolicyMismatch):
         for m in run.error.mismatches:
             click.echo(f"    - {m}")

@@ -380,8 +380,9 @@ def check_collateral(
     anchor: TrustAnchor,
     now: datetime,
     limits: FreshnessLimits | None = None,
-) -> None:
-    """Check collateral signatures, chains, identity fields and freshness at `now`.
+) -> str:
+    """Check collateral signatures, chains, identity fields and freshness at `now`; return how
+    fresh it was (for per-check reports).
 
     `pck_ca` is the quote's intermediate (PCK Platform/Processor CA) whose CRL must be supplied;
     `fmspc` is the quote's platform (from the PCK leaf).
@@ -424,3 +425,11 @@ def check_collateral(
     if crl_chain[0].subject != pck_ca.subject or crl_chain[0].public_key() != pck_ca.public_key():
         raise CollateralError("PCK CRL issuer is not the quote's PCK CA")
     _check_crl(collateral.pck_crl, pck_ca, now, limits, "PCK CRL")
+    oldest = min(
+        tcb.issue_date, qe.issue_date, _load_crl(collateral.pck_crl, "PCK CRL").last_update_utc
+    )
+    limit = "none" if limits.max_age is None else _age(limits.max_age)
+    return (
+        f"oldest part issued {_age(now - oldest)} before the verification time (limit {limit}); "
+        f"tcbEvaluationDataNumber {tcb.tcb_evaluation_data_number}"
+    )

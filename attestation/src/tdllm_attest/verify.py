@@ -82,13 +82,14 @@ class VerificationProgress:
     def __init__(self) -> None:
         self.checks: list[CheckResult] = []
 
-    def run(self, name: str, check: Callable[[], None]) -> None:
+    def run(self, name: str, check: Callable[[], object]) -> None:
+        """Run `check`; a string it returns (how it passed, e.g. within a grace) is the detail."""
         try:
-            check()
+            outcome = check()
         except AttestationError as exc:
             self.checks.append(CheckResult(name, False, str(exc)))
             raise
-        self.checks.append(CheckResult(name, True))
+        self.checks.append(CheckResult(name, True, outcome if isinstance(outcome, str) else ""))
 
 
 # dcap-qvl reports every failure as ValueError with a message; map messages to our classes.
