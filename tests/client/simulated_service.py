@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from tdllm_attest.client.binding import ATTEST_PROTOCOL, ServiceClaims, okp_jwk, report_data
+from tdllm_attest.client.binding import ServiceClaims, attestation_answer, okp_jwk, report_data
 from tdllm_attest.client.receipt_protocol import format_time
 from tdllm_attest.quote import SimulatedProvider
 from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
-from tdllm_attest.wire import b64url, from_b64url
+from tdllm_attest.wire import from_b64url
 
 MODEL = {"id": "simulated-model", "sealed": None}
 NOW = datetime.now(UTC)
@@ -54,20 +54,16 @@ class SimulatedService:
         signing_jwk = okp_jwk("Ed25519", _raw(self.signing_key))
         data = report_data(nonce, public_jwk, signing_jwk, self.claims)
         quote = SimulatedProvider(self.platform, self.fields).get_quote(data)
-        return {
-            "protocol": ATTEST_PROTOCOL,
-            "nonce": nonce,
-            "service_public_key": public_jwk,
-            "signing_public_key": signing_jwk,
-            "report_data": data.hex(),
-            "quote": b64url(quote),
-            "collateral": collateral,
-            "event_log": None,
-            "profile": self.claims.profile,
-            "model": self.claims.model,
-            "reference_values_id": self.claims.reference_values_id,
-            "simulated": True,
-        }
+        return attestation_answer(
+            nonce=nonce,
+            public_jwk=public_jwk,
+            signing_jwk=signing_jwk,
+            claims=self.claims,
+            quote=quote,
+            collateral=collateral,
+            event_log=None,
+            simulated=True,
+        )
 
 
 def receipt_fields(

@@ -72,3 +72,34 @@ def report_data(
     """
     document = bound_document(nonce_hex, public_jwk, signing_jwk, claims)
     return hashlib.sha512(DOMAIN_TAG + canonical_json(document)).digest()
+
+
+def attestation_answer(
+    *,
+    nonce: str,
+    public_jwk: dict[str, str],
+    signing_jwk: dict[str, str],
+    claims: ServiceClaims,
+    quote: bytes,
+    collateral: str | None,
+    event_log: str | None,
+    simulated: bool,
+) -> dict[str, Any]:
+    """The /v1/attestation answer (docs/api.md): what a client reads, in the order it reads it."""
+    body: dict[str, Any] = {
+        "protocol": ATTEST_PROTOCOL,
+        "nonce": nonce,
+        "service_public_key": public_jwk,
+        "signing_public_key": signing_jwk,
+        "report_data": report_data(nonce, public_jwk, signing_jwk, claims).hex(),
+        "quote": b64url(quote),
+        "collateral": collateral,
+        "event_log": event_log,
+        "profile": claims.profile,
+        "model": claims.model,
+        "reference_values_id": claims.reference_values_id,
+        "simulated": simulated,
+    }
+    if simulated:
+        body["warning"] = "SIMULATED TDX: this quote proves nothing about the service"
+    return body

@@ -21,10 +21,9 @@ from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from tdllm.api.openai.errors import ApiError, invalid
-from tdllm_attest.client.binding import ATTEST_PROTOCOL, ServiceClaims, report_data
+from tdllm_attest.client.binding import ServiceClaims, attestation_answer, report_data
 from tdllm_attest.errors import AttestationError, EventLogError
 from tdllm_attest.eventlog import parse_runtime_log
-from tdllm_attest.wire import b64url
 
 log = logging.getLogger("tdllm.api.attestation")
 blueprint = Blueprint("attestation", __name__)
@@ -66,22 +65,16 @@ def attestation_document(
     log_path = service.settings.runtime_log
     quote, event_log = _quote_with_log(service, provider, data, log_path)
     service.metrics.attestations.labels("ok").inc()
-    body: dict[str, Any] = {
-        "protocol": ATTEST_PROTOCOL,
-        "nonce": nonce,
-        "service_public_key": public_jwk,
-        "signing_public_key": signing_jwk,
-        "report_data": data.hex(),
-        "quote": b64url(quote),
-        "collateral": None,
-        "event_log": event_log,
-        "profile": claims.profile,
-        "model": claims.model,
-        "reference_values_id": claims.reference_values_id,
-        "simulated": service.state.simulated,
-    }
-    if service.state.simulated:
-        body["warning"] = "SIMULATED TDX: this quote proves nothing about the service"
+    body = attestation_answer(
+        nonce=nonce,
+        public_jwk=public_jwk,
+        signing_jwk=signing_jwk,
+        claims=claims,
+        quote=quote,
+        collateral=None,
+        event_log=event_log,
+        simulated=service.state.simulated,
+    )
     return body, quote
 
 
