@@ -94,6 +94,11 @@ def test_the_appliance_client_policy_accepts_its_td_and_refuses_a_host_booted_im
         _appliance_attestation(runner, platform, rogue, state)
 
 
+def _as_a_background_job() -> None:
+    """What `cmd &` in a non-interactive shell does to the child: SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _e2e_command(text: str) -> tuple[dict[str, str], list[str]]:
     """The printed `tdllm chat --e2e` line: its environment assignment and its argv."""
     (line,) = [x for x in text.splitlines() if " chat --e2e " in x and "--policy-key" in x]
@@ -105,7 +110,8 @@ def _e2e_command(text: str) -> tuple[dict[str, str], list[str]]:
 def test_appliance_serves_an_attested_chat_and_stops_both_processes_on_sigint(
     tmp_path: Path,
 ) -> None:
-    """The plain bundled model (td-only), so the fast suite trains nothing."""
+    """The plain bundled model (td-only), so the fast suite trains nothing. Started with SIGINT
+    ignored, as a shell starts a background job (CI does): Ctrl-C must still stop it."""
     port = free_port()
     env = dict(os.environ, TDLLM_PORT=str(port), TDLLM_ALLOW_SIMULATED_TDX="1")
     out = tmp_path / "out.txt"
@@ -115,6 +121,7 @@ def test_appliance_serves_an_attested_chat_and_stops_both_processes_on_sigint(
             env=env,
             stdout=sink,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_as_a_background_job,  # single-threaded here
         )
     try:
         text = _wait_for(out, "\nA: ", process, 240)
@@ -157,6 +164,31 @@ def test_appliance_serves_an_attested_chat_and_stops_both_processes_on_sigint(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_appliance_children_die_with_a_killed_parent(tmp_path: Path) -> None:
+    """SIGKILL leaves the parent no time to stop its children: they must not outlive it."""
+    port = free_port()
+    env = dict(os.environ, TDLLM_PORT=str(port), TDLLM_ALLOW_SIMULATED_TDX="1")
+    out = tmp_path / "out.txt"
+    with out.open("wb") as sink:
+        process = subprocess.Popen(  # our own CLI, fixed argv
+            [TDLLM, "appliance", "--state-dir", str(tmp_path / "state"), "--model", "bundled"],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        text = _wait_for(out, "service pid", process, 240)
+        pids = [int(p) for p in re.findall(r"pid (\d+)", text)]
+        assert len(pids) == 2
+    finally:
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 30
+    while not all(_gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, "a child outlived the killed appliance"
+        time.sleep(0.1)
 
 
 def test_appliance_refuses_without_the_simulation_switch(tmp_path: Path) -> None:

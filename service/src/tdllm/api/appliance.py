@@ -18,6 +18,7 @@ Needs TDLLM_ALLOW_SIMULATED_TDX=1 (the Makefile sets it), like every other simul
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import multiprocessing
 import os
@@ -140,6 +141,21 @@ def _exit_on_signals() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """A child gets SIGTERM when the appliance dies, even by SIGKILL: no orphan keeps the port
+    (Linux prctl; elsewhere a no-op, and Ctrl-C still stops both children)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _run_broker(
     state: ApplianceState,
     platform: SimulatedTdxPlatform,
@@ -155,6 +171,7 @@ def _run_broker(
     from tdllm_attest.collateral import FetcherCollateralSource
 
     _exit_on_signals()
+    _die_with_parent()
     anchor = select_trust_anchor(
         "simulated", simulated_root_der=platform.root_der, environ=SIMULATED_ENV
     )
@@ -177,6 +194,8 @@ def _run_broker(
 
 def _run_service(settings: Settings, platform: SimulatedTdxPlatform) -> None:
     from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
+
+    _die_with_parent()  # gunicorn's master; its worker follows the master on SIGTERM
 
     from tdllm.api.app import create_app
     from tdllm.api.boot import BootDeps
@@ -420,6 +439,9 @@ def appliance(state_dir: Path, ready_timeout: float, which: str, profile: str) -
 
     broker.start()
     service.start()
+    # Both explicitly: a shell that starts us in the background (CI, `&`, nohup) makes SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler of its own.
+    signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     click.echo(f"key broker pid {broker.pid} on 127.0.0.1:{broker_port}; service pid {service.pid}")
     try:
