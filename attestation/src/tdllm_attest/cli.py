@@ -25,14 +25,11 @@ import click
 from tdllm_attest import errors
 from tdllm_attest.binding import check_report_data, expected_report_data
 from tdllm_attest.collateral import CollateralSource, load_collateral
+from tdllm_attest.collateral_options import pccs_source
 from tdllm_attest.errors import AttestationError, PolicyMismatch
 from tdllm_attest.eventlog import Event, parse_ccel_log, parse_ccel_table, parse_runtime_log
 from tdllm_attest.pccs import (
-    CollateralCache,
-    PccsClient,
     PccsCollateralSource,
-    RetryPolicy,
-    default_cache_dir,
 )
 from tdllm_attest.policy import (
     Policy,
@@ -46,7 +43,6 @@ from tdllm_attest.policy import (
 from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.verify import CheckResult, VerificationProgress, VerifiedQuote, verify_quote
 
-PCCS_RETRY = RetryPolicy()  # tries and backoff for --pccs (tests replace the sleep)
 NOT_CHECKED_BANNER = (
     "WARNING: NO POLICY GIVEN - MEASUREMENTS (MRTD, RTMR0-3, MRCONFIGID, MROWNER, XFAM) WERE "
     "NOT CHECKED. Only the platform (genuine TDX, TCB status, baseline TD attributes) was verified."
@@ -100,12 +96,7 @@ def _collateral_from(
         if path is None or not path.is_file():
             raise click.UsageError(f"cannot read collateral {path}: no such file")
         return path
-    try:
-        client = PccsClient(pccs_url, retry=PCCS_RETRY)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--pccs") from None
-    cache = CollateralCache(cache_dir if cache_dir is not None else default_cache_dir())
-    return PccsCollateralSource(client, cache, now=lambda: at)
+    return pccs_source(pccs_url, cache_dir, now=lambda: at)
 
 
 def _step(run: _Run, name: str, check: Any) -> None:

@@ -12,21 +12,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
 from tdllm_attest import errors
-from tdllm_attest.cli import PCCS_RETRY, _parse_at
+from tdllm_attest.cli import _parse_at
 from tdllm_attest.client.attest import anchor_for, load_reference_policy
 from tdllm_attest.client.receipt import ReceiptRefused, VerifiedReceipt, load_kept, verify_receipt
 from tdllm_attest.client.receipt_protocol import receipt_of
-from tdllm_attest.collateral import CollateralSource, FileCollateralSource
+from tdllm_attest.collateral_options import own_collateral
 from tdllm_attest.errors import AttestationError
-from tdllm_attest.pccs import CollateralCache, PccsClient, PccsCollateralSource, default_cache_dir
 from tdllm_attest.simulated import ALLOW_SIMULATED_ENV
 from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.verify import VerificationProgress
@@ -127,7 +124,7 @@ def receipt_command(
         policy = None
         if policy_file is not None and policy_key is not None:
             policy = load_reference_policy(policy_file, policy_key)
-        with _collateral(pccs_url, cache_dir, collateral_file, at) as source:
+        with own_collateral(pccs_url, cache_dir, collateral_file, now=lambda: at) as source:
             verified = verify_receipt(
                 _receipt(receipt_file),
                 _json_file(attestation_file, "the attestation document"),
@@ -198,28 +195,6 @@ def _kept(path: Path) -> dict[str, Any] | list[Any]:
     if not isinstance(value, dict | list):
         raise ReceiptRefused("--response is neither an answer nor a stream", errors.EXIT_PARSE)
     return value
-
-
-@contextmanager
-def _collateral(
-    pccs_url: str | None, cache_dir: Path | None, collateral_file: Path | None, at: Any
-) -> Iterator[CollateralSource | None]:
-    """Our own collateral source (its clock is --at), or None: the document's collateral."""
-    if collateral_file is not None:
-        yield FileCollateralSource(collateral_file)
-        return
-    if pccs_url is None:
-        yield None
-        return
-    try:
-        client = PccsClient(pccs_url, retry=PCCS_RETRY)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--pccs") from None
-    cache = CollateralCache(cache_dir if cache_dir is not None else default_cache_dir())
-    try:
-        yield PccsCollateralSource(client, cache, now=lambda: at)
-    finally:
-        client.close()
 
 
 def _summary(

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +27,8 @@ from tdllm_attest.client.attest import anchor_for, load_reference_policy
 from tdllm_attest.client.e2e import E2eClient, RequestsTransport
 from tdllm_attest.client.errors import E2eError
 from tdllm_attest.client.receipt_protocol import receipt_of
-from tdllm_attest.collateral import CollateralSource, FileCollateralSource
+from tdllm_attest.collateral_options import own_collateral
 from tdllm_attest.errors import EXIT_INTERNAL, AttestationError
-from tdllm_attest.pccs import CollateralCache, PccsClient, PccsCollateralSource, default_cache_dir
 from tdllm_attest.simulated import ALLOW_SIMULATED_ENV
 
 API_KEY_ENV = "TDLLM_API_KEY"
@@ -148,7 +145,7 @@ def chat(
     policy = None
     if policy_file is not None and policy_key is not None:
         policy = load_reference_policy(policy_file, policy_key)
-    with _own_collateral(pccs_url, cache_dir, collateral_file) as collateral_source:
+    with own_collateral(pccs_url, cache_dir, collateral_file) as collateral_source:
         client = E2eClient(
             RequestsTransport(url.rstrip("/")),
             anchor,
@@ -249,25 +246,3 @@ def _check_collateral_options(
         raise click.UsageError("give at most one of --pccs URL or --collateral FILE")
     if cache_dir is not None and pccs_url is None:
         raise click.UsageError("--cache-dir is only used with --pccs")
-
-
-@contextmanager
-def _own_collateral(
-    pccs_url: str | None, cache_dir: Path | None, collateral_file: Path | None
-) -> Iterator[CollateralSource | None]:
-    """Our own collateral source for the attestation, or None (the service's collateral)."""
-    if collateral_file is not None:
-        yield FileCollateralSource(collateral_file)
-        return
-    if pccs_url is None:
-        yield None
-        return
-    try:
-        client = PccsClient(pccs_url)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--pccs") from None
-    cache = CollateralCache(cache_dir if cache_dir is not None else default_cache_dir())
-    try:
-        yield PccsCollateralSource(client, cache)
-    finally:
-        client.close()
