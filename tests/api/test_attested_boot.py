@@ -18,8 +18,8 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from tdllm.api.app import create_app
 from tdllm.api.boot import BootDeps
-from tdllm.api.identity import sealed_model_identity
 from tdllm.api.local_service import free_port
+from tdllm.sealing.format import manifest_identity
 from tdllm.sealing.writer import seal_checkpoint
 from tdllm.settings import Settings, SettingsError
 from tdllm_attest.abi import parse_quote
@@ -204,7 +204,7 @@ def test_attestation_binds_the_identity_of_the_model_it_unsealed(
     doc = app.test_client().get(f"/v1/attestation?nonce={nonce}").get_json()
     manifest = json.loads((sealed_model / "sealed-model.json").read_text(encoding="utf-8"))
     sealed = doc["model"]["sealed"]
-    assert sealed == sealed_model_identity(sealed_model)
+    assert sealed == manifest_identity(manifest["manifest"])
     assert sealed["format"] == "tdllm-sealed/1"
     assert sealed["model_id"] == manifest["manifest"]["model_id"]
     assert doc["model"]["id"] == svc.state.runner.model_name and doc["profile"] == "td-only"
@@ -213,34 +213,43 @@ def test_attestation_binds_the_identity_of_the_model_it_unsealed(
     svc.state.runner.stop()
 
 
-def test_a_manifest_swapped_while_unsealing_fails_the_boot(
+def test_the_attested_identity_is_the_manifest_that_was_authenticated_not_the_disk(
     deployment: SimulatedDeployment,
     sealed_model: Path,
     broker: Broker,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The host owns the disk: the identity attested must be the manifest the MAC check saw."""
+    """The host owns the disk: it swaps in another authentic sealing (same key, model and
+    version) for the unsealing and puts the first back once the TD serves. The claim must name
+    the model actually loaded, whatever the disk says when a client asks."""
     import tdllm.sealing.reader as reader
 
-    copy = tmp_path / "tiny"
-    shutil.copytree(sealed_model, copy)
+    shown, loaded, aside = tmp_path / "tiny", tmp_path / "other", tmp_path / "aside"
+    shutil.copytree(sealed_model, shown)
+    seal_test_model(deployment, loaded)  # the same model and version, sealed once more
     real_open = reader.open_sealed
 
-    def open_then_swap(path: Path, *args: Any, **kwargs: Any) -> Any:
-        checkpoint = real_open(path, *args, **kwargs)
-        manifest = path / "sealed-model.json"
-        document = json.loads(manifest.read_text(encoding="utf-8"))
-        document["manifest"]["name"] = "another model"
-        manifest.write_text(json.dumps(document), encoding="utf-8")
-        return checkpoint
+    def swapped_for_the_open(path: Path, *args: Any, **kwargs: Any) -> Any:
+        path.rename(aside)
+        shutil.copytree(loaded, path)
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(reader, "open_sealed", open_then_swap)
+    monkeypatch.setattr(reader, "open_sealed", swapped_for_the_open)
     broker.start()
-    _, svc = service(deployment, copy, broker.port)
-    wait_for(lambda: svc.state.phase == "failed")
-    assert "changed while it was opened" in svc.state.reason
-    assert svc.state.sealed_model is None
+    app, svc = service(deployment, shown, broker.port)
+    wait_for(lambda: svc.state.ready or svc.state.phase == "failed")
+    assert svc.state.ready, svc.state.reason
+    shutil.rmtree(shown)
+    aside.rename(shown)  # the disk shows the first sealing again
+    doc = app.test_client().get(f"/v1/attestation?nonce={secrets.token_hex(32)}").get_json()
+    identity = {
+        name: json.loads((folder / "sealed-model.json").read_text(encoding="utf-8"))["manifest"]
+        for name, folder in (("shown", shown), ("loaded", loaded))
+    }
+    assert identity["shown"]["model_id"] != identity["loaded"]["model_id"]
+    assert doc["model"]["sealed"] == manifest_identity(identity["loaded"])
+    svc.state.runner.stop()
 
 
 class QuoteService:

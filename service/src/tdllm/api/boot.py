@@ -63,8 +63,8 @@ class BootState:
     simulated: bool = False
     # collateral served with /v1/attestation quotes (collateral_for); None: clients fetch theirs
     collateral: Callable[[bytes], str] | None = None
-    # the sealed model's identity as unsealed (identity.sealed_model_identity); /v1/attestation
-    # binds it. None for a plain model.
+    # the sealed model's identity as unsealed (Checkpoint.identity); /v1/attestation binds it.
+    # None for a plain model.
     sealed_model: dict[str, str] | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
@@ -135,15 +135,6 @@ def collateral_for(
     return lambda quote: source.get(quote).source_json
 
 
-def _sealed_identity(path: Path) -> dict[str, str] | None:
-    from tdllm.api.identity import sealed_model_identity
-
-    try:
-        return sealed_model_identity(path)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # unsealing refuses such a directory anyway
-
-
 class Boot:
     def __init__(self, settings: Settings, state: BootState, deps: BootDeps | None = None) -> None:
         self.settings = settings
@@ -188,7 +179,6 @@ class Boot:
         path = Path(self.settings.model)
         try:
             expect = self._expected_model(release)
-            before = _sealed_identity(path)
             checkpoint = open_sealed(
                 path, data_key=release.key, model_id=self.settings.model_id, expect=expect
             )
@@ -198,10 +188,9 @@ class Boot:
             raise BootFailed(f"cannot open the sealed model: {exc.diagnostics()}") from None
         finally:
             wipe(release.key)
-        # the manifest the MAC check saw is the one read before and after (the host owns the disk)
-        if before is None or _sealed_identity(path) != before:
-            raise BootFailed("the sealed model changed while it was opened")
-        self.state.sealed_model = before
+        # the identity of the manifest the MAC check authenticated, not of the disk now (the
+        # host may change the file at any moment)
+        self.state.sealed_model = checkpoint.identity
         return checkpoint
 
     def _expected_model(self, release: ReleasedKey) -> ModelVersion:

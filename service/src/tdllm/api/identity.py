@@ -1,4 +1,4 @@
-"""The service's ephemeral keys, and the sealed model's identity as boot read it.
+"""The service's ephemeral keys.
 
 Two key pairs are generated in memory at start and never stored, so keys seen in an attestation
 belong to exactly one boot of one TD: an X25519 key the end-to-end encrypted mode encrypts
@@ -8,16 +8,13 @@ requests to, and an Ed25519 key that signs every end-to-end answer (X25519 canno
 
 `sealed` in the bound model claim is null for a plain (dev) model: its bytes come from the
 host's disk unauthenticated, so there is nothing of it worth binding but its name. For a sealed
-model the identity is read at boot around the unsealing (`sealed_model_identity`), never later
-from a disk the host may have changed since.
+model it is the identity of the manifest whose MAC the unsealing verified (`Checkpoint.identity`),
+never read again from a disk the host may have changed since.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -29,24 +26,6 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from tdllm_attest.client.binding import okp_jwk
-from tdllm_attest.wire import canonical_json
-
-
-def sealed_model_identity(path: Path) -> dict[str, str]:
-    """Format, model id and manifest digest of the sealed model in `path`, as on disk now.
-
-    Boot reads this before and after unsealing and keeps it only when both agree, so it names
-    the manifest whose MAC the unsealing verified.
-    """
-    from tdllm.sealing import format as fmt  # torch: only the service's boot gets here
-
-    document = json.loads((path / fmt.MANIFEST_NAME).read_bytes().decode("utf-8"))
-    manifest = document["manifest"]
-    return {
-        "format": str(document["format"]),
-        "manifest_sha256": hashlib.sha256(canonical_json(manifest)).hexdigest(),
-        "model_id": str(manifest["model_id"]),
-    }
 
 
 @dataclass

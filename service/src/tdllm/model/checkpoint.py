@@ -57,6 +57,9 @@ class Checkpoint:
     # Sources that produce fresh memory per tensor (sealed: decrypted) can write straight into
     # the model instead: one pass and no temporary to page-fault in (see docs/performance.md).
     tensors_into: Callable[[Destination], NamedTensors] | None = None
+    # A sealed model's identity, taken from the very manifest its MAC check authenticated
+    # (sealing.format.manifest_identity); None for unauthenticated sources.
+    identity: dict[str, str] | None = None
 
 
 def open_checkpoint(source: str | Path, key: Path | None = None) -> Checkpoint:

@@ -8,6 +8,7 @@ and chunk details stay inside the sealing package; callers see `seal_checkpoint`
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +106,16 @@ def manifest_model_version(manifest: dict[str, Any]) -> ModelVersion | None:
     if "model" not in manifest and "version" not in manifest:
         return None
     return ModelVersion(manifest["model"], manifest["version"])
+
+
+def manifest_identity(manifest: dict[str, Any]) -> dict[str, str]:
+    """What /v1/attestation binds of a sealed model: format, model id and the digest of the
+    manifest whose MAC was verified (the caller passes only an authenticated one)."""
+    return {
+        "format": FORMAT,
+        "manifest_sha256": hashlib.sha256(canonical_json(manifest)).hexdigest(),
+        "model_id": str(manifest["model_id"]),
+    }
 
 
 def chunk_count(nbytes: int, chunk_size: int) -> int:

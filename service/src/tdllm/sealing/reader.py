@@ -121,7 +121,15 @@ def _open(
         raise
     finally:
         wipe(mac_key)
-    return Checkpoint(str(manifest["name"]), path, config, tokenizer, source.stream, source.stream)
+    return Checkpoint(
+        str(manifest["name"]),
+        path,
+        config,
+        tokenizer,
+        source.stream,
+        source.stream,
+        identity=fmt.manifest_identity(manifest),
+    )
 
 
 def _check_model_version(
