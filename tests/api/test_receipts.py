@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -223,6 +224,13 @@ def test_the_tcb_status_is_the_tds_own_check_and_never_a_guess(
     assert resp.get_json()[RECEIPT_FIELD]["receipt"]["attestation"]["tcb_status"] == "OutOfDate"
     td.tcb_status[0] = "UpToDate"  # a TCB recovery: the TD re-checks within the hour
     td.clock.now += timedelta(hours=2)
+    _, resp = _post(td.client, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+    stale = resp.get_json()[RECEIPT_FIELD]["receipt"]["attestation"]["tcb_status"]
+    assert stale == "OutOfDate"  # this request did not wait: the re-check runs on its own thread
+    deadline = time.monotonic() + 10
+    while td.client.get("/v1/attestation/receipts").get_json()["tcb_status"] != "UpToDate":
+        assert time.monotonic() < deadline, "the TCB re-check never landed"
+        time.sleep(0.05)
     _, resp = _post(td.client, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1})
     receipt = resp.get_json()[RECEIPT_FIELD]
     assert receipt["receipt"]["attestation"]["tcb_status"] == "UpToDate"

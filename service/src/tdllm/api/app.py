@@ -79,5 +79,5 @@ def create_app(
         state.runner = engine_runner
         state.set("ready", "ready")
     else:
-        service.boot = Boot(settings, state, deps).start()
+        service.boot = Boot(settings, state, deps, on_ready=lambda: receipts.prepare(app)).start()
     return app

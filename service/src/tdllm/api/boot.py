@@ -136,10 +136,17 @@ def collateral_for(
 
 
 class Boot:
-    def __init__(self, settings: Settings, state: BootState, deps: BootDeps | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        state: BootState,
+        deps: BootDeps | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.state = state
         self.deps = deps or BootDeps()
+        self.on_ready = on_ready  # work the first request should not wait for
         self.thread = threading.Thread(target=self.run, name="tdllm-boot", daemon=True)
 
     def start(self) -> Boot:
@@ -151,6 +158,8 @@ class Boot:
             checkpoint = self._open()
             self.state.set("loading", "loading the model into memory")
             self.state.runner = self._start_engine(checkpoint)
+            if self.on_ready is not None:
+                self.on_ready()
             self.state.set("ready", "ready")
             log.info("ready: serving %s", self.state.runner.model_name)
         except BootFailed as exc:

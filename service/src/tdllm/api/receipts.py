@@ -1,13 +1,14 @@
 """Receipts: every answer signed over what was asked, what was answered, and by which TD.
 
-The service makes one receipt attestation per set of served claims (once the engine runs, in
-practice once per boot): a quote whose REPORTDATA is the ordinary service binding
+The service makes one receipt attestation per set of served claims (when the engine is ready,
+in practice once per boot): a quote whose REPORTDATA is the ordinary service binding
 (`tdllm_attest.client.binding.report_data`) for the fixed receipts nonce, so it binds the
 Ed25519 signing key, profile, model identity and reference-values id. It verifies that quote
 itself with the collateral it serves (injected, the simulated quote service's, or the PCCS's)
-to learn the TCB status, re-checked hourly; without collateral or a trust anchor the status is
-"unverified", never a guess. GET /v1/attestation/receipts serves that document, with collateral
-fetched at request time, so anyone can check receipts offline (`tdllm-verify receipt`).
+to learn the TCB status, re-checked hourly in the background; without collateral or a trust
+anchor the status is "unverified", never a guess. GET /v1/attestation/receipts serves that
+document, with collateral fetched at request time, so anyone can check receipts offline
+(`tdllm-verify receipt`).
 
 Each successful chat or completion answer then carries a receipt (wire format:
 `tdllm_attest.client.receipt_protocol`) signed by that key: a whole answer as a top-level
@@ -64,24 +65,50 @@ class ReceiptAttestation:
 
 
 class ReceiptAttestations:
-    """The current receipt attestation of one app: a new quote when the claims change, the TCB
-    status re-checked every `TCB_RECHECK`. One lock: concurrent first requests quote once."""
+    """The current receipt attestation of one app: a new quote when the claims change (made at
+    boot, once the engine runs), the TCB status re-checked every `TCB_RECHECK` on a thread of
+    its own, so no request waits on collateral. One lock: concurrent callers quote once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._current: ReceiptAttestation | None = None
+        self._rechecking = False
 
     def current(self, service: Any) -> ReceiptAttestation:
         claims = service_claims(service)
         with self._lock:
             made = self._current
-            now = service.clock()
             if made is None or made.claims != claims:
-                made = _make(service, claims)
-            elif now - made.checked_at > TCB_RECHECK:
-                made = replace(made, tcb_status=_tcb_status(service, made.quote), checked_at=now)
-            self._current = made
+                made = self._current = _make(service, claims)
+            stale = service.clock() - made.checked_at > TCB_RECHECK
+            if stale and not self._rechecking:
+                self._rechecking = True
+                threading.Thread(
+                    target=self._recheck,
+                    args=(service, made),
+                    name="tdllm-receipt-tcb",
+                    daemon=True,
+                ).start()
             return made
+
+    def _recheck(self, service: Any, made: ReceiptAttestation) -> None:
+        try:
+            status = _tcb_status(service, made.quote)
+        finally:
+            with self._lock:
+                self._rechecking = False
+        with self._lock:
+            if self._current is made:  # not replaced by a new quote meanwhile
+                self._current = replace(made, tcb_status=status, checked_at=service.clock())
+
+
+def prepare(app: Any) -> None:
+    """Make the receipt attestation now (boot calls this when ready), not on a first request."""
+    service = app.extensions["tdllm"]
+    try:
+        app.extensions[_EXTENSION].current(service)
+    except Exception as exc:  # the first receipt will try again and answer the 503 itself
+        log.warning("receipt attestation not made at boot (%s)", type(exc).__name__)
 
 
 @blueprint.record_once
