@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tdllm_attest.trust import TrustAnchor
+from tdllm_attest.verify import VerifiedQuote, verify_quote
 from tests.attestation.attest_mutations import (
     SPR_E4_AT,
     V4_AT,
@@ -75,3 +76,13 @@ def spr_e4(tdx_vectors: Path) -> Vector:
 @pytest.fixture(scope="session")
 def cos113_quote(tdx_vectors: Path) -> bytes:
     return (tdx_vectors / "gotdxguest_cos113_quote_v4.bin").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def verified_v4(v4: Vector, intel_anchor: TrustAnchor) -> VerifiedQuote:
+    return verify_quote(v4.quote, v4.collateral, now=v4.at, anchor=intel_anchor)
+
+
+@pytest.fixture(scope="session")
+def verified_v5(v5: Vector, intel_anchor: TrustAnchor) -> VerifiedQuote:
+    return verify_quote(v5.quote, v5.collateral, now=v5.at, anchor=intel_anchor)
