@@ -118,6 +118,13 @@ def test_api_keys_are_required_when_configured(make_app: Callable[..., Flask]) -
     assert client.get("/health").status_code == 200  # liveness stays open
 
 
+def test_only_the_exact_public_paths_skip_the_api_key(make_app: Callable[..., Flask]) -> None:
+    """A route that merely starts like an exempt one must still ask for the key."""
+    client = make_app(api_keys=("k" * 24,)).test_client()
+    for path in ("/v1/attestations", "/v1/attestation-admin", "/v1/e2e"):
+        assert_openai_error(client.get(path), 401)
+
+
 def test_full_queue_is_429(
     client: FlaskClient, runner: EngineRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,7 @@ from ipaddress import IPv6Address, ip_address
 from flask import Flask, request
 
 from tdllm.api.openai.errors import ApiError
+from tdllm_attest.client.receipt_protocol import RECEIPTS_PATH
 
 
 def _bearer_matches(keys: Sequence[str]) -> bool:
@@ -68,12 +69,19 @@ def require_scraper(keys: Sequence[str]) -> None:
         )
 
 
-# Path prefixes under /v1/ that must not ask for a key in clear: the attestations are public by
-# design (quotes binding the service keys; "/v1/attestation" covers the receipts one,
-# /v1/attestation/receipts, which third parties checking a receipt need), and an end-to-end
-# request carries its API key sealed inside the envelope, where only the TD reads it (e2e.py
-# authenticates it there, with the same check).
-_NO_CLEAR_KEY = ("/v1/attestation", "/v1/e2e/")
+# Paths under /v1/ that must not ask for a key in clear: the attestations are public by design
+# (quotes binding the service keys; the receipts one is what third parties checking a receipt
+# need), and an end-to-end request carries its API key sealed inside the envelope, where only
+# the TD reads it (e2e.py authenticates it there, with the same check). Exact paths, and one
+# prefix that ends in a slash: a new route never opens up by sharing a name's beginning.
+_NO_CLEAR_KEY_PATHS = frozenset({"/v1/attestation", RECEIPTS_PATH})
+_NO_CLEAR_KEY_PREFIX = "/v1/e2e/"
+
+
+def _needs_clear_key(path: str) -> bool:
+    if not path.startswith("/v1/"):
+        return False
+    return path not in _NO_CLEAR_KEY_PATHS and not path.startswith(_NO_CLEAR_KEY_PREFIX)
 
 
 def install_api_keys(app: Flask, keys: tuple[str, ...]) -> None:
@@ -82,6 +90,5 @@ def install_api_keys(app: Flask, keys: tuple[str, ...]) -> None:
 
     @app.before_request
     def _check() -> None:
-        path = request.path
-        if path.startswith("/v1/") and not path.startswith(_NO_CLEAR_KEY):
+        if _needs_clear_key(request.path):
             require_api_key(keys)
