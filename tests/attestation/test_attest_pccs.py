@@ -13,7 +13,7 @@ import pytest
 import requests
 from click.testing import CliRunner, Result
 
-from tdllm_attest import cli, collateral_options, errors
+from tdllm_attest import cli, cli_options, errors
 from tdllm_attest.abi import parse_quote
 from tdllm_attest.collateral import (
     Collateral,
@@ -447,7 +447,7 @@ def test_cli_exits_non_zero_with_one_line_when_the_pccs_is_down(
     monkeypatch: pytest.MonkeyPatch,
     sleeps: list[float],
 ) -> None:
-    monkeypatch.setattr(collateral_options, "PCCS_RETRY", RetryPolicy(sleep=sleeps.append))
+    monkeypatch.setattr(cli_options, "PCCS_RETRY", RetryPolicy(sleep=sleeps.append))
     pccs.misbehaviour.status = 503
     at = v4.at.isoformat()
     result = run_cli(tdx_vectors / v4.name, "--pccs", pccs.url, "--cache-dir", tmp_path, "--at", at)

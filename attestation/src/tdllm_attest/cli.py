@@ -24,8 +24,8 @@ import click
 
 from tdllm_attest import errors
 from tdllm_attest.binding import check_report_data, expected_report_data
+from tdllm_attest.cli_options import pccs_source
 from tdllm_attest.collateral import CollateralSource, load_collateral
-from tdllm_attest.collateral_options import pccs_source
 from tdllm_attest.errors import AttestationError, PolicyMismatch
 from tdllm_attest.eventlog import Event, parse_ccel_log, parse_ccel_table, parse_runtime_log
 from tdllm_attest.pccs import (

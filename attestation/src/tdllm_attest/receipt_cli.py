@@ -19,10 +19,16 @@ import click
 
 from tdllm_attest import errors
 from tdllm_attest.cli import _parse_at
+from tdllm_attest.cli_options import (
+    check_collateral_options,
+    check_reference_options,
+    own_collateral,
+    own_collateral_options,
+    reference_value_options,
+)
 from tdllm_attest.client.attest import anchor_for, load_reference_policy
 from tdllm_attest.client.receipt import ReceiptRefused, VerifiedReceipt, load_kept, verify_receipt
 from tdllm_attest.client.receipt_protocol import receipt_of
-from tdllm_attest.collateral_options import own_collateral
 from tdllm_attest.errors import AttestationError
 from tdllm_attest.simulated import ALLOW_SIMULATED_ENV
 from tdllm_attest.trust import TrustAnchor
@@ -51,30 +57,13 @@ SIMULATED_BANNER = "WARNING: SIMULATED TDX attestation: this receipt proves noth
     type=_FILE,
     help="the receipt attestation (GET /v1/attestation/receipts) of the boot that signed",
 )
-@click.option("--policy", "policy_file", type=_FILE, help="signed reference-values policy")
-@click.option("--policy-key", type=_FILE, help="Ed25519 public key (PEM) that signed --policy")
-@click.option(
-    "--insecure-any-td",
-    is_flag=True,
-    help="INSECURE: accept any TD on genuine hardware without checking its measurements",
-)
+@reference_value_options
 @click.option(
     "--simulated-root",
     type=_FILE,
     help=f"UNSAFE: trust this simulated TDX root (also needs {ALLOW_SIMULATED_ENV}=1)",
 )
-@click.option("--pccs", "pccs_url", metavar="URL", help="collateral from this PCCS / Intel PCS")
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="collateral cache for --pccs (default ~/.cache/tdllm/collateral)",
-)
-@click.option(
-    "--collateral",
-    "collateral_file",
-    type=_FILE,
-    help="collateral from this file (default: the one in the attestation document)",
-)
+@own_collateral_options
 @click.option("--request", "request_file", type=_FILE, help="the exact request body sent")
 @click.option(
     "--response",
@@ -102,19 +91,8 @@ def receipt_command(
     as_json: bool,
 ) -> None:
     """Verify a receipt: the attested TD signed this answer to this request."""
-    if (policy_file is None) != (policy_key is None):
-        raise click.UsageError("--policy and --policy-key must be given together")
-    if policy_file is not None and insecure_any_td:
-        raise click.UsageError("--insecure-any-td contradicts --policy: give one of them")
-    if policy_file is None and not insecure_any_td:
-        raise click.UsageError(
-            "no reference values to check the TD against: give --policy FILE --policy-key "
-            "PUB.pem (or --insecure-any-td to accept any TD)"
-        )
-    if pccs_url is not None and collateral_file is not None:
-        raise click.UsageError("give at most one of --pccs URL or --collateral FILE")
-    if cache_dir is not None and pccs_url is None:
-        raise click.UsageError("--cache-dir is only used with --pccs")
+    check_reference_options(policy_file, policy_key, insecure_any_td)
+    check_collateral_options(pccs_url, cache_dir, collateral_file)
     at = _parse_at(at_text)
     anchor = _anchor(simulated_root)
     progress = VerificationProgress()

@@ -23,11 +23,17 @@ from typing import Any
 
 import click
 
+from tdllm_attest.cli_options import (
+    check_collateral_options,
+    check_reference_options,
+    own_collateral,
+    own_collateral_options,
+    reference_value_options,
+)
 from tdllm_attest.client.attest import anchor_for, load_reference_policy
 from tdllm_attest.client.e2e import E2eClient, RequestsTransport
 from tdllm_attest.client.errors import E2eError
 from tdllm_attest.client.receipt_protocol import receipt_of
-from tdllm_attest.collateral_options import own_collateral
 from tdllm_attest.errors import EXIT_INTERNAL, AttestationError
 from tdllm_attest.simulated import ALLOW_SIMULATED_ENV
 
@@ -54,46 +60,8 @@ SIMULATED_WARNING = "WARNING: SIMULATED TDX attestation: this proves nothing"
     metavar="URL",
     help="service base URL, e.g. http://127.0.0.1:8000",
 )
-@click.option(
-    "--policy",
-    "policy_file",
-    type=_FILE,
-    default=None,
-    help="signed reference-values policy (tdllm-attest-policy/1) the TD must satisfy",
-)
-@click.option(
-    "--policy-key",
-    type=_FILE,
-    default=None,
-    help="Ed25519 public key (PEM) that signed --policy",
-)
-@click.option(
-    "--insecure-any-td",
-    is_flag=True,
-    default=False,
-    help="INSECURE: accept any TD on genuine hardware without checking its measurements",
-)
-@click.option(
-    "--pccs",
-    "pccs_url",
-    default=None,
-    metavar="URL",
-    help="verify with collateral from this PCCS / Intel PCS, not the collateral the service "
-    "serves (which comes through its host)",
-)
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="on-disk collateral cache for --pccs (default ~/.cache/tdllm/collateral)",
-)
-@click.option(
-    "--collateral",
-    "collateral_file",
-    type=_FILE,
-    default=None,
-    help="verify with the collateral in this file (dcap-qvl JSON layout), not the service's",
-)
+@reference_value_options
+@own_collateral_options
 @click.option(
     "--simulated-root",
     type=_FILE,
@@ -135,8 +103,8 @@ def chat(
     Every answer is signed by the attested signing key; a streamed answer only counts once its
     signed final record verified (before that, an error line ends the output).
     """
-    _check_policy_options(policy_file, policy_key, insecure_any_td)
-    _check_collateral_options(pccs_url, cache_dir, collateral_file)
+    check_reference_options(policy_file, policy_key, insecure_any_td)
+    check_collateral_options(pccs_url, cache_dir, collateral_file)
     allowed = os.environ.get(ALLOW_SIMULATED_ENV) == "1"
     if simulated_root is not None and not allowed:
         raise click.UsageError(f"--simulated-root also needs {ALLOW_SIMULATED_ENV}=1")
@@ -221,28 +189,3 @@ def main(argv: list[str] | None = None) -> None:
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
-
-
-def _check_policy_options(
-    policy_file: Path | None, policy_key: Path | None, insecure_any_td: bool
-) -> None:
-    """Fail closed before any network: a TD must be checked against reference values, unless
-    the caller says, loudly, that any TD will do."""
-    if (policy_file is None) != (policy_key is None):
-        raise click.UsageError("--policy and --policy-key must be given together")
-    if policy_file is not None and insecure_any_td:
-        raise click.UsageError("--insecure-any-td contradicts --policy: give one of them")
-    if policy_file is None and not insecure_any_td:
-        raise click.UsageError(
-            "no reference values to check the TD against: give --policy FILE --policy-key "
-            "PUB.pem (or --insecure-any-td to accept any TD)"
-        )
-
-
-def _check_collateral_options(
-    pccs_url: str | None, cache_dir: Path | None, collateral_file: Path | None
-) -> None:
-    if pccs_url is not None and collateral_file is not None:
-        raise click.UsageError("give at most one of --pccs URL or --collateral FILE")
-    if cache_dir is not None and pccs_url is None:
-        raise click.UsageError("--cache-dir is only used with --pccs")
