@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ import pytest
 from openai import OpenAI
 
 from tdllm.api.local_service import LocalService
+from tdllm.api.soak_bench import SoakConfig, soak
 
 from .conftest import MODEL
 
@@ -90,3 +92,21 @@ def test_service_logs_are_json_without_prompt_text(service: LocalService) -> Non
     lines = Path(service.log).read_text().splitlines()
     assert any('"endpoint":"/v1/completions"' in line for line in lines)
     assert not any(PROMPT in line for line in lines)
+
+
+def test_soak_bench_counts_every_kind_of_client_without_errors(service: LocalService) -> None:
+    config = SoakConfig(
+        clients=3,
+        minutes=0.25,
+        max_tokens=8,
+        disconnect_fraction=0.3,
+        malformed_fraction=0.3,
+        api_key=API_KEY,
+    )
+    assert service.process is not None
+    report = soak(service.url, config, service.process.pid, lambda _: None)
+    assert report["errors"] == {} and report["cut_streams"] == 0
+    assert set(report["requests"]) == {"stream", "disconnect", "malformed"}
+    assert report["completion_tokens"] > 0 and report["ttft_p50_s"] > 0
+    assert report["rss_start_mib"] > 100 and report["ready_after"] == 200
+    assert API_KEY not in json.dumps(report)

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from tdllm.api.appliance import appliance
-from tdllm.api.commands import bench_serve, serve
+from tdllm.api.commands import bench_serve, bench_soak, serve
 from tdllm.attacks.commands import attack
 from tdllm.errors import TdllmError, UsageError
 from tdllm.protection.commands import bench_fidelity, bench_split, finetune_tail, prepare, protect
@@ -199,6 +199,7 @@ cli.add_command(serve)
 cli.add_command(appliance)
 cli.add_command(chat)
 bench.add_command(bench_serve)
+bench.add_command(bench_soak)
 cli.add_command(prepare)
 cli.add_command(finetune_tail)
 cli.add_command(protect)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from tdllm.errors import UsageError
+
 CONFIG = click.Path(path_type=Path, dir_okay=False, exists=True)
 
 
@@ -64,4 +66,50 @@ def bench_serve(
 
     counts = [int(c) for c in client_counts.split(",") if c.strip()]
     report = run_serve_bench(url, counts, requests_per_client, max_tokens)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@click.command("soak")
+@click.option(
+    "--url", default=None, help="a service on this machine (default: start one on loopback)"
+)
+@click.option("--clients", type=click.IntRange(1, 256), default=32, show_default=True)
+@click.option("--minutes", type=click.FloatRange(0.05, 120), default=10.0, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1, 1024), default=64, show_default=True)
+@click.option("--disconnect-fraction", type=click.FloatRange(0, 1), default=0.10, show_default=True)
+@click.option("--malformed-fraction", type=click.FloatRange(0, 1), default=0.05, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--model", default="bundled", show_default=True, help="for the loopback service")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_soak(
+    url: str | None,
+    clients: int,
+    minutes: float,
+    max_tokens: int,
+    disconnect_fraction: float,
+    malformed_fraction: float,
+    seed: int,
+    model: str,
+    as_json: bool,
+) -> None:
+    """Streaming clients for minutes, some disconnecting early, some sending malformed bodies.
+
+    Reports requests and errors by class, cut streams, tok/s, TTFT p50/p99, the service's RSS
+    (start/end/max) and /ready after. Loopback only; the started service gets one KV slot per
+    client. The API key, when --url wants one, comes from TDLLM_API_KEY.
+    """
+    from tdllm.api.soak_bench import SoakConfig, format_report, run_soak
+
+    if disconnect_fraction + malformed_fraction > 1:
+        raise UsageError("--disconnect-fraction plus --malformed-fraction must be at most 1")
+    config = SoakConfig(
+        clients,
+        minutes,
+        max_tokens,
+        disconnect_fraction,
+        malformed_fraction,
+        seed,
+        api_key=os.environ.get("TDLLM_API_KEY") or None,
+    )
+    report = run_soak(url, config, lambda line: click.echo(line, err=True), model=model)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
