@@ -101,6 +101,7 @@ def test_soak_bench_counts_every_kind_of_client_without_errors(service: LocalSer
         max_tokens=8,
         disconnect_fraction=0.3,
         malformed_fraction=0.3,
+        ramp_s=1.0,
         api_key=API_KEY,
     )
     assert service.process is not None

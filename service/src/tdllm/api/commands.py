@@ -79,6 +79,13 @@ def bench_serve(
 @click.option("--disconnect-fraction", type=click.FloatRange(0, 1), default=0.10, show_default=True)
 @click.option("--malformed-fraction", type=click.FloatRange(0, 1), default=0.05, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--ramp-s",
+    type=click.FloatRange(0, 600),
+    default=10.0,
+    show_default=True,
+    help="clients start evenly over this many seconds",
+)
 @click.option("--model", default="bundled", show_default=True, help="for the loopback service")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def bench_soak(
@@ -89,6 +96,7 @@ def bench_soak(
     disconnect_fraction: float,
     malformed_fraction: float,
     seed: int,
+    ramp_s: float,
     model: str,
     as_json: bool,
 ) -> None:
@@ -109,6 +117,7 @@ def bench_soak(
         disconnect_fraction,
         malformed_fraction,
         seed,
+        ramp_s,
         api_key=os.environ.get("TDLLM_API_KEY") or None,
     )
     report = run_soak(url, config, lambda line: click.echo(line, err=True), model=model)

@@ -4,10 +4,12 @@ Each of N clients loops until the deadline, choosing per request (seeded, so a r
 a malformed body (must be a 4xx; a 5xx or a dropped connection is an error), a stream it
 abandons after a few chunks (the slot must come back; the server must not care), or a full
 streaming chat that must end with a finish reason and ``data: [DONE]`` — one that does not is a
-*cut stream*. Reported: requests and errors by class, completion tokens/s, TTFT p50/p99 of the
-full streams, the service's RSS (all its processes) after warm-up, at the end and at its
-highest, and `/ready` after the run. Loopback only: this is a load generator, bounded in
-clients and minutes, and it refuses to aim at anything but this machine.
+*cut stream*. Clients start evenly over a ramp (10 s by default, as load tools spawn users), so
+the numbers are the steady state's, not one synchronized burst's. Reported: requests and errors
+by class, completion tokens/s, TTFT p50/p99 of the full streams, the service's RSS (all its
+processes) after warm-up, at the end and at its highest, and `/ready` after the run. Loopback
+only: this is a load generator, bounded in clients and minutes, and it refuses to aim at
+anything but this machine.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class SoakConfig:
     disconnect_fraction: float = 0.10
     malformed_fraction: float = 0.05
     seed: int = 0
+    ramp_s: float = 10.0  # clients start evenly over this long: a soak measures steady state
     api_key: str | None = field(default=None, repr=False)  # sent, never reported
 
 
@@ -229,6 +232,7 @@ def _client(
     url: str, model: str, config: SoakConfig, index: int, deadline: float, tally: Tally
 ) -> None:
     rng = random.Random(config.seed * 1_000_003 + index)  # noqa: S311  # load mix, not secrets
+    time.sleep(config.ramp_s * index / config.clients)
     kind = _first_kind(config, index)
     with session(config) as http:  # one keep-alive connection per client, as real clients hold
         while time.monotonic() < deadline:
