@@ -87,6 +87,12 @@ def bench_serve(
     help="clients start evenly over this many seconds",
 )
 @click.option("--model", default="bundled", show_default=True, help="for the loopback service")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16"]),
+    default=None,
+    help="for the loopback service (default: the service's)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def bench_soak(
     url: str | None,
@@ -98,6 +104,7 @@ def bench_soak(
     seed: int,
     ramp_s: float,
     model: str,
+    dtype: str | None,
     as_json: bool,
 ) -> None:
     """Streaming clients for minutes, some disconnecting early, some sending malformed bodies.
@@ -120,5 +127,6 @@ def bench_soak(
         ramp_s,
         api_key=os.environ.get("TDLLM_API_KEY") or None,
     )
-    report = run_soak(url, config, lambda line: click.echo(line, err=True), model=model)
+    service = {"model": model} | ({"dtype": dtype} if dtype else {})
+    report = run_soak(url, config, lambda line: click.echo(line, err=True), service)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

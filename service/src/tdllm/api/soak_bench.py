@@ -384,14 +384,17 @@ def run_soak(
     url: str | None,
     config: SoakConfig,
     progress: Callable[[str], None],
-    model: str = "bundled",
+    service: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Soak `url`, or a service started on loopback with one KV slot per client."""
+    """Soak `url`, or a service started on loopback with one KV slot per client and `service`'s
+    settings (TDLLM_* names, lower case: model, dtype, ...)."""
     if url is not None:
         return soak(url, config, None, progress)
     slots = str(config.clients)
-    settings = {"max_batch": slots, "queue_size": slots, "model": model}
-    with LocalService(max_batch=slots, queue_size=slots, model=model) as local:
+    settings = {"max_batch": slots, "queue_size": slots} | (service or {})
+    local = LocalService()
+    local.env.update({"TDLLM_" + k.upper(): v for k, v in settings.items()})
+    with local:
         assert local.process is not None  # noqa: S101  # set by __enter__
         report = soak(local.url, config, local.process.pid, progress)
     report["service"] = settings
