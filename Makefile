@@ -16,6 +16,7 @@ help:
 	@echo "make test-slow  the slow tests (full sweeps)"
 	@echo "make lint       ruff, ruff format --check, mypy, import contracts"
 	@echo "make bench      tdllm bench --json (ours vs Hugging Face transformers)"
+	@echo "make fuzz       fuzz every parser for FUZZ_SECONDS (60) each: execs and crashes per target"
 	@echo "make image      build the measured guest image (IMAGE_PROFILE=prod|dev|smoke; root)"
 	@echo "make test-image the attested TCG boot of the smoke image + tamper boot (root)"
 	@echo "make test-image-all  test-image + molecule + two reproducible builds (root)"
@@ -29,8 +30,12 @@ $(STAMP): attestation/pyproject.toml service/pyproject.toml $(CONSTRAINTS)
 
 venv: $(STAMP)
 
+# Ctrl-C: the appliance drains the service, stops the broker and exits 0 (a second Ctrl-C: at
+# once, 130). `exec`: no shell waits in between (dash would die of the terminal's SIGINT and
+# make would print "Interrupt" for a clean stop). make gets that SIGINT too: it waits for the
+# appliance, then re-raises it on itself, so the shell still sees 130 (docs/api.md, Shutdown).
 run: venv
-	TDLLM_ALLOW_SIMULATED_TDX=1 $(VENV)/bin/tdllm appliance
+	exec env TDLLM_ALLOW_SIMULATED_TDX=1 $(VENV)/bin/tdllm appliance
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -53,6 +58,21 @@ test-gpu: venv
 
 bench: venv
 	$(VENV)/bin/tdllm bench --json
+
+# Coverage-guided fuzzing (tests/fuzz, docs/security.md): atheris where its wheel exists (Linux
+# x86-64), else Hypothesis's engine. FUZZ_TARGETS picks some (default all); corpus and crashes
+# stay in .hypothesis/fuzz. A short smoke of every target runs in `make test`.
+.PHONY: fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+FUZZ_STAMP := $(VENV)/.installed-fuzz
+
+$(FUZZ_STAMP): $(STAMP)
+	$(PIP) install -q -c $(CONSTRAINTS) -e './service[fuzz]'
+	touch $@
+
+fuzz: $(FUZZ_STAMP)
+	$(PY) -m tests.fuzz --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 lock: venv
 	$(PIP) freeze --exclude-editable | grep -v '^tdllm' > $(CONSTRAINTS).new

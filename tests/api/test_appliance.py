@@ -59,6 +59,36 @@ def _gone(pid: int) -> bool:
     return False
 
 
+def _children_of(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (the service's: its gunicorn worker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _all_gone(pids: list[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(_gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, "a child outlived the appliance"
+        time.sleep(0.1)
+
+
+def _answers_200(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=10).status_code == 200
+    except requests.ConnectionError:  # not listening yet
+        return False
+
+
+STOP_LINES = ("stopping the ", "service stopped", "key broker stopped", "stopped")
+
+
 def _appliance_attestation(
     runner: EngineRunner, platform: SimulatedTdxPlatform, fields: SyntheticTdFields, state: Any
 ) -> Any:
@@ -107,11 +137,12 @@ def _e2e_command(text: str) -> tuple[dict[str, str], list[str]]:
     return {name: value}, argv
 
 
-def test_appliance_serves_an_attested_chat_and_stops_both_processes_on_sigint(
+def test_appliance_serves_an_attested_chat_and_on_sigint_stops_the_service_then_the_broker(
     tmp_path: Path,
 ) -> None:
     """The plain bundled model (td-only), so the fast suite trains nothing. Started with SIGINT
-    ignored, as a shell starts a background job (CI does): Ctrl-C must still stop it."""
+    ignored, as a shell starts a background job (CI does): Ctrl-C must still stop it, the
+    service (and its gunicorn worker) first, then the broker, and exit 0."""
     port = free_port()
     env = dict(os.environ, TDLLM_PORT=str(port), TDLLM_ALLOW_SIMULATED_TDX="1")
     out = tmp_path / "out.txt"
@@ -131,6 +162,8 @@ def test_appliance_serves_an_attested_chat_and_stops_both_processes_on_sigint(
         assert f"http://127.0.0.1:{port}/v1/chat/completions" in text
         pids = [int(p) for p in re.findall(r"pid (\d+)", text)]
         assert len(pids) == 2
+        workers = _children_of(pids[1])
+        assert len(workers) == 1  # gunicorn's worker, forked by the service's master
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         answer = client.chat.completions.create(
             model="SmolLM2-135M-Instruct",
@@ -155,11 +188,102 @@ def test_appliance_serves_an_attested_chat_and_stops_both_processes_on_sigint(
         assert e2e.stdout.strip() and "insecure" not in e2e.stderr
         assert (tmp_path / "state" / "UNSAFE-dev-broker-kek.bin").stat().st_mode & 0o077 == 0
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
-        deadline = time.monotonic() + 10
-        while not all(_gone(pid) for pid in pids):
-            assert time.monotonic() < deadline, "a child outlived the appliance"
-            time.sleep(0.1)
+        assert process.wait(timeout=90) == 0
+        _all_gone([*pids, *workers], 10)
+        stops = [x for x in out.read_text().splitlines() if x.startswith(STOP_LINES)]
+        assert [x.split(" (")[0] for x in stops] == [
+            "stopping the service",
+            "service stopped",
+            "stopping the key broker",
+            "key broker stopped",
+            "stopped",
+        ]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_second_sigint_while_the_service_drains_kills_everything_at_once_and_exits_130(
+    tmp_path: Path,
+) -> None:
+    """A stream in flight and a drain timeout of 10 minutes: the first SIGINT starts the drain,
+    the second must not wait for it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(
+        os.environ,
+        TDLLM_PORT=str(port),
+        TDLLM_ALLOW_SIMULATED_TDX="1",
+        TDLLM_DRAIN_TIMEOUT_S="600",
+    )
+    out = tmp_path / "out.txt"
+    with out.open("wb") as sink:
+        process = subprocess.Popen(  # our own CLI, fixed argv
+            [TDLLM, "appliance", "--state-dir", str(tmp_path / "state"), "--model", "bundled"],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_as_a_background_job,  # single-threaded here
+        )
+    stream: requests.Response | None = None
+    try:
+        text = _wait_for(out, "service pid", process, 240)
+        pids = [int(p) for p in re.findall(r"pid (\d+)", text)]
+        deadline = time.monotonic() + 240
+        while not _answers_200(url + "/ready"):
+            assert time.monotonic() < deadline and process.poll() is None, "not ready"
+            time.sleep(0.25)
+        workers = _children_of(pids[1])
+        body: dict[str, Any] = {
+            "model": "SmolLM2-135M-Instruct",
+            "prompt": "1, 2, 3, 4, 5,",
+            "max_tokens": 1000,
+            "temperature": 0,
+            "stream": True,
+        }
+        stream = requests.post(url + "/v1/completions", json=body, stream=True, timeout=300)
+        lines = stream.iter_lines()
+        next(x for x in lines if b'"text":"' in x and b'"text":""' not in x)  # it is generating
+        process.send_signal(signal.SIGINT)
+        _wait_for(out, "stopping the service", process, 60)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+        _all_gone([*pids, *workers], 10)
+        assert "interrupted again: killing" in out.read_text()
+    finally:
+        if stream is not None:
+            stream.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_child_exiting_on_its_own_is_an_error_and_the_other_child_is_stopped(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    env = dict(os.environ, TDLLM_PORT=str(port), TDLLM_ALLOW_SIMULATED_TDX="1")
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("wb") as sink, err.open("wb") as errors:
+        process = subprocess.Popen(  # our own CLI, fixed argv
+            [TDLLM, "appliance", "--state-dir", str(tmp_path / "state"), "--model", "bundled"],
+            env=env,
+            stdout=sink,
+            stderr=errors,
+        )
+    try:
+        text = _wait_for(out, "service pid", process, 240)
+        broker, service = [int(p) for p in re.findall(r"pid (\d+)", text)]
+        os.kill(broker, signal.SIGKILL)
+        assert process.wait(timeout=120) == 1
+        _all_gone([service], 10)
+        assert (
+            "error: the key broker process exited on its own (exit code -9); stopping the "
+            "appliance" in err.read_text()
+        )
+        stops = [x for x in out.read_text().splitlines() if x.startswith(STOP_LINES)]
+        assert [x.split(" (")[0] for x in stops] == ["stopping the service", "service stopped"]
     finally:
         if process.poll() is None:
             process.kill()

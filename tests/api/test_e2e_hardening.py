@@ -339,3 +339,45 @@ def test_e2e_stays_open_under_profiles_that_keep_prompts_in_the_td(
 ) -> None:
     resp = make_app(profile=profile).test_client().post(PATH, json={"enc": "", "ciphertext": ""})
     assert assert_openai_error(resp, 400)["code"] == "e2e_decrypt_failed"
+
+
+class _FinalStatus:
+    """Stands in for the sealer to read which status the final record would carry."""
+
+    def __init__(self) -> None:
+        self.status = 0
+
+    def record(self, chunks: list[Any]) -> dict[str, Any]:
+        return {"chunks": len(chunks)}
+
+    def final(self, status: int, body: Any) -> dict[str, Any]:
+        self.status = status
+        return {"final": True}
+
+
+@pytest.mark.parametrize(
+    ("events", "status"),
+    [
+        (['data: {"choices": []}\n\n', "data: [DONE]\n\n"], 200),
+        (['data: {"choices": []}\n\n'], 502),  # cut: no [DONE]
+        # a drain deadline: an in-band error event, then [DONE]; still not a complete answer
+        (
+            [
+                'data: {"choices": []}\n\n',
+                'data: {"error": {"message": "x"}}\n\n',
+                "data: [DONE]\n\n",
+            ],
+            502,
+        ),
+    ],
+)
+def test_the_final_record_calls_an_answer_complete_only_without_an_error_and_with_done(
+    events: list[str], status: int
+) -> None:
+    from flask import Response
+
+    from tdllm.api.e2e import _sealed_stream
+
+    sealer = _FinalStatus()
+    list(_sealed_stream(Response(iter(events)), sealer, 0))  # type: ignore[arg-type]
+    assert sealer.status == status

@@ -83,10 +83,14 @@ def test_a_lying_device_stops_serving_marks_not_ready_alerts_and_counts(
     assert body["phase"] == "failed"
     assert body["reason"].startswith("integrity failure: re-execution audit failed")
     assert client.get("/v1/models").get_json()["data"] == []  # the model is no longer served
-    again = client.post(
-        "/v1/completions", json={"model": "tiny-split", "prompt": PROMPT, "max_tokens": 2}
-    )
+    with caplog.at_level(logging.INFO, logger="tdllm.api"):
+        again = client.post(
+            "/v1/completions", json={"model": "tiny-split", "prompt": PROMPT, "max_tokens": 2}
+        )
     assert again.status_code == 503
+    # a deliberate 503 is one log line, not an "unhandled" error with stack frames
+    logged = [r.getMessage() for r in caplog.records if r.name == "tdllm.api"]
+    assert logged and not any("unhandled" in m or 'File "' in m for m in logged)
 
     metrics = client.get("/metrics").get_data(as_text=True)
     assert _metric(metrics, "tdllm_integrity_failures_total") == 1

@@ -84,8 +84,25 @@ def test_logprobs_refusal_says_why(client: FlaskClient) -> None:
     assert "last layer" in error["message"]
 
 
-@pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b"\xff\xfe", b"null", b'"text"'])
-def test_malformed_bodies_are_400(client: FlaskClient, raw: bytes) -> None:
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{",
+        b"[1, 2]",
+        b"\xff\xfe",
+        b"null",
+        b'"text"',
+        b'{"model": "M", "prompt": "\xed\xa0\x80"}',  # a surrogate as UTF-8 bytes (CESU-8)
+        b'\xef\xbb\xbf{"model": "M", "prompt": "hi"}',  # a byte-order mark
+        b'{"model": "M", "prompt": "a", "prompt": "b"}',
+        b"[" * 100_000 + b"]" * 100_000,  # Python's json raises RecursionError
+        b'{"model": "M", "prompt": "hi", "temperature": NaN}',
+    ],
+    ids=["cut", "array", "not UTF-8", "null", "string", "CESU-8", "BOM", "dup", "deep", "NaN"],
+)
+def test_malformed_bodies_are_400(make_app: Callable[..., Flask], raw: bytes) -> None:
+    client = make_app(max_body_bytes=1 << 20).test_client()
+    raw = raw.replace(b'"M"', f'"{MODEL}"'.encode())
     resp = client.post("/v1/completions", data=raw, content_type="application/json")
     assert_openai_error(resp, 400)
 

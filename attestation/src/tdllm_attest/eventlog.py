@@ -142,7 +142,7 @@ def parse_runtime_log(text: str) -> list[Event]:
     """
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
         raise EventLogError("runtime event log is not JSON") from None
     items = doc.get("events") if isinstance(doc, dict) else None
     if not isinstance(items, list):
@@ -157,5 +157,9 @@ def parse_runtime_log(text: str) -> list[Event]:
         if len(digest) != SHA384_SIZE:
             raise EventLogError(f"runtime event {i} lacks a 48-byte hex digest")
         description = str(item.get("description", ""))
-        events.append(Event(3, 0, digest, description.encode()))
+        try:
+            data = description.encode()
+        except UnicodeEncodeError:  # a lone surrogate, from a \ud800 escape in the JSON
+            raise EventLogError(f"runtime event {i} has a description that is not text") from None
+        events.append(Event(3, 0, digest, data))
     return events

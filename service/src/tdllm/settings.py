@@ -54,6 +54,9 @@ class Settings:
     queue_size: int = 32  # requests waiting beyond the running batch before 429
     max_body_bytes: int = 1 << 20
     request_timeout_s: float = 300.0
+    # a client must send its request line, headers and body within this many seconds of its
+    # first byte, else gunicorn_conf's worker drops it: a slow client cannot keep a thread
+    request_read_timeout_s: float = 30.0
     api_keys: tuple[str, ...] = ()  # empty: no authentication (loopback/dev)
     # sealed models: how the data key is obtained
     attestation: str = "none"  # none | tdx | simulated
@@ -86,6 +89,9 @@ class Settings:
     # per chunk, for tests)
     e2e_record_interval_ms: int = 200
     threads: int = 32  # gunicorn gthread threads in the single worker
+    # SIGTERM/SIGINT: how long requests already running may take to finish before they are
+    # ended (docs/api.md, "Shutdown"); gunicorn's graceful_timeout is this plus a margin
+    drain_timeout_s: float = 20.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -105,6 +111,8 @@ class Settings:
             problems.append("queue_size >= 0, max_body_bytes >= 1024 and threads >= 1")
         if self.boot_attempts < 1 or self.boot_backoff_s < 0 or self.request_timeout_s <= 0:
             problems.append("boot_attempts >= 1, boot_backoff_s >= 0, request_timeout_s > 0")
+        if self.request_read_timeout_s <= 0:
+            problems.append("request_read_timeout_s must be > 0")
         if self.attestation not in ATTESTATION_MODES:
             problems.append(f"attestation must be one of {', '.join(ATTESTATION_MODES)}")
         if self.attestation == "simulated" and not self.allow_simulated:
@@ -129,6 +137,8 @@ class Settings:
             problems.append("reference_values_id must be 1..200 printable characters")
         if self.profile != "td-only" or self.device != "cpu":
             problems += _protection_problems(self.profile, self.device)
+        if not (0 <= self.drain_timeout_s <= 3600):
+            problems.append("drain_timeout_s must be in 0..3600")
         if not (0 <= self.e2e_record_interval_ms <= 10_000):
             problems.append("e2e_record_interval_ms must be in 0..10000")
         if self.k < 1:

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from flask import Flask
+from flask import Flask, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from tdllm.api import attestation, e2e, health, metrics, openapi, receipts
+from tdllm.api import attestation, e2e, health, metrics, openapi, receipts, shutdown
 from tdllm.api.auth import install_api_keys
 from tdllm.api.boot import Boot, BootDeps, BootState, collateral_for, quote_provider_for
 from tdllm.api.identity import ServiceIdentity
@@ -40,6 +41,24 @@ class Service:
     boot: Boot | None = None
     # the one wall clock of request handling: receipt times, the TD's check of its own quote
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC), repr=False)
+    # SIGTERM/SIGINT: set by the worker (gunicorn_hooks), read by /ready and the OpenAI routes
+    drain: shutdown.Drain = field(default_factory=shutdown.Drain, repr=False)
+
+
+def _refuse_streamed_bodies_over(app: Flask, limit: int) -> None:
+    """A 413 for a body without Content-Length (chunked) over `limit`.
+
+    werkzeug stops reading such a body at MAX_CONTENT_LENGTH and returns what it read: the
+    handler would see a truncated body, not a refusal. So the body is read here (and cached for
+    the handler); when it fills the limit, one more byte from the server's stream decides.
+    """
+
+    @app.before_request
+    def _read_streamed_body() -> None:
+        if request.content_length is None and request.environ.get("wsgi.input_terminated"):
+            body = request.get_data()
+            if len(body) >= limit and request.environ["wsgi.input"].read(1):
+                raise RequestEntityTooLarge()
 
 
 def create_app(
@@ -69,7 +88,9 @@ def create_app(
 
     install_request_logging(app, observe)
     install_api_keys(app, settings.api_keys)
+    _refuse_streamed_bodies_over(app, settings.max_body_bytes)
     register_error_handlers(app)
+    shutdown.install(app, service.drain)
     blueprints = (health, metrics, openapi, attestation, receipts, models, completions, chat, e2e)
     for module in blueprints:
         app.register_blueprint(module.blueprint)

@@ -14,6 +14,12 @@ does. The service boots as in production: quote -> broker challenge/attest -> si
 then verifies one attestation itself against that policy, prints how to call the service (the
 exact `tdllm chat --e2e` command line too), and on SIGINT/SIGTERM stops both children.
 Needs TDLLM_ALLOW_SIMULATED_TDX=1 (the Makefile sets it), like every other simulated path.
+
+Stopping (docs/api.md, "Shutdown"): each child leads a process group of its own, so a
+terminal's Ctrl-C reaches this parent only and the parent decides the order: the service first
+(SIGTERM: it drains the requests in flight, `drain_timeout_s`), then the broker, one line per
+stage, exit 0. Another Ctrl-C meanwhile SIGKILLs both groups (the gunicorn worker too) and
+exits 130. A child that exits on its own is an error: the other is stopped, exit non-zero.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -37,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tdllm.api.appliance_state import POLICY_NAME, PRIVATE_K, ApplianceState, prepare_state
+from tdllm.api.gunicorn_hooks import DRAIN_GRACE_S
 from tdllm.api.local_service import free_port
 from tdllm.errors import TdllmError, UsageError
 from tdllm.model.bundled import BUNDLED_NAME
@@ -141,6 +149,25 @@ def _exit_on_signals() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _own_process_group(pid: int = 0) -> None:
+    """Lead a process group (from the child, and from the parent too: whichever runs first
+    wins the race with a `killpg`). A terminal's Ctrl-C then reaches the parent only."""
+    try:
+        os.setpgid(pid, pid)
+    except (PermissionError, ProcessLookupError):  # the child already did, or is gone
+        pass
+
+
+def _child_begins() -> None:
+    """First thing in a child: its own process group, then the stop signals the parent blocked
+    around the fork (see `appliance`) unblocked."""
+    _own_process_group()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -170,6 +197,7 @@ def _run_broker(
     from tdllm_attest.broker.settings import BrokerSettings
     from tdllm_attest.collateral import FetcherCollateralSource
 
+    _child_begins()
     _exit_on_signals()
     _die_with_parent()
     anchor = select_trust_anchor(
@@ -195,8 +223,10 @@ def _run_broker(
 def _run_service(settings: Settings, platform: SimulatedTdxPlatform) -> None:
     from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 
+    _child_begins()  # a group for gunicorn's master and, forked from it, its worker
     _die_with_parent()  # gunicorn's master; its worker follows the master on SIGTERM
 
+    from tdllm.api import gunicorn_hooks
     from tdllm.api.app import create_app
     from tdllm.api.boot import BootDeps
     from tdllm.api.logs import logging_config
@@ -209,10 +239,16 @@ def _run_service(settings: Settings, platform: SimulatedTdxPlatform) -> None:
             options = {
                 "bind": [f"{settings.host}:{settings.port}"],
                 "workers": 1,
-                "worker_class": "gthread",
+                # gthread with a read deadline per request (slow clients), as under `tdllm serve`
+                "worker_class": "tdllm.api.gunicorn_conf.ReadDeadlineWorker",
                 "threads": settings.threads,
                 "timeout": 60,
-                "graceful_timeout": 10,
+                # SIGTERM drains (gunicorn_hooks), as under `tdllm serve`
+                "graceful_timeout": gunicorn_hooks.graceful_timeout(settings),
+                "post_worker_init": gunicorn_hooks.post_worker_init,
+                "when_ready": gunicorn_hooks.when_ready,
+                "on_exit": gunicorn_hooks.on_exit,
+                "control_socket_disable": True,
                 "preload_app": False,
                 "logconfig_dict": logging_config(settings.log_level),
                 "accesslog": None,
@@ -230,12 +266,19 @@ def _run_service(settings: Settings, platform: SimulatedTdxPlatform) -> None:
     Gunicorn().run()
 
 
+def _check_alive(children: list[BaseProcess]) -> None:
+    for child in children:
+        if not child.is_alive():
+            raise TdllmError(
+                f"the {child.name} process exited on its own (exit code {child.exitcode}); "
+                "stopping the appliance"
+            )
+
+
 def _wait_ready(url: str, children: list[BaseProcess], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for child in children:
-            if not child.is_alive():
-                raise TdllmError(f"the {child.name} process exited ({child.exitcode})")
+        _check_alive(children)
         try:
             resp = requests.get(url + "/ready", timeout=2)
             if resp.status_code == 200:
@@ -346,15 +389,69 @@ def _demo_answer(url: str, model: str, question: str) -> str:
     return f"\nQ: {question}\nA: {answer}\n{note}"
 
 
-def _stop(children: list[BaseProcess]) -> None:
-    for child in children:
-        if child.is_alive() and child.pid is not None:
-            os.kill(child.pid, signal.SIGTERM)
-    for child in children:
-        child.join(timeout=20)
-        if child.is_alive():
-            child.kill()
-            child.join()
+class _Signals:
+    """SIGINT/SIGTERM in the parent. While `raising` (start-up, then watching the children) the
+    first one raises KeyboardInterrupt, so a wait for boot or the demo answer ends at once;
+    after that they are only counted, and the stop reads the count: a stop never gets an
+    exception thrown into the middle of it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.raising = True
+
+    def __call__(self, _signum: int, _frame: Any) -> None:
+        self.count += 1
+        if self.raising:
+            self.raising = False
+            raise KeyboardInterrupt
+
+
+def _kill_group(child: BaseProcess) -> None:
+    """SIGKILL the child's process group (the service's: gunicorn's master and worker)."""
+    if child.pid is None:
+        return
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:  # gone, or not a group leader yet: the child alone then
+        child.kill()
+
+
+@dataclass
+class _Stage:
+    child: BaseProcess
+    name: str
+    doing: str  # what its stop does, for the line that announces it
+    limit_s: float  # then SIGKILL
+
+
+def _stop_in_order(stages: list[_Stage], signals: _Signals) -> bool:
+    """Stop each child in turn: SIGTERM, wait, SIGKILL when its time is up; one line as each
+    stage begins and ends. A SIGINT/SIGTERM arriving meanwhile kills every remaining child at
+    once. Returns whether the stop was forced so."""
+    seen = signals.count
+    for index, stage in enumerate(stages):
+        child, name, limit_s = stage.child, stage.name, stage.limit_s
+        if not child.is_alive() or child.pid is None:
+            continue
+        click.echo(f"stopping the {name}{stage.doing}")
+        os.kill(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + limit_s
+        while child.is_alive():
+            if signals.count > seen:
+                click.echo("interrupted again: killing the service and the key broker now")
+                for later in stages[index:]:
+                    _kill_group(later.child)
+                for later in stages[index:]:
+                    if later.child.pid is not None:
+                        later.child.join()
+                return True
+            if time.monotonic() > deadline:
+                click.echo(f"the {name} did not stop within {limit_s:g}s: killing it")
+                _kill_group(child)
+                deadline = float("inf")
+            time.sleep(0.1)
+        click.echo(f"{name} stopped")
+    return False
 
 
 @click.command()
@@ -433,31 +530,53 @@ def appliance(state_dir: Path, ready_timeout: float, which: str, profile: str) -
     )
     service = _FORK.Process(target=_run_service, args=(settings, platform), name="service")
     children: list[BaseProcess] = [broker, service]
+    signals = _Signals()
 
-    def stop(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
+    # Blocked while the children start: a SIGINT/SIGTERM arriving now waits for the handlers
+    # below instead of being lost (a background start ignores SIGINT) or thrown into a fork.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     broker.start()
     service.start()
+    for child in children:
+        if child.pid is not None:
+            _own_process_group(child.pid)
     # Both explicitly: a shell that starts us in the background (CI, `&`, nohup) makes SIGINT
     # ignored, and Python then installs no KeyboardInterrupt handler of its own.
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    click.echo(f"key broker pid {broker.pid} on 127.0.0.1:{broker_port}; service pid {service.pid}")
+    signal.signal(signal.SIGINT, signals)
+    signal.signal(signal.SIGTERM, signals)
+    failure: Exception | None = None
     try:
-        _wait_ready(url, children, ready_timeout)
-        attested = _attest(url, platform, state)
-        card = requests.get(url + "/v1/models", timeout=10).json()["data"][0]
-        model = card["id"]
-        click.echo(_summary(url, attested, state, model, _protection_line(card)))
-        question = PRIVATE_DEMO_QUESTION if private else DEMO_QUESTION
-        click.echo(_demo_answer(url, model, question))
-        sys.stdout.flush()
-        while all(child.is_alive() for child in children):
-            time.sleep(0.5)
-        raise TdllmError("a child process exited; stopping the appliance")
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # one held arrives here
+            click.echo(
+                f"key broker pid {broker.pid} on 127.0.0.1:{broker_port}; service pid {service.pid}"
+            )
+            _wait_ready(url, children, ready_timeout)
+            attested = _attest(url, platform, state)
+            card = requests.get(url + "/v1/models", timeout=10).json()["data"][0]
+            model = card["id"]
+            click.echo(_summary(url, attested, state, model, _protection_line(card)))
+            question = PRIVATE_DEMO_QUESTION if private else DEMO_QUESTION
+            click.echo(_demo_answer(url, model, question))
+            sys.stdout.flush()
+            while True:
+                _check_alive(children)
+                time.sleep(0.5)
+        finally:
+            signals.raising = False
     except KeyboardInterrupt:
-        click.echo("stopping the service and the key broker")
-    finally:
-        _stop(children)
+        pass
+    except Exception as exc:  # a child died, or start-up failed: stop the other, then report
+        failure = exc
+    drain_s = settings.drain_timeout_s
+    draining = f" (it finishes the requests in flight, up to {drain_s:g}s)"
+    stages = [
+        _Stage(service, "service", draining, drain_s + DRAIN_GRACE_S + 5),
+        _Stage(broker, "key broker", "", 10.0),
+    ]
+    forced = _stop_in_order(stages, signals)
+    if failure is not None:
+        raise failure
+    if forced:
+        sys.exit(130)  # as a shell reports a process stopped by Ctrl-C
     click.echo("stopped")

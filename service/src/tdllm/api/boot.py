@@ -7,15 +7,24 @@ by the broker key pinned in the image (`broker_public_key`); the released data k
 sealed directory only if the broker released it for exactly the model and version the
 authenticated manifest names, and not below `min_model_version`; its tensors are decrypted
 straight into the model's memory. Nothing plaintext is ever written to disk. An unreachable
-broker (or a 429/5xx answer) is retried with doubling back-off up to ``boot_attempts``; a
-refusal, and an answer the pinned broker key did not sign, are final. Until the engine runs,
-`/ready` answers 503 with `BootState.reason`. Dev sources (bundled, GGUF, directory) skip
-attestation.
+broker (or a 429/5xx answer, or a garbled one: not JSON, cut off, the wrong fields, a proxy's
+error page, no answer within the timeout) is retried with doubling back-off up to
+``boot_attempts``; a refusal, and an answer the pinned broker key did not sign, are final. Until
+the engine runs, `/ready` answers 503 with `BootState.reason`. Dev sources (bundled, GGUF,
+directory) skip attestation.
+
+Once serving, an engine that stops for any reason but an integrity failure (the untrusted device
+process died or stalled, a step raised) asks its supervisor for a fresh process
+(`restart_worker`): under gunicorn the worker exits gracefully and the master forks a new one,
+which boots from scratch (attests, takes the key again, starts a new device). An integrity
+failure stays failed: a restart would trust the lying device again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tdllm.api.metrics import ServiceMetrics
-from tdllm.api.runner import EngineRunner
+from tdllm.api.runner import EngineRunner, StepObserver
 from tdllm.settings import Settings
 
 if TYPE_CHECKING:  # imported lazily at run time: a plain model needs neither
@@ -35,10 +44,15 @@ if TYPE_CHECKING:  # imported lazily at run time: a plain model needs neither
 
 log = logging.getLogger("tdllm.api.boot")
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
+BROKER_TIMEOUT_S = 30.0
 
 
 class BootFailed(Exception):  # noqa: N818  # reads as the event
     """Boot cannot complete; the message is the not-ready reason (no secrets in it)."""
+
+
+class GarbledAnswer(Exception):  # noqa: N818  # reads as the event
+    """The broker's HTTP answer is not a JSON object (a cut-off body, a proxy's HTML page)."""
 
 
 @dataclass
@@ -49,6 +63,47 @@ class BootDeps:
     transport: Any = None  # a tdllm_attest.broker.client.Transport
     collateral: Callable[[bytes], str] | None = None
     sleep: Callable[[float], None] | None = None
+    broker_timeout_s: float = BROKER_TIMEOUT_S  # per HTTP exchange with the broker
+    # asks the supervisor for a fresh process after the engine stopped (not for an integrity
+    # failure); called on the engine thread with the reason. Default: `restart_worker`.
+    restart: Callable[[str], None] | None = None
+
+
+class BrokerTransport:
+    """The broker over HTTP(S), strict about what comes back: the HTTP status decides between a
+    retry and a refusal whatever the body says (a proxy's error page has no problem+json), and
+    a 200 whose body is not a JSON object is `GarbledAnswer` (retried), not an empty answer."""
+
+    def __init__(self, base_url: str, timeout_s: float = BROKER_TIMEOUT_S) -> None:
+        import requests
+
+        self.base_url, self.timeout_s = base_url, timeout_s
+        self.session = requests.Session()
+
+    def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        resp = self.session.post(self.base_url + path, json=body, timeout=self.timeout_s)
+        try:
+            doc = resp.json()
+        except ValueError:
+            doc = None
+        if resp.status_code != 200:
+            problem = doc if isinstance(doc, dict) else {}
+            return resp.status_code, problem | {"status": resp.status_code}
+        if not isinstance(doc, dict):  # sizes only: the body is the host's to choose
+            what = "not JSON" if doc is None else "JSON but not an object"
+            raise GarbledAnswer(f"HTTP 200, {len(resp.content)} bytes, {what}")
+        return 200, doc
+
+
+def restart_worker(reason: str) -> None:
+    """Ask gunicorn for a fresh worker: a graceful exit (streams still get their error event;
+    the master forks a new worker, which boots from scratch). Outside gunicorn (tests, a dev
+    server) there is no supervisor to ask: the service stays failed, and says so on /ready."""
+    if not os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/"):
+        log.error("engine stopped (%s); no supervisor: staying failed", reason)
+        return
+    log.error("engine stopped (%s); restarting the worker for a fresh boot", reason)
+    os.kill(os.getpid(), signal.SIGTERM)  # the gunicorn worker's own graceful-exit signal
 
 
 @dataclass
@@ -78,14 +133,44 @@ class BootState:
 
     @property
     def ready(self) -> bool:
-        if self.phase == "ready" and self.runner is not None and not self.runner.alive:
-            self.set("failed", self.runner.failed or "the engine stopped")  # e.g. a lying device
-        return self.phase == "ready" and self.runner is not None and self.runner.alive
+        runner = self.runner
+        if self.phase == "ready" and runner is not None and not _serving(runner):
+            self.set("failed", runner.failed or "the engine stopped")  # e.g. a lying device
+        return self.phase == "ready" and runner is not None and _serving(runner)
 
     def not_ready_reason(self) -> str:
-        if self.phase == "ready" and self.runner is not None and not self.runner.alive:
+        if self.phase == "ready" and self.runner is not None and not _serving(self.runner):
             return self.runner.failed or "the engine stopped"
         return self.reason
+
+
+def _serving(runner: EngineRunner) -> bool:
+    # `failed` is set before the engine thread ends: not ready from the moment requests fail
+    return runner.alive and runner.failed is None
+
+
+def supervised(observer: StepObserver, restart: Callable[[str], None]) -> StepObserver:
+    """`observer`, whose failure hook also calls `restart` unless a device failed an integrity
+    check (then serving stops for good: a restart would trust the lying device again).
+
+    A dead or stalled device (or any failed step) leaves no half-state to resume: the KV caches
+    of every running sequence went with it, so the whole worker starts over.
+    """
+    record = observer.on_failure
+
+    def on_failure(reason: str, integrity: bool) -> None:
+        record(reason, integrity)
+        if not integrity:
+            restart(reason)
+
+    observer.on_failure = on_failure
+    return observer
+
+
+def _printable(value: object, limit: int = 120) -> str:
+    """`value` as text fit for /ready and the log: the broker's (or the host's) words, bounded."""
+    text = "".join(c if c.isprintable() else "?" for c in str(value))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def quote_provider_for(settings: Settings, deps: BootDeps) -> tuple[Any, bool]:
@@ -237,13 +322,13 @@ class Boot:
             BrokerAuthenticationError,
             KeyClient,
             KeyReleaseError,
-            RequestsTransport,
         )
         from tdllm_attest.errors import AttestationError
 
         url, key_id = self.settings.broker_url or "", self.settings.key_id or ""
         provider = self.state.quote_provider
-        transport = self.deps.transport or RequestsTransport(url, timeout_s=30)
+        timeout = self.deps.broker_timeout_s
+        transport = self.deps.transport or BrokerTransport(url, timeout)
         # no collateral in the request: the broker verifies against collateral it fetched itself
         client = KeyClient(transport=transport, provider=provider, broker_key=self._broker_key())
         sleep = self.deps.sleep or self.state._stopped.wait
@@ -260,29 +345,44 @@ class Boot:
             except BrokerAuthenticationError as exc:  # an impostor: never retried, never used
                 metric.labels("unauthenticated").inc()
                 raise BootFailed(f"refusing the key broker's answer: {exc}") from None
-            except requests.RequestException as exc:
-                why = f"key broker unreachable ({type(exc).__name__})"
-                metric.labels("unreachable").inc()
+            except GarbledAnswer as exc:
+                why, outcome = f"the key broker's answer is garbled ({exc})", "garbled"
+            except requests.Timeout:
+                why, outcome = f"the key broker did not answer within {timeout:g}s", "unreachable"
+            except requests.exceptions.ChunkedEncodingError:  # fewer bytes than announced
+                why, outcome = "the key broker's answer was cut off", "garbled"
+            except requests.RequestException as exc:  # refused, reset
+                why, outcome = f"key broker unreachable ({type(exc).__name__})", "unreachable"
             except KeyReleaseError as exc:
                 status = exc.problem.get("status")
-                kind = exc.problem.get("type", "")
-                if status not in _RETRY_STATUSES:
+                kind = _printable(exc.problem.get("type", ""))
+                if status is None:  # a 200 with the wrong fields, or a key that does not unwrap
+                    why, outcome = (
+                        f"the key broker's answer is garbled ({_printable(exc)})",
+                        "garbled",
+                    )
+                elif status not in _RETRY_STATUSES:
                     metric.labels("refused").inc()
                     raise BootFailed(
                         f"the key broker refused the key: {status} {kind}".strip()
                     ) from None
-                if str(kind).endswith("collateral-unavailable"):
+                elif kind.endswith("collateral-unavailable"):
                     why = "the key broker has no current attestation collateral (its PCCS)"
+                    outcome = "busy"
                 else:
-                    why = f"key broker busy ({status})"
-                metric.labels("busy").inc()
+                    why, outcome = f"key broker busy ({status})", "busy"
             except AttestationError as exc:
                 metric.labels("quote_failed").inc()
                 raise BootFailed(f"cannot produce a quote: {exc}") from None
+            metric.labels(outcome).inc()
             log.warning("%s; attempt %d/%d", why, attempt, attempts)
             if attempt == attempts:
-                raise BootFailed(f"{why}; gave up after {attempts} attempts")
-            self.state.set("attesting", f"{why}; retrying in {delay:g}s")
+                raise BootFailed(
+                    f"{why}; gave up after {attempts} attempts (restart the service to retry)"
+                )
+            self.state.set(
+                "attesting", f"{why} (attempt {attempt}/{attempts}); retrying in {delay:g}s"
+            )
             sleep(delay)
             delay = min(delay * 2, self.settings.boot_backoff_max_s)
         raise AssertionError("unreachable")
@@ -313,7 +413,7 @@ class Boot:
             engine,
             model_name=s.served_model_name or default_name,
             queue_size=s.queue_size,
-            observer=self.state.metrics.observer(),
+            observer=supervised(self.state.metrics.observer(), self.deps.restart or restart_worker),
             protection={
                 "profile": s.profile,
                 "device": s.device if offloaded else None,

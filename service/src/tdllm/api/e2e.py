@@ -36,6 +36,7 @@ from flask.typing import ResponseReturnValue
 
 from tdllm.api.openai import sse
 from tdllm.api.openai.errors import ApiError, invalid
+from tdllm.api.openai.protocol import check_json, decode_json
 from tdllm_attest.client.e2e_protocol import (
     E2E_PROFILES,
     E2eDecryptError,
@@ -114,10 +115,12 @@ def e2e_chat_completion() -> ResponseReturnValue:
     except ValueError as exc:
         return _sealed_whole(keys, signer, streamed, 400, invalid(str(exc)).body())
     try:
-        inner = _dispatch(sealed)
-    except ValueError:  # NaN or an infinity: no canonical bytes, and no OpenAI field takes one
-        message = "the sealed request is not canonical JSON (NaN or an infinity)"
-        return _sealed_whole(keys, signer, streamed, 400, invalid(message).body())
+        # the plain endpoint's rules for bodies, before canonical_json re-encodes the request
+        # (a lone surrogate, NaN or a deep nest would otherwise fail there, as a 500)
+        check_json(sealed.request)
+    except ApiError as error:
+        return _sealed_whole(keys, signer, streamed, error.status, error.body())
+    inner = _dispatch(sealed)
     if inner.status_code == 401:  # only authenticated requests keep a place in the cache
         _replays().forget(keys.enc_sha256)
     if inner.mimetype != sse.MIMETYPE:  # a whole answer, or an error before any token
@@ -135,7 +138,11 @@ def _open_first_use(private_key: bytes) -> tuple[Any, ExchangeKeys]:
     The cache is consulted only after the HPKE open succeeded, so garbage cannot fill it.
     """
     try:
-        plaintext, keys = open_request(private_key, request.get_json(silent=True))
+        envelope = decode_json(request.get_data())
+    except ApiError as error:  # the plain endpoints' strict decoding, with this endpoint's code
+        raise invalid(error.message, None, "e2e_decrypt_failed") from None
+    try:
+        plaintext, keys = open_request(private_key, envelope)
     except E2eDecryptError as exc:
         raise invalid(str(exc), None, "e2e_decrypt_failed") from None
     if not _replays().first_use(keys.enc_sha256):
@@ -174,7 +181,8 @@ def _dispatch(sealed: SealedRequest) -> Response:
     the sealed API key through the app's own key check (never the outer request's headers).
 
     Its body is canonical_json(request): bytes the client can recompute, so the receipt's
-    request digest inside the sealed answer is checkable (ValueError on NaN or infinities).
+    request digest inside the sealed answer is checkable (`check_json` has already refused what
+    has no canonical bytes: NaN, infinities, lone surrogates).
 
     A streamed answer's body still runs under this inner request context: the chat handler
     wraps it in `stream_with_context`, which re-enters that context while it is iterated.
@@ -195,10 +203,12 @@ def _dispatch(sealed: SealedRequest) -> Response:
 
 @dataclass
 class _PlainStream:
-    """The chunks of the plain SSE stream; `done` once its ``[DONE]`` went by."""
+    """The chunks of the plain SSE stream; `done` once its ``[DONE]`` went by, `failed` once an
+    in-band error event did (a drain deadline sends one before ``[DONE]``)."""
 
     events: Iterable[bytes | str]
     done: bool = False
+    failed: bool = False
 
     def chunks(self) -> Iterator[Any]:
         for raw in self.events:
@@ -210,15 +220,18 @@ class _PlainStream:
                 if data == _DONE:
                     self.done = True
                 else:
-                    yield json.loads(data)
+                    chunk = json.loads(data)
+                    self.failed = self.failed or "error" in chunk
+                    yield chunk
 
 
 def _sealed_stream(inner: Response, sealer: StreamSealer, interval_s: float) -> Iterator[str]:
     """One sealed record per batch of chunks, then a signed final record.
 
-    Without ``[DONE]`` (the plain stream stopped early, e.g. an in-band error) the final record
-    says 502, so a client never mistakes a cut answer for a complete one. Closing this generator
-    (the client went away) closes the plain stream, which cancels the sequence in the engine.
+    Without ``[DONE]``, or after an in-band error event (the plain stream stopped early), the
+    final record says 502, so a client never mistakes a cut answer for a complete one. Closing
+    this generator (the client went away) closes the plain stream, which cancels the sequence in
+    the engine.
     """
     plain = _PlainStream(inner.response)
     if interval_s > 0:
@@ -228,7 +241,7 @@ def _sealed_stream(inner: Response, sealer: StreamSealer, interval_s: float) -> 
     with closing(batches):
         for batch in batches:
             yield sse.event(sealer.record(batch))
-    if plain.done:
+    if plain.done and not plain.failed:
         yield sse.event(sealer.final(200, None))
     else:
         error = {"message": "the stream ended early", "type": "server_error"}

@@ -33,6 +33,11 @@ class RunnerStopped(Exception):  # noqa: N818
     """The engine thread is gone (shutdown or a failed step); the request cannot finish."""
 
 
+class ShuttingDown(RunnerStopped):
+    """The service is stopping: a new request is refused (`stop_admitting`), or one still
+    outstanding when the engine is stopped is ended (`stop`, at the drain deadline)."""
+
+
 @dataclass
 class RunnerStats:
     """Counters for tests and metrics; written only by the engine thread."""
@@ -117,6 +122,9 @@ class EngineRunner:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tdllm-engine", daemon=True)
         self.failed: str | None = None
+        self._admitting = True  # False once a drain began
+        self._idle = threading.Condition(self._lock)  # notified when nothing is outstanding
+        self._stop_reason = "the engine stopped before this request finished"
 
     # -- any thread -------------------------------------------------------------------------------
 
@@ -124,9 +132,31 @@ class EngineRunner:
         self._thread.start()
         return self
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0, reason: str | None = None) -> None:
+        """Stop the engine thread; requests still outstanding end with `ShuttingDown(reason)`."""
+        if reason is not None:
+            self._stop_reason = reason
+        self.stop_admitting()  # nothing may slip into the inbox after the thread emptied it
         self._stop.set()
         self._thread.join(timeout_s)
+
+    def stop_admitting(self) -> None:
+        """A drain begins: `submit` raises `ShuttingDown` from now on; what runs, runs on."""
+        with self._lock:
+            self._admitting = False
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until nothing is outstanding (or the engine thread is gone); False if
+        `timeout_s` passed first."""
+        deadline = time.monotonic() + timeout_s
+        with self._idle:
+            while self._outstanding > 0 and self.alive:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                # a slice at a time: an engine thread that dies notifies no one
+                self._idle.wait(min(remaining, _IDLE_POLL_S))
+        return True
 
     @property
     def alive(self) -> bool:
@@ -140,12 +170,16 @@ class EngineRunner:
         """Queue a request (prompt already checked against the engine's limits)."""
         if not self.alive:
             raise RunnerStopped(self.failed or "the engine is not running")
-        with self._lock:
+        handle = RequestHandle(self, prompt, params)
+        with self._lock:  # against `_fail`: a request is refused, or queued before its drain
+            if self.failed is not None:
+                raise RunnerStopped(self.failed)
+            if not self._admitting:
+                raise ShuttingDown("the service is shutting down and takes no new requests")
             if self._outstanding >= self.capacity:
                 raise Overloaded()
             self._outstanding += 1
-        handle = RequestHandle(self, prompt, params)
-        self._inbox.put(("submit", handle))
+            self._inbox.put(("submit", handle))
         return handle
 
     # -- the engine thread ------------------------------------------------------------------------
@@ -160,8 +194,11 @@ class EngineRunner:
                 self._drain_inbox(block=not self.engine.has_work and not busy_idle)
                 if self.engine.has_work:
                     self._step()
+            self._end_outstanding()
         except DeviceIntegrityError as exc:  # a lying device: stop serving this model for good
             self._fail(f"integrity failure: {exc}", integrity=True)
+        except ConnectionError as exc:  # the device link: our own words, no request content
+            self._fail(f"untrusted device lost: {exc}", integrity=False)
         except Exception as exc:  # a failed step must not leave requests waiting forever
             self._fail(f"engine step failed ({type(exc).__name__})", integrity=False)
         finally:
@@ -173,7 +210,8 @@ class EngineRunner:
         The reason and the log carry the error's own text (which slots, which projection),
         never request content.
         """
-        self.failed = reason
+        with self._lock:  # from here on `submit` refuses, so the drain below misses no request
+            self.failed = reason
         fields = {"model": self.model_name, "failed_requests": len(self._by_id)}
         if integrity:
             fields |= {"alert": "device_integrity", "profile": self.protection.get("profile")}
@@ -183,7 +221,15 @@ class EngineRunner:
         try:
             self.observer.on_failure(reason, integrity)
         finally:
-            for handle in list(self._by_id.values()):
+            waiting = []  # submitted during the failed step: the engine never saw them
+            while True:
+                try:
+                    action, handle = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if action == "submit":
+                    waiting.append(handle)
+            for handle in [*self._by_id.values(), *waiting]:
                 handle.events.put(RunnerStopped(reason))
 
     def _drain_inbox(self, *, block: bool) -> None:
@@ -236,9 +282,31 @@ class EngineRunner:
                 self._ids.pop(id(handle), None)
                 self._release()
 
+    def _end_outstanding(self) -> None:
+        """`stop` was called: every request still running or queued ends with `ShuttingDown`,
+        so no HTTP thread waits out its timeout for an engine that is gone."""
+        ended = list(self._by_id.values())
+        self._by_id.clear()
+        self._ids.clear()
+        while True:
+            try:
+                action, handle = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if action == "submit" and handle.finished:  # cancelled before the engine saw it
+                self._release()
+            elif action == "submit":
+                ended.append(handle)
+            # a "cancel" is for a request ended above (or already released)
+        for handle in ended:
+            handle.events.put(ShuttingDown(self._stop_reason))
+            self._release()
+
     def _release(self) -> None:
         with self._lock:
             self._outstanding -= 1
+            if self._outstanding == 0:
+                self._idle.notify_all()
 
 
 def _idle_work(engine: Engine) -> Callable[[], bool] | None:

@@ -32,6 +32,8 @@ DEFAULT_CHUNK_SIZE = 1 << 20  # plaintext bytes per chunk
 DEFAULT_MAX_FILE_SIZE = 4 << 30  # a new data file starts before a tensor that would cross this
 MAX_MANIFEST_BYTES = 256 << 20  # refuse to parse anything bigger (a tokenizer.json is a few MB)
 DEFAULT_MODEL_VERSION = 1
+MAX_DIMENSIONS = 8  # axes of a stored tensor
+MAX_DIMENSION = 1 << 32  # elements along one axis
 
 SEALED = "sealed"
 PUBLIC = "public"
@@ -173,6 +175,10 @@ class TensorEntry:
         )
         if entry.dtype not in DTYPES or entry.protection not in (SEALED, PUBLIC):
             raise ValueError("unknown dtype or protection")
+        # an empty tensor passes the size checks whatever its other dimensions; torch refuses
+        # (TypeError) a dimension past int64, and no real tensor has one past 2**32 or 8 axes
+        if len(entry.shape) > MAX_DIMENSIONS or any(d > MAX_DIMENSION for d in entry.shape):
+            raise ValueError("tensor shape out of range")
         if entry.protection == SEALED:
             expected_chunks = chunk_count(entry.nbytes, chunk_size)
             expected_length = entry.nbytes + expected_chunks * CHUNK_OVERHEAD

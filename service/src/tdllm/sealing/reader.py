@@ -46,8 +46,10 @@ _MAC = re.compile(r"[0-9a-f]{64}")  # lowercase only: one encoding per MAC, no m
 
 
 def is_sealed_directory(path: Path) -> bool:
-    """Whether `path` looks like a sealed model (has the manifest file)."""
-    return (path / fmt.MANIFEST_NAME).is_file()
+    """Whether `path` looks like a sealed model: the manifest, or sealed data files without it
+    (the manifest is written last: `open_sealed` refuses such a cut-off directory, rather than
+    it being read as something else)."""
+    return (path / fmt.MANIFEST_NAME).is_file() or any(path.glob("weights-*.sealed"))
 
 
 def open_sealed(

@@ -2,7 +2,14 @@
 
 Only ciphertext (and the tensors the caller chose to make public) ever reaches the disk: each
 tensor is encrypted from its in-memory bytes into a reused buffer and written from there; no
-temporary files, and the data key is never written anywhere except wrapped inside a JWE.
+plaintext temporary files, and the data key is never written anywhere except wrapped inside a
+JWE.
+
+Everything is written into a hidden sibling directory (``.NAME.sealing-RANDOM``), fsynced, and
+renamed to the output only once the manifest is in it: an interrupted seal (killed, disk full)
+never leaves an output directory at all, let alone one that opens. A failure that Python sees
+removes the sibling; a kill leaves it (ciphertext and public tensors only, no manifest) to be
+deleted by hand.
 """
 
 from __future__ import annotations
@@ -81,7 +88,7 @@ def seal_checkpoint(
     if dtype is not None and dtype not in fmt.DTYPE_NAMES:
         raise UsageError(f"cannot store tensors as {dtype}")
     identity = _model_version(checkpoint.name if model_name is None else model_name, model_version)
-    _prepare_directory(out)
+    work = _prepare_directory(out)
     model_id = os.urandom(16).hex()
     key = bytearray(data_key) if data_key is not None else bytearray(os.urandom(32))
     chunk_key = fmt.derive_key(key, model_id, fmt.CHUNK_KEY)
@@ -97,7 +104,7 @@ def seal_checkpoint(
     try:
         entries = _write_tensors(
             checkpoint,
-            out,
+            work,
             _Plan(model_id, dtype, seal_patterns, public_patterns, chunk_size, max_file_size),
             AESGCM(chunk_key),
             report,
@@ -113,7 +120,7 @@ def seal_checkpoint(
             "chunk_size": chunk_size,
             "config": checkpoint.config.to_hf(),
             "tokenizer": _tokenizer_json(checkpoint),
-            "files": [{"name": n, "size": (out / n).stat().st_size} for n in report.files],
+            "files": [{"name": n, "size": (work / n).stat().st_size} for n in report.files],
             "tensors": [e.to_json() for e in entries],
         }
         mac = hmac.HMAC(mac_key, hashes.SHA256())
@@ -124,9 +131,12 @@ def seal_checkpoint(
             "mac": mac.finalize().hex(),
             "recipients": [wrap_data_key(key, r, model_id, report.key_id) for r in recipients],
         }
-        (out / fmt.MANIFEST_NAME).write_bytes(fmt.canonical_json(document))
+        _write_synced(work / fmt.MANIFEST_NAME, fmt.canonical_json(document))
+        _fsync_path(work)  # the names inside it, before the rename publishes them
+        os.rename(work, out)  # atomic; replaces `out` only if it is an empty directory
+        _fsync_path(out.parent)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
         wipe(key, chunk_key, mac_key)
@@ -160,10 +170,29 @@ def _model_version(name: str, version: int) -> fmt.ModelVersion:
         ) from None
 
 
-def _prepare_directory(out: Path) -> None:
+def _prepare_directory(out: Path) -> Path:
+    """The hidden sibling of `out` to write into (`out` itself appears only when complete)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty directory")
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.sealing-{os.urandom(6).hex()}"
+    work.mkdir()
+    return work
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_path(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _tokenizer_json(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -262,8 +291,7 @@ class _DataFiles:
         self.offset += len(data)
 
     def _next(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        self._close()
         name = fmt.DATA_FILE_PATTERN.format(len(self.names))
         self.file = open(self.out / name, "xb")  # closed in _next / __exit__
         self.names.append(name)
@@ -278,5 +306,13 @@ class _DataFiles:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._close(sync=exc_type is None)
+
+    def _close(self, sync: bool = True) -> None:
+        """Flush the current file to the disk: the manifest must never outlive its data."""
         if self.file is not None:
-            self.file.close()
+            file, self.file = self.file, None
+            with file:
+                if sync:
+                    file.flush()
+                    os.fsync(file.fileno())

@@ -7,11 +7,19 @@ framed by an 8-byte length. The TD side never unpickles anything the device send
 device could otherwise run code in the TD); it parses JSON and copies bytes into tensors of the
 shape and dtype it expects. (`multiprocessing` with spawn re-imports the caller's main script,
 which a CLI or a test runner cannot promise to survive; a plain subprocess has no such trap.)
+
+The host may kill or stop the device process at any moment. The TD's end of the pipes never
+waits longer than ``timeout_s`` for progress, and a dead, exited or stalled device raises
+`DeviceLostError` (a `ConnectionError`), which stops the engine; the service then restarts as a
+whole (docs/api.md, "Device failures"), since the device's KV caches went with it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
 from typing import IO, Any
@@ -23,6 +31,9 @@ from tdllm.untrusted.prefix import PrefixShape, PublicPrefix
 from tdllm.untrusted.transcript import Transcript, tensor_bytes
 
 Message = tuple[dict[str, Any], dict[str, torch.Tensor]]
+# how long the TD waits for the device to make progress (read or take bytes): far beyond any
+# step's work, so only a stopped or wedged device trips it
+DEFAULT_TIMEOUT_S = 300.0
 # the only tensor types that may cross; anything else in a header is a protocol error
 WIRE_DTYPES = {
     str(d): d
@@ -61,6 +72,51 @@ class Channel:
         return data
 
 
+class DeviceLostError(ConnectionError):
+    """The device process died, exited or stalled; the message says which (no tensor data)."""
+
+
+class TimedChannel(Channel):
+    """The TD's end over the raw pipe descriptors: every wait for the device to read or write
+    gives up after `timeout_s` without progress, so a stopped device cannot hang the engine."""
+
+    def __init__(self, reader: IO[bytes], writer: IO[bytes], timeout_s: float) -> None:
+        super().__init__(reader, writer)
+        self.timeout_s = timeout_s
+        self._in, self._out = reader.fileno(), writer.fileno()
+        os.set_blocking(self._out, False)  # a full pipe must not block past the deadline
+
+    def send_bytes(self, data: bytes) -> None:
+        self._write(len(data).to_bytes(8, "little"))
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            self._wait(self._out, select.POLLOUT)
+            try:
+                view = view[os.write(self._out, view) :]
+            except BlockingIOError:
+                continue
+
+    def _read(self, size: int) -> bytes:
+        data = bytearray(size)
+        view, done = memoryview(data), 0
+        while done < size:
+            self._wait(self._in, select.POLLIN)
+            got = os.readv(self._in, [view[done:]])
+            if got == 0:
+                raise EOFError("the device process closed its pipe")
+            done += got
+        return bytes(data)
+
+    def _wait(self, fd: int, event: int) -> None:
+        poller = select.poll()
+        poller.register(fd, event)
+        if not poller.poll(int(self.timeout_s * 1000)):
+            raise TimeoutError(f"no progress within {self.timeout_s:g}s")
+
+
 def send(conn: Channel, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[int]:
     """Write one message; returns the byte count of each part (header first)."""
     specs = [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype)} for n, t in tensors.items()]
@@ -96,21 +152,29 @@ class ProcessDevice:
 
     kind = "process"
 
-    def __init__(self, keep_payloads: bool = False) -> None:
+    def __init__(self, keep_payloads: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.transcript = Transcript(keep_payloads)
         command = [sys.executable, "-m", "tdllm.untrusted.process_device"]
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [*command, str(torch.get_num_threads())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            bufsize=0,  # raw pipes: TimedChannel polls the descriptors themselves
         )
         if self.process.stdin is None or self.process.stdout is None:
             raise RuntimeError("the device process has no pipes")
-        self.conn = Channel(self.process.stdout, self.process.stdin)
+        self.conn = TimedChannel(self.process.stdout, self.process.stdin, timeout_s)
+        self.lost: str | None = None  # why the device is gone; every later call fails at once
 
     def _call(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Message:
-        send(self.conn, header, tensors)
-        (reply, out), raw = receive(self.conn)
+        if self.lost is not None:
+            raise DeviceLostError(self.lost)
+        try:
+            send(self.conn, header, tensors)
+            (reply, out), raw = receive(self.conn)
+        except (EOFError, OSError) as exc:  # OSError: a broken pipe, TimeoutError
+            self.lost = self._why_lost(stalled=isinstance(exc, TimeoutError))
+            raise DeviceLostError(self.lost) from None
         self.transcript.metadata("from_device", "reply", raw)
         for name, tensor in out.items():
             self.transcript.tensor("from_device", name, tensor)
@@ -155,12 +219,27 @@ class ProcessDevice:
     def dump(self) -> dict[str, torch.Tensor]:
         return self._call({"op": "dump"}, {})[1]
 
+    def _why_lost(self, *, stalled: bool) -> str:
+        """Reap the device process (killing a stalled one) and say how it ended."""
+        if stalled:
+            self.process.kill()
+        try:
+            code = self.process.wait(timeout=10)  # its pipe closes just before it is reapable
+        except subprocess.TimeoutExpired:  # it closed its pipe but lives on: end it
+            self.process.kill()
+            code = self.process.wait()
+        if stalled:
+            return f"the device process did not answer within {self.conn.timeout_s:g}s (killed)"
+        if code < 0:
+            return f"the device process was killed by {signal.Signals(-code).name}"
+        return f"the device process exited with code {code}"
+
     def close(self) -> None:
         if self.process.poll() is None:
             try:
                 send(self.conn, {"op": "close"}, {})
                 self.process.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
+            except (OSError, subprocess.TimeoutExpired):  # OSError: TimeoutError too
                 self.process.kill()
                 self.process.wait()
         for pipe in (self.process.stdin, self.process.stdout):

@@ -21,7 +21,14 @@ from tdllm.api.openai import sse
 from tdllm.api.openai.errors import ApiError, from_exception, invalid, not_ready, queue_full
 from tdllm.api.openai.protocol import Sampling
 from tdllm.api.receipts import PendingReceipt, pending_receipt
-from tdllm.api.runner import EngineRunner, Overloaded, RequestHandle, RunnerStopped
+from tdllm.api.runner import (
+    EngineRunner,
+    Overloaded,
+    RequestHandle,
+    RunnerStopped,
+    ShuttingDown,
+)
+from tdllm.api.shutdown import draining, shutting_down
 from tdllm.engine import SamplingParams
 from tdllm_attest.client.receipt_protocol import RECEIPT_FIELD, StreamDigest, body_sha256
 
@@ -54,7 +61,10 @@ class Generation:
 
 
 def running_engine() -> EngineRunner:
-    state = current_app.extensions["tdllm"].state
+    service = current_app.extensions["tdllm"]
+    if draining(service):
+        raise shutting_down("the service is shutting down and takes no new requests")
+    state = service.state
     if not state.ready:
         raise not_ready(state.not_ready_reason())
     runner: EngineRunner = state.runner
@@ -122,6 +132,8 @@ def start(
         handle = runner.submit(prompt, params)
     except Overloaded:
         raise queue_full() from None
+    except ShuttingDown as exc:  # the drain began after `running_engine`
+        raise shutting_down(str(exc)) from None
     except RunnerStopped as exc:
         raise not_ready(str(exc)) from None
     service.metrics.prompt_tokens.inc(len(prompt))
@@ -159,6 +171,12 @@ def complete(gen: Generation) -> tuple[str, str]:
         for text, finish in _outputs(gen):
             parts.append(text)
             reason = finish or reason
+    except ShuttingDown as exc:  # still running at the drain deadline
+        g.log_fields |= {
+            "completion_tokens": gen.usage.completion_tokens,
+            "finish_reason": "shutdown",
+        }
+        raise shutting_down(str(exc)) from None
     except (RunnerStopped, TimeoutError) as exc:
         raise not_ready(str(exc)) from None
     g.log_fields |= {"completion_tokens": gen.usage.completion_tokens, "finish_reason": reason}
@@ -203,6 +221,11 @@ def stream(
                     fields.update(
                         completion_tokens=gen.usage.completion_tokens, finish_reason=finish
                     )
+        except ShuttingDown as exc:  # the drain deadline: a final error event, a proper end
+            fields.update(completion_tokens=gen.usage.completion_tokens, finish_reason="shutdown")
+            yield sse.event(shutting_down(str(exc)).body())
+            yield sse.DONE
+            return
         except Exception as exc:  # headers are gone: report in-band, the way OpenAI does
             yield sse.event(from_exception(_as_api_error(exc)).body())
             return
