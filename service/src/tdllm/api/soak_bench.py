@@ -137,6 +137,17 @@ def _chat_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
     }
 
 
+def _open_stream(
+    http: requests.Session, url: str, model: str, prompt: str, max_tokens: int
+) -> requests.Response:
+    return http.post(
+        url + "/v1/chat/completions",
+        json=_chat_body(model, prompt, max_tokens),
+        stream=True,
+        timeout=120,
+    )
+
+
 def full_stream(
     http: requests.Session, url: str, model: str, prompt: str, max_tokens: int, tally: Tally
 ) -> None:
@@ -144,12 +155,7 @@ def full_stream(
     start = time.monotonic()
     ttft, tokens, finished, done = -1.0, 0, False, False
     try:
-        with http.post(
-            url + "/v1/chat/completions",
-            json=_chat_body(model, prompt, max_tokens),
-            stream=True,
-            timeout=120,
-        ) as r:
+        with _open_stream(http, url, model, prompt, max_tokens) as r:
             if r.status_code != 200:
                 tally.add("stream", f"http_{r.status_code}")
                 return
@@ -181,12 +187,7 @@ def abandoned_stream(
 ) -> None:
     """Read a few chunks, then close the connection as an impatient client does."""
     try:
-        with http.post(
-            url + "/v1/chat/completions",
-            json=_chat_body(model, prompt, max_tokens),
-            stream=True,
-            timeout=120,
-        ) as r:
+        with _open_stream(http, url, model, prompt, max_tokens) as r:
             if r.status_code != 200:
                 tally.add("disconnect", f"http_{r.status_code}")
                 return
