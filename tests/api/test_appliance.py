@@ -106,6 +106,32 @@ def _appliance_attestation(
     return verify_attestation(doc, nonce, anchor, now=datetime.now(UTC), policy=policy)
 
 
+def _start_appliance(
+    tmp_path: Path,
+    *,
+    state_dir: Path | None = None,
+    args: tuple[str, ...] = ("--model", "bundled"),
+    background: bool = False,
+    stderr: Path | None = None,
+    **env_changes: str,
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """`tdllm appliance` on a free port, stdout into ``out.txt``; `background`: started as a
+    shell starts a background job (SIGINT ignored), as CI does."""
+    port = free_port()
+    env = dict(os.environ, TDLLM_PORT=str(port), TDLLM_ALLOW_SIMULATED_TDX="1", **env_changes)
+    out = tmp_path / "out.txt"
+    state = state_dir if state_dir is not None else tmp_path / "state"
+    with out.open("wb") as sink, stderr.open("wb") if stderr else open(os.devnull, "wb") as errors:
+        process = subprocess.Popen(  # our own CLI, fixed argv
+            [TDLLM, "appliance", "--state-dir", str(state), *args],
+            env=env,
+            stdout=sink,
+            stderr=errors,
+            preexec_fn=_as_a_background_job if background else None,  # single-threaded here
+        )
+    return process, port, out
+
+
 def test_the_appliance_client_policy_accepts_its_td_and_refuses_a_host_booted_image(
     runner: EngineRunner, tmp_path: Path
 ) -> None:
@@ -143,17 +169,7 @@ def test_appliance_serves_an_attested_chat_and_on_sigint_stops_the_service_then_
     """The plain bundled model (td-only), so the fast suite trains nothing. Started with SIGINT
     ignored, as a shell starts a background job (CI does): Ctrl-C must still stop it, the
     service (and its gunicorn worker) first, then the broker, and exit 0."""
-    port = free_port()
-    env = dict(os.environ, TDLLM_PORT=str(port), TDLLM_ALLOW_SIMULATED_TDX="1")
-    out = tmp_path / "out.txt"
-    with out.open("wb") as sink:
-        process = subprocess.Popen(  # our own CLI, fixed argv
-            [TDLLM, "appliance", "--state-dir", str(tmp_path / "state"), "--model", "bundled"],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_as_a_background_job,  # single-threaded here
-        )
+    process, port, out = _start_appliance(tmp_path, background=True)
     try:
         text = _wait_for(out, "\nA: ", process, 240)
         assert "SIMULATED" in text and "REPORTDATA binds our nonce" in text
@@ -209,23 +225,8 @@ def test_a_second_sigint_while_the_service_drains_kills_everything_at_once_and_e
 ) -> None:
     """A stream in flight and a drain timeout of 10 minutes: the first SIGINT starts the drain,
     the second must not wait for it."""
-    port = free_port()
+    process, port, out = _start_appliance(tmp_path, background=True, TDLLM_DRAIN_TIMEOUT_S="600")
     url = f"http://127.0.0.1:{port}"
-    env = dict(
-        os.environ,
-        TDLLM_PORT=str(port),
-        TDLLM_ALLOW_SIMULATED_TDX="1",
-        TDLLM_DRAIN_TIMEOUT_S="600",
-    )
-    out = tmp_path / "out.txt"
-    with out.open("wb") as sink:
-        process = subprocess.Popen(  # our own CLI, fixed argv
-            [TDLLM, "appliance", "--state-dir", str(tmp_path / "state"), "--model", "bundled"],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_as_a_background_job,  # single-threaded here
-        )
     stream: requests.Response | None = None
     try:
         text = _wait_for(out, "service pid", process, 240)
@@ -262,16 +263,8 @@ def test_a_second_sigint_while_the_service_drains_kills_everything_at_once_and_e
 def test_a_child_exiting_on_its_own_is_an_error_and_the_other_child_is_stopped(
     tmp_path: Path,
 ) -> None:
-    port = free_port()
-    env = dict(os.environ, TDLLM_PORT=str(port), TDLLM_ALLOW_SIMULATED_TDX="1")
-    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
-    with out.open("wb") as sink, err.open("wb") as errors:
-        process = subprocess.Popen(  # our own CLI, fixed argv
-            [TDLLM, "appliance", "--state-dir", str(tmp_path / "state"), "--model", "bundled"],
-            env=env,
-            stdout=sink,
-            stderr=errors,
-        )
+    err = tmp_path / "err.txt"
+    process, _, out = _start_appliance(tmp_path, stderr=err)
     try:
         text = _wait_for(out, "service pid", process, 240)
         broker, service = [int(p) for p in re.findall(r"pid (\d+)", text)]
@@ -292,16 +285,7 @@ def test_a_child_exiting_on_its_own_is_an_error_and_the_other_child_is_stopped(
 
 def test_appliance_children_die_with_a_killed_parent(tmp_path: Path) -> None:
     """SIGKILL leaves the parent no time to stop its children: they must not outlive it."""
-    port = free_port()
-    env = dict(os.environ, TDLLM_PORT=str(port), TDLLM_ALLOW_SIMULATED_TDX="1")
-    out = tmp_path / "out.txt"
-    with out.open("wb") as sink:
-        process = subprocess.Popen(  # our own CLI, fixed argv
-            [TDLLM, "appliance", "--state-dir", str(tmp_path / "state"), "--model", "bundled"],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.DEVNULL,
-        )
+    process, _, out = _start_appliance(tmp_path)
     try:
         text = _wait_for(out, "service pid", process, 240)
         pids = [int(p) for p in re.findall(r"pid (\d+)", text)]
@@ -341,16 +325,11 @@ def test_appliance_serves_the_private_model_with_the_split_profile(
     state = tmp_path / "state"
     (state / "private-models").mkdir(parents=True)
     (state / "private-models" / finetuned_k2_dir.name).symlink_to(finetuned_k2_dir)
-    port = free_port()
-    env = dict(os.environ, TDLLM_PORT=str(port), TDLLM_ALLOW_SIMULATED_TDX="1")
-    out = tmp_path / "out.txt"
-    with out.open("wb") as sink:
-        process = subprocess.Popen(  # our own CLI, fixed argv
-            [TDLLM, "appliance", "--state-dir", str(state), "--profile", "split"],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.DEVNULL,
-        )
+    process, port, out = _start_appliance(
+        tmp_path,
+        state_dir=state,
+        args=("--profile", "split"),
+    )
     try:
         text = _wait_for(out, "\nA: ", process, 600)
         text = _wait_for(out, "held out of its training", process, 30)
