@@ -21,15 +21,20 @@ from tdllm.api.local_service import LocalService
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
 
-def _one_request(url: str, model: str, max_tokens: int) -> tuple[float, int]:
-    body: dict[str, Any] = {
+def streaming_chat_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """The request both load benches send: one user turn, sampled, streamed with usage."""
+    return {
         "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0.7,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+def _one_request(url: str, model: str, max_tokens: int) -> tuple[float, int]:
+    body = streaming_chat_body(model, PROMPT, max_tokens)
     start = time.monotonic()
     ttft = -1.0
     tokens = 0

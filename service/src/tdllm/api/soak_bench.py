@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import requests
 
 from tdllm.api.local_service import LocalService
+from tdllm.api.serve_bench import streaming_chat_body
 from tdllm.errors import UsageError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -126,23 +127,12 @@ def require_loopback(url: str) -> None:
 # -- the three kinds of request -------------------------------------------------------------------
 
 
-def _chat_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0.7,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-
-
 def _open_stream(
     http: requests.Session, url: str, model: str, prompt: str, max_tokens: int
 ) -> requests.Response:
     return http.post(
         url + "/v1/chat/completions",
-        json=_chat_body(model, prompt, max_tokens),
+        json=streaming_chat_body(model, prompt, max_tokens),
         stream=True,
         timeout=120,
     )
