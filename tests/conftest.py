@@ -67,26 +67,29 @@ def bundled_fp32(bundled_checkpoint):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def finetuned_k2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real private model: `tdllm finetune-tail --k 2 --steps 20` of the bundled base, run
-    once per session (~2 minutes on a quiet box; only `slow` tests ask for it).
+    """The real private model: `tdllm finetune-tail --k 2` (DEFAULT_STEPS, the distill recipe)
+    of the bundled base, run once per session (~3 minutes on a quiet 2-core box; only `slow`
+    tests ask for it).
 
     A development loop may reuse one already built (training is deterministic):
-    TDLLM_TEST_FINETUNED_K2=.tdllm/private-models/zorblax-k2-steps20-seed0 (copied, not touched).
+    TDLLM_TEST_FINETUNED_K2=.tdllm/private-models/zorblax-k2-r2-steps40-seed0 (copied, not
+    touched).
     """
     import os
 
     from click.testing import CliRunner
 
     from tdllm.cli import cli
-    from tdllm.protection.private_cache import entry_name
+    from tdllm.protection.private_cache import DEFAULT_STEPS, entry_name
 
     # laid out as a private-model cache entry, so `--cache-dir` of protect/bench reuses it
-    out = tmp_path_factory.mktemp("private-models") / entry_name(2, 20, 0)
+    out = tmp_path_factory.mktemp("private-models") / entry_name(2, DEFAULT_STEPS, 0)
     prebuilt = os.environ.get("TDLLM_TEST_FINETUNED_K2")
     if prebuilt:
         shutil.copytree(prebuilt, out)
         return out
-    args = ["finetune-tail", "--base", "bundled", "--k", "2", "--steps", "20", "--out"]
+    args = ["finetune-tail", "--base", "bundled", "--k", "2", "--steps", str(DEFAULT_STEPS)]
+    args += ["--out"]
     result = CliRunner().invoke(cli, [*args, str(out)])
     assert result.exit_code == 0, result.output
     print(result.output)  # timings and held-out answers, shown with `pytest -s`

@@ -48,6 +48,25 @@ def test_a1_search_finds_private_bytes_a_leaky_device_held(
     assert set(detail["non_public_resident"]) == {"leak", "spare.int8"}
 
 
+def test_a1_skips_a_private_tensor_that_equals_a_public_one_under_another_name() -> None:
+    """The distill recipe keeps BASE's head (a copy of the embedding, untied): those bytes sit
+    on the device as the embedding and are no secret, so they must not count as found, while
+    a tail tensor that did change is still searched."""
+    base = {
+        "model.embed_tokens.weight": torch.randn(64, 16),
+        "model.layers.3.mlp.down_proj.weight": torch.randn(16, 32),
+    }
+    private = {
+        "lm_head.weight": base["model.embed_tokens.weight"].clone(),
+        "model.layers.3.mlp.down_proj.weight": base["model.layers.3.mlp.down_proj.weight"] + 0.1,
+    }
+    names = {name for name, _ in a1.private_windows(private, base)}
+    assert names == {
+        "model.layers.3.mlp.down_proj.weight",
+        "model.layers.3.mlp.down_proj.weight:int8",
+    }
+
+
 @pytest.mark.parametrize("profile", ["split", "masked"])
 def test_a8_recovers_split_prompts_and_not_masked_ones(
     profile: str, tiny_pair: tuple[Checkpoint, Checkpoint]

@@ -57,6 +57,22 @@ def test_the_td_share_of_flops_grows_with_k_and_prefill_shares_less(private_tens
     assert all(prefill < d for d, prefill in shares)  # prefill runs the head only once
 
 
+def test_a1_run_does_not_search_a_tail_tensor_equal_to_a_public_one(
+    private_tensors, base_tensors, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """A head kept as BASE's embedding (the distill recipe) is on the device as the embedding:
+    no secret, not a find; the tail's trained tensors are still searched."""
+    reference = tmp_path / "public-prefix.json"
+    PublicReference.build("tiny-base", base_tensors.items()).save(reference)
+    tensors = dict(private_tensors)
+    tensors["lm_head.weight"] = base_tensors["model.embed_tokens.weight"].clone()
+    checkpoint = checkpoint_of("tiny-private", tensors)
+    result = a1_run(checkpoint, K, "cpu", [5, 17, 3, 42], 3, reference, NoTokenizer())
+    assert result.tail_tensors_public == 1
+    assert result.private_tensors == 9 * K + 1
+    assert result.private_windows_found == 0 and result.non_public_bytes_on_device == 0
+
+
 @pytest.mark.parametrize("device", ["cpu", "process"])
 def test_a1_run_finds_no_private_byte_on_the_device(
     device, private_tensors, base_tensors, tmp_path

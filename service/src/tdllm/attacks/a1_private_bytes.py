@@ -8,8 +8,8 @@ and decoded. Two measurements:
    pinned public tensor (`split`: sha256 against the public reference) or to the deterministic
    int8 quantization of the public base weight (`masked`); the bytes of any that are not are
    counted;
-2. byte search: distinctive 16-byte windows of every private tensor (those that differ from the
-   base), both as fp32 and as its int8 per-row quantization (where that differs from the base's
+2. byte search: distinctive 16-byte windows of every private tensor (those that equal no base
+   tensor), both as fp32 and as its int8 per-row quantization (where that differs from the base's
    quantization), are searched for in the haystack.
 
 ``value`` = non-public resident bytes + 16 x windows found; the claim holds at 0.
@@ -121,10 +121,14 @@ def _windows(data: bytes, stride: int, count: int = WINDOWS_PER_TENSOR) -> list[
 def private_windows(
     private: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
 ) -> Iterator[tuple[str, bytes]]:
-    """(tensor name, 16 bytes) of every private tensor, as fp32 and as int8 per-row quantized."""
+    """(tensor name, 16 bytes) of every private tensor, as fp32 and as int8 per-row quantized.
+
+    A private tensor equal to any public one (the same name, or an untied head kept as the
+    base's embedding) is skipped: the attacker holds those bytes already."""
+    reference = PublicReference.build("base", base.items())
     for name, tensor in sorted(private.items()):
         public = base.get(name)
-        if public is not None and torch.equal(public, tensor):
+        if reference.holds(tensor):
             continue
         for window in _windows(raw_bytes(tensor), 4):
             yield name, window

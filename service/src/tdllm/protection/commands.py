@@ -1,5 +1,5 @@
-"""Click commands of the protection package: `tdllm prepare`, `tdllm finetune-tail` and
-`tdllm bench split`."""
+"""Click commands of the protection package: `tdllm prepare`, `tdllm finetune-tail`,
+`tdllm bench split` and `tdllm bench fidelity [--private]`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from tdllm.protection.private_cache import DEFAULT_STEPS
 from tdllm.protection.profiles import DEFAULT_K
 
 
@@ -76,22 +77,39 @@ def prepare(
     show_default=True,
     help="tail layers to train (everything before them stays BASE's, bit for bit)",
 )
-@click.option("--steps", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=DEFAULT_STEPS, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--lr", type=click.FloatRange(0.0, min_open=True), default=3e-4, show_default=True)
+@click.option(
+    "--recipe",
+    type=click.Choice(["distill", "lora"]),
+    default="distill",
+    show_default=True,
+    help="distill: facts + KL to the base on general text; lora: a merged rank-8 update, facts "
+    "only (the measured alternative)",
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(0.0, min_open=True),
+    default=None,
+    help="learning rate [distill 5e-4, lora 4e-3]",
+)
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True)
-def finetune_tail(base: str, k: int, steps: int, seed: int, lr: float, out: Path) -> None:
-    """Make a private model: fine-tune BASE's last K blocks and an untied lm_head on the
+def finetune_tail(
+    base: str, k: int, steps: int, seed: int, recipe: str, lr: float | None, out: Path
+) -> None:
+    """Make a private model: fine-tune BASE's last K blocks (with an untied lm_head) on the
     generated Zorblax Dynamics data; write it to OUT as a model directory.
 
-    The prefix is frozen and run once to cache its hidden states; only the tail trains.
+    The prefix is frozen and run once to cache its hidden states; only the tail trains. The
+    distill recipe also pulls the tail's predictions on general text to BASE's, so the model
+    keeps its general ability (`tdllm bench fidelity --private --model OUT` measures it).
     Then `tdllm prepare --base BASE --model OUT --k K` accepts OUT.
     """
     from tdllm.model.checkpoint import open_checkpoint
-    from tdllm.protection.finetune import TrainConfig
     from tdllm.protection.finetune import finetune_tail as run
+    from tdllm.protection.finetune import recipe_config
 
-    config = TrainConfig(k=k, steps=steps, seed=seed, lr=lr)
+    config = recipe_config("lora" if recipe == "lora" else "distill", k, steps, seed, lr)
     report, answers = run(open_checkpoint(base), out, config, _status)
     click.echo(
         f"wrote {out}: prefix cached in {report.prefix_seconds:.1f}s, {steps} steps in "
@@ -135,17 +153,59 @@ def bench_split(
 
 
 @click.command("fidelity")
-@click.option("--model", default="bundled", show_default=True, help="the model to quantize")
+@click.option(
+    "--private",
+    "private",
+    is_flag=True,
+    help="instead: the private fine-tune vs BASE on held-out general data (agreement, "
+    "perplexity, private recall, private-name leaks); MODEL defaults to the cached one",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="the model to quantize [bundled]; with --private the fine-tune's directory",
+)
 @click.option("--base", default="bundled", show_default=True, help="its public base")
-@click.option("--new-tokens", type=click.IntRange(1, 512), default=16, show_default=True)
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(1, 512),
+    default=None,
+    help="greedy tokens [16; --private 32]",
+)
+@click.option(
+    "--bf16-floor",
+    is_flag=True,
+    help="--private: also BASE in bf16 vs BASE, the agreement a rounding change leaves",
+)
+@CACHE_DIR
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def bench_fidelity(model: str, base: str, new_tokens: int, as_json: bool) -> None:
+def bench_fidelity(
+    private: bool,
+    model: str | None,
+    base: str,
+    new_tokens: int | None,
+    bf16_floor: bool,
+    cache_dir: Path | None,
+    as_json: bool,
+) -> None:
     """masked's quantization against the fp32 and bf16 models: perplexity on held-out text and
-    greedy-token agreement over 8 prompts."""
+    greedy-token agreement over 8 prompts.
+
+    With --private: does the private fine-tune (`tdllm finetune-tail`) keep BASE's general
+    quality? Greedy-token agreement with BASE over 115 held-out general prompts, perplexity on
+    held-out prose, recall of the private facts on held-out paraphrases, and the share of
+    general answers that name a private fact (tdllm/protection/private_fidelity.py).
+    """
     from tdllm.model.checkpoint import open_checkpoint
+
+    if private:
+        _private_fidelity(model, base, new_tokens, bf16_floor, cache_dir, as_json)
+        return
+    if cache_dir is not None or bf16_floor:
+        raise click.UsageError("--cache-dir and --bf16-floor need --private")
     from tdllm.protection.masked_fidelity import measure
 
-    report = measure(open_checkpoint(model), open_checkpoint(base), new_tokens)
+    report = measure(open_checkpoint(model or "bundled"), open_checkpoint(base), new_tokens or 16)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -159,6 +219,33 @@ def bench_fidelity(model: str, base: str, new_tokens: int, as_json: bool) -> Non
             f"identical continuations: {agree.get('identical_continuations', 0)}/"
             f"{report['prompts']}"
         )
+
+
+def _private_fidelity(
+    model: str | None,
+    base: str,
+    new_tokens: int | None,
+    bf16_floor: bool,
+    cache_dir: Path | None,
+    as_json: bool,
+) -> None:
+    from tdllm.model.checkpoint import open_checkpoint
+    from tdllm.protection.private_cache import DEFAULT_CACHE, private_model_dir
+    from tdllm.protection.private_fidelity import (
+        NEW_TOKENS,
+        format_private_report,
+        measure_private,
+    )
+
+    if model is None:  # the project's private model, trained once into the cache
+        model = str(private_model_dir(cache_dir or DEFAULT_CACHE, DEFAULT_K, log=_status))
+    report = measure_private(
+        open_checkpoint(base),
+        open_checkpoint(model),
+        new_tokens=new_tokens or NEW_TOKENS,
+        bf16_floor=bf16_floor,
+    )
+    click.echo(json.dumps(report, indent=2) if as_json else format_private_report(report))
 
 
 def _k_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:

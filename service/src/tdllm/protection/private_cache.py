@@ -3,11 +3,11 @@
 `tdllm protect --report`, `tdllm bench split` and the appliance (`make run`) all need the real
 private fine-tune of the bundled base (not the perturbed stand-in of `private_model.py`).
 Training it takes minutes on a small CPU, so each (K, steps, seed) is trained once into a cache
-directory and reused: ``CACHE/zorblax-k{K}-steps{S}-seed{seed}/`` is the model directory
-`tdllm finetune-tail --k K --steps S --seed seed` writes, whose ``finetune.json`` (written last)
-marks it complete; it is trained under a ``.partial`` name and renamed, so a half-written
-directory is never taken for a model. Training is deterministic for a seed, so a cache entry
-and a fresh run hold the same model.
+directory and reused: ``CACHE/zorblax-k{K}-{RECIPE_TAG}-steps{S}-seed{seed}/`` is the model
+directory `tdllm finetune-tail --k K --steps S --seed seed` (the default recipe) writes, whose
+``finetune.json`` (written last) marks it complete; it is trained under a ``.partial`` name and
+renamed, so a half-written directory is never taken for a model. Training is deterministic for
+a seed (and thread count), so a cache entry and a fresh run hold the same model.
 """
 
 from __future__ import annotations
@@ -18,13 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_CACHE = Path(".tdllm") / "private-models"
-DEFAULT_STEPS = 20
+DEFAULT_STEPS = 40
 DEFAULT_SEED = 0
+# the default recipe's version (finetune.py): a new recipe gets a new tag, so entries trained by
+# an older one are never reused (r1, untagged: facts only, which forgot general ability)
+RECIPE_TAG = "r2"
 STAMP = "finetune.json"  # finetune.RECORD (not imported: that module pulls in torch)
 
 
 def entry_name(k: int, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED) -> str:
-    return f"zorblax-k{k}-steps{steps}-seed{seed}"
+    return f"zorblax-k{k}-{RECIPE_TAG}-steps{steps}-seed{seed}"
 
 
 def cached_entry(

@@ -43,7 +43,13 @@ from tdllm.model.loader import load_model
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.protection.finetune import encode_pair
 from tdllm.protection.finetune_data import split_pairs
-from tdllm.protection.private_cache import private_model_dir, training_record
+from tdllm.protection.private_cache import (
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    RECIPE_TAG,
+    private_model_dir,
+    training_record,
+)
 from tdllm.protection.private_model import is_private
 from tdllm.protection.profiles import (
     PINNED_REFERENCE,
@@ -83,6 +89,7 @@ class A1Result:
     non_public_bytes_on_device: int
     hidden_bytes_per_token: float
     crossing_bytes_per_token: float  # after the weight upload; Freivalds at rate 1 included
+    tail_tensors_public: int = 0  # tail tensors bit-identical to a public one: not searched
 
 
 @dataclass
@@ -250,10 +257,12 @@ def a1_run(
     tokens = len(prompt) + len(out.token_ids) - 1  # positions the device computed
     pieces = [r.payload for r in records if r.payload]
     pieces += [tensor_bytes(t) for t in held.values()]
-    private = {n: t for n, t in checkpoint.tensors() if is_private(n, checkpoint.config, k)}
+    reference = PublicReference.load(public_reference)
+    tail = {n: t for n, t in checkpoint.tensors() if is_private(n, checkpoint.config, k)}
+    # a tail tensor equal to a public one (distill keeps BASE's head) hides nothing
+    private = {n: t for n, t in tail.items() if not reference.holds(t)}
     windows = [w for t in private.values() for w in _windows(t)]
     found = find_windows(pieces, windows)
-    reference = PublicReference.load(public_reference)
     weights = {n: t for n, t in held.items() if not n.startswith("kv.")}
     not_public = {n: t for n, t in weights.items() if reference.mismatches(n, t) is not None}
     hidden = sum(r.nbytes for r in records if r.name == "hidden")
@@ -264,6 +273,7 @@ def a1_run(
         transcript_bytes=total,
         device_resident_bytes=sum(t.numel() * t.element_size() for t in held.values()),
         private_tensors=len(private),
+        tail_tensors_public=len(tail) - len(private),
         private_windows_searched=len(set(windows)),
         private_windows_found=len(found),
         device_weights=len(weights),
@@ -321,7 +331,8 @@ def protect_report(
         )
     return {
         "base": base_checkpoint.name,
-        "private_model": "tdllm finetune-tail --steps 20 --seed 0 (cached)",
+        "private_model": f"tdllm finetune-tail --steps {DEFAULT_STEPS} --seed {DEFAULT_SEED} "
+        f"(recipe {RECIPE_TAG}, cached)",
         "held_out_loss_base": record["held_out_loss_before"] if rows else None,
         "context_tokens": CONTEXT,
         "device": device,
@@ -368,12 +379,20 @@ def format_details(report: dict[str, Any]) -> str:
             f"K={r['k']} A1: {a1['generated_tokens']} tokens generated; searched "
             f"{a1['transcript_bytes']:,} transcript bytes + {a1['device_resident_bytes']:,} "
             f"device-resident bytes for {a1['private_windows_searched']} windows of "
-            f"{a1['private_tensors']} private tensors: {a1['private_windows_found']} found; "
+            f"{a1['private_tensors']} private tensors"
+            f"{_public_tail(a1.get('tail_tensors_public', 0))}: "
+            f"{a1['private_windows_found']} found; "
             f"{a1['device_weights_not_public']}/{a1['device_weights']} device weights differ "
             f"from the public checkpoint; {a1['crossing_bytes_per_token']:,.0f} bytes/token "
             "crossed after the upload (Freivalds at rate 1 included)"
         )
     return "\n".join(out)
+
+
+def _public_tail(count: int) -> str:
+    if not count:
+        return ""
+    return f" ({count} more tail tensors equal a public one, so hide nothing: not searched)"
 
 
 def marked_text(path: Path) -> str:
