@@ -128,3 +128,70 @@ def test_widened_bf16_path_equals_fp32_product_rounded_once(rows: int) -> None:
         assert torch.equal(out, expected)
     else:  # PyTorch's own bf16 GEMM: same values up to bf16 rounding
         torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("slots", [[1, 2, 3], [3, 0, 2]], ids=["contiguous", "scattered"])
+def test_prompts_prefilled_together_match_each_prefilled_alone(slots: list[int]) -> None:
+    """A padded multi-prompt prefill: each row's last-token logits, and the cache it leaves for
+    the decode that follows, are those of the prompt run alone (the padding is never seen)."""
+    model = tiny_model()
+    prompts = [[5, 17, 3, 42, 8, 9], [7, 8], [9, 10, 11, 12]]
+    width = max(len(p) for p in prompts)
+    tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+    cache = KVCache(model.cfg, 4, 16, torch.float32)
+    lengths = [len(p) for p in prompts]
+    with torch.inference_mode():
+        first = model(tokens, Batch(slots, [0, 0, 0], width, lengths), cache)[:, -1]
+        nxt = torch.tensor([[p[-1] + 1] for p in prompts])
+        second = model(nxt, Batch(slots, lengths, 1), cache)[:, -1]
+    for row, p in enumerate(prompts):
+        alone = full_forward(model, [*p, p[-1] + 1])
+        torch.testing.assert_close(first[row], alone[len(p) - 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second[row], alone[len(p)], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_equals_sdpa_over_repeated_key_heads() -> None:
+    from torch.nn import functional as F
+
+    from tdllm.model.transformer import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, 1, 8, generator=g)
+    keys, values = torch.randn(3, 2, 11, 8, generator=g), torch.randn(3, 2, 11, 8, generator=g)
+    mask = torch.arange(11)[None, None, None, :] <= torch.tensor([4, 10, 7])[:, None, None, None]
+    expected = F.scaled_dot_product_attention(
+        q, keys.repeat_interleave(3, 1), values.repeat_interleave(3, 1), attn_mask=mask
+    )
+    torch.testing.assert_close(decode_attention(q, keys, values, mask), expected)
+
+
+def test_decode_cache_write_lands_at_each_rows_slot_and_position() -> None:
+    cache = torch.zeros(4, 2, 8, 3)
+    new = torch.arange(3 * 2 * 3, dtype=torch.float32).view(3, 2, 1, 3) + 1
+    Batch([3, 0, 2], [5, 1, 7], 1).write(cache, new)
+    expected = torch.zeros(4, 2, 8, 3)
+    for row, (slot, pos) in enumerate([(3, 5), (0, 1), (2, 7)]):
+        expected[slot, :, pos] = new[row, :, 0]
+    assert torch.equal(cache, expected)
+
+
+def test_only_a_model_run_wholly_here_on_plain_kernels_prefills_prompts_together() -> None:
+    class OtherMethod:  # any strategy that is not the plain TD kernel (masked, offloaded, ...)
+        def __init__(self) -> None:
+            self.plain = PlainCpuMethod()
+
+        def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+            self.plain.create_weights(layer, dtype)
+
+        def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
+            self.plain.load_weight(layer, weight, row_offset)
+
+        def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+            return self.plain.apply(layer, x)
+
+    assert tiny_model().prefills_together()
+    other = LinearMethodTable([("model.layers.1.mlp.*", OtherMethod())])
+    assert not tiny_model(methods=other).prefills_together()
+    placed = tiny_model()
+    placed.prefix = lambda tokens, batch: tokens  # type: ignore[assignment]  # blocks run elsewhere
+    assert not placed.prefills_together()

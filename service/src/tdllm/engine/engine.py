@@ -1,4 +1,5 @@
-"""The generation loop: per-sequence prefill into a cache slot, then batched decode steps."""
+"""The generation loop: prefill new prompts into cache slots (several per pass where the model
+allows), then one batched decode step for every running sequence."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from tdllm.engine.stops import TextStream
 from tdllm.errors import UsageError
 from tdllm.model.tokenizer import Tokenizer
 from tdllm.model.transformer import Batch, KVCache, Transformer
+
+# the most padded prompt tokens one prefill pass takes: prompts arriving together share a pass
+# (one walk over the weights) without one long prompt making a huge padded batch
+PREFILL_TOKENS = 2048
 
 
 @dataclass
@@ -68,6 +73,7 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self._ids = itertools.count()
+        self.batched_prefill = model.prefills_together()
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -113,13 +119,14 @@ class Engine:
         """Admit waiting requests into free slots (prefill), then one decode step for the rest."""
         outputs: list[StepOutput] = []
         decoding = list(self.running)
+        admitted = []
         while self.waiting and self.free_slots:
             request = self.waiting.popleft()
             request.slot = self.free_slots.pop(0)
             self.running.append(request)
-            batch = Batch([request.slot], [0], len(request.prompt))
-            logits = self.model(torch.tensor([request.prompt]), batch, self.cache)
-            outputs.append(self._advance(request, logits[0, -1]))
+            admitted.append(request)
+        for group in self._prefill_groups(admitted):
+            outputs.extend(self._prefill(group))
         if decoding:
             decoding.sort(key=lambda r: r.slot)  # contiguous slots read the cache as a view
             tokens = torch.tensor([[r.output[-1]] for r in decoding])
@@ -128,6 +135,36 @@ class Engine:
             outputs.extend(self._advance(r, logits[i, -1]) for i, r in enumerate(decoding))
         self.free_slots.sort()
         return outputs
+
+    def _prefill_groups(self, admitted: list[_Request]) -> list[list[_Request]]:
+        """Prompts that share one padded forward pass: similar lengths (padding at most half of
+        a row) and at most `PREFILL_TOKENS` padded tokens; one prompt per pass where the model
+        cannot batch them (`Transformer.prefills_together`)."""
+        if not self.batched_prefill:
+            return [[r] for r in admitted]
+        groups: list[list[_Request]] = []
+        for request in sorted(admitted, key=lambda r: len(r.prompt)):
+            group = groups[-1] if groups else None
+            longest = len(request.prompt)
+            if (
+                group is not None
+                and longest <= 2 * len(group[0].prompt)
+                and longest * (len(group) + 1) <= PREFILL_TOKENS
+            ):
+                group.append(request)
+            else:
+                groups.append([request])
+        return groups
+
+    def _prefill(self, group: list[_Request]) -> list[StepOutput]:
+        """Each prompt into its slot's cache from position 0, then its first token."""
+        width = max(len(r.prompt) for r in group)
+        lengths = [len(r.prompt) for r in group]
+        tokens = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in group])
+        padded = None if min(lengths) == width else lengths
+        batch = Batch([r.slot for r in group], [0] * len(group), width, padded)
+        logits = self.model(tokens, batch, self.cache)
+        return [self._advance(r, logits[i, -1]) for i, r in enumerate(group)]
 
     def _advance(self, request: _Request, logits: torch.Tensor) -> StepOutput:
         token = sample(logits, request.params, request.generator)

@@ -57,17 +57,22 @@ class KVCache:
 class Batch:
     """Where each row of a forward pass sits: its cache slot and the position of its first token.
 
-    Either one sequence with any number of tokens (prefill) or many sequences with one token
-    each (decode).
+    Three shapes: one sequence with any number of tokens (a prefill, or a continuation), many
+    sequences with one token each (decode), or many prompts prefilled together from position 0,
+    padded to the longest (`lengths` gives each row's own; the padding's keys are masked out
+    and its cache entries are overwritten before any query can see them).
     """
 
     slots: list[int]
     starts: list[int]
     num_tokens: int
+    lengths: list[int] | None = None  # a padded prefill's real tokens per row
 
     def __post_init__(self) -> None:
         assert len(self.slots) == len(self.starts) >= 1
-        assert self.num_tokens == 1 or len(self.slots) == 1, "multi-token rows: one sequence only"
+        many = len(self.slots) > 1 and self.num_tokens > 1
+        assert not many or not any(self.starts), "multi-token rows: one sequence, or all from 0"
+        assert self.lengths is None or len(self.lengths) == len(self.slots)
         self.span = max(self.starts) + self.num_tokens  # cache positions attention reads
         lo = self.slots[0]
         # contiguous slots are read as a view instead of a gather
@@ -78,23 +83,45 @@ class Batch:
         )
         self.slot_index = torch.tensor(self.slots)
         self.positions = torch.tensor(self.starts)[:, None] + torch.arange(self.num_tokens)
-        self.causal = len(self.slots) == 1 and self.starts[0] == 0
+        padded = self.lengths is not None and min(self.lengths) < self.num_tokens
+        self.causal = not any(self.starts) and not padded
         self.mask: torch.Tensor | None = None
         if not self.causal:  # key j is visible to query t iff j <= position of t
             keys = torch.arange(self.span)
             self.mask = (keys[None, None, None, :] <= self.positions[:, None, :, None]).contiguous()
+            if padded:  # and j is one of the row's own tokens, not padding
+                real = keys[None, :] < torch.tensor(self.lengths)[:, None]
+                self.mask &= real[:, None, None, :]
+        self._flat_rows: dict[int, torch.Tensor] = {}
 
     def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
-        if self.num_tokens == 1:
-            cache[self.slot_index, :, torch.tensor(self.starts)] = new[:, :, 0]
-        else:
+        if self.num_tokens == 1:  # one row per sequence: index_copy_ into the flat cache
+            B, H, S, D = cache.shape
+            rows = self._flat_rows.get(H)
+            if rows is None:  # row of (slot, head, position) in the [B*H*S, D] view
+                head = torch.arange(H)[None, :]
+                starts = torch.tensor(self.starts)[:, None]
+                rows = ((self.slot_index[:, None] * H + head) * S + starts).reshape(-1)
+                self._flat_rows[H] = rows
+            cache.view(B * H * S, D).index_copy_(0, rows, new[:, :, 0].reshape(-1, D))
+        elif len(self.slots) == 1:
             s, p = self.slots[0], self.starts[0]
             cache[s, :, p : p + self.num_tokens] = new[0]
+        elif self.slot_range is not None:
+            cache[self.slot_range, :, : self.num_tokens] = new
+        else:
+            cache[self.slot_index, :, : self.num_tokens] = new
 
     def read(self, cache: torch.Tensor) -> torch.Tensor:
         if self.slot_range is not None:
             return cache[self.slot_range, :, : self.span]
         return cache[:, :, : self.span].index_select(0, self.slot_index)
+
+    def last(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's hidden state at its last real token, ``[B, 1, hidden]``."""
+        if self.lengths is None:
+            return x[:, -1:]
+        return x[torch.arange(len(self.slots)), torch.tensor(self.lengths) - 1][:, None]
 
 
 class PrefixPlacement(Protocol):
@@ -158,8 +185,20 @@ class Transformer(nn.Module):
             x = self.prefix(tokens, batch)
             x = self.forward_blocks(x, batch, cache, self.prefix.num_layers, len(self.layers))
         if last_only:
-            x = x[:, -1:]
+            x = batch.last(x)
         return self.lm_head(self.norm(x))
+
+    def prefills_together(self) -> bool:
+        """Whether several prompts may share one padded prefill (`Batch.lengths`): only when
+        every block runs here on the plain kernels; a profile's prefix placement, attention
+        core or linear method sees one prompt at a time."""
+        if self.prefix is not None:  # (its blocks may be placeholders here)
+            return False
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        attention = [m for m in self.modules() if isinstance(m, Attention)]
+        return all(isinstance(m.method, PlainCpuMethod) for m in linears) and all(
+            a.core is None for a in attention
+        )
 
     def forward_blocks(
         self, x: torch.Tensor, batch: Batch, cache: KVCache, start: int, end: int
@@ -336,15 +375,33 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         batch.write(k_cache, k)
         batch.write(v_cache, v)
-        y = F.scaled_dot_product_attention(
-            q,
-            batch.read(k_cache),
-            batch.read(v_cache),
-            attn_mask=batch.mask,
-            is_causal=batch.causal and T > 1,
-            enable_gqa=self.n_heads != self.n_kv,
-        )
+        keys, values = batch.read(k_cache), batch.read(v_cache)
+        if T == 1:
+            y = decode_attention(q, keys, values, batch.mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                keys,
+                values,
+                attn_mask=batch.mask,
+                is_causal=batch.causal,
+                enable_gqa=self.n_heads != self.n_kv,
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """One query per sequence (``q [B, heads, 1, d]``) over its cached keys and values
+    (``[B, kv_heads, span, d]``). The query heads that share a key head become that head's query
+    rows, so SDPA neither repeats the keys (`enable_gqa`) nor runs a one-row query block per
+    head; same kernel, fp32 accumulation, same result."""
+    B, H, _, D = q.shape
+    kv = keys.shape[1]
+    grouped = q.view(B, kv, H // kv, D)  # query head h reads key head h // (H // kv)
+    y = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+    return y.view(B, H, 1, D)
 
 
 class FeedForward(nn.Module):

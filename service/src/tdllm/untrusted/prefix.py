@@ -174,14 +174,20 @@ class PublicPrefix:
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         steps.write(self.k[i], k)
         steps.write(self.v[i], v)
-        y = F.scaled_dot_product_attention(
-            q,
-            steps.read(self.k[i]),
-            steps.read(self.v[i]),
-            attn_mask=steps.mask,
-            is_causal=steps.causal and T > 1,
-            enable_gqa=s.num_heads != s.num_kv_heads,
-        )
+        keys, values = steps.read(self.k[i]), steps.read(self.v[i])
+        if T == 1:  # as the TD's `decode_attention`: query heads grouped under their key head
+            grouped = q.view(B, s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim)
+            y = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=steps.mask)
+            y = y.view(B, s.num_heads, 1, s.head_dim)
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                keys,
+                values,
+                attn_mask=steps.mask,
+                is_causal=steps.causal,
+                enable_gqa=s.num_heads != s.num_kv_heads,
+            )
         x = x + self._linear(y.transpose(1, 2).reshape(B, T, -1), f"{p}.self_attn.o_proj.weight")
         h = self._norm(x, w[f"{p}.post_attention_layernorm.weight"])
         gate, up = self._linear(h, f"{p}.mlp.gate_up_proj.weight").split(
