@@ -7,7 +7,7 @@
 
 `sign` writes the build's digests (SHA-384 of the UKI, kernel, initrd, root image, command line
 and package manifests, plus the verity root hash, git commit and SOURCE_DATE_EPOCH) in the
-signed envelope of `tdllm_attest.policy`: {"policy": DOC, "signature": {"alg": "Ed25519",
+signed envelope of `tdllm_attest.policy_format`: {"policy": DOC, "signature": {"alg": "Ed25519",
 "value": BASE64}} over `canonical_json(DOC)`. The document's schema is
 `tdllm-image-reference-values/1`, so `load_policy` verifies its signature and then refuses it as a
 policy: it describes artefacts, not registers. MRTD/RTMR0-2 come from a golden boot on TDX
@@ -39,12 +39,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from tdllm_attest.ed25519_pem import private_key_from_pem
 from tdllm_attest.errors import PolicyDocumentError
-from tdllm_attest.policy import (
-    POLICY_SCHEMA,
-    SIGNATURE_ALG,
-    load_public_key,
-    sign_policy,
-)
+from tdllm_attest.policy_format import POLICY_SCHEMA, SIGNATURE_ALG, load_public_key, sign_policy
 from tdllm_attest.wire import canonical_json
 
 SCHEMA = "tdllm-image-reference-values/1"
@@ -117,7 +112,7 @@ def build_document(
 
 
 def sign_document(document: dict[str, Any], key: Ed25519PrivateKey) -> str:
-    """The envelope of `tdllm_attest.policy` around `document` (JSON text)."""
+    """The envelope of `tdllm_attest.policy_format` around `document` (JSON text)."""
     signature = key.sign(canonical_json(document))
     envelope = {
         "policy": document,

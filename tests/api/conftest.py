@@ -12,8 +12,8 @@ from flask.testing import FlaskClient
 from tdllm.api.app import create_app
 from tdllm.api.runner import EngineRunner
 from tdllm.engine import Engine
-from tdllm.model.checkpoint import open_checkpoint
 from tdllm.model.loader import load_model
+from tdllm.model.sources import open_checkpoint
 from tdllm.settings import Settings
 
 MODEL = "SmolLM2-135M-Instruct"

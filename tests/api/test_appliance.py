@@ -32,8 +32,8 @@ from tdllm_attest.client import (
     new_nonce,
     verify_attestation,
 )
-from tdllm_attest.quote import SimulatedProvider
-from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.testing.provider import SimulatedProvider
 from tests.api.conftest import api_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")

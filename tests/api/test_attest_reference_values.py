@@ -35,9 +35,9 @@ from tdllm_attest.client import (
     verify_attestation,
 )
 from tdllm_attest.client.binding import ATTEST_PROTOCOL, ServiceClaims, report_data
-from tdllm_attest.policy import Policy
-from tdllm_attest.quote import SimulatedProvider
-from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.policy_format import Policy
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.testing.provider import SimulatedProvider
 from tests.api.conftest import MODEL, api_settings
 from tests.api.e2e_transport import RecordingTransport
 from tests.client.reference_policy import policy_for, write_signed_policy

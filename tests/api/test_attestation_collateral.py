@@ -20,8 +20,8 @@ from tdllm.api.boot import BootDeps
 from tdllm.api.runner import EngineRunner
 from tdllm_attest.client import anchor_for, new_nonce, verify_attestation
 from tdllm_attest.pccs_server import LoopbackPccs
-from tdllm_attest.quote import SimulatedProvider
-from tdllm_attest.simulated import SimulatedTdxPlatform
+from tdllm_attest.testing.platform import SimulatedTdxPlatform
+from tdllm_attest.testing.provider import SimulatedProvider
 from tests.api.conftest import api_settings
 from tests.client.reference_policy import policy_for
 

@@ -18,8 +18,8 @@ from tdllm.api.runner import EngineRunner
 from tdllm.settings import SettingsError, load_settings
 from tdllm_attest.client import AttestationRefused, anchor_for, new_nonce, verify_attestation
 from tdllm_attest.eventlog import parse_runtime_log, replay
-from tdllm_attest.quote import SimulatedProvider
-from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.testing.provider import SimulatedProvider
 from tests.api.conftest import api_settings
 from tests.client.reference_policy import policy_for
 

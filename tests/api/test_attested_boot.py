@@ -25,8 +25,8 @@ from tdllm.settings import Settings, SettingsError
 from tdllm_attest.abi import parse_quote
 from tdllm_attest.broker.app import create_app as create_broker
 from tdllm_attest.client.binding import ServiceClaims, report_data
-from tdllm_attest.quote import SimulatedProvider
-from tdllm_attest.simulated_qgs import create_qgs_app
+from tdllm_attest.testing.provider import SimulatedProvider
+from tdllm_attest.testing.qgs import create_qgs_app
 from tdllm_attest.wire import from_b64url
 from tests.attestation.impostor_broker import ImpostorTransport
 from tests.attestation.simulated_broker import (
@@ -253,7 +253,7 @@ def test_the_attested_identity_is_the_manifest_that_was_authenticated_not_the_di
 
 
 class QuoteService:
-    """The host's simulated quote service (simulated_qgs) over real HTTP."""
+    """The host's simulated quote service (testing.qgs) over real HTTP."""
 
     def __init__(self, deployment: SimulatedDeployment, **fields: Any) -> None:
         app = create_qgs_app(deployment.platform, td_fields(**fields))

@@ -27,7 +27,7 @@ from tdllm.api.app import create_app
 from tdllm.api.boot import BootDeps
 from tdllm.api.local_service import free_port
 from tdllm.settings import Settings
-from tdllm_attest.quote import SimulatedProvider
+from tdllm_attest.testing.provider import SimulatedProvider
 from tests.api.test_attested_boot import Broker, seal_test_model, wait_for
 from tests.attestation.simulated_broker import (
     TEST_KEY_ID,

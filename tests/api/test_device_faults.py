@@ -27,8 +27,9 @@ from tdllm.api.boot import BootDeps, supervised
 from tdllm.api.local_service import LocalService
 from tdllm.api.runner import EngineRunner, StepObserver
 from tdllm.engine import Engine
-from tdllm.model.checkpoint import Checkpoint, open_checkpoint, save_hf_directory
+from tdllm.model.checkpoint import Checkpoint, save_hf_directory
 from tdllm.model.loader import load_model
+from tdllm.model.sources import open_checkpoint
 from tdllm.protection.private_model import privatize
 from tdllm.protection.profiles import close_model, crossing_of
 from tdllm.trusted.crossing import Crossing

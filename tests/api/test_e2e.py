@@ -15,8 +15,8 @@ from tdllm.api.app import create_app
 from tdllm.api.boot import BootDeps
 from tdllm.api.runner import EngineRunner
 from tdllm_attest.client import AttestationRefused, E2eClient, E2eError, anchor_for
-from tdllm_attest.quote import SimulatedProvider
-from tdllm_attest.simulated import SimulatedTdxPlatform
+from tdllm_attest.testing.platform import SimulatedTdxPlatform
+from tdllm_attest.testing.provider import SimulatedProvider
 from tdllm_attest.wire import b64url, from_b64url
 from tests.api.conftest import api_settings
 from tests.api.e2e_transport import Events, RecordingTransport

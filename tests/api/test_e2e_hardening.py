@@ -37,8 +37,8 @@ from tdllm_attest.client.e2e_protocol import (
     seal_request,
     seal_response,
 )
-from tdllm_attest.quote import SimulatedProvider
-from tdllm_attest.simulated import SimulatedTdxPlatform
+from tdllm_attest.testing.platform import SimulatedTdxPlatform
+from tdllm_attest.testing.provider import SimulatedProvider
 from tdllm_attest.wire import b64url, from_b64url
 from tests.api.conftest import MODEL, api_settings
 from tests.api.e2e_transport import Events, RecordingTransport

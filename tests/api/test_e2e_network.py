@@ -23,8 +23,8 @@ from tdllm.api.app import create_app
 from tdllm.api.boot import BootDeps
 from tdllm.api.runner import EngineRunner
 from tdllm_attest.pccs_server import LoopbackPccs
-from tdllm_attest.quote import SimulatedProvider
-from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.testing.provider import SimulatedProvider
 from tests.api.conftest import MODEL, api_settings
 from tests.api.tcp_recorder import TcpRecorder
 from tests.client.reference_policy import write_signed_policy

@@ -31,8 +31,8 @@ from tdllm_attest.client import E2eClient, anchor_for
 from tdllm_attest.client.chat_cli import chat
 from tdllm_attest.client.receipt import VerifiedReceipt, load_kept, verify_receipt
 from tdllm_attest.client.receipt_protocol import RECEIPT_FIELD, RECEIPTS_NONCE, receipt_of
-from tdllm_attest.quote import SimulatedProvider
-from tdllm_attest.simulated import SimulatedTdxPlatform
+from tdllm_attest.testing.platform import SimulatedTdxPlatform
+from tdllm_attest.testing.provider import SimulatedProvider
 from tests.api.conftest import MODEL, api_settings
 from tests.api.e2e_transport import RecordingTransport
 from tests.client.reference_policy import policy_for, write_signed_policy

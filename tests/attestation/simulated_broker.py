@@ -18,14 +18,10 @@ from tdllm_attest.broker.keystore import Keystore
 from tdllm_attest.broker.settings import BrokerSettings
 from tdllm_attest.broker.signing import public_pem
 from tdllm_attest.collateral import FetcherCollateralSource
-from tdllm_attest.policy import MeasurementTuple, Policy, TcbPolicy
-from tdllm_attest.quote import SimulatedProvider
-from tdllm_attest.simulated import (
-    ALLOW_SIMULATED_ENV,
-    SimulatedTdxPlatform,
-    SyntheticTdFields,
-    select_trust_anchor,
-)
+from tdllm_attest.policy_format import MeasurementTuple, Policy, TcbPolicy
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.testing.provider import SimulatedProvider
+from tdllm_attest.trust import ALLOW_SIMULATED_ENV, select_trust_anchor
 
 SIM_NOW = datetime(2026, 1, 15, 12, tzinfo=UTC)
 SIMULATED_ENV = {ALLOW_SIMULATED_ENV: "1"}

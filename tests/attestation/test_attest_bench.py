@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tdllm_attest import bench
-from tdllm_attest.simulated import ALLOW_SIMULATED_ENV
+from tdllm_attest.trust import ALLOW_SIMULATED_ENV
 from tests.attestation.attest_mutations import Vector
 
 

@@ -28,7 +28,7 @@ from tdllm_attest.broker.protocol import (
     PROTOCOL,
     report_data_for,
 )
-from tdllm_attest.quote import SimulatedProvider
+from tdllm_attest.testing.provider import SimulatedProvider
 from tdllm_attest.wire import b64url
 from tests.attestation.simulated_broker import (
     OTHER_TEST_KEY_ID,

@@ -81,7 +81,7 @@ def test_runtime_log_that_does_not_replay_gets_no_key(
 
 def test_ccel_is_replayed_against_rtmr0_to_2_by_the_broker(tdx_vectors) -> None:  # type: ignore[no-untyped-def]
     from tdllm_attest.eventlog import parse_ccel_log
-    from tdllm_attest.policy import MeasurementTuple
+    from tdllm_attest.policy_format import MeasurementTuple
     from tests.attestation.simulated_broker import MR_TD
 
     table = (tdx_vectors / "gotdxguest_cos113_ccel_table.bin").read_bytes()

@@ -25,7 +25,7 @@ from tdllm_attest.broker.protocol import PATH_ATTEST, PATH_CHALLENGE
 from tdllm_attest.broker.signing import load_broker_public_key, load_signing_key
 from tdllm_attest.broker.wrapping import UnwrapError, decrypt_from_broker, encrypt_to_tee
 from tdllm_attest.errors import PolicyDocumentError
-from tdllm_attest.policy import ModelRule, policy_from_document
+from tdllm_attest.policy_format import ModelRule, policy_from_document
 from tests.attestation.impostor_broker import ImpostorTransport
 from tests.attestation.simulated_broker import (
     POLICY_NAME,

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tdllm_attest import errors
 from tdllm_attest.cli import NOT_CHECKED_BANNER, verify_command
-from tdllm_attest.policy import sign_policy
+from tdllm_attest.policy_format import sign_policy
 from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.verify import verify_quote
 from tests.attestation.attest_mutations import Vector, put

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from tdllm_attest import errors
 from tdllm_attest.cli import verify_group
 from tdllm_attest.client.receipt_protocol import RECEIPTS_NONCE, body_sha256, sign_receipt
-from tdllm_attest.simulated import SimulatedTdxPlatform
+from tdllm_attest.testing.platform import SimulatedTdxPlatform
 from tests.client.reference_policy import write_signed_policy
 from tests.client.simulated_service import BODY, REQUEST, SimulatedService, receipt_fields
 

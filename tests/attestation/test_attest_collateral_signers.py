@@ -24,12 +24,8 @@ from tdllm_attest.broker.client import KeyReleaseError
 from tdllm_attest.chain import common_name, verify_chain
 from tdllm_attest.collateral import collateral_from_json
 from tdllm_attest.errors import ChainError, CollateralError
-from tdllm_attest.simulated import (
-    CollateralSigner,
-    SimulatedTdxPlatform,
-    simulated_trust_anchor,
-)
-from tdllm_attest.trust import TrustAnchor
+from tdllm_attest.testing.platform import CollateralSigner, SimulatedTdxPlatform
+from tdllm_attest.trust import TrustAnchor, simulated_trust_anchor
 from tdllm_attest.verify import _run_dcap, verify_quote
 from tests.attestation.attest_mutations import V4_AT
 from tests.attestation.simulated_broker import (

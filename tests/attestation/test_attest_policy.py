@@ -22,13 +22,13 @@ from tdllm_attest.errors import (
     PolicyMismatch,
 )
 from tdllm_attest.eventlog import Event, parse_ccel_log, parse_ccel_table, parse_runtime_log, replay
-from tdllm_attest.policy import (
+from tdllm_attest.policy import validate
+from tdllm_attest.policy_format import (
     Policy,
     load_policy,
     load_public_key,
     policy_from_document,
     sign_policy,
-    validate,
 )
 from tdllm_attest.verify import VerifiedQuote
 from tests.attestation.attest_mutations import Vector

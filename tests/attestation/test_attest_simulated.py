@@ -10,15 +10,14 @@ from tdllm_attest.abi import TD_ATTRIBUTE_DEBUG, parse_quote
 from tdllm_attest.collateral import collateral_from_json
 from tdllm_attest.errors import ChainError, CollateralError
 from tdllm_attest.policy import check_tcb
-from tdllm_attest.simulated import (
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.trust import (
     ALLOW_SIMULATED_ENV,
-    SimulatedTdxPlatform,
     SimulationRefused,
-    SyntheticTdFields,
+    TrustAnchor,
     select_trust_anchor,
     simulated_trust_anchor,
 )
-from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.verify import verify_quote
 from tests.attestation.attest_mutations import Vector
 from tests.attestation.simulated_broker import SIM_NOW, SIMULATED_ENV
@@ -85,7 +84,7 @@ def test_test_anchor_is_refused_unless_both_switches_are_on(
 def test_accepting_the_test_anchor_logs_a_warning_every_time(
     platform: SimulatedTdxPlatform, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="tdllm_attest.simulated"):
+    with caplog.at_level(logging.WARNING, logger="tdllm_attest.trust"):
         _anchor(platform)
         _anchor(platform)
     assert sum("UNSAFE" in r.getMessage() for r in caplog.records) == 2

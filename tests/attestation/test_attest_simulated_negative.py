@@ -29,8 +29,10 @@ from tdllm_attest.errors import (
     SignatureError,
     TcbStatusError,
 )
-from tdllm_attest.policy import MeasurementTuple, check_tcb, validate
-from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields, simulated_trust_anchor
+from tdllm_attest.policy import check_tcb, validate
+from tdllm_attest.policy_format import MeasurementTuple
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.trust import simulated_trust_anchor
 from tdllm_attest.verify import VerifiedQuote, verify_quote
 from tests.attestation.simulated_broker import (
     MR_TD,

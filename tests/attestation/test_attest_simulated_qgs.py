@@ -13,8 +13,8 @@ from werkzeug.serving import make_server
 
 from tdllm_attest.abi import parse_quote
 from tdllm_attest.quote import QuoteProviderError
-from tdllm_attest.simulated import SimulatedTdxPlatform
-from tdllm_attest.simulated_qgs import SimulatedQgsProvider, create_qgs_app
+from tdllm_attest.testing.platform import SimulatedTdxPlatform
+from tdllm_attest.testing.qgs import SimulatedQgsProvider, create_qgs_app
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 

@@ -9,7 +9,8 @@ from datetime import datetime, timedelta
 import pytest
 
 from tdllm_attest.errors import TcbStatusError
-from tdllm_attest.policy import TcbPolicy, check_tcb
+from tdllm_attest.policy import check_tcb
+from tdllm_attest.policy_format import TcbPolicy
 from tdllm_attest.verify import VerifiedQuote
 
 

@@ -9,8 +9,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tdllm_attest.abi import parse_quote
-from tdllm_attest.policy import POLICY_SCHEMA, Policy, policy_from_document, sign_policy
-from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.policy_format import POLICY_SCHEMA, Policy, policy_from_document, sign_policy
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
 
 
 def policy_document(

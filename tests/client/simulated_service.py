@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tdllm_attest.client.binding import ServiceClaims, attestation_answer, okp_jwk, report_data
 from tdllm_attest.client.receipt_protocol import format_time
-from tdllm_attest.quote import SimulatedProvider
-from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.testing.provider import SimulatedProvider
 from tdllm_attest.wire import from_b64url
 
 MODEL = {"id": "simulated-model", "sealed": None}

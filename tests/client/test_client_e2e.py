@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from tdllm_attest.client import E2eClient, E2eError, anchor_for
 from tdllm_attest.client.e2e_protocol import open_request, parse_request
-from tdllm_attest.simulated import SimulatedTdxPlatform
+from tdllm_attest.testing.platform import SimulatedTdxPlatform
 from tests.client.reference_policy import policy_for
 from tests.client.simulated_service import MODEL, SimulatedService
 

@@ -19,7 +19,7 @@ from tdllm_attest.client.attest import anchor_for
 from tdllm_attest.collateral import CollateralSource, FileCollateralSource
 from tdllm_attest.pccs import PccsClient, PccsCollateralSource, RetryPolicy
 from tdllm_attest.pccs_server import LoopbackPccs
-from tdllm_attest.simulated import SimulatedTdxPlatform
+from tdllm_attest.testing.platform import SimulatedTdxPlatform
 from tests.client.reference_policy import policy_for
 from tests.client.simulated_service import SimulatedService
 

@@ -27,7 +27,7 @@ from tdllm_attest.client.receipt_protocol import (
     sign_receipt,
     stream_sha256,
 )
-from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
 from tdllm_attest.trust import TrustAnchor
 from tests.client.reference_policy import policy_for
 from tests.client.simulated_service import (

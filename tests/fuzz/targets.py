@@ -204,7 +204,7 @@ def quote_target(full: bool = False) -> Target:
     if not seeds:  # without the shared vectors: a simulated quote has the same framing
         from datetime import UTC, datetime
 
-        from tdllm_attest.simulated import SimulatedTdxPlatform
+        from tdllm_attest.testing.platform import SimulatedTdxPlatform
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -551,7 +551,7 @@ def openai_request_target(full: bool = False) -> Target:
     from tdllm.errors import UsageError
 
     if full:
-        from tdllm.model.checkpoint import open_checkpoint
+        from tdllm.model.sources import open_checkpoint
 
         tokenizer = open_checkpoint("bundled").tokenizer
     else:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tdllm_attest.errors import PolicyDocumentError
-from tdllm_attest.policy import load_policy
+from tdllm_attest.policy_format import load_policy
 from tests.image.conftest import IMAGE_DIR
 
 ROOT_HASH = "ab" * 32
@@ -116,7 +116,7 @@ def test_check_artefacts_names_a_flipped_file(refvalues: ModuleType, artefacts: 
 def test_golden_boot_becomes_a_policy_the_broker_loads(
     refvalues: ModuleType, artefacts: Path
 ) -> None:
-    from tdllm_attest.policy import sign_policy
+    from tdllm_attest.policy_format import sign_policy
 
     key = Ed25519PrivateKey.generate()
     doc = document(refvalues, artefacts)

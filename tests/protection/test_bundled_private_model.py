@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tdllm.engine import Engine, SamplingParams
-from tdllm.model.checkpoint import open_checkpoint
+from tdllm.model.sources import open_checkpoint
 from tdllm.protection.profiles import ProtectionOptions, build_model, close_model
 from tests.integration.test_reference_equivalence import QUESTIONS
 

@@ -12,8 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from tdllm.cli import cli
-from tdllm.model.checkpoint import Checkpoint, open_checkpoint
+from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
+from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.protection.finetune import (
     Example,

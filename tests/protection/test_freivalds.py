@@ -13,12 +13,12 @@ from tdllm.trusted.errors import DeviceIntegrityError
 from tdllm.trusted.freivalds import FreivaldsCheck
 from tdllm.trusted.public_reference import PublicReference
 from tdllm.trusted.split import OffloadedPrefix, offload_public_prefix, prefix_projections
-from tdllm.untrusted.device import CpuDevice, UntrustedDevice, open_device
+from tdllm.untrusted.device import InProcessDevice, UntrustedDevice, open_device
 from tests.protection.conftest import MAX_BATCH, MAX_SEQ, K, td_only
 from tests.protection.engine_runs import greedy_tokens
 
 
-class GemmForgingDevice(CpuDevice):
+class GemmForgingDevice(InProcessDevice):
     """Runs honestly but reports one projection output with one entry changed."""
 
     def gemm_io(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -82,7 +82,7 @@ def test_a_forged_gemm_output_is_caught_and_the_secret_vectors_are_redrawn(
 def test_one_entry_forgeries_above_tolerance_are_all_detected(
     private_checkpoint: Checkpoint, reference: PublicReference
 ) -> None:
-    model, crossing = split_with_freivalds(private_checkpoint, reference, CpuDevice())
+    model, crossing = split_with_freivalds(private_checkpoint, reference, InProcessDevice())
     try:
         greedy_tokens(model)
         names = sorted(prefix_projections(model, placement(model).num_layers))

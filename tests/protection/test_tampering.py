@@ -8,11 +8,11 @@ import torch
 from tdllm.engine import Engine, SamplingParams
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import DeviceIntegrityError
-from tdllm.untrusted.device import CpuDevice
+from tdllm.untrusted.device import InProcessDevice
 from tests.protection.engine_runs import PROMPTS, NoTokenizer, greedy_tokens
 
 
-class LyingDevice(CpuDevice):
+class LyingDevice(InProcessDevice):
     """An honest cpu device until call `lie_at`, where `forge` rewrites its answer."""
 
     def __init__(self, lie_at: int, forge) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from tdllm.errors import TdllmError
-from tdllm.model.checkpoint import open_checkpoint, save_hf_directory
+from tdllm.model.checkpoint import save_hf_directory
+from tdllm.model.sources import open_checkpoint
 from tdllm.sealing.format import MANIFEST_NAME
 from tdllm.sealing.reader import open_sealed
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tdllm.engine import Engine, SamplingParams
-from tdllm.model.checkpoint import open_checkpoint
 from tdllm.model.loader import load_model
+from tdllm.model.sources import open_checkpoint
 from tdllm.sealing.format import MANIFEST_NAME
 from tdllm.sealing.reader import open_sealed
 from tdllm.sealing.recipients import load_public_key, write_key_pair

@@ -41,15 +41,14 @@ from tdllm_attest.collateral import (
     collateral_from_json,
     load_collateral,
 )
-from tdllm_attest.policy import MeasurementTuple, Policy, TcbPolicy
-from tdllm_attest.simulated import (
+from tdllm_attest.policy_format import MeasurementTuple, Policy, TcbPolicy
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.trust import (
     ALLOW_SIMULATED_ENV,
     MODE_SIMULATED,
-    SimulatedTdxPlatform,
-    SyntheticTdFields,
+    TrustAnchor,
     simulated_trust_anchor,
 )
-from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.verify import verify_quote
 
 SIM_NOW = datetime(2026, 1, 15, 12, tzinfo=UTC)
@@ -145,7 +144,7 @@ def _time_releases(
     from tdllm_attest.broker.client import KeyClient, RequestsTransport
     from tdllm_attest.broker.keystore import Keystore
     from tdllm_attest.broker.settings import BrokerSettings
-    from tdllm_attest.quote import SimulatedProvider
+    from tdllm_attest.testing.provider import SimulatedProvider
 
     anchor = simulated_trust_anchor(platform.root_der, mode=MODE_SIMULATED, environ=os.environ)
     keystore = Keystore([], secrets.token_bytes(32))

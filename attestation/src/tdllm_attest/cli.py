@@ -31,15 +31,8 @@ from tdllm_attest.eventlog import Event, parse_ccel_log, parse_ccel_table, parse
 from tdllm_attest.pccs import (
     PccsCollateralSource,
 )
-from tdllm_attest.policy import (
-    Policy,
-    TcbPolicy,
-    check_tcb,
-    check_td_baseline,
-    load_policy,
-    load_public_key,
-    validate,
-)
+from tdllm_attest.policy import check_tcb, check_td_baseline, validate
+from tdllm_attest.policy_format import Policy, TcbPolicy, load_policy, load_public_key
 from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.verify import CheckResult, VerificationProgress, VerifiedQuote, verify_quote
 

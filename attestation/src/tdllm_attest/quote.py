@@ -5,13 +5,13 @@ configfs-tsm-report): mkdir a private entry, check `provider` is `tdx_guest`, wr
 bytes to `inblob`, read `outblob`, check `generation` advanced by exactly our one write (else a
 concurrent writer raced us: retry), retry EBUSY with bounded back-off, and always rmdir.
 
-`SimulatedProvider` wraps the UNSAFE `SimulatedTdxPlatform`. There is no fallback between the
-two: a configfs failure is an error, never a simulated quote.
+The UNSAFE `SimulatedProvider` lives in `tdllm_attest.testing.provider`, which this module never
+imports: there is no fallback between the two, a configfs failure is an error, never a simulated
+quote.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
@@ -24,7 +24,6 @@ from typing import Protocol
 
 from tdllm_attest.abi import MAX_QUOTE_BUFFER_SIZE, REPORT_DATA_SIZE
 from tdllm_attest.errors import AttestationError
-from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +152,3 @@ class ConfigfsTsmProvider:
             return int(text)
         except ValueError:
             raise QuoteProviderError(f"configfs-tsm generation {text!r} is not a number") from None
-
-
-@dataclass
-class SimulatedProvider:
-    """UNSAFE: quotes from a `SimulatedTdxPlatform`; `fields` sets everything but REPORTDATA."""
-
-    platform: SimulatedTdxPlatform
-    fields: SyntheticTdFields = field(default_factory=SyntheticTdFields)
-
-    def get_quote(self, report_data: bytes) -> bytes:
-        _check_report_data(report_data)
-        log.warning("UNSAFE: producing a SIMULATED TDX quote (no hardware, no protection)")
-        return self.platform.quote(dataclasses.replace(self.fields, report_data=report_data))

@@ -30,8 +30,7 @@ from tdllm_attest.client.attest import anchor_for, load_reference_policy
 from tdllm_attest.client.receipt import ReceiptRefused, VerifiedReceipt, load_kept, verify_receipt
 from tdllm_attest.client.receipt_protocol import receipt_of
 from tdllm_attest.errors import AttestationError
-from tdllm_attest.simulated import ALLOW_SIMULATED_ENV
-from tdllm_attest.trust import TrustAnchor
+from tdllm_attest.trust import ALLOW_SIMULATED_ENV, TrustAnchor
 from tdllm_attest.verify import VerificationProgress
 
 _FILE = click.Path(path_type=Path, dir_okay=False, exists=True)

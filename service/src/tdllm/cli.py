@@ -107,8 +107,8 @@ def generate(
 ) -> None:
     """Generate a completion for PROMPT ('-' reads stdin) and stream it to the terminal."""
     from tdllm.engine import Engine, SamplingParams
-    from tdllm.model.checkpoint import open_checkpoint
     from tdllm.model.loader import parse_dtype
+    from tdllm.model.sources import open_checkpoint
     from tdllm.protection.profiles import ProtectionOptions, build_model
 
     if prompt == "-":

@@ -70,7 +70,7 @@ class Settings:
     # (a rollback to a known-flawed model) is refused even if the broker lets it go
     min_model_version: int = 1
     allow_simulated: bool = False  # from TDLLM_ALLOW_SIMULATED_TDX=1, never from the file
-    # simulated mode only: the host's UNSAFE simulated quote service (tdllm_attest.simulated_qgs)
+    # simulated mode only: the host's UNSAFE simulated quote service (tdllm_attest.testing.qgs)
     # instead of an in-process test PKI, so a broker on the host can trust the same platform
     simulated_quote_url: str | None = None
     # the host's PCCS (Intel PCS API v4): where /v1/attestation gets the collateral it serves

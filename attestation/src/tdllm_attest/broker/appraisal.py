@@ -30,7 +30,7 @@ from tdllm_attest.errors import (
 )
 from tdllm_attest.eventlog import Event, parse_ccel_log, parse_ccel_table, parse_runtime_log
 from tdllm_attest.policy import check_model_release, check_tcb, validate
-from tdllm_attest.simulated import MODE_PRODUCTION, MODE_SIMULATED
+from tdllm_attest.trust import MODE_PRODUCTION, MODE_SIMULATED
 from tdllm_attest.verify import VerifiedQuote, verify_quote
 from tdllm_attest.wire import from_b64url
 

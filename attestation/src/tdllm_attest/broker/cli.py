@@ -20,8 +20,8 @@ from tdllm_attest.broker.settings import BrokerSettings
 from tdllm_attest.broker.signing import load_signing_key, write_signing_key_pair
 from tdllm_attest.collateral import CollateralSource
 from tdllm_attest.pccs import CollateralCache, PccsClient, PccsCollateralSource, default_cache_dir
-from tdllm_attest.policy import load_policy, load_public_key
-from tdllm_attest.simulated import select_trust_anchor
+from tdllm_attest.policy_format import load_policy, load_public_key
+from tdllm_attest.trust import select_trust_anchor
 
 log = logging.getLogger("tdllm_attest.broker")
 

@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tdllm_attest.model_identity import valid_model_name, valid_model_version
-from tdllm_attest.simulated import MODE_PRODUCTION, MODE_SIMULATED
+from tdllm_attest.trust import MODE_PRODUCTION, MODE_SIMULATED
 from tdllm_attest.wire import b64url, canonical_json, from_b64url
 
 KEK_SIZE = 32

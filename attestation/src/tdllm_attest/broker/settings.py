@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tdllm_attest.broker.keystore import Keystore
 from tdllm_attest.collateral import CollateralSource
-from tdllm_attest.policy import Policy
+from tdllm_attest.policy_format import Policy
 from tdllm_attest.trust import TrustAnchor
 
 
@@ -24,7 +24,7 @@ def system_clock() -> datetime:
 class BrokerSettings:
     """Broker configuration. The anchor decides the mode: Intel's root means production.
 
-    Build the anchor with `tdllm_attest.simulated.select_trust_anchor`, never by hand, so the
+    Build the anchor with `tdllm_attest.trust.select_trust_anchor`, never by hand, so the
     simulated test root only ever comes through its two-switch gate.
     """
 

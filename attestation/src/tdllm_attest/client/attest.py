@@ -13,7 +13,7 @@ host can boot its own, prompt-logging image on genuine TDX hardware. Only an exp
 `insecure_any_td=True` skips (3), never the baseline TD checks (DEBUG off etc.), and the result
 says so.
 The anchor is Intel's root unless the caller passes the simulated test root, which goes
-through `tdllm_attest.simulated.select_trust_anchor` (mode "simulated" AND
+through `tdllm_attest.trust.select_trust_anchor` (mode "simulated" AND
 TDLLM_ALLOW_SIMULATED_TDX=1); a simulated result is flagged, never silently trusted.
 """
 
@@ -33,16 +33,9 @@ from tdllm_attest.client.errors import AttestationRefused
 from tdllm_attest.collateral import Collateral, CollateralSource, collateral_from_json
 from tdllm_attest.errors import AttestationError, BindingError
 from tdllm_attest.eventlog import Event, parse_runtime_log, replay
-from tdllm_attest.policy import (
-    Policy,
-    check_tcb,
-    check_td_baseline,
-    load_policy,
-    load_public_key,
-    validate,
-)
-from tdllm_attest.simulated import select_trust_anchor
-from tdllm_attest.trust import TrustAnchor
+from tdllm_attest.policy import check_tcb, check_td_baseline, validate
+from tdllm_attest.policy_format import Policy, load_policy, load_public_key
+from tdllm_attest.trust import TrustAnchor, select_trust_anchor
 from tdllm_attest.verify import VerifiedQuote
 from tdllm_attest.wire import from_b64url
 

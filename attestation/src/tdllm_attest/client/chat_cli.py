@@ -35,7 +35,7 @@ from tdllm_attest.client.e2e import E2eClient, RequestsTransport
 from tdllm_attest.client.errors import E2eError
 from tdllm_attest.client.receipt_protocol import receipt_of
 from tdllm_attest.errors import EXIT_INTERNAL, AttestationError
-from tdllm_attest.simulated import ALLOW_SIMULATED_ENV
+from tdllm_attest.trust import ALLOW_SIMULATED_ENV
 
 API_KEY_ENV = "TDLLM_API_KEY"
 EXIT_INTERRUPTED = 130

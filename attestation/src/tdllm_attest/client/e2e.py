@@ -41,7 +41,7 @@ from tdllm_attest.client.e2e_protocol import (
 from tdllm_attest.client.errors import AttestationRefused, E2eError
 from tdllm_attest.client.receipt_protocol import RECEIPTS_PATH
 from tdllm_attest.collateral import CollateralSource
-from tdllm_attest.policy import Policy
+from tdllm_attest.policy_format import Policy
 from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.wire import canonical_json
 

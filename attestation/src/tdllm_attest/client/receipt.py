@@ -38,7 +38,7 @@ from tdllm_attest.client.receipt_protocol import (
 )
 from tdllm_attest.collateral import CollateralSource
 from tdllm_attest.errors import AttestationError
-from tdllm_attest.policy import Policy
+from tdllm_attest.policy_format import Policy
 from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.verify import VerificationProgress
 from tdllm_attest.wire import from_b64url

@@ -57,14 +57,15 @@ from tdllm_attest.client.attest import (
     verify_attestation,
 )
 from tdllm_attest.client.e2e_protocol import E2E_PROFILES
-from tdllm_attest.policy import (
+from tdllm_attest.policy_format import (
     POLICY_SCHEMA,
     ModelRule,
     Policy,
     policy_from_document,
     sign_policy,
 )
-from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields, select_trust_anchor
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.trust import select_trust_anchor
 
 MR_TD = hashlib.sha384(b"tdllm UNSAFE simulated appliance").digest()
 RTMRS = tuple(hashlib.sha384(b"tdllm UNSAFE simulated rtmr%d" % i).digest() for i in range(3))
@@ -230,7 +231,7 @@ def _run_service(settings: Settings, platform: SimulatedTdxPlatform) -> None:
     from tdllm.api.app import create_app
     from tdllm.api.boot import BootDeps
     from tdllm.api.logs import logging_config
-    from tdllm_attest.quote import SimulatedProvider
+    from tdllm_attest.testing.provider import SimulatedProvider
 
     class Gunicorn(BaseApplication):  # type: ignore[misc]  # gunicorn ships no types
         """The same worker model as `tdllm serve` (gunicorn_conf), with the app built here."""

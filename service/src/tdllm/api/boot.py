@@ -182,7 +182,7 @@ def quote_provider_for(settings: Settings, deps: BootDeps) -> tuple[Any, bool]:
 
         return ConfigfsTsmProvider(), False
     if settings.attestation == "simulated" and settings.simulated_quote_url:
-        from tdllm_attest.simulated_qgs import SimulatedQgsProvider
+        from tdllm_attest.testing.qgs import SimulatedQgsProvider
 
         log.warning(
             "UNSAFE: attestation mode 'simulated': quotes from the simulated quote service %s "
@@ -191,8 +191,8 @@ def quote_provider_for(settings: Settings, deps: BootDeps) -> tuple[Any, bool]:
         )
         return SimulatedQgsProvider(settings.simulated_quote_url), True
     if settings.attestation == "simulated":  # Settings already demanded the environment switch
-        from tdllm_attest.quote import SimulatedProvider
-        from tdllm_attest.simulated import SimulatedTdxPlatform
+        from tdllm_attest.testing.platform import SimulatedTdxPlatform
+        from tdllm_attest.testing.provider import SimulatedProvider
 
         log.warning("UNSAFE: attestation mode 'simulated': quotes prove nothing")
         return SimulatedProvider(SimulatedTdxPlatform(datetime.now(UTC))), True
@@ -256,7 +256,7 @@ class Boot:
 
     def _open(self) -> Any:
         from tdllm.errors import TdllmError
-        from tdllm.model.checkpoint import open_checkpoint
+        from tdllm.model.sources import open_checkpoint
 
         if not self.settings.sealed:
             self.state.set("loading", f"opening model {self.settings.model}")

@@ -171,8 +171,7 @@ def _tcb_status(service: Any, quote: bytes) -> str:
 def _trust_anchor(service: Any) -> Any:
     """Intel's root; in simulated mode the simulated platform's root when the provider holds
     it (the simulated quote service's root stays on the host: None)."""
-    from tdllm_attest.simulated import ALLOW_SIMULATED_ENV, simulated_trust_anchor
-    from tdllm_attest.trust import TrustAnchor
+    from tdllm_attest.trust import ALLOW_SIMULATED_ENV, TrustAnchor, simulated_trust_anchor
 
     if not service.state.simulated:
         return TrustAnchor.intel()

@@ -33,8 +33,8 @@ import torch
 
 from tdllm.attacks.result import AttackOptions, AttackResult
 from tdllm.errors import UsageError
-from tdllm.model.checkpoint import open_checkpoint
 from tdllm.model.linear import Linear
+from tdllm.model.sources import open_checkpoint
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import DeviceIntegrityError
 from tdllm.trusted.masked_linear import OP, MaskedLinearMethod

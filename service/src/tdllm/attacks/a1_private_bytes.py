@@ -27,8 +27,9 @@ import torch
 
 from tdllm.attacks.result import AttackOptions, AttackResult
 from tdllm.errors import UsageError
-from tdllm.model.checkpoint import Checkpoint, open_checkpoint
+from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
+from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.protection.masked import base_weight, build_masked, masked_linears
 from tdllm.protection.private_cache import DEFAULT_CACHE, private_model_dir

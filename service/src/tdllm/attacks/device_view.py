@@ -22,8 +22,9 @@ import torch
 
 from tdllm.attacks.result import AttackOptions
 from tdllm.engine import Engine, SamplingParams
-from tdllm.model.checkpoint import Checkpoint, open_checkpoint
+from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.config import ModelConfig
+from tdllm.model.sources import open_checkpoint
 from tdllm.protection.obfuscated import Obfuscation, obfuscation_of
 from tdllm.protection.private_model import is_private, privatize
 from tdllm.protection.profiles import ProtectionOptions, build_model, close_model, crossing_of

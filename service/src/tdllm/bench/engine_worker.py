@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from tdllm.engine import Engine, SamplingParams
-from tdllm.model.checkpoint import open_checkpoint
 from tdllm.model.loader import load_model, parse_dtype
+from tdllm.model.sources import open_checkpoint
 
 TEXT = (
     "A trust domain keeps the memory of a virtual machine encrypted and integrity protected, so "

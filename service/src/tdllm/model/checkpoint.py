@@ -1,10 +1,12 @@
-"""Model files -> (config, tokenizer, Hugging Face-named tensors), one tensor at a time.
+"""The `Checkpoint` type: (config, tokenizer, Hugging Face-named tensors), one tensor at a time.
 
-Two plaintext sources are understood: a GGUF file (the bundled SmolLM2 is one; quantized tensors
-are dequantized with the `gguf` package) and a Hugging Face-style directory (config.json,
+Two plaintext readers live here: a GGUF file (the bundled SmolLM2 is one; quantized tensors are
+dequantized with the `gguf` package) and a Hugging Face-style directory (config.json,
 *.safetensors, tokenizer.json). Tensors are yielded lazily so loading never holds a second full
-copy of the model. Sealed directories (encrypted at rest, `tdllm.sealing`) open through the
-same `Checkpoint` shape, their tensors decrypted one at a time as they are streamed.
+copy of the model. Sealed directories (encrypted at rest, `tdllm.sealing.reader`) produce the
+same `Checkpoint` shape, their tensors decrypted one at a time as they are streamed; choosing
+among these sources by name or path is `tdllm.model.sources.open_checkpoint`. This module imports
+nothing from `tdllm.sealing` (an import-linter contract).
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tdllm.errors import ModelLoadError, UsageError
-from tdllm.model.bundled import bundled_model_path
+from tdllm.errors import ModelLoadError
 from tdllm.model.config import ModelConfig
 from tdllm.model.tokenizer import Tokenizer
 
@@ -60,28 +61,6 @@ class Checkpoint:
     # A sealed model's identity, taken from the very manifest its MAC check authenticated
     # (sealing.format.manifest_identity); None for unauthenticated sources.
     identity: dict[str, str] | None = None
-
-
-def open_checkpoint(source: str | Path, key: Path | None = None) -> Checkpoint:
-    """`source` is ``bundled``, a ``.gguf`` file, a Hugging Face-style safetensors directory, or a
-    sealed model directory (then `key` is the recipient private key file that opens it)."""
-    from tdllm.sealing.reader import is_sealed_directory, open_sealed
-
-    path = Path(source)
-    sealed = str(source) != "bundled" and path.is_dir() and is_sealed_directory(path)
-    if sealed:
-        return open_sealed(path, key)
-    if key is not None:
-        raise UsageError(f"{source} is not a sealed model directory; --key opens sealed ones only")
-    if str(source) == "bundled":
-        return open_gguf(bundled_model_path())
-    if path.is_dir():
-        return open_hf_directory(path)
-    if path.is_file():
-        return open_gguf(path)
-    raise ModelLoadError(
-        f"model not found: {source} (expected 'bundled', a .gguf file or a directory)"
-    )
 
 
 # -- GGUF ---------------------------------------------------------------------------------------

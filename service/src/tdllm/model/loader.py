@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from tdllm.errors import ModelLoadError
-from tdllm.model.checkpoint import Checkpoint, Destination, open_checkpoint
+from tdllm.model.checkpoint import Checkpoint, Destination
 from tdllm.model.linear import LinearMethodTable
+from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

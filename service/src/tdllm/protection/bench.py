@@ -26,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tdllm.engine import Engine, SamplingParams
-from tdllm.model.checkpoint import open_checkpoint
+from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Transformer
 from tdllm.protection.private_cache import private_model_dir
 from tdllm.protection.profiles import ProtectionOptions, build_model, close_model, crossing_of

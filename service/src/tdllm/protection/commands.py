@@ -50,7 +50,7 @@ def prepare(
     Seal the private model afterwards with `tdllm seal --public-pattern` so the tail is
     encrypted at rest (see docs/security.md).
     """
-    from tdllm.model.checkpoint import open_checkpoint
+    from tdllm.model.sources import open_checkpoint
     from tdllm.protection.prepare import prepare_split
 
     if profile == "masked":
@@ -105,7 +105,7 @@ def finetune_tail(
     keeps its general ability (`tdllm bench fidelity --private --model OUT` measures it).
     Then `tdllm prepare --base BASE --model OUT --k K` accepts OUT.
     """
-    from tdllm.model.checkpoint import open_checkpoint
+    from tdllm.model.sources import open_checkpoint
     from tdllm.protection.finetune import finetune_tail as run
     from tdllm.protection.finetune import recipe_config
 
@@ -196,7 +196,7 @@ def bench_fidelity(
     held-out prose, recall of the private facts on held-out paraphrases, and the share of
     general answers that name a private fact (tdllm/protection/private_fidelity.py).
     """
-    from tdllm.model.checkpoint import open_checkpoint
+    from tdllm.model.sources import open_checkpoint
 
     if private:
         _private_fidelity(model, base, new_tokens, bf16_floor, cache_dir, as_json)
@@ -229,7 +229,7 @@ def _private_fidelity(
     cache_dir: Path | None,
     as_json: bool,
 ) -> None:
-    from tdllm.model.checkpoint import open_checkpoint
+    from tdllm.model.sources import open_checkpoint
     from tdllm.protection.private_cache import DEFAULT_CACHE, private_model_dir
     from tdllm.protection.private_fidelity import (
         NEW_TOKENS,

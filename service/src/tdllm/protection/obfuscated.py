@@ -188,8 +188,8 @@ def synthetic_deviation(
 def bundled_deviation(prompts: list[str] | None = None) -> dict[str, object]:
     """The seed's figures on the bundled model, recorded in a real obfuscated generation."""
     from tdllm.engine import Engine, SamplingParams
-    from tdllm.model.checkpoint import open_checkpoint
     from tdllm.model.loader import load_model
+    from tdllm.model.sources import open_checkpoint
 
     checkpoint = open_checkpoint("bundled")
     model, _ = load_model(checkpoint, torch.float32)

@@ -108,7 +108,7 @@ def _crossing_for(options: ProtectionOptions) -> Iterator[Crossing]:
 def _build_masked(
     checkpoint: Checkpoint, dtype: torch.dtype, options: ProtectionOptions
 ) -> Transformer:
-    from tdllm.model.checkpoint import open_checkpoint
+    from tdllm.model.sources import open_checkpoint
     from tdllm.protection.masked import build_masked
 
     base = open_checkpoint(options.masked_base)

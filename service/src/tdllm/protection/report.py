@@ -38,8 +38,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tdllm.doc_sections import markers, read_marked, replace_marked
 from tdllm.errors import UsageError
-from tdllm.model.checkpoint import Checkpoint, open_checkpoint
+from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
+from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.protection.finetune import encode_pair
 from tdllm.protection.finetune_data import split_pairs

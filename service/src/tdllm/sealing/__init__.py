@@ -6,6 +6,6 @@ tensors are decrypted chunk by chunk as the loader streams them. Every failure t
 opaque `errors.SealedModelError`. `format` defines the bytes (docs/sealed-format.md), `recipients`
 the JWE key wrapping and key pairs, `keys` the wiping of key material, `commands` the CLI.
 
-This package module imports nothing itself, so `tdllm.model.checkpoint` can import the reader
-lazily without an import cycle.
+The reader builds on `tdllm.model.checkpoint` (the `Checkpoint` type) and never the other way;
+`tdllm.model.sources.open_checkpoint` is what dispatches a sealed directory to it.
 """

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from tdllm.bench.machine import machine
-from tdllm.model.checkpoint import Checkpoint, open_checkpoint, open_hf_directory, save_hf_directory
+from tdllm.model.checkpoint import Checkpoint, open_hf_directory, save_hf_directory
 from tdllm.model.loader import load_model
+from tdllm.model.sources import open_checkpoint
 from tdllm.sealing.reader import DEFAULT_THREADS, open_sealed
 from tdllm.sealing.writer import seal_checkpoint
 

@@ -76,8 +76,8 @@ def seal(
     Every tensor is encrypted with a fresh AES-256 data key unless it matches --public-pattern;
     the data key is wrapped to each --recipient as a JWE. Layout: docs/sealed-format.md.
     """
-    from tdllm.model.checkpoint import open_checkpoint
     from tdllm.model.loader import parse_dtype
+    from tdllm.model.sources import open_checkpoint
     from tdllm.sealing.recipients import load_public_key
     from tdllm.sealing.writer import seal_checkpoint
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from tdllm_attest.abi import REPORT_DATA_SIZE
 from tdllm_attest.quote import QuoteProviderError, _check_report_data
-from tdllm_attest.simulated import SimulatedTdxPlatform, SyntheticTdFields
+from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
 
 log = logging.getLogger(__name__)
 QUOTE_PATH = "/v1/quote"

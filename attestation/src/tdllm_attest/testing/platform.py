@@ -8,9 +8,10 @@ The results pass the very same `verify_quote` path (framing, collateral, `crypto
 cross-check, dcap-qvl) with only the trust anchor changed, so CI exercises production
 verification without TDX hardware. Private keys never leave the object.
 
-The test root is usable only through `simulated_trust_anchor`, which demands BOTH the configured
-mode "simulated" AND the environment variable `TDLLM_ALLOW_SIMULATED_TDX=1`, and logs a warning
-every time. Results verified against it carry `simulated=True`.
+The test root is usable only through `tdllm_attest.trust.simulated_trust_anchor`, which demands
+BOTH the configured mode "simulated" AND the environment variable `TDLLM_ALLOW_SIMULATED_TDX=1`,
+and logs a warning every time. Results verified against it carry `simulated=True`. Production
+modules never import this package (an import-linter contract, pyproject.toml).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,15 +35,7 @@ from cryptography.x509.oid import NameOID
 
 from tdllm_attest import abi
 from tdllm_attest.clock import require_aware
-from tdllm_attest.errors import ChainError
-from tdllm_attest.trust import SIMULATED_TCB_SIGNING_CN, TrustAnchor
-
-log = logging.getLogger(__name__)
-
-ALLOW_SIMULATED_ENV = "TDLLM_ALLOW_SIMULATED_TDX"
-MODE_SIMULATED = "simulated"
-MODE_PRODUCTION = "production"
-AttestationMode = Literal["production", "simulated"]
+from tdllm_attest.trust import SIMULATED_TCB_SIGNING_CN
 
 UNSAFE_TEST_ROOT_CN = "TDLLM UNSAFE TEST ROOT - SIMULATED TDX ONLY - NOT A VENDOR ROOT"
 SGX_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
@@ -56,38 +48,8 @@ _P256_HALF = 32
 CollateralSigner = Literal["tcb_signer", "pck_leaf", "pck_ca", "pck_ca_lookalike"]
 
 
-class SimulationRefused(ChainError):  # noqa: N818  # reads as the event it reports
-    """The simulated trust anchor was requested without both switches set."""
-
-
-def simulated_trust_anchor(
-    root_der: bytes, *, mode: str, environ: Mapping[str, str]
-) -> TrustAnchor:
-    """The ONE gate for a simulated anchor: config mode "simulated" AND the env switch.
-
-    Refuses (raises `SimulationRefused`) unless `mode == "simulated"` and
-    `environ[TDLLM_ALLOW_SIMULATED_TDX] == "1"`; refuses the Intel root too (no mixing). Logs a
-    warning on every acceptance. There is no fallback: callers in production mode never get here.
-    """
-    allowed = environ.get(ALLOW_SIMULATED_ENV) == "1"
-    if mode != MODE_SIMULATED or not allowed:
-        raise SimulationRefused(
-            f"simulated TDX trust anchor refused: needs attestation mode 'simulated' (is {mode!r})"
-            f" and {ALLOW_SIMULATED_ENV}=1 (is {'set' if allowed else 'unset'})"
-        )
-    anchor = TrustAnchor.from_der(root_der)
-    if anchor.is_intel:
-        raise SimulationRefused("the Intel root is not a simulated anchor")
-    log.warning(
-        "UNSAFE: accepting SIMULATED TDX evidence under test root sha256=%s; "
-        "nothing verified against it proves anything",
-        anchor.sha256,
-    )
-    return anchor
-
-
 def _template() -> dict[str, Any]:
-    text = resources.files("tdllm_attest").joinpath(_TEMPLATE_FILE).read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath(_TEMPLATE_FILE).read_text(encoding="utf-8")
     doc: dict[str, Any] = json.loads(text)
     return doc
 
@@ -139,8 +101,8 @@ class SimulatedTdxPlatform:
     """UNSAFE: a fake TDX platform + fake Intel PKI, generated in memory at `now`.
 
     `quote()` makes v4 quotes, `collateral_json()` the matching dcap-qvl collateral; both verify
-    only against `root_der` (use `simulated_trust_anchor`). Certificates are valid a year from
-    `now` minus an hour, collateral and CRLs 30 days.
+    only against `root_der` (use `tdllm_attest.trust.simulated_trust_anchor`). Certificates are
+    valid a year from `now` minus an hour, collateral and CRLs 30 days.
 
     `validity` overrides the (not before, not after) period of named certificates, for negative
     tests of expired / not-yet-valid certificates: keys "root", "pck_ca", "pck_leaf",
@@ -380,17 +342,3 @@ class SimulatedTdxPlatform:
             + certification
         )
         return signed + struct.pack("<I", len(signature_data)) + signature_data
-
-
-def select_trust_anchor(
-    mode: str, *, simulated_root_der: bytes | None, environ: Mapping[str, str]
-) -> TrustAnchor:
-    """Production -> the pinned Intel root; simulated -> the gated test root. Nothing else.
-
-    Any other mode, or simulated mode without a root, is refused (no silent fallback).
-    """
-    if mode == MODE_PRODUCTION:
-        return TrustAnchor.intel()
-    if mode == MODE_SIMULATED and simulated_root_der is not None:
-        return simulated_trust_anchor(simulated_root_der, mode=mode, environ=environ)
-    raise SimulationRefused(f"attestation mode {mode!r} without a usable trust anchor")
