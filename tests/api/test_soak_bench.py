@@ -11,7 +11,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from tdllm.api.soak_bench import Tally, full_stream, malformed, require_loopback
+from tdllm.api.soak_bench import (
+    SoakConfig,
+    Tally,
+    full_stream,
+    malformed,
+    require_loopback,
+    soak,
+)
 from tdllm.errors import UsageError
 
 FIRST_CHUNK = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
@@ -36,6 +43,14 @@ class _Broken(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.end_headers()
         self.wfile.write(b'{"error": {"message": "internal error"}}')
+
+    def do_GET(self) -> None:  # /v1/models (the soak asks which model) and /ready
+        body = b'{"data": [{"id": "m"}]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *_: object) -> None:
         pass
@@ -66,6 +81,19 @@ def test_a_server_error_for_a_malformed_body_is_an_error(broken_url: str) -> Non
     assert tally.kinds == {"malformed": 1}
     [(error, count)] = tally.errors.items()
     assert count == 1 and error.endswith("http_500")
+
+
+def test_what_goes_wrong_during_the_warm_up_counts_as_an_error(broken_url: str) -> None:
+    """The warm-up is not measured for speed or RSS, but a cut stream there is still one."""
+    config = SoakConfig(
+        clients=1, minutes=0.02, disconnect_fraction=0, malformed_fraction=0, ramp_s=0, warm_up_s=1
+    )
+    report = soak(broken_url, config, None, lambda _: None)
+    warm_cuts = sum(report["warm_up"]["errors"].values())
+    assert warm_cuts > 3  # the three first requests and the warm-up's own, all cut
+    assert (
+        report["cut_streams"] == report["error_count"] == warm_cuts + sum(report["errors"].values())
+    )
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,13 @@ def bench_serve(
     show_default=True,
     help="clients start evenly over this many seconds",
 )
+@click.option(
+    "--warm-up-s",
+    type=click.FloatRange(0, 600),
+    default=0.0,
+    show_default=True,
+    help="run the same load this long before measuring (RSS drift then shows leaks, not warm-up)",
+)
 @click.option("--model", default="bundled", show_default=True, help="for the loopback service")
 @click.option(
     "--dtype",
@@ -103,6 +110,7 @@ def bench_soak(
     malformed_fraction: float,
     seed: int,
     ramp_s: float,
+    warm_up_s: float,
     model: str,
     dtype: str | None,
     as_json: bool,
@@ -125,6 +133,7 @@ def bench_soak(
         malformed_fraction,
         seed,
         ramp_s,
+        warm_up_s,
         api_key=os.environ.get("TDLLM_API_KEY") or None,
     )
     service = {"model": model} | ({"dtype": dtype} if dtype else {})

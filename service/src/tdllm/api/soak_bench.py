@@ -7,7 +7,8 @@ streaming chat that must end with a finish reason and ``data: [DONE]`` — one t
 *cut stream*. Clients start evenly over a ramp (10 s by default, as load tools spawn users), so
 the numbers are the steady state's, not one synchronized burst's. Reported: requests and errors
 by class, completion tokens/s, TTFT p50/p99 of the full streams, the service's RSS (all its
-processes) after warm-up, at the end and at its highest, and `/ready` after the run. Loopback
+processes) after warm-up (optionally the same load for a while first, unmeasured but with its
+errors reported), at the end and at its highest, and `/ready` after the run. Loopback
 only: this is a load generator, bounded in clients and minutes, and it refuses to aim at
 anything but this machine.
 """
@@ -93,6 +94,9 @@ class SoakConfig:
     malformed_fraction: float = 0.05
     seed: int = 0
     ramp_s: float = 10.0  # clients start evenly over this long: a soak measures steady state
+    # the same load, unmeasured but checked, before the clock starts: allocator pools, kernel
+    # caches and thread arenas reach their working size, so RSS drift shows a leak, not warm-up
+    warm_up_s: float = 0.0
     api_key: str | None = field(default=None, repr=False)  # sent, never reported
 
 
@@ -328,24 +332,15 @@ def soak(
     with session(config) as http:
         model = http.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         warm = Tally()
-        for prompt in PROMPTS[:3]:  # warm-up: first-call allocations are not drift
+        for prompt in PROMPTS[:3]:  # first-call allocations are not drift
             full_stream(http, url, model, prompt, config.max_tokens, warm)
+    rss_before_warm_up = _rss_bytes(pid) if pid is not None else 0
+    if config.warm_up_s > 0:
+        _load(url, model, config, config.warm_up_s, warm, lambda line: progress("warm-up " + line))
     tally = Tally()
-    deadline = time.monotonic() + config.minutes * 60
-    threads = [
-        threading.Thread(target=_client, args=(url, model, config, i, deadline, tally), daemon=True)
-        for i in range(config.clients)
-    ]
     start = time.monotonic()
     with RssSampler(pid) as rss:
-        for t in threads:
-            t.start()
-        while any(t.is_alive() for t in threads):
-            time.sleep(5)
-            with tally.lock:
-                done, errors = sum(tally.kinds.values()), sum(tally.errors.values())
-            left = max(0.0, deadline - time.monotonic())
-            progress(f"soak: {done} requests, {errors} errors, {left:.0f}s left")
+        _load(url, model, config, config.minutes * 60, tally, progress)
     wall = time.monotonic() - start
     ready = requests.get(url + "/ready", timeout=10).status_code
     samples = rss.samples or [0]
@@ -357,8 +352,11 @@ def soak(
         "wall_s": round(wall, 1),
         "requests": dict(tally.kinds),
         "errors": dict(tally.errors),
-        "error_count": sum(tally.errors.values()),
-        "cut_streams": sum(n for e, n in tally.errors.items() if e.startswith("cut_stream")),
+        # the warm-up's errors count: unmeasured is not unchecked
+        "error_count": sum(tally.errors.values()) + sum(warm.errors.values()),
+        "cut_streams": sum(
+            n for e, n in (tally.errors + warm.errors).items() if e.startswith("cut_stream")
+        ),
         "completion_tokens": tally.tokens,
         "tokens_per_s": round(tally.tokens / wall, 1),
         "ttft_p50_s": round(_percentile(tally.ttfts, 0.50), 3),
@@ -368,7 +366,37 @@ def soak(
         "rss_max_mib": _mib(max(samples)),
         "rss_drift_pct": round(100 * (rss_end - rss_start) / rss_start, 2) if rss_start else None,
         "ready_after": ready,
+        "warm_up": {
+            "seconds": config.warm_up_s,
+            "requests": sum(warm.kinds.values()),
+            "errors": dict(warm.errors),  # an error is one, measured or not
+            "rss_before_mib": _mib(rss_before_warm_up),
+        },
     }
+
+
+def _load(
+    url: str,
+    model: str,
+    config: SoakConfig,
+    seconds: float,
+    tally: Tally,
+    progress: Callable[[str], None],
+) -> None:
+    """`config.clients` clients (ramped) against `url` for `seconds`, into `tally`."""
+    deadline = time.monotonic() + seconds
+    threads = [
+        threading.Thread(target=_client, args=(url, model, config, i, deadline, tally), daemon=True)
+        for i in range(config.clients)
+    ]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        time.sleep(5)
+        with tally.lock:
+            done, errors = sum(tally.kinds.values()), sum(tally.errors.values())
+        left = max(0.0, deadline - time.monotonic())
+        progress(f"soak: {done} requests, {errors} errors, {left:.0f}s left")
 
 
 def run_soak(
@@ -407,4 +435,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"max {report['rss_max_mib']} (drift {report['rss_drift_pct']}%)",
         f"/ready after the run: {report['ready_after']}",
     ]
+    w = report["warm_up"]
+    if w["seconds"]:
+        lines.insert(
+            1,
+            f"warm-up {w['seconds']:g} s first: {w['requests']} requests, errors "
+            f"{w['errors'] or 0}, RSS before it {w['rss_before_mib']} MiB",
+        )
     return "\n".join(lines)
