@@ -17,7 +17,8 @@ NOT_SHIPPED = {"README.md"}
 
 def _package_data(distribution: Path) -> dict[str, list[str]]:
     config = tomllib.loads((distribution / "pyproject.toml").read_text())
-    return config["tool"]["setuptools"]["package-data"]
+    globs: dict[str, list[str]] = config["tool"]["setuptools"]["package-data"]
+    return globs
 
 
 def _shipped(package_dir: Path, relative: Path, globs: dict[str, list[str]]) -> bool:
