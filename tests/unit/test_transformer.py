@@ -175,6 +175,19 @@ def test_decode_cache_write_lands_at_each_rows_slot_and_position() -> None:
     assert torch.equal(cache, expected)
 
 
+def test_one_decode_batch_writes_caches_of_different_lengths_at_the_same_positions() -> None:
+    """The engine's cache and an audit's (or a shorter one) share a step's `Batch`: each gets
+    the token at its own (slot, position), whatever was written through the batch before."""
+    batch = Batch([1, 0], [3, 5], 1)
+    new = torch.arange(2 * 2 * 1 * 3, dtype=torch.float32).view(2, 2, 1, 3) + 1
+    for length in (8, 6, 8):
+        cache = torch.zeros(2, 2, length, 3)
+        batch.write(cache, new)
+        assert torch.equal(cache[1, :, 3], new[0, :, 0])
+        assert torch.equal(cache[0, :, 5], new[1, :, 0])
+        assert int((cache != 0).sum()) == new.numel()
+
+
 def test_only_a_model_run_wholly_here_on_plain_kernels_prefills_prompts_together() -> None:
     class OtherMethod:  # any strategy that is not the plain TD kernel (masked, offloaded, ...)
         def __init__(self) -> None:

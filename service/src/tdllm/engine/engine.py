@@ -158,11 +158,10 @@ class Engine:
 
     def _prefill(self, group: list[_Request]) -> list[StepOutput]:
         """Each prompt into its slot's cache from position 0, then its first token."""
-        width = max(len(r.prompt) for r in group)
         lengths = [len(r.prompt) for r in group]
+        width = max(lengths)
         tokens = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in group])
-        padded = None if min(lengths) == width else lengths
-        batch = Batch([r.slot for r in group], [0] * len(group), width, padded)
+        batch = Batch([r.slot for r in group], [0] * len(group), width, lengths)
         logits = self.model(tokens, batch, self.cache)
         return [self._advance(r, logits[i, -1]) for i, r in enumerate(group)]
 

@@ -92,17 +92,17 @@ class Batch:
             if padded:  # and j is one of the row's own tokens, not padding
                 real = keys[None, :] < torch.tensor(self.lengths)[:, None]
                 self.mask &= real[:, None, None, :]
-        self._flat_rows: dict[int, torch.Tensor] = {}
+        self._flat_rows: dict[tuple[int, int], torch.Tensor] = {}  # by the cache's (heads, len)
 
     def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
         if self.num_tokens == 1:  # one row per sequence: index_copy_ into the flat cache
             B, H, S, D = cache.shape
-            rows = self._flat_rows.get(H)
+            rows = self._flat_rows.get((H, S))
             if rows is None:  # row of (slot, head, position) in the [B*H*S, D] view
                 head = torch.arange(H)[None, :]
                 starts = torch.tensor(self.starts)[:, None]
                 rows = ((self.slot_index[:, None] * H + head) * S + starts).reshape(-1)
-                self._flat_rows[H] = rows
+                self._flat_rows[(H, S)] = rows
             cache.view(B * H * S, D).index_copy_(0, rows, new[:, :, 0].reshape(-1, D))
         elif len(self.slots) == 1:
             s, p = self.slots[0], self.starts[0]

@@ -83,8 +83,7 @@ class PublicReference:
     def holds(self, tensor: torch.Tensor) -> bool:
         """Whether some public tensor, under any name, has exactly `tensor`'s values: such bytes
         are no secret even inside a private model (an untied head kept as the embedding)."""
-        digest = tensor_sha256(tensor)
-        return any(h == digest for h in self.hashes.values())
+        return tensor_sha256(tensor) in self.hashes.values()
 
     def verify(self, tensors: dict[str, torch.Tensor]) -> None:
         """Raise `PublicPrefixMismatchError` listing every tensor that is not public."""
