@@ -1,4 +1,4 @@
-"""The service against its own OpenAPI description (service/src/tdllm/api/openapi.json).
+"""The service against its own OpenAPI description (generated: tdllm.api.openapi_document).
 
 schemathesis generates requests from the description, both valid (positive) and invalid
 (negative) ones, and sends them to the Flask app in-process: no answer may be a 5xx, and every
@@ -57,7 +57,7 @@ def fuzz_description() -> dict[str, Any]:
     return doc
 
 
-def test_served_description_is_the_packaged_one(make_app: Callable[..., Flask]) -> None:
+def test_served_description_is_the_generated_one(make_app: Callable[..., Flask]) -> None:
     response = make_app().test_client().get("/openapi.json")
     assert response.status_code == 200
     assert response.get_json() == description()

@@ -1,27 +1,28 @@
-"""GET /openapi.json: the OpenAPI 3.1 description of this service (package data, kept by hand).
+"""GET /openapi.json: the OpenAPI 3.1 description of this service.
 
-tests/api/test_openapi_fuzz.py fuzzes the service against it (no 5xx, answers conform), so a
-route or a validation rule that changes without it fails there.
+Generated (tdllm.api.openapi_document): the request bodies from the validator's own field
+tables, so the document cannot drift from what the service accepts. tests/api/test_openapi_fuzz.py
+fuzzes the service against it (no 5xx, answers conform), and tests/api/test_openapi_document.py
+holds its paths to the app's routes and its request schemas to the validator.
 """
 
 from __future__ import annotations
 
-import json
 from functools import cache
-from importlib.resources import files
 from typing import Any
 
 from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
+
+from tdllm.api import openapi_document
 
 blueprint = Blueprint("openapi", __name__)
 
 
 @cache
 def description() -> dict[str, Any]:
-    """The parsed openapi.json shipped next to this module."""
-    doc: dict[str, Any] = json.loads(files("tdllm.api").joinpath("openapi.json").read_text())
-    return doc
+    """The document, built once per process (callers must not mutate it: copy first)."""
+    return openapi_document.build()
 
 
 @blueprint.get("/openapi.json")

@@ -4,6 +4,11 @@ Fields the OpenAI API documents are accepted (clients send `user`, `metadata`, p
 0, ...); a documented field we cannot honour with the value given is a 400 naming it; a field
 OpenAI does not document at all is a 400 too, so a typo never silently changes a request.
 
+Each body's fields are one table of `FieldSpec`s (COMPLETION_SPECS, CHAT_SPECS): name, JSON
+Schema, whether required, and the 400 for a value outside the schema. The parsers check bodies
+against the tables, and the OpenAPI document's request schemas are built from the same tables
+(tdllm.api.openapi_document), so what GET /openapi.json documents is what is accepted.
+
 Logprobs are refused on purpose: returning (even top-k) log probabilities for every generated
 token leaks enough of the output distribution to reconstruct the model's last layer (Carlini et
 al., "Stealing Part of a Production Language Model", 2024), and the weights are what the
@@ -40,43 +45,308 @@ _LONG_DIGITS = re.compile(f"[0-9]{{{MAX_INT_DIGITS + 1}}}")
 _NOT_TEXT = re.compile("[\x00\ud800-\udfff]")  # NUL, and surrogates (text only in pairs)
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
-_COMMON = {
-    "model",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "n",
-    "stream",
-    "stream_options",
-    "stop",
-    "seed",
-    "user",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "logprobs",
-}
-COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
-CHAT_FIELDS = _COMMON | {
-    "messages",
-    "max_completion_tokens",
-    "top_logprobs",
-    "response_format",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "functions",
-    "function_call",
-    "metadata",
-    "store",
-    "service_tier",
-    "modalities",
-    "reasoning_effort",
-}
 LOGPROBS_REFUSED = (
     "logprobs are not offered: per-token probabilities let a client reconstruct the model's "
     "last layer, and the weights are what this appliance protects"
 )
+TEMPERATURE_RANGE = (0, 2)
+TOP_P_MAX = 1  # and greater than 0
+
+
+# -- the request fields: one table per body, which both the parsers below and the OpenAPI
+# document (tdllm.api.openapi_document) read ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of a request body: its JSON Schema and how a value outside it is refused.
+
+    `schema` describes a present, non-null value, in the subset of JSON Schema that `conforms`
+    reads (and the OpenAPI document publishes as is). With `refusal` set, the field is checked
+    here, generically: a value that does not conform is a 400 with that message, `param` the
+    field and `code` given. Without it, a function of its own checks it (`_CHECKS`, at its place
+    in the table; prompt and messages last, as they are parsed): shapes that are converted, that
+    depend on other fields or whose refusals name more than the field. The tests hold those to
+    the schema value by value (tests/api/test_openapi_document.py).
+    """
+
+    name: str
+    schema: dict[str, Any]
+    refusal: str | None = None
+    code: str | None = None
+    required: bool = False
+    nullable: bool = True  # null means "not given" (what the OpenAI clients send)
+    description: str | None = None
+
+    def json_schema(self) -> dict[str, Any]:
+        """The property's schema in the OpenAPI document: null allowed where it is."""
+        out = {"anyOf": [self.schema, {"type": "null"}]} if self.nullable else dict(self.schema)
+        return out | ({"description": self.description} if self.description else {})
+
+
+def _unsupported(name: str, schema: dict[str, Any], refusal: str) -> FieldSpec:
+    """A documented field we can honour only with the values in `schema`."""
+    return FieldSpec(name, schema, refusal, "unsupported_parameter")
+
+
+def _typed(name: str, kind: str) -> FieldSpec:
+    return FieldSpec(name, {"type": kind}, f"{name} must be a {_PYTHON_NAMES[kind]}")
+
+
+_PYTHON_NAMES = {"boolean": "bool", "string": "str"}
+_ONE_PROMPT = {"type": "string", "minLength": 1}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+TEXT_PART_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"type": "string", "const": "text"}, "text": {"type": "string"}},
+}
+
+# Each table is in the order the fields are checked (so that of two mistakes in one body, the
+# same one is always reported). Fields without a refusal are checked in that order too, by the
+# parser named in their comment, or last (prompt, messages: parsed into the request).
+
+COMPLETION_ONLY_SPECS: tuple[FieldSpec, ...] = (
+    _unsupported("echo", {"type": "boolean", "const": False}, "echo is not supported"),
+    _unsupported("best_of", {"type": "integer", "const": 1}, "best_of must be 1"),
+    _unsupported("suffix", {"type": "string", "maxLength": 0}, "suffix is not supported"),
+    FieldSpec(
+        "logprobs",
+        {"type": "null"},
+        LOGPROBS_REFUSED,
+        "unsupported_parameter",
+        nullable=False,
+        description="refused: logprobs leak the weights",
+    ),
+)
+
+CHAT_ONLY_SPECS: tuple[FieldSpec, ...] = (
+    _unsupported("logprobs", {"type": "boolean", "const": False}, LOGPROBS_REFUSED),
+    FieldSpec(
+        "top_logprobs", {"type": "null"}, LOGPROBS_REFUSED, "unsupported_parameter", nullable=False
+    ),
+    _unsupported("tools", {"type": "array", "maxItems": 0}, "tools are not supported"),
+    _unsupported("functions", {"type": "array", "maxItems": 0}, "functions are not supported"),
+    _unsupported(
+        "tool_choice", {"type": "string", "const": "none"}, "tool_choice is not supported"
+    ),
+    _unsupported(
+        "function_call", {"type": "string", "const": "none"}, "function_call is not supported"
+    ),
+    _unsupported(
+        "response_format",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["type"],
+            "properties": {"type": {"type": "string", "const": "text"}},
+        },
+        "only response_format {'type': 'text'} is supported",
+    ),
+    _unsupported("store", {"type": "boolean", "const": False}, "store is not supported"),
+    _unsupported(
+        "modalities",
+        {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 1,
+            "items": {"type": "string", "const": "text"},
+        },
+        "only text modality is supported",
+    ),
+    _typed("parallel_tool_calls", "boolean"),
+    _typed("service_tier", "string"),
+    _typed("reasoning_effort", "string"),
+    FieldSpec(  # two messages (not an object, a value not a string): _check_metadata
+        "metadata", {"type": "object", "additionalProperties": {"type": "string"}}
+    ),
+    FieldSpec(  # an alias, refused under the name max_tokens: _check_max_completion_tokens
+        "max_completion_tokens",
+        {"type": "integer", "minimum": 1},
+        description="an alias of max_tokens; give one, not both",
+    ),
+)
+
+COMMON_SPECS: tuple[FieldSpec, ...] = (
+    FieldSpec(
+        "model",
+        {"type": "string", "minLength": 1},
+        "model is required (a string; see GET /v1/models)",
+        required=True,
+        nullable=False,
+        description="the served model's id (GET /v1/models); any other is a 404",
+    ),
+    _unsupported("n", {"type": "integer", "const": 1}, "n must be 1 (one choice per request)"),
+    _unsupported(
+        "presence_penalty",
+        {"type": "number", "const": 0},
+        "presence_penalty is not supported (only 0)",
+    ),
+    _unsupported(
+        "frequency_penalty",
+        {"type": "number", "const": 0},
+        "frequency_penalty is not supported (only 0)",
+    ),
+    _unsupported(
+        "logit_bias", {"type": "object", "maxProperties": 0}, "logit_bias is not supported"
+    ),
+    FieldSpec("user", {"type": "string"}, "user must be a string"),
+    _typed("stream", "boolean"),
+    FieldSpec(  # needs stream: true, which no schema of one field says: _check_stream_options
+        "stream_options",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"include_usage": {"anyOf": [{"type": "boolean"}, {"type": "null"}]}},
+        },
+        description="only with stream: true",
+    ),
+    FieldSpec(
+        "max_tokens",
+        {"type": "integer", "minimum": 1},
+        "max_tokens must be a positive integer",
+    ),
+    FieldSpec(
+        "temperature",
+        {"type": "number", "minimum": TEMPERATURE_RANGE[0], "maximum": TEMPERATURE_RANGE[1]},
+        f"temperature must be a number in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}]",
+    ),
+    # two messages (out of [0, 1], then 0 itself): _check_top_p
+    FieldSpec("top_p", {"type": "number", "exclusiveMinimum": 0, "maximum": TOP_P_MAX}),
+    FieldSpec(
+        "seed",
+        {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+        f"seed must be an integer in [0, {MAX_SEED}]",
+    ),
+    FieldSpec(
+        "stop",
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {
+                    "type": "array",
+                    "maxItems": MAX_STOP_STRINGS,
+                    "items": {"type": "string", "minLength": 1},
+                },
+            ]
+        },
+        f"stop must be a string or a list of at most {MAX_STOP_STRINGS}",
+    ),
+)
+
+PROMPT_SPEC = FieldSpec(  # a batch of one is unwrapped: _prompt
+    "prompt",
+    {
+        "anyOf": [
+            _ONE_PROMPT,
+            _TOKEN_IDS,
+            {"type": "array", "minItems": 1, "maxItems": 1, "items": _ONE_PROMPT},
+            {"type": "array", "minItems": 1, "maxItems": 1, "items": _TOKEN_IDS},
+        ]
+    },
+    required=True,
+    nullable=False,
+    description="one prompt: text or token ids (a batch of one is accepted)",
+)
+
+# a message of a chat request (checked by _messages: its errors name the message)
+MESSAGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"type": "string", "enum": list(CHAT_ROLES)},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART_SCHEMA}]},
+        "name": {"type": "string"},
+    },
+}
+MESSAGE_FIELDS = frozenset(MESSAGE_SCHEMA["properties"])
+MESSAGES_SPEC = FieldSpec(
+    "messages",
+    {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": MESSAGE_SCHEMA},
+    required=True,
+    nullable=False,
+)
+
+COMPLETION_SPECS = (*COMPLETION_ONLY_SPECS, *COMMON_SPECS, PROMPT_SPEC)
+CHAT_SPECS = (*CHAT_ONLY_SPECS, *COMMON_SPECS, MESSAGES_SPEC)
+
+COMPLETION_FIELDS = frozenset(spec.name for spec in COMPLETION_SPECS)
+CHAT_FIELDS = frozenset(spec.name for spec in CHAT_SPECS)
+
+
+def request_schema(specs: tuple[FieldSpec, ...]) -> dict[str, Any]:
+    """The JSON Schema of a request body: exactly the fields of `specs`."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [spec.name for spec in specs if spec.required],
+        "properties": {spec.name: spec.json_schema() for spec in specs},
+    }
+
+
+def conforms(schema: dict[str, Any], value: Any) -> bool:
+    """Whether a parsed JSON value is valid under `schema`, in the subset of JSON Schema (draft
+    2020-12) that the request specs use; any other keyword is an error, never ignored. Stricter
+    than JSON Schema in one way: an integer is an int, so 1.0 is not one (nor true a number)."""
+    for keyword, arg in schema.items():
+        if keyword == "description":
+            continue
+        if keyword == "additionalProperties":  # the one keyword that reads a sibling
+            if not _additional(arg, value, schema.get("properties", {})):
+                return False
+            continue
+        check = _KEYWORDS.get(keyword)
+        if check is None:
+            raise ValueError(f"conforms does not read the JSON Schema keyword {keyword!r}")
+        if not check(arg, value):
+            return False
+    return True
+
+
+_TYPES: dict[str, Any] = {
+    "null": lambda v: v is None,
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: _is_int(v),
+    "number": lambda v: _is_number(v),
+    "string": lambda v: isinstance(v, str),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
+def _equal(a: Any, b: Any) -> bool:
+    return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _properties(props: dict[str, Any], v: Any) -> bool:
+    return not isinstance(v, dict) or all(conforms(props[k], v[k]) for k in props.keys() & v.keys())
+
+
+def _additional(arg: Any, v: Any, props: dict[str, Any]) -> bool:
+    if not isinstance(v, dict):
+        return True
+    extra = [v[k] for k in v if k not in props]
+    return all(conforms(arg, x) for x in extra) if isinstance(arg, dict) else arg or not extra
+
+
+_KEYWORDS: dict[str, Any] = {
+    "type": lambda arg, v: _TYPES[arg](v),
+    "const": lambda arg, v: _equal(v, arg),
+    "enum": lambda arg, v: any(_equal(v, item) for item in arg),
+    "anyOf": lambda arg, v: any(conforms(s, v) for s in arg),
+    "minimum": lambda arg, v: not _is_number(v) or v >= arg,
+    "maximum": lambda arg, v: not _is_number(v) or v <= arg,
+    "exclusiveMinimum": lambda arg, v: not _is_number(v) or v > arg,
+    "minLength": lambda arg, v: not isinstance(v, str) or len(v) >= arg,
+    "maxLength": lambda arg, v: not isinstance(v, str) or len(v) <= arg,
+    "minItems": lambda arg, v: not isinstance(v, list) or len(v) >= arg,
+    "maxItems": lambda arg, v: not isinstance(v, list) or len(v) <= arg,
+    "items": lambda arg, v: not isinstance(v, list) or all(conforms(arg, x) for x in v),
+    "maxProperties": lambda arg, v: not isinstance(v, dict) or len(v) <= arg,
+    "required": lambda arg, v: not isinstance(v, dict) or all(k in v for k in arg),
+    "properties": _properties,
+}
 
 
 @dataclass(frozen=True)
@@ -224,113 +494,96 @@ def _too_deep() -> str:
 
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     _check_fields(body, COMPLETION_FIELDS)
-    # `is`, not `in`: 0 == False and True == 1, but neither is what the description allows
-    _refuse_unless(body, "echo", lambda v: v is None or v is False, "echo is not supported")
-    _refuse_unless(
-        body, "best_of", lambda v: v is None or (_is_int(v) and v == 1), "best_of must be 1"
-    )
-    _refuse_unless(body, "suffix", lambda v: v in (None, ""), "suffix is not supported")
-    _refuse_unless(body, "logprobs", lambda v: v is None, LOGPROBS_REFUSED)
-    return CompletionRequest(_sampling(body, "max_tokens"), _prompt(body.get("prompt")))
+    _check_specs(body, COMPLETION_ONLY_SPECS)
+    _check_specs(body, COMMON_SPECS)
+    return CompletionRequest(_sampling(body), _prompt(body.get("prompt")))
 
 
 def parse_chat(body: dict[str, Any]) -> ChatRequest:
     _check_fields(body, CHAT_FIELDS)
-    _refuse_unless(body, "logprobs", lambda v: v is None or v is False, LOGPROBS_REFUSED)
-    _refuse_unless(body, "top_logprobs", lambda v: v is None, LOGPROBS_REFUSED)
-    for name in ("tools", "functions"):
-        _refuse_unless(body, name, lambda v: v in (None, []), f"{name} are not supported")
-    for name in ("tool_choice", "function_call"):
-        _refuse_unless(body, name, lambda v: v in (None, "none"), f"{name} is not supported")
-    _refuse_unless(
-        body,
-        "response_format",
-        lambda v: v is None or v == {"type": "text"},
-        "only response_format {'type': 'text'} is supported",
-    )
-    _refuse_unless(body, "store", lambda v: v is None or v is False, "store is not supported")
-    _refuse_unless(
-        body, "modalities", lambda v: v in (None, ["text"]), "only text modality is supported"
-    )
-    _optional(body, "parallel_tool_calls", bool, None)
-    for name in ("service_tier", "reasoning_effort"):
-        _optional(body, name, str, None)
-    metadata = _optional(body, "metadata", dict, None)
-    if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
-        raise invalid("metadata values must be strings", "metadata")
+    _check_specs(body, CHAT_ONLY_SPECS)
     if body.get("max_completion_tokens") is not None:
-        if body.get("max_tokens") is not None:
-            raise invalid("give max_tokens or max_completion_tokens, not both", "max_tokens")
         body = body | {"max_tokens": body["max_completion_tokens"]}
-    return ChatRequest(_sampling(body, "max_tokens"), _messages(body.get("messages")))
+    _check_specs(body, COMMON_SPECS)
+    return ChatRequest(_sampling(body), _messages(body.get("messages")))
 
 
-# -- shared fields ----------------------------------------------------------------------------
+# -- the checks of the tables -----------------------------------------------------------------
 
 
-def _check_fields(body: dict[str, Any], allowed: set[str]) -> None:
+def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise invalid(f"unrecognized request argument: {unknown[0]}", unknown[0])
 
 
-def _refuse_unless(body: dict[str, Any], name: str, ok: Any, message: str) -> None:
-    if name in body and not ok(body[name]):
-        raise invalid(message, name, "unsupported_parameter")
+def _check_specs(body: dict[str, Any], specs: tuple[FieldSpec, ...]) -> None:
+    """Check each field of `specs` in order: generically where the spec holds its refusal."""
+    for spec in specs:
+        if spec.refusal is None:
+            check = _CHECKS.get(spec.name)
+            if check is not None:
+                check(body)
+            continue
+        if spec.name not in body:
+            ok = not spec.required
+        else:
+            value = body[spec.name]
+            ok = (value is None and spec.nullable) or conforms(spec.schema, value)
+        if not ok:
+            raise invalid(spec.refusal, spec.name, spec.code)
 
 
-def _sampling(body: dict[str, Any], max_name: str) -> Sampling:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("model is required (a string; see GET /v1/models)", "model")
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
-        raise invalid("n must be 1 (one choice per request)", "n", "unsupported_parameter")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = body.get(name)
-        if value is not None and (not _is_number(value) or value != 0):
-            raise invalid(f"{name} is not supported (only 0)", name, "unsupported_parameter")
-    bias = body.get("logit_bias")
-    if bias not in (None, {}):
-        raise invalid("logit_bias is not supported", "logit_bias", "unsupported_parameter")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise invalid("user must be a string", "user")
-    stream = _optional(body, "stream", bool, False)
+def _check_metadata(body: dict[str, Any]) -> None:
+    metadata = _optional(body, "metadata", dict, None)
+    if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
+        raise invalid("metadata values must be strings", "metadata")
+
+
+def _check_max_completion_tokens(body: dict[str, Any]) -> None:
+    if body.get("max_completion_tokens") is not None and body.get("max_tokens") is not None:
+        raise invalid("give max_tokens or max_completion_tokens, not both", "max_tokens")
+
+
+def _check_stream_options(body: dict[str, Any]) -> None:
     options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise invalid("stream_options needs stream: true", "stream_options")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise invalid("stream_options may hold only include_usage", "stream_options")
-        include_usage = _optional(options, "include_usage", bool, False, "stream_options")
-    max_tokens = body.get(max_name)
-    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
-        raise invalid("max_tokens must be a positive integer", "max_tokens")
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0.0:
+    if options is None:
+        return
+    if body.get("stream") is not True:
+        raise invalid("stream_options needs stream: true", "stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise invalid("stream_options may hold only include_usage", "stream_options")
+    _optional(options, "include_usage", bool, False, "stream_options")
+
+
+def _check_top_p(body: dict[str, Any]) -> None:
+    if _number(body, "top_p", 1.0, 0, TOP_P_MAX) == 0.0:
         raise invalid("top_p must be greater than 0", "top_p")
-    seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or not (0 <= seed <= MAX_SEED)):
-        raise invalid(f"seed must be an integer in [0, {MAX_SEED}]", "seed")
+
+
+# the fields whose specs hold no refusal, checked at their place in the table
+_CHECKS = {
+    "metadata": _check_metadata,
+    "max_completion_tokens": _check_max_completion_tokens,
+    "stream_options": _check_stream_options,
+    "top_p": _check_top_p,
+}
+
+
+def _sampling(body: dict[str, Any]) -> Sampling:
+    """The sampling fields of a body that `_check_specs` has checked against COMMON_SPECS."""
+    options = body.get("stream_options") or {}
+    temperature, top_p, stop = body.get("temperature"), body.get("top_p"), body.get("stop")
     return Sampling(
-        model, max_tokens, temperature, top_p, seed, _stop(body.get("stop")), stream, include_usage
+        model=body["model"],
+        max_tokens=body.get("max_tokens"),
+        temperature=1.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
+        seed=body.get("seed"),
+        stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
+        stream=body.get("stream") is True,
+        include_usage=options.get("include_usage") is True,
     )
-
-
-def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    items = [value] if isinstance(value, str) else value
-    if (
-        not isinstance(items, list)
-        or len(items) > MAX_STOP_STRINGS
-        or not all(isinstance(s, str) and s for s in items)
-    ):
-        raise invalid(f"stop must be a string or a list of at most {MAX_STOP_STRINGS}", "stop")
-    return tuple(items)
 
 
 def _prompt(value: Any) -> str | tuple[int, ...]:
@@ -354,7 +607,7 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
     out: list[dict[str, str]] = []
     for i, message in enumerate(value):
         param = f"messages[{i}]"
-        if not isinstance(message, dict) or set(message) - {"role", "content", "name"}:
+        if not isinstance(message, dict) or set(message) - MESSAGE_FIELDS:
             raise invalid(f"{param} must be an object with role and content", param)
         role_name = message.get("role")
         # a list or object role is unhashable: it must be a 400, not a TypeError (a 500)
@@ -409,4 +662,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "Sampling", "decode_body"]
+__all__ = [
+    "ApiError",
+    "ChatRequest",
+    "CompletionRequest",
+    "FieldSpec",
+    "Sampling",
+    "conforms",
+    "decode_body",
+    "request_schema",
+]
