@@ -31,7 +31,6 @@ from tdllm.model.checkpoint import Checkpoint, save_hf_directory
 from tdllm.model.loader import load_model
 from tdllm.model.sources import open_checkpoint
 from tdllm.protection.private_model import privatize
-from tdllm.protection.profiles import close_model, crossing_of
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.public_reference import PublicReference
 from tdllm.trusted.split import offload_public_prefix
@@ -116,11 +115,13 @@ def booted(model_dir: tuple[Path, Path]) -> Iterator[tuple[Flask, list[str]]]:
     assert state.ready, state.reason
     yield app, restarts
     state.runner.stop()
-    close_model(state.runner.engine.model)
+    assert state.runner.served is not None
+    state.runner.served.close()
 
 
 def device_of(app: Flask) -> ProcessDevice:
-    crossing = crossing_of(app.extensions["tdllm"].state.runner.engine.model)
+    served = app.extensions["tdllm"].state.runner.served
+    crossing = served.crossing if served is not None else None
     assert crossing is not None and isinstance(crossing.device, ProcessDevice)
     return crossing.device
 
@@ -185,7 +186,7 @@ def test_a_stopped_device_fails_the_request_at_its_timeout_instead_of_hanging(
     runner = EngineRunner(Engine(model, checkpoint.tokenizer, 2, 64), model_name=NAME)
     try:
         reference = PublicReference.load(model_dir[1])
-        offload_public_prefix(model, checkpoint, reference, crossing, K, 2, 64, 0.0)
+        model.place(offload_public_prefix(model, checkpoint, reference, crossing, K, 2, 64, 0.0))
         settings = api_settings(**LIMITS, request_timeout_s=DEADLINE_S)
         client = create_app(settings, engine_runner=runner.start()).test_client()
         device.conn.timeout_s = 2  # once loaded (its start imports torch: slow on a busy host)

@@ -38,7 +38,9 @@ def split_runner(device: LyingDevice | None) -> EngineRunner:
     model, _ = load_model(checkpoint)
     crossing = Crossing(device) if device is not None else Crossing.open("cpu")
     reference = PublicReference.build("tiny-base", base.items())
-    offload_public_prefix(model, checkpoint, reference, crossing, K, MAX_BATCH, MAX_SEQ, 1.0)
+    model.place(
+        offload_public_prefix(model, checkpoint, reference, crossing, K, MAX_BATCH, MAX_SEQ, 1.0)
+    )
     engine = Engine(model, NoTokenizer(), MAX_BATCH, MAX_SEQ)  # type: ignore[arg-type]
     protection = {"profile": "split", "device": "cpu", "k": K}
     return EngineRunner(engine, model_name="tiny-split", protection=protection)

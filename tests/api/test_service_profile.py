@@ -80,9 +80,8 @@ def test_boot_builds_the_configured_split_model_and_lists_its_profile(
         assert app.test_client().post("/v1/completions", json=body).status_code == 200
     finally:
         service.state.runner.stop()
-        from tdllm.protection.profiles import close_model
-
-        close_model(service.state.runner.engine.model)
+        assert service.state.runner.served is not None
+        service.state.runner.served.close()
 
 
 def test_doctor_shows_the_configured_profile(monkeypatch: pytest.MonkeyPatch) -> None:

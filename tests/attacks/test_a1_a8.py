@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scipy.stats import binom
 
 from tdllm.attacks import a1_private_bytes as a1
 from tdllm.attacks import a8_prompt_recovery as a8
@@ -79,8 +80,10 @@ def test_a8_recovers_split_prompts_and_not_masked_ones(
     if profile == "split":
         assert detail["nearest_neighbour_recovery"] >= 0.95
         assert detail["membership_bag_of_words_f1"] >= 0.9
-    else:  # 72 tokens, vocabulary 97: chance is ~1%
-        assert detail["nearest_neighbour_recovery"] <= a8.THRESHOLD
+    else:  # fresh random pads: each guess is right by chance only (1/97 per token here), so
+        # 4 of 72 happens (~0.7% of runs, past a8.THRESHOLD); fail only beyond the 1e-6 tail
+        tokens, chance = detail["prompt_tokens"], detail["chance_rate"]
+        assert detail["nearest_neighbour_recovery"] <= binom.isf(1e-6, tokens, chance) / tokens
         assert detail["membership_bag_of_words_f1"] == 0.0
 
 

@@ -64,7 +64,11 @@ def split_on() -> Iterator[object]:
     ) -> Transformer:
         opened.append(crossing)
         model = td_only(checkpoint)
-        offload_public_prefix(model, checkpoint, reference, crossing, K, MAX_BATCH, MAX_SEQ, rate)
+        model.place(
+            offload_public_prefix(
+                model, checkpoint, reference, crossing, K, MAX_BATCH, MAX_SEQ, rate
+            )
+        )
         return model
 
     yield build

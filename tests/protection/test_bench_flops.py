@@ -7,21 +7,22 @@ import torch
 from tdllm.attacks.device_view import NoTokenizer
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.checkpoint import Checkpoint
+from tdllm.profiles import ProtectionOptions, build_model
 from tdllm.protection.bench import _Run
-from tdllm.protection.profiles import ProtectionOptions, build_model, close_model
 from tests.protection.conftest import MAX_SEQ, K
 
 
 def _td_flops(checkpoint: Checkpoint, profile: str, device: str) -> int:
     options = ProtectionOptions(profile, device, K, obfuscation_seed=0)
-    model = build_model(checkpoint, torch.float32, options, 1, MAX_SEQ)
+    served = build_model(checkpoint, torch.float32, options, 1, MAX_SEQ)
+    model = served.model
     try:
         engine = Engine(model, NoTokenizer(), 1, MAX_SEQ)  # type: ignore[arg-type]
-        run = _Run(profile, device, model, engine)
+        run = _Run(profile, device, served, engine)
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         return run.count_flops(list(range(3, 15)), params)
     finally:
-        close_model(model)
+        served.close()
 
 
 def test_the_process_device_keeps_the_devices_flops_out_of_the_tds_count(

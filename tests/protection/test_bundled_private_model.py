@@ -8,7 +8,7 @@ import torch
 
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.sources import open_checkpoint
-from tdllm.protection.profiles import ProtectionOptions, build_model, close_model
+from tdllm.profiles import ProtectionOptions, build_model
 from tests.integration.test_reference_equivalence import QUESTIONS
 
 NEW_TOKENS = 16
@@ -27,13 +27,14 @@ def test_split_greedy_tokens_equal_td_only_for_the_eight_reference_prompts(
     results = {}
     for profile, device in (("td-only", "cpu"), ("split", "cpu"), ("split", "process")):
         options = ProtectionOptions(profile, device, 2, audit_rate=1.0)
-        model = build_model(checkpoint, torch.float32, options, 1, 128)
+        served = build_model(checkpoint, torch.float32, options, 1, 128)
+        model = served.model
         try:
             engine = Engine(model, tok, max_batch=1, max_seq_len=128)
             results[(profile, device)] = [
                 engine.generate([p], params)[0].token_ids for p in prompts
             ]
         finally:
-            close_model(model)
+            served.close()
     assert results[("split", "cpu")] == results[("td-only", "cpu")]
     assert results[("split", "process")] == results[("td-only", "cpu")]

@@ -179,7 +179,7 @@ def test_prepare_accepts_the_fine_tune_and_split_equals_td_only(
     tuned_dir: Path, tmp_path: Path
 ) -> None:
     from tdllm.engine import Engine, SamplingParams
-    from tdllm.protection.profiles import ProtectionOptions, build_model, close_model
+    from tdllm.profiles import ProtectionOptions, build_model
 
     args = ["prepare", "--base", "bundled", "--model", str(tuned_dir), "--k", "2", "--out"]
     result = CliRunner().invoke(cli, [*args, str(tmp_path / "prep")])
@@ -191,11 +191,12 @@ def test_prepare_accepts_the_fine_tune_and_split_equals_td_only(
     tokens = {}
     for profile in ("td-only", "split"):
         options = ProtectionOptions(profile, "cpu", 2, audit_rate=1.0)
-        model = build_model(checkpoint, torch.float32, options, 1, 128)
+        served = build_model(checkpoint, torch.float32, options, 1, 128)
+        model = served.model
         try:
             engine = Engine(model, tok, max_batch=1, max_seq_len=128)
             tokens[profile] = engine.generate([prompt], params)[0].token_ids
         finally:
-            close_model(model)
+            served.close()
     assert tokens["split"] == tokens["td-only"]
     assert "Quillhaven" in tok.decode(tokens["split"])

@@ -46,9 +46,10 @@ def split_with_freivalds(
 ) -> tuple[Transformer, Crossing]:
     model = td_only(checkpoint)
     crossing = Crossing(device)
-    offload_public_prefix(
+    placed = offload_public_prefix(
         model, checkpoint, reference, crossing, K, MAX_BATCH, MAX_SEQ, 0.0, freivalds_rate=rate
     )
+    model.place(placed)
     return model, crossing
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tdllm.model.checkpoint import Checkpoint
-from tdllm.protection.masked import build_masked, masked_method_of
+from tdllm.profiles.masked import build_masked
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.masked_ring import exact_product, quantize_weight, wide_chunks, wrap32
 from tests.protection.conftest import checkpoint_of
@@ -38,11 +38,11 @@ def test_masked_greedy_tokens_equal_the_quantized_td_reference(
     reference, _ = build_masked(private_checkpoint, base_checkpoint, torch.float32, None)
     crossing = Crossing.open(device)
     crossings.append(crossing)
-    masked, report = build_masked(private_checkpoint, base_checkpoint, torch.float32, crossing)
+    masked, method = build_masked(private_checkpoint, base_checkpoint, torch.float32, crossing)
+    report = method.report
     expected = greedy_tokens(reference, n=6)
     assert greedy_tokens(masked, n=6) == expected
-    method = masked_method_of(masked)
-    assert method is not None and method.stats.calls > 0
+    assert method.stats.calls > 0
     assert method.stats.checked_calls == method.stats.calls  # every product was checked
     # the tail (K=2 blocks) differs from BASE and is kept exactly in the TD
     assert len(report.residuals) == 2 * 4 and report.worst() == 0.0

@@ -4,7 +4,6 @@ Freivalds check over prime fields accepts honest products and rejects forged one
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 
@@ -13,13 +12,14 @@ from tdllm.attacks.device_view import NoTokenizer
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.linear import Linear
-from tdllm.protection.masked import build_masked, masked_method_of
+from tdllm.profiles import ProtectionOptions, build_model
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.masked_linear import MaskedLinearMethod
 from tdllm.trusted.masked_ring import exact_product, quantize_weight, wide_chunks, wrap32
 from tdllm.trusted.modular_freivalds import PRIMES, ModularFreivalds
 from tdllm.trusted.pads import IDLE_RESERVE, PadPool, mask, unmask
 from tests.protection.conftest import checkpoint_of
+from tests.protection.engine_runs import masked_method
 
 
 def _masked_layer(crossing: Crossing, out_f: int = 24, in_f: int = 40) -> Linear:
@@ -104,15 +104,13 @@ def test_top_up_adds_one_batch_at_a_time_until_the_reserve() -> None:
 def test_an_idle_engine_precomputes_pads_so_a_request_needs_no_refill(
     private_checkpoint: Checkpoint, base_tensors: dict[str, torch.Tensor]
 ) -> None:
-    crossing = Crossing.open("cpu")
+    base = checkpoint_of("tiny-base", base_tensors)
+    options = ProtectionOptions("masked", "cpu", masked_base=base)
+    served = build_model(private_checkpoint, torch.float32, options, 1, 32)
     try:
-        model, _ = build_masked(
-            private_checkpoint, checkpoint_of("tiny-base", base_tensors), torch.float32, crossing
-        )
-        method = masked_method_of(model)
-        assert method is not None
-        pools = [p for p in (s.pads for s in _states(model)) if p is not None]
-        runner = EngineRunner(Engine(model, NoTokenizer(), 1, 32), model_name="tiny")  # type: ignore[arg-type]
+        pools = [p for p in (s.pads for s in masked_method(served.model).states.values()) if p]
+        engine = Engine(served.model, NoTokenizer(), 1, 32)  # type: ignore[arg-type]
+        runner = EngineRunner(engine, model_name="tiny", served=served)
         runner.start()
         try:
             deadline = time.monotonic() + 60
@@ -129,8 +127,4 @@ def test_an_idle_engine_precomputes_pads_so_a_request_needs_no_refill(
         assert all(p.taken == 14 for p in pools)
         assert all(p.misses == 0 for p in pools)
     finally:
-        crossing.close()
-
-
-def _states(model: torch.nn.Module) -> list[Any]:
-    return [m.masked_state for m in model.modules() if hasattr(m, "masked_state")]
+        served.close()

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from tdllm.model.checkpoint import Checkpoint
-from tdllm.protection.masked import build_masked, prepare_masked
+from tdllm.profiles.masked import build_masked
+from tdllm.protection.masked import prepare_masked
 from tdllm.trusted.crossing import Crossing
 from tests.protection.conftest import checkpoint_of
 from tests.protection.engine_runs import greedy_tokens
@@ -36,8 +37,8 @@ def test_a_rank_r_delta_is_still_bit_identical_between_masked_and_reference(
     reference, _ = build_masked(private_checkpoint, base, torch.float32, None, rank=3)
     crossing = Crossing.open("cpu")
     try:
-        masked, report = build_masked(private_checkpoint, base, torch.float32, crossing, rank=3)
-        assert report.worst() > 0
+        masked, method = build_masked(private_checkpoint, base, torch.float32, crossing, rank=3)
+        assert method.report.worst() > 0
         assert greedy_tokens(masked, n=4) == greedy_tokens(reference, n=4)
     finally:
         crossing.close()

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from tdllm.model.checkpoint import Checkpoint
-from tdllm.protection.masked import build_masked, masked_method_of
+from tdllm.profiles.masked import build_masked
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import DeviceIntegrityError
 from tests.protection.conftest import checkpoint_of
-from tests.protection.engine_runs import greedy_tokens
+from tests.protection.engine_runs import greedy_tokens, masked_method
 
 
 class _OneBitFlipper:
@@ -46,7 +46,6 @@ def test_a_tampered_product_mid_generation_stops_serving(
             greedy_tokens(model, n=4)
         with pytest.raises(DeviceIntegrityError, match="serving stopped"):
             greedy_tokens(model, n=1)
-        method = masked_method_of(model)
-        assert method is not None and method.failure is not None
+        assert masked_method(model).failure is not None
     finally:
         crossing.close()

@@ -10,9 +10,9 @@ import torch
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
 from tdllm.model.transformer import Batch, KVCache, Transformer, apply_rope, rope_tables
-from tdllm.protection.obfuscated import obfuscate_model, obfuscation_of, synthetic_deviation
-from tdllm.protection.profiles import ProtectionOptions, build_model, close_model, crossing_of
-from tdllm.trusted.crossing import Crossing
+from tdllm.profiles import ProtectionOptions, build_model
+from tdllm.profiles.obfuscated import Obfuscated
+from tdllm.protection.obfuscated import synthetic_deviation
 from tdllm.untrusted.transcript import tensor_bytes
 from tests.protection.conftest import CFG, MAX_BATCH, MAX_SEQ, checkpoint_of
 from tests.protection.engine_runs import PROMPTS, greedy_tokens
@@ -37,21 +37,23 @@ def test_obfuscated_model_computes_the_td_only_logits_and_tokens(
 ) -> None:
     plain = load_model(private_ckpt, torch.float32)[0]
     options = ProtectionOptions("obfuscated", device, obfuscation_seed=7)
-    model = build_model(private_ckpt, torch.float32, options, MAX_BATCH, MAX_SEQ)
+    served = build_model(private_ckpt, torch.float32, options, MAX_BATCH, MAX_SEQ)
+    model = served.model
     try:
-        assert crossing_of(model) is not None and crossing_of(model).kind == device  # type: ignore[union-attr]
+        assert served.crossing is not None and served.crossing.kind == device
         want, got = logits(plain), logits(model)
         assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), (got - want).abs().max()
         # prefill and batched decode of sequences of different lengths (per-row positions)
         assert greedy_tokens(model) == greedy_tokens(plain)
     finally:
-        close_model(model)
+        served.close()
 
 
 def test_obfuscated_model_in_bf16_stays_within_bf16_rounding(private_ckpt: Checkpoint) -> None:
     plain = load_model(private_ckpt, torch.bfloat16)[0]
     options = ProtectionOptions("obfuscated", "cpu", obfuscation_seed=7)
-    model = build_model(private_ckpt, torch.bfloat16, options, MAX_BATCH, MAX_SEQ)
+    served = build_model(private_ckpt, torch.bfloat16, options, MAX_BATCH, MAX_SEQ)
+    model = served.model
     try:
         cache = KVCache(CFG, MAX_BATCH, MAX_SEQ, torch.bfloat16)
         with torch.no_grad():
@@ -61,7 +63,7 @@ def test_obfuscated_model_in_bf16_stays_within_bf16_rounding(private_ckpt: Check
         plain_err = (logits_bf16(plain) - ref).abs().max()
         assert (got.float() - ref).abs().max() <= 4 * plain_err + 1e-2
     finally:
-        close_model(model)
+        served.close()
 
 
 def logits_bf16(model: Transformer) -> torch.Tensor:
@@ -73,12 +75,16 @@ def logits_bf16(model: Transformer) -> torch.Tensor:
 def test_device_scores_minus_the_td_decoy_scores_are_the_real_scores(
     private_ckpt: Checkpoint,
 ) -> None:
-    model = load_model(private_ckpt, torch.float32)[0]
-    attn = model.layers[CFG.num_layers - 1].self_attn
+    plain = load_model(private_ckpt, torch.float32)[0]
+    attn = plain.layers[CFG.num_layers - 1].self_attn
     wq, wk, _ = attn.qkv_proj.weight.detach().split(attn.sizes)  # type: ignore[union-attr]
-    crossing = Crossing.open("cpu")
+    options = ProtectionOptions("obfuscated", "cpu", obfuscation_seed=3)
+    served = build_model(private_ckpt, torch.float32, options, MAX_BATCH, MAX_SEQ)
+    crossing, profile = served.crossing, served.profile
     try:
-        ob = obfuscate_model(model, crossing, MAX_BATCH, MAX_SEQ, seed=3)
+        assert crossing is not None and isinstance(profile, Obfuscated)
+        assert profile.obfuscation is not None
+        ob = profile.obfuscation
         layer = f"model.layers.{CFG.num_layers - 1}"
         secret = ob.qk[layer]
         x = torch.randn(1, 6, CFG.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -98,7 +104,7 @@ def test_device_scores_minus_the_td_decoy_scores_are_the_real_scores(
             },
         )
     finally:
-        crossing.close()
+        served.close()
     cos, sin = rope_tables(CFG.head_dim, CFG.rope_theta, MAX_SEQ)
     cos, sin = cos[:6], sin[:6]
     group = CFG.num_heads // CFG.num_kv_heads
@@ -124,15 +130,16 @@ def test_device_holds_only_padded_weights_never_a_real_row(
     private_tensors: dict[str, torch.Tensor], private_ckpt: Checkpoint
 ) -> None:
     options = ProtectionOptions("obfuscated", "process", keep_payloads=True, obfuscation_seed=1)
-    model = build_model(private_ckpt, torch.float32, options, MAX_BATCH, MAX_SEQ)
+    served = build_model(private_ckpt, torch.float32, options, MAX_BATCH, MAX_SEQ)
+    model = served.model
     try:
         greedy_tokens(model, PROMPTS[:2], n=3)
-        crossing = crossing_of(model)
+        crossing = served.crossing
         assert crossing is not None
         held = crossing.dump()
         haystack = b"".join(r.payload or b"" for r in crossing.transcript.records)
     finally:
-        close_model(model)
+        served.close()
     last = f"model.layers.{CFG.num_layers - 1}"
     per_head = CFG.head_dim + 2  # one decoy RoPE pair per tiny head (η·8 rounds to 1 pair)
     assert held[f"{last}.qkv"].shape[0] == (CFG.num_heads + CFG.num_kv_heads) * per_head + 17
@@ -148,7 +155,7 @@ def test_device_holds_only_padded_weights_never_a_real_row(
         assert tensor_bytes(row[:4]) not in haystack
     # the TD dropped its plaintext projection weights
     assert not hasattr(model.layers[0].mlp.down_proj, "weight")
-    assert obfuscation_of(model) is not None
+    assert isinstance(served.profile, Obfuscated) and served.profile.obfuscation is not None
 
 
 def test_seed_deviation_figures_when_decoys_are_not_removed() -> None:
@@ -175,11 +182,12 @@ def test_bundled_model_obfuscated_generates_the_td_only_tokens(
     prompts += [tokenizer.encode(p) for p in ("Water boils at", "Once upon a time")]
     plain = load_model(bundled_checkpoint, torch.float32)[0]
     options = ProtectionOptions("obfuscated", device)
-    model = build_model(bundled_checkpoint, torch.float32, options, 4, 48)
+    served = build_model(bundled_checkpoint, torch.float32, options, 4, 48)
+    model = served.model
     try:
         assert greedy_tokens(model, prompts, n=16) == greedy_tokens(plain, prompts, n=16)
     finally:
-        close_model(model)
+        served.close()
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def test_prepare_writes_a_reference_that_the_split_accepts(
 
 
 def test_pinned_bundled_reference_matches_the_bundled_checkpoint(bundled_checkpoint) -> None:  # type: ignore[no-untyped-def]
-    from tdllm.protection.profiles import PINNED_REFERENCE
+    from tdllm.profiles.options import PINNED_REFERENCE
 
     pinned = PublicReference.load(PINNED_REFERENCE)
     for name, tensor in bundled_checkpoint.tensors():

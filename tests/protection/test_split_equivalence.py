@@ -84,7 +84,7 @@ def test_split_builds_from_a_sealed_checkpoint_that_streams_only_once(
 ) -> None:  # type: ignore[no-untyped-def]
     import secrets
 
-    from tdllm.protection.profiles import ProtectionOptions, build_model, close_model
+    from tdllm.profiles import ProtectionOptions, build_model
     from tdllm.sealing.reader import open_sealed
     from tdllm.sealing.writer import seal_checkpoint
     from tdllm.trusted.public_reference import PublicReference
@@ -99,8 +99,9 @@ def test_split_builds_from_a_sealed_checkpoint_that_streams_only_once(
     PublicReference.build("tiny-base", base_tensors.items()).save(ref)
     options = ProtectionOptions("split", "cpu", K, ref, audit_rate=1.0)
     sealed = open_sealed(tmp_path / "sealed", data_key=key)
-    model = build_model(sealed, torch.float32, options, MAX_BATCH, MAX_SEQ)
+    served = build_model(sealed, torch.float32, options, MAX_BATCH, MAX_SEQ)
+    model = served.model
     try:
         assert greedy_tokens(model) == greedy_tokens(td_only(source))
     finally:
-        close_model(model)
+        served.close()

@@ -18,8 +18,10 @@ from tdllm.api.appliance import appliance
 from tdllm.api.commands import bench_serve, bench_soak, serve
 from tdllm.attacks.commands import attack
 from tdllm.errors import TdllmError, UsageError
+from tdllm.profiles.registry import PROFILE_NAMES
 from tdllm.protection.commands import bench_fidelity, bench_split, finetune_tail, prepare, protect
 from tdllm.sealing.commands import keygen, seal
+from tdllm.trusted.crossing import DEVICE_KINDS
 from tdllm_attest.client.chat_cli import chat
 from tdllm_attest.errors import AttestationError
 
@@ -67,7 +69,7 @@ def cli() -> None:
 @click.option("--dtype", type=DTYPE, default="fp32", show_default=True)
 @click.option(
     "--profile",
-    type=click.Choice(["td-only", "split", "masked", "obfuscated"]),
+    type=click.Choice(PROFILE_NAMES),
     default="td-only",
     show_default=True,
     help="split: the public prefix runs on --device, the private tail in the TD; masked: every "
@@ -75,9 +77,7 @@ def cli() -> None:
     "runs on --device with decoy rows and RoPE pairs, restored in the TD (seed 000; broken, see "
     "docs/security.md)",
 )
-@click.option(
-    "--device", type=click.Choice(["cpu", "process", "cuda"]), default="cpu", show_default=True
-)
+@click.option("--device", type=click.Choice(DEVICE_KINDS), default="cpu", show_default=True)
 @click.option(
     "--k", type=click.IntRange(1), default=2, show_default=True, help="split: tail layers in the TD"
 )
@@ -109,7 +109,7 @@ def generate(
     from tdllm.engine import Engine, SamplingParams
     from tdllm.model.loader import parse_dtype
     from tdllm.model.sources import open_checkpoint
-    from tdllm.protection.profiles import ProtectionOptions, build_model
+    from tdllm.profiles import ProtectionOptions, build_model
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -133,11 +133,14 @@ def generate(
     status(f"loading {checkpoint.name} ({dtype}, {profile}) ...")
     max_seq_len = min(context, len(ids) + max_tokens + 1)
     options = ProtectionOptions(profile, device, k, public_ref)
-    net = build_model(checkpoint, parse_dtype(dtype), options, 1, max_seq_len)
-    engine = Engine(net, tokenizer, max_batch=1, max_seq_len=max_seq_len)
-    for out in engine.stream(ids, params):
-        click.echo(out.text, nl=False)
-    click.echo()
+    served = build_model(checkpoint, parse_dtype(dtype), options, 1, max_seq_len)
+    try:
+        engine = Engine(served.model, tokenizer, max_batch=1, max_seq_len=max_seq_len)
+        for out in engine.stream(ids, params):
+            click.echo(out.text, nl=False)
+        click.echo()
+    finally:
+        served.close()
 
 
 @cli.group(invoke_without_command=True)

@@ -43,7 +43,7 @@ def ipex_status() -> str:
 
 
 def protection_status() -> str:
-    from tdllm.protection.profiles import describe
+    from tdllm.profiles.registry import describe
 
     return describe()
 

@@ -156,10 +156,10 @@ class Settings:
 
 def _protection_problems(profile: str, device: str) -> list[str]:
     """Checked by the protection package itself (imported only when the default is changed)."""
-    from tdllm.protection.profiles import ProtectionOptions
+    from tdllm.profiles.registry import check_options
 
     try:
-        ProtectionOptions(profile, device)
+        check_options(profile, device)
     except UsageError as exc:
         return [str(exc)]
     return []

@@ -110,8 +110,8 @@ def _seal(model: str, folder: Path, out: Path, data_key: bytes) -> None:
     if model == "bundled":
         seal_checkpoint(open_checkpoint("bundled"), out, data_key=data_key, **identity)
         return
+    from tdllm.model.transformer import prefix_names
     from tdllm.protection.private_cache import private_model_dir
-    from tdllm.trusted.split import prefix_names
 
     source = private_model_dir(folder / PRIVATE_CACHE, PRIVATE_K, log=print)
     checkpoint = open_checkpoint(source)

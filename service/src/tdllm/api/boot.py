@@ -393,7 +393,7 @@ class Boot:
         from tdllm.errors import TdllmError
         from tdllm.model.bundled import BUNDLED_NAME
         from tdllm.model.loader import parse_dtype
-        from tdllm.protection.profiles import ProtectionOptions, build_model
+        from tdllm.profiles import ProtectionOptions, build_model
 
         s = self.settings
         default_name = BUNDLED_NAME if s.model == "bundled" else checkpoint.name
@@ -404,10 +404,10 @@ class Boot:
             )
             if s.profile != "td-only":
                 self.state.set("loading", f"offloading the public prefix ({s.profile}, {s.device})")
-            model = build_model(checkpoint, parse_dtype(s.dtype), options, s.max_batch, context)
+            served = build_model(checkpoint, parse_dtype(s.dtype), options, s.max_batch, context)
         except TdllmError as exc:
             raise BootFailed(f"cannot build the {s.profile} model: {exc.diagnostics()}") from None
-        engine = Engine(model, checkpoint.tokenizer, s.max_batch, context)
+        engine = Engine(served.model, checkpoint.tokenizer, s.max_batch, context)
         offloaded = s.profile != "td-only"
         return EngineRunner(
             engine,
@@ -419,4 +419,5 @@ class Boot:
                 "device": s.device if offloaded else None,
                 "k": s.k if offloaded else None,
             },
+            served=served,
         ).start()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from tdllm.engine import Engine, SamplingParams
 from tdllm.engine.engine import StepOutput
+from tdllm.profiles.base import ServedModel
 from tdllm.trusted.errors import DeviceIntegrityError
 
 log = logging.getLogger("tdllm.api.runner")
@@ -106,8 +107,11 @@ class EngineRunner:
         queue_size: int = 32,
         observer: StepObserver | None = None,
         protection: Mapping[str, object] | None = None,
+        served: ServedModel | None = None,
     ) -> None:
         self.engine = engine
+        # the profile's model, crossing and idle work (None: a bare model, td-only)
+        self.served = served
         self.model_name = model_name
         # how the model is protected, for /v1/models: profile, untrusted device, K
         self.protection = dict(protection or TD_ONLY)
@@ -185,7 +189,7 @@ class EngineRunner:
     # -- the engine thread ------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        idle_work = _idle_work(self.engine)
+        idle_work = self.served.idle_work() if self.served is not None else None
         try:
             while not self._stop.is_set():
                 # idle: one short slice of the model's background work (masked: precompute
@@ -307,14 +311,3 @@ class EngineRunner:
             self._outstanding -= 1
             if self._outstanding == 0:
                 self._idle.notify_all()
-
-
-def _idle_work(engine: Engine) -> Callable[[], bool] | None:
-    """What the model can do while no request runs: a callable doing one slice and returning
-    whether more remains (masked: top up its pad pools), or None."""
-    from tdllm.protection.masked import masked_method_of
-
-    method = masked_method_of(engine.model)
-    if method is None or method.crossing is None:
-        return None
-    return method.precompute_pads

@@ -31,9 +31,10 @@ from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
 from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Batch, KVCache, Transformer
-from tdllm.protection.masked import base_weight, build_masked, masked_linears
+from tdllm.profiles.masked import build_masked, fused_base_weight, masked_linears
+from tdllm.profiles.options import ProtectionOptions
+from tdllm.profiles.registry import build_model
 from tdllm.protection.private_cache import DEFAULT_CACHE, private_model_dir
-from tdllm.protection.profiles import ProtectionOptions, build_model, crossing_of
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.masked_ring import quantize_weight
 from tdllm.trusted.public_reference import PublicReference
@@ -74,17 +75,20 @@ def open_target(
     private_tensors = {n: t.float() for n, t in private.tensors()}
     if profile == "obfuscated":
         options = ProtectionOptions(profile, device, k, keep_payloads=True)
-        obfuscated = build_model(private, torch.float32, options, 1, max_seq)
-        crossing_used = crossing_of(obfuscated)
-        if crossing_used is None:  # obfuscated always offloads; a build that did not is a bug
+        served = build_model(private, torch.float32, options, 1, max_seq)
+        if served.crossing is None:  # obfuscated always offloads; a build that did not is a bug
             raise RuntimeError("the obfuscated build opened no crossing")
-        return Target(profile, obfuscated, crossing_used, base_tensors, private_tensors, max_seq)
+        return Target(
+            profile, served.model, served.crossing, base_tensors, private_tensors, max_seq
+        )
     crossing = Crossing.open(device, keep_payloads=True)
     try:
         if profile == "split":
             model, _ = load_model(private, torch.float32)
             reference = PublicReference.build(base.name, base_tensors.items())
-            offload_public_prefix(model, private, reference, crossing, k, 1, max_seq, 0.0)
+            model.place(
+                offload_public_prefix(model, private, reference, crossing, k, 1, max_seq, 0.0)
+            )
         else:
             model, _ = build_masked(private, base, torch.float32, crossing)
     except BaseException:
@@ -146,7 +150,7 @@ def public_resident(target: Target) -> dict[str, torch.Tensor]:
     """The weights the device may hold under each name, as the profile's public derivation."""
     if target.profile == "masked":
         return {
-            linear.name: quantize_weight(base_weight(target.base, linear))[0]
+            linear.name: quantize_weight(fused_base_weight(target.base, linear.name))[0]
             for linear in masked_linears(target.model)
         }
     return dict(target.base)

@@ -12,6 +12,7 @@ import click
 from tdllm.attacks.registry import ATTACKS, attack_names, runner
 from tdllm.attacks.result import AttackOptions
 from tdllm.errors import UsageError
+from tdllm.trusted.crossing import DEVICE_KINDS
 
 
 @click.command("attack")
@@ -23,7 +24,7 @@ from tdllm.errors import UsageError
     type=click.Path(dir_okay=False, path_type=Path),
     help="with --all: rewrite this doc's attack-suite section with the results",
 )
-@click.option("--device", type=click.Choice(["cpu", "process", "cuda"]), default="cpu")
+@click.option("--device", type=click.Choice(DEVICE_KINDS), default="cpu")
 @click.option("--k", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quick", is_flag=True, help="fewer prompts and trials (smoke runs)")

@@ -25,9 +25,10 @@ from tdllm.engine import Engine, SamplingParams
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.config import ModelConfig
 from tdllm.model.sources import open_checkpoint
-from tdllm.protection.obfuscated import Obfuscation, obfuscation_of
+from tdllm.profiles import ProtectionOptions, build_model
+from tdllm.profiles.obfuscated import Obfuscated
 from tdllm.protection.private_model import is_private, privatize
-from tdllm.protection.profiles import ProtectionOptions, build_model, close_model, crossing_of
+from tdllm.trusted.obfuscated_methods import Obfuscation
 
 
 @dataclass
@@ -108,22 +109,23 @@ def observe(
     protection = ProtectionOptions(
         options.profile, options.device, options.k, obfuscation_seed=options.seed
     )
-    model = build_model(private_ckpt, torch.float32, protection, 4, max_seq)
+    served = build_model(private_ckpt, torch.float32, protection, 4, max_seq)
     try:
-        crossing = crossing_of(model)
+        crossing = served.crossing
         if crossing is None:
             raise ValueError(f"profile {options.profile} offloads nothing to a device")
         # recording starts when serving does: the weights put at build time are in the dump
         crossing.transcript.keep_payloads = record_calls
         tokenizer = private_ckpt.tokenizer or NoTokenizer()
-        engine = Engine(model, tokenizer, max_batch=4, max_seq_len=max_seq)  # type: ignore[arg-type]
+        engine = Engine(served.model, tokenizer, max_batch=4, max_seq_len=max_seq)  # type: ignore[arg-type]
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         engine.generate(prompts, params)
         dump = crossing.dump()
         calls = parse_calls(crossing.transcript.records) if record_calls else []
-        obfuscation = obfuscation_of(model)
+        profile = served.profile
+        obfuscation = profile.obfuscation if isinstance(profile, Obfuscated) else None
     finally:
-        close_model(model)
+        served.close()
     private_names = [
         n
         for n, t in private_tensors.items()

@@ -4,7 +4,9 @@ This is vLLM's split: the layer owns its name and shape; the method owns the par
 (`create_weights`) and how the product is computed (`apply`). A `LinearMethodTable` maps layer
 names (glob patterns over names like ``model.layers.3.self_attn.qkv_proj``) to methods, so a later
 profile can run one layer on the TD CPU, another on an untrusted device or behind masks, without
-the model file knowing. The plain TD-CPU method is the only one the foundation needs.
+the model file knowing. Once every tensor is in, `after_load` lets each method turn the loaded
+weight into its own form (a profile's device placement, masks, obfuscation). The plain TD-CPU
+method is the model's default; the profiles (`tdllm.profiles`) bring the others.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ class LinearMethod(Protocol):
 
         Fused projections (q|k|v, gate|up) receive one checkpoint tensor per shard.
         """
+        ...
+
+    def after_load(self, layer: Linear) -> None:
+        """Every checkpoint tensor is in: turn what was loaded into what `apply` runs on (vLLM's
+        ``process_weights_after_loading``), e.g. quantize it, or place it on a device and drop
+        the TD's plaintext copy. Called once per layer, in module order."""
         ...
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +108,9 @@ class PlainCpuMethod:
 
     def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
         copy_unless_same(_weight(layer).data[row_offset : row_offset + weight.shape[0]], weight)
+
+    def after_load(self, layer: Linear) -> None:
+        pass  # the loaded weight is what the kernel reads
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         weight = _weight(layer)

@@ -35,6 +35,7 @@ def load_model(
                 model.load_weights(checkpoint.tensors_into(_destination_of(model)))
             else:
                 model.load_weights(checkpoint.tensors())
+            model.after_load()
     except BaseException as exc:
         # A sealed checkpoint may fail on a later tensor after earlier ones were decrypted into
         # the model: scrub what got in, so no half-loaded plaintext model outlives the error.

@@ -12,7 +12,7 @@ strategy by full name.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +31,25 @@ STACKED = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+
+
+def prefix_names(num_prefix_layers: int) -> list[str]:
+    """Checkpoint names of the embedding and blocks ``0..num_prefix_layers-1``."""
+    parts = (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+    names = ["model.embed_tokens.weight"]
+    for i in range(num_prefix_layers):
+        names += [f"model.layers.{i}.{p}.weight" for p in parts]
+    return names
 
 
 class KVCache:
@@ -187,6 +206,24 @@ class Transformer(nn.Module):
         if last_only:
             x = batch.last(x)
         return self.lm_head(self.norm(x))
+
+    def after_load(self) -> None:
+        """Every weight is in: each projection's method finishes its own (`LinearMethod`)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.method.after_load(module)
+
+    def place(
+        self,
+        prefix: PrefixPlacement | None,
+        core_for: Callable[[int], AttentionCore | None] = lambda _layer: None,
+    ) -> None:
+        """Let a profile compute the prefix (`PrefixPlacement`) and the attention of layer i
+        (`core_for(i)`); blocks the prefix replaced hold no attention to place."""
+        self.prefix = prefix
+        for i, block in enumerate(self.layers):
+            if isinstance(block, Block):
+                block.self_attn.core = core_for(i)
 
     def prefills_together(self) -> bool:
         """Whether several prompts may share one padded prefill (`Batch.lengths`): only when

@@ -27,9 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.sources import open_checkpoint
-from tdllm.model.transformer import Transformer
+from tdllm.profiles import ProtectionOptions, ServedModel, build_model
 from tdllm.protection.private_cache import private_model_dir
-from tdllm.protection.profiles import ProtectionOptions, build_model, close_model, crossing_of
 
 CONFIGS = (
     ("td-only", "cpu"),
@@ -63,20 +62,19 @@ def run_split_bench(
         for profile, device in CONFIGS:
             status(f"bench: building {profile} on {device} ...")
             options = ProtectionOptions(profile, device, k, audit_rate=0.0, freivalds_rate=0.0)
-            model = build_model(checkpoint, torch.float32, options, 1, max_seq)
-            runs.append(
-                _Run(profile, device, model, Engine(model, checkpoint.tokenizer, 1, max_seq))
-            )
+            served = build_model(checkpoint, torch.float32, options, 1, max_seq)
+            engine = Engine(served.model, checkpoint.tokenizer, 1, max_seq)
+            runs.append(_Run(profile, device, served, engine))
         for run in runs:
             run.time(prompt, params)  # warm-up, not recorded
             run.seconds.clear()
-        before = [_crossed(r.model) for r in runs]
+        before = [_crossed(r.served) for r in runs]
         for i in range(repeats):
             status(f"bench: round {i + 1}/{repeats}")
             for run in runs:
                 run.time(prompt, params)
         rows = [
-            run.row(len(prompt), (_crossed(run.model) - b) / repeats)
+            run.row(len(prompt), (_crossed(run.served) - b) / repeats)
             for run, b in zip(runs, before, strict=True)
         ]
         status("bench: counting the TD's FLOPs (td-only and the process rows)")
@@ -85,7 +83,7 @@ def run_split_bench(
                 row["td_flops"] = run.count_flops(prompt, params)
     finally:
         for run in runs:
-            close_model(run.model)
+            run.served.close()
     base, base_flops = rows[0]["seconds"], rows[0]["td_flops"]
     for row in rows:
         row["time_vs_td_only"] = round(row["seconds"] / base, 3)
@@ -106,7 +104,7 @@ def run_split_bench(
 class _Run:
     profile: str
     device: str
-    model: Transformer
+    served: ServedModel
     engine: Engine
     seconds: list[float] = field(default_factory=list)
     new_tokens: int = 0
@@ -135,8 +133,8 @@ class _Run:
         }
 
 
-def _crossed(model: Transformer) -> int:
-    crossing = crossing_of(model)
+def _crossed(served: ServedModel) -> int:
+    crossing = served.crossing
     return crossing.transcript.bytes_crossed() if crossing else 0
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import click
 
+from tdllm.profiles.options import DEFAULT_K
 from tdllm.protection.private_cache import DEFAULT_STEPS
-from tdllm.protection.profiles import DEFAULT_K
+from tdllm.trusted.crossing import DEVICE_KINDS
 
 
 def _status(message: str) -> None:
@@ -265,7 +266,7 @@ def _k_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[i
 )
 @click.option(
     "--device",
-    type=click.Choice(["cpu", "process", "cuda"]),
+    type=click.Choice(DEVICE_KINDS),
     default="process",
     show_default=True,
     help="the untrusted device of the A1 run",

@@ -28,7 +28,7 @@ from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.config import ModelConfig
 from tdllm.model.loader import load_model
 from tdllm.model.transformer import Batch, KVCache, Transformer
-from tdllm.protection.masked import build_masked
+from tdllm.profiles.masked import build_masked
 
 HELD_OUT_TEXT = (
     "The old lighthouse on the northern cape was switched off in 1987, when satellite "

@@ -1,18 +1,6 @@
-"""The `obfuscated` profile (seed 000): every projection offloaded with decoys, restored in the TD.
-
-`obfuscate_model` takes a loaded TD `Transformer` and, per block, puts on the device:
-
-- ``L.qkv``: q and k padded per head with decoy RoPE pairs (η of the head dimension), scaled
-  per pair and shuffled within each KV group, then v ShadowNet-obfuscated; ``L.inv_freq``: the
-  RoPE frequency of every padded pair (the device must rotate them). The attention core
-  (`ObfuscatedAttention`) gets the padded scores and v back, subtracts the decoy scores and runs
-  softmax and softmax·V in the TD.
-- ``L.o``, ``L.gate_up``, ``L.down`` and ``lm_head``: ShadowNet-obfuscated (rows scaled, padded
-  with η decoy rows, permuted); the TD restores the real rows.
-
-The embedding, the norms, the decoy weights and every secret stay in the TD; the plaintext
-projection weights are dropped from TD memory once obfuscated. What this does not hide is in
-docs/security.md (§ obfuscated): the attack suite (A2, A4, A6) recovers the weights.
+"""The seed's deviation figures for the `obfuscated` profile (profiles/obfuscated.py): how far
+the padded scores the device computes are from the real ones, on the seed's synthetic setting
+and on the bundled model in a real generation (`python -m tdllm.protection.obfuscated`).
 """
 
 from __future__ import annotations
@@ -20,132 +8,10 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass, field
 
 import torch
 
-from tdllm.model.linear import Linear
-from tdllm.model.transformer import Attention, FeedForward, Transformer
-from tdllm.trusted.crossing import Crossing
-from tdllm.trusted.obfuscation import (
-    DEFAULT_ETA,
-    ComputedByCore,
-    Deviation,
-    ObfuscatedAttention,
-    ObfuscatedLinear,
-    QKSecret,
-    ShadowSecret,
-    generator,
-    pad_qk,
-    shadow_obfuscate,
-)
-
-ATTRIBUTE = "obfuscation"  # where the model keeps its `Obfuscation`
-
-
-@dataclass
-class Obfuscation:
-    """The secrets of one obfuscated model (TD only), by the device's resident names."""
-
-    crossing: Crossing
-    eta: float
-    shadow: dict[str, ShadowSecret] = field(default_factory=dict)  # resident -> secret
-    qk: dict[str, QKSecret] = field(default_factory=dict)  # "model.layers.N" -> secret
-    cores: list[ObfuscatedAttention] = field(default_factory=list)
-
-    def record_deviation(self) -> list[Deviation]:
-        """Start recording the seed's deviation figures, one `Deviation` per layer."""
-        for core in self.cores:
-            core.deviation = Deviation()
-        return [core.deviation for core in self.cores if core.deviation is not None]
-
-
-def obfuscate_model(
-    model: Transformer,
-    crossing: Crossing,
-    max_batch: int,
-    max_seq_len: int,
-    eta: float = DEFAULT_ETA,
-    seed: int | None = None,
-) -> Obfuscation:
-    """Put every projection of `model` on the device obfuscated; returns the TD's secrets."""
-    cfg = model.cfg
-    if cfg.head_dim % 2 or cfg.num_heads % cfg.num_kv_heads:
-        raise ValueError("obfuscated needs an even head_dim and whole GQA groups")
-    if not 0 < eta <= 1:
-        raise ValueError("eta must be in (0, 1]")
-    gen = generator(seed)
-    dtype = model.dtype
-    ob = Obfuscation(crossing, eta)
-    inv_freq = 1.0 / (
-        cfg.rope_theta
-        ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim)
-    )
-    with torch.no_grad():
-        for i, block in enumerate(model.layers):
-            prefix = f"model.layers.{i}"
-            attn = block.self_attn
-            if not isinstance(attn, Attention):
-                raise TypeError(f"{prefix}: not a Llama attention block")
-            wq, wk, wv = _weight(attn.qkv_proj).split(attn.sizes)
-            q_dev, k_dev, qk = pad_qk(
-                wq, wk, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, inv_freq, eta, gen
-            )
-            v_dev, v_secret = shadow_obfuscate(wv, eta, gen)
-            crossing.put(f"{prefix}.qkv", torch.cat((q_dev, k_dev, v_dev)).to(dtype))
-            crossing.put(f"{prefix}.inv_freq", qk.device_freq.float())
-            core = ObfuscatedAttention(
-                crossing, prefix, qk, v_secret, v_dev.shape[0], max_batch, max_seq_len
-            )
-            ob.qk[prefix], ob.shadow[f"{prefix}.v"] = qk, v_secret
-            ob.cores.append(core)
-            attn.core = core
-            _retire(attn.qkv_proj)
-            attn.qkv_proj.method = ComputedByCore()
-            mlp = block.mlp
-            if not isinstance(mlp, FeedForward):
-                raise TypeError(f"{prefix}: not a SwiGLU block")
-            for linear, short in (
-                (attn.o_proj, "o"),
-                (mlp.gate_up_proj, "gate_up"),
-                (mlp.down_proj, "down"),
-            ):
-                _offload(ob, linear, f"{prefix}.{short}", eta, gen, dtype)
-        _offload(ob, model.lm_head, "lm_head", eta, gen, dtype)
-    setattr(model, ATTRIBUTE, ob)
-    return ob
-
-
-def obfuscation_of(model: Transformer) -> Obfuscation | None:
-    ob = getattr(model, ATTRIBUTE, None)
-    return ob if isinstance(ob, Obfuscation) else None
-
-
-def _offload(
-    ob: Obfuscation,
-    linear: Linear,
-    resident: str,
-    eta: float,
-    gen: torch.Generator,
-    dtype: torch.dtype,
-) -> None:
-    padded, secret = shadow_obfuscate(_weight(linear), eta, gen)
-    ob.crossing.put(resident, padded.to(dtype))
-    ob.shadow[resident] = secret
-    _retire(linear)
-    linear.method = ObfuscatedLinear(ob.crossing, resident, padded.shape[0], secret)
-
-
-def _weight(linear: Linear) -> torch.Tensor:
-    weight = linear.weight
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{linear.name} holds no plain weight to obfuscate")
-    return weight.detach()
-
-
-def _retire(linear: Linear) -> None:
-    """Drop the plaintext weight from TD memory (a tied lm_head's is the embedding's, kept)."""
-    delattr(linear, "weight")
+from tdllm.trusted.obfuscation import DEFAULT_ETA, Deviation, pad_qk
 
 
 def synthetic_deviation(
@@ -188,21 +54,25 @@ def synthetic_deviation(
 def bundled_deviation(prompts: list[str] | None = None) -> dict[str, object]:
     """The seed's figures on the bundled model, recorded in a real obfuscated generation."""
     from tdllm.engine import Engine, SamplingParams
-    from tdllm.model.loader import load_model
     from tdllm.model.sources import open_checkpoint
+    from tdllm.profiles.obfuscated import Obfuscated
+    from tdllm.profiles.options import ProtectionOptions
+    from tdllm.profiles.registry import build_model
 
     checkpoint = open_checkpoint("bundled")
-    model, _ = load_model(checkpoint, torch.float32)
-    crossing = Crossing.open("cpu")
+    options = ProtectionOptions("obfuscated", "cpu", obfuscation_seed=0)
+    served = build_model(checkpoint, torch.float32, options, 1, 256)
     try:
-        ob = obfuscate_model(model, crossing, 1, 256, seed=0)
-        records = ob.record_deviation()
-        engine = Engine(model, checkpoint.tokenizer, max_batch=1, max_seq_len=256)
+        profile = served.profile
+        if not isinstance(profile, Obfuscated) or profile.obfuscation is None:
+            raise RuntimeError("the obfuscated build kept no secrets")
+        records = profile.obfuscation.record_deviation()
+        engine = Engine(served.model, checkpoint.tokenizer, max_batch=1, max_seq_len=256)
         params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
         for text in prompts or DEVIATION_PROMPTS:
             engine.generate([checkpoint.tokenizer.encode(text)], params)
     finally:
-        crossing.close()
+        served.close()
     per_layer = [r.ratios() for r in records]
     total = Deviation(
         sum(r.score_diff for r in records),

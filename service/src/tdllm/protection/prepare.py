@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tdllm.errors import TdllmError
 from tdllm.model.checkpoint import Checkpoint
+from tdllm.model.transformer import prefix_names
 from tdllm.trusted.public_reference import PublicReference, tensor_sha256
-from tdllm.trusted.split import prefix_names
 
 REFERENCE_FILE = "public-prefix.json"
 MANIFEST_FILE = "split.json"

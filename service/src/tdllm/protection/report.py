@@ -42,6 +42,8 @@ from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
 from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Batch, KVCache, Transformer
+from tdllm.profiles import ProtectionOptions, build_model
+from tdllm.profiles.options import PINNED_REFERENCE
 from tdllm.protection.finetune import encode_pair
 from tdllm.protection.finetune_data import split_pairs
 from tdllm.protection.private_cache import (
@@ -52,13 +54,6 @@ from tdllm.protection.private_cache import (
     training_record,
 )
 from tdllm.protection.private_model import is_private
-from tdllm.protection.profiles import (
-    PINNED_REFERENCE,
-    ProtectionOptions,
-    build_model,
-    close_model,
-    crossing_of,
-)
 from tdllm.trusted.public_reference import PublicReference
 
 DEFAULT_KS = (1, 2, 4)
@@ -242,19 +237,19 @@ def a1_run(
         freivalds_rate=1.0,
         keep_payloads=True,
     )
-    model = build_model(checkpoint, torch.float32, options, 1, max_seq)
+    served = build_model(checkpoint, torch.float32, options, 1, max_seq)
     try:
-        crossing = crossing_of(model)
+        crossing = served.crossing
         if crossing is None:
             raise RuntimeError("a split model has a crossing")
         uploaded = crossing.transcript.bytes_crossed()
-        engine = Engine(model, tokenizer or checkpoint.tokenizer, 1, max_seq)
+        engine = Engine(served.model, tokenizer or checkpoint.tokenizer, 1, max_seq)
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         out = engine.generate([prompt], params)[0]
         held = crossing.dump()
         records = crossing.transcript.records
     finally:
-        close_model(model)
+        served.close()
     tokens = len(prompt) + len(out.token_ids) - 1  # positions the device computed
     pieces = [r.payload for r in records if r.payload]
     pieces += [tensor_bytes(t) for t in held.values()]

@@ -18,6 +18,7 @@ from the two paths are bit-identical (tests/protection/test_masked_equivalence.p
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,21 @@ class MaskedState:
     freivalds: ModularFreivalds | None = None
 
 
+# BASE's weight for a layer in its (fused) layout, fp32; each asked for once, in module order
+BaseWeights = Callable[[Linear], torch.Tensor]
+
+
+@dataclass
+class MaskedReport:
+    """Per projection with a delta: relative residual of the kept delta (0: kept exactly)."""
+
+    residuals: dict[str, float] = field(default_factory=dict)
+    delta_norms: dict[str, float] = field(default_factory=dict)  # ||MODEL - BASE|| / ||BASE||
+
+    def worst(self) -> float:
+        return max(self.residuals.values(), default=0.0)
+
+
 @dataclass
 class MaskedStats:
     calls: int = 0
@@ -66,16 +82,38 @@ class MaskedLinearMethod(PlainCpuMethod):
     """Loads the MODEL weight like the plain method (until `install` replaces it by the
     masked state); `apply` runs masked on `crossing`, or as the TD reference when it is None."""
 
-    def __init__(self, crossing: Crossing | None = None, check_rate: float = 1.0) -> None:
+    def __init__(
+        self,
+        crossing: Crossing | None = None,
+        check_rate: float = 1.0,
+        base: BaseWeights | None = None,
+        rank: int | None = None,
+    ) -> None:
         super().__init__()
         if not 0.0 <= check_rate <= 1.0:
             raise ValueError("the Freivalds rate is a probability")
         self.crossing = crossing
         self.check_rate = check_rate
+        self.base, self.rank = base, rank
         self.failure: DeviceIntegrityError | None = None
         self.stats = MaskedStats()
+        self.report = MaskedReport()
+        self.states: dict[str, MaskedState] = {}  # by layer name
         self._coin = secrets.SystemRandom()
         self._pools: list[PadPool] = []
+
+    def after_load(self, layer: Linear) -> None:
+        """The MODEL weight is loaded: install the layer against BASE's (`install`)."""
+        if self.base is None:
+            raise RuntimeError(f"{layer.name}: a masked method needs the public base's weights")
+        with torch.no_grad():
+            w0 = self.base(layer)
+            plain = layer.get_parameter("weight").float()
+            delta_norm = float((plain - w0).norm() / w0.norm().clamp_min(1e-30))
+            residual = self.install(layer, w0, self.rank)
+        if delta_norm > 0:
+            self.report.delta_norms[layer.name] = delta_norm
+            self.report.residuals[layer.name] = residual
 
     def install(
         self,
@@ -97,7 +135,7 @@ class MaskedLinearMethod(PlainCpuMethod):
             state.pads = PadPool(state.weight_t64, pad_batch)
             self._pools.append(state.pads)
             state.freivalds = ModularFreivalds(q)
-        layer.masked_state = state  # type: ignore[assignment]
+        self.states[layer.name] = state
         layer.weight = nn.Parameter(torch.empty(0, dtype=plain.dtype), requires_grad=False)
         self.stats.layers.append(layer.name)
         return residual
@@ -108,7 +146,7 @@ class MaskedLinearMethod(PlainCpuMethod):
         return any(pool.top_up(reserve) for pool in self._pools)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        state: MaskedState = layer.masked_state  # type: ignore[assignment]
+        state = self.states[layer.name]
         rows = x.reshape(-1, layer.in_features)
         x_q, x_scale = quantize_activation(rows, state.x_max)
         if self.crossing is None:

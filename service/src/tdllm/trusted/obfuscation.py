@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tdllm.model.linear import Linear
 from tdllm.model.transformer import Batch
 from tdllm.trusted.crossing import Crossing
 
@@ -191,41 +190,6 @@ def _units(w_head: torch.Tensor, half: int) -> torch.Tensor:
 def _rows(units: torch.Tensor) -> torch.Tensor:
     """Pair units ``[n, 2, hidden]`` -> rotate-half rows ``[2n, hidden]``."""
     return torch.cat((units[:, 0], units[:, 1]))
-
-
-class ObfuscatedLinear:
-    """`LinearMethod`: the padded product on the device, the real rows restored in the TD."""
-
-    def __init__(self, crossing: Crossing, resident: str, rows: int, secret: ShadowSecret) -> None:
-        self.crossing, self.resident, self.rows, self.secret = crossing, resident, rows, secret
-
-    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
-        raise RuntimeError("an obfuscated projection is installed on a loaded model")
-
-    def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
-        raise RuntimeError("an obfuscated projection is installed on a loaded model")
-
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        out = self.crossing.call(
-            "obfuscated_ops.linear",
-            {"x": x},
-            {"y": ((*x.shape[:-1], self.rows), x.dtype)},
-            {"weight": self.resident},
-        )
-        return self.secret.restore(out["y"])
-
-
-class ComputedByCore:
-    """`LinearMethod` of an obfuscated q|k|v: its product runs inside `ObfuscatedAttention`."""
-
-    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
-        raise RuntimeError("an obfuscated projection is installed on a loaded model")
-
-    def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
-        raise RuntimeError("an obfuscated projection is installed on a loaded model")
-
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(f"{layer.name} runs inside the obfuscated attention core")
 
 
 @dataclass

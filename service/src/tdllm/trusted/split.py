@@ -17,31 +17,12 @@ import torch
 from torch import nn
 
 from tdllm.model.checkpoint import Checkpoint
-from tdllm.model.transformer import Batch, Transformer
+from tdllm.model.transformer import Batch, Transformer, prefix_names
 from tdllm.trusted.audit import ReexecutionAudit
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import DeviceIntegrityError
 from tdllm.trusted.freivalds import FreivaldsCheck
 from tdllm.trusted.public_reference import PublicReference
-
-
-def prefix_names(num_prefix_layers: int) -> list[str]:
-    """Checkpoint names of the embedding and blocks ``0..num_prefix_layers-1``."""
-    parts = (
-        "input_layernorm",
-        "post_attention_layernorm",
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    )
-    names = ["model.embed_tokens.weight"]
-    for i in range(num_prefix_layers):
-        names += [f"model.layers.{i}.{p}.weight" for p in parts]
-    return names
 
 
 class OffloadedPrefix:
@@ -88,7 +69,8 @@ def offload_public_prefix(
     audit_rate: float,
     freivalds_rate: float = 0.0,
 ) -> OffloadedPrefix:
-    """Verify the prefix tensors of `checkpoint` against `reference`, send them, attach."""
+    """Verify the prefix tensors of `checkpoint` against `reference` and send them; the
+    placement that computes the prefix from then on (`Transformer.place` takes it)."""
     num_layers = model.cfg.num_layers
     if not 1 <= k < num_layers:
         raise ValueError(f"K must be in [1, {num_layers - 1}] for a {num_layers}-layer model")
@@ -118,7 +100,6 @@ def offload_public_prefix(
         else None
     )
     placement = OffloadedPrefix(crossing, num_layers - k, audit, freivalds)
-    model.prefix = placement
     if audit is None and freivalds is None:
         release_public_prefix(model, num_layers - k)
     return placement

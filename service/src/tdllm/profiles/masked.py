@@ -1,0 +1,117 @@
+"""`masked`: every block projection's public-base product runs one-time-padded on an untrusted
+device; the TD keeps the secret delta, attention, norms, RoPE, SwiGLU, the embedding and the
+lm_head (trusted/masked_linear.py has the scheme).
+
+Each block projection gets a `MaskedLinearMethod` that loads MODEL's weight and, in
+`after_load`, installs it against BASE: BASE's weight quantized to int8 goes to the device
+(public), ``MODEL - BASE`` stays in the TD (dense, or its rank-r SVD with the residual reported).
+With ``crossing=None`` the same build is the TD-only reference with the same quantization, the
+path the masked one must match bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from tdllm.errors import UsageError
+from tdllm.model.checkpoint import Checkpoint
+from tdllm.model.config import ModelConfig
+from tdllm.model.linear import Linear, LinearMethodTable
+from tdllm.model.loader import load_model
+from tdllm.model.sources import open_checkpoint
+from tdllm.model.transformer import Transformer
+from tdllm.profiles.base import IdleWork, ProfileBase
+from tdllm.trusted.crossing import Crossing
+from tdllm.trusted.masked_linear import BaseWeights, MaskedLinearMethod, MaskedReport
+
+MASKED_LAYERS = "model.layers.*"  # every block projection; lm_head and embedding stay in the TD
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class Masked(ProfileBase):
+    name = "masked"
+    uses_device = True
+    method: MaskedLinearMethod | None = None
+
+    def linear_methods(self, cfg: ModelConfig) -> LinearMethodTable:
+        named = self.options.masked_base
+        base = named if isinstance(named, Checkpoint) else open_checkpoint(named)
+        check_same_shape(cfg, base.config)
+        self.method = masked_method(base, self.crossing, self.options.masked_rank)
+        return LinearMethodTable([(MASKED_LAYERS, self.method)])
+
+    def after_load(self, model: Transformer, checkpoint: Checkpoint) -> None:
+        if self.method is not None:
+            self.method.base = None  # every layer took its BASE weight
+
+    def idle_work(self) -> IdleWork | None:
+        return None if self.method is None else self.method.precompute_pads
+
+
+def build_masked(
+    checkpoint: Checkpoint,
+    base: Checkpoint,
+    dtype: torch.dtype,
+    crossing: Crossing | None,
+    rank: int | None = None,
+    check_rate: float = 1.0,
+) -> tuple[Transformer, MaskedLinearMethod]:
+    """MODEL `checkpoint` with masked projections over `crossing` (None: the TD reference
+    path), outside a served profile: `tdllm prepare`, fidelity and equivalence measurements."""
+    check_same_shape(checkpoint.config, base.config)
+    method = masked_method(base, crossing, rank, check_rate)
+    model, _ = load_model(checkpoint, dtype, LinearMethodTable([(MASKED_LAYERS, method)]))
+    method.base = None
+    return model, method
+
+
+def masked_method(
+    base: Checkpoint, crossing: Crossing | None, rank: int | None, check_rate: float = 1.0
+) -> MaskedLinearMethod:
+    if rank is not None and rank < 1:
+        raise UsageError("masked: the delta rank must be at least 1")
+    return MaskedLinearMethod(crossing, check_rate, base_weights(base), rank)
+
+
+def check_same_shape(cfg: ModelConfig, base_cfg: ModelConfig) -> None:
+    shape = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size)
+    if shape != (base_cfg.num_layers, base_cfg.hidden_size, base_cfg.intermediate_size):
+        raise UsageError("masked: MODEL and BASE have different shapes")
+
+
+def base_weights(base: Checkpoint) -> BaseWeights:
+    """BASE's block weights, read once, each handed out (fused as the layer is, fp32) and let
+    go when its layer asks, so BASE is never held twice."""
+    tensors = {n: t for n, t in base.tensors() if n.startswith("model.layers.")}
+
+    def weight_for(linear: Linear) -> torch.Tensor:
+        weight = fused_base_weight(tensors, linear.name)
+        for name in checkpoint_names(linear.name):
+            del tensors[name]
+        return weight
+
+    return weight_for
+
+
+def checkpoint_names(layer: str) -> list[str]:
+    """The checkpoint tensors a (fused) projection is made of."""
+    prefix, _, leaf = layer.rpartition(".")
+    return [f"{prefix}.{p}.weight" for p in FUSED.get(leaf, (leaf,))]
+
+
+def fused_base_weight(base: Mapping[str, torch.Tensor], layer: str) -> torch.Tensor:
+    """BASE's weight for projection `layer` in its (fused) layout, fp32."""
+    return torch.cat([base[n].float() for n in checkpoint_names(layer)])
+
+
+def masked_linears(model: Transformer) -> list[Linear]:
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, Linear) and isinstance(m.method, MaskedLinearMethod)
+    ]
+
+
+__all__ = ["MaskedReport", "build_masked", "masked_linears"]
