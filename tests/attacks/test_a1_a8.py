@@ -12,6 +12,7 @@ from tdllm.attacks import a8_prompt_recovery as a8
 from tdllm.attacks.result import AttackOptions
 from tdllm.errors import UsageError
 from tdllm.model.checkpoint import Checkpoint
+from tdllm.trusted import publishable
 from tests.protection.conftest import K
 
 PROMPTS = [[(7 * i + 13 * j) % 97 for j in range(12)] for i in range(1, 7)]
@@ -39,8 +40,11 @@ def test_a1_search_finds_private_bytes_a_leaky_device_held(
     target = a1.open_target("masked", "cpu", *tiny_pair, K, 32)
     try:
         secret = target.private["model.layers.3.mlp.down_proj.weight"]
-        target.crossing.put("leak", secret[:2].clone())  # what a buggy profile might send
-        target.crossing.put("spare.int8", torch.zeros(128, 32, dtype=torch.int8))
+        # what a buggy profile might send: trusted code vouching for the wrong tensor
+        target.crossing.put("leak", publishable.obfuscated(secret[:2].clone()))
+        target.crossing.put(
+            "spare.int8", publishable.obfuscated(torch.zeros(128, 32, dtype=torch.int8))
+        )
         detail = a1.measure(target, PROMPTS[:1], new_tokens=1)
     finally:
         target.close()

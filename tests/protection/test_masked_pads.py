@@ -4,6 +4,7 @@ Freivalds check over prime fields accepts honest products and rejects forged one
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,16 +19,18 @@ from tdllm.trusted.masked_linear import MaskedLinearMethod
 from tdllm.trusted.masked_ring import exact_product, quantize_weight, wide_chunks, wrap32
 from tdllm.trusted.modular_freivalds import PRIMES, ModularFreivalds
 from tdllm.trusted.pads import IDLE_RESERVE, PadPool, mask, unmask
+from tdllm.trusted.public_reference import PublicReference
 from tests.protection.conftest import checkpoint_of
 from tests.protection.engine_runs import masked_method
 
 
 def _masked_layer(crossing: Crossing, out_f: int = 24, in_f: int = 40) -> Linear:
     w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(5))
-    method = MaskedLinearMethod(crossing)
-    layer = Linear("model.layers.0.mlp.down_proj", in_f, out_f, method, torch.float32)
+    name = "model.layers.0.mlp.down_proj"
+    method = MaskedLinearMethod(crossing, reference=PublicReference.build("w", [(name, w)]))
+    layer = Linear(name, in_f, out_f, method, torch.float32)
     layer.load_weight(w)
-    method.install(layer, w, None, pad_batch=4)
+    method.install(layer, {name: w}, None, pad_batch=4)
     return layer
 
 
@@ -102,10 +105,14 @@ def test_top_up_adds_one_batch_at_a_time_until_the_reserve() -> None:
 
 
 def test_an_idle_engine_precomputes_pads_so_a_request_needs_no_refill(
-    private_checkpoint: Checkpoint, base_tensors: dict[str, torch.Tensor]
+    private_checkpoint: Checkpoint,
+    base_tensors: dict[str, torch.Tensor],
+    reference: PublicReference,
+    tmp_path: Path,
 ) -> None:
     base = checkpoint_of("tiny-base", base_tensors)
-    options = ProtectionOptions("masked", "cpu", masked_base=base)
+    reference.save(pinned := tmp_path / "reference.json")
+    options = ProtectionOptions("masked", "cpu", public_reference=pinned, masked_base=base)
     served = build_model(private_checkpoint, torch.float32, options, 1, 32)
     try:
         pools = [p for p in (s.pads for s in masked_method(served.model).states.values()) if p]

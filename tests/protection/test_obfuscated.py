@@ -13,6 +13,7 @@ from tdllm.model.transformer import Batch, KVCache, Transformer, apply_rope, rop
 from tdllm.profiles import ProtectionOptions, build_model
 from tdllm.profiles.obfuscated import Obfuscated
 from tdllm.protection.obfuscated import synthetic_deviation
+from tdllm.trusted.publishable import plaintext_activation
 from tdllm.untrusted.transcript import tensor_bytes
 from tests.protection.conftest import CFG, MAX_BATCH, MAX_SEQ, checkpoint_of
 from tests.protection.engine_runs import PROMPTS, greedy_tokens
@@ -90,7 +91,7 @@ def test_device_scores_minus_the_td_decoy_scores_are_the_real_scores(
         x = torch.randn(1, 6, CFG.hidden_size, generator=torch.Generator().manual_seed(0))
         out = crossing.call(
             "obfuscated_ops.attention_scores",
-            {"x": x},
+            {"x": plaintext_activation(x)},
             {"scores": ((1, CFG.num_heads, 6, 6), torch.float32), "v": ((1, 6, 17), x.dtype)},
             {
                 "layer": layer,

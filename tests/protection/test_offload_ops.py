@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tdllm.trusted import publishable
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import DeviceIntegrityError
+from tdllm.trusted.public_reference import PublicReference
 
 
 @pytest.fixture(params=["cpu", "process"])
@@ -25,7 +27,9 @@ def test_device_refuses_an_op_that_is_not_a_marked_offload_op(crossing: Crossing
 
 def test_put_tensors_are_resident_recorded_and_dumped(crossing: Crossing) -> None:
     weight = torch.arange(12, dtype=torch.int8).reshape(3, 4)
-    crossing.put("w", weight)
+    crossing.put(
+        "w", publishable.public({"w": weight}, PublicReference.build("w", [("w", weight)]))["w"]
+    )
     assert torch.equal(crossing.dump()["w"], weight)
     assert "w" in crossing.transcript.names("to_device")
 

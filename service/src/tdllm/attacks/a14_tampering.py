@@ -39,6 +39,7 @@ from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import DeviceIntegrityError
 from tdllm.trusted.masked_linear import OP, MaskedLinearMethod
 from tdllm.trusted.modular_freivalds import PRIMES
+from tdllm.trusted.public_reference import PublicReference
 
 KINDS = (
     "plus_one",
@@ -138,12 +139,14 @@ def measure(
     crossing = Crossing.open(device)
     tamper = TamperingDevice(crossing.device, seed)
     crossing = Crossing(tamper)
-    method = MaskedLinearMethod(crossing)
+    # the attack's weights play BASE: public by declaration, so their int8 form may cross
+    public = PublicReference.build("a14", weights.items())
+    method = MaskedLinearMethod(crossing, reference=public)
     layers = []
     for name, w in weights.items():
         layer = Linear(name, w.shape[1], w.shape[0], method, torch.float32)
         layer.load_weight(w)
-        method.install(layer, w, None)
+        method.install(layer, {name: w}, None)
         layers.append(layer)
     g = torch.Generator().manual_seed(seed + 1)
     undetected: Counter[str] = Counter()

@@ -23,8 +23,10 @@ from tdllm.model.loader import load_model
 from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Transformer
 from tdllm.profiles.base import IdleWork, ProfileBase
+from tdllm.profiles.options import PINNED_REFERENCE
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.masked_linear import BaseWeights, MaskedLinearMethod, MaskedReport
+from tdllm.trusted.public_reference import PublicReference
 
 MASKED_LAYERS = "model.layers.*"  # every block projection; lm_head and embedding stay in the TD
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -36,10 +38,17 @@ class Masked(ProfileBase):
     method: MaskedLinearMethod | None = None
 
     def linear_methods(self, cfg: ModelConfig) -> LinearMethodTable:
-        named = self.options.masked_base
-        base = named if isinstance(named, Checkpoint) else open_checkpoint(named)
+        o = self.options
+        base = (
+            o.masked_base
+            if isinstance(o.masked_base, Checkpoint)
+            else open_checkpoint(o.masked_base)
+        )
         check_same_shape(cfg, base.config)
-        self.method = masked_method(base, self.crossing, self.options.masked_rank)
+        # BASE's int8 weights cross only if BASE is the pinned public checkpoint: a BASE path
+        # pointing at the private model would otherwise put MODEL on the device
+        reference = PublicReference.load(o.public_reference or PINNED_REFERENCE)
+        self.method = masked_method(base, self.crossing, o.masked_rank, reference)
         return LinearMethodTable([(MASKED_LAYERS, self.method)])
 
     def after_load(self, model: Transformer, checkpoint: Checkpoint) -> None:
@@ -57,22 +66,34 @@ def build_masked(
     crossing: Crossing | None,
     rank: int | None = None,
     check_rate: float = 1.0,
+    reference: PublicReference | None = None,
 ) -> tuple[Transformer, MaskedLinearMethod]:
     """MODEL `checkpoint` with masked projections over `crossing` (None: the TD reference
-    path), outside a served profile: `tdllm prepare`, fidelity and equivalence measurements."""
+    path), outside a served profile: `tdllm prepare`, fidelity and equivalence measurements,
+    attacks. `reference` None: the caller declares BASE public as it is (lab use only; the
+    served profile checks BASE against the pinned reference)."""
     check_same_shape(checkpoint.config, base.config)
-    method = masked_method(base, crossing, rank, check_rate)
+    method = masked_method(base, crossing, rank, reference, check_rate)
     model, _ = load_model(checkpoint, dtype, LinearMethodTable([(MASKED_LAYERS, method)]))
     method.base = None
     return model, method
 
 
 def masked_method(
-    base: Checkpoint, crossing: Crossing | None, rank: int | None, check_rate: float = 1.0
+    base: Checkpoint,
+    crossing: Crossing | None,
+    rank: int | None,
+    reference: PublicReference | None,
+    check_rate: float = 1.0,
 ) -> MaskedLinearMethod:
     if rank is not None and rank < 1:
         raise UsageError("masked: the delta rank must be at least 1")
-    return MaskedLinearMethod(crossing, check_rate, base_weights(base), rank)
+    weights, tensors = base_weights(base)
+    if reference is None:
+        reference = PublicReference.build(base.name, tensors.items())
+    elif crossing is not None:  # all of BASE checked before a single byte is sent
+        reference.verify(tensors)
+    return MaskedLinearMethod(crossing, check_rate, weights, rank, reference)
 
 
 def check_same_shape(cfg: ModelConfig, base_cfg: ModelConfig) -> None:
@@ -81,18 +102,15 @@ def check_same_shape(cfg: ModelConfig, base_cfg: ModelConfig) -> None:
         raise UsageError("masked: MODEL and BASE have different shapes")
 
 
-def base_weights(base: Checkpoint) -> BaseWeights:
-    """BASE's block weights, read once, each handed out (fused as the layer is, fp32) and let
-    go when its layer asks, so BASE is never held twice."""
+def base_weights(base: Checkpoint) -> tuple[BaseWeights, dict[str, torch.Tensor]]:
+    """BASE's block weights, read once, each handed to its layer (the checkpoint tensors it is
+    fused from) and let go, so BASE is never held twice; and the tensors themselves."""
     tensors = {n: t for n, t in base.tensors() if n.startswith("model.layers.")}
 
-    def weight_for(linear: Linear) -> torch.Tensor:
-        weight = fused_base_weight(tensors, linear.name)
-        for name in checkpoint_names(linear.name):
-            del tensors[name]
-        return weight
+    def parts_for(linear: Linear) -> dict[str, torch.Tensor]:
+        return {name: tensors.pop(name) for name in checkpoint_names(linear.name)}
 
-    return weight_for
+    return parts_for, tensors
 
 
 def checkpoint_names(layer: str) -> list[str]:

@@ -1,9 +1,10 @@
 """`Crossing`: the one class through which TD code talks to an untrusted device.
 
-Reviewers audit this file to know what can leave the TD: a public prefix shape, public prefix
-weights (already hash-verified by the caller, `split.py`), token ids and cache placements; and,
-for profiles that offload single ops, the tensors their callers `put` and the `call` arguments
-(masked or obfuscated by the caller: the profile's module says why each is safe to publish).
+Reviewers audit this file to know what can leave the TD: a public prefix shape, cache placements
+(slots, positions), op names and plain parameters (names and numbers, never a tensor), and
+tensors only as `Publishable` values (publishable.py: public weights checked against the pinned
+reference, what is derived from them, one-time-padded words, split's token ids, the obfuscated
+profile's transformed weights and plaintext activations); anything else is a `TypeError`.
 What comes back (hidden states) is checked for shape and dtype here and copied out of the
 device's memory before the TD uses it; its values are checked by `audit.py`.
 """
@@ -17,6 +18,7 @@ import torch
 
 from tdllm.model.config import ModelConfig
 from tdllm.trusted.errors import DeviceIntegrityError
+from tdllm.trusted.publishable import Publishable
 from tdllm.untrusted.device import DEVICE_KINDS, UntrustedDevice, available_kinds, open_device
 from tdllm.untrusted.prefix import PrefixShape
 from tdllm.untrusted.transcript import Transcript
@@ -50,7 +52,7 @@ class Crossing:
         self,
         cfg: ModelConfig,
         num_layers: int,
-        public_weights: dict[str, torch.Tensor],
+        public_weights: Mapping[str, Publishable],
         max_batch: int,
         max_seq_len: int,
         dtype: torch.dtype,
@@ -76,14 +78,16 @@ class Crossing:
         expected = set(self.shape.weight_names())
         if set(public_weights) != expected:
             raise ValueError("install_prefix takes exactly the prefix's public weights")
-        self.device.load(self.shape, {n: t.to(dtype) for n, t in public_weights.items()})
+        weights = {n: _tensor_of(p).to(dtype) for n, p in public_weights.items()}
+        self.device.load(self.shape, weights)
 
-    def run_prefix(self, tokens: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
+    def run_prefix(self, tokens: Publishable, slots: list[int], starts: list[int]) -> torch.Tensor:
         """Hidden states from the device, shape- and dtype-checked, in TD-owned memory."""
         if self.shape is None:
             raise RuntimeError("install_prefix() before run_prefix()")
-        hidden = self.device.run_prefix(tokens, list(slots), list(starts))
-        want = (*tokens.shape, self.shape.hidden_size)
+        ids = _tensor_of(tokens)
+        hidden = self.device.run_prefix(ids, _ints(slots), _ints(starts))
+        want = (*ids.shape, self.shape.hidden_size)
         if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != want:
             raise DeviceIntegrityError(
                 f"device returned hidden states of shape {_shape(hidden)}, expected {want}"
@@ -105,14 +109,14 @@ class Crossing:
             str(n): t.to("cpu", copy=True) for n, t in out.items() if isinstance(t, torch.Tensor)
         }
 
-    def put(self, name: str, tensor: torch.Tensor) -> None:
-        """Leave `tensor` resident on the device (the caller vouches it may be published)."""
-        self.device.put(name, tensor)
+    def put(self, name: str, value: Publishable) -> None:
+        """Leave `value` resident on the device under `name`."""
+        self.device.put(str(name), _tensor_of(value))
 
     def call(
         self,
         op: str,
-        args: Mapping[str, torch.Tensor],
+        args: Mapping[str, Publishable],
         expect: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
         params: Mapping[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -120,7 +124,8 @@ class Crossing:
 
         They are copied into TD memory; their values are for the caller to check.
         """
-        out = self.device.call(op, dict(args), dict(params or {}))
+        tensors = {str(n): _tensor_of(a) for n, a in args.items()}
+        out = self.device.call(str(op), tensors, _plain(params or {}))
         if not isinstance(out, dict) or set(out) != set(expect):
             raise DeviceIntegrityError(f"device answered {op} with the wrong outputs")
         checked: dict[str, torch.Tensor] = {}
@@ -141,6 +146,37 @@ class Crossing:
 
     def close(self) -> None:
         self.device.close()
+
+
+def _tensor_of(value: object) -> torch.Tensor:
+    """The tensor of a `Publishable`; anything else never reaches the device."""
+    if not isinstance(value, Publishable):
+        raise TypeError(
+            f"only a Publishable crosses to the device, not {type(value).__name__} "
+            "(trusted/publishable.py says what may leave and why)"
+        )
+    return value.tensor
+
+
+def _ints(values: list[int]) -> list[int]:
+    return [int(v) for v in values]
+
+
+def _plain(params: Mapping[str, Any]) -> dict[str, Any]:
+    """An op's parameters: names, numbers and lists of them; a tensor must be a `Publishable`
+    argument, never a parameter."""
+    scalars = (str, int, float, bool, type(None))
+
+    def check(value: object) -> None:
+        if isinstance(value, list | tuple):
+            for item in value:
+                check(item)
+        elif not isinstance(value, scalars):
+            raise TypeError(f"an op parameter is a name or a number, not {type(value).__name__}")
+
+    for value in params.values():
+        check(value)
+    return dict(params)
 
 
 def _shape(value: object) -> object:

@@ -18,7 +18,7 @@ from the two paths are bit-identical (tests/protection/test_masked_equivalence.p
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +35,9 @@ from tdllm.trusted.masked_ring import (
     x_max_for,
 )
 from tdllm.trusted.modular_freivalds import ModularFreivalds
-from tdllm.trusted.pads import DEFAULT_BATCH, IDLE_RESERVE, PadPool, mask, unmask
+from tdllm.trusted.pads import DEFAULT_BATCH, IDLE_RESERVE, PadPool, unmask
+from tdllm.trusted.public_reference import PublicReference
+from tdllm.trusted.publishable import derived_from_public, one_time_padded
 
 OP = "masked_ops.gemm_ring"
 
@@ -55,8 +57,9 @@ class MaskedState:
     freivalds: ModularFreivalds | None = None
 
 
-# BASE's weight for a layer in its (fused) layout, fp32; each asked for once, in module order
-BaseWeights = Callable[[Linear], torch.Tensor]
+# BASE's checkpoint tensors a layer is fused from (name -> tensor, in fused order); each layer
+# asks once, in module order
+BaseWeights = Callable[[Linear], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -88,6 +91,7 @@ class MaskedLinearMethod(PlainCpuMethod):
         check_rate: float = 1.0,
         base: BaseWeights | None = None,
         rank: int | None = None,
+        reference: PublicReference | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= check_rate <= 1.0:
@@ -95,6 +99,7 @@ class MaskedLinearMethod(PlainCpuMethod):
         self.crossing = crossing
         self.check_rate = check_rate
         self.base, self.rank = base, rank
+        self.reference = reference  # what BASE must be before its int8 weights may cross
         self.failure: DeviceIntegrityError | None = None
         self.stats = MaskedStats()
         self.report = MaskedReport()
@@ -107,10 +112,11 @@ class MaskedLinearMethod(PlainCpuMethod):
         if self.base is None:
             raise RuntimeError(f"{layer.name}: a masked method needs the public base's weights")
         with torch.no_grad():
-            w0 = self.base(layer)
+            parts = self.base(layer)
+            w0 = _fused(parts)
             plain = layer.get_parameter("weight").float()
             delta_norm = float((plain - w0).norm() / w0.norm().clamp_min(1e-30))
-            residual = self.install(layer, w0, self.rank)
+            residual = self.install(layer, parts, self.rank)
         if delta_norm > 0:
             self.report.delta_norms[layer.name] = delta_norm
             self.report.residuals[layer.name] = residual
@@ -118,20 +124,25 @@ class MaskedLinearMethod(PlainCpuMethod):
     def install(
         self,
         layer: Linear,
-        base_weight: torch.Tensor,
+        base_parts: Mapping[str, torch.Tensor],
         rank: int | None,
         pad_batch: int = DEFAULT_BATCH,
     ) -> float:
-        """Quantize the public `base_weight`, keep ``MODEL - BASE`` as the TD's delta, put the
-        int8 weight on the device, drop the plain MODEL weight. Returns the delta's relative
+        """Quantize BASE's weight (`base_parts`: the checkpoint tensors the layer is fused from),
+        keep ``MODEL - BASE`` as the TD's delta, put the int8 weight on the device once every
+        part matches `reference`, drop the plain MODEL weight. Returns the delta's relative
         residual ``||D - D_r|| / ||D||`` (0 when kept exactly or when there is no delta)."""
         plain = layer.get_parameter("weight")
         model_weight = plain.detach().float()
+        base_weight = _fused(base_parts)
         q, scale = quantize_weight(base_weight)
         state = MaskedState(layer.name, q, scale, wide_chunks(q), x_max_for(layer.in_features))
-        residual = _set_delta(state, model_weight - base_weight.float(), rank)
+        residual = _set_delta(state, model_weight - base_weight, rank)
         if self.crossing is not None:
-            self.crossing.put(state.device_name, q)
+            if self.reference is None:
+                raise ValueError(f"{layer.name}: no public reference to check BASE against")
+            int8 = derived_from_public(_int8_of, base_parts, self.reference)
+            self.crossing.put(state.device_name, int8)
             state.pads = PadPool(state.weight_t64, pad_batch)
             self._pools.append(state.pads)
             state.freivalds = ModularFreivalds(q)
@@ -172,10 +183,11 @@ class MaskedLinearMethod(PlainCpuMethod):
             raise RuntimeError(f"{state.device_name} was installed without a device")
         n, out_f = x_q.shape[0], state.weight_q.shape[0]
         pads, products = state.pads.take(n)
-        masked = mask(x_q, pads)
+        padded = one_time_padded(x_q, pads)
+        masked = padded.tensor
         try:
             y_full = self.crossing.call(
-                OP, {"x": masked}, {"y": ((n, out_f), torch.int64)}, {"weight": state.device_name}
+                OP, {"x": padded}, {"y": ((n, out_f), torch.int64)}, {"weight": state.device_name}
             )["y"]
             if self.check_rate >= 1.0 or self._coin.random() < self.check_rate:
                 self.stats.checked_calls += 1
@@ -189,6 +201,15 @@ class MaskedLinearMethod(PlainCpuMethod):
             self.failure = exc
             raise
         return unmask(y_full, products)
+
+
+def _fused(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.float() for t in parts.values()])
+
+
+def _int8_of(parts: list[torch.Tensor]) -> torch.Tensor:
+    """BASE's int8 weight: a deterministic function of BASE's public tensors."""
+    return quantize_weight(torch.cat([t.float() for t in parts]))[0]
 
 
 def _set_delta(state: MaskedState, delta: torch.Tensor, rank: int | None) -> float:

@@ -28,6 +28,7 @@ from tdllm.trusted.obfuscation import (
     pad_qk,
     shadow_obfuscate,
 )
+from tdllm.trusted.publishable import obfuscated, plaintext_activation
 
 SHORT = {"o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down"}
 
@@ -78,7 +79,7 @@ class ShadowMethod(PlainCpuMethod):
         resident = resident_name(layer.name)
         weight = _take_weight(layer)
         padded, secret = shadow_obfuscate(weight, self.ob.eta, self.ob.gen)
-        self.ob.crossing.put(resident, padded.to(weight.dtype))
+        self.ob.crossing.put(resident, obfuscated(padded.to(weight.dtype)))
         self.ob.shadow[resident] = secret
         self.placed[layer.name] = (resident, padded.shape[0], secret)
 
@@ -86,7 +87,7 @@ class ShadowMethod(PlainCpuMethod):
         resident, rows, secret = self.placed[layer.name]
         out = self.ob.crossing.call(
             "obfuscated_ops.linear",
-            {"x": x},
+            {"x": plaintext_activation(x)},
             {"y": ((*x.shape[:-1], rows), x.dtype)},
             {"weight": resident},
         )
@@ -109,8 +110,9 @@ class PaddedQKVMethod(PlainCpuMethod):
             wq, wk, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, ob.inv_freq(), ob.eta, ob.gen
         )
         v_dev, v_secret = shadow_obfuscate(wv, ob.eta, ob.gen)
-        ob.crossing.put(f"{prefix}.qkv", torch.cat((q_dev, k_dev, v_dev)).to(weight.dtype))
-        ob.crossing.put(f"{prefix}.inv_freq", qk.device_freq.float())
+        qkv = torch.cat((q_dev, k_dev, v_dev)).to(weight.dtype)
+        ob.crossing.put(f"{prefix}.qkv", obfuscated(qkv))
+        ob.crossing.put(f"{prefix}.inv_freq", obfuscated(qk.device_freq.float()))
         ob.qk[prefix], ob.shadow[f"{prefix}.v"] = qk, v_secret
         ob.cores.append(
             ObfuscatedAttention(

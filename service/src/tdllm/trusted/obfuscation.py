@@ -28,6 +28,7 @@ import torch
 
 from tdllm.model.transformer import Batch
 from tdllm.trusted.crossing import Crossing
+from tdllm.trusted.publishable import plaintext_activation
 
 DEFAULT_ETA = 1 / 16
 WORK = torch.float32  # the transforms are computed in fp32 and cast to the model's dtype
@@ -234,7 +235,7 @@ class ObfuscatedAttention:
         span = batch.span
         out = self.crossing.call(
             "obfuscated_ops.attention_scores",
-            {"x": x},
+            {"x": plaintext_activation(x)},
             {
                 "scores": ((B, s.heads, T, span), torch.float32),
                 "v": ((B, T, self.v_rows), x.dtype),

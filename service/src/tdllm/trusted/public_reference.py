@@ -91,6 +91,6 @@ class PublicReference:
         if bad:
             lines = "; ".join(f"{n}: {why}" for n, why in sorted(bad.items())[:8])
             raise PublicPrefixMismatchError(
-                f"{len(bad)} of {len(tensors)} prefix tensors are not the public checkpoint "
+                f"{len(bad)} of {len(tensors)} tensors are not the public checkpoint "
                 f"{self.name} ({lines}); refusing to send them to an untrusted device"
             )

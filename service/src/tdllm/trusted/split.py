@@ -18,11 +18,13 @@ from torch import nn
 
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.transformer import Batch, Transformer, prefix_names
+from tdllm.trusted import publishable
 from tdllm.trusted.audit import ReexecutionAudit
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import DeviceIntegrityError
 from tdllm.trusted.freivalds import FreivaldsCheck
 from tdllm.trusted.public_reference import PublicReference
+from tdllm.trusted.publishable import token_ids
 
 
 class OffloadedPrefix:
@@ -45,7 +47,7 @@ class OffloadedPrefix:
                 f"serving stopped after an integrity failure: {self.failure}"
             )
         try:
-            hidden = self.crossing.run_prefix(tokens, batch.slots, batch.starts)
+            hidden = self.crossing.run_prefix(token_ids(tokens), batch.slots, batch.starts)
             if self.audit is not None:
                 self.audit.check(tokens, batch, hidden)
             if self.freivalds is not None:
@@ -78,17 +80,17 @@ def offload_public_prefix(
     public = {n: t for n, t in checkpoint.tensors() if n in names}
     if set(public) != names:
         raise ValueError(f"checkpoint lacks prefix tensors {sorted(names - set(public))[:3]}")
-    reference.verify(public)  # before a single byte is sent
+    sendable = publishable.public(public, reference)  # before a single byte is sent
     crossing.install_prefix(
         model.cfg,
         num_layers - k,
-        public,
+        sendable,
         max_batch,
         max_seq_len,
         model.dtype,
         keep_gemm_io=freivalds_rate > 0,
     )
-    del public
+    del public, sendable
     audit = (
         ReexecutionAudit(model, num_layers - k, audit_rate, max_batch, max_seq_len)
         if audit_rate > 0
