@@ -7,6 +7,7 @@ sealed manifest and attestation made before it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import re
@@ -98,6 +99,63 @@ def test_b64url_round_trips_without_padding(size: int) -> None:
 def test_from_b64url_refuses_anything_but_unpadded_text(text: object) -> None:
     with pytest.raises(ValueError):
         from_b64url(text)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "AAE=",  # padding
+        "AA==",
+        "-_+A",  # '+' (standard base64), whose url-safe spelling is '-'
+        "-_/A",  # '/', whose url-safe spelling is '_'
+        "AA E",  # whitespace, which lenient decoders skip
+        "AAE\n",
+        "AA.E",
+        "AAé",  # outside ASCII
+    ],
+    ids=["padded", "padded-2", "plus", "slash", "space", "newline", "dot", "non-ascii"],
+)
+def test_from_b64url_refuses_any_character_outside_the_url_safe_alphabet(text: str) -> None:
+    with pytest.raises(ValueError, match="not unpadded base64url text"):
+        from_b64url(text)
+
+
+@pytest.mark.parametrize(
+    ("canonical", "other_spelling"),
+    [
+        ("AA", "AB"),  # one byte: the last character's low 4 bits are unused
+        ("AAE", "AAF"),  # two bytes: the low 2 bits are unused
+        (b64url(b"\xff"), "_x"),
+        (b64url(b"\xff\xff"), "__-"),
+    ],
+)
+def test_from_b64url_refuses_a_last_character_with_nonzero_unused_bits(
+    canonical: str, other_spelling: str
+) -> None:
+    """A lenient decoder reads both spellings as the same bytes; only `b64url`'s one is taken."""
+    data = from_b64url(canonical)
+    lenient = base64.urlsafe_b64decode(other_spelling + "=" * (-len(other_spelling) % 4))
+    assert lenient == data
+    with pytest.raises(ValueError, match="not canonical"):
+        from_b64url(other_spelling)
+
+
+def test_every_url_safe_character_decodes_where_it_is_canonical() -> None:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    assert b64url(from_b64url(alphabet)) == alphabet
+
+
+def test_there_is_one_base64url_decoder_in_both_distributions() -> None:
+    """No hand-rolled base64url outside wire.py: every decoder is as strict as `from_b64url`."""
+    sources = [*REPO.glob("attestation/src/**/*.py"), *REPO.glob("service/src/**/*.py")]
+    pattern = re.compile(r"urlsafe_b64(?:en|de)code|altchars")
+    wire = "attestation/src/tdllm_attest/wire.py"
+    hand_rolled = {
+        path.relative_to(REPO).as_posix()
+        for path in sources
+        if pattern.search(path.read_text(encoding="utf-8"))
+    }
+    assert hand_rolled == {wire}
 
 
 def test_there_is_one_definition_of_each_in_both_distributions() -> None:

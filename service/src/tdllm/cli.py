@@ -107,6 +107,7 @@ def generate(
 ) -> None:
     """Generate a completion for PROMPT ('-' reads stdin) and stream it to the terminal."""
     from tdllm.engine import Engine, SamplingParams
+    from tdllm.engine.prompt_check import check_prompt
     from tdllm.model.loader import parse_dtype
     from tdllm.model.sources import open_checkpoint
     from tdllm.profiles import ProtectionOptions, build_model
@@ -128,8 +129,7 @@ def generate(
         prompt = tokenizer.apply_chat_template(messages)
     ids = tokenizer.encode(prompt)
     context = checkpoint.config.max_position_embeddings
-    if len(ids) >= context:
-        raise UsageError(f"the prompt has {len(ids)} tokens; the model's context is {context}")
+    check_prompt(ids, vocab_size=checkpoint.config.vocab_size, context=context)
     status(f"loading {checkpoint.name} ({dtype}, {profile}) ...")
     max_seq_len = min(context, len(ids) + max_tokens + 1)
     options = ProtectionOptions(profile, device, k, public_ref)

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tdllm.engine.prompt_check import check_prompt
 from tdllm.engine.sampling import SamplingParams, sample
 from tdllm.engine.stops import TextStream
-from tdllm.errors import UsageError
 from tdllm.model.tokenizer import Tokenizer
 from tdllm.model.transformer import Batch, KVCache, Transformer
 
@@ -78,17 +78,9 @@ class Engine:
     # -- requests -------------------------------------------------------------------------------
 
     def check_prompt(self, prompt: Sequence[int]) -> None:
-        """Raise `UsageError` for a prompt this engine cannot run (never fails later)."""
-        if not prompt:
-            raise UsageError("the prompt is empty")
-        if len(prompt) >= self.max_seq_len:
-            raise UsageError(
-                f"the prompt has {len(prompt)} tokens; the context holds {self.max_seq_len} "
-                "(prompt plus at least one generated token)"
-            )
-        vocab = self.model.cfg.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise UsageError(f"token ids must be in [0, {vocab})")
+        """Raise `PromptError` (a `UsageError`) for a prompt this engine cannot run (never fails
+        later)."""
+        check_prompt(prompt, vocab_size=self.model.cfg.vocab_size, context=self.max_seq_len)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> int:
         self.check_prompt(prompt)

@@ -9,8 +9,6 @@ swaps the key file for the broker without touching the format.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 from pathlib import Path
@@ -20,6 +18,7 @@ from jwcrypto import jwe, jwk  # type: ignore[import-untyped]
 from jwcrypto.common import JWException  # type: ignore[import-untyped]
 
 from tdllm.errors import UsageError
+from tdllm_attest.wire import from_b64url
 
 CURVES = {"X25519": "OKP", "P-384": "EC"}
 KEY_ALG = "ECDH-ES+A256KW"
@@ -151,7 +150,7 @@ def unwrap_data_key(entries: list[Any], private_key: Any, model_id: str) -> byte
 
 
 def _is_canonical_compact(token: str) -> bool:
-    """Five base64url parts, each in its one canonical encoding.
+    """Five base64url parts, each in its one canonical encoding (`from_b64url` is strict).
 
     base64 decoders ignore the unused low bits of the last character, so without this check a
     flipped bit there would decode to the same JWE; the format promises every bit matters.
@@ -161,9 +160,7 @@ def _is_canonical_compact(token: str) -> bool:
         return False
     for part in parts:
         try:
-            raw = base64.b64decode(part + "=" * (-len(part) % 4), altchars=b"-_", validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != part:
+            from_b64url(part)
+        except ValueError:
             return False
     return True

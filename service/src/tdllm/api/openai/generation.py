@@ -30,6 +30,7 @@ from tdllm.api.runner import (
 )
 from tdllm.api.shutdown import draining, shutting_down
 from tdllm.engine import SamplingParams
+from tdllm.engine.prompt_check import PromptError, check_prompt
 from tdllm_attest.client.receipt_protocol import RECEIPT_FIELD, StreamDigest, body_sha256
 
 
@@ -95,16 +96,16 @@ def start(
     received) and queue the request (429 when full)."""
     service = current_app.extensions["tdllm"]
     settings = service.settings
-    if len(prompt) > settings.max_prompt_tokens:
-        raise invalid(
-            f"the prompt has {len(prompt)} tokens; the limit is {settings.max_prompt_tokens}",
-            "prompt" if prefix == "cmpl" else "messages",
-            "context_length_exceeded",
-        )
-    vocab = runner.engine.model.cfg.vocab_size
-    if max(prompt) >= vocab:
-        raise invalid(f"token ids must be in [0, {vocab})", "prompt")
     context = runner.engine.max_seq_len
+    try:
+        check_prompt(
+            prompt,
+            vocab_size=runner.engine.model.cfg.vocab_size,
+            context=context,
+            max_prompt_tokens=settings.max_prompt_tokens,
+        )
+    except PromptError as problem:
+        raise _prompt_error(problem, "prompt" if prefix == "cmpl" else "messages") from None
     room = context - len(prompt)
     max_tokens = sampling.max_tokens
     if max_tokens is None:
@@ -148,6 +149,16 @@ def start(
         g.started,
         receipt,
     )
+
+
+def _prompt_error(problem: PromptError, param: str) -> ApiError:
+    """The 400 for a prompt `check_prompt` refused; `param` names the prompt's field. Token ids
+    come only from a completions prompt (chat messages are text), so they name "prompt"."""
+    if problem.code == "token_out_of_range":
+        return invalid(str(problem), "prompt")
+    if problem.code == "context_length_exceeded":
+        return invalid(str(problem), param, "context_length_exceeded")
+    return invalid(str(problem), param)
 
 
 def _outputs(gen: Generation) -> Iterator[tuple[str, str | None]]:
