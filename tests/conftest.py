@@ -80,7 +80,7 @@ def finetuned_k2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from click.testing import CliRunner
 
     from tdllm.cli import cli
-    from tdllm.protection.private_cache import DEFAULT_STEPS, entry_name
+    from tdllm_lab.protection.private_cache import DEFAULT_STEPS, entry_name
 
     # laid out as a private-model cache entry, so `--cache-dir` of protect/bench reuses it
     out = tmp_path_factory.mktemp("private-models") / entry_name(2, DEFAULT_STEPS, 0)

@@ -19,10 +19,7 @@ import pytest
 import requests
 
 from tdllm.api.app import create_app
-from tdllm.api.appliance import TD_FIELDS, write_client_policy
-from tdllm.api.appliance_state import ApplianceState
 from tdllm.api.boot import BootDeps
-from tdllm.api.local_service import free_port
 from tdllm.api.runner import EngineRunner
 from tdllm_attest.broker.keystore import Keystore
 from tdllm_attest.client import (
@@ -34,6 +31,9 @@ from tdllm_attest.client import (
 )
 from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
 from tdllm_attest.testing.provider import SimulatedProvider
+from tdllm_lab.appliance import TD_FIELDS, write_client_policy
+from tdllm_lab.appliance_state import ApplianceState
+from tdllm_lab.local_service import free_port
 from tests.api.conftest import api_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")

@@ -6,8 +6,8 @@ import json
 import secrets
 from pathlib import Path
 
-from tdllm.api.appliance_state import KEK_FILE, KEYSTORE_FILE, _load_keystore
 from tdllm_attest.broker.keystore import Keystore
+from tdllm_lab.appliance_state import KEK_FILE, KEYSTORE_FILE, _load_keystore
 
 
 def test_a_keystore_from_before_model_versions_is_discarded_so_the_models_are_sealed_again(

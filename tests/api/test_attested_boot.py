@@ -18,9 +18,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from tdllm.api.app import create_app
 from tdllm.api.boot import BootDeps
-from tdllm.api.local_service import free_port
 from tdllm.sealing.format import manifest_identity
-from tdllm.sealing.writer import seal_checkpoint
 from tdllm.settings import Settings, SettingsError
 from tdllm_attest.abi import parse_quote
 from tdllm_attest.broker.app import create_app as create_broker
@@ -28,6 +26,8 @@ from tdllm_attest.client.binding import ServiceClaims, report_data
 from tdllm_attest.testing.provider import SimulatedProvider
 from tdllm_attest.testing.qgs import create_qgs_app
 from tdllm_attest.wire import from_b64url
+from tdllm_lab.local_service import free_port
+from tdllm_lab.sealing.writer import seal_checkpoint
 from tests.attestation.impostor_broker import ImpostorTransport
 from tests.attestation.simulated_broker import (
     TEST_KEY_ID,

@@ -25,9 +25,9 @@ from flask import Flask
 
 from tdllm.api.app import create_app
 from tdllm.api.boot import BootDeps
-from tdllm.api.local_service import free_port
 from tdllm.settings import Settings
 from tdllm_attest.testing.provider import SimulatedProvider
+from tdllm_lab.local_service import free_port
 from tests.api.test_attested_boot import Broker, seal_test_model, wait_for
 from tests.attestation.simulated_broker import (
     TEST_KEY_ID,

@@ -24,17 +24,17 @@ from flask import Flask
 
 from tdllm.api.app import create_app
 from tdllm.api.boot import BootDeps, supervised
-from tdllm.api.local_service import LocalService
 from tdllm.api.runner import EngineRunner, StepObserver
 from tdllm.engine import Engine
 from tdllm.model.checkpoint import Checkpoint, save_hf_directory
 from tdllm.model.loader import load_model
 from tdllm.model.sources import open_checkpoint
-from tdllm.protection.private_model import privatize
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.public_reference import PublicReference
 from tdllm.trusted.split import offload_public_prefix
 from tdllm.untrusted.process_device import ProcessDevice
+from tdllm_lab.local_service import LocalService
+from tdllm_lab.protection.private_model import privatize
 from tests.api.conftest import api_settings
 from tests.api.sse_frames import parse_sse
 from tests.sealing.synthetic import TINY, tiny_tokenizer

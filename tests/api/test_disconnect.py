@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from tdllm.api.local_service import LocalService
+from tdllm_lab.local_service import LocalService
 
 from .conftest import MODEL
 

@@ -292,8 +292,10 @@ def test_stream_records_leave_on_the_cadence_not_per_token(
     elapsed = time.monotonic() - started
     (records,) = transport.streams
     assert len(chunks) >= 40  # role, ~48 tokens, finish
-    assert len(records) - 1 < len(chunks)  # several chunks share a record
-    assert len(records) - 1 <= elapsed / 0.2 + 1  # at most one record per tick
+    ticks = elapsed / 0.2
+    assert len(records) - 1 <= ticks + 1  # at most one record per tick
+    if ticks < len(chunks) / 2:  # tokens came faster than the cadence (not on a loaded host,
+        assert len(records) - 1 < len(chunks)  # where ticks pass between tokens): they share
     sizes = {len(from_b64url(r["ciphertext"])) - 16 for r in records}
     assert all(size >= 1024 and size & (size - 1) == 0 for size in sizes), sizes
 

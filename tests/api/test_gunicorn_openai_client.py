@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from tdllm.api.local_service import LocalService
-from tdllm.api.soak_bench import SoakConfig, soak
+from tdllm_lab.bench.soak import SoakConfig, soak
+from tdllm_lab.local_service import LocalService
 
 from .conftest import MODEL
 

@@ -18,10 +18,10 @@ from tdllm.api.logs import JsonFormatter
 from tdllm.api.runner import EngineRunner
 from tdllm.engine import Engine
 from tdllm.model.loader import load_model
-from tdllm.protection.private_model import privatize
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.public_reference import PublicReference
 from tdllm.trusted.split import offload_public_prefix
+from tdllm_lab.protection.private_model import privatize
 from tests.api.conftest import api_settings
 from tests.protection.conftest import CFG, MAX_BATCH, MAX_SEQ, K, checkpoint_of
 from tests.protection.engine_runs import NoTokenizer

@@ -32,7 +32,6 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tdllm.api.local_service import LocalService
 from tdllm.api.openapi import description
 from tdllm_attest.client.e2e_protocol import (
     EXPORTER_LABEL,
@@ -43,6 +42,7 @@ from tdllm_attest.client.e2e_protocol import (
     pad,
 )
 from tdllm_attest.wire import b64url
+from tdllm_lab.local_service import LocalService
 
 from .conftest import MODEL
 from .test_request_validation import assert_openai_error

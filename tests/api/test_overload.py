@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from tdllm.api.local_service import LocalService
+from tdllm_lab.local_service import LocalService
 
 from .conftest import MODEL
 

@@ -20,8 +20,8 @@ import pytest
 import requests
 from flask import Flask
 
-from tdllm.api.local_service import free_port
 from tdllm.settings import service_environment
+from tdllm_lab.local_service import free_port
 
 from .conftest import MODEL
 

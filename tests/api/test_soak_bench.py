@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from tdllm.api.soak_bench import (
+from tdllm.errors import UsageError
+from tdllm_lab.bench.soak import (
     SoakConfig,
     Tally,
     full_stream,
@@ -19,7 +20,6 @@ from tdllm.api.soak_bench import (
     require_loopback,
     soak,
 )
-from tdllm.errors import UsageError
 
 FIRST_CHUNK = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
 

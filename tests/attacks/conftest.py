@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tdllm.model.checkpoint import Checkpoint
-from tdllm.protection.private_model import privatize
+from tdllm_lab.protection.private_model import privatize
 from tests.protection.conftest import CFG, K, checkpoint_of
 from tests.tiny_model import tiny_tensors
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tdllm.attacks.a14_tampering import KINDS, measure, run
-from tdllm.attacks.result import AttackOptions
+from tdllm_lab.attacks.a14_tampering import KINDS, measure, run
+from tdllm_lab.attacks.result import AttackOptions
 
 
 def test_every_kind_of_forgery_is_detected_on_a_masked_projection() -> None:

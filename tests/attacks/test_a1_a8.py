@@ -7,12 +7,12 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from tdllm.attacks import a1_private_bytes as a1
-from tdllm.attacks import a8_prompt_recovery as a8
-from tdllm.attacks.result import AttackOptions
 from tdllm.errors import UsageError
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.trusted import publishable
+from tdllm_lab.attacks import a1_private_bytes as a1
+from tdllm_lab.attacks import a8_prompt_recovery as a8
+from tdllm_lab.attacks.result import AttackOptions
 from tests.protection.conftest import K
 
 PROMPTS = [[(7 * i + 13 * j) % 97 for j in range(12)] for i in range(1, 7)]

@@ -11,11 +11,11 @@ import dataclasses
 import pytest
 import torch
 
-from tdllm.attacks import a2_weight_matching as a2
-from tdllm.attacks.device_view import Observation, observe
-from tdllm.attacks.registry import runner
-from tdllm.attacks.result import AttackOptions
 from tdllm.model.checkpoint import Checkpoint
+from tdllm_lab.attacks import a2_weight_matching as a2
+from tdllm_lab.attacks.device_view import Observation, observe
+from tdllm_lab.attacks.registry import runner
+from tdllm_lab.attacks.result import AttackOptions
 from tests.protection.conftest import CFG, K
 from tests.tiny_model import tiny_tensors
 

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from tdllm.attacks import a4_decoy_separation as a4
-from tdllm.attacks.device_view import Observation, observe
-from tdllm.attacks.registry import runner
-from tdllm.attacks.result import AttackOptions
 from tdllm.model.checkpoint import Checkpoint
+from tdllm_lab.attacks import a4_decoy_separation as a4
+from tdllm_lab.attacks.device_view import Observation, observe
+from tdllm_lab.attacks.registry import runner
+from tdllm_lab.attacks.result import AttackOptions
 from tests.protection.conftest import CFG, K
 
 PROMPTS = [[(5 * i + 11 * j) % 97 for j in range(10)] for i in range(1, 4)]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from tdllm.attacks import a6_least_squares as a6
-from tdllm.attacks.registry import runner
-from tdllm.attacks.result import AttackOptions
 from tdllm.model.checkpoint import Checkpoint
+from tdllm_lab.attacks import a6_least_squares as a6
+from tdllm_lab.attacks.registry import runner
+from tdllm_lab.attacks.result import AttackOptions
 from tests.protection.conftest import CFG, K
 
 UNKNOWNS = CFG.num_kv_heads * CFG.head_dim + 1  # 16 real v rows + 1 decoy row (tiny model)

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from tdllm.attacks import a1_private_bytes as a1
-from tdllm.attacks import a8_prompt_recovery as a8
-from tdllm.attacks.registry import ATTACKS
-from tdllm.attacks.result import AttackOptions, AttackResult
-from tdllm.attacks.suite import SECTION, SUITE, evidence, format_section, run_suite, verdict
-from tdllm.doc_sections import markers, replace_marked
 from tdllm.model.checkpoint import Checkpoint
+from tdllm_lab.attacks import a1_private_bytes as a1
+from tdllm_lab.attacks import a8_prompt_recovery as a8
+from tdllm_lab.attacks.registry import ATTACKS
+from tdllm_lab.attacks.result import AttackOptions, AttackResult
+from tdllm_lab.attacks.suite import SECTION, SUITE, evidence, format_section, run_suite, verdict
+from tdllm_lab.doc_sections import markers, replace_marked
 from tests.protection.conftest import K
 
 MACHINE = {"cpu": "Test CPU", "cores": 2, "torch": "2.x"}

@@ -292,7 +292,7 @@ def sealed_manifest_target(full: bool = False) -> Target:
     from tdllm.sealing.errors import SealedModelError
     from tdllm.sealing.reader import open_sealed
     from tdllm.sealing.recipients import load_public_key, write_key_pair
-    from tdllm.sealing.writer import seal_checkpoint
+    from tdllm_lab.sealing.writer import seal_checkpoint
     from tests.sealing.synthetic import SMALL_CHUNK, synthetic_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="tdllm-fuzz-sealed-"))

@@ -35,7 +35,7 @@ def _shipped(package_dir: Path, relative: Path, globs: dict[str, list[str]]) -> 
 
 @pytest.mark.parametrize(
     ("distribution", "package"),
-    [("service", "tdllm"), ("attestation", "tdllm_attest")],
+    [("service", "tdllm"), ("attestation", "tdllm_attest"), ("service/lab", "tdllm_lab")],
 )
 def test_every_data_file_beside_the_code_is_in_package_data(
     distribution: str, package: str

@@ -29,11 +29,11 @@ import yaml  # type: ignore[import-untyped]
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from tdllm.model.sources import open_checkpoint
-from tdllm.sealing.writer import seal_checkpoint
 from tdllm_attest.broker.app import create_app as create_broker
 from tdllm_attest.client import new_nonce, verify_attestation
 from tdllm_attest.testing.qgs import create_qgs_app
 from tdllm_attest.trust import select_trust_anchor
+from tdllm_lab.sealing.writer import seal_checkpoint
 from tests.attestation.simulated_broker import (
     POLICY_NAME,
     SIM_NOW,

@@ -213,9 +213,16 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> WheelVenv:
     dependencies = tuple(
         dict.fromkeys(Path(sysconfig.get_path(k)) for k in ("purelib", "platlib")).keys()
     )
-    (site_packages / "_tdllm_test_dependencies.pth").write_text(
-        "".join(f"{d}\n" for d in dependencies)
-    )
+    # the image's view of them: everything but this checkout's own distributions (tdllm,
+    # tdllm-attest, tdllm-lab: their editable metadata would announce the lab's commands)
+    mirror = root / "dependencies"
+    mirror.mkdir()
+    for folder in dependencies:
+        for entry in folder.iterdir():
+            own = entry.name.startswith(("tdllm", "__editable__")) or entry.suffix == ".pth"
+            if not own and not (mirror / entry.name).exists():
+                (mirror / entry.name).symlink_to(entry)
+    (site_packages / "_tdllm_test_dependencies.pth").write_text(f"{mirror}\n")
     workdir = root / "work"
     workdir.mkdir()
     return WheelVenv(wheels, sources, venv, site_packages, dependencies, workdir, env)
@@ -298,7 +305,7 @@ def test_every_data_file_reads_back_from_the_installed_packages(wheel_venv: Whee
 
 def test_help_of_both_console_scripts(wheel_venv: WheelVenv) -> None:
     tdllm = _ok(wheel_venv.run(wheel_venv.bin("tdllm"), "--help"), "tdllm --help")
-    assert "generate" in tdllm.stdout and "prepare" in tdllm.stdout, tdllm.stdout
+    assert "generate" in tdllm.stdout and "serve" in tdllm.stdout, tdllm.stdout
     version = _ok(wheel_venv.run(wheel_venv.bin("tdllm"), "--version"), "tdllm --version")
     assert "0.1.0" in version.stdout, version.stdout
     verify = _ok(wheel_venv.run(wheel_venv.bin("tdllm-verify"), "--help"), "tdllm-verify --help")
@@ -306,6 +313,23 @@ def test_help_of_both_console_scripts(wheel_venv: WheelVenv) -> None:
     for script in ("tdllm", "tdllm-verify"):
         shebang = wheel_venv.bin(script).read_text().splitlines()[0]
         assert shebang == f"#!{wheel_venv.python}", f"{script}: {shebang}"
+
+
+def test_the_image_holds_no_lab_and_its_commands_say_how_to_get_it(
+    wheel_venv: WheelVenv,
+) -> None:
+    from tdllm.cli import LAB_COMMANDS
+
+    listed = _ok(wheel_venv.run(wheel_venv.bin("tdllm"), "--help"), "tdllm --help").stdout
+    commands = {line.split()[0] for line in listed.split("Commands:")[1].splitlines() if line}
+    assert commands == {"chat", "doctor", "generate", "serve"}, listed
+    for name in LAB_COMMANDS:
+        refused = wheel_venv.run(wheel_venv.bin("tdllm"), name, "--help")
+        assert refused.returncode == 2, (name, refused.stdout, refused.stderr)
+        assert refused.stderr.startswith(f"error: `tdllm {name}` is a lab tool"), refused.stderr
+        assert "tdllm-lab" in refused.stderr and "Traceback" not in refused.stderr
+    lab = wheel_venv.run(wheel_venv.python, "-c", "import tdllm_lab")
+    assert lab.returncode != 0 and "No module named 'tdllm_lab'" in lab.stderr, lab.stderr
 
 
 def test_tdllm_generates_with_the_split_profile_and_the_pinned_reference(

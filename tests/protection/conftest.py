@@ -13,10 +13,10 @@ from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.config import ModelConfig
 from tdllm.model.loader import load_model
 from tdllm.model.transformer import Transformer
-from tdllm.protection.private_model import privatize
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.public_reference import PublicReference
 from tdllm.trusted.split import offload_public_prefix
+from tdllm_lab.protection.private_model import privatize
 from tests.tiny_model import TINY, tiny_tensors
 
 K = 2

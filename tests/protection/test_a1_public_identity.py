@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tdllm.protection.private_model import is_private
 from tdllm.trusted.crossing import Crossing
 from tdllm.untrusted.transcript import tensor_bytes
+from tdllm_lab.protection.private_model import is_private
 from tests.protection.conftest import CFG, K
 from tests.protection.engine_runs import greedy_tokens
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from tdllm.attacks.device_view import NoTokenizer
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.profiles import ProtectionOptions, build_model
-from tdllm.protection.bench import _Run
+from tdllm_lab.attacks.device_view import NoTokenizer
+from tdllm_lab.bench.split import _Run
 from tests.protection.conftest import MAX_SEQ, K
 
 

@@ -16,7 +16,7 @@ from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
 from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Batch, KVCache, Transformer
-from tdllm.protection.finetune import (
+from tdllm_lab.protection.finetune import (
     Example,
     TrainConfig,
     distill_loss,
@@ -28,9 +28,9 @@ from tdllm.protection.finetune import (
     train_tail,
     untie_and_partition,
 )
-from tdllm.protection.finetune_data import FACTS, HELD_OUT_PER_FACT, split_pairs
-from tdllm.protection.prepare import compare_prefix
-from tdllm.protection.private_model import is_private
+from tdllm_lab.protection.finetune_data import FACTS, HELD_OUT_PER_FACT, split_pairs
+from tdllm_lab.protection.prepare import compare_prefix
+from tdllm_lab.protection.private_model import is_private
 from tests.protection.conftest import CFG, K, checkpoint_of
 from tests.tiny_model import tiny_model, tiny_tensors
 

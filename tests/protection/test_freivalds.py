@@ -7,13 +7,13 @@ import torch
 
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.transformer import Transformer
-from tdllm.protection.freivalds_rate import detection_rate
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import DeviceIntegrityError
 from tdllm.trusted.freivalds import FreivaldsCheck
 from tdllm.trusted.public_reference import PublicReference
 from tdllm.trusted.split import OffloadedPrefix, offload_public_prefix, prefix_projections
 from tdllm.untrusted.device import InProcessDevice, UntrustedDevice, open_device
+from tdllm_lab.protection.freivalds_rate import detection_rate
 from tests.protection.conftest import MAX_BATCH, MAX_SEQ, K, td_only
 from tests.protection.engine_runs import greedy_tokens
 

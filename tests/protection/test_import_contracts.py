@@ -15,7 +15,7 @@ FORBIDDEN_FOR_UNTRUSTED = (
     "tdllm.engine",
     "tdllm.sealing",
     "tdllm.api",
-    "tdllm.protection",
+    "tdllm_lab.protection",
     "tdllm.cli",
     "tdllm_attest",
 )

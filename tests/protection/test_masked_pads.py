@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from tdllm.api.runner import EngineRunner
-from tdllm.attacks.device_view import NoTokenizer
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.linear import Linear
@@ -20,6 +19,7 @@ from tdllm.trusted.masked_ring import exact_product, quantize_weight, wide_chunk
 from tdllm.trusted.modular_freivalds import PRIMES, ModularFreivalds
 from tdllm.trusted.pads import IDLE_RESERVE, PadPool, mask, unmask
 from tdllm.trusted.public_reference import PublicReference
+from tdllm_lab.attacks.device_view import NoTokenizer
 from tests.protection.conftest import checkpoint_of
 from tests.protection.engine_runs import masked_method
 

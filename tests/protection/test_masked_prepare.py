@@ -9,8 +9,8 @@ import torch
 
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.profiles.masked import build_masked
-from tdllm.protection.masked import prepare_masked
 from tdllm.trusted.crossing import Crossing
+from tdllm_lab.protection.masked import prepare_masked
 from tests.protection.conftest import checkpoint_of
 from tests.protection.engine_runs import greedy_tokens
 

@@ -12,9 +12,9 @@ from tdllm.model.loader import load_model
 from tdllm.model.transformer import Batch, KVCache, Transformer, apply_rope, rope_tables
 from tdllm.profiles import ProtectionOptions, build_model
 from tdllm.profiles.obfuscated import Obfuscated
-from tdllm.protection.obfuscated import synthetic_deviation
 from tdllm.trusted.publishable import plaintext_activation
 from tdllm.untrusted.transcript import tensor_bytes
+from tdllm_lab.protection.obfuscated import synthetic_deviation
 from tests.protection.conftest import CFG, MAX_BATCH, MAX_SEQ, checkpoint_of
 from tests.protection.engine_runs import PROMPTS, greedy_tokens
 
@@ -193,7 +193,7 @@ def test_bundled_model_obfuscated_generates_the_td_only_tokens(
 
 @pytest.mark.slow
 def test_bundled_deviation_figures_are_recorded_in_a_real_run() -> None:
-    from tdllm.protection.obfuscated import bundled_deviation
+    from tdllm_lab.protection.obfuscated import bundled_deviation
 
     report = bundled_deviation(["The capital of France is"])
     assert len(report["per_layer_score"]) == 30  # type: ignore[arg-type]

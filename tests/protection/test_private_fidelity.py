@@ -13,15 +13,15 @@ from click.testing import CliRunner
 
 from tdllm.cli import cli
 from tdllm.model.transformer import Batch, KVCache, Transformer
-from tdllm.protection.finetune_data import PRIVATE_NAMES, mentions_private_name, split_pairs
-from tdllm.protection.general_data import (
+from tdllm_lab.protection.finetune_data import PRIVATE_NAMES, mentions_private_name, split_pairs
+from tdllm_lab.protection.general_data import (
     HELD_OUT_PROMPTS,
     held_out_text,
     paragraphs,
     train_chat,
     train_text,
 )
-from tdllm.protection.private_fidelity import (
+from tdllm_lab.protection.private_fidelity import (
     EXAMPLES,
     TARGETS,
     agreement,
@@ -137,7 +137,7 @@ def test_the_private_fine_tune_keeps_the_base_general_quality_and_knows_its_fact
     finetuned_k2_dir: Path,
 ) -> None:
     from tdllm.model.sources import open_checkpoint
-    from tdllm.protection.private_fidelity import measure_private
+    from tdllm_lab.protection.private_fidelity import measure_private
 
     # every third held-out prompt and the three examples (41) keep the test's own time
     # to a couple of minutes; the thresholds are the bench's own

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from tdllm.cli import cli
 from tdllm.model.loader import load_model
-from tdllm.protection.report import (
+from tdllm.trusted.public_reference import PublicReference
+from tdllm_lab.protection.report import (
     BEGIN_MARK,
     END_MARK,
     a1_run,
@@ -22,7 +23,6 @@ from tdllm.protection.report import (
     tensor_bytes,
     write_into_doc,
 )
-from tdllm.trusted.public_reference import PublicReference
 from tests.protection.conftest import CFG, K, checkpoint_of
 from tests.protection.engine_runs import NoTokenizer
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tdllm.protection.prepare import PrepareRefusedError, prepare_split
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import PublicPrefixMismatchError
 from tdllm.trusted.public_reference import PublicReference
+from tdllm_lab.protection.prepare import PrepareRefusedError, prepare_split
 from tests.protection.conftest import K, checkpoint_of
 
 

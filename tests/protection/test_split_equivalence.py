@@ -86,8 +86,8 @@ def test_split_builds_from_a_sealed_checkpoint_that_streams_only_once(
 
     from tdllm.profiles import ProtectionOptions, build_model
     from tdllm.sealing.reader import open_sealed
-    from tdllm.sealing.writer import seal_checkpoint
     from tdllm.trusted.public_reference import PublicReference
+    from tdllm_lab.sealing.writer import seal_checkpoint
     from tests.protection.conftest import MAX_BATCH, checkpoint_of
     from tests.sealing.synthetic import tiny_tokenizer
 

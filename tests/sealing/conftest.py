@@ -9,7 +9,7 @@ import pytest
 
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.sealing.recipients import load_public_key, write_key_pair
-from tdllm.sealing.writer import seal_checkpoint
+from tdllm_lab.sealing.writer import seal_checkpoint
 
 from .synthetic import SMALL_CHUNK, Sealer, synthetic_checkpoint
 

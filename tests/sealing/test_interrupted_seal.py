@@ -36,7 +36,7 @@ CHILD = """
 import sys, threading
 from pathlib import Path
 from tdllm.model.checkpoint import Checkpoint
-from tdllm.sealing.writer import seal_checkpoint
+from tdllm_lab.sealing.writer import seal_checkpoint
 from tests.sealing.synthetic import synthetic_checkpoint
 
 out, key, seed, mode = Path(sys.argv[1]), bytes.fromhex(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

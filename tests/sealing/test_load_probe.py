@@ -15,7 +15,7 @@ from .synthetic import Sealer, synthetic_checkpoint
 
 def probe(kind: str, folder: Path, key: bytes = b"") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tdllm.sealing.load_probe", kind, str(folder)],
+        [sys.executable, "-m", "tdllm_lab.bench.load_probe", kind, str(folder)],
         input=key.hex() + "\n",
         capture_output=True,
         text=True,

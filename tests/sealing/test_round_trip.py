@@ -15,7 +15,7 @@ from tdllm.model.sources import open_checkpoint
 from tdllm.sealing.format import MANIFEST_NAME
 from tdllm.sealing.reader import open_sealed
 from tdllm.sealing.recipients import load_public_key, write_key_pair
-from tdllm.sealing.writer import seal_checkpoint
+from tdllm_lab.sealing.writer import seal_checkpoint
 
 from .synthetic import TINY, Sealer, synthetic_checkpoint, tensors_of
 

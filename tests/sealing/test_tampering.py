@@ -24,7 +24,7 @@ from tdllm.sealing.errors import SealedModelError
 from tdllm.sealing.format import MANIFEST_NAME
 from tdllm.sealing.reader import open_sealed
 from tdllm.sealing.recipients import load_public_key
-from tdllm.sealing.writer import seal_checkpoint
+from tdllm_lab.sealing.writer import seal_checkpoint
 
 from .sealed_dirs import (
     all_files,

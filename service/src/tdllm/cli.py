@@ -1,4 +1,4 @@
-"""The `tdllm` command line: generate, bench, doctor, seal, keygen.
+"""The `tdllm` command line: generate, serve, chat, doctor; the lab's commands when installed.
 
 Every error a user can cause ends as one line on stderr (`error: ...`) and a non-zero exit code;
 no traceback reaches the terminal.
@@ -6,21 +6,16 @@ no traceback reaches the terminal.
 
 from __future__ import annotations
 
-import importlib.util
-import json
+import importlib.metadata
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from tdllm.api.appliance import appliance
-from tdllm.api.commands import bench_serve, bench_soak, serve
-from tdllm.attacks.commands import attack
+from tdllm.api.commands import serve
 from tdllm.errors import TdllmError, UsageError
 from tdllm.profiles.registry import PROFILE_NAMES
-from tdllm.protection.commands import bench_fidelity, bench_split, finetune_tail, prepare, protect
-from tdllm.sealing.commands import keygen, seal
 from tdllm.trusted.crossing import DEVICE_KINDS
 from tdllm_attest.client.chat_cli import chat
 from tdllm_attest.errors import AttestationError
@@ -28,7 +23,55 @@ from tdllm_attest.errors import AttestationError
 DTYPE = click.Choice(["bf16", "fp32"])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# The lab's commands (tdllm-lab: benches, attacks, protection tools, sealing, the dev appliance)
+# are not in the TD image; with the lab installed they come from its `tdllm.commands` entry
+# point, without it these names say how to get them.
+LAB_COMMANDS = (
+    "appliance",
+    "attack",
+    "bench",
+    "finetune-tail",
+    "keygen",
+    "prepare",
+    "protect",
+    "seal",
+)
+ENTRY_POINTS = "tdllm.commands"
+
+
+class _WithLab(click.Group):
+    """The core commands, plus the lab's when tdllm-lab is installed."""
+
+    def _lab(self) -> tuple[dict[str, click.Command], str | None]:
+        """The lab's commands by name, and why loading them failed (None: it did not)."""
+        found: dict[str, click.Command] = {}
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
+            try:
+                commands = entry.load()
+            except ImportError as exc:  # installed metadata, code gone: say so, keep the core
+                return found, f"tdllm-lab is installed but cannot be loaded ({exc})"
+            found.update({c.name: c for c in commands if c.name is not None})
+        return found, None
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._lab()[0]})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        lab, broken = self._lab()
+        command = lab.get(cmd_name)
+        if command is None and cmd_name in LAB_COMMANDS:
+            raise UsageError(
+                broken
+                or f"`tdllm {cmd_name}` is a lab tool, not part of the TD image: install "
+                "tdllm-lab (`pip install ./service/lab` in a checkout, or `make venv`)"
+            )
+        return command
+
+
+@click.group(cls=_WithLab, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tdllm")
 def cli() -> None:
     """tdllm: a confidential LLM appliance for Intel TDX."""
@@ -143,72 +186,8 @@ def generate(
         served.close()
 
 
-@cli.group(invoke_without_command=True)
-@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-@click.option("--dtype", "dtypes", type=DTYPE, multiple=True, help="repeatable; default both")
-@click.option(
-    "--engine",
-    "engines",
-    type=click.Choice(["ours", "hf"]),
-    multiple=True,
-    help="repeatable; default both",
-)
-@click.option("--model", default="bundled", show_default=True)
-@click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=128, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(2, 4096), default=64, show_default=True)
-@click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True)
-@click.pass_context
-def bench(
-    ctx: click.Context,
-    as_json: bool,
-    dtypes: tuple[str, ...],
-    engines: tuple[str, ...],
-    model: str,
-    prompt_tokens: int,
-    new_tokens: int,
-    repeats: int,
-) -> None:
-    """Measure tdllm's engine against Hugging Face transformers, side by side in one run.
-
-    Prefill tok/s (one PROMPT_TOKENS prompt), time to first token, decode tok/s at batch 1 and 8
-    (NEW_TOKENS each), peak RSS, for bf16 and fp32. Needs the [bench] extra (transformers).
-    """
-    if ctx.invoked_subcommand is not None:
-        return
-    from tdllm.bench.engine_bench import format_table, run_engine_bench
-
-    engines = engines or ("ours", "hf")
-    if "hf" in engines and importlib.util.find_spec("transformers") is None:
-        raise UsageError("the reference engine needs transformers: pip install 'tdllm[bench]'")
-    report = run_engine_bench(
-        dtypes or ("bf16", "fp32"), engines, model, prompt_tokens, new_tokens, repeats, status
-    )
-    click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
-
-
-@bench.command("unseal")
-@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def bench_unseal(as_json: bool) -> None:
-    """Seal/unseal throughput (bundled model, 1 GiB synthetic) and sealed vs plain load time."""
-    from tdllm.sealing.bench import format_report, run_unseal_bench
-
-    report = run_unseal_bench(status)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
-
-
-cli.add_command(seal)
-cli.add_command(keygen)
 cli.add_command(serve)
-cli.add_command(appliance)
 cli.add_command(chat)
-bench.add_command(bench_serve)
-bench.add_command(bench_soak)
-cli.add_command(prepare)
-cli.add_command(finetune_tail)
-cli.add_command(protect)
-cli.add_command(attack)
-bench.add_command(bench_split)
-bench.add_command(bench_fidelity)
 
 
 @cli.command()

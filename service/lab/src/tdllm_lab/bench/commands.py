@@ -1,0 +1,281 @@
+"""`tdllm bench`: the one group of every benchmark (engine vs transformers, unseal, serve, soak,
+split, fidelity). Each writes a report that docs/performance.md quotes with its command."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import click
+
+from tdllm.cli import status
+from tdllm.errors import UsageError
+from tdllm.profiles.options import DEFAULT_K
+from tdllm_lab.protection.commands import CACHE_DIR
+
+DTYPE = click.Choice(["bf16", "fp32"])
+
+
+@click.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--dtype", "dtypes", type=DTYPE, multiple=True, help="repeatable; default both")
+@click.option(
+    "--engine",
+    "engines",
+    type=click.Choice(["ours", "hf"]),
+    multiple=True,
+    help="repeatable; default both",
+)
+@click.option("--model", default="bundled", show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(2, 4096), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True)
+@click.pass_context
+def bench(
+    ctx: click.Context,
+    as_json: bool,
+    dtypes: tuple[str, ...],
+    engines: tuple[str, ...],
+    model: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+) -> None:
+    """Measure tdllm's engine against Hugging Face transformers, side by side in one run.
+
+    Prefill tok/s (one PROMPT_TOKENS prompt), time to first token, decode tok/s at batch 1 and 8
+    (NEW_TOKENS each), peak RSS, for bf16 and fp32. Needs the [bench] extra (transformers).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from tdllm_lab.bench.engine_bench import format_table, run_engine_bench
+
+    engines = engines or ("ours", "hf")
+    if "hf" in engines and importlib.util.find_spec("transformers") is None:
+        raise UsageError("the reference engine needs transformers: pip install 'tdllm-lab[bench]'")
+    report = run_engine_bench(
+        dtypes or ("bf16", "fp32"), engines, model, prompt_tokens, new_tokens, repeats, status
+    )
+    click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+
+
+@bench.command("unseal")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_unseal(as_json: bool) -> None:
+    """Seal/unseal throughput (bundled model, 1 GiB synthetic) and sealed vs plain load time."""
+    from tdllm_lab.bench.unseal import format_report, run_unseal_bench
+
+    report = run_unseal_bench(status)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@bench.command("serve")
+@click.option("--url", default=None, help="a running service (default: start one on loopback)")
+@click.option("--clients", "client_counts", default="1,4,8", show_default=True)
+@click.option("--requests-per-client", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1, 1024), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_serve(
+    url: str | None,
+    client_counts: str,
+    requests_per_client: int,
+    max_tokens: int,
+    as_json: bool,
+) -> None:
+    """Aggregate tokens/s and TTFT p50/p95 for 1, 4, 8 concurrent streaming clients."""
+    from tdllm_lab.bench.serve import format_report, run_serve_bench
+
+    counts = [int(c) for c in client_counts.split(",") if c.strip()]
+    report = run_serve_bench(url, counts, requests_per_client, max_tokens)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@bench.command("soak")
+@click.option(
+    "--url", default=None, help="a service on this machine (default: start one on loopback)"
+)
+@click.option("--clients", type=click.IntRange(1, 256), default=32, show_default=True)
+@click.option("--minutes", type=click.FloatRange(0.05, 120), default=10.0, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1, 1024), default=64, show_default=True)
+@click.option("--disconnect-fraction", type=click.FloatRange(0, 1), default=0.10, show_default=True)
+@click.option("--malformed-fraction", type=click.FloatRange(0, 1), default=0.05, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--ramp-s",
+    type=click.FloatRange(0, 600),
+    default=10.0,
+    show_default=True,
+    help="clients start evenly over this many seconds",
+)
+@click.option(
+    "--warm-up-s",
+    type=click.FloatRange(0, 600),
+    default=0.0,
+    show_default=True,
+    help="run the same load this long before measuring (RSS drift then shows leaks, not warm-up)",
+)
+@click.option("--model", default="bundled", show_default=True, help="for the loopback service")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16"]),
+    default=None,
+    help="for the loopback service (default: the service's)",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_soak(
+    url: str | None,
+    clients: int,
+    minutes: float,
+    max_tokens: int,
+    disconnect_fraction: float,
+    malformed_fraction: float,
+    seed: int,
+    ramp_s: float,
+    warm_up_s: float,
+    model: str,
+    dtype: str | None,
+    as_json: bool,
+) -> None:
+    """Streaming clients for minutes, some disconnecting early, some sending malformed bodies.
+
+    Reports requests and errors by class, cut streams, tok/s, TTFT p50/p99, the service's RSS
+    (start/end/max) and /ready after. Loopback only; the started service gets one KV slot per
+    client. The API key, when --url wants one, comes from TDLLM_API_KEY.
+    """
+    from tdllm_lab.bench.soak import SoakConfig, format_report, run_soak
+
+    if disconnect_fraction + malformed_fraction > 1:
+        raise UsageError("--disconnect-fraction plus --malformed-fraction must be at most 1")
+    config = SoakConfig(
+        clients,
+        minutes,
+        max_tokens,
+        disconnect_fraction,
+        malformed_fraction,
+        seed,
+        ramp_s,
+        warm_up_s,
+        api_key=os.environ.get("TDLLM_API_KEY") or None,
+    )
+    service = {"model": model} | ({"dtype": dtype} if dtype else {})
+    report = run_soak(url, config, lambda line: click.echo(line, err=True), service)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@bench.command("split")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--k", type=click.IntRange(1), default=DEFAULT_K, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(2, 4096), default=32, show_default=True)
+@click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True)
+@CACHE_DIR
+def bench_split(
+    as_json: bool, k: int, prompt_tokens: int, new_tokens: int, repeats: int, cache_dir: Path | None
+) -> None:
+    """td-only vs split, masked and obfuscated (cpu and process devices) on the private
+    fine-tune (trained once): tokens/s and crossing bytes per token, in one run."""
+    from tdllm_lab.bench.split import format_split_report, run_split_bench
+    from tdllm_lab.protection.private_cache import DEFAULT_CACHE
+
+    report = run_split_bench(
+        k, prompt_tokens, new_tokens, repeats, status, cache_dir or DEFAULT_CACHE
+    )
+    click.echo(json.dumps(report, indent=2) if as_json else format_split_report(report))
+
+
+@bench.command("fidelity")
+@click.option(
+    "--private",
+    "private",
+    is_flag=True,
+    help="instead: the private fine-tune vs BASE on held-out general data (agreement, "
+    "perplexity, private recall, private-name leaks); MODEL defaults to the cached one",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="the model to quantize [bundled]; with --private the fine-tune's directory",
+)
+@click.option("--base", default="bundled", show_default=True, help="its public base")
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(1, 512),
+    default=None,
+    help="greedy tokens [16; --private 32]",
+)
+@click.option(
+    "--bf16-floor",
+    is_flag=True,
+    help="--private: also BASE in bf16 vs BASE, the agreement a rounding change leaves",
+)
+@CACHE_DIR
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_fidelity(
+    private: bool,
+    model: str | None,
+    base: str,
+    new_tokens: int | None,
+    bf16_floor: bool,
+    cache_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """masked's quantization against the fp32 and bf16 models: perplexity on held-out text and
+    greedy-token agreement over 8 prompts.
+
+    With --private: does the private fine-tune (`tdllm finetune-tail`) keep BASE's general
+    quality? Greedy-token agreement with BASE over 115 held-out general prompts, perplexity on
+    held-out prose, recall of the private facts on held-out paraphrases, and the share of
+    general answers that name a private fact (tdllm/protection/private_fidelity.py).
+    """
+    from tdllm.model.sources import open_checkpoint
+
+    if private:
+        _private_fidelity(model, base, new_tokens, bf16_floor, cache_dir, as_json)
+        return
+    if cache_dir is not None or bf16_floor:
+        raise click.UsageError("--cache-dir and --bf16-floor need --private")
+    from tdllm_lab.protection.masked_fidelity import measure
+
+    report = measure(open_checkpoint(model or "bundled"), open_checkpoint(base), new_tokens or 16)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"model {report['model']}, base {report['base']}, {report['threads']} threads")
+    fp32 = report["perplexity"]["fp32"]
+    for name, ppl in report["perplexity"].items():
+        agree = report["greedy"].get(name, {})
+        click.echo(
+            f"{name:<12} perplexity {ppl:8.3f} ({100 * (ppl / fp32 - 1):+.2f}% vs fp32)  "
+            f"greedy tokens = fp32: {100 * agree.get('token_agreement_vs_fp32', 0):5.1f}%  "
+            f"identical continuations: {agree.get('identical_continuations', 0)}/"
+            f"{report['prompts']}"
+        )
+
+
+def _private_fidelity(
+    model: str | None,
+    base: str,
+    new_tokens: int | None,
+    bf16_floor: bool,
+    cache_dir: Path | None,
+    as_json: bool,
+) -> None:
+    from tdllm.model.sources import open_checkpoint
+    from tdllm_lab.protection.private_cache import DEFAULT_CACHE, private_model_dir
+    from tdllm_lab.protection.private_fidelity import (
+        NEW_TOKENS,
+        format_private_report,
+        measure_private,
+    )
+
+    if model is None:  # the project's private model, trained once into the cache
+        model = str(private_model_dir(cache_dir or DEFAULT_CACHE, DEFAULT_K, log=status))
+    report = measure_private(
+        open_checkpoint(base),
+        open_checkpoint(model),
+        new_tokens=new_tokens or NEW_TOKENS,
+        bf16_floor=bf16_floor,
+    )
+    click.echo(json.dumps(report, indent=2) if as_json else format_private_report(report))

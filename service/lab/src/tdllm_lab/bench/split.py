@@ -1,0 +1,158 @@
+"""`tdllm bench split`: td-only against split, masked and obfuscated on the cpu and process
+devices, in one run.
+
+The model is the real private fine-tune of the bundled base (`tdllm finetune-tail`, 20 steps,
+seed 0, trained once into a cache: `private_cache.py`), fp32, batch 1, greedy, configurations
+interleaved round-robin. Audits are off while timing (their cost is f x
+the prefix time); crossing bytes exclude the one-time weight upload.
+
+TD FLOPs: after timing, one more run of td-only and of every `process` row under torch's
+`FlopCounterMode`. With the `process` device the device's work runs in another process, so
+what the counter sees is exactly what the TD computed (pads, checks, restores, decoy scores and
+its own layers included); it is reported as a share of td-only's count. (`cpu` rows run the
+device's ops in the same process, so they are not counted.)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tdllm.engine import Engine, SamplingParams
+from tdllm.model.sources import open_checkpoint
+from tdllm.profiles import ProtectionOptions, ServedModel, build_model
+from tdllm_lab.protection.private_cache import private_model_dir
+
+CONFIGS = (
+    ("td-only", "cpu"),
+    ("split", "cpu"),
+    ("split", "process"),
+    # masked checks every device product (its Freivalds cost is part of the profile)
+    ("masked", "cpu"),
+    ("masked", "process"),
+    # obfuscated has no integrity checks to turn off: its rows are the scheme as it is
+    ("obfuscated", "cpu"),
+    ("obfuscated", "process"),
+)
+
+
+def run_split_bench(
+    k: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    status: Callable[[str], None],
+    cache: Path,
+) -> dict[str, Any]:
+    """All configurations built first, then timed round-robin, so load on shared cores hits
+    every row alike instead of whichever configuration happened to run during a burst."""
+    checkpoint = open_checkpoint(private_model_dir(cache, k, log=status))
+    prompt = [(i * 7919) % 1000 + 100 for i in range(prompt_tokens)]
+    max_seq = prompt_tokens + new_tokens + 1
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    runs: list[_Run] = []
+    try:
+        for profile, device in CONFIGS:
+            status(f"bench: building {profile} on {device} ...")
+            options = ProtectionOptions(profile, device, k, audit_rate=0.0, freivalds_rate=0.0)
+            served = build_model(checkpoint, torch.float32, options, 1, max_seq)
+            engine = Engine(served.model, checkpoint.tokenizer, 1, max_seq)
+            runs.append(_Run(profile, device, served, engine))
+        for run in runs:
+            run.time(prompt, params)  # warm-up, not recorded
+            run.seconds.clear()
+        before = [_crossed(r.served) for r in runs]
+        for i in range(repeats):
+            status(f"bench: round {i + 1}/{repeats}")
+            for run in runs:
+                run.time(prompt, params)
+        rows = [
+            run.row(len(prompt), (_crossed(run.served) - b) / repeats)
+            for run, b in zip(runs, before, strict=True)
+        ]
+        status("bench: counting the TD's FLOPs (td-only and the process rows)")
+        for run, row in zip(runs, rows, strict=True):
+            if run.profile == "td-only" or run.device == "process":
+                row["td_flops"] = run.count_flops(prompt, params)
+    finally:
+        for run in runs:
+            run.served.close()
+    base, base_flops = rows[0]["seconds"], rows[0]["td_flops"]
+    for row in rows:
+        row["time_vs_td_only"] = round(row["seconds"] / base, 3)
+        if "td_flops" in row:
+            row["td_flops_vs_td_only"] = round(row["td_flops"] / base_flops, 4)
+    return {
+        "model": checkpoint.name,
+        "k": k,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+
+
+@dataclass
+class _Run:
+    profile: str
+    device: str
+    served: ServedModel
+    engine: Engine
+    seconds: list[float] = field(default_factory=list)
+    new_tokens: int = 0
+
+    def time(self, prompt: list[int], params: SamplingParams) -> None:
+        start = time.perf_counter()
+        out = self.engine.generate([prompt], params)[0]
+        self.seconds.append(time.perf_counter() - start)
+        self.new_tokens = len(out.token_ids)
+
+    def count_flops(self, prompt: list[int], params: SamplingParams) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.engine.generate([prompt], params)
+        return int(counter.get_total_flops())
+
+    def row(self, prompt_tokens: int, crossed: float) -> dict[str, Any]:
+        best = min(self.seconds)
+        return {
+            "profile": self.profile,
+            "device": self.device,
+            "seconds": round(best, 4),
+            "median_seconds": round(statistics.median(self.seconds), 4),
+            "tokens_per_s": round(self.new_tokens / best, 2),
+            "crossing_bytes_per_token": round(crossed / (prompt_tokens + self.new_tokens), 1),
+        }
+
+
+def _crossed(served: ServedModel) -> int:
+    crossing = served.crossing
+    return crossing.transcript.bytes_crossed() if crossing else 0
+
+
+def format_split_report(report: dict[str, Any]) -> str:
+    head = (
+        f"model {report['model']}, K={report['k']}, prompt {report['prompt_tokens']} + "
+        f"{report['new_tokens']} new tokens, batch 1, fp32, {report['threads']} threads"
+    )
+    lines = [
+        head,
+        f"{'profile':<8} {'device':<8} {'s/run':>8} {'median':>8} {'tok/s':>8} {'x td-only':>9} "
+        f"{'bytes/token':>12} {'TD FLOPs':>9}",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"{r['profile']:<8} {r['device']:<8} {r['seconds']:>8.3f} {r['median_seconds']:>8.3f} "
+            f"{r['tokens_per_s']:>8.2f} "
+            f"{r['time_vs_td_only']:>9.3f} {r['crossing_bytes_per_token']:>12.1f} "
+            + (f"{100 * r['td_flops_vs_td_only']:>8.1f}%" if "td_flops_vs_td_only" in r else "")
+        )
+    return "\n".join(lines)
