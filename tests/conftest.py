@@ -50,7 +50,7 @@ def tdx_vectors() -> Path:
 @pytest.fixture(scope="session")
 def bundled_checkpoint():  # type: ignore[no-untyped-def]
     """The bundled SmolLM2-135M-Instruct, opened once per test session."""
-    from tdllm.model.sources import open_checkpoint
+    from tdllm.sources import open_checkpoint
 
     return open_checkpoint("bundled")
 

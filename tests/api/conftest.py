@@ -13,8 +13,8 @@ from tdllm.api.app import create_app
 from tdllm.api.runner import EngineRunner
 from tdllm.engine import Engine
 from tdllm.model.loader import load_model
-from tdllm.model.sources import open_checkpoint
 from tdllm.settings import Settings
+from tdllm.sources import open_checkpoint
 
 MODEL = "SmolLM2-135M-Instruct"
 CONTEXT = 512

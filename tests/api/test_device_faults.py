@@ -28,7 +28,7 @@ from tdllm.api.runner import EngineRunner, StepObserver
 from tdllm.engine import Engine
 from tdllm.model.checkpoint import Checkpoint, save_hf_directory
 from tdllm.model.loader import load_model
-from tdllm.model.sources import open_checkpoint
+from tdllm.sources import open_checkpoint
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.public_reference import PublicReference
 from tdllm.trusted.split import offload_public_prefix

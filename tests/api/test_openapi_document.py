@@ -18,8 +18,8 @@ import pytest
 from flask import Flask
 
 from tdllm.api import openapi_document
+from tdllm.api.errors import ApiError
 from tdllm.api.openai import protocol
-from tdllm.api.openai.errors import ApiError
 from tdllm.api.openai.protocol import (
     CHAT_FIELDS,
     CHAT_SPECS,

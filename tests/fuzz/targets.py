@@ -539,7 +539,7 @@ def openai_request_target(full: bool = False) -> Target:
     input contract)."""
     import math
 
-    from tdllm.api.openai.errors import ApiError
+    from tdllm.api.errors import ApiError
     from tdllm.api.openai.protocol import (
         CHAT_FIELDS,
         COMPLETION_FIELDS,
@@ -551,7 +551,7 @@ def openai_request_target(full: bool = False) -> Target:
     from tdllm.errors import UsageError
 
     if full:
-        from tdllm.model.sources import open_checkpoint
+        from tdllm.sources import open_checkpoint
 
         tokenizer = open_checkpoint("bundled").tokenizer
     else:

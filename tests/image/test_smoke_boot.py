@@ -28,7 +28,7 @@ import requests
 import yaml  # type: ignore[import-untyped]
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from tdllm.model.sources import open_checkpoint
+from tdllm.sources import open_checkpoint
 from tdllm_attest.broker.app import create_app as create_broker
 from tdllm_attest.client import new_nonce, verify_attestation
 from tdllm_attest.testing.qgs import create_qgs_app

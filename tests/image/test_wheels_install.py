@@ -51,7 +51,7 @@ UNTIE_BUNDLED = """
 import dataclasses, sys
 from pathlib import Path
 from tdllm.model.checkpoint import save_hf_directory
-from tdllm.model.sources import open_checkpoint
+from tdllm.sources import open_checkpoint
 
 base = open_checkpoint("bundled")
 

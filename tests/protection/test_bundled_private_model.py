@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tdllm.engine import Engine, SamplingParams
-from tdllm.model.sources import open_checkpoint
 from tdllm.profiles import ProtectionOptions, build_model
+from tdllm.sources import open_checkpoint
 from tests.integration.test_reference_equivalence import QUESTIONS
 
 NEW_TOKENS = 16

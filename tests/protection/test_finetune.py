@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from tdllm.cli import cli
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
-from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Batch, KVCache, Transformer
+from tdllm.sources import open_checkpoint
 from tdllm_lab.protection.finetune import (
     Example,
     TrainConfig,

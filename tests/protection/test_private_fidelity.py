@@ -136,7 +136,7 @@ def test_bench_fidelity_private_refuses_a_model_that_does_not_exist(tmp_path: Pa
 def test_the_private_fine_tune_keeps_the_base_general_quality_and_knows_its_facts(
     finetuned_k2_dir: Path,
 ) -> None:
-    from tdllm.model.sources import open_checkpoint
+    from tdllm.sources import open_checkpoint
     from tdllm_lab.protection.private_fidelity import measure_private
 
     # every third held-out prompt and the three examples (41) keep the test's own time

@@ -17,9 +17,9 @@ import torch
 
 from tdllm.errors import TdllmError
 from tdllm.model.checkpoint import save_hf_directory
-from tdllm.model.sources import open_checkpoint
 from tdllm.sealing.format import MANIFEST_NAME
 from tdllm.sealing.reader import open_sealed
+from tdllm.sources import open_checkpoint
 
 from .synthetic import synthetic_checkpoint
 from .test_no_plaintext import windows

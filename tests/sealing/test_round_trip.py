@@ -11,10 +11,10 @@ import torch
 
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.loader import load_model
-from tdllm.model.sources import open_checkpoint
 from tdllm.sealing.format import MANIFEST_NAME
 from tdllm.sealing.reader import open_sealed
 from tdllm.sealing.recipients import load_public_key, write_key_pair
+from tdllm.sources import open_checkpoint
 from tdllm_lab.sealing.writer import seal_checkpoint
 
 from .synthetic import TINY, Sealer, synthetic_checkpoint, tensors_of

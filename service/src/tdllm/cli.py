@@ -152,8 +152,8 @@ def generate(
     from tdllm.engine import Engine, SamplingParams
     from tdllm.engine.prompt_check import check_prompt
     from tdllm.model.loader import parse_dtype
-    from tdllm.model.sources import open_checkpoint
     from tdllm.profiles import ProtectionOptions, build_model
+    from tdllm.sources import open_checkpoint
 
     if prompt == "-":
         prompt = sys.stdin.read()

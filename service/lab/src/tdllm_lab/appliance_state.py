@@ -102,7 +102,7 @@ def _seal(model: str, folder: Path, out: Path, data_key: bytes) -> None:
     (embedding + blocks ``0..L-K-1``, the bundled base's bytes) in the clear and everything
     else encrypted.
     """
-    from tdllm.model.sources import open_checkpoint
+    from tdllm.sources import open_checkpoint
     from tdllm_lab.sealing.writer import seal_checkpoint
 
     _, key_id, name, version = MODELS[model]

@@ -19,11 +19,11 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from tdllm.api import attestation, e2e, health, metrics, openapi, receipts, shutdown
 from tdllm.api.auth import install_api_keys
 from tdllm.api.boot import Boot, BootDeps, BootState, collateral_for, quote_provider_for
+from tdllm.api.errors import register_error_handlers
 from tdllm.api.identity import ServiceIdentity
 from tdllm.api.logs import install_request_logging
 from tdllm.api.metrics import ServiceMetrics
 from tdllm.api.openai import chat, completions, models
-from tdllm.api.openai.errors import register_error_handlers
 from tdllm.api.runner import EngineRunner
 from tdllm.settings import Settings, load_settings
 

@@ -20,7 +20,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from tdllm.api.openai.errors import ApiError, invalid
+from tdllm.api.errors import ApiError, invalid
 from tdllm_attest.client.binding import ServiceClaims, attestation_answer, report_data
 from tdllm_attest.errors import AttestationError, EventLogError
 from tdllm_attest.eventlog import parse_runtime_log

@@ -15,7 +15,7 @@ from ipaddress import IPv6Address, ip_address
 
 from flask import Flask, request
 
-from tdllm.api.openai.errors import ApiError
+from tdllm.api.errors import ApiError
 from tdllm_attest.client.receipt_protocol import RECEIPTS_PATH
 
 

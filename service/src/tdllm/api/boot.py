@@ -256,7 +256,7 @@ class Boot:
 
     def _open(self) -> Any:
         from tdllm.errors import TdllmError
-        from tdllm.model.sources import open_checkpoint
+        from tdllm.sources import open_checkpoint
 
         if not self.settings.sealed:
             self.state.set("loading", f"opening model {self.settings.model}")

@@ -34,8 +34,8 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 
+from tdllm.api.errors import ApiError, invalid
 from tdllm.api.openai import sse
-from tdllm.api.openai.errors import ApiError, invalid
 from tdllm.api.openai.protocol import check_json, decode_json
 from tdllm_attest.client.e2e_protocol import (
     E2E_PROFILES,

@@ -36,7 +36,7 @@ class ReadDeadlineError(NoMoreData, TimeoutError):  # type: ignore[misc]
 
     A `NoMoreData` so that gthread closes the connection quietly when headers are still
     missing; a `TimeoutError` so that werkzeug (body reads), gunicorn's keep-alive drain and
-    `tdllm.api.openai.errors` all read it as a timeout.
+    `tdllm.api.errors` all read it as a timeout.
     """
 
 

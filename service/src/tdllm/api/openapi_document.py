@@ -15,7 +15,7 @@ import dataclasses
 from typing import Any
 
 from tdllm import __version__
-from tdllm.api.openai.errors import ApiError
+from tdllm.api.errors import ApiError
 from tdllm.api.openai.protocol import (
     CHAT_SPECS,
     COMPLETION_SPECS,

@@ -32,7 +32,7 @@ from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 
 from tdllm.api.attestation import attestation_document, served_collateral, service_claims
-from tdllm.api.openai.errors import not_ready
+from tdllm.api.errors import not_ready
 from tdllm.engine import SamplingParams
 from tdllm_attest.client.binding import ServiceClaims
 from tdllm_attest.client.receipt_protocol import (

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response
 
-from tdllm.api.openai.errors import ApiError
+from tdllm.api.errors import ApiError
 
 if TYPE_CHECKING:
     from tdllm.api.boot import BootState

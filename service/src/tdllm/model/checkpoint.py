@@ -5,7 +5,7 @@ dequantized with the `gguf` package) and a Hugging Face-style directory (config.
 *.safetensors, tokenizer.json). Tensors are yielded lazily so loading never holds a second full
 copy of the model. Sealed directories (encrypted at rest, `tdllm.sealing.reader`) produce the
 same `Checkpoint` shape, their tensors decrypted one at a time as they are streamed; choosing
-among these sources by name or path is `tdllm.model.sources.open_checkpoint`. This module imports
+among these sources by name or path is `tdllm.sources.open_checkpoint`. This module imports
 nothing from `tdllm.sealing` (an import-linter contract).
 """
 

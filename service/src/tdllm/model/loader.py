@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from tdllm.errors import ModelLoadError
 from tdllm.model.checkpoint import Checkpoint, Destination
 from tdllm.model.linear import LinearMethodTable
-from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -23,11 +20,13 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def load_model(
-    source: str | Path | Checkpoint,
+    checkpoint: Checkpoint,
     dtype: torch.dtype = torch.float32,
     methods: LinearMethodTable | None = None,
 ) -> tuple[Transformer, Checkpoint]:
-    checkpoint = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    """`checkpoint` (`tdllm.sources.open_checkpoint` opens one by name or path) as a model."""
+    if not isinstance(checkpoint, Checkpoint):
+        raise TypeError("load_model takes a Checkpoint: open it with tdllm.sources.open_checkpoint")
     model = Transformer(checkpoint.config, methods, dtype)
     try:
         with torch.no_grad():

@@ -20,10 +20,10 @@ from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.config import ModelConfig
 from tdllm.model.linear import Linear, LinearMethodTable
 from tdllm.model.loader import load_model
-from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Transformer
 from tdllm.profiles.base import IdleWork, ProfileBase
 from tdllm.profiles.options import PINNED_REFERENCE
+from tdllm.sources import open_checkpoint
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.masked_linear import BaseWeights, MaskedLinearMethod, MaskedReport
 from tdllm.trusted.public_reference import PublicReference

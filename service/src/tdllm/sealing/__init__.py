@@ -7,5 +7,5 @@ opaque `errors.SealedModelError`. `format` defines the bytes (docs/sealed-format
 the JWE key wrapping and key pairs, `keys` the wiping of key material, `commands` the CLI.
 
 The reader builds on `tdllm.model.checkpoint` (the `Checkpoint` type) and never the other way;
-`tdllm.model.sources.open_checkpoint` is what dispatches a sealed directory to it.
+`tdllm.sources.open_checkpoint` is what dispatches a sealed directory to it.
 """

@@ -33,7 +33,7 @@ import torch
 
 from tdllm.errors import UsageError
 from tdllm.model.linear import Linear
-from tdllm.model.sources import open_checkpoint
+from tdllm.sources import open_checkpoint
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import DeviceIntegrityError
 from tdllm.trusted.masked_linear import OP, MaskedLinearMethod

@@ -28,11 +28,11 @@ import torch
 from tdllm.errors import UsageError
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
-from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.profiles.masked import build_masked, fused_base_weight, masked_linears
 from tdllm.profiles.options import ProtectionOptions
 from tdllm.profiles.registry import build_model
+from tdllm.sources import open_checkpoint
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.masked_ring import quantize_weight
 from tdllm.trusted.public_reference import PublicReference

@@ -23,9 +23,9 @@ import torch
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.config import ModelConfig
-from tdllm.model.sources import open_checkpoint
 from tdllm.profiles import ProtectionOptions, build_model
 from tdllm.profiles.obfuscated import Obfuscated
+from tdllm.sources import open_checkpoint
 from tdllm.trusted.obfuscated_methods import Obfuscation
 from tdllm_lab.attacks.result import AttackOptions
 from tdllm_lab.protection.private_model import is_private, privatize

@@ -229,7 +229,7 @@ def bench_fidelity(
     held-out prose, recall of the private facts on held-out paraphrases, and the share of
     general answers that name a private fact (tdllm/protection/private_fidelity.py).
     """
-    from tdllm.model.sources import open_checkpoint
+    from tdllm.sources import open_checkpoint
 
     if private:
         _private_fidelity(model, base, new_tokens, bf16_floor, cache_dir, as_json)
@@ -262,7 +262,7 @@ def _private_fidelity(
     cache_dir: Path | None,
     as_json: bool,
 ) -> None:
-    from tdllm.model.sources import open_checkpoint
+    from tdllm.sources import open_checkpoint
     from tdllm_lab.protection.private_cache import DEFAULT_CACHE, private_model_dir
     from tdllm_lab.protection.private_fidelity import (
         NEW_TOKENS,

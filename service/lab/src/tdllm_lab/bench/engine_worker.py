@@ -20,7 +20,7 @@ import torch
 
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.loader import load_model, parse_dtype
-from tdllm.model.sources import open_checkpoint
+from tdllm.sources import open_checkpoint
 
 TEXT = (
     "A trust domain keeps the memory of a virtual machine encrypted and integrity protected, so "
@@ -37,7 +37,7 @@ def prompts(tokenizer: Any, length: int, count: int) -> list[list[int]]:
 
 
 def ours(source: str, dtype: torch.dtype, max_len: int) -> tuple[Generate, Any]:
-    model, checkpoint = load_model(source, dtype)
+    model, checkpoint = load_model(open_checkpoint(source), dtype)
     engine = Engine(model, checkpoint.tokenizer, max_batch=8, max_seq_len=max_len)
 
     def generate(batch: list[list[int]], new_tokens: int) -> None:

@@ -26,8 +26,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tdllm.engine import Engine, SamplingParams
-from tdllm.model.sources import open_checkpoint
 from tdllm.profiles import ProtectionOptions, ServedModel, build_model
+from tdllm.sources import open_checkpoint
 from tdllm_lab.protection.private_cache import private_model_dir
 
 CONFIGS = (

@@ -27,8 +27,8 @@ import torch
 
 from tdllm.model.checkpoint import Checkpoint, open_hf_directory, save_hf_directory
 from tdllm.model.loader import load_model
-from tdllm.model.sources import open_checkpoint
 from tdllm.sealing.reader import DEFAULT_THREADS, open_sealed
+from tdllm.sources import open_checkpoint
 from tdllm_lab.bench.machine import machine
 from tdllm_lab.sealing.writer import seal_checkpoint
 

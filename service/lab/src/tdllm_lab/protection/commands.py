@@ -51,7 +51,7 @@ def prepare(
     Seal the private model afterwards with `tdllm seal --public-pattern` so the tail is
     encrypted at rest (see docs/security.md).
     """
-    from tdllm.model.sources import open_checkpoint
+    from tdllm.sources import open_checkpoint
     from tdllm_lab.protection.prepare import prepare_split
 
     if profile == "masked":
@@ -106,7 +106,7 @@ def finetune_tail(
     keeps its general ability (`tdllm bench fidelity --private --model OUT` measures it).
     Then `tdllm prepare --base BASE --model OUT --k K` accepts OUT.
     """
-    from tdllm.model.sources import open_checkpoint
+    from tdllm.sources import open_checkpoint
     from tdllm_lab.protection.finetune import finetune_tail as run
     from tdllm_lab.protection.finetune import recipe_config
 

@@ -54,10 +54,10 @@ def synthetic_deviation(
 def bundled_deviation(prompts: list[str] | None = None) -> dict[str, object]:
     """The seed's figures on the bundled model, recorded in a real obfuscated generation."""
     from tdllm.engine import Engine, SamplingParams
-    from tdllm.model.sources import open_checkpoint
     from tdllm.profiles.obfuscated import Obfuscated
     from tdllm.profiles.options import ProtectionOptions
     from tdllm.profiles.registry import build_model
+    from tdllm.sources import open_checkpoint
 
     checkpoint = open_checkpoint("bundled")
     options = ProtectionOptions("obfuscated", "cpu", obfuscation_seed=0)

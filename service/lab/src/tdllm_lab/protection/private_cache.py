@@ -49,7 +49,7 @@ def private_model_dir(
     found = cached_entry(cache, k, steps, seed)
     if found is not None:
         return found
-    from tdllm.model.sources import open_checkpoint
+    from tdllm.sources import open_checkpoint
     from tdllm_lab.protection.finetune import TrainConfig, finetune_tail
 
     name = entry_name(k, steps, seed)

@@ -39,10 +39,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from tdllm.errors import UsageError
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
-from tdllm.model.sources import open_checkpoint
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.profiles import ProtectionOptions, build_model
 from tdllm.profiles.options import PINNED_REFERENCE
+from tdllm.sources import open_checkpoint
 from tdllm.trusted.public_reference import PublicReference
 from tdllm_lab.doc_sections import markers, read_marked, replace_marked
 from tdllm_lab.protection.finetune import encode_pair

@@ -77,8 +77,8 @@ def seal(
     the data key is wrapped to each --recipient as a JWE. Layout: docs/sealed-format.md.
     """
     from tdllm.model.loader import parse_dtype
-    from tdllm.model.sources import open_checkpoint
     from tdllm.sealing.recipients import load_public_key
+    from tdllm.sources import open_checkpoint
     from tdllm_lab.sealing.writer import seal_checkpoint
 
     if not recipients:

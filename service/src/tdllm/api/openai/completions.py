@@ -7,8 +7,8 @@ from typing import Any
 from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
+from tdllm.api.errors import invalid
 from tdllm.api.openai import generation
-from tdllm.api.openai.errors import invalid
 from tdllm.api.openai.protocol import decode_body, parse_completion
 
 blueprint = Blueprint("completions", __name__)

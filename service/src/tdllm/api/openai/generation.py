@@ -17,8 +17,8 @@ from typing import Any
 
 from flask import Response, current_app, g, jsonify, request, stream_with_context
 
+from tdllm.api.errors import ApiError, from_exception, invalid, not_ready, queue_full
 from tdllm.api.openai import sse
-from tdllm.api.openai.errors import ApiError, from_exception, invalid, not_ready, queue_full
 from tdllm.api.openai.protocol import Sampling
 from tdllm.api.receipts import PendingReceipt, pending_receipt
 from tdllm.api.runner import (

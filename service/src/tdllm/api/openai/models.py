@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify
 from flask.typing import ResponseReturnValue
 
-from tdllm.api.openai.errors import ApiError
+from tdllm.api.errors import ApiError
 from tdllm.api.runner import EngineRunner
 
 blueprint = Blueprint("models", __name__)

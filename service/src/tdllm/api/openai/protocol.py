@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from tdllm.api.openai.errors import ApiError, invalid
+from tdllm.api.errors import ApiError, invalid
 from tdllm.engine.sampling import MAX_STOP_STRINGS
 
 MAX_SEED = (1 << 63) - 1
