@@ -185,6 +185,24 @@ def bench_split(
     click.echo(json.dumps(report, indent=2) if as_json else format_split_report(report))
 
 
+@bench.command("transcript")
+@click.option("--k", type=click.IntRange(1), default=DEFAULT_K, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(1, 256), default=8, show_default=True)
+@CACHE_DIR
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_transcript(k: int, new_tokens: int, cache_dir: Path | None, as_json: bool) -> None:
+    """A digest of what split's, masked's and obfuscated's device saw and held in a fixed greedy
+    run of the private fine-tune: equal digests on two commits mean the untrusted side observes
+    nothing new (masked's fresh pads are counted, not hashed)."""
+    from tdllm.sources import open_checkpoint
+    from tdllm_lab.bench.transcript import format_report, run_transcript_bench
+    from tdllm_lab.protection.private_cache import DEFAULT_CACHE, private_model_dir
+
+    model = private_model_dir(cache_dir or DEFAULT_CACHE, k, log=status)
+    report = run_transcript_bench(open_checkpoint(model), k, new_tokens, status)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
 @bench.command("fidelity")
 @click.option(
     "--private",
