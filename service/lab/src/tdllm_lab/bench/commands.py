@@ -203,6 +203,42 @@ def bench_transcript(k: int, new_tokens: int, cache_dir: Path | None, as_json: b
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+@bench.command("decode-profile")
+@click.option("--model", default="bundled", show_default=True)
+@click.option("--dtype", "dtypes", type=DTYPE, multiple=True, help="repeatable; default bf16")
+@click.option(
+    "--batch",
+    "batches",
+    type=click.IntRange(1, 256),
+    multiple=True,
+    help="repeatable; default 1 and 32",
+)
+@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_decode_profile(
+    model: str,
+    dtypes: tuple[str, ...],
+    batches: tuple[int, ...],
+    steps: int,
+    prompt_tokens: int,
+    as_json: bool,
+) -> None:
+    """Where a decode step's time goes: matmul, attention, other ops, and time outside any op
+    (Python, dispatch), by torch's CPU profiler; ms/step measured without it too."""
+    from tdllm.model.loader import parse_dtype
+    from tdllm.sources import open_checkpoint
+    from tdllm_lab.bench.decode_profile import format_report, profile_decode
+
+    checkpoint = open_checkpoint(model)
+    reports = [
+        profile_decode(checkpoint, parse_dtype(d), b, steps, prompt_tokens, status)
+        for d in dtypes or ("bf16",)
+        for b in batches or (1, 32)
+    ]
+    click.echo(json.dumps(reports, indent=2) if as_json else format_report(reports))
+
+
 @bench.command("fidelity")
 @click.option(
     "--private",

@@ -1,0 +1,100 @@
+"""`tdllm bench decode-profile`: where a decode step's time goes (issue 15).
+
+The bundled model (or any), greedy, `batch` sequences already prefilled, then `steps` decode
+steps timed without a profiler (ms/step), and the same number again under torch's CPU profiler.
+Every aten op's *self* time is put in one category (matmul, attention, everything else); what
+the profiled step spends outside every op is Python, dispatch and allocation, the "overhead"
+a compiled decode step removes. The profiler adds its own cost per op, so that share is an
+upper bound; the unprofiled ms/step is the number to compare.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tdllm.engine import Engine, SamplingParams
+from tdllm.model.checkpoint import Checkpoint
+from tdllm.model.loader import load_model
+
+MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn")
+ATTENTION = ("scaled_dot_product", "flash_attention", "_efficient_attention")
+CATEGORIES = ("matmul", "attention", "other ops")
+
+
+def category(op: str) -> str:
+    if any(op.startswith(m) for m in MATMUL):
+        return "matmul"
+    if any(a in op for a in ATTENTION):
+        return "attention"
+    return "other ops"
+
+
+def profile_decode(
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    batch: int,
+    steps: int,
+    prompt_tokens: int,
+    status: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    model, _ = load_model(checkpoint, dtype)
+    max_seq = prompt_tokens + 2 * steps + 8
+    engine = Engine(model, checkpoint.tokenizer, batch, max_seq)
+    params = SamplingParams(max_tokens=2 * steps + 4, temperature=0.0, ignore_eos=True)
+    vocab = checkpoint.config.vocab_size
+    for i in range(batch):
+        engine.submit([(i * 31 + j * 7919 + 100) % vocab for j in range(prompt_tokens)], params)
+    engine.step()  # prefill every prompt (and the first decode of none)
+    for _ in range(3):
+        engine.step()  # warm-up decode steps
+    status(f"decode-profile: {steps} timed steps at batch {batch}")
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    plain_ms = (time.perf_counter() - start) * 1000 / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        profiled_ms = (time.perf_counter() - start) * 1000 / steps
+    spent = dict.fromkeys(CATEGORIES, 0.0)
+    calls = 0
+    for event in prof.key_averages():
+        spent[category(event.key)] += event.self_cpu_time_total / 1000 / steps
+        calls += event.count
+    outside = max(0.0, profiled_ms - sum(spent.values()))
+    rows = {name: round(ms, 3) for name, ms in spent.items()}
+    rows["outside any op"] = round(outside, 3)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "model": checkpoint.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": batch,
+        "steps": steps,
+        "prompt_tokens": prompt_tokens,
+        "threads": torch.get_num_threads(),
+        "ms_per_step": round(plain_ms, 3),
+        "profiled_ms_per_step": round(profiled_ms, 3),
+        "ms_per_step_by_category": rows,
+        "share_by_category": {k: round(v / profiled_ms, 4) for k, v in rows.items()},
+        "aten_ops_per_step": round(calls / steps, 1),
+        "weight_bytes": weights,
+    }
+
+
+def format_report(reports: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in reports:
+        lines.append(
+            f"{r['model']} {r['dtype']} batch {r['batch']}: {r['ms_per_step']:.2f} ms/step "
+            f"({r['profiled_ms_per_step']:.2f} profiled, {r['aten_ops_per_step']:.0f} aten ops)"
+        )
+        for name, ms in r["ms_per_step_by_category"].items():
+            share = 100 * r["share_by_category"][name]
+            lines.append(f"  {name:<15} {ms:8.2f} ms  {share:5.1f}%")
+    return "\n".join(lines)
