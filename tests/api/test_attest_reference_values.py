@@ -45,6 +45,9 @@ from tests.client.reference_policy import policy_for, write_signed_policy
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 SIMULATED = {"TDLLM_ALLOW_SIMULATED_TDX": "1"}
 PROMPT = "My account number is 4711-0815; what is my balance?"
+# what would betray the prompt on the wire: the whole number, punctuation included (a bare
+# "4711" turns up by chance in the hex and base64 of nonces and quotes: ~0.5% of runs failed)
+SECRET = b"4711-0815"
 REFERENCE_ID = "tdllm-reference-values/1.0/8vcpu"
 
 
@@ -120,7 +123,7 @@ def _ask(e2e: E2eClient) -> dict[str, Any]:
 
 def _nothing_was_sent(transport: RecordingTransport) -> None:
     wire = b"".join(transport.wire)
-    assert b"ciphertext" not in wire and b"4711" not in wire
+    assert b"ciphertext" not in wire and SECRET not in wire
 
 
 def test_the_client_accepts_the_td_its_policy_names_and_learns_its_bound_claims(
@@ -140,7 +143,7 @@ def test_an_e2e_chat_with_the_right_policy_goes_through(
 ) -> None:
     transport, e2e = _e2e(_service(runner, platform), platform, policy)
     assert _ask(e2e)["usage"]["completion_tokens"] >= 1
-    assert b"4711" not in b"".join(transport.wire)
+    assert SECRET not in b"".join(transport.wire)
 
 
 def test_the_client_refuses_without_a_policy(
