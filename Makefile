@@ -8,10 +8,12 @@ CONSTRAINTS := service/constraints.txt
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?=
 
-.PHONY: help venv run test test-slow test-gpu lint format bench lock clean
+.PHONY: help venv run test test-slow test-gpu test-vllm vllm vllm-lock lint format bench lock clean
 
 help:
-	@echo "make run        create .venv, install, chat with the bundled model"
+	@echo "make run        create .venv, install, chat with the bundled model (ENGINE=vllm: on vLLM)"
+	@echo "make vllm       the vLLM virtual environment (.venv-vllm, pinned; ~3.5 GB)"
+	@echo "make test-vllm  the tests of the vllm engine (they need make vllm)"
 	@echo "make test       create/update .venv, lint, run the test suite (no slow tests)"
 	@echo "make test-slow  the slow tests (full sweeps)"
 	@echo "make lint       ruff, ruff format --check, mypy, import contracts"
@@ -34,8 +36,36 @@ venv: $(STAMP)
 # once, 130). `exec`: no shell waits in between (dash would die of the terminal's SIGINT and
 # make would print "Interrupt" for a clean stop). make gets that SIGINT too: it waits for the
 # appliance, then re-raises it on itself, so the shell still sees 130 (docs/api.md, Shutdown).
-run: venv
-	exec env TDLLM_ALLOW_SIMULATED_TDX=1 $(VENV)/bin/tdllm appliance
+# ENGINE=vllm: the same appliance with vLLM's server behind the front (docs/vllm.md)
+ENGINE ?= tdllm
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_REQUIREMENTS := service/vllm/requirements.txt
+ENGINE_ENV_tdllm :=
+ENGINE_ENV_vllm := TDLLM_ENGINE=vllm TDLLM_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python
+ENGINE_DEPS_vllm := $(VLLM_STAMP)
+
+run: venv $(ENGINE_DEPS_$(ENGINE))
+	exec env TDLLM_ALLOW_SIMULATED_TDX=1 $(ENGINE_ENV_$(ENGINE)) $(VENV)/bin/tdllm appliance
+
+# vLLM pins its own transformers (and more), so it lives in a venv of its own. Every package is
+# pinned in $(VLLM_REQUIREMENTS) and installed --no-deps; tdllm, tdllm-attest and the plugin
+# (service/vllm) go in editable, also --no-deps: the plugin uses the same sealed reader.
+$(VLLM_STAMP): $(VLLM_REQUIREMENTS) service/vllm/pyproject.toml service/pyproject.toml attestation/pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check install -q --no-deps -r $(VLLM_REQUIREMENTS)
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check install -q --no-deps -e ./attestation -e ./service -e ./service/vllm
+	touch $@
+
+vllm: $(VLLM_STAMP)
+
+# after changing the pins by hand in a scratch venv: write its freeze over the requirements
+vllm-lock: vllm
+	$(VLLM_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^tdllm' > $(VLLM_REQUIREMENTS).new
+	@echo "review and move $(VLLM_REQUIREMENTS).new over $(VLLM_REQUIREMENTS) (keep its header)"
+
+test-vllm: venv vllm
+	TDLLM_TEST_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest -m vllm $(PYTEST_FLAGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -48,7 +78,7 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 
 test: venv lint
-	$(VENV)/bin/pytest -m "not slow" $(PYTEST_FLAGS)
+	$(VENV)/bin/pytest -m "not slow and not vllm" $(PYTEST_FLAGS)
 
 test-slow: venv
 	$(VENV)/bin/pytest -m slow $(PYTEST_FLAGS)
@@ -79,7 +109,7 @@ lock: venv
 	@echo "review and move $(CONSTRAINTS).new over $(CONSTRAINTS)"
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .mypy_cache .ruff_cache .pytest_cache
 
 # The measured guest image (image/README.md). Needs root; installs its Debian tools itself.
 .PHONY: image test-image test-image-all image-deps ansible-tools

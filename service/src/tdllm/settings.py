@@ -23,6 +23,7 @@ CONFIG_ENV = "TDLLM_CONFIG"  # path of the TOML file, when not given explicitly
 ALLOW_SIMULATED_ENV = "TDLLM_ALLOW_SIMULATED_TDX"  # the same switch the attestation side demands
 ATTESTATION_MODES = ("none", "tdx", "simulated")
 DTYPES = ("fp32", "bf16")
+ENGINES = ("tdllm", "vllm")
 
 
 class SettingsError(UsageError):
@@ -46,6 +47,14 @@ class Settings:
     device: str = "cpu"
     k: int = 2
     public_ref: str | None = None
+    # which engine runs the model: ours (every protection profile) or vLLM's OpenAI server as
+    # a child process behind this front (td-only; docs/vllm.md). `vllm_python` is the python
+    # of the vLLM virtual environment (`make vllm`: .venv-vllm/bin/python), `vllm_args` extra
+    # vLLM options from an allow-list (tdllm.vllm_engine.args)
+    engine: str = "tdllm"
+    vllm_python: str | None = None
+    vllm_args: tuple[str, ...] = ()
+    vllm_start_timeout_s: float = 900.0
     max_batch: int = 8  # sequences decoded together (KV-cache slots)
     context_tokens: int = 2048  # KV-cache length per slot: prompt + completion
     max_prompt_tokens: int = 1536
@@ -137,6 +146,7 @@ class Settings:
             problems.append("reference_values_id must be 1..200 printable characters")
         if self.profile != "td-only" or self.device != "cpu":
             problems += _protection_problems(self.profile, self.device)
+        problems += _engine_problems(self)
         if not (0 <= self.drain_timeout_s <= 3600):
             problems.append("drain_timeout_s must be in 0..3600")
         if not (0 <= self.e2e_record_interval_ms <= 10_000):
@@ -163,6 +173,29 @@ def _protection_problems(profile: str, device: str) -> list[str]:
     except UsageError as exc:
         return [str(exc)]
     return []
+
+
+def _engine_problems(s: Settings) -> list[str]:
+    if s.engine not in ENGINES:
+        return [f"engine must be one of {', '.join(ENGINES)}"]
+    if s.engine == "tdllm":
+        return ["vllm_args need engine 'vllm'"] if s.vllm_args else []
+    from tdllm.vllm_engine.args import check_vllm_args
+
+    problems = check_vllm_args(s.vllm_args)
+    if s.profile != "td-only":
+        problems.append(
+            f"profile {s.profile!r} runs only on the tdllm engine (it places layers on an "
+            "untrusted device; vLLM runs the whole model inside the TD)"
+        )
+    if not s.vllm_python:
+        problems.append(
+            "engine 'vllm' needs vllm_python (the python of the vLLM virtual environment; "
+            "`make vllm` makes .venv-vllm)"
+        )
+    if s.vllm_start_timeout_s <= 0:
+        problems.append("vllm_start_timeout_s must be > 0")
+    return problems
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

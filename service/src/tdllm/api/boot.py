@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # imported lazily at run time: a plain model needs neither
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from tdllm.sealing.format import ModelVersion
+    from tdllm.vllm_engine.backend import VllmBackend
+    from tdllm.vllm_engine.child import SealedHandoff
     from tdllm_attest.broker.client import ReleasedKey
 
 log = logging.getLogger("tdllm.api.boot")
@@ -113,7 +115,7 @@ class BootState:
     metrics: ServiceMetrics
     phase: str = "starting"
     reason: str = "starting"
-    runner: EngineRunner | None = None
+    runner: EngineRunner | VllmBackend | None = None
     quote_provider: Any = None
     simulated: bool = False
     # collateral served with /v1/attestation quotes (collateral_for); None: clients fetch theirs
@@ -144,7 +146,7 @@ class BootState:
         return self.reason
 
 
-def _serving(runner: EngineRunner) -> bool:
+def _serving(runner: EngineRunner | VllmBackend) -> bool:
     # `failed` is set before the engine thread ends: not ready from the moment requests fail
     return runner.alive and runner.failed is None
 
@@ -232,6 +234,8 @@ class Boot:
         self.state = state
         self.deps = deps or BootDeps()
         self.on_ready = on_ready  # work the first request should not wait for
+        # engine 'vllm', sealed model: the key for vLLM's loader, from unsealing to hand-over
+        self._handoff: SealedHandoff | None = None
         self.thread = threading.Thread(target=self.run, name="tdllm-boot", daemon=True)
 
     def start(self) -> Boot:
@@ -242,7 +246,10 @@ class Boot:
         try:
             checkpoint = self._open()
             self.state.set("loading", "loading the model into memory")
-            self.state.runner = self._start_engine(checkpoint)
+            if self.settings.engine == "vllm":
+                self.state.runner = self._start_vllm(checkpoint)
+            else:
+                self.state.runner = self._start_engine(checkpoint)
             if self.on_ready is not None:
                 self.on_ready()
             self.state.set("ready", "ready")
@@ -253,6 +260,12 @@ class Boot:
         except Exception as exc:  # a bug or a broken model: say which kind, never the content
             self.state.set("failed", f"boot failed ({type(exc).__name__})")
             log.error("boot failed: %s", type(exc).__name__)
+        finally:
+            if self._handoff is not None:  # never handed over: wipe it here
+                from tdllm.sealing.keys import wipe
+
+                wipe(self._handoff.key)
+                self._handoff = None
 
     def _open(self) -> Any:
         from tdllm.errors import TdllmError
@@ -276,6 +289,12 @@ class Boot:
             checkpoint = open_sealed(
                 path, data_key=release.key, model_id=self.settings.model_id, expect=expect
             )
+            if self.settings.engine == "vllm":  # vLLM's loader opens it again with this key
+                from tdllm.vllm_engine.child import SealedHandoff
+
+                identity = checkpoint.identity or {}
+                key = bytearray(release.key)
+                self._handoff = SealedHandoff(key, identity, expect.model, expect.version)
         except SealedModelMismatch as exc:  # a rollback or a swapped model: fail closed
             raise BootFailed(f"refusing the released key: {exc.diagnostics()}") from None
         except TdllmError as exc:
@@ -386,6 +405,49 @@ class Boot:
             sleep(delay)
             delay = min(delay * 2, self.settings.boot_backoff_max_s)
         raise AssertionError("unreachable")
+
+    def _start_vllm(self, checkpoint: Any) -> VllmBackend:
+        """Start vLLM's server on this model (sealed: the key goes to its loader) and wait
+        until it answers; /ready says how long it has been starting."""
+        from tdllm.model.bundled import BUNDLED_NAME, bundled_model_path
+        from tdllm.vllm_engine.args import option_value
+        from tdllm.vllm_engine.backend import VllmBackend
+        from tdllm.vllm_engine.child import (
+            VllmLaunch,
+            VllmProcess,
+            VllmStartFailed,
+            kv_cache_gib,
+        )
+
+        s = self.settings
+        name = s.served_model_name or (BUNDLED_NAME if s.model == "bundled" else checkpoint.name)
+        context = min(s.context_tokens, checkpoint.config.max_position_embeddings)
+        max_len = int(option_value(s.vllm_args, "--max-model-len") or context)
+        # a path vLLM's venv can open without the bundled model's package installed in it
+        source = str(bundled_model_path() if s.model == "bundled" else Path(s.model).resolve())
+        python = Path(s.vllm_python or "")
+        sequences = int(option_value(s.vllm_args, "--max-num-seqs") or s.max_batch)
+        kv = kv_cache_gib(checkpoint, s.dtype, sequences, max_len)
+        launch = VllmLaunch(python, source, name, s.dtype, max_len, s.max_batch, s.vllm_args, kv)
+        process = VllmProcess(launch)
+        handoff, self._handoff = self._handoff, None
+
+        def waiting(seconds: float) -> None:
+            self.state.set("loading", f"starting the vLLM engine ({seconds:.0f}s)")
+
+        try:
+            process.start(checkpoint, handoff)
+            process.wait_ready(s.vllm_start_timeout_s, waiting)
+        except VllmStartFailed as exc:
+            raise BootFailed(exc.diagnostics()) from None
+        return VllmBackend(
+            process,
+            model_name=name,
+            max_model_len=max_len,
+            capacity=s.max_batch + s.queue_size,
+            protection={"profile": "td-only", "device": None, "k": None},
+            on_exit=self.deps.restart or restart_worker,
+        ).start_watching()
 
     def _start_engine(self, checkpoint: Any) -> EngineRunner:
         """Build the model for the configured protection profile and start its engine."""

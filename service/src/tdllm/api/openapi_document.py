@@ -430,14 +430,16 @@ def _receipt() -> dict[str, Any]:
 
 def _schemas() -> dict[str, Any]:
     tdllm = _obj(
-        ["profile", "device", "k"],
+        ["profile", "device", "k", "engine"],
         {
             "profile": _STRING,
             "device": {"type": ["string", "null"]},
             "k": {"type": ["integer", "null"]},
+            "engine": {"type": "string", "enum": ["tdllm", "vllm"]},
         },
         description="how the model is protected (docs/security.md): profile, untrusted device "
-        "and private tail length K (null for td-only)",
+        "and private tail length K (null for td-only), and the engine that runs it "
+        "(docs/vllm.md)",
     )
     count = {"type": "integer", "minimum": 0}
     usage = ["prompt_tokens", "completion_tokens", "total_tokens"]
@@ -449,12 +451,13 @@ def _schemas() -> dict[str, Any]:
         "Error": _error_schema(),
         "Usage": _obj(usage, dict.fromkeys(usage, count)),
         "Model": _obj(
-            ["id", "object", "created", "owned_by"],
+            ["id", "object", "created", "owned_by", "max_model_len", "tdllm"],
             {
                 "id": _STRING,
                 "object": _const("string", "model"),
                 "created": _INTEGER,
                 "owned_by": _STRING,
+                "max_model_len": _described(count, "prompt and completion tokens together"),
                 "tdllm": tdllm,
             },
         ),

@@ -217,7 +217,7 @@ class PendingReceipt:
 
 
 def pending_receipt(
-    endpoint: str, request_body: bytes, params: SamplingParams, stream: bool
+    endpoint: str, request_body: bytes, sampling: dict[str, Any], stream: bool
 ) -> PendingReceipt | None:
     """The receipt of the request being served, or None without attestation. Raises the 503 of
     a failed quote before any token is made, never after."""
@@ -231,7 +231,7 @@ def pending_receipt(
         endpoint,
         stream,
         hashlib.sha256(request_body).hexdigest(),
-        sampling_used(params),
+        sampling,
     )
 
 

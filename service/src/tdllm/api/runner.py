@@ -99,6 +99,8 @@ class RequestHandle:
 class EngineRunner:
     """Drives `engine` on a dedicated thread; `submit` from any thread."""
 
+    engine_name = "tdllm"
+
     def __init__(
         self,
         engine: Engine,
@@ -165,6 +167,11 @@ class EngineRunner:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def max_model_len(self) -> int:
+        """Tokens of prompt and completion together a sequence may hold."""
+        return self.engine.max_seq_len
 
     @property
     def outstanding(self) -> int:

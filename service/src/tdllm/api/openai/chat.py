@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, current_app, request
 from flask.typing import ResponseReturnValue
 
-from tdllm.api.openai import generation
+from tdllm.api.openai import generation, relay
 from tdllm.api.openai.protocol import decode_body, parse_chat
 
 blueprint = Blueprint("chat", __name__)
@@ -18,12 +18,16 @@ CHUNK_OBJECT = "chat.completion.chunk"
 @blueprint.post("/v1/chat/completions")
 def create_chat_completion() -> ResponseReturnValue:
     body = request.get_data(cache=False)
+    settings = current_app.extensions["tdllm"].settings
+    if settings.engine == "vllm":
+        path, fields = "/v1/chat/completions", relay.CHAT_FIELDS
+        return relay.relay(path, body, fields, settings.default_max_tokens)
     parsed = parse_chat(decode_body(body))
     runner = generation.running_engine()
     generation.check_model(runner, parsed.sampling)
     tokenizer = runner.engine.tokenizer
     prompt = tokenizer.encode(tokenizer.apply_chat_template(parsed.messages))
-    default_max = current_app.extensions["tdllm"].settings.default_max_tokens
+    default_max = settings.default_max_tokens
     gen = generation.start(runner, prompt, parsed.sampling, default_max, "chatcmpl", body)
 
     def head(kind: str) -> dict[str, Any]:

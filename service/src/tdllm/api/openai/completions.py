@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, request
+from flask import Blueprint, current_app, request
 from flask.typing import ResponseReturnValue
 
 from tdllm.api.errors import invalid
-from tdllm.api.openai import generation
+from tdllm.api.openai import generation, relay
 from tdllm.api.openai.protocol import decode_body, parse_completion
 
 blueprint = Blueprint("completions", __name__)
@@ -19,6 +19,9 @@ DEFAULT_MAX_TOKENS = 16  # the OpenAI API's documented default for this endpoint
 @blueprint.post("/v1/completions")
 def create_completion() -> ResponseReturnValue:
     body = request.get_data(cache=False)
+    if current_app.extensions["tdllm"].settings.engine == "vllm":
+        fields = relay.COMPLETION_FIELDS
+        return relay.relay("/v1/completions", body, fields, DEFAULT_MAX_TOKENS)
     parsed = parse_completion(decode_body(body))
     runner = generation.running_engine()
     generation.check_model(runner, parsed.sampling)

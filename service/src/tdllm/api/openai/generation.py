@@ -20,7 +20,7 @@ from flask import Response, current_app, g, jsonify, request, stream_with_contex
 from tdllm.api.errors import ApiError, from_exception, invalid, not_ready, queue_full
 from tdllm.api.openai import sse
 from tdllm.api.openai.protocol import Sampling
-from tdllm.api.receipts import PendingReceipt, pending_receipt
+from tdllm.api.receipts import PendingReceipt, pending_receipt, sampling_used
 from tdllm.api.runner import (
     EngineRunner,
     Overloaded,
@@ -68,7 +68,9 @@ def running_engine() -> EngineRunner:
     state = service.state
     if not state.ready:
         raise not_ready(state.not_ready_reason())
-    runner: EngineRunner = state.runner
+    runner = state.runner
+    if not isinstance(runner, EngineRunner):  # settings.engine decides the route's path
+        raise not_ready("the tdllm engine is not running")
     return runner
 
 
@@ -128,7 +130,7 @@ def start(
         seed=sampling.seed,
         stop=sampling.stop,
     )
-    receipt = pending_receipt(request.path, request_body, params, sampling.stream)
+    receipt = pending_receipt(request.path, request_body, sampling_used(params), sampling.stream)
     try:
         handle = runner.submit(prompt, params)
     except Overloaded:

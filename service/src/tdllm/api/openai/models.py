@@ -7,21 +7,23 @@ from flask.typing import ResponseReturnValue
 
 from tdllm.api.errors import ApiError
 from tdllm.api.runner import EngineRunner
+from tdllm.vllm_engine.backend import VllmBackend
 
 blueprint = Blueprint("models", __name__)
 OWNER = "tdllm"
 
 
-def _card(runner: EngineRunner, created: int) -> dict[str, object]:
-    """OpenAI's model object plus ours: `tdllm` says how the model is protected."""
-    card: dict[str, object] = {
+def _card(runner: EngineRunner | VllmBackend, created: int) -> dict[str, object]:
+    """OpenAI's model object plus vLLM's `max_model_len` and ours: `tdllm` says how the model
+    is protected and which engine runs it."""
+    return {
         "id": runner.model_name,
         "object": "model",
         "created": created,
         "owned_by": OWNER,
+        "max_model_len": runner.max_model_len,
+        "tdllm": dict(runner.protection) | {"engine": runner.engine_name},
     }
-    card["tdllm"] = dict(runner.protection)
-    return card
 
 
 @blueprint.get("/v1/models")

@@ -1,0 +1,165 @@
+"""The vllm engine's parts that need no vLLM: option allow-list, loader channel, model
+directory, error mapping, receipts' sampling, settings. (tests against a real vLLM:
+test_vllm_service.py, `make test-vllm`.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tdllm.api.openai.relay import _vllm_error, sampling_stated
+from tdllm.model.checkpoint import open_hf_directory
+from tdllm.model.config import ModelConfig
+from tdllm.model.tokenizer import Tokenizer
+from tdllm.settings import Settings, SettingsError
+from tdllm.sources import open_checkpoint
+from tdllm.vllm_engine.args import check_vllm_args, option_value
+from tdllm.vllm_engine.loader_channel import (
+    ChannelError,
+    LoaderChannel,
+    descends_from,
+    receive_key,
+    report,
+)
+from tdllm.vllm_engine.model_dir import write_model_dir
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "--model=/host/other-model",  # what is loaded is the service's to say
+        "--load-format=safetensors",  # would bypass the sealed loader
+        "--host=0.0.0.0",  # would put vLLM on the network, beside the front
+        "--port=8001",
+        "--trust-remote-code",  # runs Python from the model directory
+        "--middleware=evil.module",  # imports code by name
+        "--tool-parser-plugin=/tmp/p.py",
+        "--chat-template=/tmp/t.jinja",
+        "--enable-lora",
+        "--api-key=x",
+    ],
+)
+def test_refuses_vllm_options_that_change_what_is_loaded_or_who_reaches_it(arg: str) -> None:
+    problems = check_vllm_args((arg,))
+    assert problems and "not an allowed vLLM option" in problems[0]
+
+
+def test_accepts_capacity_options_with_well_formed_values() -> None:
+    args = ("--max-num-seqs=32", "--enable-prefix-caching", "--gpu-memory-utilization=0.85")
+    assert check_vllm_args(args) == []
+    assert option_value(args, "--max-num-seqs") == "32"
+    assert option_value(args, "--max-model-len") is None
+
+
+@pytest.mark.parametrize(
+    "arg", ["--max-num-seqs=0", "--max-num-seqs=1e3", "--enforce-eager=1", "--kv-cache-dtype=../x"]
+)
+def test_refuses_malformed_option_values(arg: str) -> None:
+    assert check_vllm_args((arg,))
+
+
+def test_refuses_an_option_given_twice() -> None:
+    assert "twice" in check_vllm_args(("--max-num-seqs=4", "--max-num-seqs=8"))[0]
+
+
+def _channel(tmp_path: Path, key: bytearray | None) -> LoaderChannel:
+    channel = LoaderChannel(tmp_path / "loader.sock", key).start()
+    channel.child_pid = os.getpid()  # this test process stands in for vLLM's worker
+    return channel
+
+
+def test_loader_channel_gives_the_key_once_and_takes_the_outcome_back(tmp_path: Path) -> None:
+    key = bytearray(os.urandom(32))
+    channel = _channel(tmp_path, bytearray(key))
+    connection, received = receive_key(str(channel.path))
+    assert received == key
+    report(connection, {"failed": "cannot unseal model.norm.weight"})
+    deadline = time.monotonic() + 10
+    while channel.outcome is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert channel.failure() == "cannot unseal model.norm.weight"
+    assert not channel.path.exists()  # one loader, once
+    with pytest.raises(ChannelError, match="cannot reach"):
+        receive_key(str(channel.path))
+
+
+def test_loader_channel_refuses_a_process_that_is_not_the_childs(tmp_path: Path) -> None:
+    channel = LoaderChannel(tmp_path / "loader.sock", bytearray(os.urandom(32))).start()
+    channel.child_pid = 1  # init: this process does not descend from it in the check's sense
+    connection, received = receive_key(str(channel.path))
+    connection.close()
+    assert received == bytearray()  # closed without a byte
+    assert channel.refused == 1 and channel.path.exists()
+    channel.close()
+    assert not channel.path.exists()
+
+
+def test_descends_from_follows_the_parent_chain() -> None:
+    assert descends_from(os.getpid(), os.getppid())
+    assert descends_from(os.getpid(), os.getpid())
+    assert not descends_from(os.getppid(), os.getpid())
+
+
+def test_model_dir_holds_config_and_tokenizer_but_no_weight(tmp_path: Path) -> None:
+    checkpoint = open_checkpoint("bundled")
+    folder = write_model_dir(checkpoint, tmp_path / "model")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    config = json.loads((folder / "config.json").read_text())
+    assert ModelConfig.from_hf(config) == checkpoint.config
+    tokenizer = Tokenizer.from_hf_directory(folder)
+    text = "The capital of France is Paris."
+    assert tokenizer.encode(text) == checkpoint.tokenizer.encode(text)
+    assert tokenizer.chat_template == checkpoint.tokenizer.chat_template
+    stops = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    assert set(stops) == set(checkpoint.tokenizer.stop_token_ids)
+    with pytest.raises(Exception, match="safetensors"):
+        open_hf_directory(folder)  # vLLM finds no weights in it: they come through the loader
+
+
+def test_vllm_client_errors_become_ours_and_server_errors_a_502() -> None:
+    body = {"error": {"message": "bad messages", "type": "Bad Request", "param": "body.messages"}}
+    error = _vllm_error(422, json.dumps(body).encode())
+    assert (error.status, error.param, error.message) == (400, "messages", "bad messages")
+    assert _vllm_error(400, b"<html>proxy</html>").status == 400
+    failed = _vllm_error(500, json.dumps({"error": {"message": "Traceback ..."}}).encode())
+    assert failed.status == 502 and "Traceback" not in failed.message
+    long = {"error": {"message": "This model's maximum context length is 2048 tokens"}}
+    assert _vllm_error(400, json.dumps(long).encode()).code == "context_length_exceeded"
+
+
+def test_receipt_sampling_states_the_defaults_vllm_applies() -> None:
+    stated = sampling_stated({"max_tokens": 7, "stop": "x"})
+    assert stated == {
+        "max_tokens": 7,
+        "n": 1,
+        "seed": None,
+        "stop": ["x"],
+        "temperature": "1.0",
+        "top_k": 0,
+        "top_p": "1.0",
+    }
+    assert sampling_stated({"max_completion_tokens": 3, "n": 2, "top_k": -1})["n"] == 2
+
+
+def test_settings_keep_vllm_to_td_only_and_need_its_python() -> None:
+    with pytest.raises(SettingsError, match="vllm_python"):
+        Settings(engine="vllm")
+    with pytest.raises(SettingsError, match="runs only on the tdllm engine"):
+        Settings(engine="vllm", vllm_python="/x/python", profile="split", device="cpu")
+    with pytest.raises(SettingsError, match="not an allowed vLLM option"):
+        Settings(engine="vllm", vllm_python="/x/python", vllm_args=("--host=0.0.0.0",))
+    with pytest.raises(SettingsError, match="need engine 'vllm'"):
+        Settings(vllm_args=("--enforce-eager",))
+    with pytest.raises(SettingsError, match="engine must be one of"):
+        Settings(engine="llama.cpp")
+    assert Settings(engine="vllm", vllm_python="/x/python").engine == "vllm"
