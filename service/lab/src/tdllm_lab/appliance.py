@@ -313,6 +313,8 @@ def _protection_line(card: dict[str, Any]) -> str:
             f"split: public prefix on the untrusted {p.get('device')} device, private tail "
             f"(K={p.get('k')}), final norm and lm_head only in the TD"
         )
+    if p.get("engine") == "vllm":
+        return "td-only, on vLLM inside the TD (behind this front, on a private socket)"
     return str(p.get("profile", "td-only"))
 
 
@@ -526,6 +528,8 @@ def appliance(state_dir: Path, ready_timeout: float, which: str, profile: str) -
         }
     )
     url = f"http://{settings.host}:{settings.port}"
+    if settings.engine == "vllm":  # vLLM's start (compilation, KV cache) takes minutes on CPU
+        ready_timeout = max(ready_timeout, settings.vllm_start_timeout_s + 60)
     broker = _FORK.Process(
         target=_run_broker, args=(state, platform, broker_port, broker_key), name="key broker"
     )
