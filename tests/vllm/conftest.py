@@ -77,6 +77,7 @@ def start_service(
         "max_prompt_tokens": 768,
         "max_tokens_limit": 256,
         "default_max_tokens": 32,
+        "logprobs_policy": "top-k:2",
     }
     app = create_app(Settings(**(options | settings)), boot_deps=deps)
     service = app.extensions["tdllm"]

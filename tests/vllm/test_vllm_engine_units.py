@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tdllm.api.openai.relay import _vllm_error, sampling_stated
+from tdllm.api.errors import ApiError
+from tdllm.api.openai.relay import _vllm_error, check_logprobs, sampling_stated
 from tdllm.model.checkpoint import open_hf_directory
 from tdllm.model.config import ModelConfig
 from tdllm.model.tokenizer import Tokenizer
@@ -163,3 +164,21 @@ def test_settings_keep_vllm_to_td_only_and_need_its_python() -> None:
     with pytest.raises(SettingsError, match="engine must be one of"):
         Settings(engine="llama.cpp")
     assert Settings(engine="vllm", vllm_python="/x/python").engine == "vllm"
+
+
+def test_logprobs_are_refused_unless_the_owner_allows_them_and_only_as_many() -> None:
+    for asked in ({"logprobs": True}, {"top_logprobs": 1}, {"logprobs": 1}):
+        with pytest.raises(ApiError) as refused:
+            check_logprobs(asked, None)  # the default policy: off
+        assert refused.value.status == 400 and refused.value.code == "logprobs_refused"
+    check_logprobs({"logprobs": False}, None)
+    check_logprobs({"logprobs": True, "top_logprobs": 5}, 5)
+    check_logprobs({"logprobs": 3}, 5)  # completions: logprobs is the count
+    with pytest.raises(ApiError, match="at most 5"):
+        check_logprobs({"logprobs": True, "top_logprobs": 6}, 5)
+    with pytest.raises(ApiError, match="at most 5"):
+        check_logprobs({"logprobs": 6}, 5)
+    assert Settings().logprobs_policy == "off"
+    with pytest.raises(SettingsError, match="logprobs_policy"):
+        Settings(logprobs_policy="top-k:99")
+    assert Settings(logprobs_policy="top-k:5").logprobs_policy == "top-k:5"

@@ -124,6 +124,7 @@ def test_sealed_boot_on_vllm_answers_and_leaves_no_plaintext_weight_on_any_disk(
         assert "tdllm_receipt" in answer  # attested: the answer is signed as on our engine
         attested = requests.get(running.url + f"/v1/attestation?nonce={'ab' * 32}", timeout=30)
         assert attested.json()["model"]["sealed"]["model_id"]
+        _no_key_in_argv_or_environment(running, deployment.data_keys[TEST_KEY_ID])
         # the whole filesystem, /dev/shm included: every file any process wrote during boot
         roots = [Path(p) for p in ("/", "/dev/shm")]
         scanned = [p for p in written_since(start, roots) if not _virtual(p)]
@@ -138,6 +139,21 @@ def test_sealed_boot_on_vllm_answers_and_leaves_no_plaintext_weight_on_any_disk(
             assert not any(n in data for n in plain), f"plaintext weights in {path}"
     finally:
         running.stop()
+
+
+def _no_key_in_argv_or_environment(running: RunningService, key: bytes) -> None:
+    """The key went over the loader channel, nowhere a process listing shows."""
+    import base64
+
+    import psutil
+
+    spellings = [key, key.hex().encode(), base64.b64encode(key), base64.urlsafe_b64encode(key)]
+    spellings += [s.rstrip(b"=") for s in spellings[2:]]
+    root = psutil.Process(running.backend.process.process.pid)
+    for process in [root, *root.children(recursive=True)]:
+        for view in ("cmdline", "environ"):
+            data = Path(f"/proc/{process.pid}/{view}").read_bytes()
+            assert not any(s in data for s in spellings), f"the key in {view} of {process.pid}"
 
 
 def _virtual(path: Path) -> bool:
@@ -208,3 +224,21 @@ def test_a_model_sealed_under_another_key_never_reaches_vllm(
     running = sealed_service(deployment, other, broker, wait=False)
     _fails_with(running, "cannot open the sealed model")  # the service's own MAC check
     assert set(Path("/dev/shm").glob("tdllm-vllm-*")) == before  # no vLLM was started
+
+
+def test_a_sealed_directory_swapped_after_the_service_checked_it_fails_vllms_load(
+    deployment: SimulatedDeployment, sealed: Path, broker: Broker, tmp_path: Path
+) -> None:
+    """Time of check, time of use: the host replaces the files after the service verified the
+    manifest and before vLLM's loader reads them, with the same model sealed again under the
+    same key (valid MACs, another model id). The loader opens only the manifest the service
+    verified."""
+    folder = _copy(sealed, tmp_path)
+    resealed = seal_test_model(
+        deployment, tmp_path / "again", checkpoint=open_checkpoint("bundled"), dtype=torch.bfloat16
+    )
+    running = sealed_service(deployment, folder, broker, wait=False)
+    wait_until(lambda: "starting the vLLM engine" in running.service.state.reason, 600)
+    shutil.rmtree(folder)
+    shutil.copytree(resealed, folder)
+    _fails_with(running, "vLLM could not load the model", "cannot unseal manifest")

@@ -134,6 +134,7 @@ def test_client_mistakes_are_one_clear_4xx_in_openai_shape(plain_service: Runnin
         (base | {"chat_template": "{{ 7*7 }}"}, 400, "chat_template"),
         (base | {"max_tokens": 100_000}, 400, "max_tokens"),
         (base | {"n": 99}, 400, "n"),
+        (base | {"logprobs": True, "top_logprobs": 3}, 400, "top_logprobs"),  # policy top-k:2
         (base | {"model": "other"}, 404, "model"),
         # refused by vLLM, answered by the front in the same shape
         (base | {"messages": "not a list"}, 400, "messages"),
@@ -151,6 +152,30 @@ def test_client_mistakes_are_one_clear_4xx_in_openai_shape(plain_service: Runnin
 
 
 ABORT = 'finished_reason="abort"'
+
+
+def test_vllm_parses_exactly_what_the_front_checked(plain_service: RunningService) -> None:
+    """Duplicate keys: the front keeps the last (as Python's json does) and re-encodes the
+    object, so vLLM cannot read another value than the one the limits were checked on."""
+    raw = (
+        b'{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,'
+        b' "n": 99, "n": 2}' % MODEL.encode()
+    )
+    resp = requests.post(
+        plain_service.url + "/v1/chat/completions",
+        data=raw,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert resp.status_code == 200 and len(resp.json()["choices"]) == 2
+    too_many = raw.replace(b'"n": 99, "n": 2', b'"n": 2, "n": 99')
+    resp = requests.post(
+        plain_service.url + "/v1/chat/completions",
+        data=too_many,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
 
 
 def _vllm_metric(running: RunningService, name: str, label: str = "") -> float:

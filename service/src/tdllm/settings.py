@@ -55,6 +55,10 @@ class Settings:
     vllm_python: str | None = None
     vllm_args: tuple[str, ...] = ()
     vllm_start_timeout_s: float = 900.0
+    # per-token log-probabilities help a client rebuild the model's last layers (docs/security.md):
+    # "off" (default) refuses them, "top-k:N" allows up to N alternatives (N <= 20). Only the
+    # vllm engine has logprobs; the tdllm engine refuses them whatever this says.
+    logprobs_policy: str = "off"
     max_batch: int = 8  # sequences decoded together (KV-cache slots)
     context_tokens: int = 2048  # KV-cache length per slot: prompt + completion
     max_prompt_tokens: int = 1536
@@ -175,7 +179,21 @@ def _protection_problems(profile: str, device: str) -> list[str]:
     return []
 
 
+def logprobs_limit(policy: str) -> int | None:
+    """The most top logprobs `policy` allows, None when they are off; ValueError if malformed."""
+    if policy == "off":
+        return None
+    kind, _, count = policy.partition(":")
+    if kind != "top-k" or not count.isdigit() or not 0 <= int(count) <= 20:
+        raise ValueError(policy)
+    return int(count)
+
+
 def _engine_problems(s: Settings) -> list[str]:
+    try:
+        logprobs_limit(s.logprobs_policy)
+    except ValueError:
+        return ['logprobs_policy must be "off" or "top-k:N" with N in 0..20']
     if s.engine not in ENGINES:
         return [f"engine must be one of {', '.join(ENGINES)}"]
     if s.engine == "tdllm":

@@ -410,6 +410,7 @@ class Boot:
         """Start vLLM's server on this model (sealed: the key goes to its loader) and wait
         until it answers; /ready says how long it has been starting."""
         from tdllm.model.bundled import BUNDLED_NAME, bundled_model_path
+        from tdllm.settings import logprobs_limit
         from tdllm.vllm_engine.args import option_value
         from tdllm.vllm_engine.backend import VllmBackend
         from tdllm.vllm_engine.child import (
@@ -428,7 +429,10 @@ class Boot:
         python = Path(s.vllm_python or "")
         sequences = int(option_value(s.vllm_args, "--max-num-seqs") or s.max_batch)
         kv = kv_cache_gib(checkpoint, s.dtype, sequences, max_len)
-        launch = VllmLaunch(python, source, name, s.dtype, max_len, s.max_batch, s.vllm_args, kv)
+        launch = VllmLaunch(
+            python, source, name, s.dtype, max_len, s.max_batch, s.vllm_args, kv,
+            max_logprobs=logprobs_limit(s.logprobs_policy) or 0,
+        )  # fmt: skip
         process = VllmProcess(launch)
         handoff, self._handoff = self._handoff, None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 _INT = re.compile(r"[1-9][0-9]{0,9}")
+_COUNT = re.compile(r"0|[1-9][0-9]{0,9}")
 _FLOAT = re.compile(r"(0|[1-9][0-9]{0,3})(\.[0-9]{1,4})?")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
@@ -22,7 +23,7 @@ ALLOWED: dict[str, str] = {
     "--max-model-len": "int",
     "--block-size": "int",
     "--seed": "int",
-    "--max-logprobs": "int",
+    "--max-logprobs": "count",  # 0: no logprobs at all (docs/vllm.md, what it protects)
     "--tensor-parallel-size": "int",
     "--pipeline-parallel-size": "int",
     "--gpu-memory-utilization": "float",
@@ -37,7 +38,7 @@ ALLOWED: dict[str, str] = {
     "--enable-auto-tool-choice": "flag",
     "--enforce-eager": "flag",
 }
-_VALUES = {"int": _INT, "float": _FLOAT, "name": _NAME}
+_VALUES = {"int": _INT, "count": _COUNT, "float": _FLOAT, "name": _NAME}
 
 
 def check_vllm_args(args: tuple[str, ...]) -> list[str]:

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from http.client import HTTPConnection
 from pathlib import Path
 
 from tdllm.errors import TdllmError
@@ -83,6 +84,12 @@ class VllmLaunch:
     # CPU: the KV cache vLLM allocates up front (VLLM_CPU_KVCACHE_SPACE); left alone, vLLM takes
     # most of the machine's memory and spends minutes touching it at every start
     kv_cache_gib: int | None = None
+    # vLLM's own cap on top logprobs (--max-logprobs), behind the front's logprobs_policy
+    max_logprobs: int = 0
+    # bench only (`tdllm bench serve --engine vllm-alone`): listen on 127.0.0.1:tcp_port instead
+    # of the private Unix socket, to measure vLLM without the service in front. The service
+    # never sets it: a TCP port would let any local process reach the model around the front.
+    tcp_port: int | None = None
 
 
 def kv_cache_gib(checkpoint: Checkpoint, dtype: str, sequences: int, tokens: int) -> int:
@@ -166,7 +173,7 @@ class VllmProcess:
             str(launch.python), "-m", "tdllm_vllm.launch", "--lifeline-fd", str(lifeline), "--",
             "--model", str(model_dir),
             "--served-model-name", launch.served_name,
-            "--uds", self.socket_path,
+            *self._listen_args(),
             "--load-format", "tdllm-sealed" if sealed else "tdllm",
             "--model-loader-extra-config", json.dumps(loader),
             "--dtype", VLLM_DTYPES[launch.dtype],
@@ -176,7 +183,14 @@ class VllmProcess:
             args += ["--max-model-len", str(launch.max_model_len)]
         if option_value(launch.extra_args, "--max-num-seqs") is None:
             args += ["--max-num-seqs", str(launch.max_num_seqs)]
+        if option_value(launch.extra_args, "--max-logprobs") is None:
+            args += ["--max-logprobs", str(launch.max_logprobs)]
         return args + list(launch.extra_args)
+
+    def _listen_args(self) -> list[str]:
+        if self.launch.tcp_port is not None:  # bench only (VllmLaunch.tcp_port)
+            return ["--host", "127.0.0.1", "--port", str(self.launch.tcp_port)]
+        return ["--uds", self.socket_path]
 
     def _environment(self) -> dict[str, str]:
         run = self.run_dir
@@ -230,7 +244,11 @@ class VllmProcess:
             time.sleep(_POLL_S)
 
     def healthy(self) -> bool:
-        connection = UnixHTTPConnection(self.socket_path, timeout=5.0)
+        connection: HTTPConnection
+        if self.launch.tcp_port is not None:  # bench only (VllmLaunch.tcp_port)
+            connection = HTTPConnection("127.0.0.1", self.launch.tcp_port, timeout=5.0)
+        else:
+            connection = UnixHTTPConnection(self.socket_path, timeout=5.0)
         try:
             connection.request("GET", "/health")
             return connection.getresponse().status == HTTPStatus.OK

@@ -107,8 +107,9 @@ class LoaderChannel:
                 if not self._from_child(connection):
                     self.refused += 1
                     continue
-                self._hand_over(connection)
-                self.close()  # one loader, once
+                outcome = self._hand_over(connection)
+                self.close()  # one loader, once: gone before anyone learns the outcome
+                self.outcome = outcome
                 return
 
     def _from_child(self, connection: socket.socket) -> bool:
@@ -117,7 +118,7 @@ class LoaderChannel:
         child = self.child_pid
         return uid == os.getuid() and child is not None and descends_from(pid, child)
 
-    def _hand_over(self, connection: socket.socket) -> None:
+    def _hand_over(self, connection: socket.socket) -> dict[str, Any]:
         try:
             if self._key is not None:
                 connection.sendall(bytes(self._key))
@@ -139,7 +140,7 @@ class LoaderChannel:
             outcome = None
         if not isinstance(outcome, dict):
             outcome = {"failed": "the loader ended without reporting its outcome"}
-        self.outcome = outcome
+        return outcome
 
 
 # -- the loader's end (in vLLM's worker) ----------------------------------------------------------

@@ -30,6 +30,7 @@ from tdllm.api.openai import sse
 from tdllm.api.openai.protocol import decode_body
 from tdllm.api.receipts import pending_receipt
 from tdllm.api.shutdown import draining, shutting_down
+from tdllm.settings import logprobs_limit
 from tdllm.vllm_engine.backend import Refused, VllmBackend
 from tdllm_attest.client.receipt_protocol import RECEIPT_FIELD, StreamDigest, body_sha256, decimal
 
@@ -168,7 +169,29 @@ def _limited(doc: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
     n = doc.get("n", 1)
     if isinstance(n, int) and not isinstance(n, bool) and n > settings.max_batch:
         raise invalid(f"n is {n}; this service allows at most {settings.max_batch}", "n")
+    check_logprobs(doc, logprobs_limit(settings.logprobs_policy))
     return doc | {key: max_tokens}
+
+
+def check_logprobs(doc: dict[str, Any], limit: int | None) -> None:
+    """Refuse logprobs beyond the model owner's `logprobs_policy` (None: off). Chat asks with
+    `logprobs: true` and `top_logprobs: N`, completions with `logprobs: N`."""
+    asked = doc.get("logprobs")
+    top = doc.get("top_logprobs")
+    wants = asked not in (None, False) or top is not None
+    if not wants:
+        return
+    if limit is None:
+        raise invalid(
+            "logprobs are off on this service (its logprobs_policy): per-token probabilities "
+            "help rebuild the model's last layers",
+            "logprobs",
+            "logprobs_refused",
+        )
+    count = top if top is not None else asked if not isinstance(asked, bool) else 0
+    if isinstance(count, int) and count > limit:
+        param = "top_logprobs" if top is not None else "logprobs"
+        raise invalid(f"{param} is {count}; this service allows at most {limit}", param)
 
 
 def max_tokens_of(doc: dict[str, Any]) -> Any:
