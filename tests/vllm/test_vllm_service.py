@@ -154,6 +154,30 @@ def test_client_mistakes_are_one_clear_4xx_in_openai_shape(plain_service: Runnin
 ABORT = 'finished_reason="abort"'
 
 
+def test_a_body_with_a_repeated_key_never_reaches_vllm(plain_service: RunningService) -> None:
+    """Duplicate keys are where two JSON parsers disagree (first or last wins): the front
+    refuses them, so vLLM cannot read another value than the one the limits were checked on."""
+    for pair in (b'"n": 99, "n": 2', b'"n": 2, "n": 99'):
+        raw = (
+            (
+                b'{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, '
+                % MODEL.encode()
+            )
+            + pair
+            + b"}"
+        )
+        resp = requests.post(
+            plain_service.url + "/v1/chat/completions",
+            data=raw,
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
+        assert resp.status_code == 400 and "duplicate key" in resp.json()["error"]["message"]
+
+
+ABORT = 'finished_reason="abort"'
+
+
 def test_vllm_parses_exactly_what_the_front_checked(plain_service: RunningService) -> None:
     """Duplicate keys: the front keeps the last (as Python's json does) and re-encodes the
     object, so vLLM cannot read another value than the one the limits were checked on."""

@@ -73,23 +73,70 @@ def bench_unseal(as_json: bool) -> None:
 
 @bench.command("serve")
 @click.option("--url", default=None, help="a running service (default: start one on loopback)")
+@click.option(
+    "--engine",
+    "engines",
+    default=None,
+    help="compare engines side by side, one at a time: any of tdllm,vllm,vllm-alone "
+    "(vllm-alone: vLLM's server as the service starts it, with no front); not with --url",
+)
 @click.option("--clients", "client_counts", default="1,4,8", show_default=True)
 @click.option("--requests-per-client", type=click.IntRange(1, 100), default=3, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(1, 1024), default=64, show_default=True)
+@click.option("--model", default="bundled", show_default=True, help="with --engine")
+@click.option("--dtype", type=DTYPE, default="bf16", show_default=True, help="with --engine")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="with --engine; default the largest client count",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def bench_serve(
     url: str | None,
+    engines: str | None,
     client_counts: str,
     requests_per_client: int,
     max_tokens: int,
+    model: str,
+    dtype: str,
+    max_batch: int | None,
     as_json: bool,
 ) -> None:
-    """Aggregate tokens/s and TTFT p50/p95 for 1, 4, 8 concurrent streaming clients."""
-    from tdllm_lab.bench.serve import format_report, run_serve_bench
+    """Aggregate tokens/s and TTFT p50/p95/p99 for 1, 4, 8 concurrent streaming clients.
 
-    counts = [int(c) for c in client_counts.split(",") if c.strip()]
-    report = run_serve_bench(url, counts, requests_per_client, max_tokens)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    With --engine, per engine and client count also the peak RSS of the server's process tree,
+    with ratios against vllm-alone (the front's cost) and tdllm. The vLLM engines need
+    TDLLM_VLLM_PYTHON or .venv-vllm/bin/python here (`make vllm`).
+    """
+    from tdllm_lab.bench.serve import (
+        format_engines_report,
+        format_report,
+        parse_counts,
+        parse_engines,
+        run_engines_bench,
+        run_serve_bench,
+    )
+
+    counts = parse_counts(client_counts)
+    if engines is None:
+        report = run_serve_bench(url, counts, requests_per_client, max_tokens)
+        click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+        return
+    if url is not None:
+        raise UsageError("--engine starts each engine itself: leave out --url")
+    chosen = parse_engines(engines)
+    report = run_engines_bench(
+        chosen,
+        counts,
+        requests_per_client,
+        max_tokens,
+        model=model,
+        dtype=dtype,
+        max_batch=max_batch,
+        progress=status,
+    )
+    click.echo(json.dumps(report, indent=2) if as_json else format_engines_report(report))
 
 
 @bench.command("soak")
