@@ -151,21 +151,12 @@ def test_client_mistakes_are_one_clear_4xx_in_openai_shape(plain_service: Runnin
     assert resp.status_code == 400  # not JSON: the front's own parser, before vLLM
 
 
-ABORT = 'finished_reason="abort"'
-
-
 def test_a_body_with_a_repeated_key_never_reaches_vllm(plain_service: RunningService) -> None:
     """Duplicate keys are where two JSON parsers disagree (first or last wins): the front
     refuses them, so vLLM cannot read another value than the one the limits were checked on."""
     for pair in (b'"n": 99, "n": 2', b'"n": 2, "n": 99'):
-        raw = (
-            (
-                b'{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, '
-                % MODEL.encode()
-            )
-            + pair
-            + b"}"
-        )
+        head = b'{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], ' % MODEL.encode()
+        raw = head + b'"max_tokens": 3, ' + pair + b"}"
         resp = requests.post(
             plain_service.url + "/v1/chat/completions",
             data=raw,
@@ -176,30 +167,6 @@ def test_a_body_with_a_repeated_key_never_reaches_vllm(plain_service: RunningSer
 
 
 ABORT = 'finished_reason="abort"'
-
-
-def test_vllm_parses_exactly_what_the_front_checked(plain_service: RunningService) -> None:
-    """Duplicate keys: the front keeps the last (as Python's json does) and re-encodes the
-    object, so vLLM cannot read another value than the one the limits were checked on."""
-    raw = (
-        b'{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,'
-        b' "n": 99, "n": 2}' % MODEL.encode()
-    )
-    resp = requests.post(
-        plain_service.url + "/v1/chat/completions",
-        data=raw,
-        headers={"Content-Type": "application/json"},
-        timeout=60,
-    )
-    assert resp.status_code == 200 and len(resp.json()["choices"]) == 2
-    too_many = raw.replace(b'"n": 99, "n": 2', b'"n": 2, "n": 99')
-    resp = requests.post(
-        plain_service.url + "/v1/chat/completions",
-        data=too_many,
-        headers={"Content-Type": "application/json"},
-        timeout=60,
-    )
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
 
 
 def _vllm_metric(running: RunningService, name: str, label: str = "") -> float:
