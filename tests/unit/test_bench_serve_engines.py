@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -87,20 +88,24 @@ def _rows(table: str) -> dict[str, list[list[str]]]:
     return rows
 
 
-def test_the_table_gives_ratios_against_vllm_alone_and_tdllm() -> None:
-    report = {
+def _report(*engines: dict[str, Any]) -> dict[str, Any]:
+    return {
         "model": "m",
         "dtype": "bf16",
         "max_batch": 8,
         "max_tokens": 64,
         "requests_per_client": 2,
         "rss": "psutil",
-        "engines": [
-            {"engine": "tdllm", "start_s": 5.0, "levels": [_level(1, 10.0, 0.2, 500.0)]},
-            {"engine": "vllm", "start_s": 90.0, "levels": [_level(1, 18.0, 0.3, 2000.0)]},
-            {"engine": "vllm-alone", "start_s": 80.0, "levels": [_level(1, 20.0, 0.25, 1600.0)]},
-        ],
+        "engines": list(engines),
     }
+
+
+def test_the_table_gives_ratios_against_vllm_alone_and_tdllm() -> None:
+    report = _report(
+        {"engine": "tdllm", "start_s": 5.0, "levels": [_level(1, 10.0, 0.2, 500.0)]},
+        {"engine": "vllm", "start_s": 90.0, "levels": [_level(1, 18.0, 0.3, 2000.0)]},
+        {"engine": "vllm-alone", "start_s": 80.0, "levels": [_level(1, 20.0, 0.25, 1600.0)]},
+    )
     rows = _rows(format_engines_report(report))
     assert list(rows) == ["tdllm", "vllm", "vllm-alone"]
     # vllm vs vllm-alone (the front's cost): 18/20 tok/s, 0.3/0.25 TTFT, 2000/1600 RSS
@@ -112,15 +117,7 @@ def test_the_table_gives_ratios_against_vllm_alone_and_tdllm() -> None:
 
 
 def test_the_table_without_a_baseline_says_so() -> None:
-    report = {
-        "model": "m",
-        "dtype": "bf16",
-        "max_batch": 8,
-        "max_tokens": 64,
-        "requests_per_client": 2,
-        "rss": "psutil",
-        "engines": [{"engine": "tdllm", "start_s": 5.0, "levels": [_level(8, 40.0, 1.0, 600.0)]}],
-    }
+    report = _report({"engine": "tdllm", "start_s": 5.0, "levels": [_level(8, 40.0, 1.0, 600.0)]})
     row = _rows(format_engines_report(report))["tdllm"]
     assert row[1] == ["-", "-", "-"]
     assert row[2] == ["1.00x", "1.00x", "1.00x"]

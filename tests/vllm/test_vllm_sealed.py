@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from tests.attestation.simulated_broker import (
     simulated_deployment,
     td_fields,
 )
-from tests.sealing.sealed_dirs import chunk_span, entry, read_chunk, write_chunk, xored
+from tests.sealing.sealed_dirs import chunk_span, entry, read_chunk, write_chunk
 from tests.vllm.conftest import RunningService, start_service, wait_until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.filterwarnings("ignore:.*SIMULATED.*")]
@@ -176,23 +176,31 @@ def _fails_with(running: RunningService, *words: str) -> str:
     return reason
 
 
-def test_a_flipped_bit_in_a_weight_chunk_fails_the_vllm_boot_naming_the_tensor(
-    deployment: SimulatedDeployment, sealed: Path, broker: Broker, tmp_path: Path
-) -> None:
-    folder = _copy(sealed, tmp_path)
+def _flip_a_bit(folder: Path) -> None:
     path, offset, length = chunk_span(folder, PROBE, 1)
-    with xored(path, offset + length // 2, 0x01):
-        running = sealed_service(deployment, folder, broker, wait=False)
-        _fails_with(running, "vLLM could not load the model", PROBE)
+    with open(path, "r+b") as f:
+        f.seek(offset + length // 2)
+        byte = f.read(1)[0]
+        f.seek(offset + length // 2)
+        f.write(bytes([byte ^ 0x01]))
 
 
-def test_swapped_chunks_fail_the_vllm_boot(
-    deployment: SimulatedDeployment, sealed: Path, broker: Broker, tmp_path: Path
-) -> None:
-    folder = _copy(sealed, tmp_path)
+def _swap_two_chunks(folder: Path) -> None:
     first, second = read_chunk(folder, PROBE, 0), read_chunk(folder, PROBE, 1)
     write_chunk(folder, PROBE, 0, second)
     write_chunk(folder, PROBE, 1, first)
+
+
+@pytest.mark.parametrize("tamper", [_flip_a_bit, _swap_two_chunks], ids=["bit", "swap"])
+def test_tampered_chunks_fail_vllms_load_naming_the_tensor(
+    deployment: SimulatedDeployment,
+    sealed: Path,
+    broker: Broker,
+    tmp_path: Path,
+    tamper: Callable[[Path], None],
+) -> None:
+    folder = _copy(sealed, tmp_path)
+    tamper(folder)
     running = sealed_service(deployment, folder, broker, wait=False)
     _fails_with(running, "vLLM could not load the model", PROBE)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from tdllm.engine import Engine, SamplingParams
 from tdllm.engine.engine import StepOutput
+from tdllm.idle_wait import wait_for_idle
 from tdllm.profiles.base import ServedModel
 from tdllm.trusted.errors import DeviceIntegrityError
 
@@ -154,15 +155,7 @@ class EngineRunner:
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until nothing is outstanding (or the engine thread is gone); False if
         `timeout_s` passed first."""
-        deadline = time.monotonic() + timeout_s
-        with self._idle:
-            while self._outstanding > 0 and self.alive:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                # a slice at a time: an engine thread that dies notifies no one
-                self._idle.wait(min(remaining, _IDLE_POLL_S))
-        return True
+        return wait_for_idle(self._idle, lambda: self._outstanding, lambda: self.alive, timeout_s)
 
     @property
     def alive(self) -> bool:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 
+from tdllm.idle_wait import wait_for_idle
 from tdllm.vllm_engine.child import VllmProcess
 from tdllm.vllm_engine.socket_http import UnixHTTPConnection
 
 log = logging.getLogger("tdllm.vllm")
-_IDLE_POLL_S = 0.25
 
 
 class Refused(Exception):  # noqa: N818  # reads as the state it reports
@@ -92,14 +91,7 @@ class VllmBackend:
             self._admitting = False
 
     def wait_idle(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        with self._idle:
-            while self._outstanding > 0 and self.alive:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(min(remaining, _IDLE_POLL_S))
-        return True
+        return wait_for_idle(self._idle, lambda: self._outstanding, lambda: self.alive, timeout_s)
 
     def stop(self, timeout_s: float = 5.0, reason: str | None = None) -> None:
         """Stop vLLM; streams still open end when their connection closes."""
