@@ -182,3 +182,13 @@ def test_logprobs_are_refused_unless_the_owner_allows_them_and_only_as_many() ->
     with pytest.raises(SettingsError, match="logprobs_policy"):
         Settings(logprobs_policy="top-k:99")
     assert Settings(logprobs_policy="top-k:5").logprobs_policy == "top-k:5"
+
+
+def test_a_relative_vllm_python_is_made_absolute_without_leaving_the_venv(tmp_path: Path) -> None:
+    from tdllm.api.boot import vllm_launch
+
+    settings = Settings(engine="vllm", vllm_python=".venv-vllm/bin/python", max_batch=4)
+    launch = vllm_launch(settings, open_checkpoint("bundled"))
+    assert launch.python == Path.cwd() / ".venv-vllm" / "bin" / "python"  # not resolved
+    assert launch.max_num_seqs == 4 and launch.max_model_len == 2048
+    assert launch.kv_cache_gib == 1 and launch.max_logprobs == 0

@@ -238,7 +238,9 @@ def vllm_launch(settings: Settings, checkpoint: Any, tcp_port: int | None = None
     source = str(bundled_model_path() if s.model == "bundled" else Path(s.model).resolve())
     sequences = int(option_value(s.vllm_args, "--max-num-seqs") or s.max_batch)
     return VllmLaunch(
-        python=Path(s.vllm_python or ""),
+        # absolute, symlinks kept: Popen looks a relative path up in the child's cwd, and a
+        # venv's python is a symlink that must stay one (resolved, it leaves the venv)
+        python=Path(os.path.abspath(s.vllm_python or "")),
         source=source,
         served_name=name,
         dtype=s.dtype,
