@@ -185,7 +185,7 @@ def test_logprobs_are_refused_unless_the_owner_allows_them_and_only_as_many() ->
 
 
 def test_a_relative_vllm_python_is_made_absolute_without_leaving_the_venv(tmp_path: Path) -> None:
-    from tdllm.api.boot import vllm_launch
+    from tdllm.api.vllm_start import vllm_launch
 
     settings = Settings(engine="vllm", vllm_python=".venv-vllm/bin/python", max_batch=4)
     launch = vllm_launch(settings, open_checkpoint("bundled"))

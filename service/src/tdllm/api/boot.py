@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # imported lazily at run time: a plain model needs neither
 
     from tdllm.sealing.format import ModelVersion
     from tdllm.vllm_engine.backend import VllmBackend
-    from tdllm.vllm_engine.child import SealedHandoff, VllmLaunch
+    from tdllm.vllm_engine.child import SealedHandoff
     from tdllm_attest.broker.client import ReleasedKey
 
 log = logging.getLogger("tdllm.api.boot")
@@ -220,37 +220,6 @@ def collateral_for(
 
     source = PccsCollateralSource(PccsClient(settings.pccs_url), MemoryCollateralCache())
     return lambda quote: source.get(quote).source_json
-
-
-def vllm_launch(settings: Settings, checkpoint: Any, tcp_port: int | None = None) -> VllmLaunch:
-    """How the service starts vLLM for `checkpoint` under `settings` (the serve bench's
-    vllm-alone too, with `tcp_port`)."""
-    from tdllm.model.bundled import BUNDLED_NAME, bundled_model_path
-    from tdllm.settings import logprobs_limit
-    from tdllm.vllm_engine.args import option_value
-    from tdllm.vllm_engine.child import VllmLaunch, kv_cache_gib
-
-    s = settings
-    name = s.served_model_name or (BUNDLED_NAME if s.model == "bundled" else checkpoint.name)
-    context = min(s.context_tokens, checkpoint.config.max_position_embeddings)
-    max_len = int(option_value(s.vllm_args, "--max-model-len") or context)
-    # a path vLLM's venv can open without the bundled model's package installed in it
-    source = str(bundled_model_path() if s.model == "bundled" else Path(s.model).resolve())
-    sequences = int(option_value(s.vllm_args, "--max-num-seqs") or s.max_batch)
-    return VllmLaunch(
-        # absolute, symlinks kept: Popen looks a relative path up in the child's cwd, and a
-        # venv's python is a symlink that must stay one (resolved, it leaves the venv)
-        python=Path(os.path.abspath(s.vllm_python or "")),
-        source=source,
-        served_name=name,
-        dtype=s.dtype,
-        max_model_len=max_len,
-        max_num_seqs=s.max_batch,
-        extra_args=s.vllm_args,
-        kv_cache_gib=kv_cache_gib(checkpoint, s.dtype, sequences, max_len),
-        max_logprobs=logprobs_limit(s.logprobs_policy) or 0,
-        tcp_port=tcp_port,
-    )
 
 
 class Boot:
@@ -440,30 +409,20 @@ class Boot:
     def _start_vllm(self, checkpoint: Any) -> VllmBackend:
         """Start vLLM's server on this model (sealed: the key goes to its loader) and wait
         until it answers; /ready says how long it has been starting."""
-        from tdllm.vllm_engine.backend import VllmBackend
-        from tdllm.vllm_engine.child import VllmProcess, VllmStartFailed
+        from tdllm.api.vllm_start import start_vllm
+        from tdllm.vllm_engine.child import VllmStartFailed
 
-        s = self.settings
-        launch = vllm_launch(s, checkpoint)
-        process = VllmProcess(launch)
         handoff, self._handoff = self._handoff, None
 
         def waiting(seconds: float) -> None:
             self.state.set("loading", f"starting the vLLM engine ({seconds:.0f}s)")
 
         try:
-            process.start(checkpoint, handoff)
-            process.wait_ready(s.vllm_start_timeout_s, waiting)
+            return start_vllm(
+                self.settings, checkpoint, handoff, waiting, self.deps.restart or restart_worker
+            )
         except VllmStartFailed as exc:
             raise BootFailed(exc.diagnostics()) from None
-        return VllmBackend(
-            process,
-            model_name=launch.served_name,
-            max_model_len=launch.max_model_len,
-            capacity=s.max_batch + s.queue_size,
-            protection={"profile": "td-only", "device": None, "k": None},
-            on_exit=self.deps.restart or restart_worker,
-        ).start_watching()
 
     def _start_engine(self, checkpoint: Any) -> EngineRunner:
         """Build the model for the configured protection profile and start its engine."""

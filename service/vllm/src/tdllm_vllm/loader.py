@@ -17,6 +17,7 @@ docs/sealed-format.md).
 from __future__ import annotations
 
 import socket
+from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +112,9 @@ class _TdllmLoader(BaseModelLoader):
             raise LoaderConfigError(f"the checkpoint lacks {len(missing)} parameters: {shown}")
         return len(seen)
 
+    @abstractmethod
     def _open(self, key: bytearray) -> Checkpoint:
-        raise NotImplementedError
+        """The checkpoint to load (`key`: the data key, empty for a plain model)."""
 
 
 class PlainLoader(_TdllmLoader):

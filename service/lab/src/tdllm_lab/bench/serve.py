@@ -287,7 +287,7 @@ def _served(
 
 def _start_vllm_alone(settings: Any) -> Any:
     """vLLM's server as `tdllm.api.boot.Boot._start_vllm` starts it (plain model), on TCP."""
-    from tdllm.api.boot import vllm_launch
+    from tdllm.api.vllm_start import vllm_launch
     from tdllm.sources import open_checkpoint
     from tdllm.vllm_engine.child import VllmProcess
 
