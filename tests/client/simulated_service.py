@@ -7,6 +7,7 @@ for `tdllm.api.receipts` (`receipt_fields`: the receipt such a TD signs for BODY
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +19,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tdllm_attest.client.binding import ServiceClaims, attestation_answer, okp_jwk, report_data
 from tdllm_attest.client.receipt_protocol import format_time
+from tdllm_attest.gpu.binding import gpu_nonce
+from tdllm_attest.gpu.evidence import evidence_digest
+from tdllm_attest.testing.gpu import SyntheticGpu
 from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
 from tdllm_attest.testing.provider import SimulatedProvider
 from tdllm_attest.wire import from_b64url
@@ -47,22 +51,29 @@ class SimulatedService:
     claims: ServiceClaims = field(default_factory=lambda: ServiceClaims("td-only", MODEL, None))
     key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     signing_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    gpus: tuple[SyntheticGpu, ...] = ()  # gpu-cc: evidence of these, made for each nonce
 
     def answer(self, nonce: str, *, collateral: str | None) -> dict[str, Any]:
         """The /v1/attestation document for `nonce`, carrying `collateral` as the host served it."""
         public_jwk = okp_jwk("X25519", _raw(self.key))
         signing_jwk = okp_jwk("Ed25519", _raw(self.signing_key))
-        data = report_data(nonce, public_jwk, signing_jwk, self.claims)
+        claims, evidence = self.claims, None
+        if self.gpus:
+            made = [gpu.collect(gpu_nonce(bytes.fromhex(nonce))) for gpu in self.gpus]
+            claims = dataclasses.replace(claims, gpu={"evidence_sha256": evidence_digest(made)})
+            evidence = [e.to_json() for e in made]
+        data = report_data(nonce, public_jwk, signing_jwk, claims)
         quote = SimulatedProvider(self.platform, self.fields).get_quote(data)
         return attestation_answer(
             nonce=nonce,
             public_jwk=public_jwk,
             signing_jwk=signing_jwk,
-            claims=self.claims,
+            claims=claims,
             quote=quote,
             collateral=collateral,
             event_log=None,
             simulated=True,
+            gpu_evidence=evidence,
         )
 
 

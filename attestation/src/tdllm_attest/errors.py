@@ -18,6 +18,7 @@ EXIT_TCB = 6
 EXIT_POLICY = 7
 EXIT_BINDING = 8
 EXIT_POLICY_DOCUMENT = 9
+EXIT_GPU_EVIDENCE = 10
 
 
 class AttestationError(Exception):
@@ -102,3 +103,15 @@ class PolicyDocumentError(AttestationError):
     """The policy document is malformed, fails its schema, or its signature does not verify."""
 
     exit_code = EXIT_POLICY_DOCUMENT
+
+
+class GpuEvidenceError(AttestationError):
+    """GPU evidence (SPDM report, device chain, RIM) is malformed, badly signed or untrusted."""
+
+    exit_code = EXIT_GPU_EVIDENCE
+
+
+class GpuPolicyError(AttestationError):
+    """Genuine GPU evidence that the GPU policy refuses (nonce, versions, measurements, mode)."""
+
+    exit_code = EXIT_POLICY

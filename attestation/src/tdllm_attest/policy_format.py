@@ -31,6 +31,7 @@ from tdllm_attest.abi import (
 from tdllm_attest.collateral import DEFAULT_MAX_COLLATERAL_AGE, FreshnessLimits
 from tdllm_attest.ed25519_pem import public_key_from_pem
 from tdllm_attest.errors import PolicyDocumentError
+from tdllm_attest.gpu.policy import GpuPolicy
 from tdllm_attest.model_identity import valid_model_name
 from tdllm_attest.verify import TCB_STATUSES
 from tdllm_attest.wire import canonical_json
@@ -54,6 +55,7 @@ _TOP_KEYS = {
     "rtmr3_allowed_events",
     "allow_service_td",
     "models",
+    "gpu",
 }
 _TCB_KEYS = {
     "accepted_statuses",
@@ -65,6 +67,7 @@ _TCB_KEYS = {
 }
 _TUPLE_KEYS = {"name", "mr_td", "rtmr0", "rtmr1", "rtmr2"}
 _MODEL_KEYS = {"model", "min_version"}
+_GPU_KEYS = {"driver_versions", "vbios_versions"}
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ class Policy:
     allow_service_td: bool = False
     # which models (and from which version) a key under this policy may unlock; None: any
     models: tuple[ModelRule, ...] | None = None
+    # the gpu-cc profile: GPU evidence is required and judged by these rules; None: no GPU
+    gpu: GpuPolicy | None = None
 
     def freshness_limits(self) -> FreshnessLimits:
         """Collateral limits that `verify_quote` must apply for this policy."""
@@ -216,6 +221,24 @@ def _model_rules(value: object) -> tuple[ModelRule, ...] | None:
     return tuple(rules)
 
 
+def _gpu_policy(value: object) -> GpuPolicy | None:
+    """`{"driver_versions": [...], "vbios_versions": [...]}`; an empty list: any version the
+    verifier's RIMs (NVIDIA's signed reference values) cover."""
+    if value is None:
+        return None
+    gpu = _keys(value, _GPU_KEYS, _GPU_KEYS, "gpu")
+    versions = {}
+    for name in sorted(_GPU_KEYS):
+        items = _list(gpu[name], f"gpu.{name}")
+        if not all(isinstance(v, str) and 0 < len(v) <= 64 and v.isprintable() for v in items):
+            raise PolicyDocumentError(f"policy gpu.{name}: want version strings")
+        versions[name] = frozenset(v.lower() for v in items)
+    return GpuPolicy(
+        allowed_driver_versions=versions["driver_versions"],
+        allowed_vbios_versions=versions["vbios_versions"],
+    )
+
+
 def policy_from_document(doc: object) -> Policy:
     """Schema-check a policy document (the inner, unsigned object) and build a `Policy`."""
     required = {"schema", "tcb", "xfam", "measurements", "mr_config_id", "mr_owner"}
@@ -270,6 +293,7 @@ def policy_from_document(doc: object) -> Policy:
         ),
         allow_service_td=allow_service_td,
         models=_model_rules(top.get("models")),
+        gpu=_gpu_policy(top.get("gpu")),
     )
 
 

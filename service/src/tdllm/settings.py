@@ -24,6 +24,8 @@ ALLOW_SIMULATED_ENV = "TDLLM_ALLOW_SIMULATED_TDX"  # the same switch the attesta
 ATTESTATION_MODES = ("none", "tdx", "simulated")
 DTYPES = ("fp32", "bf16")
 ENGINES = ("tdllm", "vllm")
+GPU_CC = "gpu-cc"  # vLLM on a confidential-computing GPU inside the trust boundary
+GPU_EVIDENCE_SOURCES = ("nvml", "simulated")
 
 
 class SettingsError(UsageError):
@@ -55,6 +57,9 @@ class Settings:
     vllm_python: str | None = None
     vllm_args: tuple[str, ...] = ()
     vllm_start_timeout_s: float = 900.0
+    # profile "gpu-cc": where the GPUs' attestation evidence comes from: "nvml" (NVIDIA's
+    # driver, CC mode on) or "simulated" (an UNSAFE synthetic GPU; attestation 'simulated' only)
+    gpu_evidence: str = "nvml"
     # per-token log-probabilities help a client rebuild the model's last layers (docs/security.md):
     # "off" (default) refuses them, "top-k:N" allows up to N alternatives (N <= 20). Only the
     # vllm engine has logprobs; the tdllm engine refuses them whatever this says.
@@ -148,7 +153,9 @@ class Settings:
         rv_id = self.reference_values_id
         if rv_id is not None and not (0 < len(rv_id) <= 200 and rv_id.isprintable()):
             problems.append("reference_values_id must be 1..200 printable characters")
-        if self.profile != "td-only" or self.device != "cpu":
+        if self.profile == GPU_CC:
+            problems += _gpu_cc_problems(self)
+        elif self.profile != "td-only" or self.device != "cpu":
             problems += _protection_problems(self.profile, self.device)
         problems += _engine_problems(self)
         if not (0 <= self.drain_timeout_s <= 3600):
@@ -179,6 +186,22 @@ def _protection_problems(profile: str, device: str) -> list[str]:
     return []
 
 
+def _gpu_cc_problems(s: Settings) -> list[str]:
+    problems = []
+    if s.engine != "vllm":
+        problems.append("profile 'gpu-cc' runs on engine 'vllm' (vLLM on the attested GPU)")
+    if s.attestation == "none":
+        problems.append(
+            "profile 'gpu-cc' needs attestation 'tdx' or 'simulated' (its GPU "
+            "evidence is bound into the quotes)"
+        )
+    if s.gpu_evidence not in GPU_EVIDENCE_SOURCES:
+        problems.append(f"gpu_evidence must be one of {', '.join(GPU_EVIDENCE_SOURCES)}")
+    elif s.gpu_evidence == "simulated" and s.attestation != "simulated":
+        problems.append("gpu_evidence 'simulated' needs attestation 'simulated'")
+    return problems
+
+
 def logprobs_limit(policy: str) -> int | None:
     """The most top logprobs `policy` allows, None when they are off; ValueError if malformed."""
     if policy == "off":
@@ -201,7 +224,7 @@ def _engine_problems(s: Settings) -> list[str]:
     from tdllm.vllm_engine.args import check_vllm_args
 
     problems = check_vllm_args(s.vllm_args)
-    if s.profile != "td-only":
+    if s.profile not in ("td-only", GPU_CC):
         problems.append(
             f"profile {s.profile!r} runs only on the tdllm engine (it places layers on an "
             "untrusted device; vLLM runs the whole model inside the TD)"

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from tdllm_attest.broker.appraisal import appraise, parse_event_logs
+from tdllm_attest.broker.appraisal import appraise, parse_event_logs, parse_gpu_evidence
 from tdllm_attest.broker.keystore import KeystoreError
 from tdllm_attest.broker.problems import (
     BadRequest,
@@ -163,6 +163,7 @@ def create_app(settings: BrokerSettings) -> Flask:
                 request_collateral=doc.get("collateral"),
                 settings=settings,
                 event_logs=parse_event_logs(doc.get("ccel"), doc.get("runtime_log")),
+                gpu_evidence=parse_gpu_evidence(doc.get("gpu_evidence")),
             )
         except BrokerProblem as problem:
             problem.reason = (
@@ -184,7 +185,7 @@ def create_app(settings: BrokerSettings) -> Flask:
         )
         audit.info(
             "released client=%s session=%s key_id=%s model=%r version=%d mode=%s tcb=%s "
-            "quote_sha256=%s",
+            "quote_sha256=%s gpus=%s",
             request.remote_addr,
             session.session_id,
             record.key_id,
@@ -193,6 +194,7 @@ def create_app(settings: BrokerSettings) -> Flask:
             appraisal.mode,
             appraisal.verified.tcb_status,
             quote_hash,
+            json.dumps([gpu.summary() for gpu in appraisal.gpus]),
         )
         signed = signed_answer(
             session_id=session.session_id,

@@ -6,6 +6,7 @@ Every refusal is a `BrokerProblem` whose `reason` is the full story (for the aud
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from tdllm_attest.binding import check_report_data
 from tdllm_attest.broker.keystore import KeyRecord
 from tdllm_attest.broker.problems import CollateralUnavailable, EvidenceRejected, PolicyRefused
 from tdllm_attest.broker.protocol import (
+    GPU_EVIDENCE_KEY,
     PROTOCOL,
     RUNTIME_DATA_KEYS,
     report_data_for,
@@ -25,14 +27,21 @@ from tdllm_attest.errors import (
     AttestationError,
     CollateralError,
     EventLogError,
+    GpuPolicyError,
     PolicyMismatch,
     TcbStatusError,
 )
 from tdllm_attest.eventlog import Event, parse_ccel_log, parse_ccel_table, parse_runtime_log
+from tdllm_attest.gpu.binding import gpu_nonce
+from tdllm_attest.gpu.evidence import GpuEvidence, evidence_digest
+from tdllm_attest.gpu.policy import GpuAppraisal, appraise_gpu
 from tdllm_attest.policy import check_model_release, check_tcb, validate
+from tdllm_attest.policy_format import Policy
 from tdllm_attest.trust import MODE_PRODUCTION, MODE_SIMULATED
 from tdllm_attest.verify import VerifiedQuote, verify_quote
 from tdllm_attest.wire import from_b64url
+
+MAX_GPUS = 16  # GPUs in one TD's evidence (an HGX board has 8)
 
 
 @dataclass(frozen=True)
@@ -43,19 +52,23 @@ class Appraisal:
     tee_pubkey: Any
     tee_jwk: dict[str, str]  # the same key as sent (the broker's answer signature covers it)
     mode: str
+    gpus: tuple[GpuAppraisal, ...] = ()  # the gpu-cc profile's GPUs, as appraised
 
     def summary(self) -> dict[str, Any]:
         """Claims returned to the TD with its key (nothing secret)."""
-        return {
+        summary = {
             "tcb_status": self.verified.tcb_status,
             "simulated": self.verified.simulated,
             "mode": self.mode,
             "quote_sha256": hashlib.sha256(self.verified.quote.raw).hexdigest(),
         }
+        if self.gpus:
+            summary["gpus"] = [gpu.summary() for gpu in self.gpus]
+        return summary
 
 
 def _check_runtime_data(runtime: object, session: Session) -> dict[str, Any]:
-    if not isinstance(runtime, dict) or set(runtime) != RUNTIME_DATA_KEYS:
+    if not isinstance(runtime, dict) or set(runtime) - {GPU_EVIDENCE_KEY} != RUNTIME_DATA_KEYS:
         raise EvidenceRejected("runtime_data is not an object with exactly the protocol keys")
     for name, want in (
         ("protocol", PROTOCOL),
@@ -113,6 +126,62 @@ def parse_event_logs(ccel: object, runtime_log: object) -> EventLogs:
     return EventLogs(ccel_events, runtime_events)
 
 
+def parse_gpu_evidence(value: object) -> tuple[GpuEvidence, ...] | None:
+    """The attest request's `gpu_evidence` (a list of evidence objects), or None if absent."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or len(value) > MAX_GPUS:
+        raise EvidenceRejected(f"gpu_evidence is not a list of 1..{MAX_GPUS} evidence objects")
+    try:
+        return tuple(GpuEvidence.from_json(item) for item in value)
+    except AttestationError as exc:
+        raise EvidenceRejected(f"gpu_evidence: {exc}") from None
+
+
+def _bound_gpu_evidence(
+    runtime: dict[str, Any], evidences: tuple[GpuEvidence, ...] | None
+) -> tuple[GpuEvidence, ...] | None:
+    """The request's GPU evidence if REPORTDATA binds exactly it; evidence with no binding, or
+    a binding with no evidence, is refused (the host adds, strips or swaps it)."""
+    bound = runtime.get(GPU_EVIDENCE_KEY)
+    if evidences is None and bound is None:
+        return None
+    if evidences is None or bound is None:
+        raise EvidenceRejected("gpu_evidence and runtime_data.gpu_evidence_sha256 come together")
+    if not hmac.compare_digest(str(bound), evidence_digest(evidences)):
+        raise EvidenceRejected("gpu_evidence is not the evidence runtime_data binds")
+    return evidences
+
+
+def _appraise_gpus(
+    evidences: tuple[GpuEvidence, ...] | None,
+    policy: Policy,
+    session: Session,
+    settings: BrokerSettings,
+) -> tuple[GpuAppraisal, ...]:
+    """The policy's GPU rules on the bound evidence (gpu-cc); nothing when it has none."""
+    if policy.gpu is None:
+        return ()
+    if evidences is None:
+        raise PolicyRefused(f"policy {policy.name!r} requires GPU evidence; the request has none")
+    if settings.gpu_rims is None or settings.gpu_anchors is None:
+        raise CollateralUnavailable("the broker has no GPU reference values (RIMs) configured")
+    try:
+        appraised = appraise_gpu(
+            evidences,
+            nonce=gpu_nonce(from_b64url(session.nonce)),
+            rims=settings.gpu_rims,
+            policy=policy.gpu,
+            anchors=settings.gpu_anchors,
+            now=settings.now(),
+        )
+    except (PolicyMismatch, GpuPolicyError) as exc:
+        raise PolicyRefused(f"policy {policy.name!r}: GPU: {exc}") from None
+    except AttestationError as exc:
+        raise EvidenceRejected(f"GPU evidence: {type(exc).__name__}: {exc}") from None
+    return tuple(appraised)
+
+
 def appraise(
     *,
     session: Session,
@@ -122,15 +191,19 @@ def appraise(
     request_collateral: object,
     settings: BrokerSettings,
     event_logs: EventLogs | None = None,
+    gpu_evidence: tuple[GpuEvidence, ...] | None = None,
 ) -> Appraisal:
     """Session binding, quote verification, REPORTDATA, release mode, TCB, TD policy, and
     whether the policy lets the record's model and version go out.
 
     `event_logs` (CCEL, runtime RTMR3 log) are replayed against the quote's RTMRs by the policy;
     a policy with ``rtmr3: "event_log"`` refuses a request that carries no runtime log.
+    `gpu_evidence` (parse_gpu_evidence) must be what runtime_data binds; a policy with a `gpu`
+    section refuses a request without it, and appraises it after the TD checks.
     """
     logs = event_logs or EventLogs()
     runtime_data = _check_runtime_data(runtime, session)
+    gpus_sent = _bound_gpu_evidence(runtime_data, gpu_evidence)
     try:
         pubkey = tee_public_key(runtime_data["tee_pubkey"])
     except ValueError as exc:
@@ -169,6 +242,11 @@ def appraise(
         check_model_release(policy, record.model, record.version)
     except (TcbStatusError, PolicyMismatch) as exc:
         raise PolicyRefused(f"policy {policy.name!r}: {exc}") from None
+    gpus = _appraise_gpus(gpus_sent, policy, session, settings)
     return Appraisal(
-        verified=verified, tee_pubkey=pubkey, tee_jwk=runtime_data["tee_pubkey"], mode=mode
+        verified=verified,
+        tee_pubkey=pubkey,
+        tee_jwk=runtime_data["tee_pubkey"],
+        mode=mode,
+        gpus=gpus,
     )

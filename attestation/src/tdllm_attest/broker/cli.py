@@ -19,6 +19,9 @@ from tdllm_attest.broker.keystore import Keystore, load_kek
 from tdllm_attest.broker.settings import BrokerSettings
 from tdllm_attest.broker.signing import load_signing_key, write_signing_key_pair
 from tdllm_attest.collateral import CollateralSource
+from tdllm_attest.errors import AttestationError
+from tdllm_attest.gpu.anchors import GpuAnchors, select_gpu_anchors
+from tdllm_attest.gpu.rim import RimStore
 from tdllm_attest.pccs import CollateralCache, PccsClient, PccsCollateralSource, default_cache_dir
 from tdllm_attest.policy_format import load_policy, load_public_key
 from tdllm_attest.trust import select_trust_anchor
@@ -53,11 +56,35 @@ def signing_key(doc: dict[str, Any]) -> Ed25519PrivateKey:
         raise click.UsageError(f"broker config: {exc}") from None
 
 
+def gpu_settings(doc: dict[str, Any]) -> tuple[RimStore | None, GpuAnchors | None]:
+    """The gpu-cc profile's collateral: `gpu_rims` (a directory of NVIDIA's RIM .swidtag files)
+    and the roots GPU evidence must chain to: NVIDIA's in production, in simulated mode the test
+    roots of `simulated_gpu_roots` {"device": DER file, "rim": DER file} (two switches)."""
+    directory = doc.get("gpu_rims")
+    if directory is None:
+        return None, None
+    if not isinstance(directory, str):
+        raise click.UsageError("broker config: gpu_rims must be a directory path")
+    roots = doc.get("simulated_gpu_roots")
+    simulated = None
+    if roots is not None:
+        if not (isinstance(roots, dict) and set(roots) == {"device", "rim"}):
+            raise click.UsageError('broker config: simulated_gpu_roots is {"device", "rim"}')
+        simulated = (Path(roots["device"]).read_bytes(), Path(roots["rim"]).read_bytes())
+    try:
+        rims = RimStore.from_directory(directory)
+        anchors = select_gpu_anchors(doc["mode"], simulated_roots=simulated, environ=os.environ)
+    except AttestationError as exc:
+        raise click.UsageError(f"broker config: gpu: {exc}") from None
+    return rims, anchors
+
+
 def settings_from_file(path: Path) -> BrokerSettings:
     """Config JSON: mode, keystore, kek, signing_key (Ed25519 PEM), policy_public_key, policies
     {name: file}, pccs_url (+ optional collateral_cache_dir), optional simulated_root (DER file;
     needs mode "simulated" and TDLLM_ALLOW_SIMULATED_TDX=1), optional
-    accept_request_collateral_insecure (dev only)."""
+    accept_request_collateral_insecure (dev only), optional gpu_rims and simulated_gpu_roots
+    (`gpu_settings`)."""
     doc = json.loads(path.read_text(encoding="utf-8"))
     source = collateral_source(doc)
     insecure = doc.get("accept_request_collateral_insecure", False) is True
@@ -84,6 +111,7 @@ def settings_from_file(path: Path) -> BrokerSettings:
         environ=os.environ,
     )
     keystore = Keystore.load(Path(doc["keystore"]), load_kek(Path(doc["kek"])))
+    gpu_rims, gpu_anchors = gpu_settings(doc)
     return BrokerSettings(
         keystore=keystore,
         policies=policies,
@@ -91,6 +119,8 @@ def settings_from_file(path: Path) -> BrokerSettings:
         signing_key=answer_key,
         collateral=source,
         accept_request_collateral_insecure=insecure,
+        gpu_rims=gpu_rims,
+        gpu_anchors=gpu_anchors,
     )
 
 

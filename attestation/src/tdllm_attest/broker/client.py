@@ -7,7 +7,7 @@ Flask's test client). The data key is returned as a bytearray the caller can zer
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,8 +26,10 @@ from tdllm_attest.broker.protocol import (
 from tdllm_attest.broker.signing import AnswerSignatureError, signed_answer, verify_answer
 from tdllm_attest.broker.wrapping import decrypt_from_broker
 from tdllm_attest.errors import AttestationError
+from tdllm_attest.gpu.binding import gpu_nonce
+from tdllm_attest.gpu.evidence import GpuEvidence, evidence_digest
 from tdllm_attest.quote import QuoteProvider
-from tdllm_attest.wire import b64url
+from tdllm_attest.wire import b64url, from_b64url
 
 
 class KeyReleaseError(AttestationError):
@@ -100,6 +102,9 @@ class KeyClient:
     # CCEL ACPI table + log bytes; read at attest time, after the quote.
     runtime_log: Callable[[], str] | None = None
     ccel: Callable[[], tuple[bytes, bytes]] | None = None
+    # the gpu-cc profile: evidence of the TD's confidential-computing GPUs for an SPDM nonce
+    # (tdllm_attest.gpu.collect), made for this challenge and bound into REPORTDATA
+    gpu_evidence: Callable[[bytes], Sequence[GpuEvidence]] | None = None
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         status, doc = self.transport.post_json(path, body)
@@ -122,6 +127,14 @@ class KeyClient:
             raise KeyReleaseError("challenge response lacks session_id / nonce")
         if challenge.get("hash_alg") != HASH_ALG:
             raise KeyReleaseError(f"broker asks for hash {challenge.get('hash_alg')!r}")
+        gpu: list[dict[str, Any]] | None = None
+        digest = None
+        if self.gpu_evidence is not None:
+            try:
+                evidences = list(self.gpu_evidence(gpu_nonce(from_b64url(nonce))))
+            except ValueError:
+                raise KeyReleaseError("the broker's nonce is not base64url") from None
+            gpu, digest = [e.to_json() for e in evidences], evidence_digest(evidences)
         ephemeral = self.new_ephemeral_key()
         try:
             runtime = runtime_data(
@@ -129,6 +142,7 @@ class KeyClient:
                 nonce=nonce,
                 key_id=key_id,
                 tee_pubkey=ephemeral.export_public(as_dict=True),
+                gpu_evidence_sha256=digest,
             )
             quote = self.provider.get_quote(report_data_for(runtime))
             body: dict[str, Any] = {
@@ -136,6 +150,8 @@ class KeyClient:
                 "runtime_data": runtime,
                 "quote": b64url(quote),
             }
+            if gpu is not None:
+                body["gpu_evidence"] = gpu
             if self.collateral is not None:
                 body["collateral"] = self.collateral(quote)
             if self.runtime_log is not None:

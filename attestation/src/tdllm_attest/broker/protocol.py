@@ -1,7 +1,8 @@
 """Wire format of `tdllm-kb/1`, shared by the broker and the in-TD client.
 
 REPORTDATA = SHA-512(b"tdllm-kb/1\\0" || canonical_json(runtime_data)), all 64 bytes used, where
-runtime_data = {protocol, session_id, nonce, key_id, tee_pubkey (public JWK)}.
+runtime_data = {protocol, session_id, nonce, key_id, tee_pubkey (public JWK)}, plus
+gpu_evidence_sha256 when the TD sends GPU evidence (the gpu-cc profile; docs/attestation.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ JWE_ENC = "A256GCM"
 NONCE_SIZE = 32
 SESSION_ID_SIZE = 16
 RUNTIME_DATA_KEYS = frozenset({"protocol", "session_id", "nonce", "key_id", "tee_pubkey"})
+# binds the attest request's `gpu_evidence` (tdllm_attest.gpu.evidence.evidence_digest)
+GPU_EVIDENCE_KEY = "gpu_evidence_sha256"
 # Ephemeral TD keys the broker will encrypt to: (kty, crv) -> the JWK members allowed.
 ALLOWED_TEE_KEYS: dict[tuple[str, str], frozenset[str]] = {
     ("OKP", "X25519"): frozenset({"kty", "crv", "x"}),
@@ -32,16 +35,24 @@ ERROR_TYPE_PREFIX = "urn:tdllm:kb:error:"
 
 
 def runtime_data(
-    *, session_id: str, nonce: str, key_id: str, tee_pubkey: dict[str, str]
+    *,
+    session_id: str,
+    nonce: str,
+    key_id: str,
+    tee_pubkey: dict[str, str],
+    gpu_evidence_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The runtime data object the TD binds into REPORTDATA."""
-    return {
+    runtime: dict[str, Any] = {
         "protocol": PROTOCOL,
         "session_id": session_id,
         "nonce": nonce,
         "key_id": key_id,
         "tee_pubkey": dict(tee_pubkey),
     }
+    if gpu_evidence_sha256 is not None:
+        runtime[GPU_EVIDENCE_KEY] = gpu_evidence_sha256
+    return runtime
 
 
 def report_data_for(runtime: dict[str, Any]) -> bytes:

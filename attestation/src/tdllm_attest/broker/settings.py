@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tdllm_attest.broker.keystore import Keystore
 from tdllm_attest.collateral import CollateralSource
+from tdllm_attest.gpu.anchors import GpuAnchors
+from tdllm_attest.gpu.rim import RimStore
 from tdllm_attest.policy_format import Policy
 from tdllm_attest.trust import TrustAnchor
 
@@ -48,6 +50,11 @@ class BrokerSettings:
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     max_rate_clients: int = 10_000  # rate-limit counters kept (oldest evicted, expired first)
     max_sessions: int = 10_000  # pending challenges kept (oldest evicted, expired first)
+    # the gpu-cc profile: NVIDIA's reference integrity manifests (the GPU's collateral, like
+    # Intel's from the PCCS) and the roots GPU evidence must chain to; a policy with a `gpu`
+    # section is refused while either is missing
+    gpu_rims: RimStore | None = None
+    gpu_anchors: GpuAnchors | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_rate_clients", "max_sessions"):

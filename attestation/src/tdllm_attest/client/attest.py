@@ -8,7 +8,10 @@ policy names: MRTD/RTMR0-2 one of its allowed tuples, TD attributes, XFAM and ow
 listed, RTMR3 as it says (the runtime event log, when the answer carries one, must replay to
 the quote's RTMR3 first), (4) REPORTDATA equals the binding of *its own* fresh nonce, the
 returned keys and the returned claims (protection profile, model identity, reference-values id;
-`binding.report_data`). Without a policy it refuses: a genuine quote only says "some TD", and a
+`binding.report_data`), (5) in the gpu-cc profile, the GPU evidence served beside the quote is
+the evidence REPORTDATA binds, made for our nonce, signed by NVIDIA-rooted GPUs whose
+measurements match NVIDIA's signed reference values (RIMs the caller has) and the policy's
+`gpu` rules. Without a policy it refuses: a genuine quote only says "some TD", and a
 host can boot its own, prompt-logging image on genuine TDX hardware. Only an explicit
 `insecure_any_td=True` skips (3), never the baseline TD checks (DEBUG off etc.), and the result
 says so.
@@ -33,12 +36,18 @@ from tdllm_attest.client.errors import AttestationRefused
 from tdllm_attest.collateral import Collateral, CollateralSource, collateral_from_json
 from tdllm_attest.errors import AttestationError, BindingError
 from tdllm_attest.eventlog import Event, parse_runtime_log, replay
+from tdllm_attest.gpu.anchors import GpuAnchors, nvidia_anchors
+from tdllm_attest.gpu.binding import gpu_nonce
+from tdllm_attest.gpu.evidence import GpuEvidence, evidence_digest
+from tdllm_attest.gpu.policy import GpuPolicy, appraise_gpu
+from tdllm_attest.gpu.rim import RimStore
 from tdllm_attest.policy import check_tcb, check_td_baseline, validate
 from tdllm_attest.policy_format import Policy, load_policy, load_public_key
 from tdllm_attest.trust import TrustAnchor, select_trust_anchor
 from tdllm_attest.verify import VerifiedQuote
 from tdllm_attest.wire import from_b64url
 
+GPU_CC_PROFILE = "gpu-cc"
 NO_POLICY = (
     "no reference-values policy: give --policy FILE --policy-key PUB.pem "
     "(or, to skip checking which TD answers, --insecure-any-td)"
@@ -67,6 +76,7 @@ class AttestedService:
     profile: str = ""  # the protection profile REPORTDATA binds
     model: Mapping[str, Any] | None = None  # the served model's identity REPORTDATA binds
     policy_name: str | None = None  # the reference values checked; None: any TD was accepted
+    gpus: tuple[dict[str, Any], ...] = ()  # gpu-cc: each GPU's appraisal summary
 
 
 def new_nonce() -> str:
@@ -104,6 +114,8 @@ def verify_attestation(
     policy: Policy | None,
     insecure_any_td: bool = False,
     collateral_source: CollateralSource | None = None,
+    gpu_rims: RimStore | None = None,
+    gpu_anchors: GpuAnchors | None = None,
 ) -> AttestedService:
     """Check an /v1/attestation answer for `nonce` at time `now` (injected: the caller's clock)
     against the reference values `policy`; raise `AttestationRefused` on any defect.
@@ -112,6 +124,9 @@ def verify_attestation(
     With a `collateral_source` (e.g. `tdllm_attest.pccs.PccsCollateralSource`) the quote is
     verified against its collateral and whatever the answer carries is ignored; without one the
     answer's is used, and an answer without collateral is refused.
+    A gpu-cc answer needs `gpu_rims` (NVIDIA's reference integrity manifests for the GPU's
+    driver and VBIOS) and, with a policy, the policy's `gpu` section; `gpu_anchors` defaults to
+    NVIDIA's pinned roots (the simulated test roots come only through their two-switch gate).
     """
     if policy is None and not insecure_any_td:
         raise AttestationRefused(f"attestation refused: {NO_POLICY}")
@@ -134,6 +149,7 @@ def verify_attestation(
         ) from BindingError("REPORTDATA does not bind the expected values")
     events = _replay_runtime_log(doc.get("event_log"), report.rtmr[3])
     _check_identity(verified, policy, events)
+    gpus = _check_gpus(doc, nonce, claims, policy, gpu_rims, gpu_anchors, now)
     return AttestedService(
         public_key=key,
         signing_key=signing_key,
@@ -147,7 +163,58 @@ def verify_attestation(
         profile=claims.profile,
         model=claims.model,
         policy_name=policy.name if policy is not None else None,
+        gpus=gpus,
     )
+
+
+def _check_gpus(
+    doc: dict[str, Any],
+    nonce: str,
+    claims: ServiceClaims,
+    policy: Policy | None,
+    rims: RimStore | None,
+    anchors: GpuAnchors | None,
+    now: datetime,
+) -> tuple[dict[str, Any], ...]:
+    """The bound GPU evidence, appraised; required in the gpu-cc profile (whose prompts go to
+    the GPU), checked whenever REPORTDATA binds some."""
+    if claims.gpu is None:
+        if claims.profile == GPU_CC_PROFILE:
+            raise AttestationRefused("attestation refused: a gpu-cc service served no GPU evidence")
+        return ()
+    items = doc.get("gpu_evidence")
+    if not isinstance(items, list) or not items:
+        raise AttestationRefused("attestation refused: gpu_evidence is not a list of evidence")
+    try:
+        evidences = [GpuEvidence.from_json(item) for item in items]
+    except AttestationError as exc:
+        raise AttestationRefused(f"attestation refused: gpu_evidence: {exc}") from exc
+    if not hmac.compare_digest(evidence_digest(evidences), claims.gpu["evidence_sha256"]):
+        raise AttestationRefused(
+            "attestation refused: the GPU evidence is not the evidence REPORTDATA binds"
+        )
+    if policy is not None and policy.gpu is None:
+        raise AttestationRefused(
+            f"attestation refused: policy {policy.name!r} has no gpu section, so nothing says "
+            "which GPU drivers and VBIOS this service may run"
+        )
+    if rims is None:
+        raise AttestationRefused(
+            "attestation refused: the service attests GPUs; give NVIDIA's reference integrity "
+            "manifests for them (--gpu-rims DIR)"
+        )
+    try:
+        appraised = appraise_gpu(
+            evidences,
+            nonce=gpu_nonce(bytes.fromhex(nonce)),
+            rims=rims,
+            policy=policy.gpu if policy is not None and policy.gpu is not None else GpuPolicy(),
+            anchors=anchors or nvidia_anchors(),
+            now=now,
+        )
+    except AttestationError as exc:
+        raise AttestationRefused(f"attestation refused: GPU: {exc}") from exc
+    return tuple(gpu.summary() for gpu in appraised)
 
 
 def require_e2e_profile(attested: AttestedService) -> None:
@@ -156,7 +223,7 @@ def require_e2e_profile(attested: AttestedService) -> None:
         raise AttestationRefused(
             f"end-to-end encryption refused: the service's protection profile "
             f"{attested.profile!r} shows prompts to its untrusted device (only "
-            f"{' and '.join(sorted(E2E_PROFILES))} keep them in the TD)"
+            f"{', '.join(sorted(E2E_PROFILES))} keep them in the trust boundary)"
         )
 
 
@@ -243,7 +310,14 @@ def _claims(doc: dict[str, Any]) -> ServiceClaims:
     reference_values_id = doc.get("reference_values_id")
     if reference_values_id is not None and not isinstance(reference_values_id, str):
         raise AttestationRefused("attestation refused: reference_values_id is not a string")
-    return ServiceClaims(profile, model, reference_values_id)
+    gpu = doc.get("gpu")
+    if gpu is not None and not (
+        isinstance(gpu, dict)
+        and set(gpu) == {"evidence_sha256"}
+        and isinstance(gpu["evidence_sha256"], str)
+    ):
+        raise AttestationRefused("attestation refused: gpu is not {evidence_sha256}")
+    return ServiceClaims(profile, model, reference_values_id, gpu)
 
 
 def _okp_key(jwk: Any, crv: str, what: str) -> bytes:

@@ -16,7 +16,13 @@ cannot serve other keys or claims next to a genuine quote:
         "profile": <the protection profile: "td-only" | "split" | "masked" | "obfuscated">,
         "reference_values_id": <the reference_values_id setting, or null>,
         "service_public_key": {"kty": "OKP", "crv": "X25519", "x": <base64url, unpadded>},
-        "signing_public_key": {"kty": "OKP", "crv": "Ed25519", "x": <base64url, unpadded>}}))
+        "signing_public_key": {"kty": "OKP", "crv": "Ed25519", "x": <base64url, unpadded>},
+        "gpu": {"evidence_sha256": <hex tdllm_attest.gpu.evidence.evidence_digest>}}))
+
+where `gpu` is present only in the gpu-cc profile (absent, not null, elsewhere, so the
+REPORTDATA of every other profile is what it was): the evidence of the TD's
+confidential-computing GPUs, made for this nonce (`tdllm_attest.gpu.binding.gpu_nonce`) and
+served beside the quote as `gpu_evidence`.
 
 with `tdllm_attest.wire.canonical_json` (the key-broker protocol's too). `model` is null until
 the service's engine runs. (`tdllm_attest.binding` is the generic constant-time comparison of
@@ -47,13 +53,15 @@ class ServiceClaims:
     profile: str
     model: dict[str, Any] | None
     reference_values_id: str | None
+    # gpu-cc: {"evidence_sha256": hex} of the GPU evidence served with the quote; else None
+    gpu: dict[str, str] | None = None
 
 
 def bound_document(
     nonce_hex: str, public_jwk: dict[str, str], signing_jwk: dict[str, str], claims: ServiceClaims
 ) -> dict[str, Any]:
     """The document whose hash is REPORTDATA (see module docstring)."""
-    return {
+    document: dict[str, Any] = {
         "model": claims.model,
         "nonce": nonce_hex,
         "profile": claims.profile,
@@ -61,6 +69,9 @@ def bound_document(
         "service_public_key": public_jwk,
         "signing_public_key": signing_jwk,
     }
+    if claims.gpu is not None:
+        document["gpu"] = claims.gpu
+    return document
 
 
 def report_data(
@@ -84,6 +95,7 @@ def attestation_answer(
     collateral: str | None,
     event_log: str | None,
     simulated: bool,
+    gpu_evidence: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The /v1/attestation answer (docs/api.md): what a client reads, in the order it reads it."""
     body: dict[str, Any] = {
@@ -100,6 +112,9 @@ def attestation_answer(
         "reference_values_id": claims.reference_values_id,
         "simulated": simulated,
     }
+    if claims.gpu is not None:
+        body["gpu"] = claims.gpu
+        body["gpu_evidence"] = gpu_evidence
     if simulated:
         body["warning"] = "SIMULATED TDX: this quote proves nothing about the service"
     return body

@@ -35,6 +35,7 @@ from tdllm_attest.client.e2e import E2eClient, RequestsTransport
 from tdllm_attest.client.errors import E2eError
 from tdllm_attest.client.receipt_protocol import receipt_of
 from tdllm_attest.errors import EXIT_INTERNAL, AttestationError
+from tdllm_attest.gpu.rim import RimStore
 from tdllm_attest.trust import ALLOW_SIMULATED_ENV
 
 API_KEY_ENV = "TDLLM_API_KEY"
@@ -76,6 +77,14 @@ SIMULATED_WARNING = "WARNING: SIMULATED TDX attestation: this proves nothing"
     help="keep the answer's receipt, request, answer and receipt attestation in this folder "
     "(check them with tdllm-verify receipt)",
 )
+@click.option(
+    "--gpu-rims",
+    "gpu_rims",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="a gpu-cc service: NVIDIA's reference integrity manifests (.swidtag) for its GPUs' "
+    "driver and VBIOS, to check the GPU evidence it serves",
+)
 @click.option("--max-tokens", type=click.IntRange(1, 4096), default=128, show_default=True)
 @click.option(
     "--stream/--no-stream",
@@ -94,6 +103,7 @@ def chat(
     collateral_file: Path | None,
     simulated_root: Path | None,
     receipt_dir: Path | None,
+    gpu_rims: Path | None,
     max_tokens: int,
     stream: bool,
 ) -> None:
@@ -121,6 +131,7 @@ def chat(
             insecure_any_td=insecure_any_td,
             api_key=os.environ.get(API_KEY_ENV) or None,
             collateral_source=collateral_source,
+            gpu_rims=_rim_store(gpu_rims),
         )
         attested = client.attest()
     if attested.simulated:
@@ -141,6 +152,15 @@ def chat(
         click.echo()
     if receipt_dir is not None:
         _save_receipt(receipt_dir, client, kept)
+
+
+def _rim_store(folder: Path | None) -> RimStore | None:
+    if folder is None:
+        return None
+    try:
+        return RimStore.from_directory(folder)
+    except AttestationError as exc:
+        raise click.UsageError(f"--gpu-rims: {exc}") from None
 
 
 def _save_receipt(folder: Path, client: E2eClient, kept: dict[str, Any] | list[Any]) -> None:

@@ -41,6 +41,8 @@ from tdllm_attest.client.e2e_protocol import (
 from tdllm_attest.client.errors import AttestationRefused, E2eError
 from tdllm_attest.client.receipt_protocol import RECEIPTS_PATH
 from tdllm_attest.collateral import CollateralSource
+from tdllm_attest.gpu.anchors import GpuAnchors
+from tdllm_attest.gpu.rim import RimStore
 from tdllm_attest.policy_format import Policy
 from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.wire import canonical_json
@@ -90,6 +92,9 @@ class E2eClient:
     api_key: str | None = None  # sealed into every request, never sent as a header
     # our own collateral (a PCCS, a file); None: the collateral the service serves, via its host
     collateral_source: CollateralSource | None = None
+    # gpu-cc services: NVIDIA's RIMs for their GPUs and the GPU roots (default: NVIDIA's)
+    gpu_rims: RimStore | None = None
+    gpu_anchors: GpuAnchors | None = None
     # the exact body the TD's chat handler got for the last request: what receipts digest
     last_request: bytes | None = field(default=None, repr=False)
 
@@ -111,6 +116,8 @@ class E2eClient:
             policy=self.policy,
             insecure_any_td=self.insecure_any_td,
             collateral_source=self.collateral_source,
+            gpu_rims=self.gpu_rims,
+            gpu_anchors=self.gpu_anchors,
         )
         require_e2e_profile(attested)
         self.attested = attested

@@ -60,7 +60,8 @@ SUITE = CipherSuite.new(KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, AEADI
 # The profiles under which the mode exists: td-only keeps everything in the TD and masked shows
 # the untrusted device only one-time-padded values; split and obfuscated show it prompt-derived
 # activations by design (docs/security.md, A8), so there end-to-end encryption would be a lie.
-E2E_PROFILES = ("td-only", "masked")
+# gpu-cc: the prompts reach a GPU whose evidence the client verified (client/attest.py)
+E2E_PROFILES = ("td-only", "masked", "gpu-cc")
 
 
 class E2eDecryptError(AttestationError):

@@ -18,7 +18,14 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from tdllm.api import attestation, e2e, health, metrics, openapi, receipts, shutdown
 from tdllm.api.auth import install_api_keys
-from tdllm.api.boot import Boot, BootDeps, BootState, collateral_for, quote_provider_for
+from tdllm.api.boot import (
+    Boot,
+    BootDeps,
+    BootState,
+    collateral_for,
+    gpu_evidence_for,
+    quote_provider_for,
+)
 from tdllm.api.errors import register_error_handlers
 from tdllm.api.identity import ServiceIdentity
 from tdllm.api.logs import install_request_logging
@@ -77,6 +84,7 @@ def create_app(
     state = BootState(service_metrics)
     state.quote_provider, state.simulated = quote_provider_for(settings, deps)
     state.collateral = collateral_for(settings, deps, state.quote_provider)
+    state.gpu_evidence = gpu_evidence_for(settings, deps)
     service = Service(settings, service_metrics, state, ServiceIdentity(), deps, int(time.time()))
     if clock is not None:
         service.clock = clock

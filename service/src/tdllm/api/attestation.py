@@ -7,10 +7,15 @@ its nonce and the returned keys and claims (`tdllm_attest.client.binding.report_
 the runtime event log (when there is one) into RTMR3, and only then trusts the keys and the
 claims. In simulated mode the answer says
 ``"simulated": true`` and the quote proves nothing.
+
+In the gpu-cc profile the GPUs' evidence is collected for this nonce first (over
+`tdllm_attest.gpu.binding.gpu_nonce(nonce)`), served as `gpu_evidence`, and its digest is bound
+into REPORTDATA with the other claims, so the client checks the GPUs with the same freshness.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -24,6 +29,8 @@ from tdllm.api.errors import ApiError, invalid
 from tdllm_attest.client.binding import ServiceClaims, attestation_answer, report_data
 from tdllm_attest.errors import AttestationError, EventLogError
 from tdllm_attest.eventlog import parse_runtime_log
+from tdllm_attest.gpu.binding import gpu_nonce
+from tdllm_attest.gpu.evidence import GpuEvidence, evidence_digest
 
 log = logging.getLogger("tdllm.api.attestation")
 blueprint = Blueprint("attestation", __name__)
@@ -43,13 +50,33 @@ def attestation() -> ResponseReturnValue:
     nonce = request.args.get("nonce", "")
     if not _NONCE.fullmatch(nonce):
         raise invalid("nonce must be 16 to 64 bytes of hex", "nonce")
-    body, quote = attestation_document(service, nonce.lower(), service_claims(service))
+    nonce = nonce.lower()
+    claims, gpu_evidence = service_claims(service), gpu_evidence_for(service, nonce)
+    if gpu_evidence is not None:
+        claims = dataclasses.replace(claims, gpu={"evidence_sha256": evidence_digest(gpu_evidence)})
+    body, quote = attestation_document(service, nonce, claims, gpu_evidence)
     body["collateral"] = served_collateral(service, quote)
     return jsonify(body)
 
 
+def gpu_evidence_for(service: Any, nonce: str) -> list[GpuEvidence] | None:
+    """The GPUs' evidence for this nonce (gpu-cc), None without GPUs; a failure is a 503."""
+    source = service.state.gpu_evidence
+    if source is None:
+        return None
+    try:
+        return list(source(gpu_nonce(bytes.fromhex(nonce))))
+    except AttestationError as exc:
+        service.metrics.attestations.labels("failed").inc()
+        log.error("GPU evidence unavailable: %s", exc)
+        raise _unavailable("cannot produce GPU evidence now", "gpu_evidence_failed") from None
+
+
 def attestation_document(
-    service: Any, nonce: str, claims: ServiceClaims
+    service: Any,
+    nonce: str,
+    claims: ServiceClaims,
+    gpu_evidence: list[GpuEvidence] | None = None,
 ) -> tuple[dict[str, Any], bytes]:
     """(the answer for `nonce` and `claims` with collateral still null, its raw quote); a 503
     when there is no attestation or the quote (or the runtime log) cannot be had now."""
@@ -74,6 +101,7 @@ def attestation_document(
         collateral=None,
         event_log=event_log,
         simulated=service.state.simulated,
+        gpu_evidence=None if gpu_evidence is None else [e.to_json() for e in gpu_evidence],
     )
     return body, quote
 

@@ -69,6 +69,8 @@ class BootDeps:
     # asks the supervisor for a fresh process after the engine stopped (not for an integrity
     # failure); called on the engine thread with the reason. Default: `restart_worker`.
     restart: Callable[[str], None] | None = None
+    # profile gpu-cc: the GPUs' evidence for an SPDM nonce (default: gpu_evidence_for)
+    gpu_evidence: Callable[[bytes], Any] | None = None
 
 
 class BrokerTransport:
@@ -123,6 +125,8 @@ class BootState:
     # the sealed model's identity as unsealed (Checkpoint.identity); /v1/attestation binds it.
     # None for a plain model.
     sealed_model: dict[str, str] | None = None
+    # profile gpu-cc: nonce -> evidence of the GPUs, for the broker and for /v1/attestation
+    gpu_evidence: Callable[[bytes], Any] | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -199,6 +203,25 @@ def quote_provider_for(settings: Settings, deps: BootDeps) -> tuple[Any, bool]:
         log.warning("UNSAFE: attestation mode 'simulated': quotes prove nothing")
         return SimulatedProvider(SimulatedTdxPlatform(datetime.now(UTC))), True
     return None, False
+
+
+def gpu_evidence_for(settings: Settings, deps: BootDeps) -> Callable[[bytes], Any] | None:
+    """The gpu-cc profile's evidence source: injected (tests), NVIDIA's driver, or an UNSAFE
+    synthetic GPU (gpu_evidence 'simulated', which Settings allow only in simulated mode)."""
+    from tdllm.settings import GPU_CC
+
+    if settings.profile != GPU_CC:
+        return None
+    if deps.gpu_evidence is not None:
+        return deps.gpu_evidence
+    if settings.gpu_evidence == "simulated":
+        from tdllm_attest.testing.gpu import SyntheticGpu
+
+        log.warning("UNSAFE: gpu_evidence 'simulated': a synthetic GPU's evidence proves nothing")
+        return SyntheticGpu(datetime.now(UTC)).collect
+    from tdllm_attest.gpu.collect import NvmlEvidenceSource
+
+    return NvmlEvidenceSource()
 
 
 def collateral_for(
@@ -342,14 +365,19 @@ class Boot:
             KeyClient,
             KeyReleaseError,
         )
-        from tdllm_attest.errors import AttestationError
+        from tdllm_attest.errors import AttestationError, GpuEvidenceError
 
         url, key_id = self.settings.broker_url or "", self.settings.key_id or ""
         provider = self.state.quote_provider
         timeout = self.deps.broker_timeout_s
         transport = self.deps.transport or BrokerTransport(url, timeout)
         # no collateral in the request: the broker verifies against collateral it fetched itself
-        client = KeyClient(transport=transport, provider=provider, broker_key=self._broker_key())
+        client = KeyClient(
+            transport=transport,
+            provider=provider,
+            broker_key=self._broker_key(),
+            gpu_evidence=self.state.gpu_evidence,
+        )
         sleep = self.deps.sleep or self.state._stopped.wait
         attempts, delay = self.settings.boot_attempts, self.settings.boot_backoff_s
         metric = self.state.metrics.key_release_attempts
@@ -390,6 +418,9 @@ class Boot:
                     outcome = "busy"
                 else:
                     why, outcome = f"key broker busy ({status})", "busy"
+            except GpuEvidenceError as exc:
+                metric.labels("quote_failed").inc()
+                raise BootFailed(f"cannot produce GPU evidence: {exc}") from None
             except AttestationError as exc:
                 metric.labels("quote_failed").inc()
                 raise BootFailed(f"cannot produce a quote: {exc}") from None

@@ -96,8 +96,8 @@ def _refuse_profiles_that_show_prompts() -> None:
         raise ApiError(
             403,
             f"end-to-end encryption is not offered under the {profile!r} profile: it shows "
-            f"prompts to the untrusted device by design (only {' and '.join(E2E_PROFILES)} "
-            "keep them in the TD)",
+            f"prompts to the untrusted device by design (only {', '.join(E2E_PROFILES)} "
+            "keep them in the trust boundary)",
             "invalid_request_error",
             None,
             "e2e_unavailable",

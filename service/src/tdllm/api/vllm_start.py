@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tdllm.settings import Settings, logprobs_limit
+from tdllm.settings import GPU_CC, Settings, logprobs_limit
 from tdllm.vllm_engine.args import option_value
 from tdllm.vllm_engine.backend import VllmBackend
 from tdllm.vllm_engine.child import SealedHandoff, VllmLaunch, VllmProcess, kv_cache_gib
@@ -60,6 +60,13 @@ def start_vllm(
         model_name=launch.served_name,
         max_model_len=launch.max_model_len,
         capacity=settings.max_batch + settings.queue_size,
-        protection={"profile": "td-only", "device": None, "k": None},
+        protection=_protection(settings),
         on_exit=on_exit,
     ).start_watching()
+
+
+def _protection(settings: Settings) -> dict[str, Any]:
+    """What /v1/models says of where the model runs: all in the TD, or (gpu-cc) on the
+    attested confidential-computing GPU, which is inside the trust boundary."""
+    on_gpu = settings.profile == GPU_CC and settings.gpu_evidence == "nvml"
+    return {"profile": settings.profile, "device": "cuda" if on_gpu else None, "k": None}
