@@ -18,13 +18,22 @@ import pytest
 from tdllm_attest.client import AttestationRefused, AttestedService, new_nonce, verify_attestation
 from tdllm_attest.client.attest import anchor_for, require_e2e_profile
 from tdllm_attest.client.binding import ServiceClaims
+from tdllm_attest.client.receipt import ReceiptRefused, verify_receipt
+from tdllm_attest.client.receipt_protocol import (
+    RECEIPT_FIELD,
+    RECEIPTS_NONCE,
+    body_sha256,
+    receipt_of,
+    sign_receipt,
+)
 from tdllm_attest.gpu.anchors import GpuAnchors
 from tdllm_attest.gpu.rim import RimStore
 from tdllm_attest.policy_format import Policy
 from tdllm_attest.testing.gpu import SyntheticGpu
 from tdllm_attest.testing.platform import SimulatedTdxPlatform
 from tests.client.reference_policy import policy_for
-from tests.client.simulated_service import MODEL, SimulatedService
+from tests.client.simulated_service import BODY, MODEL, SimulatedService, receipt_fields
+from tests.client.simulated_service import NOW as RECEIPT_TIME
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
 SIMULATED = {"TDLLM_ALLOW_SIMULATED_TDX": "1"}
@@ -187,3 +196,24 @@ def test_refuses_a_gpu_under_roots_the_client_does_not_trust(
             rims=rims,
             anchors=stranger.anchors(environ=SIMULATED),
         )
+
+
+def test_a_gpu_cc_receipt_verifies_only_with_the_gpus_checked(
+    platform: SimulatedTdxPlatform, gpu: SyntheticGpu, rims: RimStore, anchors: GpuAnchors
+) -> None:
+    """A receipt of a gpu-cc answer stands on the receipt attestation, GPUs included."""
+    service = SimulatedService(platform, claims=GPU_CC, gpus=(gpu,))
+    document = service.answer(RECEIPTS_NONCE, collateral=platform.collateral_json())
+    receipt = receipt_fields(document, body_sha256(BODY))
+    answer = BODY | {RECEIPT_FIELD: sign_receipt(receipt, service.signing_key)}
+    options: dict[str, Any] = {
+        "anchor": anchor_for(platform.root_der, SIMULATED),
+        "now": RECEIPT_TIME,
+        "policy": _gpu_policy(platform, gpu.driver_version),
+    }
+    verified = verify_receipt(
+        receipt_of(answer), document, **options, gpu_rims=rims, gpu_anchors=anchors
+    )
+    assert verified.attested.gpus and verified.attested.profile == "gpu-cc"
+    with pytest.raises(ReceiptRefused, match="--gpu-rims"):
+        verify_receipt(receipt_of(answer), document, **options, gpu_anchors=anchors)

@@ -30,6 +30,7 @@ from tdllm_attest.client.attest import anchor_for, load_reference_policy
 from tdllm_attest.client.receipt import ReceiptRefused, VerifiedReceipt, load_kept, verify_receipt
 from tdllm_attest.client.receipt_protocol import receipt_of
 from tdllm_attest.errors import AttestationError
+from tdllm_attest.gpu.rim import RimStore
 from tdllm_attest.trust import ALLOW_SIMULATED_ENV, TrustAnchor
 from tdllm_attest.verify import VerificationProgress
 
@@ -73,6 +74,12 @@ SIMULATED_BANNER = "WARNING: SIMULATED TDX attestation: this receipt proves noth
 @click.option(
     "--at", "at_text", metavar="ISO8601", help="verification time (default: now; naive is UTC)"
 )
+@click.option(
+    "--gpu-rims",
+    "gpu_rims",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="a gpu-cc service: NVIDIA's RIMs (.swidtag) to check the GPU evidence it attested",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 def receipt_command(
     receipt_file: Path,
@@ -87,6 +94,7 @@ def receipt_command(
     request_file: Path | None,
     response_file: Path | None,
     at_text: str | None,
+    gpu_rims: Path | None,
     as_json: bool,
 ) -> None:
     """Verify a receipt: the attested TD signed this answer to this request."""
@@ -101,6 +109,7 @@ def receipt_command(
         policy = None
         if policy_file is not None and policy_key is not None:
             policy = load_reference_policy(policy_file, policy_key)
+        rims = RimStore.from_directory(gpu_rims) if gpu_rims is not None else None
         with own_collateral(pccs_url, cache_dir, collateral_file, now=lambda: at) as source:
             verified = verify_receipt(
                 _receipt(receipt_file),
@@ -113,6 +122,7 @@ def receipt_command(
                 request_bytes=request_file.read_bytes() if request_file else None,
                 response=_kept(response_file) if response_file else None,
                 progress=progress,
+                gpu_rims=rims,
             )
     except AttestationError as exc:
         error = exc

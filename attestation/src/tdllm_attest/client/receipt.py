@@ -38,6 +38,8 @@ from tdllm_attest.client.receipt_protocol import (
 )
 from tdllm_attest.collateral import CollateralSource
 from tdllm_attest.errors import AttestationError
+from tdllm_attest.gpu.anchors import GpuAnchors
+from tdllm_attest.gpu.rim import RimStore
 from tdllm_attest.policy_format import Policy
 from tdllm_attest.trust import TrustAnchor
 from tdllm_attest.verify import VerificationProgress
@@ -91,13 +93,16 @@ def verify_receipt(
     request_bytes: bytes | None = None,
     response: dict[str, Any] | list[Any] | None = None,
     progress: VerificationProgress | None = None,
+    gpu_rims: RimStore | None = None,
+    gpu_anchors: GpuAnchors | None = None,
 ) -> VerifiedReceipt:
     """Check `receipt_doc` (``{"receipt", "signature"}``) against the receipt attestation
     `attestation_doc` at time `now`; raise `ReceiptRefused` at the first check that fails, its
     `exit_code` the failure class. `progress` records each named check (the CLI).
 
     `request_bytes`: the exact request body sent; `response`: the answer kept, a whole body (an
-    object) or a stream's event payloads (a list). Unchecked when None.
+    object) or a stream's event payloads (a list). Unchecked when None. `gpu_rims` /
+    `gpu_anchors`: a gpu-cc service's GPU evidence is checked as `verify_attestation` does.
     """
     steps = progress or VerificationProgress()
     parts: list[tuple[dict[str, Any], bytes, datetime]] = []
@@ -105,7 +110,14 @@ def verify_receipt(
     receipt, signature, time = parts[0]
     steps.run("attestation document is the receipts one", lambda: _receipts_nonce(attestation_doc))
     attested = _attested(
-        steps, attestation_doc, anchor, now, policy, insecure_any_td, collateral_source
+        steps,
+        attestation_doc,
+        anchor,
+        now,
+        policy,
+        insecure_any_td,
+        collateral_source,
+        (gpu_rims, gpu_anchors),
     )
     steps.run("receipt names this attestation's quote", lambda: _quote(receipt, attestation_doc))
     steps.run(
@@ -213,6 +225,7 @@ def _attested(
     policy: Policy | None,
     insecure_any_td: bool,
     source: CollateralSource | None,
+    gpu: tuple[RimStore | None, GpuAnchors | None] = (None, None),
 ) -> AttestedService:
     result: list[AttestedService] = []
     name = (
@@ -232,6 +245,8 @@ def _attested(
                     policy=policy,
                     insecure_any_td=insecure_any_td,
                     collateral_source=source,
+                    gpu_rims=gpu[0],
+                    gpu_anchors=gpu[1],
                 )
             )
         except AttestationError as exc:
