@@ -14,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 
+from tdllm_attest.broker.cli import gpu_settings
 from tdllm_attest.broker.client import KeyReleaseError
 from tdllm_attest.gpu.policy import GpuPolicy
 from tdllm_attest.gpu.rim import RimStore
@@ -188,3 +190,37 @@ def test_rejects_runtime_data_with_a_key_the_protocol_does_not_have(
     with pytest.raises(KeyReleaseError) as excinfo:
         _fetch(dep, None, extra)
     assert _refusal(excinfo) == (401, "evidence-rejected")
+
+
+def test_broker_config_takes_rims_and_nvidias_roots_in_production(
+    gpu: SyntheticGpu, tmp_path: Path
+) -> None:
+    gpu.write_rims(tmp_path)
+    rims, anchors = gpu_settings({"mode": "production", "gpu_rims": str(tmp_path)})
+    assert rims is not None and len(rims) == 2
+    assert anchors is not None and anchors.is_nvidia
+    assert gpu_settings({"mode": "production"}) == (None, None)
+
+
+def test_broker_config_takes_simulated_gpu_roots_only_behind_both_switches(
+    gpu: SyntheticGpu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpu.write_rims(tmp_path)
+    (tmp_path / "device.der").write_bytes(gpu.device_root_der)
+    (tmp_path / "rim.der").write_bytes(gpu.rim_root_der)
+    doc = {
+        "mode": "simulated",
+        "gpu_rims": str(tmp_path),
+        "simulated_gpu_roots": {
+            "device": str(tmp_path / "device.der"),
+            "rim": str(tmp_path / "rim.der"),
+        },
+    }
+    monkeypatch.delenv("TDLLM_ALLOW_SIMULATED_TDX", raising=False)
+    with pytest.raises(click.UsageError, match="TDLLM_ALLOW_SIMULATED_TDX"):
+        gpu_settings(doc)
+    monkeypatch.setenv("TDLLM_ALLOW_SIMULATED_TDX", "1")
+    _rims, anchors = gpu_settings(doc)
+    assert anchors is not None and not anchors.is_nvidia
+    with pytest.raises(click.UsageError, match="gpu"):
+        gpu_settings(doc | {"mode": "production"})  # production never takes test roots

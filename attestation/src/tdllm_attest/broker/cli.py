@@ -70,6 +70,8 @@ def gpu_settings(doc: dict[str, Any]) -> tuple[RimStore | None, GpuAnchors | Non
     if roots is not None:
         if not (isinstance(roots, dict) and set(roots) == {"device", "rim"}):
             raise click.UsageError('broker config: simulated_gpu_roots is {"device", "rim"}')
+        if doc.get("mode") != "simulated":  # a test root in a production config: a mistake
+            raise click.UsageError("broker config: simulated_gpu_roots needs mode 'simulated'")
         simulated = (Path(roots["device"]).read_bytes(), Path(roots["rim"]).read_bytes())
     try:
         rims = RimStore.from_directory(directory)
