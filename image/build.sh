@@ -2,12 +2,14 @@
 # Build the measured guest image: mmdebstrap -> Ansible over chroot -> ext4 -> dm-verity -> UKI
 # -> signed reference values. One entry point (`make image`); every knob is in image/image.conf.
 #
-#   image/build.sh [--profile prod|dev|smoke] [--out DIR]
+#   image/build.sh [--profile prod|dev|smoke] [--engine tdllm|vllm] [--out DIR]
 #
-# Artefacts land in DIR/<profile>/ (default image/out/<profile>/): uki.efi, vmlinuz, initrd.img,
-# root.img (ext4 followed by its verity hash tree), cmdline.txt, packages.txt,
-# python-packages.txt, reference-values.json (Ed25519-signed) and build.log. Needs root (chroot,
-# bind mounts), the Debian packages of image/scripts/install-deps.sh and the tool venvs
+# Artefacts land in DIR/<profile>/ (default image/out/<profile>/; DIR/<profile>-vllm/ with
+# --engine vllm): uki.efi, vmlinuz, initrd.img, root.img (ext4 followed by its verity hash tree),
+# cmdline.txt, packages.txt, python-packages.txt (+ vllm-packages.txt), reference-values.json
+# (Ed25519-signed, naming the engine) and build.log. --engine vllm adds vLLM's venv
+# (/opt/tdllm/vllm-venv, from service/vllm/requirements.txt) to the measured root. Needs root
+# (chroot, bind mounts), the Debian packages of image/scripts/install-deps.sh and the tool venvs
 # (`make venv ansible-tools`). Only deb.debian.org and the Python package index are contacted.
 set -euo pipefail
 
@@ -16,16 +18,19 @@ log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PROFILE=prod
+ENGINE=tdllm
 OUT="$REPO/image/out"
 while (($#)); do
   case "$1" in
     --profile) PROFILE=${2:-}; shift 2 ;;
+    --engine) ENGINE=${2:-}; shift 2 ;;
     --out) OUT=${2:-}; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see image/build.sh --help)" ;;
   esac
 done
 case "$PROFILE" in prod|dev|smoke) ;; *) die "profile must be prod, dev or smoke, not '$PROFILE'" ;; esac
+case "$ENGINE" in tdllm|vllm) ;; *) die "engine must be tdllm or vllm, not '$ENGINE'" ;; esac
 [[ $(id -u) -eq 0 ]] || die "the image build needs root (chroot and bind mounts)"
 
 # shellcheck source=image.conf
@@ -41,8 +46,12 @@ for tool in mmdebstrap mke2fs veritysetup objcopy objdump debugfs; do
 done
 [[ -f $STUB ]] || die "missing $STUB: run image/scripts/install-deps.sh as root"
 
-DEST="$OUT/$PROFILE"
-WORK="$OUT/.work-$PROFILE"
+# The default engine keeps its old place; a vLLM image is another image, with its own digests.
+NAME=$PROFILE
+[[ $ENGINE == tdllm ]] || NAME="$PROFILE-$ENGINE"
+DEST="$OUT/$NAME"
+WORK="$OUT/.work-$NAME"
+VLLM_VENV=/opt/tdllm/vllm-venv
 ROOTFS="$WORK/rootfs"
 umount_all() {
   local m
@@ -65,6 +74,19 @@ tar -C "$REPO" --exclude=build --exclude='*.egg-info' --exclude=__pycache__ -cf 
   | tar -C "$WORK/src" -xf -
 "$PY" -m pip --disable-pip-version-check wheel -q -w "$WHEELS" -c "$REPO/service/constraints.txt" \
   "$WORK/src/attestation" "$WORK/src/service"
+
+# --engine vllm: a wheelhouse of its own (the service's venv resolves from $WHEELS, and vLLM
+# pins other versions of shared packages): every pinned requirement as a wheel, --no-deps and
+# binary only (nothing is built from an sdist), plus tdllm-vllm and our two wheels.
+VLLM_WHEELS="$WORK/wheelhouse-vllm"
+if [[ $ENGINE == vllm ]]; then
+  log "wheelhouse for vLLM: service/vllm/requirements.txt (pinned, --no-deps) and tdllm-vllm"
+  "$PY" -m pip --disable-pip-version-check download -q --no-deps --only-binary=:all: \
+    -d "$VLLM_WHEELS" -r "$REPO/service/vllm/requirements.txt"
+  "$PY" -m pip --disable-pip-version-check wheel -q --no-deps -w "$VLLM_WHEELS" "$WORK/src/service/vllm"
+  cp "$WHEELS"/tdllm-*.whl "$WHEELS"/tdllm_attest-*.whl "$VLLM_WHEELS/"
+  cp "$REPO/service/vllm/requirements.txt" "$VLLM_WHEELS/requirements.txt"
+fi
 
 log "root filesystem: mmdebstrap $IMAGE_SUITE (SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH)"
 mmdebstrap --quiet --mode=root --variant=minbase --skip=cleanup/apt/lists \
@@ -95,17 +117,23 @@ except ValueError as exc:
 Path(sys.argv[2]).write_text(json.dumps({"tdllm_service_broker_public_key": pem.decode()}))
 PY
 
-log "provisioning: ansible-playbook image.yml over the chroot connection (profile $PROFILE)"
+log "provisioning: ansible-playbook image.yml over the chroot connection (profile $PROFILE, engine $ENGINE)"
 for m in proc sys dev dev/pts; do mount --bind "/$m" "$ROOTFS/$m"; done
 # Package scripts must not start services in the build chroot.
 printf '#!/bin/sh\nexit 101\n' > "$ROOTFS/usr/sbin/policy-rc.d"
 chmod 0755 "$ROOTFS/usr/sbin/policy-rc.d"
 mkdir -p "$ROOTFS/tmp/wheelhouse"
 cp "$WHEELS"/*.whl "$ROOTFS/tmp/wheelhouse/"
+if [[ $ENGINE == vllm ]]; then
+  mkdir -p "$ROOTFS/tmp/wheelhouse-vllm"
+  cp "$VLLM_WHEELS"/* "$ROOTFS/tmp/wheelhouse-vllm/"
+fi
 ANSIBLE_CONFIG="$REPO/ansible/ansible.cfg" "$ANSIBLE_PLAYBOOK" \
   -i "$REPO/ansible/inventory/build-chroot.yml" \
   -e "ansible_host=$ROOTFS" -e "@$WORK/broker-key.json" -e "@$REPO/image/profiles/$PROFILE.yml" \
   -e "ml_runtime_wheelhouse=/tmp/wheelhouse" \
+  -e "tdllm_image_engine=$ENGINE" -e "tdllm_image_vllm_venv=$VLLM_VENV" \
+  -e "vllm_runtime_wheelhouse=/tmp/wheelhouse-vllm" \
   -e "tdllm_service_unit_src=$REPO/service/deploy/tdllm.service" \
   "$REPO/ansible/playbooks/image.yml" >"$WORK/ansible.log" 2>&1 \
   || { tail -40 "$WORK/ansible.log" >&2; die "ansible provisioning failed (log: $WORK/ansible.log)"; }
@@ -116,6 +144,10 @@ dpkg-query --admindir="$ROOTFS/var/lib/dpkg" -W -f '${Package}\t${Version}\t${Ar
   | LC_ALL=C sort >"$DEST/packages.txt"
 chroot "$ROOTFS" /opt/tdllm/venv/bin/python -m pip --disable-pip-version-check list \
   --format=freeze 2>/dev/null | LC_ALL=C sort >"$DEST/python-packages.txt"
+if [[ $ENGINE == vllm ]]; then
+  chroot "$ROOTFS" "$VLLM_VENV/bin/python" -m pip --disable-pip-version-check list \
+    --format=freeze 2>/dev/null | LC_ALL=C sort >"$DEST/vllm-packages.txt"
+fi
 KVER=$(basename "$(ls -1 "$ROOTFS"/boot/vmlinuz-* | tail -1)" | sed 's/^vmlinuz-//')
 cp "$ROOTFS/boot/vmlinuz-$KVER" "$DEST/vmlinuz"
 cp "$ROOTFS/boot/initrd.img-$KVER" "$DEST/initrd.img"
@@ -168,7 +200,7 @@ printf '%s' "$cmdline" >"$DEST/cmdline.txt"
 
 log "UKI: systemd-stub + kernel + initrd + cmdline"
 printf 'NAME="tdllm appliance"\nID=tdllm\nVERSION_ID=%s\nVARIANT_ID=%s\n' \
-  "$IMAGE_SUITE" "$PROFILE" >"$WORK/os-release"
+  "$IMAGE_SUITE" "$NAME" >"$WORK/os-release"
 # Sections go after the stub's last one, each on a 4 KiB boundary (bash arithmetic: mawk
 # has no hex parsing).
 next=0
@@ -207,7 +239,7 @@ PE
 log "reference values (signed)"
 key="$REPO/$IMAGE_SIGNING_KEY"
 [[ $IMAGE_SIGNING_KEY == /* ]] && key=$IMAGE_SIGNING_KEY
-"$PY" "$REPO/image/refvalues.py" sign --artefacts "$DEST" --profile "$PROFILE" \
+"$PY" "$REPO/image/refvalues.py" sign --artefacts "$DEST" --profile "$PROFILE" --engine "$ENGINE" \
   --verity-root-hash "$roothash" --verity-salt "$IMAGE_VERITY_SALT" \
   --source-date-epoch "$SOURCE_DATE_EPOCH" --repo "$REPO" --key "$key" --create-dev-key \
   --out "$DEST/reference-values.json"

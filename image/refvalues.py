@@ -1,12 +1,14 @@
 """Reference values of an image build: write and sign them, verify them, turn them into a policy.
 
-    refvalues.py sign    --artefacts DIR --profile P --verity-root-hash H --verity-salt S
-                         --source-date-epoch N --repo DIR --key KEY.pem [--create-dev-key] --out F
+    refvalues.py sign    --artefacts DIR --profile P [--engine tdllm|vllm] --verity-root-hash H
+                         --verity-salt S --source-date-epoch N --repo DIR --key KEY.pem
+                         [--create-dev-key] --out F
     refvalues.py verify  F --key-pub KEY.pub [--artefacts DIR]
     refvalues.py policy  F --key-pub KEY.pub --golden GOLDEN.json --key KEY.pem --out POLICY.json
 
 `sign` writes the build's digests (SHA-384 of the UKI, kernel, initrd, root image, command line
-and package manifests, plus the verity root hash, git commit and SOURCE_DATE_EPOCH) in the
+and package manifests, plus the verity root hash, git commit and SOURCE_DATE_EPOCH) and the
+serving engine the image carries (`tdllm`, or `vllm` with vLLM's venv in the root) in the
 signed envelope of `tdllm_attest.policy_format`: {"policy": DOC, "signature": {"alg": "Ed25519",
 "value": BASE64}} over `canonical_json(DOC)`. The document's schema is
 `tdllm-image-reference-values/1`, so `load_policy` verifies its signature and then refuses it as a
@@ -45,6 +47,9 @@ from tdllm_attest.wire import canonical_json
 SCHEMA = "tdllm-image-reference-values/1"
 ARTEFACTS = ("uki.efi", "vmlinuz", "initrd.img", "root.img")
 MANIFESTS = ("packages.txt", "python-packages.txt")
+ENGINES = ("tdllm", "vllm")
+# manifests only some engines' images have: the vLLM venv's `pip list`
+ENGINE_MANIFESTS = {"tdllm": (), "vllm": ("vllm-packages.txt",)}
 GOLDEN_KEYS = {"shape", "uki_sha384", "mr_td", "rtmr0", "rtmr1", "rtmr2", "xfam"}
 
 
@@ -84,9 +89,13 @@ def build_document(
     source_date_epoch: int,
     commit: str,
     dirty: bool,
+    engine: str = "tdllm",
 ) -> dict[str, Any]:
     """The reference-values document for the artefacts in `artefacts` (not yet signed)."""
-    missing = [n for n in (*ARTEFACTS, *MANIFESTS, "cmdline.txt") if not (artefacts / n).is_file()]
+    if engine not in ENGINES:
+        raise RefValuesError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    manifests = (*MANIFESTS, *ENGINE_MANIFESTS[engine])
+    missing = [n for n in (*ARTEFACTS, *manifests, "cmdline.txt") if not (artefacts / n).is_file()]
     if missing:
         raise RefValuesError(f"{artefacts}: missing artefact(s) {', '.join(missing)}")
     cmdline = (artefacts / "cmdline.txt").read_text(encoding="utf-8")
@@ -95,6 +104,8 @@ def build_document(
     return {
         "schema": SCHEMA,
         "profile": profile,
+        # signed with the rest: which serving engine (and so which venvs) the root holds
+        "engine": engine,
         "hash_alg": "sha384",
         "artefacts": {
             name: {"sha384": sha384_file(path), "size": path.stat().st_size}
@@ -104,7 +115,7 @@ def build_document(
         "cmdline": cmdline,
         "cmdline_sha384": hashlib.sha384(cmdline.encode()).hexdigest(),
         "verity": {"root_hash": verity_root_hash, "salt": verity_salt, "hash_alg": "sha256"},
-        "manifests": {name: sha384_file(artefacts / name) for name in MANIFESTS},
+        "manifests": {name: sha384_file(artefacts / name) for name in manifests},
         "source_date_epoch": source_date_epoch,
         "git_commit": commit,
         "git_dirty": dirty,
@@ -134,7 +145,14 @@ def verify_document(text: str, key: Ed25519PublicKey) -> dict[str, Any]:
         raise RefValuesError("reference values: signature does not verify with the key") from None
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
         raise RefValuesError(f"reference values: schema is not {SCHEMA!r}")
+    if document.get("engine", "tdllm") not in ENGINES:  # absent: a build from before the option
+        raise RefValuesError(f"reference values: unknown engine {document.get('engine')!r}")
     return document
+
+
+def engine_of(document: dict[str, Any]) -> str:
+    """The serving engine the image carries (documents from before the option: tdllm)."""
+    return str(document.get("engine", "tdllm"))
 
 
 def check_artefacts(document: dict[str, Any], artefacts: Path) -> list[str]:
@@ -155,7 +173,10 @@ def policy_from_golden(
         raise RefValuesError(f"golden boot record: want exactly the keys {sorted(GOLDEN_KEYS)}")
     if golden["uki_sha384"] != document["artefacts"]["uki.efi"]["sha384"]:
         raise RefValuesError("golden boot record is of another UKI than these reference values")
-    label = f"{document['profile']}@{document['git_commit'][:12]} on {golden['shape']}"
+    image = document["profile"]
+    if engine_of(document) != "tdllm":
+        image += f"+{engine_of(document)}"
+    label = f"{image}@{document['git_commit'][:12]} on {golden['shape']}"
     return {
         "schema": POLICY_SCHEMA,
         "name": name or label,
@@ -211,6 +232,7 @@ def _cmd_sign(args: argparse.Namespace) -> None:
         source_date_epoch=args.source_date_epoch,
         commit=commit,
         dirty=dirty,
+        engine=args.engine,
     )
     args.out.write_text(sign_document(document, key), encoding="utf-8")
     public = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
@@ -223,7 +245,8 @@ def _cmd_verify(args: argparse.Namespace) -> None:
         bad = check_artefacts(document, args.artefacts)
         if bad:
             raise RefValuesError(f"artefact digest mismatch: {', '.join(bad)}")
-    print(f"ok: {document['profile']} image, commit {document['git_commit']}")
+    engine = engine_of(document)
+    print(f"ok: {document['profile']} image, engine {engine}, commit {document['git_commit']}")
 
 
 def _cmd_policy(args: argparse.Namespace) -> None:
@@ -247,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sign", help="write and sign the build's reference values")
     s.add_argument("--artefacts", type=Path, required=True)
     s.add_argument("--profile", required=True, choices=("prod", "dev", "smoke"))
+    s.add_argument("--engine", default="tdllm", choices=ENGINES)
     s.add_argument("--verity-root-hash", required=True)
     s.add_argument("--verity-salt", required=True)
     s.add_argument("--source-date-epoch", type=int, required=True)
