@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from tdllm.engine import Engine, SamplingParams
+from tdllm.model.linear import LinearMethodTable
 from tdllm.model.loader import load_model
+from tdllm.model.quantized import Int8WeightOnlyMethod
 from tdllm.sealing.format import MANIFEST_NAME
 from tdllm.sealing.reader import open_sealed
 from tdllm.sealing.recipients import load_public_key, write_key_pair
@@ -122,6 +124,28 @@ def test_open_checkpoint_loads_a_sealed_directory_like_a_plain_one(
     plain, _ = load_model(source)
     assert checkpoint.config == TINY
     for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sealed_model_loads_int8_quantized_like_a_plain_one(
+    seal_tiny: Sealer, recipient: tuple[Path, Path], dtype: torch.dtype
+) -> None:
+    # the reader decrypts into the embedding and norms only; the quantized projections take
+    # their plaintext through load_weight (Transformer.weight_destinations)
+    source = synthetic_checkpoint(seed=6)
+    models = [
+        load_model(checkpoint, dtype, LinearMethodTable(default=Int8WeightOnlyMethod()))[0]
+        for checkpoint in (open_checkpoint(seal_tiny(source), key=recipient[1]), source)
+    ]
+    buffers = [dict(m.named_buffers()) for m in models]
+    assert any(t.dtype == torch.int8 for t in buffers[0].values())
+    assert list(buffers[0]) == list(buffers[1])
+    for name, tensor in buffers[0].items():
+        assert torch.equal(tensor, buffers[1][name]), name
+    for (name, a), b in zip(
+        models[0].state_dict().items(), models[1].state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

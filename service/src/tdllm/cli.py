@@ -21,6 +21,7 @@ from tdllm_attest.client.chat_cli import chat
 from tdllm_attest.errors import AttestationError
 
 DTYPE = click.Choice(["bf16", "fp32"])
+QUANT = click.Choice(["none", "int8", "int4"])
 
 
 # The lab's commands (tdllm-lab: benches, attacks, protection tools, sealing, the dev appliance)
@@ -111,6 +112,13 @@ def cli() -> None:
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
 @click.option("--dtype", type=DTYPE, default="fp32", show_default=True)
 @click.option(
+    "--quant",
+    type=QUANT,
+    default="none",
+    show_default=True,
+    help="td-only: keep the weights int8/int4 (quantized at load; activations stay --dtype)",
+)
+@click.option(
     "--profile",
     type=click.Choice(PROFILE_NAMES),
     default="td-only",
@@ -143,6 +151,7 @@ def generate(
     seed: int | None,
     stop: tuple[str, ...],
     dtype: str,
+    quant: str,
     profile: str,
     device: str,
     k: int,
@@ -173,9 +182,9 @@ def generate(
     ids = tokenizer.encode(prompt)
     context = checkpoint.config.max_position_embeddings
     check_prompt(ids, vocab_size=checkpoint.config.vocab_size, context=context)
-    status(f"loading {checkpoint.name} ({dtype}, {profile}) ...")
+    status(f"loading {checkpoint.name} ({dtype}, quant {quant}, {profile}) ...")
     max_seq_len = min(context, len(ids) + max_tokens + 1)
-    options = ProtectionOptions(profile, device, k, public_ref)
+    options = ProtectionOptions(profile, device, k, public_ref, quant=quant)
     served = build_model(checkpoint, parse_dtype(dtype), options, 1, max_seq_len)
     try:
         engine = Engine(served.model, tokenizer, max_batch=1, max_seq_len=max_seq_len)

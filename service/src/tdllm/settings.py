@@ -23,6 +23,7 @@ CONFIG_ENV = "TDLLM_CONFIG"  # path of the TOML file, when not given explicitly
 ALLOW_SIMULATED_ENV = "TDLLM_ALLOW_SIMULATED_TDX"  # the same switch the attestation side demands
 ATTESTATION_MODES = ("none", "tdx", "simulated")
 DTYPES = ("fp32", "bf16")
+QUANTS = ("none", "int8", "int4")  # weight-only quantization at load (tdllm.model.quantized)
 ENGINES = ("tdllm", "vllm")
 GPU_CC = "gpu-cc"  # vLLM on a confidential-computing GPU inside the trust boundary
 GPU_EVIDENCE_SOURCES = ("nvml", "simulated")
@@ -42,6 +43,9 @@ class Settings:
     model: str = "bundled"
     served_model_name: str | None = None  # the `model` id clients see; default: the model's name
     dtype: str = "fp32"
+    # weights quantized at load, kept int8/int4 and multiplied by PyTorch's weight-only CPU
+    # kernels (activations stay `dtype`); engine tdllm, profile td-only (docs/performance.md)
+    quant: str = "none"
     # protection profile of the served model (docs/security.md): td-only | split (| ...);
     # `device` is the untrusted device of offloading profiles, `k` the private tail length,
     # `public_ref` a public-prefix.json from `tdllm prepare` (default: the pinned bundled base)
@@ -118,6 +122,7 @@ class Settings:
             problems.append("port must be in 1..65535")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}")
+        problems += _quant_problems(self)
         for name in ("max_batch", "context_tokens", "max_prompt_tokens", "max_tokens_limit"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
@@ -183,6 +188,21 @@ def _protection_problems(profile: str, device: str) -> list[str]:
         check_options(profile, device)
     except UsageError as exc:
         return [str(exc)]
+    return []
+
+
+def _quant_problems(s: Settings) -> list[str]:
+    if s.quant not in QUANTS:
+        return [f"quant must be one of {', '.join(QUANTS)}"]
+    if s.quant == "none":
+        return []
+    if s.engine != "tdllm":
+        return [f"quant {s.quant!r} is the tdllm engine's (vLLM quantizes with its own options)"]
+    if s.profile != "td-only":
+        return [
+            f"quant {s.quant!r} runs only with profile 'td-only' ({s.profile!r} places layers "
+            "on a device with linear methods of its own)"
+        ]
     return []
 
 

@@ -468,7 +468,11 @@ class Boot:
         context = min(s.context_tokens, checkpoint.config.max_position_embeddings)
         try:
             options = ProtectionOptions(
-                s.profile, s.device, s.k, Path(s.public_ref) if s.public_ref else None
+                s.profile,
+                s.device,
+                s.k,
+                Path(s.public_ref) if s.public_ref else None,
+                quant=s.quant,
             )
             if s.profile != "td-only":
                 self.state.set("loading", f"offloading the public prefix ({s.profile}, {s.device})")

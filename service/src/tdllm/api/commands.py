@@ -21,9 +21,20 @@ def gunicorn_argv() -> list[str]:
 @click.option("--host", default=None, help="bind address (default 127.0.0.1)")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="default 8000")
 @click.option("--model", default=None, help="'bundled', a .gguf, a directory or a sealed dir")
+@click.option(
+    "--quant",
+    type=click.Choice(["none", "int8", "int4"]),
+    default=None,
+    help="weights kept int8/int4 (td-only, engine tdllm); the `quant` setting, TDLLM_QUANT",
+)
 @click.option("--check", is_flag=True, help="resolve and print the settings, then exit")
 def serve(
-    config_file: Path | None, host: str | None, port: int | None, model: str | None, check: bool
+    config_file: Path | None,
+    host: str | None,
+    port: int | None,
+    model: str | None,
+    quant: str | None,
+    check: bool,
 ) -> None:
     """Serve the OpenAI-compatible API (gunicorn, one worker) until stopped.
 
@@ -32,9 +43,8 @@ def serve(
     """
     from tdllm.settings import load_settings, service_environment
 
-    changes = {
-        k: str(v) for k, v in {"host": host, "port": port, "model": model}.items() if v is not None
-    }
+    given = {"host": host, "port": port, "model": model, "quant": quant}
+    changes = {k: str(v) for k, v in given.items() if v is not None}
     env = service_environment(config_file, **changes)
     settings = load_settings(environ=env)  # fail here, with one line, not inside gunicorn
     if check:

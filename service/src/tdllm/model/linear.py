@@ -96,7 +96,14 @@ UPCAST_MIN_ROWS = 16  # below this (decode batches) the native bf16 GEMM is as f
 UPCAST_BLOCK_ROWS = 2048  # weight rows widened at a time: the fp32 block stays small and warm
 
 
-class PlainCpuMethod:
+class TdCpuKernels:
+    """A method whose weights live in TD memory and whose product is computed there by stock
+    CPU kernels, each row of ``x`` on its own: prompts padded into one prefill get what each
+    would alone (`Transformer.prefills_together`), up to rounding where the kernel is chosen
+    by row count (bf16 widening here, int8's prefill path). Plain and weight-only quantized."""
+
+
+class PlainCpuMethod(TdCpuKernels):
     """Weights in TD memory, matmul on the TD CPU with stock PyTorch (oneDNN; AMX where present)."""
 
     def __init__(self, native_bf16: bool | None = None) -> None:

@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdllm.model.config import ModelConfig
-from tdllm.model.linear import Linear, LinearMethodTable, PlainCpuMethod, copy_unless_same
+from tdllm.model.linear import (
+    Linear,
+    LinearMethodTable,
+    PlainCpuMethod,
+    TdCpuKernels,
+    copy_unless_same,
+)
 
 # checkpoint projection -> (fused projection, shard index); see Transformer.load_weights
 STACKED = {
@@ -227,13 +233,14 @@ class Transformer(nn.Module):
 
     def prefills_together(self) -> bool:
         """Whether several prompts may share one padded prefill (`Batch.lengths`): only when
-        every block runs here on the plain kernels; a profile's prefix placement, attention
-        core or linear method sees one prompt at a time."""
+        every block runs here on TD CPU kernels (plain or weight-only quantized,
+        `TdCpuKernels`); a profile's prefix placement, attention core or other linear method
+        sees one prompt at a time."""
         if self.prefix is not None:  # (its blocks may be placeholders here)
             return False
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         attention = [m for m in self.modules() if isinstance(m, Attention)]
-        return all(isinstance(m.method, PlainCpuMethod) for m in linears) and all(
+        return all(isinstance(m.method, TdCpuKernels) for m in linears) and all(
             a.core is None for a in attention
         )
 

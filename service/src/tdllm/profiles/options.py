@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tdllm.errors import UsageError
 from tdllm.model.checkpoint import Checkpoint
+from tdllm.model.quantized import QUANTS
 from tdllm.trusted.crossing import DEVICE_KINDS
 
 DEFAULT_K = 2
@@ -30,8 +31,17 @@ class ProtectionOptions:
     masked_rank: int | None = None  # masked: rank of the TD's delta (None: kept exactly)
     obfuscation_eta: float = 1 / 16  # obfuscated: decoy share per head and per projection
     obfuscation_seed: int | None = None  # obfuscated: None draws the secrets from the OS CSPRNG
+    # td-only: weight-only quantization at load, "none" | "int8" | "int4" (tdllm.model.quantized)
+    quant: str = "none"
 
     def __post_init__(self) -> None:
         # the profile's name is checked against the registry (`profile_class`)
         if self.device not in DEVICE_KINDS:
             raise UsageError(f"unknown device {self.device!r}; choose {', '.join(DEVICE_KINDS)}")
+        if self.quant not in QUANTS:
+            raise UsageError(f"unknown quant {self.quant!r}; choose {', '.join(QUANTS)}")
+        if self.quant != "none" and self.profile != "td-only":
+            raise UsageError(
+                f"quant {self.quant!r} runs only with profile 'td-only' ({self.profile!r} places "
+                "layers on a device with linear methods of its own)"
+            )

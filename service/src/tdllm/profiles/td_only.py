@@ -1,9 +1,20 @@
-"""`td-only`: every block, the embedding and the lm_head on the TD CPU; nothing leaves the TD."""
+"""`td-only`: every block, the embedding and the lm_head on the TD CPU; nothing leaves the TD.
+
+With ``quant`` (int8, int4) every projection, the lm_head included, keeps its weights quantized
+(`tdllm.model.quantized.quant_table`; int4 keeps the lm_head int8); the embedding stays in the
+model's dtype, and a tied lm_head gets a quantized copy of it.
+"""
 
 from __future__ import annotations
 
+from tdllm.model.config import ModelConfig
+from tdllm.model.linear import LinearMethodTable
+from tdllm.model.quantized import quant_table
 from tdllm.profiles.base import ProfileBase
 
 
 class TdOnly(ProfileBase):
     name = "td-only"
+
+    def linear_methods(self, cfg: ModelConfig) -> LinearMethodTable:
+        return quant_table(self.options.quant)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from tdllm.cli import status
+from tdllm.cli import QUANT, status
 from tdllm.errors import UsageError
 from tdllm.profiles.options import DEFAULT_K
 from tdllm_lab.protection.commands import CACHE_DIR
@@ -32,6 +32,13 @@ DTYPE = click.Choice(["bf16", "fp32"])
 @click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(2, 4096), default=64, show_default=True)
 @click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True)
+@click.option(
+    "--quant",
+    "quants",
+    type=QUANT,
+    multiple=True,
+    help="ours: weights kept int8/int4 (repeatable; default none)",
+)
 @click.pass_context
 def bench(
     ctx: click.Context,
@@ -42,6 +49,7 @@ def bench(
     prompt_tokens: int,
     new_tokens: int,
     repeats: int,
+    quants: tuple[str, ...],
 ) -> None:
     """Measure tdllm's engine against Hugging Face transformers, side by side in one run.
 
@@ -56,7 +64,14 @@ def bench(
     if "hf" in engines and importlib.util.find_spec("transformers") is None:
         raise UsageError("the reference engine needs transformers: pip install 'tdllm-lab[bench]'")
     report = run_engine_bench(
-        dtypes or ("bf16", "fp32"), engines, model, prompt_tokens, new_tokens, repeats, status
+        dtypes or ("bf16", "fp32"),
+        engines,
+        model,
+        prompt_tokens,
+        new_tokens,
+        repeats,
+        status,
+        quants or ("none",),
     )
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 
@@ -286,6 +301,19 @@ def bench_decode_profile(
     click.echo(json.dumps(reports, indent=2) if as_json else format_report(reports))
 
 
+@bench.command("linear-kernels")
+@click.option("--one-b/--no-one-b", default=True, show_default=True, help="also 1B-like shapes")
+@click.option("--calls", type=click.IntRange(5, 10000), default=60, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_linear_kernels(one_b: bool, calls: int, as_json: bool) -> None:
+    """GEMV/GEMM per projection shape at 1 and 8 rows: F.linear fp32/bf16 vs int8 and int4
+    weight-only kernels, each call on a different weight copy (none cache-resident)."""
+    from tdllm_lab.bench.linear_kernels import format_report, run_kernel_bench
+
+    report = run_kernel_bench(one_b, calls, status)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
 @bench.command("fidelity")
 @click.option(
     "--private",
@@ -311,6 +339,13 @@ def bench_decode_profile(
     is_flag=True,
     help="--private: also BASE in bf16 vs BASE, the agreement a rounding change leaves",
 )
+@click.option(
+    "--quant",
+    "quants",
+    type=click.Choice(["int8", "int4"]),
+    multiple=True,
+    help="instead: weight-only QUANT (repeatable) in fp32 and bf16 against fp32 and bf16",
+)
 @CACHE_DIR
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def bench_fidelity(
@@ -319,6 +354,7 @@ def bench_fidelity(
     base: str,
     new_tokens: int | None,
     bf16_floor: bool,
+    quants: tuple[str, ...],
     cache_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -337,13 +373,20 @@ def bench_fidelity(
         return
     if cache_dir is not None or bf16_floor:
         raise click.UsageError("--cache-dir and --bf16-floor need --private")
-    from tdllm_lab.protection.masked_fidelity import measure
+    if quants:
+        from tdllm_lab.bench.quant_fidelity import measure_quant
 
-    report = measure(open_checkpoint(model or "bundled"), open_checkpoint(base), new_tokens or 16)
+        report = measure_quant(open_checkpoint(model or "bundled"), quants, new_tokens or 16)
+    else:
+        from tdllm_lab.protection.masked_fidelity import measure
+
+        checkpoint = open_checkpoint(model or "bundled")
+        report = measure(checkpoint, open_checkpoint(base), new_tokens or 16)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"model {report['model']}, base {report['base']}, {report['threads']} threads")
+    base_name = f", base {report['base']}" if "base" in report else ""
+    click.echo(f"model {report['model']}{base_name}, {report['threads']} threads")
     fp32 = report["perplexity"]["fp32"]
     for name, ppl in report["perplexity"].items():
         agree = report["greedy"].get(name, {})

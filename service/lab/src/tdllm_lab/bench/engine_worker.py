@@ -20,6 +20,7 @@ import torch
 
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.loader import load_model, parse_dtype
+from tdllm.model.quantized import quant_table
 from tdllm.sources import open_checkpoint
 
 TEXT = (
@@ -36,8 +37,10 @@ def prompts(tokenizer: Any, length: int, count: int) -> list[list[int]]:
     return [ids[i * 7 : i * 7 + length] for i in range(count)]
 
 
-def ours(source: str, dtype: torch.dtype, max_len: int) -> tuple[Generate, Any]:
-    model, checkpoint = load_model(open_checkpoint(source), dtype)
+def ours(
+    source: str, dtype: torch.dtype, max_len: int, quant: str = "none"
+) -> tuple[Generate, Any]:
+    model, checkpoint = load_model(open_checkpoint(source), dtype, quant_table(quant))
     engine = Engine(model, checkpoint.tokenizer, max_batch=8, max_seq_len=max_len)
 
     def generate(batch: list[list[int]], new_tokens: int) -> None:
@@ -87,17 +90,26 @@ def timed(fn: Callable[[], None], repeats: int) -> float:
 
 
 def run(
-    engine: str, dtype_name: str, source: str, prompt_len: int, new_tokens: int, repeats: int
+    engine: str,
+    dtype_name: str,
+    source: str,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    quant: str = "none",
 ) -> dict[str, Any]:
     dtype = parse_dtype(dtype_name)
     start = time.perf_counter()
-    generate, tokenizer = (ours if engine == "ours" else hf)(
-        source, dtype, prompt_len + new_tokens + 8
-    )
+    max_len = prompt_len + new_tokens + 8
+    if engine == "ours":
+        generate, tokenizer = ours(source, dtype, max_len, quant)
+    else:
+        generate, tokenizer = hf(source, dtype, max_len)
     load_s = time.perf_counter() - start
     batches = {b: prompts(tokenizer, prompt_len, b) for b in (1, 8)}
     generate(batches[1], 2)  # warm up allocator and kernels
-    result: dict[str, Any] = {"engine": engine, "dtype": dtype_name, "load_s": round(load_s, 3)}
+    result: dict[str, Any] = {"engine": engine, "dtype": dtype_name, "quant": quant}
+    result["load_s"] = round(load_s, 3)
     ttft = timed(lambda: generate(batches[1], 1), repeats)
     result["ttft_s"] = round(ttft, 4)
     result["prefill_tok_s"] = round(prompt_len / ttft, 1)
@@ -124,10 +136,17 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quant", default="none", help="ours: none, int8, int4")
     args = parser.parse_args()
     torch.manual_seed(0)
     result = run(
-        args.engine, args.dtype, args.model, args.prompt_tokens, args.new_tokens, args.repeats
+        args.engine,
+        args.dtype,
+        args.model,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.repeats,
+        args.quant,
     )
     json.dump(result, sys.stdout)
 

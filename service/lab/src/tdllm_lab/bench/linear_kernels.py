@@ -1,0 +1,153 @@
+"""`tdllm bench linear-kernels`: which CPU kernel a weight-only quantized projection should use
+(issue 15, item 2), timed per shape at decode (1 row) and small-batch (8 rows) sizes.
+
+Every variant multiplies by a different copy of its weight on each call, cycling through enough
+copies that the set is several times the last-level cache: a decode step reads every weight once
+from DRAM, and a weight reused call after call would be timed from cache (docs/performance.md,
+"Where a decode step goes"). GB/s counts the weight's own bytes (int4: half a byte per weight
+plus its scales and zeros), so it compares with the memory bus directly. Times are the best of
+`calls` (each still from DRAM): on a shared 2-core machine a preempted OpenMP thread stalls a
+call by milliseconds, which a median of small kernels cannot average away; the median is in
+the JSON too.
+
+Variants: ``F.linear`` in fp32 and bf16; ``torch._weight_int8pack_mm`` (int8, one scale per
+output row) with fp32 and bf16 activations; ``torch._weight_int4pack_mm_for_cpu`` (int4, a scale
+and zero per group of 32/64/128 inputs) with bf16 activations, where this torch build has it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tdllm.model.quantized import int4_pack, int8_quantize
+
+CACHE_BYTES = 32 << 20  # L3 of the machines we measure on; copies cover it CACHE_MULTIPLE times
+CACHE_MULTIPLE = 8
+MIN_COPIES = 2
+MAX_COPIES = 20
+
+
+def bundled_shapes(
+    hidden: int = 576, q: int = 576, kv: int = 192, inter: int = 1536, vocab: int = 49152
+) -> list[tuple[str, int, int]]:
+    """(name, in, out) of SmolLM2-135M's projections (fused as our model runs them)."""
+    return [
+        ("qkv", hidden, q + 2 * kv),
+        ("o", q, hidden),
+        ("gate|up", hidden, 2 * inter),
+        ("down", inter, hidden),
+        ("head", hidden, vocab),
+    ]
+
+
+ONE_B_SHAPES = [("1B up", 2048, 8192), ("1B down", 8192, 2048)]
+
+
+def _variants(weight: torch.Tensor) -> dict[str, tuple[Any, torch.dtype, int]]:
+    """Variant name -> (a callable's operands, activation dtype, weight bytes)."""
+    out: dict[str, tuple[Any, torch.dtype, int]] = {}
+    n, k = weight.shape
+    out["fp32"] = ((weight.float().contiguous(),), torch.float32, n * k * 4)
+    out["bf16"] = ((weight.bfloat16().contiguous(),), torch.bfloat16, n * k * 2)
+    q, scales = int8_quantize(weight)
+    out["int8 (fp32 act)"] = ((q, scales.float()), torch.float32, n * k + n * 4)
+    out["int8 (bf16 act)"] = ((q, scales.bfloat16()), torch.bfloat16, n * k + n * 2)
+    if hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        for group in (32, 64, 128):
+            if k % group == 0:
+                packed, sz = int4_pack(weight, group)
+                nbytes = packed.numel() + sz.numel() * 2
+                out[f"int4 g{group} (bf16 act)"] = (
+                    (packed, sz.bfloat16(), group),
+                    torch.bfloat16,
+                    nbytes,
+                )
+    return out
+
+
+def _call(name: str) -> Callable[..., torch.Tensor]:
+    if name.startswith("int8"):
+        return lambda x, q, s: torch._weight_int8pack_mm(x, q, s)
+    if name.startswith("int4"):
+        return lambda x, p, sz, g: torch._weight_int4pack_mm_for_cpu(x, p, g, sz)
+    return lambda x, w: F.linear(x, w)
+
+
+def time_shape(
+    name: str, in_features: int, out_features: int, rows: tuple[int, ...], calls: int
+) -> list[dict[str, Any]]:
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    base = torch.randn(out_features, in_features, generator=gen) * 0.05
+    for variant, (operands, act, nbytes) in _variants(base).items():
+        copies = max(MIN_COPIES, min(MAX_COPIES, -(-CACHE_MULTIPLE * CACHE_BYTES // nbytes)))
+        # distinct storage per copy (values equal: the kernels' time does not depend on them)
+        sets = [tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in operands)]
+        sets += [
+            tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in operands)
+            for _ in range(copies - 1)
+        ]
+        fn = _call(variant)
+        for m in rows:
+            x = torch.randn(m, in_features, generator=gen).to(act)
+            for s in sets:  # warm up: page in every copy, let the kernel pick its path
+                fn(x, *s)
+            times = []
+            for i in range(calls):
+                s = sets[i % copies]
+                start = time.perf_counter()
+                fn(x, *s)
+                times.append(time.perf_counter() - start)
+            us = min(times) * 1e6
+            results.append(
+                {
+                    "shape": name,
+                    "in": in_features,
+                    "out": out_features,
+                    "rows": m,
+                    "variant": variant,
+                    "copies": copies,
+                    "us": round(us, 1),
+                    "us_median": round(statistics.median(times) * 1e6, 1),
+                    "weight_gb_s": round(nbytes / us / 1e3, 2),
+                }
+            )
+        del sets
+    return results
+
+
+def run_kernel_bench(
+    one_b: bool, calls: int, progress: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
+    from tdllm_lab.bench.machine import machine
+
+    shapes = bundled_shapes() + (ONE_B_SHAPES if one_b else [])
+    results = []
+    with torch.no_grad():
+        for name, k, n in shapes:
+            progress(f"linear-kernels: {name} {k}->{n}")
+            results += time_shape(name, k, n, (1, 8), calls)
+    return {"machine": machine(), "threads": torch.get_num_threads(), "results": results}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{report['threads']} threads; best us per call (weight GB/s)"]
+    variants = list(dict.fromkeys(r["variant"] for r in report["results"]))
+    keys = list(
+        dict.fromkeys((r["shape"], r["in"], r["out"], r["rows"]) for r in report["results"])
+    )
+    by = {(r["shape"], r["rows"], r["variant"]): r for r in report["results"]}
+    lines.append(f"{'shape':<22}" + "".join(f"{v:>22}" for v in variants))
+    for shape, k, n, m in keys:
+        cells = []
+        for v in variants:
+            r = by.get((shape, m, v))
+            cells.append(f"{r['us']:>10.0f} ({r['weight_gb_s']:>5.1f})" if r else "")
+        lines.append(f"{f'{shape} {k}->{n} x{m}':<22}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""Weight-only quantized projections on the TD CPU: the weights stay int8 (or int4) in memory and
+PyTorch's own CPU kernels multiply by them directly, so a decode step reads a half (a quarter) of
+the bytes of bf16 from DRAM. Activations stay in the model's dtype (fp32 or bf16) everywhere
+else; these kernels take them in bf16 (`KERNEL_DTYPE`: with fp32 operands both fall back to
+scalar code, 10-40x slower on this torch build), so an fp32 model rounds each projection's input
+to bf16 and widens its output back (bf16 products, fp32 accumulation inside the kernel).
+
+- `Int8WeightOnlyMethod`: symmetric, one scale per output row (``w ~= q * s``, ``q`` in
+  -127..127), ``torch._weight_int8pack_mm``.
+- `Int4WeightOnlyMethod`: asymmetric, a scale and a zero per group of `group_size` inputs of each
+  row (``w ~= (q - 8) * s + z``, ``q`` in 0..15), ``torch._weight_int4pack_mm_for_cpu``.
+
+The checkpoint stays float: each method stages a projection's rows in fp32 as they arrive
+(fused q|k|v and gate|up come one shard at a time), quantizes the projection the moment its
+last row is in, and drops the float rows. So at most one projection's float copy exists at a
+time (the largest: the lm_head, vocab x hidden x 4 bytes), plus what the reader hands over.
+A sealed reader never decrypts into a quantized buffer (`Transformer.weight_destinations`
+names plain weights only): its plaintext arrives through `load_weight` like any checkpoint's.
+Staged rows are buffers, so a failed load's scrub (`loader._zero`) reaches them too.
+
+Kernel choice and fidelity: docs/performance.md, "Weight-only int8 on the TD CPU".
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from tdllm.model.linear import Linear, LinearMethod, LinearMethodTable, TdCpuKernels
+
+KERNEL_DTYPE = torch.bfloat16  # of the activations and scales the kernels are given
+# int8: from this many rows on, oneDNN's bf16 GEMM on widened blocks (measured on the bundled
+# shapes: the kernel is 2-4x slower than bf16 from 64 rows; widening pays from ~128 rows)
+PREFILL_MIN_ROWS = 128
+WIDEN_BLOCK_ROWS = 2048  # int8 rows widened to bf16 at a time: the block stays small and warm
+QUANT_BLOCK_ROWS = 256  # rows quantized at a time: temporaries under glibc's mmap threshold
+QUANTS = ("none", "int8", "int4")
+INT4_GROUP_SIZE = 32
+INT4_ROW_MULTIPLE = 16  # the int4 packing takes a multiple of 16 output rows: zero rows pad it
+
+
+def int8_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``(q [N, K] int8, scales [N] fp32)`` with ``weight ~= q * s``;
+    the error of each entry is at most ``s / 2`` (``s = max|row| / 127``)."""
+    n = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(n, dtype=torch.float32)
+    for start in range(0, n, QUANT_BLOCK_ROWS):
+        rows = weight[start : start + QUANT_BLOCK_ROWS].float()
+        s = rows.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q[start : start + rows.shape[0]] = torch.round(rows / s[:, None]).clamp(-127, 127)
+        scales[start : start + rows.shape[0]] = s
+    return q, scales
+
+
+def int4_quantize(
+    weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of `group_size` inputs: ``(q [N, K] int32 in 0..15,
+    scales [N, K/g], zeros [N, K/g])`` with ``weight ~= (q - 8) * s + z``, error <= ``s / 2``."""
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"int4: {k} inputs are not a multiple of the group size {group_size}")
+    q = torch.empty(n, k, dtype=torch.int32)
+    scales = torch.empty(n, k // group_size)
+    zeros = torch.empty(n, k // group_size)
+    for start in range(0, n, QUANT_BLOCK_ROWS):
+        rows = weight[start : start + QUANT_BLOCK_ROWS].float()
+        groups = rows.reshape(rows.shape[0], -1, group_size)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        s = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+        codes = torch.round((groups - lo[..., None]) / s[..., None]).clamp(0, 15)
+        end = start + rows.shape[0]
+        q[start:end] = codes.reshape(rows.shape).to(torch.int32)
+        scales[start:end], zeros[start:end] = s, lo + 8 * s
+    return q, scales, zeros
+
+
+def int4_pack(
+    weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`int4_quantize` in the layout ``_weight_int4pack_mm_for_cpu`` reads: packed codes
+    ``[N', K/2]`` uint8 and scales-and-zeros ``[K/g, N', 2]`` (fp32; cast to the kernel's dtype
+    before use), N' = N rounded up to `INT4_ROW_MULTIPLE` (the padding rows are zero)."""
+    pad = -weight.shape[0] % INT4_ROW_MULTIPLE
+    if pad:
+        weight = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])
+    q, scales, zeros = int4_quantize(weight, group_size)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    return packed, torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+
+
+class _StagedQuantMethod(TdCpuKernels):
+    """Stage float rows per projection; quantize when the last one is in (see the module doc).
+    A weight given whole (o, down, the lm_head) is quantized straight from the reader's tensor.
+    """
+
+    def __init__(self) -> None:
+        self._rows_in: weakref.WeakKeyDictionary[Linear, int] = weakref.WeakKeyDictionary()
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        layer.register_buffer("staged", None, persistent=False)  # allocated by a first shard
+        self._rows_in[layer] = 0
+
+    def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
+        if _quantized(layer):
+            raise ValueError(f"{layer.name}: weight loaded after the projection was quantized")
+        if row_offset == 0 and weight.shape[0] == layer.out_features:
+            self._quantize_now(layer, weight)
+            return
+        staged = layer.staged
+        if not isinstance(staged, torch.Tensor):
+            staged = torch.empty(layer.out_features, layer.in_features)
+            layer.register_buffer("staged", staged, persistent=False)
+        staged[row_offset : row_offset + weight.shape[0]].copy_(weight)
+        self._rows_in[layer] += weight.shape[0]
+        if self._rows_in[layer] == layer.out_features:
+            self._quantize_now(layer, staged)
+
+    def _quantize_now(self, layer: Linear, weight: torch.Tensor) -> None:
+        self.quantize(layer, weight)
+        self._rows_in[layer] = layer.out_features
+        staged = layer.staged
+        layer.register_buffer("staged", None, persistent=False)  # only the quantized form stays
+        if isinstance(staged, torch.Tensor):
+            staged.zero_()  # plaintext of a sealed model: scrubbed, not just freed
+
+    def after_load(self, layer: Linear) -> None:
+        if not _quantized(layer):  # the loader checks coverage; this is belt and braces
+            rows = self._rows_in.get(layer, 0)
+            raise ValueError(f"{layer.name}: {rows} of {layer.out_features} rows")
+
+    def quantize(self, layer: Linear, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+_scratch = threading.local()  # one bf16 block per thread: a fresh one per call costs page faults
+
+
+def _widened_int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scales[:, None]).T`` for bf16 ``x[M, K]`` by bf16 GEMMs on widened blocks."""
+    out = torch.empty(x.shape[0], q.shape[0], dtype=KERNEL_DTYPE)
+    needed = WIDEN_BLOCK_ROWS * q.shape[1]
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < needed:
+        buffer = _scratch.buffer = torch.empty(needed, dtype=KERNEL_DTYPE)
+    block = buffer[: min(WIDEN_BLOCK_ROWS, q.shape[0]) * q.shape[1]].view(-1, q.shape[1])
+    for start in range(0, q.shape[0], WIDEN_BLOCK_ROWS):
+        rows = q[start : start + WIDEN_BLOCK_ROWS]
+        widened = block[: rows.shape[0]]
+        widened.copy_(rows)
+        part = out[:, start : start + rows.shape[0]]
+        torch.mul(F.linear(x, widened), scales[start : start + rows.shape[0]], out=part)
+    return out
+
+
+def _quantized(layer: Linear) -> bool:
+    return layer._buffers.get("qweight") is not None
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x[..., K]`` as the kernels take it: 2-D, contiguous, `KERNEL_DTYPE`."""
+    return x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()
+
+
+class Int8WeightOnlyMethod(_StagedQuantMethod):
+    """int8 weights, one bf16 scale per output row; ``_weight_int8pack_mm`` for decode-sized
+    inputs. From `PREFILL_MIN_ROWS` rows (long prefills) the int8 rows are widened to bf16 a
+    block at a time instead (exact: -127..127 fit bf16's mantissa), multiplied by oneDNN's bf16
+    GEMM and scaled per row: the kernel is 2-4x slower than bf16 there, the widening less."""
+
+    def quantize(self, layer: Linear, weight: torch.Tensor) -> None:
+        q, scales = int8_quantize(weight)
+        layer.register_buffer("qweight", q, persistent=False)
+        layer.register_buffer("scales", scales.to(KERNEL_DTYPE), persistent=False)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        q, scales = layer.qweight, layer.scales
+        assert isinstance(q, torch.Tensor) and isinstance(scales, torch.Tensor)
+        rows = _rows(x)
+        if rows.shape[0] >= PREFILL_MIN_ROWS:
+            y = _widened_int8_linear(rows, q, scales)
+        else:
+            y = torch._weight_int8pack_mm(rows, q, scales)
+        return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+
+
+class Int4WeightOnlyMethod(_StagedQuantMethod):
+    """int4 weights, a scale and zero per `group_size` inputs; ``_weight_int4pack_mm_for_cpu``."""
+
+    def __init__(self, group_size: int = INT4_GROUP_SIZE) -> None:
+        super().__init__()
+        self.group_size = group_size
+
+    def quantize(self, layer: Linear, weight: torch.Tensor) -> None:
+        packed, scales_zeros = int4_pack(weight, self.group_size)
+        layer.register_buffer("qweight", packed, persistent=False)
+        layer.register_buffer("scales_zeros", scales_zeros.to(KERNEL_DTYPE), persistent=False)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        packed, sz = layer.qweight, layer.scales_zeros
+        assert isinstance(packed, torch.Tensor) and isinstance(sz, torch.Tensor)
+        y = torch._weight_int4pack_mm_for_cpu(_rows(x), packed, self.group_size, sz)
+        if y.shape[-1] != layer.out_features:  # rows padded to INT4_ROW_MULTIPLE
+            y = y[:, : layer.out_features]
+        return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+
+
+def quant_table(quant: str) -> LinearMethodTable:
+    """The methods of every projection for a ``quant`` setting. int4 keeps the lm_head int8
+    (as llama.cpp's Q4 mixes keep their output tensor wider): the bundled model's tied head
+    loses 9% of its norm to int4 g32 against 1.2% to int8, and it dominated int4's perplexity."""
+    if quant == "int4":
+        return LinearMethodTable([("lm_head", Int8WeightOnlyMethod())], Int4WeightOnlyMethod())
+    return LinearMethodTable(default=quant_method(quant))
+
+
+def quant_method(quant: str) -> LinearMethod | None:
+    """The method for a ``quant`` setting ("none": None, the plain kernels)."""
+    if quant == "int8":
+        return Int8WeightOnlyMethod()
+    if quant == "int4":
+        return Int4WeightOnlyMethod()
+    if quant != "none":
+        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    return None

@@ -1,0 +1,35 @@
+"""The quantization benches: the kernel table covers every variant, and the engine bench's
+quantized/unquantized ratios compare like with like."""
+
+from __future__ import annotations
+
+import torch
+
+from tdllm_lab.bench import linear_kernels
+from tdllm_lab.bench.engine_bench import format_table, quant_ratios
+
+
+def test_kernel_bench_times_every_variant_at_each_row_count() -> None:
+    with torch.no_grad():
+        results = linear_kernels.time_shape("tiny", 64, 32, (1, 8), calls=5)
+    variants = {r["variant"] for r in results}
+    assert {"fp32", "bf16", "int8 (bf16 act)", "int4 g32 (bf16 act)"} <= variants
+    assert all(r["us"] > 0 and r["weight_gb_s"] > 0 and r["copies"] >= 2 for r in results)
+    report = {"threads": 1, "results": results}
+    assert "tiny 64->32 x8" in linear_kernels.format_report(report)
+
+
+def test_quant_ratios_divide_by_the_same_dtype_unquantized() -> None:
+    def row(dtype: str, quant: str, speed: float) -> dict[str, object]:
+        metrics = ("prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s", "ttft_s", "peak_rss_mb")
+        return {"engine": "ours", "dtype": dtype, "quant": quant, "load_s": 1.0} | dict.fromkeys(
+            metrics, speed
+        )
+
+    results = [row("bf16", "none", 10.0), row("bf16", "int8", 15.0), row("fp32", "none", 5.0)]
+    ratios = quant_ratios(results)
+    assert list(ratios) == ["bf16 int8"]
+    assert ratios["bf16 int8"]["decode_b1_tok_s"] == 1.5
+    assert ratios["bf16 int8"]["peak_rss_mb"] == round(10 / 15, 2)  # costs: less is better
+    table = format_table({"results": results, "quant_ratios": ratios})
+    assert "ratio quantized/unquantized (bf16 int8" in table
