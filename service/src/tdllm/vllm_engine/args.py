@@ -37,8 +37,16 @@ ALLOWED: dict[str, str] = {
     "--no-enable-chunked-prefill": "flag",
     "--enable-auto-tool-choice": "flag",
     "--enforce-eager": "flag",
+    # scale-out over TDs (docs/scale-out.md): Ray over the attested cluster, or one TD's processes
+    "--distributed-executor-backend": "executor",
 }
-_VALUES = {"int": _INT, "count": _COUNT, "float": _FLOAT, "name": _NAME}
+_VALUES = {
+    "int": _INT,
+    "count": _COUNT,
+    "float": _FLOAT,
+    "name": _NAME,
+    "executor": re.compile(r"ray|mp"),
+}
 
 
 def check_vllm_args(args: tuple[str, ...]) -> list[str]:
@@ -57,6 +65,13 @@ def check_vllm_args(args: tuple[str, ...]) -> list[str]:
         elif kind != "flag" and not _VALUES[kind].fullmatch(value):
             problems.append(f"vllm_args: {option} needs a {kind} value (--option=value)")
         seen.add(option)
+    pipeline = option_value(args, "--pipeline-parallel-size")
+    if "--enforce-eager" in args and pipeline is not None and pipeline.isdigit():
+        if int(pipeline) > 1:  # measured: vLLM's CPU runner sets later stages up in warm-up
+            problems.append(
+                "vllm_args: --enforce-eager with --pipeline-parallel-size > 1 fails in vLLM's "
+                "CPU runner (its later stages are prepared only by the compiled warm-up)"
+            )
     return problems
 
 

