@@ -60,6 +60,13 @@ def verify_chain(
                 f"{cert.not_valid_after_utc.isoformat()})"
             )
     _check_ca_flags(certs, error=error, what=what, leaf_is_ca=leaf_is_ca)
+    check_signatures(certs, error=error, what=what)
+
+
+def check_signatures(
+    certs: Sequence[x509.Certificate], *, error: type[AttestationError], what: str
+) -> None:
+    """Each certificate of leaf-first `certs` signed by the next one (memoized), else `error`."""
     for child, parent in itertools.pairwise(certs):
         try:
             memo.check_issued_by(child, parent)

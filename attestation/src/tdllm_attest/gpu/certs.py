@@ -8,16 +8,14 @@ verifier uses, refuses those too).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtensionOID
 
 from tdllm_attest import memo
-from tdllm_attest.chain import is_ca, may_sign_certificates
+from tdllm_attest.chain import check_signatures, is_ca, may_sign_certificates
 from tdllm_attest.clock import require_aware
 from tdllm_attest.errors import GpuEvidenceError
 
@@ -94,14 +92,7 @@ def verify_chain(
         # CA certificates between this issuer and the leaf (RFC 5280 4.2.1.9).
         if limit is not None and position - 1 > limit:
             raise GpuEvidenceError(f"{what}: {_name(issuer)!r} path length {limit} exceeded")
-    for child, parent in itertools.pairwise(certs):
-        try:
-            memo.check_issued_by(child, parent)
-        except (ValueError, TypeError, InvalidSignature) as exc:
-            raise GpuEvidenceError(
-                f"{what}: {_name(child)!r} is not signed by {_name(parent)!r} "
-                f"({exc or 'bad signature'})"
-            ) from None
+    check_signatures(certs, error=GpuEvidenceError, what=what)
 
 
 def require_digital_signature(cert: x509.Certificate, what: str) -> None:

@@ -20,7 +20,13 @@ import torch
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
 from tdllm.model.quantized import quant_table
-from tdllm_lab.protection.masked_fidelity import HELD_OUT_TEXT, PROMPTS, greedy, perplexity
+from tdllm_lab.protection.masked_fidelity import (
+    HELD_OUT_TEXT,
+    PROMPTS,
+    agreement_vs_fp32,
+    greedy,
+    perplexity,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -42,16 +48,7 @@ def measure_quant(checkpoint: Checkpoint, quants: Sequence[str], new_tokens: int
         del model
         seconds = round(time.perf_counter() - start, 1)
         print(f"{name}: perplexity {ppl[name]:.4f} ({seconds} s)", file=sys.stderr)
-    reference = tokens["fp32"]
-    greedy_report = {}
-    for name, runs in tokens.items():
-        same = sum(
-            a == b for r, f in zip(runs, reference, strict=True) for a, b in zip(r, f, strict=True)
-        )
-        greedy_report[name] = {
-            "token_agreement_vs_fp32": same / (len(runs) * new_tokens),
-            "identical_continuations": sum(r == f for r, f in zip(runs, reference, strict=True)),
-        }
+    greedy_report = agreement_vs_fp32(tokens, new_tokens)
     return {
         "model": checkpoint.name,
         "threads": torch.get_num_threads(),

@@ -83,6 +83,21 @@ def greedy(model: Transformer, ids: list[int], new: int, dtype: torch.dtype) -> 
     return out
 
 
+def agreement_vs_fp32(tokens: dict[str, list[list[int]]], new_tokens: int) -> dict[str, Any]:
+    """Per variant: the share of greedy tokens equal to fp32's, and whole continuations equal."""
+    reference = tokens["fp32"]
+    agreement = {}
+    for name, runs in tokens.items():
+        same = sum(
+            a == b for r, f in zip(runs, reference, strict=True) for a, b in zip(r, f, strict=True)
+        )
+        agreement[name] = {
+            "token_agreement_vs_fp32": same / (len(runs) * new_tokens),
+            "identical_continuations": sum(r == f for r, f in zip(runs, reference, strict=True)),
+        }
+    return agreement
+
+
 def td_flop_share(cfg: ModelConfig, context: int) -> dict[str, float]:
     """Per decoded token at `context`: the share of multiply-accumulates the TD does itself.
 
@@ -128,16 +143,7 @@ def measure(checkpoint: Checkpoint, base: Checkpoint, new_tokens: int) -> dict[s
             tokens[name] = [greedy(model, p, new_tokens, dtype) for p in prompts]
         seconds[name] = round(time.perf_counter() - start, 1)
         print(f"{name}: perplexity {ppl[name]:.4f} ({seconds[name]} s)", file=sys.stderr)
-    reference = tokens["fp32"]
-    agreement = {}
-    for name, runs in tokens.items():
-        same = sum(
-            a == b for r, f in zip(runs, reference, strict=True) for a, b in zip(r, f, strict=True)
-        )
-        agreement[name] = {
-            "token_agreement_vs_fp32": same / (len(runs) * new_tokens),
-            "identical_continuations": sum(r == f for r, f in zip(runs, reference, strict=True)),
-        }
+    agreement = agreement_vs_fp32(tokens, new_tokens)
     return {
         "model": checkpoint.name,
         "base": base.name,
