@@ -15,13 +15,14 @@ import click
 
 from tdllm.api.commands import serve
 from tdllm.errors import TdllmError, UsageError
+from tdllm.model.quant_formats import QUANTS
 from tdllm.profiles.registry import PROFILE_NAMES
 from tdllm.trusted.crossing import DEVICE_KINDS
 from tdllm_attest.client.chat_cli import chat
 from tdllm_attest.errors import AttestationError
 
 DTYPE = click.Choice(["bf16", "fp32"])
-QUANT = click.Choice(["none", "int8", "int4"])
+QUANT = click.Choice(QUANTS)
 
 
 # The lab's commands (tdllm-lab: benches, attacks, protection tools, sealing, the dev appliance)

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from tdllm.errors import UsageError
+from tdllm.model.quant_formats import QUANTS  # weight-only quantization at load
 
 ENV_PREFIX = "TDLLM_"
 CONFIG_ENV = "TDLLM_CONFIG"  # path of the TOML file, when not given explicitly
 ALLOW_SIMULATED_ENV = "TDLLM_ALLOW_SIMULATED_TDX"  # the same switch the attestation side demands
 ATTESTATION_MODES = ("none", "tdx", "simulated")
 DTYPES = ("fp32", "bf16")
-QUANTS = ("none", "int8", "int4")  # weight-only quantization at load (tdllm.model.quantized)
 ENGINES = ("tdllm", "vllm")
 GPU_CC = "gpu-cc"  # vLLM on a confidential-computing GPU inside the trust boundary
 GPU_EVIDENCE_SOURCES = ("nvml", "simulated")
@@ -180,12 +180,12 @@ class Settings:
         return self.broker_url is not None
 
 
-def _protection_problems(profile: str, device: str) -> list[str]:
+def _protection_problems(profile: str, device: str, quant: str = "none") -> list[str]:
     """Checked by the protection package itself (imported only when the default is changed)."""
     from tdllm.profiles.registry import check_options
 
     try:
-        check_options(profile, device)
+        check_options(profile, device, quant)
     except UsageError as exc:
         return [str(exc)]
     return []
@@ -198,12 +198,7 @@ def _quant_problems(s: Settings) -> list[str]:
         return []
     if s.engine != "tdllm":
         return [f"quant {s.quant!r} is the tdllm engine's (vLLM quantizes with its own options)"]
-    if s.profile != "td-only":
-        return [
-            f"quant {s.quant!r} runs only with profile 'td-only' ({s.profile!r} places layers "
-            "on a device with linear methods of its own)"
-        ]
-    return []
+    return _protection_problems(s.profile, s.device, s.quant)  # which profiles take it
 
 
 def _gpu_cc_problems(s: Settings) -> list[str]:

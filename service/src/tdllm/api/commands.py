@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from tdllm.model.quant_formats import QUANTS
+
 CONFIG = click.Path(path_type=Path, dir_okay=False, exists=True)
 
 
@@ -23,7 +25,7 @@ def gunicorn_argv() -> list[str]:
 @click.option("--model", default=None, help="'bundled', a .gguf, a directory or a sealed dir")
 @click.option(
     "--quant",
-    type=click.Choice(["none", "int8", "int4"]),
+    type=click.Choice(QUANTS),
     default=None,
     help="weights kept int8/int4 (td-only, engine tdllm); the `quant` setting, TDLLM_QUANT",
 )

@@ -123,28 +123,38 @@ class PlainCpuMethod(TdCpuKernels):
         weight = _weight(layer)
         if weight.dtype == torch.bfloat16 and not self.native_bf16:
             if x.numel() // x.shape[-1] >= UPCAST_MIN_ROWS:
-                return _widened_bf16_linear(x, weight)
+                return widened_linear(
+                    x.float(), weight, torch.float32, torch.bfloat16, UPCAST_BLOCK_ROWS
+                )
         return F.linear(x, weight)
 
 
-_scratch = threading.local()  # one fp32 block per thread: a fresh one per call costs page faults
+_scratch = threading.local()  # blocks per thread and dtype: fresh ones per call cost page faults
 
 
-def _widened_bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    x32 = x.float()
-    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.bfloat16)
-    needed = UPCAST_BLOCK_ROWS * weight.shape[1]
-    buffer = getattr(_scratch, "buffer", None)
+def widened_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    compute: torch.dtype,
+    out_dtype: torch.dtype,
+    block_rows: int,
+) -> torch.Tensor:
+    """``x @ weight.T`` with the weight widened to `compute` `block_rows` rows at a time into a
+    per-thread scratch block (`x` already in `compute`), each block's product stored as
+    `out_dtype`: a GEMM the narrow weight type has no fast kernel for, without a widened copy
+    of the whole weight."""
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=out_dtype)
+    blocks: dict[torch.dtype, torch.Tensor] = _scratch.__dict__.setdefault("blocks", {})
+    needed = block_rows * weight.shape[1]
+    buffer = blocks.get(compute)
     if buffer is None or buffer.numel() < needed:
-        buffer = _scratch.buffer = torch.empty(needed)
-    block = buffer[: min(UPCAST_BLOCK_ROWS, weight.shape[0]) * weight.shape[1]].view(
-        -1, weight.shape[1]
-    )
-    for start in range(0, weight.shape[0], UPCAST_BLOCK_ROWS):
-        rows = weight[start : start + UPCAST_BLOCK_ROWS]
+        buffer = blocks[compute] = torch.empty(needed, dtype=compute)
+    block = buffer[: min(block_rows, weight.shape[0]) * weight.shape[1]].view(-1, weight.shape[1])
+    for start in range(0, weight.shape[0], block_rows):
+        rows = weight[start : start + block_rows]
         widened = block[: rows.shape[0]]
         widened.copy_(rows)
-        out[..., start : start + rows.shape[0]] = F.linear(x32, widened)
+        out[..., start : start + rows.shape[0]] = F.linear(x, widened)
     return out
 
 

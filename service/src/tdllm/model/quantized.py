@@ -23,13 +23,19 @@ Kernel choice and fidelity: docs/performance.md, "Weight-only int8 on the TD CPU
 
 from __future__ import annotations
 
-import threading
 import weakref
+from abc import ABC, abstractmethod
 
 import torch
-import torch.nn.functional as F
 
-from tdllm.model.linear import Linear, LinearMethod, LinearMethodTable, TdCpuKernels
+from tdllm.model.linear import (
+    Linear,
+    LinearMethod,
+    LinearMethodTable,
+    TdCpuKernels,
+    widened_linear,
+)
+from tdllm.model.quant_formats import QUANTS
 
 KERNEL_DTYPE = torch.bfloat16  # of the activations and scales the kernels are given
 # int8: from this many rows on, oneDNN's bf16 GEMM on widened blocks (measured on the bundled
@@ -37,7 +43,6 @@ KERNEL_DTYPE = torch.bfloat16  # of the activations and scales the kernels are g
 PREFILL_MIN_ROWS = 128
 WIDEN_BLOCK_ROWS = 2048  # int8 rows widened to bf16 at a time: the block stays small and warm
 QUANT_BLOCK_ROWS = 256  # rows quantized at a time: temporaries under glibc's mmap threshold
-QUANTS = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32
 INT4_ROW_MULTIPLE = 16  # the int4 packing takes a multiple of 16 output rows: zero rows pad it
 
@@ -93,7 +98,7 @@ def int4_pack(
     return packed, torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
 
 
-class _StagedQuantMethod(TdCpuKernels):
+class _StagedQuantMethod(TdCpuKernels, ABC):
     """Stage float rows per projection; quantize when the last one is in (see the module doc).
     A weight given whole (o, down, the lm_head) is quantized straight from the reader's tensor.
     """
@@ -133,28 +138,9 @@ class _StagedQuantMethod(TdCpuKernels):
             rows = self._rows_in.get(layer, 0)
             raise ValueError(f"{layer.name}: {rows} of {layer.out_features} rows")
 
+    @abstractmethod
     def quantize(self, layer: Linear, weight: torch.Tensor) -> None:
-        raise NotImplementedError
-
-
-_scratch = threading.local()  # one bf16 block per thread: a fresh one per call costs page faults
-
-
-def _widened_int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ (q * scales[:, None]).T`` for bf16 ``x[M, K]`` by bf16 GEMMs on widened blocks."""
-    out = torch.empty(x.shape[0], q.shape[0], dtype=KERNEL_DTYPE)
-    needed = WIDEN_BLOCK_ROWS * q.shape[1]
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < needed:
-        buffer = _scratch.buffer = torch.empty(needed, dtype=KERNEL_DTYPE)
-    block = buffer[: min(WIDEN_BLOCK_ROWS, q.shape[0]) * q.shape[1]].view(-1, q.shape[1])
-    for start in range(0, q.shape[0], WIDEN_BLOCK_ROWS):
-        rows = q[start : start + WIDEN_BLOCK_ROWS]
-        widened = block[: rows.shape[0]]
-        widened.copy_(rows)
-        part = out[:, start : start + rows.shape[0]]
-        torch.mul(F.linear(x, widened), scales[start : start + rows.shape[0]], out=part)
-    return out
+        """Register the layer's quantized buffers (``qweight`` and its scales) from `weight`."""
 
 
 def _quantized(layer: Linear) -> bool:
@@ -181,8 +167,8 @@ class Int8WeightOnlyMethod(_StagedQuantMethod):
         q, scales = layer.qweight, layer.scales
         assert isinstance(q, torch.Tensor) and isinstance(scales, torch.Tensor)
         rows = _rows(x)
-        if rows.shape[0] >= PREFILL_MIN_ROWS:
-            y = _widened_int8_linear(rows, q, scales)
+        if rows.shape[0] >= PREFILL_MIN_ROWS:  # exact widening, then the per-row scales
+            y = widened_linear(rows, q, KERNEL_DTYPE, KERNEL_DTYPE, WIDEN_BLOCK_ROWS).mul_(scales)
         else:
             y = torch._weight_int8pack_mm(rows, q, scales)
         return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tdllm.errors import UsageError
 from tdllm.model.checkpoint import Checkpoint
-from tdllm.model.quantized import QUANTS
+from tdllm.model.quant_formats import QUANTS
 from tdllm.trusted.crossing import DEVICE_KINDS
 
 DEFAULT_K = 2

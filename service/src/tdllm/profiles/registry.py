@@ -51,10 +51,11 @@ def profile_class(name: str) -> type[ProfileBase]:
         raise UsageError(f"unknown profile {name!r}; choose {', '.join(PROFILE_NAMES)}") from None
 
 
-def check_options(profile: str, device: str) -> None:
-    """Raise `UsageError` for an unknown profile or device (settings check them at load)."""
+def check_options(profile: str, device: str, quant: str = "none") -> None:
+    """Raise `UsageError` for an unknown profile, device or quant, or a quant the profile does
+    not take (settings check them at load)."""
     profile_class(profile)
-    ProtectionOptions(profile, device)
+    ProtectionOptions(profile, device, quant=quant)
 
 
 def describe() -> str:
