@@ -50,16 +50,12 @@ def attestation() -> ResponseReturnValue:
     nonce = request.args.get("nonce", "")
     if not _NONCE.fullmatch(nonce):
         raise invalid("nonce must be 16 to 64 bytes of hex", "nonce")
-    nonce = nonce.lower()
-    claims, gpu_evidence = service_claims(service), gpu_evidence_for(service, nonce)
-    if gpu_evidence is not None:
-        claims = dataclasses.replace(claims, gpu={"evidence_sha256": evidence_digest(gpu_evidence)})
-    body, quote = attestation_document(service, nonce, claims, gpu_evidence)
+    body, quote = attestation_document(service, nonce.lower(), service_claims(service))
     body["collateral"] = served_collateral(service, quote)
     return jsonify(body)
 
 
-def gpu_evidence_for(service: Any, nonce: str) -> list[GpuEvidence] | None:
+def collect_gpu_evidence(service: Any, nonce: str) -> list[GpuEvidence] | None:
     """The GPUs' evidence for this nonce (gpu-cc), None without GPUs; a failure is a 503."""
     source = service.state.gpu_evidence
     if source is None:
@@ -73,19 +69,21 @@ def gpu_evidence_for(service: Any, nonce: str) -> list[GpuEvidence] | None:
 
 
 def attestation_document(
-    service: Any,
-    nonce: str,
-    claims: ServiceClaims,
-    gpu_evidence: list[GpuEvidence] | None = None,
+    service: Any, nonce: str, claims: ServiceClaims
 ) -> tuple[dict[str, Any], bytes]:
     """(the answer for `nonce` and `claims` with collateral still null, its raw quote); a 503
-    when there is no attestation or the quote (or the runtime log) cannot be had now."""
+    when there is no attestation or the quote, the runtime log or (gpu-cc) the GPUs' evidence
+    cannot be had now. The GPUs' evidence is collected for `nonce` first and its digest joins
+    the claims REPORTDATA binds."""
     provider = service.state.quote_provider
     if provider is None:
         raise _unavailable(
             "this service runs without attestation (attestation = 'none'): nothing to prove",
             "attestation_unavailable",
         )
+    gpu_evidence = collect_gpu_evidence(service, nonce)
+    if gpu_evidence is not None:
+        claims = dataclasses.replace(claims, gpu={"evidence_sha256": evidence_digest(gpu_evidence)})
     identity = service.identity
     public_jwk, signing_jwk = identity.public_jwk, identity.signing_jwk
     data = report_data(nonce, public_jwk, signing_jwk, claims)

@@ -33,7 +33,6 @@ from flask.typing import ResponseReturnValue
 
 from tdllm.api.attestation import (
     attestation_document,
-    gpu_evidence_for,
     served_collateral,
     service_claims,
 )
@@ -50,7 +49,6 @@ from tdllm_attest.client.receipt_protocol import (
     sign_receipt,
 )
 from tdllm_attest.errors import AttestationError
-from tdllm_attest.gpu.evidence import evidence_digest
 
 log = logging.getLogger("tdllm.api.receipts")
 blueprint = Blueprint("receipts", __name__)
@@ -84,8 +82,7 @@ class ReceiptAttestations:
         claims = service_claims(service)
         with self._lock:
             made = self._current
-            # the claims as the service makes them (gpu-cc's evidence digest is added per quote)
-            if made is None or replace(made.claims, gpu=None) != claims:
+            if made is None or made.claims != claims:
                 made = self._current = _make(service, claims)
             stale = service.clock() - made.checked_at > TCB_RECHECK
             if stale and not self._rechecking:
@@ -144,10 +141,7 @@ def receipts_attestation() -> ResponseReturnValue:
 
 
 def _make(service: Any, claims: ServiceClaims) -> ReceiptAttestation:
-    gpu_evidence = gpu_evidence_for(service, RECEIPTS_NONCE)  # gpu-cc: the GPUs, as ever
-    if gpu_evidence is not None:
-        claims = replace(claims, gpu={"evidence_sha256": evidence_digest(gpu_evidence)})
-    document, quote = attestation_document(service, RECEIPTS_NONCE, claims, gpu_evidence)
+    document, quote = attestation_document(service, RECEIPTS_NONCE, claims)
     log.info("receipt attestation made (quote sha256 %s)", hashlib.sha256(quote).hexdigest())
     return ReceiptAttestation(
         document,
