@@ -115,6 +115,15 @@ def test_the_sample_rims_verify_under_nvidias_rim_root(
     assert (rim.kind, rim.version) in {("driver", "545.00"), ("vbios", "96.00.5e.00.01")}
 
 
+def _appraise_recorded(
+    evidence: GpuEvidence, store: RimStore, anchors: GpuAnchors, nonce: bytes = RECORDED_NONCE
+) -> None:
+    """The recorded report appraised at its recording time with NVIDIA's default GPU policy."""
+    appraise_gpu(
+        [evidence], nonce=nonce, rims=store, policy=GpuPolicy(), anchors=anchors, now=RECORDED_AT
+    )
+
+
 def test_the_recorded_report_is_refused_without_a_rim_for_its_driver(
     samples: Path, evidence: GpuEvidence, anchors: GpuAnchors
 ) -> None:
@@ -122,14 +131,7 @@ def test_the_recorded_report_is_refused_without_a_rim_for_its_driver(
     # older driver's RIM (545.00) must not stand in for it (downgrade).
     store = RimStore({n: _rim(samples, n) for n in (DRIVER_RIM, VBIOS_RIM)})
     with pytest.raises(GpuPolicyError, match=r"GPU 0: .*no driver RIM for 550\.90\.07"):
-        appraise_gpu(
-            [evidence],
-            nonce=RECORDED_NONCE,
-            rims=store,
-            policy=GpuPolicy(),
-            anchors=anchors,
-            now=RECORDED_AT,
-        )
+        _appraise_recorded(evidence, store, anchors)
 
 
 # -- attacks on the report -------------------------------------------------------------------
@@ -177,14 +179,7 @@ def test_the_recorded_report_does_not_answer_another_nonce(
 ) -> None:
     store = RimStore({n: _rim(samples, n) for n in (DRIVER_RIM, VBIOS_RIM)})
     with pytest.raises(GpuEvidenceError, match="GPU 0: the report answers another nonce"):
-        appraise_gpu(
-            [evidence],
-            nonce=NVIDIA_CONFIG_NONCE,
-            rims=store,
-            policy=GpuPolicy(),
-            anchors=anchors,
-            now=RECORDED_AT,
-        )
+        _appraise_recorded(evidence, store, anchors, NVIDIA_CONFIG_NONCE)
 
 
 # -- attacks on the chain --------------------------------------------------------------------
@@ -279,14 +274,7 @@ def test_a_rim_signed_by_a_test_key_is_refused_in_production(
     gpu = SyntheticGpu(RECORDED_AT, board=("1010", "0200", "882"))
     store = RimStore({name: gpu.rim_xml(kind) for kind, name in gpu.rim_file_names().items()})
     with pytest.raises(GpuEvidenceError, match=r"GPU 0: driver RIM: .*not the pinned trust anchor"):
-        appraise_gpu(
-            [evidence],
-            nonce=RECORDED_NONCE,
-            rims=store,
-            policy=GpuPolicy(),
-            anchors=anchors,
-            now=RECORDED_AT,
-        )
+        _appraise_recorded(evidence, store, anchors)
 
 
 def test_a_rim_is_judged_by_the_pinned_root_not_the_one_it_embeds(
