@@ -115,3 +115,16 @@ class GpuPolicyError(AttestationError):
     """Genuine GPU evidence that the GPU policy refuses (nonce, versions, measurements, mode)."""
 
     exit_code = EXIT_POLICY
+
+
+class ClusterCertificateError(AttestationError):
+    """A node's certificate request or certificate is malformed, not what was asked for, or does
+    not chain to the cluster CA (docs/attestation.md, "Node certificates for a cluster")."""
+
+    exit_code = EXIT_SIGNATURE
+
+
+class ClusterPolicyError(AttestationError):
+    """A well-formed node certificate request the key's cluster policy refuses (address, keys)."""
+
+    exit_code = EXIT_POLICY

@@ -14,6 +14,7 @@ import binascii
 import json
 from dataclasses import dataclass, field
 from datetime import timedelta
+from ipaddress import ip_network
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -28,6 +29,7 @@ from tdllm_attest.abi import (
     RTMR_SIZE,
     XFAM_SIZE,
 )
+from tdllm_attest.cluster.policy import ClusterPolicy
 from tdllm_attest.collateral import DEFAULT_MAX_COLLATERAL_AGE, FreshnessLimits
 from tdllm_attest.ed25519_pem import public_key_from_pem
 from tdllm_attest.errors import PolicyDocumentError
@@ -56,6 +58,7 @@ _TOP_KEYS = {
     "allow_service_td",
     "models",
     "gpu",
+    "cluster",
 }
 _TCB_KEYS = {
     "accepted_statuses",
@@ -68,6 +71,7 @@ _TCB_KEYS = {
 _TUPLE_KEYS = {"name", "mr_td", "rtmr0", "rtmr1", "rtmr2"}
 _MODEL_KEYS = {"model", "min_version"}
 _GPU_KEYS = {"driver_versions", "vbios_versions"}
+_CLUSTER_KEYS = {"networks", "certificate_lifetime_s", "wireguard"}
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ class Policy:
     models: tuple[ModelRule, ...] | None = None
     # the gpu-cc profile: GPU evidence is required and judged by these rules; None: no GPU
     gpu: GpuPolicy | None = None
+    # cluster nodes: the broker certifies attested TDs' cluster keys by these rules; None: never
+    cluster: ClusterPolicy | None = None
 
     def freshness_limits(self) -> FreshnessLimits:
         """Collateral limits that `verify_quote` must apply for this policy."""
@@ -239,6 +245,28 @@ def _gpu_policy(value: object) -> GpuPolicy | None:
     )
 
 
+def _cluster_policy(value: object) -> ClusterPolicy | None:
+    """`{"networks": [CIDR, ...], "certificate_lifetime_s": int, "wireguard": bool}`: the key's
+    broker certifies attested cluster nodes with addresses in `networks` (docs/attestation.md)."""
+    if value is None:
+        return None
+    cluster = _keys(value, _CLUSTER_KEYS, {"networks"}, "cluster")
+    networks = []
+    for i, item in enumerate(_list(cluster["networks"], "cluster.networks")):
+        try:
+            networks.append(ip_network(str(item), strict=True))
+        except ValueError:
+            raise PolicyDocumentError(f"policy cluster.networks[{i}]: not a CIDR") from None
+    lifetime = cluster.get("certificate_lifetime_s", 86400)
+    wireguard = cluster.get("wireguard", True)
+    if type(lifetime) is not int or not isinstance(wireguard, bool):
+        raise PolicyDocumentError("policy cluster: want integer seconds and a boolean")
+    try:
+        return ClusterPolicy(tuple(networks), timedelta(seconds=lifetime), wireguard)
+    except ValueError as exc:
+        raise PolicyDocumentError(f"policy cluster: {exc}") from None
+
+
 def policy_from_document(doc: object) -> Policy:
     """Schema-check a policy document (the inner, unsigned object) and build a `Policy`."""
     required = {"schema", "tcb", "xfam", "measurements", "mr_config_id", "mr_owner"}
@@ -294,6 +322,7 @@ def policy_from_document(doc: object) -> Policy:
         allow_service_td=allow_service_td,
         models=_model_rules(top.get("models")),
         gpu=_gpu_policy(top.get("gpu")),
+        cluster=_cluster_policy(top.get("cluster")),
     )
 
 

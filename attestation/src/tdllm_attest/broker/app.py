@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from tdllm_attest.broker.appraisal import appraise, parse_event_logs, parse_gpu_evidence
 from tdllm_attest.broker.keystore import KeystoreError
+from tdllm_attest.broker.node_certificates import certify_node, node_summary
 from tdllm_attest.broker.problems import (
     BadRequest,
     BodyTooLarge,
@@ -165,6 +166,7 @@ def create_app(settings: BrokerSettings) -> Flask:
                 event_logs=parse_event_logs(doc.get("ccel"), doc.get("runtime_log")),
                 gpu_evidence=parse_gpu_evidence(doc.get("gpu_evidence")),
             )
+            node = certify_node(appraisal, doc.get("cluster_csr"), settings)
         except BrokerProblem as problem:
             problem.reason = (
                 f"session={session.session_id} key_id={session.key_id} "
@@ -185,7 +187,7 @@ def create_app(settings: BrokerSettings) -> Flask:
         )
         audit.info(
             "released client=%s session=%s key_id=%s model=%r version=%d mode=%s tcb=%s "
-            "quote_sha256=%s gpus=%s",
+            "quote_sha256=%s gpus=%s node=%s",
             request.remote_addr,
             session.session_id,
             record.key_id,
@@ -195,7 +197,9 @@ def create_app(settings: BrokerSettings) -> Flask:
             appraisal.verified.tcb_status,
             quote_hash,
             json.dumps([gpu.summary() for gpu in appraisal.gpus]),
+            "-" if node is None else node_summary(node),
         )
+        cluster = None if node is None else {"certificate": node.certificate, "ca": node.ca}
         signed = signed_answer(
             session_id=session.session_id,
             key_id=record.key_id,
@@ -203,8 +207,9 @@ def create_app(settings: BrokerSettings) -> Flask:
             jwe=jwe,
             model=record.model,
             version=record.version,
+            cluster=cluster,
         )
-        answer = {
+        answer: dict[str, Any] = {
             "key_id": record.key_id,
             "jwe": jwe,
             "model": record.model,
@@ -212,6 +217,8 @@ def create_app(settings: BrokerSettings) -> Flask:
             "signature": sign_answer(settings.signing_key, signed),
             "result": appraisal.summary(),
         }
+        if cluster is not None:
+            answer["cluster"] = cluster
         return Response(json.dumps(answer), content_type="application/json")
 
     return app

@@ -15,6 +15,7 @@ from tdllm_attest.broker.keystore import KeyRecord
 from tdllm_attest.broker.problems import CollateralUnavailable, EvidenceRejected, PolicyRefused
 from tdllm_attest.broker.protocol import (
     GPU_EVIDENCE_KEY,
+    OPTIONAL_RUNTIME_DATA_KEYS,
     PROTOCOL,
     RUNTIME_DATA_KEYS,
     report_data_for,
@@ -53,6 +54,8 @@ class Appraisal:
     tee_jwk: dict[str, str]  # the same key as sent (the broker's answer signature covers it)
     mode: str
     gpus: tuple[GpuAppraisal, ...] = ()  # the gpu-cc profile's GPUs, as appraised
+    policy: Policy | None = None  # the key's policy, as applied (its `cluster` section certifies)
+    runtime_data: dict[str, Any] | None = None  # as checked and bound by REPORTDATA
 
     def summary(self) -> dict[str, Any]:
         """Claims returned to the TD with its key (nothing secret)."""
@@ -68,7 +71,10 @@ class Appraisal:
 
 
 def _check_runtime_data(runtime: object, session: Session) -> dict[str, Any]:
-    if not isinstance(runtime, dict) or set(runtime) - {GPU_EVIDENCE_KEY} != RUNTIME_DATA_KEYS:
+    if (
+        not isinstance(runtime, dict)
+        or set(runtime) - OPTIONAL_RUNTIME_DATA_KEYS != RUNTIME_DATA_KEYS
+    ):
         raise EvidenceRejected("runtime_data is not an object with exactly the protocol keys")
     for name, want in (
         ("protocol", PROTOCOL),
@@ -249,4 +255,6 @@ def appraise(
         tee_jwk=runtime_data["tee_pubkey"],
         mode=mode,
         gpus=gpus,
+        policy=policy,
+        runtime_data=runtime_data,
     )

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from tdllm_attest.broker.app import create_app
 from tdllm_attest.broker.keystore import Keystore, load_kek
 from tdllm_attest.broker.settings import BrokerSettings
 from tdllm_attest.broker.signing import load_signing_key, write_signing_key_pair
+from tdllm_attest.cluster.ca import ClusterCa, load_cluster_ca
 from tdllm_attest.collateral import CollateralSource
 from tdllm_attest.errors import AttestationError
 from tdllm_attest.gpu.anchors import GpuAnchors, select_gpu_anchors
@@ -81,12 +83,25 @@ def gpu_settings(doc: dict[str, Any]) -> tuple[RimStore | None, GpuAnchors | Non
     return rims, anchors
 
 
+def cluster_ca_settings(doc: dict[str, Any]) -> ClusterCa | None:
+    """The cluster CA (`cluster_ca_key` PKCS#8 PEM + `cluster_ca_cert` PEM), both or neither."""
+    key_path, cert_path = doc.get("cluster_ca_key"), doc.get("cluster_ca_cert")
+    if key_path is None and cert_path is None:
+        return None
+    if not isinstance(key_path, str) or not isinstance(cert_path, str):
+        raise click.UsageError("broker config: cluster_ca_key and cluster_ca_cert come together")
+    try:
+        return load_cluster_ca(Path(key_path), Path(cert_path))
+    except ValueError as exc:
+        raise click.UsageError(f"broker config: {exc}") from None
+
+
 def settings_from_file(path: Path) -> BrokerSettings:
     """Config JSON: mode, keystore, kek, signing_key (Ed25519 PEM), policy_public_key, policies
     {name: file}, pccs_url (+ optional collateral_cache_dir), optional simulated_root (DER file;
     needs mode "simulated" and TDLLM_ALLOW_SIMULATED_TDX=1), optional
     accept_request_collateral_insecure (dev only), optional gpu_rims and simulated_gpu_roots
-    (`gpu_settings`)."""
+    (`gpu_settings`), optional cluster_ca_key + cluster_ca_cert (`cluster_ca_settings`)."""
     doc = json.loads(path.read_text(encoding="utf-8"))
     source = collateral_source(doc)
     insecure = doc.get("accept_request_collateral_insecure", False) is True
@@ -123,6 +138,7 @@ def settings_from_file(path: Path) -> BrokerSettings:
         accept_request_collateral_insecure=insecure,
         gpu_rims=gpu_rims,
         gpu_anchors=gpu_anchors,
+        cluster_ca=cluster_ca_settings(doc),
     )
 
 
@@ -185,3 +201,29 @@ def keygen(prefix: Path) -> None:
     except (FileExistsError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {private} (private, mode 0600: signing_key) and {public} (pin in the image)")
+
+
+@main.command("cluster-ca")
+@click.option(
+    "--out",
+    "prefix",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="writes PREFIX.key.pem (private, mode 0600) and PREFIX.crt.pem",
+)
+@click.option("--name", default="tdllm cluster CA", show_default=True, help="the CA's CN")
+@click.option(
+    "--days", default=365, show_default=True, type=click.IntRange(1, 3650), help="lifetime"
+)
+def cluster_ca(prefix: Path, name: str, days: int) -> None:
+    """Make the cluster CA that certifies attested cluster nodes (never overwrites).
+
+    Both files go into the broker config (`cluster_ca_key`, `cluster_ca_cert`); nodes receive
+    the certificate in the broker's signed answer (docs/attestation.md).
+    """
+    ca = ClusterCa.generate(now=datetime.now(UTC), name=name, lifetime=timedelta(days=days))
+    try:
+        key_path, cert_path = ca.write(prefix)
+    except (FileExistsError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {key_path} (private, mode 0600: cluster_ca_key) and {cert_path}")

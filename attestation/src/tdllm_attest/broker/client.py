@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 import requests
@@ -25,7 +26,8 @@ from tdllm_attest.broker.protocol import (
 )
 from tdllm_attest.broker.signing import AnswerSignatureError, signed_answer, verify_answer
 from tdllm_attest.broker.wrapping import decrypt_from_broker
-from tdllm_attest.errors import AttestationError
+from tdllm_attest.cluster.identity import IssuedCertificate, NodeIdentity, csr_digest
+from tdllm_attest.errors import AttestationError, ClusterCertificateError
 from tdllm_attest.gpu.binding import gpu_nonce
 from tdllm_attest.gpu.evidence import GpuEvidence, evidence_digest
 from tdllm_attest.quote import QuoteProvider
@@ -52,6 +54,8 @@ class ReleasedKey:
     key: bytearray = field(repr=False)
     model: str
     version: int
+    # a cluster node's certificate (fetch_release(node=...)), checked against our own keys
+    cluster: IssuedCertificate | None = None
 
 
 class Transport(Protocol):
@@ -105,6 +109,8 @@ class KeyClient:
     # the gpu-cc profile: evidence of the TD's confidential-computing GPUs for an SPDM nonce
     # (tdllm_attest.gpu.collect), made for this challenge and bound into REPORTDATA
     gpu_evidence: Callable[[bytes], Sequence[GpuEvidence]] | None = None
+    # the clock that judges a node certificate's validity (injected; needed with `node=`)
+    now: Callable[[], datetime] | None = None
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         status, doc = self.transport.post_json(path, body)
@@ -116,9 +122,16 @@ class KeyClient:
         """Run the whole key-release protocol for `key_id`; return the data key."""
         return self.fetch_release(key_id).key
 
-    def fetch_release(self, key_id: str) -> ReleasedKey:
+    def fetch_release(self, key_id: str, node: NodeIdentity | None = None) -> ReleasedKey:
         """Run the whole key-release protocol for `key_id`; return the data key with the model
-        and version the (pinned, signature-checked) broker released it for."""
+        and version the (pinned, signature-checked) broker released it for.
+
+        With `node` (a cluster node), REPORTDATA also binds the node's CSR and the answer must
+        carry a signed node certificate for exactly its keys and address.
+        """
+        if node is not None and self.now is None:
+            raise ValueError("a node certificate is judged at an injected time: pass now=")
+        csr = None if node is None else node.csr()
         challenge = self._post(
             PATH_CHALLENGE, {"protocol": PROTOCOL, "tee": "tdx", "key_id": key_id}
         )
@@ -143,6 +156,7 @@ class KeyClient:
                 key_id=key_id,
                 tee_pubkey=ephemeral.export_public(as_dict=True),
                 gpu_evidence_sha256=digest,
+                cluster_csr_sha256=None if csr is None else csr_digest(csr),
             )
             quote = self.provider.get_quote(report_data_for(runtime))
             body: dict[str, Any] = {
@@ -152,6 +166,8 @@ class KeyClient:
             }
             if gpu is not None:
                 body["gpu_evidence"] = gpu
+            if csr is not None:
+                body["cluster_csr"] = b64url(csr)
             if self.collateral is not None:
                 body["collateral"] = self.collateral(quote)
             if self.runtime_log is not None:
@@ -160,7 +176,10 @@ class KeyClient:
                 table, data = self.ccel()
                 body["ccel"] = {"table": b64url(table), "data": b64url(data)}
             answer = self._post(PATH_ATTEST, body)
-            jwe_text, model, version = self._authentic(answer, runtime)
+            jwe_text, model, version, cluster = self._authentic(answer, runtime)
+            issued = None
+            if node is not None:
+                issued = self._check_node_certificate(cluster, node)
             try:
                 key = decrypt_from_broker(
                     jwe_text,
@@ -172,12 +191,15 @@ class KeyClient:
                 )
             except Exception as exc:  # any unwrap failure means "no key"
                 raise KeyReleaseError(f"cannot unwrap the released key: {exc}") from None
-            return ReleasedKey(bytearray(key), model, version)
+            return ReleasedKey(bytearray(key), model, version, issued)
         finally:
             del ephemeral
 
-    def _authentic(self, answer: dict[str, Any], runtime: dict[str, Any]) -> tuple[str, str, int]:
-        """(jwe, model, version) of an answer the pinned broker key signed for this exchange.
+    def _authentic(
+        self, answer: dict[str, Any], runtime: dict[str, Any]
+    ) -> tuple[str, str, int, dict[str, str] | None]:
+        """(jwe, model, version, cluster) of an answer the pinned broker key signed for this
+        exchange.
 
         Checked before the JWE is touched: an impostor broker (the host) could otherwise hand
         us a key of its choosing for a model it sealed itself.
@@ -187,6 +209,13 @@ class KeyClient:
             raise BrokerAuthenticationError("attest response is not a key for this request")
         if not isinstance(model, str) or type(version) is not int:
             raise BrokerAuthenticationError("attest response names no model and version")
+        cluster = answer.get("cluster")
+        if cluster is not None and not (
+            isinstance(cluster, dict)
+            and set(cluster) == {"certificate", "ca"}
+            and all(isinstance(v, str) for v in cluster.values())
+        ):
+            raise BrokerAuthenticationError("attest response's cluster member is malformed")
         document = signed_answer(
             session_id=runtime["session_id"],
             key_id=runtime["key_id"],
@@ -194,9 +223,25 @@ class KeyClient:
             jwe=jwe_text,
             model=model,
             version=version,
+            cluster=cluster,
         )
         try:
             verify_answer(self.broker_key, document, answer.get("signature"))
         except AnswerSignatureError as exc:
             raise BrokerAuthenticationError(str(exc)) from None
-        return jwe_text, model, version
+        return jwe_text, model, version, cluster
+
+    def _check_node_certificate(
+        self, cluster: dict[str, str] | None, node: NodeIdentity
+    ) -> IssuedCertificate:
+        """The signed answer's node certificate, if it certifies exactly our keys and address."""
+        if cluster is None:
+            raise BrokerAuthenticationError("the broker's answer carries no node certificate")
+        issued = IssuedCertificate(certificate=cluster["certificate"], ca=cluster["ca"])
+        if self.now is None:
+            raise ValueError("a node certificate is judged at an injected time: pass now=")
+        try:
+            node.check_issued(issued, now=self.now())
+        except ClusterCertificateError as exc:
+            raise BrokerAuthenticationError(f"the node certificate is not ours: {exc}") from None
+        return issued

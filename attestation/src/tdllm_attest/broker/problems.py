@@ -89,3 +89,10 @@ class RateLimited(BrokerProblem):
     status = 429
     code = "rate-limited"
     title = "Too many requests"
+
+
+class ClusterCaUnavailable(BrokerProblem):
+    """The key's policy certifies cluster nodes, but the broker has no (valid) cluster CA."""
+
+    status = 503
+    code = "cluster-ca-unavailable"

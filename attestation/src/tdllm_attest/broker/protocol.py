@@ -2,7 +2,8 @@
 
 REPORTDATA = SHA-512(b"tdllm-kb/1\\0" || canonical_json(runtime_data)), all 64 bytes used, where
 runtime_data = {protocol, session_id, nonce, key_id, tee_pubkey (public JWK)}, plus
-gpu_evidence_sha256 when the TD sends GPU evidence (the gpu-cc profile; docs/attestation.md).
+gpu_evidence_sha256 when the TD sends GPU evidence (the gpu-cc profile) and cluster_csr_sha256 when
+it asks for a node certificate (a cluster node; docs/attestation.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ SESSION_ID_SIZE = 16
 RUNTIME_DATA_KEYS = frozenset({"protocol", "session_id", "nonce", "key_id", "tee_pubkey"})
 # binds the attest request's `gpu_evidence` (tdllm_attest.gpu.evidence.evidence_digest)
 GPU_EVIDENCE_KEY = "gpu_evidence_sha256"
+# binds the attest request's `cluster_csr` (tdllm_attest.cluster.identity.csr_digest)
+CLUSTER_CSR_KEY = "cluster_csr_sha256"
+OPTIONAL_RUNTIME_DATA_KEYS = frozenset({GPU_EVIDENCE_KEY, CLUSTER_CSR_KEY})
 # Ephemeral TD keys the broker will encrypt to: (kty, crv) -> the JWK members allowed.
 ALLOWED_TEE_KEYS: dict[tuple[str, str], frozenset[str]] = {
     ("OKP", "X25519"): frozenset({"kty", "crv", "x"}),
@@ -41,6 +45,7 @@ def runtime_data(
     key_id: str,
     tee_pubkey: dict[str, str],
     gpu_evidence_sha256: str | None = None,
+    cluster_csr_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The runtime data object the TD binds into REPORTDATA."""
     runtime: dict[str, Any] = {
@@ -52,6 +57,8 @@ def runtime_data(
     }
     if gpu_evidence_sha256 is not None:
         runtime[GPU_EVIDENCE_KEY] = gpu_evidence_sha256
+    if cluster_csr_sha256 is not None:
+        runtime[CLUSTER_CSR_KEY] = cluster_csr_sha256
     return runtime
 
 

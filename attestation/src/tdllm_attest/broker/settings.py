@@ -10,6 +10,7 @@ from ipaddress import IPv4Network, IPv6Network
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tdllm_attest.broker.keystore import Keystore
+from tdllm_attest.cluster.ca import ClusterCa
 from tdllm_attest.collateral import CollateralSource
 from tdllm_attest.gpu.anchors import GpuAnchors
 from tdllm_attest.gpu.rim import RimStore
@@ -55,6 +56,9 @@ class BrokerSettings:
     # section is refused while either is missing
     gpu_rims: RimStore | None = None
     gpu_anchors: GpuAnchors | None = None
+    # the model owner's cluster CA: certifies attested cluster nodes (a policy with a `cluster`
+    # section); without it such requests are 503 cluster-ca-unavailable
+    cluster_ca: ClusterCa | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_rate_clients", "max_sessions"):

@@ -7,7 +7,9 @@ itself. Every attest answer therefore carries an Ed25519 signature over
     canonical_json({"protocol", "session_id", "key_id", "tee_pubkey", "jwe", "model", "version"})
 
 and the in-TD client checks it against the pinned key before it touches the JWE. `tee_pubkey`
-(the TD's fresh ephemeral key) makes a recorded answer useless in any other exchange.
+(the TD's fresh ephemeral key) makes a recorded answer useless in any other exchange. An answer
+that certifies a cluster node adds `cluster` ({"certificate", "ca"}: PEM text) to the signed
+document, so the host cannot swap in a CA of its own.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def signed_answer(
     jwe: str,
     model: str,
     version: int,
+    cluster: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The document whose canonical JSON the broker signs (see module docstring)."""
-    return {
+    document: dict[str, Any] = {
         "protocol": PROTOCOL,
         "session_id": session_id,
         "key_id": key_id,
@@ -55,6 +58,9 @@ def signed_answer(
         "model": model,
         "version": version,
     }
+    if cluster is not None:
+        document["cluster"] = dict(cluster)
+    return document
 
 
 def sign_answer(key: Ed25519PrivateKey, document: dict[str, Any]) -> dict[str, str]:
