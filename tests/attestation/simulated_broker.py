@@ -146,9 +146,12 @@ class SimulatedDeployment:
         )
 
 
-def simulated_deployment(**settings_changes: Any) -> SimulatedDeployment:
-    """Generate a fresh simulated PKI, a keystore with test and production keys, and settings."""
-    platform = SimulatedTdxPlatform(SIM_NOW)
+def simulated_deployment(
+    *, now: datetime = SIM_NOW, **settings_changes: Any
+) -> SimulatedDeployment:
+    """Generate a fresh simulated PKI, a keystore with test and production keys, and settings;
+    the platform's collateral and the broker's clock stand at `now`."""
+    platform = SimulatedTdxPlatform(now)
     keystore = Keystore([], secrets.token_bytes(32))
     data_keys = {k: secrets.token_bytes(32) for k in (TEST_KEY_ID, OTHER_TEST_KEY_ID)}
     data_keys[PRODUCTION_KEY_ID] = secrets.token_bytes(32)
@@ -159,7 +162,7 @@ def simulated_deployment(**settings_changes: Any) -> SimulatedDeployment:
     ):
         model, version = KEY_MODELS[key_id]
         keystore.wrap(key_id, POLICY_NAME, modes, data_keys[key_id], model=model, version=version)
-    clock = FakeClock()
+    clock = FakeClock(now)
     anchor = select_trust_anchor(
         "simulated", simulated_root_der=platform.root_der, environ=SIMULATED_ENV
     )

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from tdllm.api.commands import serve
+from tdllm.cluster_commands import cluster
 from tdllm.errors import TdllmError, UsageError
 from tdllm.model.quant_formats import QUANTS
 from tdllm.profiles.registry import PROFILE_NAMES
@@ -198,6 +199,7 @@ def generate(
 
 cli.add_command(serve)
 cli.add_command(chat)
+cli.add_command(cluster)
 
 
 @cli.command()

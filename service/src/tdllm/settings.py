@@ -13,6 +13,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,11 @@ class Settings:
     # the oldest sealed model version this image will serve: a key released for an older one
     # (a rollback to a known-flawed model) is refused even if the broker lets it go
     min_model_version: int = 1
+    # a node of a multi-TD vLLM cluster (docs/scale-out.md): its address on the WireGuard
+    # overlay. The key release then also asks the broker for a node certificate (bound into the
+    # quote) and writes it, with the node's TLS and WireGuard keys, to `cluster_dir` (memory)
+    cluster_address: str | None = None
+    cluster_dir: str = "/run/tdllm/cluster"
     allow_simulated: bool = False  # from TDLLM_ALLOW_SIMULATED_TDX=1, never from the file
     # simulated mode only: the host's UNSAFE simulated quote service (tdllm_attest.testing.qgs)
     # instead of an in-process test PKI, so a broker on the host can trust the same platform
@@ -153,6 +159,7 @@ class Settings:
                 "a broker_url needs broker_public_key (the PEM file of the broker's pinned "
                 "Ed25519 key; without it any host could answer as the broker)"
             )
+        problems += _cluster_problems(self)
         if not (1 <= self.min_model_version <= 2**53 - 1):
             problems.append("min_model_version must be an integer from 1 to 2**53-1")
         rv_id = self.reference_values_id
@@ -214,6 +221,23 @@ def _gpu_cc_problems(s: Settings) -> list[str]:
         problems.append(f"gpu_evidence must be one of {', '.join(GPU_EVIDENCE_SOURCES)}")
     elif s.gpu_evidence == "simulated" and s.attestation != "simulated":
         problems.append("gpu_evidence 'simulated' needs attestation 'simulated'")
+    return problems
+
+
+def _cluster_problems(s: Settings) -> list[str]:
+    if s.cluster_address is None:
+        return []
+    problems = []
+    try:
+        ip_address(s.cluster_address)
+    except ValueError:
+        problems.append("cluster_address must be an IP address (the node's overlay address)")
+    if not s.sealed:
+        problems.append("cluster_address needs broker_url (the broker certifies the node)")
+    if s.engine != "vllm":
+        problems.append("cluster_address needs engine 'vllm' (the cluster is vLLM's, over Ray)")
+    if not s.cluster_dir.startswith("/"):
+        problems.append("cluster_dir must be an absolute path")
     return problems
 
 

@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from ipaddress import ip_address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # imported lazily at run time: a plain model needs neither
     from tdllm.vllm_engine.backend import VllmBackend
     from tdllm.vllm_engine.child import SealedHandoff
     from tdllm_attest.broker.client import ReleasedKey
+    from tdllm_attest.cluster.identity import NodeIdentity
 
 log = logging.getLogger("tdllm.api.boot")
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
@@ -71,6 +73,8 @@ class BootDeps:
     restart: Callable[[str], None] | None = None
     # profile gpu-cc: the GPUs' evidence for an SPDM nonce (default: gpu_evidence_for)
     gpu_evidence: Callable[[bytes], Any] | None = None
+    # the clock that judges node certificates (default: the system clock)
+    now: Callable[[], datetime] | None = None
 
 
 class BrokerTransport:
@@ -203,6 +207,15 @@ def quote_provider_for(settings: Settings, deps: BootDeps) -> tuple[Any, bool]:
         log.warning("UNSAFE: attestation mode 'simulated': quotes prove nothing")
         return SimulatedProvider(SimulatedTdxPlatform(datetime.now(UTC))), True
     return None, False
+
+
+def cluster_node(settings: Settings) -> NodeIdentity | None:
+    """Fresh node keys for the configured cluster address (a cluster node), else None."""
+    if settings.cluster_address is None:
+        return None
+    from tdllm_attest.cluster.identity import NodeIdentity
+
+    return NodeIdentity.generate(ip_address(settings.cluster_address))
 
 
 def gpu_evidence_for(settings: Settings, deps: BootDeps) -> Callable[[bytes], Any] | None:
@@ -346,6 +359,17 @@ class Boot:
                 "refusing the released key: its model name or version is invalid"
             ) from None
 
+    def _write_cluster_credentials(self, node: NodeIdentity, release: ReleasedKey) -> None:
+        """The node certificate and keys where the Ray node and the overlay read them."""
+        directory = Path(self.settings.cluster_dir)
+        try:
+            if release.cluster is None:  # fetch_release refuses that already; never write half
+                raise OSError("no node certificate in the answer")
+            node.write(directory, release.cluster)
+        except OSError as exc:
+            raise BootFailed(f"cannot write the node certificate to {directory}: {exc}") from None
+        log.info("cluster node %s certified; credentials in %s", node.address, directory)
+
     def _broker_key(self) -> Ed25519PublicKey:
         """The broker's Ed25519 public key pinned in the image (`broker_public_key`)."""
         from tdllm_attest.broker.signing import load_broker_public_key
@@ -377,7 +401,9 @@ class Boot:
             provider=provider,
             broker_key=self._broker_key(),
             gpu_evidence=self.state.gpu_evidence,
+            now=self.deps.now or (lambda: datetime.now(UTC)),
         )
+        node = cluster_node(self.settings)
         sleep = self.deps.sleep or self.state._stopped.wait
         attempts, delay = self.settings.boot_attempts, self.settings.boot_backoff_s
         metric = self.state.metrics.key_release_attempts
@@ -386,8 +412,10 @@ class Boot:
                 "attesting", f"attesting to the key broker (attempt {attempt}/{attempts})"
             )
             try:
-                release = client.fetch_release(key_id)
+                release = client.fetch_release(key_id, node=node)
                 metric.labels("released").inc()
+                if node is not None:
+                    self._write_cluster_credentials(node, release)
                 return release
             except BrokerAuthenticationError as exc:  # an impostor: never retried, never used
                 metric.labels("unauthenticated").inc()

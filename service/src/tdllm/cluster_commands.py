@@ -1,0 +1,203 @@
+"""`tdllm cluster`: a TD joins a multi-TD vLLM cluster (docs/scale-out.md).
+
+`join` attests to the key broker and writes the node certificate and keys it got for this TD;
+`wireguard` admits the peers whose certificates chain to the cluster CA into the overlay that
+carries every byte between TDs (Ray, gloo, vLLM's store). Both run in the TD as root from the
+image's units, before the Ray node starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tdllm.errors import UsageError
+
+CONFIG = click.Path(path_type=Path, dir_okay=False, exists=True)
+PEERS_DIR = "peers"
+WG_CONFIG = "wg.conf"
+INTERFACE_NAME = re.compile(r"[A-Za-z0-9_-]{1,15}")
+
+
+def _settings(config_file: Path | None) -> Any:
+    from tdllm.settings import load_settings
+
+    settings = load_settings(config_file)
+    if settings.cluster_address is None:
+        raise UsageError("this TD is no cluster node: set cluster_address (docs/scale-out.md)")
+    return settings
+
+
+@click.group()
+def cluster() -> None:
+    """Join a multi-TD vLLM cluster: node certificate, WireGuard overlay."""
+
+
+@cluster.command()
+@click.option("--config", "config_file", type=CONFIG, default=None, help="TOML settings file")
+def join(config_file: Path | None) -> None:
+    """Attest to the key broker; write this node's certificate and keys to cluster_dir.
+
+    The same exchange releases the model key (a worker's vLLM stage will need it; today it is
+    wiped at once: docs/scale-out.md, "Not built yet").
+    """
+    from tdllm.api.boot import BootDeps, BrokerTransport, cluster_node, quote_provider_for
+    from tdllm.sealing.keys import wipe
+    from tdllm_attest.broker.client import KeyClient, KeyReleaseError
+    from tdllm_attest.broker.signing import load_broker_public_key
+    from tdllm_attest.errors import AttestationError
+
+    settings = _settings(config_file)
+    provider, _simulated = quote_provider_for(settings, BootDeps())
+    try:
+        broker_key = load_broker_public_key(Path(settings.broker_public_key).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load the pinned broker public key: {exc}") from None
+    node = cluster_node(settings)
+    if node is None:  # _settings demanded an address
+        raise UsageError("no cluster_address")
+    client = KeyClient(
+        transport=BrokerTransport(settings.broker_url or ""),
+        provider=provider,
+        broker_key=broker_key,
+        now=lambda: datetime.now(UTC),
+    )
+    try:
+        release = client.fetch_release(settings.key_id or "", node=node)
+    except KeyReleaseError as exc:
+        raise UsageError(f"the key broker did not certify this node: {exc}") from None
+    except AttestationError as exc:
+        raise UsageError(f"cannot attest: {exc}") from None
+    wipe(release.key)
+    if release.cluster is None:
+        raise UsageError("the key broker's answer has no node certificate")
+    directory = Path(settings.cluster_dir)
+    try:
+        node.write(directory, release.cluster)
+    except OSError as exc:
+        raise UsageError(f"cannot write the node certificate to {directory}: {exc}") from None
+    click.echo(f"joined as {node.address}: node certificate and keys in {directory}")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror} (run `tdllm cluster join`)") from None
+
+
+def _endpoints(path: Path | None) -> dict[IPv4Address | IPv6Address, str]:
+    from tdllm_attest.cluster.peers import parse_endpoints
+    from tdllm_attest.errors import ClusterCertificateError
+
+    if path is None:
+        return {}
+    try:
+        doc = json.loads(_read(path))
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+        return parse_endpoints({str(k): str(v) for k, v in doc.items()})
+    except (ValueError, ClusterCertificateError) as exc:
+        raise UsageError(f"{path}: want {{overlay address: 'IP:port'}} ({exc})") from None
+
+
+def _run(*argv: str) -> None:
+    tool = shutil.which(argv[0])
+    if tool is None:
+        raise UsageError(f"`{argv[0]}` is not installed (wireguard-tools, iproute2)")
+    done = subprocess.run([tool, *argv[1:]], capture_output=True, text=True, check=False)  # noqa: S603  # fixed tools, checked arguments
+    if done.returncode != 0:
+        raise UsageError(f"{' '.join(argv)}: {done.stderr.strip() or done.returncode}")
+
+
+@cluster.command()
+@click.option("--config", "config_file", type=CONFIG, default=None, help="TOML settings file")
+@click.option("--interface", default="tdllm0", show_default=True, help="the WireGuard interface")
+@click.option("--listen-port", type=click.IntRange(1, 65535), default=51820, show_default=True)
+@click.option(
+    "--prefix-length",
+    type=click.IntRange(8, 128),
+    default=24,
+    show_default=True,
+    help="of the overlay network around cluster_address",
+)
+@click.option(
+    "--endpoints",
+    type=CONFIG,
+    default=None,
+    help="JSON {overlay address: 'underlay IP:port'} (from the playbook; not trusted)",
+)
+@click.option("--dry-run", is_flag=True, help="print the peers admitted, change nothing")
+def wireguard(
+    config_file: Path | None,
+    interface: str,
+    listen_port: int,
+    prefix_length: int,
+    endpoints: Path | None,
+    dry_run: bool,
+) -> None:
+    """Admit into the overlay every peer whose certificate (cluster_dir/peers/*.crt) chains to
+    the cluster CA from the broker's signed answer, is valid now and names one address."""
+    from tdllm_attest.cluster.identity import CA_CERT, NODE_CERT, WIREGUARD_KEY
+    from tdllm_attest.cluster.peers import (
+        admit_peers,
+        load_certificate,
+        render_wireguard_peers,
+        verify_node_certificate,
+    )
+    from tdllm_attest.errors import ClusterCertificateError
+
+    if not INTERFACE_NAME.fullmatch(interface):
+        raise UsageError("--interface: 1..15 letters, digits, '-' or '_'")
+    settings = _settings(config_file)
+    directory = Path(settings.cluster_dir)
+    now = datetime.now(UTC)
+    try:
+        ca = load_certificate(_read(directory / CA_CERT))
+        me = verify_node_certificate(load_certificate(_read(directory / NODE_CERT)), ca, now=now)
+    except ClusterCertificateError as exc:
+        raise UsageError(f"this node's own certificate: {exc}") from None
+    if me.address != ip_address(settings.cluster_address):
+        raise UsageError(f"this node's certificate is for {me.address}, not cluster_address")
+    peer_files = sorted((directory / PEERS_DIR).glob("*.crt"))
+    admission = admit_peers(
+        {p.name: _read(p) for p in peer_files}, ca, now=now, own_address=me.address
+    )
+    for source, why in admission.refused:
+        click.echo(f"refused {source}: {why}", err=True)
+    for peer in admission.peers:
+        click.echo(
+            f"admitted {peer.address} (certificate {peer.sha256[:16]}…, "
+            f"until {peer.not_after:%Y-%m-%d %H:%M}Z)"
+        )
+    peers = render_wireguard_peers(admission.peers, _endpoints(endpoints))
+    if dry_run:
+        click.echo(peers, nl=False)
+        return
+    private = _read(directory / WIREGUARD_KEY).decode().strip()
+    text = f"[Interface]\nPrivateKey = {private}\nListenPort = {listen_port}\n\n{peers}"
+    path = directory / WG_CONFIG
+    path.unlink(missing_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(text)
+    if (
+        subprocess.run(  # noqa: S603  # iproute2, fixed arguments
+            [shutil.which("ip") or "ip", "link", "show", interface],
+            capture_output=True,
+            check=False,
+        ).returncode
+        != 0
+    ):
+        _run("ip", "link", "add", interface, "type", "wireguard")
+    _run("wg", "setconf", interface, str(path))
+    _run("ip", "address", "replace", f"{me.address}/{prefix_length}", "dev", interface)
+    _run("ip", "link", "set", interface, "up")
+    click.echo(f"{interface}: {me.address}/{prefix_length}, {len(admission.peers)} peer(s)")

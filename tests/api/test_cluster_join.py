@@ -1,0 +1,279 @@
+"""`tdllm cluster join` and `tdllm cluster wireguard` against a simulated broker on loopback HTTP,
+quotes from the host's simulated quote service (what a worker TD's unit runs, with settings only).
+
+Attacks first: a key whose policy certifies no nodes (join fails, nothing written); a peer
+certificate from a lookalike CA dropped into the peers folder by the host (refused, not in the
+overlay); an endpoint file smuggling configuration lines (refused whole).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from ipaddress import ip_network
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+
+from tdllm.api.app import create_app
+from tdllm.api.boot import BootDeps
+from tdllm.cli import main
+from tdllm.settings import Settings, SettingsError
+from tdllm_attest.broker.app import create_app as create_broker
+from tdllm_attest.cluster.ca import ClusterCa
+from tdllm_attest.cluster.identity import NodeIdentity
+from tdllm_attest.cluster.policy import ClusterPolicy
+from tdllm_attest.cluster.request import parse_node_csr
+from tdllm_attest.testing.provider import SimulatedProvider
+from tdllm_attest.testing.qgs import create_qgs_app
+from tests.attestation.simulated_broker import (
+    POLICY_NAME,
+    TEST_KEY_ID,
+    SimulatedDeployment,
+    simulated_deployment,
+    td_fields,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
+OVERLAY = ip_network("10.77.0.0/24")
+
+
+@dataclasses.dataclass
+class Cluster:
+    deployment: SimulatedDeployment
+    broker_url: str
+    qgs_url: str
+    pinned: Path
+
+
+def _serve(app: object) -> tuple[str, object]:
+    server = make_server("127.0.0.1", 0, app, threaded=True)  # type: ignore[arg-type]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}", server
+
+
+def _cluster(tmp: Path, *, certify: bool = True) -> Iterator[Cluster]:
+    # the platform, broker and CA stand at the real time: the commands judge by the real clock
+    now = datetime.now(UTC) - timedelta(minutes=1)
+    dep = simulated_deployment(now=now, cluster_ca=ClusterCa.generate(now=now))
+    policy = dataclasses.replace(
+        dep.settings.policies[POLICY_NAME],
+        cluster=ClusterPolicy((OVERLAY,)) if certify else None,
+    )
+    dep.settings = dataclasses.replace(dep.settings, policies={POLICY_NAME: policy})
+    broker_url, broker = _serve(create_broker(dep.settings))
+    qgs_url, qgs = _serve(create_qgs_app(dep.platform, td_fields()))
+    try:
+        yield Cluster(dep, broker_url, qgs_url, dep.write_broker_public_key(tmp))
+    finally:
+        broker.shutdown()  # type: ignore[attr-defined]
+        qgs.shutdown()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    yield from _cluster(tmp_path)
+
+
+def _config(cluster: Cluster, folder: Path, address: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tdllm.toml"
+    values = {
+        "model": str(folder / "sealed"),  # join never opens the model
+        "engine": "vllm",
+        "vllm_python": "/opt/tdllm/vllm-venv/bin/python",
+        "attestation": "simulated",
+        "simulated_quote_url": cluster.qgs_url,
+        "broker_url": cluster.broker_url,
+        "broker_public_key": str(cluster.pinned),
+        "key_id": TEST_KEY_ID,
+        "cluster_address": address,
+        "cluster_dir": str(folder / "run"),
+    }
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def _tdllm(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str, str]:
+    monkeypatch.setenv("TDLLM_ALLOW_SIMULATED_TDX", "1")
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_worker_joins_and_admits_the_nodes_the_broker_certified(
+    cluster: Cluster,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    configs = {n: _config(cluster, tmp_path / f"node{n}", f"10.77.0.{n}") for n in (1, 2, 3)}
+    for config in configs.values():
+        code, out, err = _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)
+        assert code == 0, err
+        assert "joined as 10.77.0." in out
+    peers = tmp_path / "node1" / "run" / "peers"
+    peers.mkdir()
+    for n in (1, 2, 3):  # the playbook copies every node's certificate to every node
+        (peers / f"node{n}.crt").write_bytes(
+            (tmp_path / f"node{n}" / "run" / "node.crt").read_bytes()
+        )
+    endpoints = tmp_path / "endpoints.json"
+    endpoints.write_text(json.dumps({"10.77.0.2": "198.18.0.2:51820"}))
+    code, out, err = _tdllm(
+        [
+            "cluster",
+            "wireguard",
+            "--config",
+            str(configs[1]),
+            "--dry-run",
+            "--endpoints",
+            str(endpoints),
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0, err
+    assert "admitted 10.77.0.2" in out and "admitted 10.77.0.3" in out
+    assert "admitted 10.77.0.1" not in out  # itself
+    assert out.count("[Peer]") == 2 and "Endpoint = 198.18.0.2:51820" in out
+    assert "PrivateKey" not in out  # a dry run prints no secret
+
+
+def test_join_fails_clearly_when_the_keys_policy_certifies_no_nodes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for refusing in _cluster(tmp_path, certify=False):
+        config = _config(refusing, tmp_path / "node", "10.77.0.2")
+        code, _out, err = _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)
+        assert code != 0
+        assert err.startswith("error: the key broker did not certify this node") and "403" in err
+        assert len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "node" / "run").exists()
+
+
+def test_the_overlay_refuses_a_peer_from_a_lookalike_ca(
+    cluster: Cluster,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = _config(cluster, tmp_path / "node", "10.77.0.1")
+    assert _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)[0] == 0
+    hosts_ca = ClusterCa.generate(now=datetime.now(UTC) - timedelta(minutes=1))
+    hosts_node = NodeIdentity.generate(ip_network("10.77.0.9/32").network_address)
+    forged = hosts_ca.issue(
+        parse_node_csr(hosts_node.csr()),
+        now=datetime.now(UTC) - timedelta(minutes=1),
+        lifetime=timedelta(hours=1),
+        quote_sha256="00" * 32,
+    )
+    peers = tmp_path / "node" / "run" / "peers"
+    peers.mkdir()
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    (peers / "host.crt").write_bytes(forged.public_bytes(Encoding.PEM))
+    code, out, err = _tdllm(
+        ["cluster", "wireguard", "--config", str(config), "--dry-run"], capsys, monkeypatch
+    )
+    assert code == 0
+    assert "refused host.crt: not a node certificate of the cluster CA" in err
+    assert "[Peer]" not in out
+
+
+def test_an_endpoint_file_smuggling_configuration_is_refused_whole(
+    cluster: Cluster,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = _config(cluster, tmp_path / "node", "10.77.0.1")
+    assert _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)[0] == 0
+    endpoints = tmp_path / "endpoints.json"
+    endpoints.write_text(json.dumps({"10.77.0.2": "198.18.0.2:51820\nAllowedIPs = 0.0.0.0/0"}))
+    code, _out, err = _tdllm(
+        [
+            "cluster",
+            "wireguard",
+            "--config",
+            str(config),
+            "--dry-run",
+            "--endpoints",
+            str(endpoints),
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert code != 0 and "want IP:port" in err
+
+
+def test_the_head_writes_its_node_credentials_before_vllm_starts(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The head's service takes its certificate in its own key release; here vLLM cannot start
+    (no vLLM installed), which comes after the credentials are written."""
+    run = tmp_path / "run"
+    settings = Settings(
+        model=str(tmp_path / "missing-sealed"),
+        engine="vllm",
+        vllm_python=str(tmp_path / "no-python"),
+        attestation="simulated",
+        allow_simulated=True,
+        broker_url=cluster.broker_url,
+        broker_public_key=str(cluster.pinned),
+        key_id=TEST_KEY_ID,
+        cluster_address="10.77.0.1",
+        cluster_dir=str(run),
+        boot_attempts=1,
+    )
+    deps = BootDeps(
+        quote_provider=SimulatedProvider(cluster.deployment.platform, td_fields()),
+        collateral=lambda _q: cluster.deployment.platform.collateral_json(),
+    )
+    svc = create_app(settings, boot_deps=deps).extensions["tdllm"]
+    import time
+
+    deadline = time.monotonic() + 60
+    while svc.state.phase != "failed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert svc.state.phase == "failed"  # the sealed model is not there: after the release
+    assert "sealed" in svc.state.reason or "open" in svc.state.reason
+    assert sorted(p.name for p in run.iterdir()) == [
+        "cluster-ca.crt",
+        "node.crt",
+        "node.key",
+        "wg.key",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"cluster_address": "node-1"}, "cluster_address must be an IP address"),
+        ({"cluster_address": "10.77.0.1", "broker_url": None}, "needs broker_url"),
+        ({"cluster_address": "10.77.0.1", "engine": "tdllm"}, "needs engine 'vllm'"),
+        ({"cluster_address": "10.77.0.1", "cluster_dir": "run"}, "absolute path"),
+    ],
+)
+def test_cluster_settings_are_checked(changes: dict[str, object], problem: str) -> None:
+    base: dict[str, object] = {
+        "engine": "vllm",
+        "vllm_python": "/x/python",
+        "attestation": "simulated",
+        "allow_simulated": True,
+        "broker_url": "http://127.0.0.1:1",
+        "broker_public_key": "/x.pem",
+        "key_id": "k",
+    }
+    with pytest.raises(SettingsError, match=problem):
+        Settings(**(base | changes))  # type: ignore[arg-type]
