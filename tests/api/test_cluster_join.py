@@ -122,12 +122,7 @@ def test_a_worker_joins_and_admits_the_nodes_the_broker_certified(
         code, out, err = _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)
         assert code == 0, err
         assert "joined as 10.77.0." in out
-    peers = tmp_path / "node1" / "run" / "peers"
-    peers.mkdir()
-    for n in (1, 2, 3):  # the playbook copies every node's certificate to every node
-        (peers / f"node{n}.crt").write_bytes(
-            (tmp_path / f"node{n}" / "run" / "node.crt").read_bytes()
-        )
+    # no files copied anywhere: node 1 finds the others in the broker's roster
     endpoints = tmp_path / "endpoints.json"
     endpoints.write_text(json.dumps({"10.77.0.2": "198.18.0.2:51820"}))
     code, out, err = _tdllm(
@@ -148,6 +143,42 @@ def test_a_worker_joins_and_admits_the_nodes_the_broker_certified(
     assert "admitted 10.77.0.1" not in out  # itself
     assert out.count("[Peer]") == 2 and "Endpoint = 198.18.0.2:51820" in out
     assert "PrivateKey" not in out  # a dry run prints no secret
+
+
+def test_offline_the_overlay_takes_the_peers_folder_only(
+    cluster: Cluster,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    configs = {n: _config(cluster, tmp_path / f"node{n}", f"10.77.0.{n}") for n in (1, 2, 3)}
+    for config in configs.values():
+        assert _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)[0] == 0
+    peers = tmp_path / "node1" / "run" / "peers"
+    peers.mkdir()
+    issued = tmp_path / "node2" / "run" / "node.crt"
+    (peers / "node2.crt").write_bytes(issued.read_bytes())
+    args = ["cluster", "wireguard", "--config", str(configs[1]), "--dry-run", "--offline"]
+    code, out, err = _tdllm(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert "admitted 10.77.0.2" in out and "10.77.0.3" not in out
+
+
+def test_an_unreachable_broker_leaves_the_overlay_unchanged(
+    cluster: Cluster,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = _config(cluster, tmp_path / "node", "10.77.0.1")
+    assert _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)[0] == 0
+    from tdllm_lab.local_service import free_port
+
+    monkeypatch.setenv("TDLLM_BROKER_URL", f"http://127.0.0.1:{free_port()}")
+    code, _out, err = _tdllm(
+        ["cluster", "wireguard", "--config", str(config), "--dry-run"], capsys, monkeypatch
+    )
+    assert code != 0 and "cannot fetch the cluster roster" in err and "unchanged" in err
 
 
 def test_join_fails_clearly_when_the_keys_policy_certifies_no_nodes(

@@ -316,3 +316,32 @@ def test_joined_nodes_admit_each_other_and_nothing_else(tmp_path: Path) -> None:
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "cluster").iterdir()}
     assert modes == {"node.key": 0o600, "wg.key": 0o600, "node.crt": 0o644, "cluster-ca.crt": 0o644}
     assert (tmp_path / "cluster").stat().st_mode & 0o777 == 0o700
+
+
+def test_the_roster_lists_the_unexpired_certificates_issued_under_a_key() -> None:
+    dep = _deployment()
+    app = dep.app_client()
+    releases = []
+    for last in (1, 2):
+        client = dep.key_client(FlaskTransport(app))
+        client.now = dep.clock
+        releases.append(
+            client.fetch_release(
+                TEST_KEY_ID, node=NodeIdentity.generate(ip_address(f"10.77.0.{last}"))
+            )
+        )
+    listed = app.get(f"/v1/cluster/nodes?key_id={TEST_KEY_ID}").get_json()["certificates"]
+    assert listed == [r.cluster.certificate for r in releases if r.cluster]
+    dep.clock.now = SIM_NOW + timedelta(hours=25)  # past the 24 h lifetime
+    assert app.get(f"/v1/cluster/nodes?key_id={TEST_KEY_ID}").get_json()["certificates"] == []
+    unknown = app.get("/v1/cluster/nodes?key_id=nope")
+    assert unknown.status_code == 404 and unknown.get_json()["type"].endswith("unknown-key")
+
+
+def test_the_roster_keeps_at_most_max_cluster_nodes_per_key() -> None:
+    from tdllm_attest.broker.roster import NodeRoster
+
+    roster = NodeRoster(lambda: SIM_NOW, max_nodes=2)
+    for hours in (3, 1, 2):
+        roster.add("k", f"cert-{hours}", SIM_NOW + timedelta(hours=hours))
+    assert roster.certificates("k") == ["cert-2", "cert-3"]  # the soonest to expire went

@@ -25,6 +25,8 @@ CONFIG = click.Path(path_type=Path, dir_okay=False, exists=True)
 PEERS_DIR = "peers"
 WG_CONFIG = "wg.conf"
 INTERFACE_NAME = re.compile(r"[A-Za-z0-9_-]{1,15}")
+MAX_ROSTER = 4096  # certificates in one roster answer
+MAX_PEM = 16_384
 
 
 def _settings(config_file: Path | None) -> Any:
@@ -109,6 +111,35 @@ def _endpoints(path: Path | None) -> dict[IPv4Address | IPv6Address, str]:
         raise UsageError(f"{path}: want {{overlay address: 'IP:port'}} ({exc})") from None
 
 
+def _roster(settings: Any) -> dict[str, bytes]:
+    """The node certificates the broker issued under our key (GET /v1/cluster/nodes): public
+    data, each checked against the cluster CA like any other; the host can only withhold it."""
+    import requests
+
+    from tdllm_attest.broker.protocol import PATH_CLUSTER_NODES
+
+    url = (settings.broker_url or "").rstrip("/") + PATH_CLUSTER_NODES
+    try:
+        resp = requests.get(url, params={"key_id": settings.key_id}, timeout=30)
+        doc = resp.json() if resp.status_code == 200 else None
+    except (requests.RequestException, ValueError) as exc:
+        raise UsageError(
+            f"cannot fetch the cluster roster from the broker ({type(exc).__name__}); "
+            "the overlay is unchanged"
+        ) from None
+    pems = doc.get("certificates") if isinstance(doc, dict) else None
+    if (
+        not isinstance(pems, list)
+        or len(pems) > MAX_ROSTER
+        or not all(isinstance(p, str) and len(p) < MAX_PEM for p in pems)
+    ):
+        raise UsageError(
+            f"the broker's cluster roster is not a list of certificates (HTTP {resp.status_code}); "
+            "the overlay is unchanged"
+        )
+    return {f"broker#{i}": pem.encode() for i, pem in enumerate(pems)}
+
+
 def _run(*argv: str) -> None:
     tool = shutil.which(argv[0])
     if tool is None:
@@ -135,6 +166,9 @@ def _run(*argv: str) -> None:
     default=None,
     help="JSON {overlay address: 'underlay IP:port'} (from the playbook; not trusted)",
 )
+@click.option(
+    "--offline", is_flag=True, help="only cluster_dir/peers/*.crt, not the broker's roster"
+)
 @click.option("--dry-run", is_flag=True, help="print the peers admitted, change nothing")
 def wireguard(
     config_file: Path | None,
@@ -142,10 +176,13 @@ def wireguard(
     listen_port: int,
     prefix_length: int,
     endpoints: Path | None,
+    offline: bool,
     dry_run: bool,
 ) -> None:
-    """Admit into the overlay every peer whose certificate (cluster_dir/peers/*.crt) chains to
-    the cluster CA from the broker's signed answer, is valid now and names one address."""
+    """Admit into the overlay every peer whose certificate chains to the cluster CA from the
+    broker's signed answer, is valid now and names one address. Certificates come from the
+    broker's roster (GET /v1/cluster/nodes) and cluster_dir/peers/*.crt; run it again (the
+    role's timer does) to add nodes that joined since and drop expired ones."""
     from tdllm_attest.cluster.identity import CA_CERT, NODE_CERT, WIREGUARD_KEY
     from tdllm_attest.cluster.peers import (
         admit_peers,
@@ -167,10 +204,10 @@ def wireguard(
         raise UsageError(f"this node's own certificate: {exc}") from None
     if me.address != ip_address(settings.cluster_address):
         raise UsageError(f"this node's certificate is for {me.address}, not cluster_address")
-    peer_files = sorted((directory / PEERS_DIR).glob("*.crt"))
-    admission = admit_peers(
-        {p.name: _read(p) for p in peer_files}, ca, now=now, own_address=me.address
-    )
+    sources = {p.name: _read(p) for p in sorted((directory / PEERS_DIR).glob("*.crt"))}
+    if not offline:
+        sources |= _roster(settings)
+    admission = admit_peers(sources, ca, now=now, own_address=me.address)
     for source, why in admission.refused:
         click.echo(f"refused {source}: {why}", err=True)
     for peer in admission.peers:

@@ -1,4 +1,5 @@
-"""The key broker's HTTP surface: `POST /v1/challenge`, `POST /v1/attest` (Flask).
+"""The key broker's HTTP surface: `POST /v1/challenge`, `POST /v1/attest`, `GET
+/v1/cluster/nodes` (Flask).
 
 Clients get terse RFC 7807 problems; the audit logger `tdllm_attest.broker.audit` gets every
 decision with its full reason, the client address, session, key id and quote hash.
@@ -16,7 +17,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from tdllm_attest.broker.appraisal import appraise, parse_event_logs, parse_gpu_evidence
 from tdllm_attest.broker.keystore import KeystoreError
-from tdllm_attest.broker.node_certificates import certify_node, node_summary
+from tdllm_attest.broker.node_certificates import certify_node, node_not_after, node_summary
 from tdllm_attest.broker.problems import (
     BadRequest,
     BodyTooLarge,
@@ -29,10 +30,12 @@ from tdllm_attest.broker.protocol import (
     HASH_ALG,
     PATH_ATTEST,
     PATH_CHALLENGE,
+    PATH_CLUSTER_NODES,
     PROBLEM_CONTENT_TYPE,
     PROTOCOL,
 )
 from tdllm_attest.broker.ratelimit import ForwardedClient, RateLimiter, rate_limit_key
+from tdllm_attest.broker.roster import NodeRoster
 from tdllm_attest.broker.sessions import SessionStore
 from tdllm_attest.broker.settings import BrokerSettings
 from tdllm_attest.broker.signing import sign_answer, signed_answer
@@ -76,6 +79,7 @@ def create_app(settings: BrokerSettings) -> Flask:
     # request.remote_addr is the client from here on: the peer, or who a trusted proxy names
     app.wsgi_app = ForwardedClient(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]
     sessions = SessionStore(settings.now, settings.session_ttl, settings.max_sessions)
+    roster = NodeRoster(settings.now, settings.max_cluster_nodes)
     limiter = RateLimiter(
         settings.now, settings.rate_limit, settings.rate_window, settings.max_rate_clients
     )
@@ -141,6 +145,14 @@ def create_app(settings: BrokerSettings) -> Flask:
             content_type="application/json",
         )
 
+    @app.get(PATH_CLUSTER_NODES)
+    def cluster_nodes() -> Response:
+        key_id = request.args.get("key_id", "")
+        if not key_id or len(key_id) > MAX_KEY_ID_LENGTH or settings.keystore.get(key_id) is None:
+            raise UnknownKey(f"unknown key id {key_id[:MAX_KEY_ID_LENGTH]!r}")
+        body = {"key_id": key_id, "certificates": roster.certificates(key_id)}
+        return Response(json.dumps(body), content_type="application/json")
+
     @app.post(PATH_ATTEST)
     def attest() -> Response:
         doc = _json_body()
@@ -200,6 +212,8 @@ def create_app(settings: BrokerSettings) -> Flask:
             "-" if node is None else node_summary(node),
         )
         cluster = None if node is None else {"certificate": node.certificate, "ca": node.ca}
+        if node is not None:
+            roster.add(record.key_id, node.certificate, node_not_after(node))
         signed = signed_answer(
             session_id=session.session_id,
             key_id=record.key_id,

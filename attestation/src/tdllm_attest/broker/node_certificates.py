@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from datetime import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -77,3 +78,8 @@ def node_summary(issued: IssuedCertificate) -> str:
         f"address={','.join(str(a) for a in names.get_values_for_type(x509.IPAddress))} "
         f"not_after={certificate.not_valid_after_utc.isoformat()}"
     )
+
+
+def node_not_after(issued: IssuedCertificate) -> datetime:
+    """When an issued certificate expires (the roster forgets it then)."""
+    return x509.load_pem_x509_certificate(issued.certificate.encode()).not_valid_after_utc

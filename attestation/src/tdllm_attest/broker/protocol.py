@@ -34,6 +34,7 @@ ALLOWED_TEE_KEYS: dict[tuple[str, str], frozenset[str]] = {
 
 PATH_CHALLENGE = "/v1/challenge"
 PATH_ATTEST = "/v1/attest"
+PATH_CLUSTER_NODES = "/v1/cluster/nodes"  # GET ?key_id=K: the node certificates issued under K
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 ERROR_TYPE_PREFIX = "urn:tdllm:kb:error:"
 

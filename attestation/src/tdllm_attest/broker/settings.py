@@ -59,9 +59,10 @@ class BrokerSettings:
     # the model owner's cluster CA: certifies attested cluster nodes (a policy with a `cluster`
     # section); without it such requests are 503 cluster-ca-unavailable
     cluster_ca: ClusterCa | None = None
+    max_cluster_nodes: int = 256  # node certificates remembered per key (GET /v1/cluster/nodes)
 
     def __post_init__(self) -> None:
-        for name in ("max_rate_clients", "max_sessions"):
+        for name in ("max_rate_clients", "max_sessions", "max_cluster_nodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
