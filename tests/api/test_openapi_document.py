@@ -25,20 +25,39 @@ from tdllm.api.openai.protocol import (
     CHAT_SPECS,
     COMPLETION_FIELDS,
     COMPLETION_SPECS,
+    DETOKENIZE_FIELDS,
+    DETOKENIZE_SPECS,
+    TOKENIZE_CHAT_FIELDS,
+    TOKENIZE_CHAT_SPECS,
+    TOKENIZE_COMPLETION_FIELDS,
+    TOKENIZE_COMPLETION_SPECS,
     FieldSpec,
     conforms,
     parse_chat,
     parse_completion,
+    parse_detokenize,
+    parse_tokenize,
 )
 from tdllm.api.openapi import description
 
 ENDPOINTS = {
     "completions": ("CompletionRequest", COMPLETION_SPECS, parse_completion),
     "chat": ("ChatCompletionRequest", CHAT_SPECS, parse_chat),
+    # /tokenize takes either body (its schema is oneOf the two): one parser, two tables
+    "tokenize prompt": ("TokenizeCompletionRequest", TOKENIZE_COMPLETION_SPECS, parse_tokenize),
+    "tokenize messages": ("TokenizeChatRequest", TOKENIZE_CHAT_SPECS, parse_tokenize),
+    "detokenize": ("DetokenizeRequest", DETOKENIZE_SPECS, parse_detokenize),
 }
+ALL_FIELDS = (
+    CHAT_FIELDS | COMPLETION_FIELDS | TOKENIZE_COMPLETION_FIELDS | TOKENIZE_CHAT_FIELDS
+) | DETOKENIZE_FIELDS
+CHAT = [{"role": "user", "content": "hi"}]
 BASES: dict[str, dict[str, Any]] = {
     "completions": {"model": "m", "prompt": "hi"},
-    "chat": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    "chat": {"model": "m", "messages": CHAT},
+    "tokenize prompt": {"model": "m", "prompt": "hi"},
+    "tokenize messages": {"model": "m", "messages": CHAT},
+    "detokenize": {"model": "m", "tokens": [1, 2]},
 }
 # JSON values of every type, and shapes near the edges of the request fields. No float with an
 # integral value: JSON Schema's "integer" takes 1.0, the validator does not (test below).
@@ -174,7 +193,10 @@ def test_every_request_body_is_a_component_with_no_unknown_fields() -> None:
                 continue
             ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
             body = schemas[ref.rsplit("/", 1)[1]]
-            assert body["type"] == "object" and body["additionalProperties"] is False, ref
+            # /tokenize: one of two bodies, each such a component
+            alternatives = [schemas[r["$ref"].rsplit("/", 1)[1]] for r in body.get("oneOf", [])]
+            for one in alternatives or [body]:
+                assert one["type"] == "object" and one["additionalProperties"] is False, ref
 
 
 # -- the request schemas are the validator's tables -------------------------------------------
@@ -186,7 +208,7 @@ def test_the_schema_has_exactly_the_fields_the_validator_accepts(endpoint: str) 
     and every other name a client might send is."""
     name, specs, parse = ENDPOINTS[endpoint]
     documented = set(description()["components"]["schemas"][name]["properties"])
-    candidates = CHAT_FIELDS | COMPLETION_FIELDS | {"bogus", "Model", "max_token", "tool_calls"}
+    candidates = ALL_FIELDS | {"bogus", "Model", "max_token", "tool_calls", "chat_template"}
     accepted = set()
     for field in candidates:
         try:
@@ -305,6 +327,7 @@ def _keywords(schema: dict[str, Any]) -> Iterator[str]:
 def test_every_keyword_of_the_request_schemas_is_one_conforms_reads() -> None:
     """So that the generic check never meets a keyword it would refuse at request time."""
     read = {*protocol._KEYWORDS, "additionalProperties", "description"}
-    for spec in (*COMPLETION_SPECS, *CHAT_SPECS):
-        assert set(_keywords(spec.schema)) <= read, spec.name
+    for _name, specs, _parse in ENDPOINTS.values():
+        for spec in specs:
+            assert set(_keywords(spec.schema)) <= read, spec.name
     assert protocol.MESSAGE_FIELDS == set(protocol.MESSAGE_SCHEMA["properties"])

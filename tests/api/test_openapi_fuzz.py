@@ -52,7 +52,13 @@ def fuzz_description() -> dict[str, Any]:
     """The served description with `model` narrowed to the one model, so that valid requests
     get past the 404 and into the engine."""
     doc = copy.deepcopy(description())
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
+    for name in (
+        "CompletionRequest",
+        "ChatCompletionRequest",
+        "TokenizeCompletionRequest",
+        "TokenizeChatRequest",
+        "DetokenizeRequest",
+    ):
         doc["components"]["schemas"][name]["properties"]["model"] = {"const": MODEL}
     return doc
 

@@ -531,8 +531,9 @@ def _tiny_tokenizer() -> Any:
 
 
 def openai_request_target(full: bool = False) -> Target:
-    """decode_body, then parse_completion and parse_chat, then what the handlers do next with
-    an accepted request before the engine: tokenize it (the chat template first). Accepted
+    """decode_body, then parse_completion, parse_chat, parse_tokenize and parse_detokenize,
+    then what the handlers do next with an accepted request before the engine: tokenize it (the
+    chat template first). Accepted
     requests must hold only what later code can take (checked: Unicode text without NUL,
     numbers in range). `full` (make fuzz): the bundled model's tokenizer and chat template (7 s
     to load); else a tiny one with a ChatML template (the same `tokenizers` library, so the same
@@ -543,10 +544,15 @@ def openai_request_target(full: bool = False) -> Target:
     from tdllm.api.openai.protocol import (
         CHAT_FIELDS,
         COMPLETION_FIELDS,
+        DETOKENIZE_FIELDS,
         MAX_SEED,
+        TOKENIZE_CHAT_FIELDS,
+        TOKENIZE_COMPLETION_FIELDS,
         decode_body,
         parse_chat,
         parse_completion,
+        parse_detokenize,
+        parse_tokenize,
     )
     from tdllm.errors import UsageError
 
@@ -587,6 +593,25 @@ def openai_request_target(full: bool = False) -> Target:
                 tokenizer.encode(text(parsed.prompt))
             else:
                 assert all(isinstance(t, int) and 0 <= t < 10**20 for t in parsed.prompt)
+        try:
+            tokenize = parse_tokenize(body)
+        except ApiError:
+            pass
+        else:
+            assert tokenize.model is None or text(tokenize.model)
+            if tokenize.messages is not None:
+                rendered = tokenizer.apply_chat_template(
+                    tokenize.messages, tokenize.add_generation_prompt
+                )
+                tokenizer.encode(text(rendered), tokenize.add_special_tokens)
+            else:
+                tokenizer.encode(text(tokenize.prompt or ""), tokenize.add_special_tokens)
+        try:
+            detokenize = parse_detokenize(body)
+        except ApiError:
+            pass
+        else:
+            assert all(type(t) is int and 0 <= t < 10**20 for t in detokenize.tokens)
 
     docs = [
         {"model": MODEL, "prompt": "The three primary colors are", "max_tokens": 8},
@@ -605,7 +630,13 @@ def openai_request_target(full: bool = False) -> Target:
             "max_completion_tokens": 5,
         },
     ]
-    keys = (*sorted(CHAT_FIELDS | COMPLETION_FIELDS), "role", "content", "type", "text")
+    docs += [
+        {"model": MODEL, "prompt": "hi", "add_special_tokens": False, "return_token_strs": True},
+        {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": False},
+        {"model": MODEL, "tokens": [1, 2, 3]},
+    ]
+    requests = CHAT_FIELDS | COMPLETION_FIELDS | TOKENIZE_COMPLETION_FIELDS | TOKENIZE_CHAT_FIELDS
+    keys = (*sorted(requests | DETOKENIZE_FIELDS), "role", "content", "type", "text")
     return Target(
         "openai-request",
         (ApiError, UsageError),

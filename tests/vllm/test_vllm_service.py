@@ -126,6 +126,38 @@ def test_n_choices_and_logprobs_come_from_vllm(plain_service: RunningService) ->
     assert content and len(content[0].top_logprobs) == 2
 
 
+def test_tokenize_and_detokenize_are_vllms_own_and_count_as_chat_does(
+    plain_service: RunningService,
+) -> None:
+    """Forwarded to vLLM's /tokenize and /detokenize: its shapes, its chat template, and the
+    count its chat completion reports; the front's checks first (docs/api.md)."""
+    url = plain_service.url
+    answer = requests.post(
+        url + "/tokenize", json={"model": MODEL, "messages": QUESTION}, timeout=60
+    )
+    assert answer.status_code == 200, answer.text
+    tokens = answer.json()
+    assert set(tokens) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert tokens["max_model_len"] == 1024 and tokens["count"] == len(tokens["tokens"])
+    chat = client(plain_service).chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=1, temperature=0
+    )
+    assert chat.usage is not None and chat.usage.prompt_tokens == tokens["count"]
+    text = requests.post(url + "/detokenize", json={"tokens": tokens["tokens"]}, timeout=60)
+    assert text.status_code == 200, text.text
+    assert text.json()["prompt"].endswith("<|im_start|>assistant\n")
+    plain = {"prompt": "Hello world", "return_token_strs": True}
+    words = requests.post(url + "/tokenize", json=plain, timeout=60).json()
+    assert words["token_strs"] == ["Hello", "Ġworld"]
+    for path, body in [
+        ("/tokenize", {"prompt": "hi", "chat_template": "{{ 7*7 }}"}),
+        ("/detokenize", {"tokens": [2**40]}),
+        ("/detokenize", {"tokens": [-1]}),
+    ]:
+        refused = requests.post(url + path, json=body, timeout=60)
+        assert refused.status_code == 400, (body, refused.text)
+
+
 def test_client_mistakes_are_one_clear_4xx_in_openai_shape(plain_service: RunningService) -> None:
     url = plain_service.url + "/v1/chat/completions"
     base = {"model": MODEL, "messages": QUESTION, "max_tokens": 4}

@@ -30,7 +30,7 @@ from tdllm.api.errors import register_error_handlers
 from tdllm.api.identity import ServiceIdentity
 from tdllm.api.logs import install_request_logging
 from tdllm.api.metrics import ServiceMetrics
-from tdllm.api.openai import chat, completions, models
+from tdllm.api.openai import chat, completions, models, tokenize
 from tdllm.api.runner import EngineRunner
 from tdllm.settings import Settings, load_settings
 
@@ -99,7 +99,9 @@ def create_app(
     _refuse_streamed_bodies_over(app, settings.max_body_bytes)
     register_error_handlers(app)
     shutdown.install(app, service.drain)
-    blueprints = (health, metrics, openapi, attestation, receipts, models, completions, chat, e2e)
+    blueprints = (
+        health, metrics, openapi, attestation, receipts, models, completions, chat, tokenize, e2e,
+    )  # fmt: skip
     for module in blueprints:
         app.register_blueprint(module.blueprint)
 

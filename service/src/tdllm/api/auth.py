@@ -1,4 +1,5 @@
-"""Optional bearer API keys for everything under /v1/, and who may scrape /metrics.
+"""Optional bearer API keys for everything under /v1/ and for vLLM's /tokenize and
+/detokenize, and who may scrape /metrics.
 
 Health and readiness stay open for the supervisor and load balancer; /v1/attestation (and
 /v1/attestation/receipts) and /v1/e2e/* take no key in clear (E2E seals its key inside the
@@ -76,9 +77,13 @@ def require_scraper(keys: Sequence[str]) -> None:
 # prefix that ends in a slash: a new route never opens up by sharing a name's beginning.
 _NO_CLEAR_KEY_PATHS = frozenset({"/v1/attestation", RECEIPTS_PATH})
 _NO_CLEAR_KEY_PREFIX = "/v1/e2e/"
+# vLLM's paths outside /v1/ that take prompts: keyed like the OpenAI routes
+KEYED_ROOT_PATHS = frozenset({"/tokenize", "/detokenize"})
 
 
 def _needs_clear_key(path: str) -> bool:
+    if path in KEYED_ROOT_PATHS:
+        return True
     if not path.startswith("/v1/"):
         return False
     return path not in _NO_CLEAR_KEY_PATHS and not path.startswith(_NO_CLEAR_KEY_PREFIX)

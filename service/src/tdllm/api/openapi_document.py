@@ -19,8 +19,11 @@ from tdllm.api.errors import ApiError
 from tdllm.api.openai.protocol import (
     CHAT_SPECS,
     COMPLETION_SPECS,
+    DETOKENIZE_SPECS,
     MESSAGE_SCHEMA,
     TEXT_PART_SCHEMA,
+    TOKENIZE_CHAT_SPECS,
+    TOKENIZE_COMPLETION_SPECS,
     request_schema,
 )
 
@@ -103,6 +106,33 @@ def _generation(operation_id: str, request: str, answer: str, what: str) -> dict
                 "503": _error(
                     "not ready (booting, or the engine stopped) or the request timed out"
                 ),
+            },
+        }
+    }
+
+
+def _tokenization(operation_id: str, request: str, answer: str, what: str) -> dict[str, Any]:
+    """POST /tokenize and /detokenize (vLLM's): no queue in our engine, vLLM's on the vllm one."""
+    return {
+        "post": {
+            "operationId": operation_id,
+            "security": _KEYED,
+            "summary": f"{what} (vLLM's endpoint and shapes; docs/api.md)",
+            "requestBody": {"required": True, "content": {_JSON: {"schema": ref(request)}}},
+            "responses": {
+                "200": _json(what, ref(answer)),
+                "400": _error(
+                    "invalid request: malformed JSON, an unknown field, a wrong type, a prompt "
+                    "over the completions' limits, a token id outside the vocabulary, more ids "
+                    "than max_model_len"
+                ),
+                "401": _UNAUTHORIZED,
+                "404": _error("no such model"),
+                "408": _TOO_SLOW,
+                "413": _TOO_LARGE,
+                "429": _error("the vllm engine only: too many requests in flight"),
+                "502": _error("the vllm engine only: vLLM failed the request"),
+                "503": _error("not ready (booting, or the engine stopped), or shutting down"),
             },
         }
     }
@@ -220,6 +250,12 @@ def _paths() -> dict[str, Any]:
         "/v1/chat/completions": _generation(
             "createChatCompletion", "ChatCompletionRequest", "ChatCompletion", "the chat completion"
         ),
+        "/tokenize": _tokenization(
+            "tokenize", "TokenizeRequest", "TokenizeResponse", "text or messages to token ids"
+        ),
+        "/detokenize": _tokenization(
+            "detokenize", "DetokenizeRequest", "DetokenizeResponse", "token ids to text"
+        ),
         "/v1/attestation": {
             "get": {
                 "operationId": "attestation",
@@ -329,6 +365,9 @@ def _request_schemas() -> dict[str, Any]:
         "ChatMessage": message,
         "CompletionRequest": _hoist(request_schema(COMPLETION_SPECS), named),
         "ChatCompletionRequest": _hoist(request_schema(CHAT_SPECS), named),
+        "TokenizeCompletionRequest": request_schema(TOKENIZE_COMPLETION_SPECS),
+        "TokenizeChatRequest": _hoist(request_schema(TOKENIZE_CHAT_SPECS), named),
+        "DetokenizeRequest": request_schema(DETOKENIZE_SPECS),
     }
 
 
@@ -465,6 +504,26 @@ def _schemas() -> dict[str, Any]:
         "ChatMessage": requests["ChatMessage"],
         "CompletionRequest": requests["CompletionRequest"],
         "ChatCompletionRequest": requests["ChatCompletionRequest"],
+        "TokenizeCompletionRequest": requests["TokenizeCompletionRequest"],
+        "TokenizeChatRequest": requests["TokenizeChatRequest"],
+        "TokenizeRequest": _described(
+            {"oneOf": [ref("TokenizeCompletionRequest"), ref("TokenizeChatRequest")]},
+            "text (`prompt`) or a conversation (`messages`, the chat template applied)",
+        ),
+        "DetokenizeRequest": requests["DetokenizeRequest"],
+        "TokenizeResponse": _obj(
+            ["count", "max_model_len", "tokens", "token_strs"],
+            {
+                "count": count,
+                "max_model_len": _described(count, "as GET /v1/models states it"),
+                "tokens": {"type": "array", "items": count},
+                "token_strs": _described(
+                    _nullable({"type": "array", "items": _STRING}),
+                    "the tokens' vocabulary strings; null unless return_token_strs is true",
+                ),
+            },
+        ),
+        "DetokenizeResponse": _obj(["prompt"], {"prompt": _STRING}),
         "Completion": _answer("text_completion", _STRING, "text"),
         "ChatCompletion": _answer("chat.completion", assistant, "message"),
         "Attestation": _attestation(),

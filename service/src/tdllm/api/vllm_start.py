@@ -59,6 +59,7 @@ def start_vllm(
         process,
         model_name=launch.served_name,
         max_model_len=launch.max_model_len,
+        vocab_size=max(checkpoint.config.vocab_size, checkpoint.tokenizer.vocab_size),
         capacity=settings.max_batch + settings.queue_size,
         protection=_protection(settings),
         on_exit=on_exit,

@@ -55,6 +55,7 @@ class VllmBackend:
         *,
         model_name: str,
         max_model_len: int,
+        vocab_size: int,
         capacity: int,
         protection: Mapping[str, object],
         on_exit: Callable[[str], None] | None = None,
@@ -62,6 +63,9 @@ class VllmBackend:
         self.process = process
         self.model_name = model_name
         self.max_model_len = max_model_len
+        # token ids run 0..vocab_size-1 (the larger of the model's and the tokenizer's, as vLLM
+        # counts): the front refuses any other before vLLM sees it (/detokenize)
+        self.vocab_size = vocab_size
         self.capacity = capacity  # requests in flight (vLLM queues beyond its batch)
         self.protection = dict(protection)
         self.failed: str | None = None

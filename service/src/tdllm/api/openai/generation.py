@@ -75,15 +75,36 @@ def running_engine() -> EngineRunner:
 
 
 def check_model(runner: EngineRunner, sampling: Sampling) -> None:
-    if sampling.model != runner.model_name:
+    check_model_name(sampling.model, runner.model_name)
+
+
+def check_model_name(model: str | None, served: str) -> None:
+    """A 404 unless `model` is the served one (None: not given, where that means the served
+    one: /tokenize and /detokenize, as in vLLM)."""
+    if model is not None and model != served:
         raise ApiError(
             404,
-            f"the model {sampling.model!r} does not exist; this service serves "
-            f"{runner.model_name!r}",
+            f"the model {model!r} does not exist; this service serves {served!r}",
             "invalid_request_error",
             "model",
             "model_not_found",
         )
+
+
+def check_prompt_limits(runner: EngineRunner, prompt: list[int], param: str) -> None:
+    """The 400 of a prompt the engine would refuse (`check_prompt`: empty, over
+    `max_prompt_tokens`, no room in the context, an id outside the vocabulary); `param` names
+    the prompt's field."""
+    settings = current_app.extensions["tdllm"].settings
+    try:
+        check_prompt(
+            prompt,
+            vocab_size=runner.engine.model.cfg.vocab_size,
+            context=runner.engine.max_seq_len,
+            max_prompt_tokens=settings.max_prompt_tokens,
+        )
+    except PromptError as problem:
+        raise _prompt_error(problem, param) from None
 
 
 def start(
@@ -99,15 +120,7 @@ def start(
     service = current_app.extensions["tdllm"]
     settings = service.settings
     context = runner.engine.max_seq_len
-    try:
-        check_prompt(
-            prompt,
-            vocab_size=runner.engine.model.cfg.vocab_size,
-            context=context,
-            max_prompt_tokens=settings.max_prompt_tokens,
-        )
-    except PromptError as problem:
-        raise _prompt_error(problem, "prompt" if prefix == "cmpl" else "messages") from None
+    check_prompt_limits(runner, prompt, "prompt" if prefix == "cmpl" else "messages")
     room = context - len(prompt)
     max_tokens = sampling.max_tokens
     if max_tokens is None:

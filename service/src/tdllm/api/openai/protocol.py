@@ -274,6 +274,60 @@ CHAT_SPECS = (*CHAT_ONLY_SPECS, *COMMON_SPECS, MESSAGES_SPEC)
 COMPLETION_FIELDS = frozenset(spec.name for spec in COMPLETION_SPECS)
 CHAT_FIELDS = frozenset(spec.name for spec in CHAT_SPECS)
 
+# -- POST /tokenize and /detokenize: vLLM's bodies (vllm.entrypoints.serve.tokenize.protocol),
+# field for field; a field of vLLM's that runs client input as code or names files
+# (chat_template, chat_template_kwargs, media_io_kwargs, mm_processor_kwargs) is not one of ours
+
+_OPTIONAL_MODEL = FieldSpec(
+    "model",
+    {"type": "string", "minLength": 1},
+    "model must be a string (see GET /v1/models)",
+    description="the served model's id (GET /v1/models); absent or null: the served model",
+)
+_ADD_SPECIAL_TOKENS = _typed("add_special_tokens", "boolean")
+_RETURN_TOKEN_STRS = _typed("return_token_strs", "boolean")
+_TOOLS = next(spec for spec in CHAT_ONLY_SPECS if spec.name == "tools")
+TOKENIZE_PROMPT_SPEC = FieldSpec(
+    "prompt",
+    {"type": "string"},
+    "prompt must be a string (or give messages instead)",
+    required=True,
+    nullable=False,
+    description="text, encoded as /v1/completions encodes a text prompt",
+)
+TOKENIZE_COMPLETION_SPECS: tuple[FieldSpec, ...] = (
+    _OPTIONAL_MODEL,
+    _ADD_SPECIAL_TOKENS,
+    _RETURN_TOKEN_STRS,
+    TOKENIZE_PROMPT_SPEC,
+)
+TOKENIZE_CHAT_SPECS: tuple[FieldSpec, ...] = (
+    _OPTIONAL_MODEL,
+    _typed("add_generation_prompt", "boolean"),
+    _unsupported(
+        "continue_final_message",
+        {"type": "boolean", "const": False},
+        "continue_final_message is not supported",
+    ),
+    _ADD_SPECIAL_TOKENS,
+    _RETURN_TOKEN_STRS,
+    _TOOLS,
+    MESSAGES_SPEC,
+)
+TOKEN_IDS_SPEC = FieldSpec(
+    "tokens",
+    {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "tokens must be a list of token ids (integers >= 0)",
+    required=True,
+    nullable=False,
+    description="token ids, each in [0, the vocabulary size), at most max_model_len of them",
+)
+DETOKENIZE_SPECS: tuple[FieldSpec, ...] = (_OPTIONAL_MODEL, TOKEN_IDS_SPEC)
+
+TOKENIZE_COMPLETION_FIELDS = frozenset(spec.name for spec in TOKENIZE_COMPLETION_SPECS)
+TOKENIZE_CHAT_FIELDS = frozenset(spec.name for spec in TOKENIZE_CHAT_SPECS)
+DETOKENIZE_FIELDS = frozenset(spec.name for spec in DETOKENIZE_SPECS)
+
 
 def request_schema(specs: tuple[FieldSpec, ...]) -> dict[str, Any]:
     """The JSON Schema of a request body: exactly the fields of `specs`."""
@@ -373,6 +427,24 @@ class CompletionRequest:
 class ChatRequest:
     sampling: Sampling
     messages: tuple[dict[str, str], ...]
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """POST /tokenize: text (`prompt`) or a conversation (`messages`), never both."""
+
+    model: str | None  # None: the served model
+    prompt: str | None
+    messages: tuple[dict[str, str], ...] | None
+    add_special_tokens: bool
+    add_generation_prompt: bool
+    return_token_strs: bool
+
+
+@dataclass(frozen=True)
+class DetokenizeRequest:
+    model: str | None
+    tokens: tuple[int, ...]
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -506,6 +578,41 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         body = body | {"max_tokens": body["max_completion_tokens"]}
     _check_specs(body, COMMON_SPECS)
     return ChatRequest(_sampling(body), _messages(body.get("messages")))
+
+
+def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
+    """vLLM's two tokenize bodies: one with `messages` is a conversation (the chat template
+    applied; special tokens not added by default, the template has them), any other is text
+    (special tokens added by default, as a completion's prompt is encoded)."""
+    if "messages" not in body:
+        _check_fields(body, TOKENIZE_COMPLETION_FIELDS)
+        _check_specs(body, TOKENIZE_COMPLETION_SPECS)
+        return TokenizeRequest(
+            body.get("model"),
+            body["prompt"],
+            None,
+            body.get("add_special_tokens") is not False,
+            False,
+            body.get("return_token_strs") is True,
+        )
+    if "prompt" in body:
+        raise invalid("unrecognized request argument: prompt (give prompt or messages)", "prompt")
+    _check_fields(body, TOKENIZE_CHAT_FIELDS)
+    _check_specs(body, TOKENIZE_CHAT_SPECS)
+    return TokenizeRequest(
+        body.get("model"),
+        None,
+        _messages(body.get("messages")),
+        body.get("add_special_tokens") is True,
+        body.get("add_generation_prompt") is not False,
+        body.get("return_token_strs") is True,
+    )
+
+
+def parse_detokenize(body: dict[str, Any]) -> DetokenizeRequest:
+    _check_fields(body, DETOKENIZE_FIELDS)
+    _check_specs(body, DETOKENIZE_SPECS)
+    return DetokenizeRequest(body.get("model"), tuple(body["tokens"]))
 
 
 # -- the checks of the tables -----------------------------------------------------------------
@@ -666,8 +773,10 @@ __all__ = [
     "ApiError",
     "ChatRequest",
     "CompletionRequest",
+    "DetokenizeRequest",
     "FieldSpec",
     "Sampling",
+    "TokenizeRequest",
     "conforms",
     "decode_body",
     "request_schema",

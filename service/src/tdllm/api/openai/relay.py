@@ -31,7 +31,7 @@ from tdllm.api.openai.protocol import decode_body
 from tdllm.api.receipts import pending_receipt
 from tdllm.api.shutdown import draining, shutting_down
 from tdllm.settings import logprobs_limit
-from tdllm.vllm_engine.backend import Refused, VllmBackend
+from tdllm.vllm_engine.backend import InFlight, Refused, VllmBackend
 from tdllm_attest.client.receipt_protocol import RECEIPT_FIELD, StreamDigest, body_sha256, decimal
 
 SHARED_FIELDS = frozenset(
@@ -52,6 +52,15 @@ CHAT_FIELDS = SHARED_FIELDS | {
     "parallel_tool_calls",
 }
 COMPLETION_FIELDS = SHARED_FIELDS | {"prompt", "echo"}
+# vLLM's /tokenize, less what runs client input as code or reads files (chat_template,
+# chat_template_kwargs, media_io_kwargs, mm_processor_kwargs); tools as chat takes them, so a
+# conversation with tools counts as chat would render it
+TOKENIZE_FIELDS = frozenset(
+    {
+        "model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+        "continue_final_message", "return_token_strs", "tools",
+    }
+)  # fmt: skip
 _DATA = b"data: "
 
 
@@ -89,14 +98,7 @@ def relay(path: str, raw: bytes, fields: frozenset[str], default_max_tokens: int
     service = current_app.extensions["tdllm"]
     timeout = service.settings.request_timeout_s
     started = g.started
-    try:
-        flight = backend.begin(timeout)
-    except Refused as exc:
-        if exc.why == "overloaded":
-            raise queue_full() from None
-        if exc.why == "draining":
-            raise shutting_down(str(exc)) from None
-        raise not_ready(str(exc)) from None
+    flight = _begin(backend, timeout)
     try:
         flight.connection.request(
             "POST", path, body=json.dumps(doc), headers={"Content-Type": "application/json"}
@@ -156,6 +158,38 @@ def relay(path: str, raw: bytes, fields: frozenset[str], default_max_tokens: int
     response = Response(stream_with_context(events()), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
     response.call_on_close(flight.end)  # also when the stream never started
     return response
+
+
+def exchange(backend: VllmBackend, path: str, doc: dict[str, Any]) -> Any:
+    """POST `doc` to vLLM's `path` and return its whole JSON answer (no stream, no receipt:
+    /tokenize and /detokenize); vLLM's 4xx as ours, its 5xx a 502, no answer a 503."""
+    timeout = current_app.extensions["tdllm"].settings.request_timeout_s
+    flight = _begin(backend, timeout)
+    try:
+        flight.connection.request(
+            "POST", path, body=json.dumps(doc), headers={"Content-Type": "application/json"}
+        )
+        answer = flight.connection.getresponse()
+        raw = answer.read()
+        if answer.status != 200:
+            raise _vllm_error(answer.status, raw)
+        return json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise not_ready(f"the vLLM engine did not answer ({type(exc).__name__})") from None
+    finally:
+        flight.end()
+
+
+def _begin(backend: VllmBackend, timeout: float) -> InFlight:
+    """A connection to vLLM for one request, or the error of a backend that takes none."""
+    try:
+        return backend.begin(timeout)
+    except Refused as exc:
+        if exc.why == "overloaded":
+            raise queue_full() from None
+        if exc.why == "draining":
+            raise shutting_down(str(exc)) from None
+        raise not_ready(str(exc)) from None
 
 
 def _limited(doc: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
