@@ -32,6 +32,7 @@ from tdllm.model.linear import (
     Linear,
     LinearMethod,
     LinearMethodTable,
+    PrepackedCpuMethod,
     TdCpuKernels,
     widened_linear,
 )
@@ -201,7 +202,8 @@ def quant_table(quant: str) -> LinearMethodTable:
     loses 9% of its norm to int4 g32 against 1.2% to int8, and it dominated int4's perplexity."""
     if quant == "int4":
         return LinearMethodTable([("lm_head", Int8WeightOnlyMethod())], Int4WeightOnlyMethod())
-    return LinearMethodTable(default=quant_method(quant))
+    # "none": the plain kernels, bf16 weights prepacked for oneDNN where that is faster
+    return LinearMethodTable(default=quant_method(quant) or PrepackedCpuMethod())
 
 
 def quant_method(quant: str) -> LinearMethod | None:

@@ -344,6 +344,7 @@ class Transformer(nn.Module):
     def _tie_lm_head(self) -> None:
         if isinstance(self.lm_head.method, PlainCpuMethod):  # share, do not copy
             self.lm_head.weight = self.embed_tokens.weight
+            self.lm_head.shared_weight = True
         else:
             self.lm_head.load_weight(self.embed_tokens.weight.data)
 

@@ -16,6 +16,7 @@ from tdllm.profiles.options import DEFAULT_K
 from tdllm_lab.protection.commands import CACHE_DIR
 
 DTYPE = click.Choice(["bf16", "fp32"])
+KERNEL_SETS = ("served", "plain", "int8", "int4")  # tdllm_lab.bench.decode_profile.kernel_table
 
 
 @click.group(invoke_without_command=True)
@@ -277,6 +278,14 @@ def bench_transcript(k: int, new_tokens: int, cache_dir: Path | None, as_json: b
 )
 @click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option(
+    "--kernels",
+    "kernel_sets",
+    type=click.Choice(KERNEL_SETS),
+    multiple=True,
+    help="repeatable; default 'served' (what td-only serves: bf16 prepacked for oneDNN); "
+    "'plain' is F.linear on the loaded weights, int8/int4 the weight-only kernels",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def bench_decode_profile(
     model: str,
@@ -284,6 +293,7 @@ def bench_decode_profile(
     batches: tuple[int, ...],
     steps: int,
     prompt_tokens: int,
+    kernel_sets: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Where a decode step's time goes: matmul, attention, other ops, and time outside any op
@@ -294,7 +304,8 @@ def bench_decode_profile(
 
     checkpoint = open_checkpoint(model)
     reports = [
-        profile_decode(checkpoint, parse_dtype(d), b, steps, prompt_tokens, status)
+        profile_decode(checkpoint, parse_dtype(d), b, steps, prompt_tokens, status, kernels=k)
+        for k in kernel_sets or ("served",)
         for d in dtypes or ("bf16",)
         for b in batches or (1, 32)
     ]

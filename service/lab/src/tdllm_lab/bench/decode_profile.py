@@ -19,11 +19,29 @@ from torch.profiler import ProfilerActivity, profile
 
 from tdllm.engine import Engine, SamplingParams
 from tdllm.model.checkpoint import Checkpoint
+from tdllm.model.linear import LinearMethodTable
 from tdllm.model.loader import load_model
+from tdllm.model.quantized import quant_table
 
-MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn")
+MATMUL = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::matmul",
+    "aten::linear",
+    "mkldnn",
+    "aten::_weight_int",
+)
 ATTENTION = ("scaled_dot_product", "flash_attention", "_efficient_attention")
 CATEGORIES = ("matmul", "attention", "other ops")
+
+
+def kernel_table(kernels: str) -> LinearMethodTable:
+    """'served': what td-only serves without quant (bf16 prepacked for oneDNN where that
+    applies); 'plain': `F.linear` on the loaded weights (before prepacking); int8/int4."""
+    if kernels == "plain":
+        return LinearMethodTable()
+    return quant_table("none" if kernels == "served" else kernels)
 
 
 def category(op: str) -> str:
@@ -41,8 +59,9 @@ def profile_decode(
     steps: int,
     prompt_tokens: int,
     status: Callable[[str], None] = lambda _: None,
+    kernels: str = "served",
 ) -> dict[str, Any]:
-    model, _ = load_model(checkpoint, dtype)
+    model, _ = load_model(checkpoint, dtype, kernel_table(kernels))
     max_seq = prompt_tokens + 2 * steps + 8
     engine = Engine(model, checkpoint.tokenizer, batch, max_seq)
     params = SamplingParams(max_tokens=2 * steps + 4, temperature=0.0, ignore_eos=True)
@@ -70,9 +89,10 @@ def profile_decode(
     outside = max(0.0, profiled_ms - sum(spent.values()))
     rows = {name: round(ms, 3) for name, ms in spent.items()}
     rows["outside any op"] = round(outside, 3)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     return {
         "model": checkpoint.name,
+        "kernels": kernels,
         "dtype": str(dtype).removeprefix("torch."),
         "batch": batch,
         "steps": steps,
@@ -87,11 +107,24 @@ def profile_decode(
     }
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads from weights: parameters, quantized buffers and prepacked
+    copies (`PrepackedCpuMethod` keeps its weight outside the parameters)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [
+        m.__dict__["packed_weight"] for m in model.modules() if "packed_weight" in m.__dict__
+    ]
+    return sum(
+        t.numel() * t.element_size() for t in tensors if t.dtype != torch.float32 or t.dim() > 1
+    )
+
+
 def format_report(reports: list[dict[str, Any]]) -> str:
     lines = []
     for r in reports:
         lines.append(
-            f"{r['model']} {r['dtype']} batch {r['batch']}: {r['ms_per_step']:.2f} ms/step "
+            f"{r['model']} {r['dtype']} {r['kernels']} batch {r['batch']}: "
+            f"{r['ms_per_step']:.2f} ms/step "
             f"({r['profiled_ms_per_step']:.2f} profiled, {r['aten_ops_per_step']:.0f} aten ops)"
         )
         for name, ms in r["ms_per_step_by_category"].items():
