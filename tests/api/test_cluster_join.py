@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_network
 from pathlib import Path
@@ -98,34 +98,44 @@ def _config(cluster: Cluster, folder: Path, address: str) -> Path:
     return path
 
 
-def _tdllm(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str, str]:
+Run = Callable[[list[str]], tuple[int, str, str]]
+
+
+@pytest.fixture
+def tdllm(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Run:
+    """`tdllm ARGS` as a TD's unit runs it: (exit code, stdout, stderr)."""
     monkeypatch.setenv("TDLLM_ALLOW_SIMULATED_TDX", "1")
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def _join_all(cluster: Cluster, tmp_path: Path, tdllm: Run) -> dict[int, Path]:
+    """Nodes 10.77.0.1-3 joined; their settings files."""
+    configs = {n: _config(cluster, tmp_path / f"node{n}", f"10.77.0.{n}") for n in (1, 2, 3)}
+    for config in configs.values():
+        code, out, err = tdllm(["cluster", "join", "--config", str(config)])
+        assert code == 0, err
+        assert "joined as 10.77.0." in out
+    return configs
 
 
 def test_a_worker_joins_and_admits_the_nodes_the_broker_certified(
-    cluster: Cluster,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    cluster: Cluster, tmp_path: Path, tdllm: Run
 ) -> None:
-    configs = {n: _config(cluster, tmp_path / f"node{n}", f"10.77.0.{n}") for n in (1, 2, 3)}
-    for config in configs.values():
-        code, out, err = _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)
-        assert code == 0, err
-        assert "joined as 10.77.0." in out
+    configs = _join_all(cluster, tmp_path, tdllm)
     # no files copied anywhere: node 1 finds the others in the broker's roster
     endpoints = tmp_path / "endpoints.json"
     endpoints.write_text(json.dumps({"10.77.0.2": "198.18.0.2:51820"}))
-    code, out, err = _tdllm(
+    code, out, err = tdllm(
         [
             "cluster",
             "wireguard",
@@ -134,9 +144,7 @@ def test_a_worker_joins_and_admits_the_nodes_the_broker_certified(
             "--dry-run",
             "--endpoints",
             str(endpoints),
-        ],
-        capsys,
-        monkeypatch,
+        ]
     )
     assert code == 0, err
     assert "admitted 10.77.0.2" in out and "admitted 10.77.0.3" in out
@@ -146,47 +154,37 @@ def test_a_worker_joins_and_admits_the_nodes_the_broker_certified(
 
 
 def test_offline_the_overlay_takes_the_peers_folder_only(
-    cluster: Cluster,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    cluster: Cluster, tmp_path: Path, tdllm: Run
 ) -> None:
-    configs = {n: _config(cluster, tmp_path / f"node{n}", f"10.77.0.{n}") for n in (1, 2, 3)}
-    for config in configs.values():
-        assert _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)[0] == 0
+    configs = _join_all(cluster, tmp_path, tdllm)
     peers = tmp_path / "node1" / "run" / "peers"
     peers.mkdir()
     issued = tmp_path / "node2" / "run" / "node.crt"
     (peers / "node2.crt").write_bytes(issued.read_bytes())
     args = ["cluster", "wireguard", "--config", str(configs[1]), "--dry-run", "--offline"]
-    code, out, err = _tdllm(args, capsys, monkeypatch)
+    code, out, err = tdllm(args)
     assert code == 0, err
     assert "admitted 10.77.0.2" in out and "10.77.0.3" not in out
 
 
 def test_an_unreachable_broker_leaves_the_overlay_unchanged(
-    cluster: Cluster,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    cluster: Cluster, tmp_path: Path, tdllm: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = _config(cluster, tmp_path / "node", "10.77.0.1")
-    assert _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)[0] == 0
+    assert tdllm(["cluster", "join", "--config", str(config)])[0] == 0
     from tdllm_lab.local_service import free_port
 
     monkeypatch.setenv("TDLLM_BROKER_URL", f"http://127.0.0.1:{free_port()}")
-    code, _out, err = _tdllm(
-        ["cluster", "wireguard", "--config", str(config), "--dry-run"], capsys, monkeypatch
-    )
+    code, _out, err = tdllm(["cluster", "wireguard", "--config", str(config), "--dry-run"])
     assert code != 0 and "cannot fetch the cluster roster" in err and "unchanged" in err
 
 
 def test_join_fails_clearly_when_the_keys_policy_certifies_no_nodes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tdllm: Run
 ) -> None:
     for refusing in _cluster(tmp_path, certify=False):
         config = _config(refusing, tmp_path / "node", "10.77.0.2")
-        code, _out, err = _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)
+        code, _out, err = tdllm(["cluster", "join", "--config", str(config)])
         assert code != 0
         assert err.startswith("error: the key broker did not certify this node") and "403" in err
         assert len(err.strip().splitlines()) == 1
@@ -194,13 +192,10 @@ def test_join_fails_clearly_when_the_keys_policy_certifies_no_nodes(
 
 
 def test_the_overlay_refuses_a_peer_from_a_lookalike_ca(
-    cluster: Cluster,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    cluster: Cluster, tmp_path: Path, tdllm: Run
 ) -> None:
     config = _config(cluster, tmp_path / "node", "10.77.0.1")
-    assert _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)[0] == 0
+    assert tdllm(["cluster", "join", "--config", str(config)])[0] == 0
     hosts_ca = ClusterCa.generate(now=datetime.now(UTC) - timedelta(minutes=1))
     hosts_node = NodeIdentity.generate(ip_network("10.77.0.9/32").network_address)
     forged = hosts_ca.issue(
@@ -214,25 +209,20 @@ def test_the_overlay_refuses_a_peer_from_a_lookalike_ca(
     from cryptography.hazmat.primitives.serialization import Encoding
 
     (peers / "host.crt").write_bytes(forged.public_bytes(Encoding.PEM))
-    code, out, err = _tdllm(
-        ["cluster", "wireguard", "--config", str(config), "--dry-run"], capsys, monkeypatch
-    )
+    code, out, err = tdllm(["cluster", "wireguard", "--config", str(config), "--dry-run"])
     assert code == 0
     assert "refused host.crt: not a node certificate of the cluster CA" in err
     assert "[Peer]" not in out
 
 
 def test_an_endpoint_file_smuggling_configuration_is_refused_whole(
-    cluster: Cluster,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    cluster: Cluster, tmp_path: Path, tdllm: Run
 ) -> None:
     config = _config(cluster, tmp_path / "node", "10.77.0.1")
-    assert _tdllm(["cluster", "join", "--config", str(config)], capsys, monkeypatch)[0] == 0
+    assert tdllm(["cluster", "join", "--config", str(config)])[0] == 0
     endpoints = tmp_path / "endpoints.json"
     endpoints.write_text(json.dumps({"10.77.0.2": "198.18.0.2:51820\nAllowedIPs = 0.0.0.0/0"}))
-    code, _out, err = _tdllm(
+    code, _out, err = tdllm(
         [
             "cluster",
             "wireguard",
@@ -241,9 +231,7 @@ def test_an_endpoint_file_smuggling_configuration_is_refused_whole(
             "--dry-run",
             "--endpoints",
             str(endpoints),
-        ],
-        capsys,
-        monkeypatch,
+        ]
     )
     assert code != 0 and "want IP:port" in err
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
@@ -182,14 +183,19 @@ def serve(
     run_simple(host, port, create_app(settings), threaded=True)
 
 
+def _out_option(public_suffix: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """`--out PREFIX` of a command that writes a key pair (the private half never overwritten)."""
+    return click.option(
+        "--out",
+        "prefix",
+        type=click.Path(path_type=Path, dir_okay=False),
+        required=True,
+        help=f"writes PREFIX.key.pem (private, mode 0600) and PREFIX.{public_suffix}",
+    )
+
+
 @main.command()
-@click.option(
-    "--out",
-    "prefix",
-    type=click.Path(path_type=Path, dir_okay=False),
-    required=True,
-    help="writes PREFIX.key.pem (private, mode 0600) and PREFIX.pub.pem",
-)
+@_out_option("pub.pem")
 def keygen(prefix: Path) -> None:
     """Make the broker's Ed25519 answer-signing key pair (never overwrites).
 
@@ -204,13 +210,7 @@ def keygen(prefix: Path) -> None:
 
 
 @main.command("cluster-ca")
-@click.option(
-    "--out",
-    "prefix",
-    type=click.Path(path_type=Path, dir_okay=False),
-    required=True,
-    help="writes PREFIX.key.pem (private, mode 0600) and PREFIX.crt.pem",
-)
+@_out_option("crt.pem")
 @click.option("--name", default="tdllm cluster CA", show_default=True, help="the CA's CN")
 @click.option(
     "--days", default=365, show_default=True, type=click.IntRange(1, 3650), help="lifetime"
