@@ -104,6 +104,12 @@ VALUES: list[Any] = [
     {"type": "text"},
     {"type": "json_object"},
     {"type": "text", "x": 1},
+    {"5": 1.5},
+    {"5": -100},
+    {"5": 101},
+    {"5": True},
+    {"05": 2, "6": -0.5},
+    {"12\n": 1},
     {"include_usage": True},
     {"include_usage": 1},
     {"include_usage": None},
@@ -306,8 +312,17 @@ def test_an_integral_float_is_not_an_integer(field: str, value: float) -> None:
 
 
 def test_conforms_refuses_a_keyword_it_does_not_read() -> None:
-    with pytest.raises(ValueError, match="pattern"):
-        conforms({"type": "string", "pattern": "^a"}, "a")
+    with pytest.raises(ValueError, match="format"):
+        conforms({"type": "string", "format": "email"}, "a")
+
+
+@pytest.mark.parametrize("key", ["0", "12", "0123456789", "", "12345678901", "1a", "12\n", "-1"])
+def test_conforms_reads_a_pattern_as_json_schema_does(key: str) -> None:
+    """JSON Schema's patterns are ECMA-262's: ``$`` is the end of the text (Python's ``$`` also
+    matches before a final newline, so a key "12\\n" would have passed)."""
+    schema = {"propertyNames": {"pattern": protocol.ID_KEY_PATTERN}}
+    expected = jsonschema_rs.Draft202012Validator(schema).is_valid({key: 1})
+    assert conforms(schema, {key: 1}) == expected
 
 
 def _keywords(schema: dict[str, Any]) -> Iterator[str]:
@@ -320,7 +335,7 @@ def _keywords(schema: dict[str, Any]) -> Iterator[str]:
         elif key == "properties":
             for sub in arg.values():
                 yield from _keywords(sub)
-        elif key in ("items", "additionalProperties") and isinstance(arg, dict):
+        elif key in ("items", "additionalProperties", "propertyNames") and isinstance(arg, dict):
             yield from _keywords(arg)
 
 

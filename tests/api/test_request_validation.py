@@ -34,9 +34,13 @@ def assert_openai_error(resp: Any, status: int, param: str | None = None) -> dic
         ({"prompt": "hi"}, "model"),
         ({"model": MODEL}, "prompt"),
         ({"model": MODEL, "prompt": ""}, "prompt"),
-        ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
+        ({"model": MODEL, "prompt": []}, "prompt"),
+        ({"model": MODEL, "prompt": ["a", ""]}, "prompt"),
+        ({"model": MODEL, "prompt": [[1, 2], []]}, "prompt"),
+        ({"model": MODEL, "prompt": [[1, 2], "a"]}, "prompt"),
         ({"model": MODEL, "prompt": "hi", "frobnicate": 1}, "frobnicate"),
-        ({"model": MODEL, "prompt": "hi", "n": 2}, "n"),
+        ({"model": MODEL, "prompt": "hi", "n": 0}, "n"),
+        ({"model": MODEL, "prompt": "hi", "n": 5}, "n"),  # over max_batch (4)
         ({"model": MODEL, "prompt": "hi", "logprobs": 5}, "logprobs"),
         ({"model": MODEL, "prompt": "hi", "temperature": 3}, "temperature"),
         ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, "temperature"),
@@ -68,8 +72,11 @@ def test_bad_completion_requests_are_400(
         ({"model": MODEL, "messages": CHAT, "logprobs": True}, "logprobs"),
         ({"model": MODEL, "messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
         ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
-        ({"model": MODEL, "messages": CHAT, "presence_penalty": 1}, "presence_penalty"),
-        ({"model": MODEL, "messages": CHAT, "max_tokens": 1, "max_completion_tokens": 1}, None),
+        ({"model": MODEL, "messages": CHAT, "presence_penalty": 3}, "presence_penalty"),
+        (
+            {"model": MODEL, "messages": CHAT, "max_tokens": 1, "max_completion_tokens": 2},
+            "max_completion_tokens",
+        ),
     ],
 )
 def test_bad_chat_requests_are_400(
@@ -148,7 +155,7 @@ def test_full_queue_is_429(
     def overloaded(*_: object) -> None:
         raise Overloaded()
 
-    monkeypatch.setattr(runner, "submit", overloaded)
+    monkeypatch.setattr(runner, "submit_all", overloaded)
     body = {"model": MODEL, "prompt": "hi"}
     error = assert_openai_error(client.post("/v1/completions", json=body), 429)
     assert error["code"] == "rate_limit_exceeded"

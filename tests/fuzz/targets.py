@@ -589,10 +589,13 @@ def openai_request_target(full: bool = False) -> Target:
             if hasattr(parsed, "messages"):
                 rendered = tokenizer.apply_chat_template(parsed.messages)
                 tokenizer.encode(text(rendered))
-            elif isinstance(parsed.prompt, str):
-                tokenizer.encode(text(parsed.prompt))
             else:
-                assert all(isinstance(t, int) and 0 <= t < 10**20 for t in parsed.prompt)
+                assert parsed.prompts
+                for prompt in parsed.prompts:
+                    if isinstance(prompt, str):
+                        tokenizer.encode(text(prompt))
+                    else:
+                        assert prompt and all(type(t) is int and 0 <= t < 10**20 for t in prompt)
         try:
             tokenize = parse_tokenize(body)
         except ApiError:

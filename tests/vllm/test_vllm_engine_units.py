@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from tdllm.api.errors import ApiError
-from tdllm.api.openai.relay import _vllm_error, check_logprobs, sampling_stated
+from tdllm.api.openai.relay import (
+    _vllm_error,
+    check_choices,
+    check_logprobs,
+    check_max_tokens,
+    sampling_stated,
+)
 from tdllm.model.checkpoint import open_hf_directory
 from tdllm.model.config import ModelConfig
 from tdllm.model.tokenizer import Tokenizer
@@ -167,6 +173,40 @@ def test_receipt_sampling_states_the_defaults_vllm_applies() -> None:
         "top_p": "1.0",
     }
     assert sampling_stated({"max_completion_tokens": 3, "n": 2, "top_k": -1})["n"] == 2
+
+
+@pytest.mark.parametrize(
+    ("doc", "param"),
+    [
+        ({"n": 5}, "n"),  # over max_n
+        ({"n": 3}, "n"),  # over max_batch
+        ({"prompt": ["a", "b", "c", "d", "e"]}, "prompt"),
+        ({"prompt": [[1], [2], [3]], "n": 2}, "prompt"),
+    ],
+)
+def test_the_front_limits_choices_as_the_tdllm_engine_does(
+    doc: dict[str, object], param: str
+) -> None:
+    with pytest.raises(ApiError) as refused:
+        check_choices(doc, max_n=4, max_batch=2)
+    assert refused.value.status == 400 and refused.value.param == param
+
+
+def test_the_front_lets_vllm_check_what_it_cannot_count() -> None:
+    for doc in ({"n": 2, "prompt": ["a", "b"]}, {"n": "many"}, {"prompt": [1, 2, 3, 4, 5]}):
+        check_choices(doc, max_n=4, max_batch=2)  # (vLLM refuses a bad type itself)
+
+
+def test_the_front_refuses_differing_max_tokens_and_max_completion_tokens() -> None:
+    check_max_tokens({"max_tokens": 3, "max_completion_tokens": 3}, 10)
+    for doc, param in [
+        ({"max_tokens": 2, "max_completion_tokens": 3}, "max_completion_tokens"),
+        ({"max_completion_tokens": 11}, "max_completion_tokens"),
+        ({"max_tokens": 11}, "max_tokens"),
+    ]:
+        with pytest.raises(ApiError) as refused:
+            check_max_tokens(doc, 10)
+        assert refused.value.param == param
 
 
 def test_settings_keep_vllm_to_td_only_and_need_its_python() -> None:

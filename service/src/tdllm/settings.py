@@ -70,6 +70,9 @@ class Settings:
     # vllm engine has logprobs; the tdllm engine refuses them whatever this says.
     logprobs_policy: str = "off"
     max_batch: int = 8  # sequences decoded together (KV-cache slots)
+    # most choices one request may ask for: n, or prompts times n for a list prompt (each choice
+    # is a sequence: a KV-cache slot); a prompt's n choices decode together, so n <= max_batch too
+    max_n: int = 8
     context_tokens: int = 2048  # KV-cache length per slot: prompt + completion
     max_prompt_tokens: int = 1536
     max_tokens_limit: int = 1024  # largest `max_tokens` a request may ask for
@@ -129,7 +132,13 @@ class Settings:
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}")
         problems += _quant_problems(self)
-        for name in ("max_batch", "context_tokens", "max_prompt_tokens", "max_tokens_limit"):
+        for name in (
+            "max_batch",
+            "max_n",
+            "context_tokens",
+            "max_prompt_tokens",
+            "max_tokens_limit",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if self.max_prompt_tokens >= self.context_tokens:

@@ -381,7 +381,8 @@ def _choices(answer: dict[str, Any], answer_name: str) -> dict[str, Any]:
             "finish_reason": {"type": "string", "enum": ["stop", "length"]},
         },
     )
-    return {"type": "array", "minItems": 1, "maxItems": 1, "items": item}
+    # n per prompt, in index order (a stream's chunks carry one choice each)
+    return {"type": "array", "minItems": 1, "items": item}
 
 
 def _answer(kind: str, answer: dict[str, Any], answer_name: str) -> dict[str, Any]:

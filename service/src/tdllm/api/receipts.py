@@ -243,7 +243,7 @@ def sampling_used(params: SamplingParams) -> dict[str, Any]:
     """The sampling parameters the engine runs with (defaults resolved), as receipts state them."""
     return {
         "max_tokens": params.max_tokens,
-        "n": 1,
+        "n": params.n,
         "seed": params.seed,
         "stop": list(params.stop),
         "temperature": decimal(params.temperature),

@@ -3,8 +3,12 @@
 `Engine` is not thread-safe, and batching only happens if one loop sees every request: so the
 runner's thread admits new requests, applies cancellations, and calls `Engine.step()` while any
 sequence is running, which decodes all running sequences together (continuous batching). Each
-request gets a `RequestHandle` whose queue receives its `StepOutput`s. Admission is bounded:
-beyond ``max_batch + queue_size`` outstanding requests `submit` raises `Overloaded` (a 429).
+request gets a `RequestHandle` whose queue receives its `StepOutput`s. Admission is bounded in
+sequences, a request counting its `n` choices: beyond ``max_batch + queue_size`` outstanding
+sequences `submit` raises `Overloaded` (a 429). The prompts of one API request (a list prompt)
+are submitted together (`submit_all`): all are queued or none, and their outputs arrive on one
+queue (`merged_outputs`). A choice's sequence is released when it finishes; a cancel releases
+the request's unfinished ones.
 """
 
 from __future__ import annotations
@@ -60,41 +64,69 @@ class StepObserver:
     on_failure: Callable[[str, bool], None] = lambda reason, integrity: None
 
 
-class RequestHandle:
-    """A submitted request as its HTTP thread sees it."""
+Event = tuple["RequestHandle", StepOutput | BaseException]
 
-    def __init__(self, runner: EngineRunner, prompt: Sequence[int], params: SamplingParams) -> None:
+
+class RequestHandle:
+    """A submitted request (one prompt, `params.n` choices) as its HTTP thread sees it."""
+
+    def __init__(
+        self,
+        runner: EngineRunner,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        events: queue.SimpleQueue[Event] | None = None,
+    ) -> None:
         self.runner = runner
         self.prompt = list(prompt)
         self.params = params
-        self.events: queue.SimpleQueue[StepOutput | BaseException] = queue.SimpleQueue()
+        # shared by the handles of one `submit_all`: their outputs in the order they came
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue() if events is None else events
+        self.remaining = params.n  # choices not finished yet (the HTTP thread's count)
         self.finished = False
 
+    def put(self, item: StepOutput | BaseException) -> None:
+        self.events.put((self, item))
+
     def outputs(self, timeout_s: float) -> Iterator[StepOutput]:
-        """Yield step outputs until one carries a finish reason; cancels if abandoned early."""
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                try:
-                    item = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    raise TimeoutError("generation timed out") from None
-                if isinstance(item, BaseException):
-                    self.finished = True
-                    raise item
-                if item.finish_reason is not None:
-                    self.finished = True
-                yield item
-                if self.finished:
-                    return
-        finally:
-            if not self.finished:  # client went away, timeout, or generator closed
-                self.cancel()
+        """Yield step outputs until every choice carried a finish reason; cancels if abandoned
+        early."""
+        for _, out in merged_outputs([self], timeout_s):
+            yield out
 
     def cancel(self) -> None:
         if not self.finished:
             self.finished = True
             self.runner._inbox.put(("cancel", self))
+
+
+def merged_outputs(
+    handles: Sequence[RequestHandle], timeout_s: float
+) -> Iterator[tuple[RequestHandle, StepOutput]]:
+    """The outputs of `handles` (one `submit_all`: one queue) as they come, each with its
+    handle, until every choice of every handle finished. An error of one ends them all; so does
+    abandoning the generator (client went away, timeout): what is unfinished is cancelled."""
+    deadline = time.monotonic() + timeout_s
+    events = handles[0].events
+    if any(h.events is not events for h in handles):
+        raise ValueError("merged_outputs takes the handles of one submit_all")
+    try:
+        while not all(h.finished for h in handles):
+            try:
+                handle, item = events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError("generation timed out") from None
+            if isinstance(item, BaseException):
+                handle.finished = True
+                raise item
+            if item.finish_reason is not None:
+                handle.remaining -= 1
+                handle.finished = handle.remaining == 0
+            yield handle, item
+    finally:
+        for handle in handles:
+            if not handle.finished:
+                handle.cancel()
 
 
 class EngineRunner:
@@ -126,6 +158,7 @@ class EngineRunner:
         self._lock = threading.Lock()
         self._by_id: dict[int, RequestHandle] = {}
         self._ids: dict[int, int] = {}  # id(handle) -> engine request id
+        self._live: dict[int, int] = {}  # engine request id -> choices not finished
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tdllm-engine", daemon=True)
         self.failed: str | None = None
@@ -168,23 +201,34 @@ class EngineRunner:
 
     @property
     def outstanding(self) -> int:
+        """Sequences submitted and not finished (a request counts its `n` choices)."""
         return self._outstanding
 
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> RequestHandle:
         """Queue a request (prompt already checked against the engine's limits)."""
+        return self.submit_all([prompt], params)[0]
+
+    def submit_all(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[RequestHandle]:
+        """Queue one request per prompt, all or none (`Overloaded` unless their
+        ``len(prompts) * params.n`` sequences fit); their outputs share one queue."""
         if not self.alive:
             raise RunnerStopped(self.failed or "the engine is not running")
-        handle = RequestHandle(self, prompt, params)
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        handles = [RequestHandle(self, prompt, params, events) for prompt in prompts]
+        sequences = len(handles) * params.n
         with self._lock:  # against `_fail`: a request is refused, or queued before its drain
             if self.failed is not None:
                 raise RunnerStopped(self.failed)
             if not self._admitting:
                 raise ShuttingDown("the service is shutting down and takes no new requests")
-            if self._outstanding >= self.capacity:
+            if self._outstanding + sequences > self.capacity:
                 raise Overloaded()
-            self._outstanding += 1
-            self._inbox.put(("submit", handle))
-        return handle
+            self._outstanding += sequences
+            for handle in handles:
+                self._inbox.put(("submit", handle))
+        return handles
 
     # -- the engine thread ------------------------------------------------------------------------
 
@@ -234,7 +278,7 @@ class EngineRunner:
                 if action == "submit":
                     waiting.append(handle)
             for handle in [*self._by_id.values(), *waiting]:
-                handle.events.put(RunnerStopped(reason))
+                handle.put(RunnerStopped(reason))
 
     def _drain_inbox(self, *, block: bool) -> None:
         try:
@@ -251,23 +295,24 @@ class EngineRunner:
     def _apply(self, action: str, handle: RequestHandle) -> None:
         if action == "submit":
             if handle.finished:  # cancelled before the engine saw it
-                self._release()
+                self._release(handle.params.n)
                 return
             try:
                 request_id = self.engine.submit(handle.prompt, handle.params)
             except Exception as exc:  # a prompt the engine refuses: fail this request only
-                handle.events.put(exc)
-                self._release()
+                handle.put(exc)
+                self._release(handle.params.n)
                 return
             self._by_id[request_id] = handle
             self._ids[id(handle)] = request_id
+            self._live[request_id] = handle.params.n
             self.stats.admitted += 1
         else:
             request_id = self._ids.pop(id(handle), -1)
             if self._by_id.pop(request_id, None) is not None:
-                self.engine.cancel(request_id)
+                self.engine.cancel(request_id)  # every choice of it
                 self.stats.cancelled += 1
-                self._release()
+                self._release(self._live.pop(request_id))
 
     def _step(self) -> None:
         decoding = len(self.engine.running)
@@ -280,34 +325,37 @@ class EngineRunner:
             handle = self._by_id.get(out.request_id)
             if handle is None:
                 continue
-            handle.events.put(out)
-            if out.finish_reason is not None:
-                del self._by_id[out.request_id]
-                self._ids.pop(id(handle), None)
-                self._release()
+            handle.put(out)
+            if out.finish_reason is not None:  # one choice's sequence is done
+                self._release(1)
+                self._live[out.request_id] -= 1
+                if not self._live[out.request_id]:
+                    del self._by_id[out.request_id], self._live[out.request_id]
+                    self._ids.pop(id(handle), None)
 
     def _end_outstanding(self) -> None:
         """`stop` was called: every request still running or queued ends with `ShuttingDown`,
         so no HTTP thread waits out its timeout for an engine that is gone."""
-        ended = list(self._by_id.values())
+        ended = [(h, self._live[i]) for i, h in self._by_id.items()]
         self._by_id.clear()
         self._ids.clear()
+        self._live.clear()
         while True:
             try:
                 action, handle = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if action == "submit" and handle.finished:  # cancelled before the engine saw it
-                self._release()
+                self._release(handle.params.n)
             elif action == "submit":
-                ended.append(handle)
+                ended.append((handle, handle.params.n))
             # a "cancel" is for a request ended above (or already released)
-        for handle in ended:
-            handle.events.put(ShuttingDown(self._stop_reason))
-            self._release()
+        for handle, unfinished in ended:
+            handle.put(ShuttingDown(self._stop_reason))
+            self._release(unfinished)
 
-    def _release(self) -> None:
+    def _release(self, sequences: int) -> None:
         with self._lock:
-            self._outstanding -= 1
+            self._outstanding -= sequences
             if self._outstanding == 0:
                 self._idle.notify_all()

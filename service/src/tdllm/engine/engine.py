@@ -1,5 +1,12 @@
 """The generation loop: prefill new prompts into cache slots (several per pass where the model
-allows), then one batched decode step for every running sequence."""
+allows), then one batched decode step for every running sequence.
+
+A request asks for `n` choices (`SamplingParams.n`): n sequences, one slot each, admitted
+together. Where the whole KV cache is this engine's (`Engine.shares_prefill`), the prompt is
+prefilled once, into the first choice's slot, and its cache rows are copied into the other
+choices' slots; every choice samples its first token from that one pass's logits with its own
+generator. Elsewhere (a profile whose prefix or attention keeps state on a device) each choice is
+prefilled on its own."""
 
 from __future__ import annotations
 
@@ -11,10 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 from tdllm.engine.prompt_check import check_prompt
-from tdllm.engine.sampling import SamplingParams, sample
+from tdllm.engine.sampling import LogitsProcessor, SamplingParams, sample
 from tdllm.engine.stops import TextStream
+from tdllm.errors import UsageError
 from tdllm.model.tokenizer import Tokenizer
-from tdllm.model.transformer import Batch, KVCache, Transformer
+from tdllm.model.transformer import Attention, Batch, KVCache, Transformer
 
 # the most padded prompt tokens one prefill pass takes: prompts arriving together share a pass
 # (one walk over the weights) without one long prompt making a huge padded batch
@@ -29,6 +37,7 @@ class StepOutput:
     token_id: int
     text: str
     finish_reason: str | None  # "stop" (eos or stop string), "length", or None while running
+    index: int = 0  # which of the request's n choices
 
 
 @dataclass
@@ -38,6 +47,7 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: str
+    index: int = 0  # which of the request's n choices
 
 
 @dataclass
@@ -47,6 +57,8 @@ class _Request:
     params: SamplingParams
     stream: TextStream
     generator: torch.Generator
+    index: int = 0  # which choice of its request; the choices of one request share `id`
+    processor: LogitsProcessor | None = None  # penalties, logit_bias, min_tokens (when asked)
     slot: int = -1
     output: list[int] = field(default_factory=list)
 
@@ -74,6 +86,11 @@ class Engine:
         self.running: list[_Request] = []
         self._ids = itertools.count()
         self.batched_prefill = model.prefills_together()
+        # the n choices of a request share one prefill (its cache rows copied) only where every
+        # layer's keys and values are in `cache`: no prefix run elsewhere, no attention core
+        self.shares_prefill = model.prefix is None and all(
+            m.core is None for m in model.modules() if isinstance(m, Attention)
+        )
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -82,20 +99,42 @@ class Engine:
         later)."""
         check_prompt(prompt, vocab_size=self.model.cfg.vocab_size, context=self.max_seq_len)
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Raise `UsageError` for sampling parameters this engine cannot run: more choices than
+        it has slots (they run together), a logit_bias token outside the vocabulary."""
+        slots = self.cache.max_batch
+        if params.n > slots:
+            raise UsageError(f"n is {params.n}; this engine runs at most {slots} sequences")
+        vocab = self.model.cfg.vocab_size
+        if any(token >= vocab for token, _ in params.logit_bias):
+            raise UsageError(f"logit_bias token ids must be in [0, {vocab})")
+
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        """Queue `prompt` for `params.n` choices; their outputs carry the id returned."""
         self.check_prompt(prompt)
-        request = _Request(
-            next(self._ids),
-            list(prompt),
-            params,
-            TextStream(self.tokenizer, params.stop),
-            params.generator(),
-        )
-        self.waiting.append(request)
-        return request.id
+        self.check_params(params)
+        request_id = next(self._ids)
+        vocab = self.model.cfg.vocab_size
+        for index in range(params.n):  # contiguous in `waiting`: admitted together
+            processor = None
+            if params.processes_logits:
+                stops = self.tokenizer.stop_token_ids
+                processor = LogitsProcessor(params, prompt, vocab, stops)
+            self.waiting.append(
+                _Request(
+                    request_id,
+                    list(prompt),
+                    params,
+                    TextStream(self.tokenizer, params.stop, params.min_tokens),
+                    params.generator(index),
+                    index,
+                    processor,
+                )
+            )
+        return request_id
 
     def cancel(self, request_id: int) -> None:
-        """Forget a request (a client went away); its slot is freed at once."""
+        """Forget a request, every choice of it (a client went away); slots are freed at once."""
         self.waiting = deque(r for r in self.waiting if r.id != request_id)
         for r in [r for r in self.running if r.id == request_id]:
             self._finish(r)
@@ -112,13 +151,21 @@ class Engine:
         outputs: list[StepOutput] = []
         decoding = list(self.running)
         admitted = []
-        while self.waiting and self.free_slots:
-            request = self.waiting.popleft()
-            request.slot = self.free_slots.pop(0)
-            self.running.append(request)
-            admitted.append(request)
+        # a request's choices all at once, in order of arrival (none overtakes a larger one)
+        while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
+            for _ in range(self.waiting[0].params.n):
+                request = self.waiting.popleft()
+                request.slot = self.free_slots.pop(0)
+                self.running.append(request)
+                admitted.append(request)
+        forks: dict[int, list[_Request]] = {}
+        if self.shares_prefill:
+            for request in admitted:
+                if request.index:
+                    forks.setdefault(request.id, []).append(request)
+            admitted = [r for r in admitted if not r.index]
         for group in self._prefill_groups(admitted):
-            outputs.extend(self._prefill(group))
+            outputs.extend(self._prefill(group, forks))
         if decoding:
             decoding.sort(key=lambda r: r.slot)  # contiguous slots read the cache as a view
             tokens = torch.tensor([[r.output[-1]] for r in decoding])
@@ -148,17 +195,36 @@ class Engine:
                 groups.append([request])
         return groups
 
-    def _prefill(self, group: list[_Request]) -> list[StepOutput]:
-        """Each prompt into its slot's cache from position 0, then its first token."""
+    def _prefill(self, group: list[_Request], forks: dict[int, list[_Request]]) -> list[StepOutput]:
+        """Each prompt into its slot's cache from position 0, then its first token; the other
+        choices of a request in `forks` get the prompt's cache rows and sample their first
+        token from the same logits."""
         lengths = [len(r.prompt) for r in group]
         width = max(lengths)
         tokens = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in group])
         batch = Batch([r.slot for r in group], [0] * len(group), width, lengths)
         logits = self.model(tokens, batch, self.cache)
-        return [self._advance(r, logits[i, -1]) for i, r in enumerate(group)]
+        outputs: list[StepOutput] = []
+        for i, request in enumerate(group):
+            others = forks.get(request.id, [])
+            for fork in others:  # before the first choice may finish and free its slot
+                self._copy_prompt_cache(request, fork)
+            outputs.extend(self._advance(r, logits[i, -1]) for r in [request, *others])
+        return outputs
+
+    def _copy_prompt_cache(self, source: _Request, target: _Request) -> None:
+        """The keys and values of `source`'s prompt into `target`'s slot (the same prompt)."""
+        length = len(source.prompt)
+        for layer in (*self.cache.k, *self.cache.v):
+            layer[target.slot, :, :length] = layer[source.slot, :, :length]
 
     def _advance(self, request: _Request, logits: torch.Tensor) -> StepOutput:
+        processor = request.processor
+        if processor is not None:
+            logits = processor(logits)
         token = sample(logits, request.params, request.generator)
+        if processor is not None:
+            processor.add(token)
         request.output.append(token)
         if token in self.tokenizer.stop_token_ids and not request.params.ignore_eos:
             return self._end(request, token, request.stream.flush(), "stop")
@@ -168,11 +234,11 @@ class Engine:
         full = len(request.output) >= request.params.max_tokens
         if full or request.position >= self.max_seq_len:  # no room to feed this token back
             return self._end(request, token, text + request.stream.flush(), "length")
-        return StepOutput(request.id, token, text, None)
+        return StepOutput(request.id, token, text, None, request.index)
 
     def _end(self, request: _Request, token: int, text: str, reason: str) -> StepOutput:
         self._finish(request)
-        return StepOutput(request.id, token, text, reason)
+        return StepOutput(request.id, token, text, reason, request.index)
 
     def _finish(self, request: _Request) -> None:
         self.running.remove(request)
@@ -184,35 +250,43 @@ class Engine:
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[Completion]:
-        """Run `prompts` to completion together; results in the order given."""
+        """Run `prompts` to completion together; results in the order given, each prompt's
+        `n` choices in order."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        for prompt in prompts:
+        for prompt, sp in zip(prompts, per_prompt, strict=True):
             self.check_prompt(prompt)
+            self.check_params(sp)
         ids = [self.submit(p, sp) for p, sp in zip(prompts, per_prompt, strict=True)]
-        done: dict[int, Completion] = {}
-        tokens: dict[int, list[int]] = {i: [] for i in ids}
-        texts: dict[int, list[str]] = {i: [] for i in ids}
-        while len(done) < len(ids):
+        keys = [(i, c) for i, sp in zip(ids, per_prompt, strict=True) for c in range(sp.n)]
+        done: dict[tuple[int, int], Completion] = {}
+        tokens: dict[tuple[int, int], list[int]] = {k: [] for k in keys}
+        texts: dict[tuple[int, int], list[str]] = {k: [] for k in keys}
+        while len(done) < len(keys):
             for out in self.step():
-                tokens[out.request_id].append(out.token_id)
-                texts[out.request_id].append(out.text)
+                key = (out.request_id, out.index)
+                tokens[key].append(out.token_id)
+                texts[key].append(out.text)
                 if out.finish_reason:
                     prompt_len = len(prompts[ids.index(out.request_id)])
-                    done[out.request_id] = Completion(
+                    done[key] = Completion(
                         out.request_id,
                         prompt_len,
-                        tokens[out.request_id],
-                        "".join(texts[out.request_id]),
+                        tokens[key],
+                        "".join(texts[key]),
                         out.finish_reason,
+                        out.index,
                     )
-        return [done[i] for i in ids]
+        return [done[k] for k in keys]
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[StepOutput]:
-        """Generate for one prompt alone, yielding each step's output as it comes."""
+        """Generate for one prompt alone, yielding each step's output (of any of its `n`
+        choices) as it comes."""
         request_id = self.submit(prompt, params)
+        left = params.n
         while True:
             for out in self.step():
                 if out.request_id == request_id:
                     yield out
-                    if out.finish_reason:
+                    left -= bool(out.finish_reason)
+                    if not left:
                         return

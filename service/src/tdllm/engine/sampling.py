@@ -1,14 +1,21 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed."""
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed; the
+logits processors that run before it (min_tokens, logit_bias, repetition, frequency and
+presence penalties), in vLLM's order and with its definitions."""
 
 from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 MAX_STOP_STRINGS = 4
+PENALTY_RANGE = (-2, 2)  # presence_penalty, frequency_penalty (OpenAI's and vLLM's)
+REPETITION_PENALTY_MAX = 2  # and greater than 0 (vLLM: any finite > 0; we cap it)
+LOGIT_BIAS_RANGE = (-100, 100)  # OpenAI's
+MAX_LOGIT_BIAS = 300  # entries in one logit_bias (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -17,9 +24,15 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0 means no top-k cut
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # choice i of n samples with seed + i
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
+    n: int = 1  # choices: sequences continuing one prompt (one prefill where the model allows)
+    presence_penalty: float = 0.0  # subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in what was generated
+    repetition_penalty: float = 1.0  # HF/vLLM: tokens of prompt or output, >0 logits / p, <0 * p
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # no stop token, nor stop string, before this many tokens
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -32,15 +45,103 @@ class SamplingParams:
             raise ValueError("top_k must be 0 (off) or positive")
         if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
             raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty stop strings")
+        if self.n < 1:
+            raise ValueError("n must be at least 1")
+        low, high = PENALTY_RANGE
+        if not (low <= self.presence_penalty <= high and low <= self.frequency_penalty <= high):
+            raise ValueError(f"presence and frequency penalties must be in [{low:g}, {high:g}]")
+        if not (0.0 < self.repetition_penalty <= REPETITION_PENALTY_MAX):
+            raise ValueError(f"repetition_penalty must be in (0, {REPETITION_PENALTY_MAX:g}]")
+        low, high = LOGIT_BIAS_RANGE
+        if len(self.logit_bias) > MAX_LOGIT_BIAS or not all(
+            token >= 0 and low <= bias <= high for token, bias in self.logit_bias
+        ):
+            raise ValueError(
+                f"logit_bias: at most {MAX_LOGIT_BIAS} token ids >= 0, biases in "
+                f"[{low:g}, {high:g}]"
+            )
+        if not (0 <= self.min_tokens <= self.max_tokens):
+            raise ValueError("min_tokens must be in [0, max_tokens]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def generator(self) -> torch.Generator:
-        """A private RNG: a request's samples depend only on its seed, not on its batch mates."""
-        seed = self.seed if self.seed is not None else secrets.randbits(63)
+    @property
+    def processes_logits(self) -> bool:
+        """Whether anything changes the logits before sampling (`LogitsProcessor`)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+        )
+
+    def generator(self, index: int = 0) -> torch.Generator:
+        """A private RNG: a request's samples depend only on its seed, not on its batch mates.
+        Choice `index` of `n` uses ``seed + index``, so each choice is reproducible alone."""
+        seed = self.seed + index if self.seed is not None else secrets.randbits(63)
         return torch.Generator().manual_seed(seed)
+
+
+class LogitsProcessor:
+    """What one sequence's logits go through before `sample`, in vLLM's order (v1 `Sampler`):
+    min_tokens (stop tokens at -inf until `min_tokens` are out), logit_bias (added), then the
+    penalties (`vllm.model_executor.layers.utils.apply_penalties`): repetition over the prompt
+    and the output (a logit > 0 divided by it, any other multiplied), frequency (times each
+    token's count in the output) and presence (once per token in the output) subtracted.
+    Greedy takes the argmax after all of them."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt: Sequence[int],
+        vocab_size: int,
+        stop_token_ids: Iterable[int],
+    ) -> None:
+        self.params = params
+        self.produced = 0
+        penalized = params.presence_penalty or params.frequency_penalty
+        repeats = params.repetition_penalty != 1.0
+        self.counts = torch.zeros(vocab_size) if penalized or repeats else None
+        self.prompt_mask: torch.Tensor | None = None
+        if repeats:
+            self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool)
+            self.prompt_mask[torch.tensor(list(prompt), dtype=torch.long)] = True
+        self.bias: torch.Tensor | None = None
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab_size)
+            for token, bias in params.logit_bias:  # a token given twice: the last bias (vLLM)
+                self.bias[token] = bias
+        stops = sorted(t for t in stop_token_ids if t < vocab_size)
+        self.stop_ids = torch.tensor(stops, dtype=torch.long)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """New float32 logits (the row given may be shared by the choices of one prefill)."""
+        params = self.params
+        out = logits.float().clone()
+        if self.produced < params.min_tokens and len(self.stop_ids):
+            out[self.stop_ids] = -math.inf
+        if self.bias is not None:
+            out += self.bias
+        if self.counts is not None:
+            seen = self.counts > 0
+            if self.prompt_mask is not None:
+                penalty = params.repetition_penalty
+                scaled = torch.where(out > 0, out / penalty, out * penalty)
+                out = torch.where(seen | self.prompt_mask, scaled, out)
+            if params.frequency_penalty:
+                out -= params.frequency_penalty * self.counts
+            if params.presence_penalty:
+                out -= params.presence_penalty * seen.float()
+        return out
+
+    def add(self, token: int) -> None:
+        """`token` was generated."""
+        self.produced += 1
+        if self.counts is not None:
+            self.counts[token] += 1
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

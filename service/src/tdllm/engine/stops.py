@@ -2,6 +2,10 @@
 
 Text is released only when it is final: not in the middle of a UTF-8 character, and not a prefix
 of a stop string that the next token might complete (a stop string never reaches the caller).
+
+With `min_tokens`, as in vLLM (v1 detokenizer, vllm-project/vllm#22014), a stop string counts
+only once more than `min_tokens` tokens are out, and only where it ends in the text of the tokens
+after the first `min_tokens`; one wholly inside that text is ordinary text.
 """
 
 from __future__ import annotations
@@ -10,9 +14,13 @@ from tdllm.model.tokenizer import Tokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
+        self.min_tokens = min_tokens
+        self.floor = 0  # a stop string must end past this many characters (the first tokens')
         self.ids: list[int] = []
         self.released = ""
         self.stopped = False
@@ -21,9 +29,14 @@ class TextStream:
         """Add one token; return the newly final text (possibly empty). Sets `stopped`."""
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids)
+        if self.stop and len(self.ids) == self.min_tokens:
+            self.floor = len(text.rstrip("\ufffd"))
         if text.endswith("\ufffd"):  # an incomplete multi-byte character
             return ""
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        hits: list[int] = []
+        if len(self.ids) > self.min_tokens:
+            starts = (text.find(s, max(0, self.floor - len(s) + 1)) for s in self.stop)
+            hits = [i for i in starts if i >= 0]
         if hits:
             self.stopped = True
             return self._release(text[: min(hits)])

@@ -28,21 +28,40 @@ def create_chat_completion() -> ResponseReturnValue:
     tokenizer = runner.engine.tokenizer
     prompt = tokenizer.encode(tokenizer.apply_chat_template(parsed.messages))
     default_max = settings.default_max_tokens
-    gen = generation.start(runner, prompt, parsed.sampling, default_max, "chatcmpl", body)
+    gen = generation.start(runner, [prompt], parsed.sampling, default_max, "chatcmpl", body)
 
     def head(kind: str) -> dict[str, Any]:
         return {"id": gen.id, "object": kind, "created": gen.created, "model": gen.model}
 
-    def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+    def chunk(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
         delta = {"content": text} if text else {}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         return head(CHUNK_OBJECT) | {"choices": [choice]}
 
     if parsed.sampling.stream:
-        opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-        first = head(CHUNK_OBJECT) | {"choices": [opening | {"finish_reason": None}]}
+        # each choice opens with the assistant's role, as vLLM's chat stream does
+        first = [
+            head(CHUNK_OBJECT)
+            | {
+                "choices": [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            }
+            for i in range(gen.choices)
+        ]
         return generation.stream(gen, chunk, first)
-    text, finish = generation.complete(gen)
-    message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-    return generation.answer(gen, head(OBJECT) | {"choices": [choice], "usage": gen.usage.body()})
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+        for i, (text, finish) in enumerate(generation.complete(gen))
+    ]
+    return generation.answer(gen, head(OBJECT) | {"choices": choices, "usage": gen.usage.body()})

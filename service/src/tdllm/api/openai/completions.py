@@ -1,4 +1,7 @@
-"""POST /v1/completions: a plain-text prompt (or token ids) continued by the model."""
+"""POST /v1/completions: plain-text prompts (or token ids) continued by the model.
+
+`prompt` is one prompt (text or token ids) or a list of them; each gets `n` choices, and choice
+j of prompt i has index ``i * n + j`` (OpenAI's and vLLM's numbering)."""
 
 from __future__ import annotations
 
@@ -25,24 +28,23 @@ def create_completion() -> ResponseReturnValue:
     parsed = parse_completion(decode_body(body))
     runner = generation.running_engine()
     generation.check_model(runner, parsed.sampling)
-    prompt = (
-        runner.engine.tokenizer.encode(parsed.prompt)
-        if isinstance(parsed.prompt, str)
-        else list(parsed.prompt)
-    )
-    if not prompt:
-        raise invalid("the prompt encodes to no tokens", "prompt")
-    gen = generation.start(runner, prompt, parsed.sampling, DEFAULT_MAX_TOKENS, "cmpl", body)
+    generation.check_choices(runner, parsed.sampling, len(parsed.prompts))  # before encoding
+    prompts = []
+    for i, prompt in enumerate(parsed.prompts):
+        ids = runner.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            which = "the prompt" if len(parsed.prompts) == 1 else f"prompt[{i}]"
+            raise invalid(f"{which} encodes to no tokens", "prompt")
+        prompts.append(ids)
+    gen = generation.start(runner, prompts, parsed.sampling, DEFAULT_MAX_TOKENS, "cmpl", body)
 
-    def choice(text: str | None, finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    def choice(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
 
     def head() -> dict[str, Any]:
         return {"id": gen.id, "object": OBJECT, "created": gen.created, "model": gen.model}
 
     if parsed.sampling.stream:
-        return generation.stream(gen, lambda t, f: head() | {"choices": [choice(t, f)]})
-    text, finish = generation.complete(gen)
-    return generation.answer(
-        gen, head() | {"choices": [choice(text, finish)], "usage": gen.usage.body()}
-    )
+        return generation.stream(gen, lambda i, t, f: head() | {"choices": [choice(i, t, f)]})
+    choices = [choice(i, text, finish) for i, (text, finish) in enumerate(generation.complete(gen))]
+    return generation.answer(gen, head() | {"choices": choices, "usage": gen.usage.body()})

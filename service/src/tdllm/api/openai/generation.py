@@ -1,10 +1,15 @@
 """What completions and chat share: limits, submission to the runner, and the two response modes.
 
-Both endpoints reduce to (prompt token ids, sampling params) plus a way to shape one chunk or one
-final body; this module runs that through the `EngineRunner` either to completion or as an SSE
-stream, counting usage and time-to-first-token, and signs the answer's receipt (`receipts`): a
-whole body's ``tdllm_receipt`` field, or the last event of a stream. A client that disconnects
-mid-stream closes the generator, which cancels its sequence in the engine at once.
+Both endpoints reduce to (prompts' token ids, sampling params) plus a way to shape one chunk or
+one final body; this module runs that through the `EngineRunner` either to completion or as an
+SSE stream, counting usage and time-to-first-token, and signs the answer's receipt (`receipts`):
+a whole body's ``tdllm_receipt`` field, or the last event of a stream. A client that disconnects
+mid-stream closes the generator, which cancels its sequences in the engine at once.
+
+Choices are numbered as OpenAI and vLLM number them: choice j of prompt i (a list prompt of
+/v1/completions) has index ``i * n + j``. A whole answer lists them in that order; a stream
+sends each choice's text in chunks of one choice, as it comes. Usage counts each prompt once and
+every choice's tokens (vLLM's `OpenAIServingCompletion`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from tdllm.api.runner import (
     RequestHandle,
     RunnerStopped,
     ShuttingDown,
+    merged_outputs,
 )
 from tdllm.api.shutdown import draining, shutting_down
 from tdllm.engine import SamplingParams
@@ -55,10 +61,14 @@ class Generation:
     created: int
     model: str
     sampling: Sampling
-    handle: RequestHandle
+    handles: list[RequestHandle]  # one per prompt, in order
     usage: Usage
     started: float
     receipt: PendingReceipt | None  # None: the service runs without attestation
+
+    @property
+    def choices(self) -> int:
+        return len(self.handles) * self.sampling.n
 
 
 def running_engine() -> EngineRunner:
@@ -107,34 +117,80 @@ def check_prompt_limits(runner: EngineRunner, prompt: list[int], param: str) -> 
         raise _prompt_error(problem, param) from None
 
 
+def check_choices(runner: EngineRunner, sampling: Sampling, prompts: int) -> None:
+    """The 400 of more choices than this service runs: `n` over the `max_n` setting or over
+    `max_batch` (a request's choices run together, a slot each), or `prompts` times `n` over
+    `max_n` or over what the runner ever admits at once."""
+    settings = current_app.extensions["tdllm"].settings
+    n, max_n = sampling.n, settings.max_n
+    if n > max_n:
+        raise invalid(f"n is {n}; this service allows at most {max_n} (max_n)", "n")
+    slots = runner.engine.cache.max_batch
+    if n > slots:
+        raise invalid(
+            f"n is {n}; the choices of a prompt decode together and this service decodes at "
+            f"most {slots} sequences at once (max_batch)",
+            "n",
+        )
+    total = prompts * n
+    if total > max_n:
+        raise invalid(
+            f"{prompts} prompts with n = {n} are {total} choices; this service allows at most "
+            f"{max_n} per request (max_n)",
+            "prompt",
+        )
+    if total > runner.capacity:
+        raise invalid(
+            f"{prompts} prompts with n = {n} are {total} sequences; this service holds at most "
+            f"{runner.capacity} (max_batch + queue_size)",
+            "prompt",
+        )
+
+
 def start(
     runner: EngineRunner,
-    prompt: list[int],
+    prompts: list[list[int]],
     sampling: Sampling,
     default_max: int,
     prefix: str,
     request_body: bytes,
 ) -> Generation:
     """Check limits, build sampling params, ready the receipt of `request_body` (the exact bytes
-    received) and queue the request (429 when full)."""
+    received) and queue the request: every prompt's `n` choices, or none (429 when full)."""
     service = current_app.extensions["tdllm"]
     settings = service.settings
     context = runner.engine.max_seq_len
-    check_prompt_limits(runner, prompt, "prompt" if prefix == "cmpl" else "messages")
-    room = context - len(prompt)
-    max_tokens = sampling.max_tokens
-    if max_tokens is None:
+    param = "prompt" if prefix == "cmpl" else "messages"
+    for prompt in prompts:
+        check_prompt_limits(runner, prompt, param)
+    check_choices(runner, sampling, len(prompts))
+    longest = max(len(p) for p in prompts)
+    room = context - longest
+    max_tokens, max_param = sampling.max_tokens, sampling.max_tokens_param
+    if max_tokens is None:  # one for all prompts: what the longest leaves room for
         max_tokens = max(1, min(default_max, room))
     if max_tokens > settings.max_tokens_limit:
         raise invalid(
-            f"max_tokens is {max_tokens}; the limit is {settings.max_tokens_limit}", "max_tokens"
+            f"{max_param} is {max_tokens}; the limit is {settings.max_tokens_limit}", max_param
         )
     if max_tokens > room:
         raise invalid(
-            f"this model's context holds {context} tokens; the prompt has {len(prompt)} and "
-            f"max_tokens asks for {max_tokens}",
-            "max_tokens",
+            f"this model's context holds {context} tokens; the prompt has {longest} and "
+            f"{max_param} asks for {max_tokens}",
+            max_param,
             "context_length_exceeded",
+        )
+    if sampling.min_tokens > max_tokens:
+        raise invalid(
+            f"min_tokens is {sampling.min_tokens}; it must be at most max_tokens ({max_tokens})",
+            "min_tokens",
+        )
+    vocab = runner.engine.model.cfg.vocab_size
+    outside = sorted({t for t, _ in sampling.logit_bias if t >= vocab})
+    if outside:
+        raise invalid(
+            f"logit_bias names token ids outside the vocabulary [0, {vocab}): {outside[:5]}",
+            "logit_bias",
         )
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -142,25 +198,34 @@ def start(
         top_p=sampling.top_p,
         seed=sampling.seed,
         stop=sampling.stop,
+        n=sampling.n,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        logit_bias=sampling.logit_bias,
+        min_tokens=sampling.min_tokens,
     )
     receipt = pending_receipt(request.path, request_body, sampling_used(params), sampling.stream)
     try:
-        handle = runner.submit(prompt, params)
+        handles = runner.submit_all(prompts, params)
     except Overloaded:
         raise queue_full() from None
     except ShuttingDown as exc:  # the drain began after `running_engine`
         raise shutting_down(str(exc)) from None
     except RunnerStopped as exc:
         raise not_ready(str(exc)) from None
-    service.metrics.prompt_tokens.inc(len(prompt))
-    g.log_fields = {"prompt_tokens": len(prompt), "max_tokens": max_tokens}
+    prompt_tokens = sum(len(p) for p in prompts)
+    service.metrics.prompt_tokens.inc(prompt_tokens)
+    g.log_fields = {"prompt_tokens": prompt_tokens, "max_tokens": max_tokens}
+    if len(handles) * params.n > 1:
+        g.log_fields["choices"] = len(handles) * params.n
     return Generation(
         f"{prefix}-{secrets.token_hex(12)}",
         int(time.time()),
         runner.model_name,
         sampling,
-        handle,
-        Usage(len(prompt)),
+        handles,
+        Usage(prompt_tokens),
         g.started,
         receipt,
     )
@@ -176,27 +241,30 @@ def _prompt_error(problem: PromptError, param: str) -> ApiError:
     return invalid(str(problem), param)
 
 
-def _outputs(gen: Generation) -> Iterator[tuple[str, str | None]]:
-    """(text, finish_reason) per step, counting usage and recording TTFT."""
+def _outputs(gen: Generation) -> Iterator[tuple[int, str, str | None]]:
+    """(choice index, text, finish_reason) per step of any choice, counting usage and
+    recording TTFT."""
     service = current_app.extensions["tdllm"]
     first = True
     timeout = service.settings.request_timeout_s
-    for out in gen.handle.outputs(timeout):
+    position = {id(handle): i for i, handle in enumerate(gen.handles)}
+    n = gen.sampling.n
+    for handle, out in merged_outputs(gen.handles, timeout):
         if first:
             service.metrics.ttft.observe(time.monotonic() - gen.started)
             first = False
         gen.usage.completion_tokens += 1
-        yield out.text, out.finish_reason
+        yield position[id(handle)] * n + out.index, out.text, out.finish_reason
 
 
-def complete(gen: Generation) -> tuple[str, str]:
-    """Run to the end: (text, finish_reason)."""
-    parts: list[str] = []
-    reason = "stop"
+def complete(gen: Generation) -> list[tuple[str, str]]:
+    """Run to the end: (text, finish_reason) of each choice, by index."""
+    parts: list[list[str]] = [[] for _ in range(gen.choices)]
+    reasons = ["stop"] * gen.choices
     try:
-        for text, finish in _outputs(gen):
-            parts.append(text)
-            reason = finish or reason
+        for index, text, finish in _outputs(gen):
+            parts[index].append(text)
+            reasons[index] = finish or reasons[index]
     except ShuttingDown as exc:  # still running at the drain deadline
         g.log_fields |= {
             "completion_tokens": gen.usage.completion_tokens,
@@ -205,8 +273,10 @@ def complete(gen: Generation) -> tuple[str, str]:
         raise shutting_down(str(exc)) from None
     except (RunnerStopped, TimeoutError) as exc:
         raise not_ready(str(exc)) from None
+    # the access line: one reason, or each choice's
+    reason: str | list[str] = reasons[0] if len(reasons) == 1 else reasons
     g.log_fields |= {"completion_tokens": gen.usage.completion_tokens, "finish_reason": reason}
-    return "".join(parts), reason
+    return [("".join(p), r) for p, r in zip(parts, reasons, strict=True)]
 
 
 def answer(gen: Generation, body: dict[str, Any]) -> Response:
@@ -218,12 +288,13 @@ def answer(gen: Generation, body: dict[str, Any]) -> Response:
 
 def stream(
     gen: Generation,
-    chunk: Callable[[str | None, str | None], dict[str, Any]],
-    first: dict[str, Any] | None = None,
+    chunk: Callable[[int, str | None, str | None], dict[str, Any]],
+    first: list[dict[str, Any]] | None = None,
 ) -> Response:
-    """An SSE response: `chunk(text, finish_reason)` shapes each event's payload. The last event
-    before ``[DONE]`` (the usage chunk, else the one with the finish reason) carries the receipt
-    over every payload of the stream."""
+    """An SSE response: `chunk(index, text, finish_reason)` shapes each event's payload, one
+    choice's step; `first` are payloads sent before any. The last event before ``[DONE]`` (the
+    usage chunk, else the one with the last choice's finish reason) carries the receipt over
+    every payload of the stream."""
     fields = g.log_fields
     digest = StreamDigest()
 
@@ -236,16 +307,21 @@ def stream(
     def events() -> Iterator[str]:
         include_usage = gen.sampling.include_usage
         usage = {"usage": None} if include_usage else {}
-        if first is not None:
-            yield event(first | usage)
+        for payload in first or []:
+            yield event(payload | usage)
+        reasons: dict[int, str] = {}  # by choice index, once finished
         try:
-            for text, finish in _outputs(gen):
-                if text or finish:
-                    last = bool(finish) and not include_usage
-                    yield event(chunk(text, finish) | usage, last)
+            for index, text, finish in _outputs(gen):
                 if finish:
+                    reasons[index] = finish
+                done = len(reasons) == gen.choices
+                if text or finish:
+                    yield event(chunk(index, text, finish) | usage, done and not include_usage)
+                if finish and done:
+                    ordered = [reasons[i] for i in range(gen.choices)]
                     fields.update(
-                        completion_tokens=gen.usage.completion_tokens, finish_reason=finish
+                        completion_tokens=gen.usage.completion_tokens,
+                        finish_reason=ordered[0] if len(ordered) == 1 else ordered,
                     )
         except ShuttingDown as exc:  # the drain deadline: a final error event, a proper end
             fields.update(completion_tokens=gen.usage.completion_tokens, finish_reason="shutdown")
@@ -258,7 +334,7 @@ def stream(
         if include_usage:
             tail = {
                 "id": gen.id,
-                "object": chunk(None, None)["object"],
+                "object": chunk(0, None, None)["object"],
                 "created": gen.created,
                 "model": gen.model,
                 "choices": [],

@@ -27,6 +27,7 @@ an end-to-end envelope (`check_json`).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -34,7 +35,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tdllm.api.errors import ApiError, invalid
-from tdllm.engine.sampling import MAX_STOP_STRINGS
+from tdllm.engine.sampling import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    MAX_STOP_STRINGS,
+    PENALTY_RANGE,
+    REPETITION_PENALTY_MAX,
+)
 
 MAX_SEED = (1 << 63) - 1
 MAX_MESSAGES = 256
@@ -93,9 +100,19 @@ def _typed(name: str, kind: str) -> FieldSpec:
     return FieldSpec(name, {"type": kind}, f"{name} must be a {_PYTHON_NAMES[kind]}")
 
 
+def _penalty(name: str) -> FieldSpec:
+    low, high = PENALTY_RANGE
+    return FieldSpec(
+        name,
+        {"type": "number", "minimum": low, "maximum": high},
+        f"{name} must be a number in [{low:g}, {high:g}]",
+    )
+
+
 _PYTHON_NAMES = {"boolean": "bool", "string": "str"}
 _ONE_PROMPT = {"type": "string", "minLength": 1}
 _TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+ID_KEY_PATTERN = "^[0-9]{1,10}$"  # a token id as a JSON object's key
 TEXT_PART_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["type", "text"],
@@ -160,10 +177,10 @@ CHAT_ONLY_SPECS: tuple[FieldSpec, ...] = (
     FieldSpec(  # two messages (not an object, a value not a string): _check_metadata
         "metadata", {"type": "object", "additionalProperties": {"type": "string"}}
     ),
-    FieldSpec(  # an alias, refused under the name max_tokens: _check_max_completion_tokens
+    FieldSpec(  # differing from max_tokens is a 400 too: _check_max_completion_tokens
         "max_completion_tokens",
         {"type": "integer", "minimum": 1},
-        description="an alias of max_tokens; give one, not both",
+        description="max_tokens' name in chat; with max_tokens too, the same value",
     ),
 )
 
@@ -176,19 +193,30 @@ COMMON_SPECS: tuple[FieldSpec, ...] = (
         nullable=False,
         description="the served model's id (GET /v1/models); any other is a 404",
     ),
-    _unsupported("n", {"type": "integer", "const": 1}, "n must be 1 (one choice per request)"),
-    _unsupported(
-        "presence_penalty",
-        {"type": "number", "const": 0},
-        "presence_penalty is not supported (only 0)",
+    FieldSpec(
+        "n",
+        {"type": "integer", "minimum": 1},
+        "n must be a positive integer",
+        description="choices per prompt: at most the max_n setting (prompts times n, too) and "
+        "max_batch; with a seed, choice i samples with seed + i",
     ),
-    _unsupported(
-        "frequency_penalty",
-        {"type": "number", "const": 0},
-        "frequency_penalty is not supported (only 0)",
-    ),
-    _unsupported(
-        "logit_bias", {"type": "object", "maxProperties": 0}, "logit_bias is not supported"
+    _penalty("presence_penalty"),
+    _penalty("frequency_penalty"),
+    FieldSpec(
+        "logit_bias",
+        {
+            "type": "object",
+            "maxProperties": MAX_LOGIT_BIAS,
+            "propertyNames": {"pattern": ID_KEY_PATTERN},
+            "additionalProperties": {
+                "type": "number",
+                "minimum": LOGIT_BIAS_RANGE[0],
+                "maximum": LOGIT_BIAS_RANGE[1],
+            },
+        },
+        f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids (strings of digits) to numbers "
+        f"in [{LOGIT_BIAS_RANGE[0]:g}, {LOGIT_BIAS_RANGE[1]:g}]",
+        description="token id -> bias added to its logit; ids in the vocabulary",
     ),
     FieldSpec("user", {"type": "string"}, "user must be a string"),
     _typed("stream", "boolean"),
@@ -232,21 +260,37 @@ COMMON_SPECS: tuple[FieldSpec, ...] = (
         },
         f"stop must be a string or a list of at most {MAX_STOP_STRINGS}",
     ),
+    # vLLM's sampling extras (not OpenAI's)
+    FieldSpec(
+        "repetition_penalty",
+        {"type": "number", "exclusiveMinimum": 0, "maximum": REPETITION_PENALTY_MAX},
+        f"repetition_penalty must be a number in (0, {REPETITION_PENALTY_MAX:g}]",
+        description="vLLM's: tokens of the prompt or the output, a positive logit divided by it, "
+        "any other multiplied; 1 is off",
+    ),
+    FieldSpec(
+        "min_tokens",
+        {"type": "integer", "minimum": 0},
+        "min_tokens must be an integer >= 0",
+        description="vLLM's: no stop token nor stop string before this many tokens; at most "
+        "max_tokens",
+    ),
 )
 
-PROMPT_SPEC = FieldSpec(  # a batch of one is unwrapped: _prompt
+PROMPT_SPEC = FieldSpec(  # parsed into the list of prompts: _prompts
     "prompt",
     {
         "anyOf": [
             _ONE_PROMPT,
             _TOKEN_IDS,
-            {"type": "array", "minItems": 1, "maxItems": 1, "items": _ONE_PROMPT},
-            {"type": "array", "minItems": 1, "maxItems": 1, "items": _TOKEN_IDS},
+            {"type": "array", "minItems": 1, "items": _ONE_PROMPT},
+            {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
         ]
     },
     required=True,
     nullable=False,
-    description="one prompt: text or token ids (a batch of one is accepted)",
+    description="text, token ids, or a list of either (a prompt each; prompts times n at most "
+    "the max_n setting); choice j of prompt i has index i * n + j",
 )
 
 # a message of a chat request (checked by _messages: its errors name the message)
@@ -369,6 +413,14 @@ _TYPES: dict[str, Any] = {
 }
 
 
+@functools.cache
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """A JSON Schema (ECMA-262) pattern as a Python regex: unanchored, ``$`` the end of the text
+    (Python's ``$`` also matches before a final newline). The request schemas' patterns use no
+    other construct whose meaning differs."""
+    return re.compile(pattern.replace("$", r"\Z"))
+
+
 def _equal(a: Any, b: Any) -> bool:
     return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
 
@@ -398,6 +450,8 @@ _KEYWORDS: dict[str, Any] = {
     "maxItems": lambda arg, v: not isinstance(v, list) or len(v) <= arg,
     "items": lambda arg, v: not isinstance(v, list) or all(conforms(arg, x) for x in v),
     "maxProperties": lambda arg, v: not isinstance(v, dict) or len(v) <= arg,
+    "propertyNames": lambda arg, v: not isinstance(v, dict) or all(conforms(arg, k) for k in v),
+    "pattern": lambda arg, v: not isinstance(v, str) or _pattern(arg).search(v) is not None,
     "required": lambda arg, v: not isinstance(v, dict) or all(k in v for k in arg),
     "properties": _properties,
 }
@@ -415,12 +469,19 @@ class Sampling:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids not yet range-checked
+    min_tokens: int = 0
+    max_tokens_param: str = "max_tokens"  # the name the client gave it (chat: either)
 
 
 @dataclass(frozen=True)
 class CompletionRequest:
     sampling: Sampling
-    prompt: str | tuple[int, ...]
+    prompts: tuple[str | tuple[int, ...], ...]  # one or more, each text or token ids
 
 
 @dataclass(frozen=True)
@@ -568,14 +629,12 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     _check_fields(body, COMPLETION_FIELDS)
     _check_specs(body, COMPLETION_ONLY_SPECS)
     _check_specs(body, COMMON_SPECS)
-    return CompletionRequest(_sampling(body), _prompt(body.get("prompt")))
+    return CompletionRequest(_sampling(body), _prompts(body.get("prompt")))
 
 
 def parse_chat(body: dict[str, Any]) -> ChatRequest:
     _check_fields(body, CHAT_FIELDS)
     _check_specs(body, CHAT_ONLY_SPECS)
-    if body.get("max_completion_tokens") is not None:
-        body = body | {"max_tokens": body["max_completion_tokens"]}
     _check_specs(body, COMMON_SPECS)
     return ChatRequest(_sampling(body), _messages(body.get("messages")))
 
@@ -648,8 +707,18 @@ def _check_metadata(body: dict[str, Any]) -> None:
 
 
 def _check_max_completion_tokens(body: dict[str, Any]) -> None:
-    if body.get("max_completion_tokens") is not None and body.get("max_tokens") is not None:
-        raise invalid("give max_tokens or max_completion_tokens, not both", "max_tokens")
+    value = body.get("max_completion_tokens")
+    if value is None:
+        return
+    if not (_is_int(value) and value >= 1):
+        raise invalid("max_completion_tokens must be a positive integer", "max_completion_tokens")
+    other = body.get("max_tokens")  # its own value is checked with the common fields
+    if _is_int(other) and other != value:
+        raise invalid(
+            f"max_tokens ({other}) and max_completion_tokens ({value}) differ: give one of them "
+            "(or the same value)",
+            "max_completion_tokens",
+        )
 
 
 def _check_stream_options(body: dict[str, Any]) -> None:
@@ -680,30 +749,53 @@ _CHECKS = {
 def _sampling(body: dict[str, Any]) -> Sampling:
     """The sampling fields of a body that `_check_specs` has checked against COMMON_SPECS."""
     options = body.get("stream_options") or {}
-    temperature, top_p, stop = body.get("temperature"), body.get("top_p"), body.get("stop")
+    stop = body.get("stop")
+    given = body.get("max_completion_tokens")  # chat's name for it (checked against max_tokens)
+    max_tokens_param = "max_tokens" if given is None else "max_completion_tokens"
+    bias = body.get("logit_bias") or {}
+
+    def number(name: str, default: float) -> float:
+        value = body.get(name)
+        return default if value is None else float(value)
+
     return Sampling(
         model=body["model"],
-        max_tokens=body.get("max_tokens"),
-        temperature=1.0 if temperature is None else float(temperature),
-        top_p=1.0 if top_p is None else float(top_p),
+        max_tokens=body.get(max_tokens_param),
+        temperature=number("temperature", 1.0),
+        top_p=number("top_p", 1.0),
         seed=body.get("seed"),
         stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
         stream=body.get("stream") is True,
         include_usage=options.get("include_usage") is True,
+        n=body.get("n") or 1,
+        presence_penalty=number("presence_penalty", 0.0),
+        frequency_penalty=number("frequency_penalty", 0.0),
+        repetition_penalty=number("repetition_penalty", 1.0),
+        logit_bias=tuple((int(token), float(value)) for token, value in bias.items()),
+        min_tokens=body.get("min_tokens") or 0,
+        max_tokens_param=max_tokens_param,
     )
 
 
-def _prompt(value: Any) -> str | tuple[int, ...]:
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str | list):
-        value = value[0]  # a batch of one
+def _prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
+    """`prompt` as a list of prompts: text, token ids, or a non-empty list of either."""
     if isinstance(value, str):
         if not value:
             raise invalid("prompt is empty", "prompt")
-        return value
-    if isinstance(value, list) and value and all(_is_int(t) and t >= 0 for t in value):
-        return tuple(value)
+        return (value,)
+    if isinstance(value, list) and value:
+        if all(_is_int(t) and t >= 0 for t in value):
+            return (tuple(value),)
+        if all(isinstance(p, str) for p in value):
+            for i, p in enumerate(value):
+                if not p:
+                    raise invalid(f"prompt[{i}] is empty", "prompt")
+            return tuple(value)
+        if all(isinstance(p, list) and p and all(_is_int(t) and t >= 0 for t in p) for p in value):
+            return tuple(tuple(p) for p in value)
     raise invalid(
-        "prompt must be a non-empty string or a list of token ids (one prompt per request)",
+        "prompt must be a non-empty string, a non-empty list of token ids (integers >= 0), or "
+        "a non-empty list of either",
         "prompt",
     )
 

@@ -5,8 +5,10 @@ field is on the endpoint's allow-list (OpenAI's parameters vLLM implements, plus
 vLLM's sampling extras); fields that change the server's behaviour (a client-supplied chat
 template runs Jinja in the TD, KV-transfer parameters name other endpoints, ...) are refused
 with a 400 naming them. The model must be the served one, `max_tokens` stays within this
-service's limit (and is always sent, so the receipt states what ran) and `n` within
-`max_batch`. vLLM gets the parsed object re-encoded, never the raw bytes: what was checked is
+service's limit (and is always sent, so the receipt states what ran; chat's
+`max_completion_tokens` and `max_tokens` may not differ), and the choices within the limits the
+tdllm engine applies (`check_choices`: `n` at most `max_n` and `max_batch`, prompts times `n` at
+most `max_n`). vLLM gets the parsed object re-encoded, never the raw bytes: what was checked is
 what it parses (duplicate keys, odd encodings). Types and ranges are vLLM's to check; its 4xx
 answers come back as ours, in OpenAI's error shape, and its 5xx as a 502.
 
@@ -21,7 +23,7 @@ import json
 import time
 from collections.abc import Iterator
 from http.client import HTTPResponse
-from typing import Any
+from typing import Any, TypeGuard
 
 from flask import Response, current_app, g, jsonify, request, stream_with_context
 
@@ -197,14 +199,57 @@ def _limited(doc: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
     settings = current_app.extensions["tdllm"].settings
     key = "max_completion_tokens" if "max_completion_tokens" in doc else "max_tokens"
     max_tokens = doc.get(key, default_max_tokens)
-    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
-        if max_tokens > settings.max_tokens_limit:
-            raise invalid(f"{key} is {max_tokens}; the limit is {settings.max_tokens_limit}", key)
-    n = doc.get("n", 1)
-    if isinstance(n, int) and not isinstance(n, bool) and n > settings.max_batch:
-        raise invalid(f"n is {n}; this service allows at most {settings.max_batch}", "n")
+    check_max_tokens(doc | {key: max_tokens}, settings.max_tokens_limit)
+    check_choices(doc, settings.max_n, settings.max_batch)
     check_logprobs(doc, logprobs_limit(settings.logprobs_policy))
     return doc | {key: max_tokens}
+
+
+def check_max_tokens(doc: dict[str, Any], limit: int) -> None:
+    """The tdllm engine's rules, where `doc` states integers (the rest is vLLM's to check):
+    chat's `max_completion_tokens` and `max_tokens` not different, neither over `limit`."""
+    given = doc.get("max_completion_tokens")
+    other = doc.get("max_tokens")
+    if _is_int(given) and _is_int(other) and given != other:
+        raise invalid(
+            f"max_tokens ({other}) and max_completion_tokens ({given}) differ: give one of "
+            "them (or the same value)",
+            "max_completion_tokens",
+        )
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = doc.get(key)
+        if _is_int(value) and value > limit:
+            raise invalid(f"{key} is {value}; the limit is {limit}", key)
+
+
+def check_choices(doc: dict[str, Any], max_n: int, max_batch: int) -> None:
+    """The tdllm engine's limits on choices, where `doc` states them in types it could run (the
+    rest is vLLM's to check): `n` at most `max_n` and `max_batch`, and a list prompt's prompts
+    times `n` at most `max_n`."""
+    asked = doc.get("n")
+    n = asked if _is_int(asked) else 1
+    if n > max_n:
+        raise invalid(f"n is {n}; this service allows at most {max_n} (max_n)", "n")
+    if n > max_batch:
+        raise invalid(
+            f"n is {n}; the choices of a prompt decode together and this service decodes at "
+            f"most {max_batch} sequences at once (max_batch)",
+            "n",
+        )
+    prompt = doc.get("prompt")
+    prompts = 1
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        prompts = len(prompt)
+    if prompts * n > max_n:
+        raise invalid(
+            f"{prompts} prompts with n = {n} are {prompts * n} choices; this service allows at "
+            f"most {max_n} per request (max_n)",
+            "prompt",
+        )
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_logprobs(doc: dict[str, Any], limit: int | None) -> None:
