@@ -36,7 +36,7 @@ from flask.typing import ResponseReturnValue
 
 from tdllm.api.errors import ApiError, invalid
 from tdllm.api.openai import sse
-from tdllm.api.openai.protocol import check_json, decode_json
+from tdllm.api.openai.strict_json import check_json, decode_json
 from tdllm_attest.client.e2e_protocol import (
     E2E_PROFILES,
     E2eDecryptError,

@@ -14,27 +14,18 @@ token leaks enough of the output distribution to reconstruct the model's last la
 al., "Stealing Part of a Production Language Model", 2024), and the weights are what the
 appliance protects.
 
-Bodies are decoded strictly (docs/api.md, "Malformed input"): UTF-8 only, so overlong forms,
-truncated sequences and encoded surrogates are refused before JSON parsing; every string (keys
-too) must be Unicode text without NUL, since a lone surrogate cannot be encoded for the tokenizer
-and NUL is where C-string consumers of a prompt truncate; nesting is bounded (no OpenAI request
-goes deeper than 5 levels, and Python's recursion limit must never be what stops a body);
-numbers are finite and integers at most 20 digits (nothing here takes more than 64 bits, and
-Python's int-string limit would otherwise decide); a key twice in one object is refused, so no
-two parsers of one body can read different requests. The same rules apply to the request inside
-an end-to-end envelope (`check_json`).
+Bodies are decoded strictly first (`strict_json`); the request schemas are checked with
+`json_schema.conforms`.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from tdllm.api.errors import ApiError, invalid
+from tdllm.api.openai.json_schema import conforms, is_int, is_number
+from tdllm.api.openai.strict_json import decode_body
 from tdllm.engine.sampling import (
     LOGIT_BIAS_RANGE,
     MAX_LOGIT_BIAS,
@@ -45,11 +36,6 @@ from tdllm.engine.sampling import (
 
 MAX_SEED = (1 << 63) - 1
 MAX_MESSAGES = 256
-MAX_JSON_DEPTH = 32  # the top-level object is level 1; OpenAI's deepest request needs 5
-MAX_INT_DIGITS = 20  # 2**64 has 20 digits; no field takes more
-_INT_LIMIT = 10**MAX_INT_DIGITS
-_LONG_DIGITS = re.compile(f"[0-9]{{{MAX_INT_DIGITS + 1}}}")
-_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")  # NUL, and surrogates (text only in pairs)
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 LOGPROBS_REFUSED = (
@@ -383,80 +369,6 @@ def request_schema(specs: tuple[FieldSpec, ...]) -> dict[str, Any]:
     }
 
 
-def conforms(schema: dict[str, Any], value: Any) -> bool:
-    """Whether a parsed JSON value is valid under `schema`, in the subset of JSON Schema (draft
-    2020-12) that the request specs use; any other keyword is an error, never ignored. Stricter
-    than JSON Schema in one way: an integer is an int, so 1.0 is not one (nor true a number)."""
-    for keyword, arg in schema.items():
-        if keyword == "description":
-            continue
-        if keyword == "additionalProperties":  # the one keyword that reads a sibling
-            if not _additional(arg, value, schema.get("properties", {})):
-                return False
-            continue
-        check = _KEYWORDS.get(keyword)
-        if check is None:
-            raise ValueError(f"conforms does not read the JSON Schema keyword {keyword!r}")
-        if not check(arg, value):
-            return False
-    return True
-
-
-_TYPES: dict[str, Any] = {
-    "null": lambda v: v is None,
-    "boolean": lambda v: isinstance(v, bool),
-    "integer": lambda v: _is_int(v),
-    "number": lambda v: _is_number(v),
-    "string": lambda v: isinstance(v, str),
-    "array": lambda v: isinstance(v, list),
-    "object": lambda v: isinstance(v, dict),
-}
-
-
-@functools.cache
-def _pattern(pattern: str) -> re.Pattern[str]:
-    """A JSON Schema (ECMA-262) pattern as a Python regex: unanchored, ``$`` the end of the text
-    (Python's ``$`` also matches before a final newline). The request schemas' patterns use no
-    other construct whose meaning differs."""
-    return re.compile(pattern.replace("$", r"\Z"))
-
-
-def _equal(a: Any, b: Any) -> bool:
-    return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
-
-
-def _properties(props: dict[str, Any], v: Any) -> bool:
-    return not isinstance(v, dict) or all(conforms(props[k], v[k]) for k in props.keys() & v.keys())
-
-
-def _additional(arg: Any, v: Any, props: dict[str, Any]) -> bool:
-    if not isinstance(v, dict):
-        return True
-    extra = [v[k] for k in v if k not in props]
-    return all(conforms(arg, x) for x in extra) if isinstance(arg, dict) else arg or not extra
-
-
-_KEYWORDS: dict[str, Any] = {
-    "type": lambda arg, v: _TYPES[arg](v),
-    "const": lambda arg, v: _equal(v, arg),
-    "enum": lambda arg, v: any(_equal(v, item) for item in arg),
-    "anyOf": lambda arg, v: any(conforms(s, v) for s in arg),
-    "minimum": lambda arg, v: not _is_number(v) or v >= arg,
-    "maximum": lambda arg, v: not _is_number(v) or v <= arg,
-    "exclusiveMinimum": lambda arg, v: not _is_number(v) or v > arg,
-    "minLength": lambda arg, v: not isinstance(v, str) or len(v) >= arg,
-    "maxLength": lambda arg, v: not isinstance(v, str) or len(v) <= arg,
-    "minItems": lambda arg, v: not isinstance(v, list) or len(v) >= arg,
-    "maxItems": lambda arg, v: not isinstance(v, list) or len(v) <= arg,
-    "items": lambda arg, v: not isinstance(v, list) or all(conforms(arg, x) for x in v),
-    "maxProperties": lambda arg, v: not isinstance(v, dict) or len(v) <= arg,
-    "propertyNames": lambda arg, v: not isinstance(v, dict) or all(conforms(arg, k) for k in v),
-    "pattern": lambda arg, v: not isinstance(v, str) or _pattern(arg).search(v) is not None,
-    "required": lambda arg, v: not isinstance(v, dict) or all(k in v for k in arg),
-    "properties": _properties,
-}
-
-
 @dataclass(frozen=True)
 class Sampling:
     """What both endpoints share: limits and sampling knobs, already validated."""
@@ -506,123 +418,6 @@ class TokenizeRequest:
 class DetokenizeRequest:
     model: str | None
     tokens: tuple[int, ...]
-
-
-def decode_body(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 (never a 500 for bad bytes)."""
-    body = decode_json(raw)
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    return body
-
-
-def decode_json(raw: bytes) -> Any:
-    """Strict UTF-8 JSON within the limits of `check_json`; an `ApiError` (400) otherwise."""
-    try:
-        # bytes to json.loads would be decoded with 'surrogatepass' and UTF-16/32 sniffed
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise invalid("the request body is not valid UTF-8") from None
-    hooks: dict[str, Any] = {"object_pairs_hook": _object}
-    if _LONG_DIGITS.search(text):  # maybe a long integer: length-check literals before int()
-        hooks["parse_int"] = _integer
-    try:
-        value = json.loads(text, **hooks)
-    except _DuplicateKeyError:
-        raise invalid("the request body repeats a key in one object (duplicate key)") from None
-    except RecursionError:  # far deeper than MAX_JSON_DEPTH: the parser gave up first
-        raise invalid(_too_deep()) from None
-    except ValueError:  # also the BOM of UTF-8, which RFC 8259 forbids senders to add
-        raise invalid("the request body is not valid JSON") from None
-    check_json(value)
-    return value
-
-
-def check_json(value: Any) -> None:
-    """Refuse what `decode_json` refuses in an already parsed value (a 400 naming its path).
-
-    Iterative, so that a value nested deeper than Python's recursion limit is refused too;
-    scalars are checked inline and a path is built only for the error (bodies of a MiB).
-    """
-    if not isinstance(value, dict | list):
-        _check_scalar(value, ())
-        return
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
-    while stack:
-        node, path = stack.pop()
-        if len(path) >= MAX_JSON_DEPTH:
-            raise invalid(_too_deep(), _param(path[:1]))
-        if isinstance(node, list) and all(type(item) is int for item in node):
-            if node and not -_INT_LIMIT < min(node) <= max(node) < _INT_LIMIT:
-                _check_scalar(next(i for i in node if abs(i) >= _INT_LIMIT), path)
-            continue  # token ids: the common big list, checked at C speed
-        for key, item in node.items() if isinstance(node, dict) else enumerate(node):
-            if isinstance(key, str) and _NOT_TEXT.search(key):
-                _check_scalar(key, path)  # a bad key: the path of its object
-            if isinstance(item, dict | list):
-                stack.append((item, (*path, key)))
-            elif not (
-                item is None
-                or item is True
-                or item is False
-                or (type(item) is str and not _NOT_TEXT.search(item))
-                or (type(item) is int and -_INT_LIMIT < item < _INT_LIMIT)
-                or (type(item) is float and math.isfinite(item))
-            ):
-                _check_scalar(item, (*path, key))
-
-
-def _check_scalar(item: Any, path: tuple[str | int, ...]) -> None:
-    """A 400 naming `path` if `item` is a string, number or parser marker this API refuses."""
-    where = _param(path)
-    if isinstance(item, str):
-        bad = _NOT_TEXT.search(item)
-        if bad is None:
-            return
-        if bad.group() == "\x00":
-            problem = "holds a NUL character (U+0000), which is refused"
-        else:
-            problem = "holds a lone surrogate (U+D800..U+DFFF), which is not Unicode text"
-        raise invalid(f"{where or 'a key of the request'} {problem}", where)
-    if isinstance(item, float) and not math.isfinite(item):
-        raise invalid("numbers must be finite (no NaN or Infinity)", where)
-    if isinstance(item, _TooLong) or (type(item) is int and abs(item) >= _INT_LIMIT):
-        raise invalid(f"integers have at most {MAX_INT_DIGITS} digits", where)
-
-
-class _DuplicateKeyError(Exception):
-    """A key twice in one object (raised from inside json.loads)."""
-
-
-class _TooLong:
-    """An integer literal longer than MAX_INT_DIGITS: `check_json` refuses it with its path."""
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise _DuplicateKeyError
-    return obj
-
-
-def _integer(literal: str) -> int | _TooLong:
-    # checked before int(): its cost grows with the square of the digits, and whether Python's
-    # own limit (4300 digits, configurable) applies is not this module's to decide
-    if len(literal) - literal.startswith("-") > MAX_INT_DIGITS:
-        return _TooLong()
-    return int(literal)
-
-
-def _param(path: tuple[str | int, ...]) -> str | None:
-    """OpenAI's param form of a path: messages[0].content."""
-    out = ""
-    for step in path:
-        out += f"[{step}]" if isinstance(step, int) else f".{step}" if out else step
-    return out or None
-
-
-def _too_deep() -> str:
-    return f"the request body nests more than {MAX_JSON_DEPTH} levels deep"
 
 
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:
@@ -710,10 +505,10 @@ def _check_max_completion_tokens(body: dict[str, Any]) -> None:
     value = body.get("max_completion_tokens")
     if value is None:
         return
-    if not (_is_int(value) and value >= 1):
+    if not (is_int(value) and value >= 1):
         raise invalid("max_completion_tokens must be a positive integer", "max_completion_tokens")
     other = body.get("max_tokens")  # its own value is checked with the common fields
-    if _is_int(other) and other != value:
+    if is_int(other) and other != value:
         raise invalid(
             f"max_tokens ({other}) and max_completion_tokens ({value}) differ: give one of them "
             "(or the same value)",
@@ -784,14 +579,14 @@ def _prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
             raise invalid("prompt is empty", "prompt")
         return (value,)
     if isinstance(value, list) and value:
-        if all(_is_int(t) and t >= 0 for t in value):
+        if all(is_int(t) and t >= 0 for t in value):
             return (tuple(value),)
         if all(isinstance(p, str) for p in value):
             for i, p in enumerate(value):
                 if not p:
                     raise invalid(f"prompt[{i}] is empty", "prompt")
             return tuple(value)
-        if all(isinstance(p, list) and p and all(_is_int(t) and t >= 0 for t in p) for p in value):
+        if all(isinstance(p, list) and p and all(is_int(t) and t >= 0 for t in p) for p in value):
             return tuple(tuple(p) for p in value)
     raise invalid(
         "prompt must be a non-empty string, a non-empty list of token ids (integers >= 0), or "
@@ -848,17 +643,9 @@ def _number(body: dict[str, Any], name: str, default: float, low: float, high: f
     value = body.get(name)
     if value is None:
         return default
-    if not _is_number(value) or not (low <= value <= high):
+    if not is_number(value) or not (low <= value <= high):
         raise invalid(f"{name} must be a number in [{low:g}, {high:g}]", name)
     return float(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 __all__ = [
