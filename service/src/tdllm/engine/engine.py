@@ -11,15 +11,18 @@ prefilled on its own."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import llguidance
 import torch
 
 from tdllm.engine.prompt_check import check_prompt
 from tdllm.engine.sampling import LogitsProcessor, SamplingParams, sample
 from tdllm.engine.stops import TextStream
+from tdllm.engine.structured import Grammars
 from tdllm.errors import UsageError
 from tdllm.model.tokenizer import Tokenizer
 from tdllm.model.transformer import Attention, Batch, KVCache, Transformer
@@ -59,6 +62,7 @@ class _Request:
     generator: torch.Generator
     index: int = 0  # which choice of its request; the choices of one request share `id`
     processor: LogitsProcessor | None = None  # penalties, logit_bias, min_tokens (when asked)
+    matcher: llguidance.LLMatcher | None = None  # structured output: where the grammar stands
     slot: int = -1
     output: list[int] = field(default_factory=list)
 
@@ -91,6 +95,7 @@ class Engine:
         self.shares_prefill = model.prefix is None and all(
             m.core is None for m in model.modules() if isinstance(m, Attention)
         )
+        self.grammars = Grammars(tokenizer, model.cfg.vocab_size)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -108,6 +113,10 @@ class Engine:
         vocab = self.model.cfg.vocab_size
         if any(token >= vocab for token, _ in params.logit_bias):
             raise UsageError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.grammar is not None:
+            problem = self.grammars.problem(params.grammar)
+            if problem:
+                raise UsageError(f"the grammar cannot run: {problem}")
 
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> int:
         """Queue `prompt` for `params.n` choices; their outputs carry the id returned."""
@@ -120,6 +129,9 @@ class Engine:
             if params.processes_logits:
                 stops = self.tokenizer.stop_token_ids
                 processor = LogitsProcessor(params, prompt, vocab, stops)
+            matcher = None
+            if params.grammar is not None:
+                matcher = self.grammars.matcher(params.grammar)
             self.waiting.append(
                 _Request(
                     request_id,
@@ -129,6 +141,7 @@ class Engine:
                     params.generator(index),
                     index,
                     processor,
+                    matcher,
                 )
             )
         return request_id
@@ -171,7 +184,10 @@ class Engine:
             tokens = torch.tensor([[r.output[-1]] for r in decoding])
             batch = Batch([r.slot for r in decoding], [r.position for r in decoding], 1)
             logits = self.model(tokens, batch, self.cache)
-            outputs.extend(self._advance(r, logits[i, -1]) for i, r in enumerate(decoding))
+            allowed = self._allowed(decoding)
+            outputs.extend(
+                self._advance(r, logits[i, -1], allowed.get(i)) for i, r in enumerate(decoding)
+            )
         self.free_slots.sort()
         return outputs
 
@@ -205,12 +221,26 @@ class Engine:
         batch = Batch([r.slot for r in group], [0] * len(group), width, lengths)
         logits = self.model(tokens, batch, self.cache)
         outputs: list[StepOutput] = []
-        for i, request in enumerate(group):
-            others = forks.get(request.id, [])
-            for fork in others:  # before the first choice may finish and free its slot
+        rows = [
+            (i, r) for i, request in enumerate(group) for r in [request, *forks.get(request.id, [])]
+        ]
+        allowed = self._allowed([r for _, r in rows])
+        for request in group:
+            for fork in forks.get(request.id, []):  # before the first choice may finish
                 self._copy_prompt_cache(request, fork)
-            outputs.extend(self._advance(r, logits[i, -1]) for r in [request, *others])
+        outputs.extend(
+            self._advance(r, logits[i, -1], allowed.get(k)) for k, (i, r) in enumerate(rows)
+        )
         return outputs
+
+    def _allowed(self, requests: Sequence[_Request]) -> dict[int, torch.Tensor]:
+        """The tokens the grammar allows next, by position in `requests`, for the constrained
+        ones: their masks computed together (one parallel call)."""
+        constrained = [(k, r.matcher) for k, r in enumerate(requests) if r.matcher is not None]
+        if not constrained:
+            return {}
+        masks = self.grammars.allowed([m for _, m in constrained])
+        return {k: masks[j] for j, (k, _) in enumerate(constrained)}
 
     def _copy_prompt_cache(self, source: _Request, target: _Request) -> None:
         """The keys and values of `source`'s prompt into `target`'s slot (the same prompt)."""
@@ -218,19 +248,32 @@ class Engine:
         for layer in (*self.cache.k, *self.cache.v):
             layer[target.slot, :, :length] = layer[source.slot, :, :length]
 
-    def _advance(self, request: _Request, logits: torch.Tensor) -> StepOutput:
+    def _advance(
+        self, request: _Request, logits: torch.Tensor, allowed: torch.Tensor | None = None
+    ) -> StepOutput:
         processor = request.processor
         if processor is not None:
             logits = processor(logits)
+        if allowed is not None:  # last, as vLLM applies structured output's mask
+            if not allowed.any():  # a grammar nothing can satisfy: end as at a stop token
+                token = min(self.tokenizer.stop_token_ids)
+                request.output.append(token)
+                return self._end(request, token, request.stream.flush(), "stop")
+            logits = logits.float().masked_fill(~allowed, -math.inf)
         token = sample(logits, request.params, request.generator)
         if processor is not None:
             processor.add(token)
         request.output.append(token)
+        matcher = request.matcher
+        if matcher is not None:
+            matcher.consume_token(token)
         if token in self.tokenizer.stop_token_ids and not request.params.ignore_eos:
             return self._end(request, token, request.stream.flush(), "stop")
         text = request.stream.push(token)
         if request.stream.stopped:
             return self._end(request, token, text, "stop")
+        if matcher is not None and matcher.is_stopped():  # complete: nothing more may follow
+            return self._end(request, token, text + request.stream.flush(), "stop")
         full = len(request.output) >= request.params.max_tokens
         if full or request.position >= self.max_seq_len:  # no room to feed this token back
             return self._end(request, token, text + request.stream.flush(), "length")

@@ -33,6 +33,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/vLLM: tokens of prompt or output, >0 logits / p, <0 * p
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # no stop token, nor stop string, before this many tokens
+    grammar: str | None = None  # llguidance's grammar the output must match (engine.structured)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -192,6 +192,11 @@ def start(
             f"logit_bias names token ids outside the vocabulary [0, {vocab}): {outside[:5]}",
             "logit_bias",
         )
+    if sampling.grammar is not None:
+        problem = runner.engine.grammars.problem(sampling.grammar)
+        if problem:
+            param = "response_format.json_schema.schema"
+            raise invalid(f"{param} is not usable: {problem}", param)
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=sampling.temperature,
@@ -204,6 +209,7 @@ def start(
         repetition_penalty=sampling.repetition_penalty,
         logit_bias=sampling.logit_bias,
         min_tokens=sampling.min_tokens,
+        grammar=sampling.grammar,
     )
     receipt = pending_receipt(request.path, request_body, sampling_used(params), sampling.stream)
     try:

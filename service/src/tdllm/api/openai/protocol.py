@@ -33,6 +33,7 @@ from tdllm.engine.sampling import (
     PENALTY_RANGE,
     REPETITION_PENALTY_MAX,
 )
+from tdllm.engine.structured import json_grammar
 
 MAX_SEED = (1 << 63) - 1
 MAX_MESSAGES = 256
@@ -105,6 +106,38 @@ TEXT_PART_SCHEMA: dict[str, Any] = {
     "properties": {"type": {"type": "string", "const": "text"}, "text": {"type": "string"}},
 }
 
+JSON_SCHEMA_NAME_PATTERN = "^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's
+_FORMAT_TYPES = ("text", "json_object", "json_schema")
+RESPONSE_FORMAT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["type"],
+            "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}},
+        },
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["type", "json_schema"],
+            "properties": {
+                "type": {"type": "string", "const": "json_schema"},
+                "json_schema": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name", "schema"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": JSON_SCHEMA_NAME_PATTERN},
+                        "description": {"type": "string"},
+                        "schema": {"type": "object"},
+                        "strict": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+                    },
+                },
+            },
+        },
+    ]
+}
+
 # Each table is in the order the fields are checked (so that of two mistakes in one body, the
 # same one is always reported). Fields without a refusal are checked in that order too, by the
 # parser named in their comment, or last (prompt, messages: parsed into the request).
@@ -136,15 +169,11 @@ CHAT_ONLY_SPECS: tuple[FieldSpec, ...] = (
     _unsupported(
         "function_call", {"type": "string", "const": "none"}, "function_call is not supported"
     ),
-    _unsupported(
+    FieldSpec(  # nested params in its refusals, the schema compiled: _check_response_format
         "response_format",
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["type"],
-            "properties": {"type": {"type": "string", "const": "text"}},
-        },
-        "only response_format {'type': 'text'} is supported",
+        RESPONSE_FORMAT_SCHEMA,
+        description="text, json_object (any JSON object) or json_schema (JSON valid under "
+        "json_schema.schema): constrained decoding, compact JSON; an invalid schema is a 400",
     ),
     _unsupported("store", {"type": "boolean", "const": False}, "store is not supported"),
     _unsupported(
@@ -388,6 +417,7 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids not yet range-checked
     min_tokens: int = 0
     max_tokens_param: str = "max_tokens"  # the name the client gave it (chat: either)
+    grammar: str | None = None  # response_format's (engine.structured), not yet tokenizer-checked
 
 
 @dataclass(frozen=True)
@@ -532,8 +562,63 @@ def _check_top_p(body: dict[str, Any]) -> None:
         raise invalid("top_p must be greater than 0", "top_p")
 
 
+def _check_response_format(body: dict[str, Any]) -> None:
+    """Its shape, each mistake named by its path; the schema itself is compiled in `_sampling`
+    (`_response_grammar`)."""
+    value = body.get("response_format")
+    if value is None:
+        return
+    kinds = ", ".join(repr(k) for k in _FORMAT_TYPES)
+    if not isinstance(value, dict) or value.get("type") not in _FORMAT_TYPES:
+        raise invalid(
+            f"response_format must be an object whose type is one of {kinds}", "response_format"
+        )
+    kind = value["type"]
+    allowed = {"type", "json_schema"} if kind == "json_schema" else {"type"}
+    extra = sorted(set(value) - allowed)
+    if extra:
+        raise invalid(
+            f"unrecognized field of response_format: {extra[0]}", f"response_format.{extra[0]}"
+        )
+    if kind != "json_schema":
+        return
+    spec = value.get("json_schema")
+    param = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise invalid(f"{param} must be an object with name and schema", param)
+    extra = sorted(set(spec) - {"name", "description", "schema", "strict"})
+    if extra:
+        raise invalid(f"unrecognized field of {param}: {extra[0]}", f"{param}.{extra[0]}")
+    name = spec.get("name")
+    if not (isinstance(name, str) and conforms({"pattern": JSON_SCHEMA_NAME_PATTERN}, name)):
+        raise invalid(
+            f"{param}.name must be 1 to 64 letters, digits, underscores or dashes", f"{param}.name"
+        )
+    if "description" in spec and not isinstance(spec["description"], str):
+        raise invalid(f"{param}.description must be a string", f"{param}.description")
+    if not isinstance(spec.get("schema"), dict):
+        raise invalid(f"{param}.schema must be a JSON Schema (an object)", f"{param}.schema")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise invalid(f"{param}.strict must be a bool", f"{param}.strict")
+
+
+def _response_grammar(body: dict[str, Any]) -> str | None:
+    """The grammar a checked response_format asks for (None: free text); a schema the grammar
+    library cannot take is a 400 naming response_format.json_schema.schema and its reason."""
+    value = body.get("response_format")
+    if value is None or value["type"] == "text":
+        return None
+    schema = value["json_schema"]["schema"] if value["type"] == "json_schema" else None
+    param = "response_format.json_schema.schema"
+    try:
+        return json_grammar(schema)
+    except Exception as exc:  # the library's reason, whatever it raised
+        raise invalid(f"{param} is not usable: {' '.join(str(exc).split())}", param) from None
+
+
 # the fields whose specs hold no refusal, checked at their place in the table
 _CHECKS = {
+    "response_format": _check_response_format,
     "metadata": _check_metadata,
     "max_completion_tokens": _check_max_completion_tokens,
     "stream_options": _check_stream_options,
@@ -569,6 +654,7 @@ def _sampling(body: dict[str, Any]) -> Sampling:
         logit_bias=tuple((int(token), float(value)) for token, value in bias.items()),
         min_tokens=body.get("min_tokens") or 0,
         max_tokens_param=max_tokens_param,
+        grammar=_response_grammar(body),
     )
 
 
