@@ -1,7 +1,8 @@
 """The `Checkpoint` type: (config, tokenizer, Hugging Face-named tensors), one tensor at a time.
 
 Two plaintext readers live here: a GGUF file (the bundled SmolLM2 is one; quantized tensors are
-dequantized with the `gguf` package) and a Hugging Face-style directory (config.json,
+dequantized one at a time, or handed through as their blocks to a model that takes them:
+`GgufTensors`) and a Hugging Face-style directory (config.json,
 *.safetensors, tokenizer.json). Tensors are yielded lazily so loading never holds a second full
 copy of the model. Sealed directories (encrypted at rest, `tdllm.sealing.reader`) produce the
 same `Checkpoint` shape, their tensors decrypted one at a time as they are streamed; choosing
@@ -22,6 +23,7 @@ import torch
 
 from tdllm.errors import ModelLoadError
 from tdllm.model.config import ModelConfig
+from tdllm.model.gguf_blocks import GgufQuantized, rope_row_order
 from tdllm.model.tokenizer import Tokenizer
 
 NamedTensors = Iterator[tuple[str, torch.Tensor]]
@@ -84,7 +86,7 @@ def open_gguf(path: Path) -> Checkpoint:
         raise ModelLoadError(f"{path}: incomplete llama metadata ({exc})") from None
     tokenizer = Tokenizer.from_gguf_fields(fields)
     name = str(fields.get("general.name") or path.stem)
-    return Checkpoint(name, path, config, tokenizer, lambda: _gguf_tensors(reader, config))
+    return Checkpoint(name, path, config, tokenizer, GgufTensors(reader, config, path))
 
 
 def _gguf_config(fields: dict[str, Any], tied: bool) -> ModelConfig:
@@ -109,21 +111,46 @@ def _gguf_config(fields: dict[str, Any], tied: bool) -> ModelConfig:
     )
 
 
-def _gguf_tensors(reader: Any, config: ModelConfig) -> NamedTensors:
+class GgufTensors:
+    """A GGUF file's tensors, streamed: called, as floats (what every consumer takes; quantized
+    tensors dequantized one at a time); `with_blocks`, quantized 2-D tensors as their raw blocks
+    (`GgufQuantized`) for a model whose methods take them (`loader.load_model` asks). A consumer
+    that replaces or wraps ``Checkpoint.tensors`` thereby loses the blocks stream too."""
+
+    def __init__(self, reader: Any, config: ModelConfig, path: Path) -> None:
+        self.reader, self.config, self.path = reader, config, path
+
+    def __call__(self) -> NamedTensors:
+        for name, item in self.with_blocks():
+            yield name, item.dequantize() if isinstance(item, GgufQuantized) else item
+
+    def with_blocks(self) -> Iterator[tuple[str, torch.Tensor | GgufQuantized]]:
+        for t in self.reader.tensors:
+            name = _hf_name(t.name)
+            shape = tuple(int(d) for d in reversed(t.shape))
+            try:
+                item = _gguf_tensor(t, shape)
+                # llama.cpp stores q/k rows interleaved for its rotary kernel; undo it
+                # (rotate-half layout): on blocks, each row's blocks move together
+                if name.endswith("q_proj.weight"):
+                    item = _unpermute_rope(item, self.config.num_heads)
+                elif name.endswith("k_proj.weight"):
+                    item = _unpermute_rope(item, self.config.num_kv_heads)
+            except (ValueError, RuntimeError) as exc:
+                raise ModelLoadError(f"{self.path}: tensor {t.name}: {exc}") from None
+            yield name, item
+
+
+def _gguf_tensor(t: Any, shape: tuple[int, ...]) -> torch.Tensor | GgufQuantized:
+    kind = t.tensor_type.name
+    if kind not in ("F32", "F16", "BF16") and len(shape) == 2:
+        return GgufQuantized(kind, (shape[0], shape[1]), t.data)
     from gguf.quants import dequantize
 
-    for t in reader.tensors:
-        name = _hf_name(t.name)
-        array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if not array.flags.writeable:  # unquantized tensors come straight from the memory map
-            array = array.copy()
-        tensor = torch.from_numpy(array.reshape([int(d) for d in reversed(t.shape)]))
-        # llama.cpp stores q/k rows interleaved for its rotary kernel; undo it (rotate-half layout)
-        if name.endswith("q_proj.weight"):
-            tensor = _unpermute_rope(tensor, config.num_heads)
-        elif name.endswith("k_proj.weight"):
-            tensor = _unpermute_rope(tensor, config.num_kv_heads)
-        yield name, tensor
+    array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    if not array.flags.writeable:  # unquantized tensors come straight from the memory map
+        array = array.copy()
+    return torch.from_numpy(array.reshape(shape))
 
 
 def _hf_name(gguf_name: str) -> str:
@@ -140,7 +167,11 @@ def _hf_name(gguf_name: str) -> str:
     raise ModelLoadError(f"GGUF tensor {gguf_name!r} has no place in a llama model")
 
 
-def _unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def _unpermute_rope(
+    weight: torch.Tensor | GgufQuantized, heads: int
+) -> torch.Tensor | GgufQuantized:
+    if isinstance(weight, GgufQuantized):
+        return weight.permute_rows(rope_row_order(weight.rows, heads))
     rows, cols = weight.shape
     return weight.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 

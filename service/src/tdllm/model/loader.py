@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tdllm.errors import ModelLoadError
-from tdllm.model.checkpoint import Checkpoint, Destination
+from tdllm.model.checkpoint import Checkpoint, Destination, GgufTensors
 from tdllm.model.linear import LinearMethodTable
 from tdllm.model.transformer import Transformer
 
@@ -32,6 +32,9 @@ def load_model(
         with torch.no_grad():
             if checkpoint.tensors_into is not None:
                 model.load_weights(checkpoint.tensors_into(_destination_of(model)))
+            elif isinstance(checkpoint.tensors, GgufTensors) and model.takes_blocks():
+                # GGUF blocks straight into the methods that take them (int4, int8)
+                model.load_weights(checkpoint.tensors.with_blocks())
             else:
                 model.load_weights(checkpoint.tensors())
             model.after_load()

@@ -10,24 +10,34 @@ to bf16 and widens its output back (bf16 products, fp32 accumulation inside the 
 - `Int4WeightOnlyMethod`: asymmetric, a scale and a zero per group of `group_size` inputs of each
   row (``w ~= (q - 8) * s + z``, ``q`` in 0..15), ``torch._weight_int4pack_mm_for_cpu``.
 
-The checkpoint stays float: each method stages a projection's rows in fp32 as they arrive
-(fused q|k|v and gate|up come one shard at a time), quantizes the projection the moment its
-last row is in, and drops the float rows. So at most one projection's float copy exists at a
-time (the largest: the lm_head, vocab x hidden x 4 bytes), plus what the reader hands over.
+Each method stages a projection's rows already quantized, in the layout its kernel's packing
+takes, as they arrive (fused q|k|v and gate|up come one shard at a time, at their row offsets),
+and packs the projection the moment its last row is in. Rows arrive as floats (quantized here,
+`QUANT_BLOCK_ROWS` at a time) or as GGUF blocks (`GgufQuantized`, `load_blocks`): Q4_0, Q4_1 and
+Q4_K are int4 g32's own grid (``w = d * q + m = (q - 8) * d + (m + 8 d)``), taken by the int4
+method as they are, scales and zeros rounded to bf16 as the kernel takes them; any other type is
+dequantized a chunk of rows at a time and quantized as floats are (Q8_0 for int8: per row from
+its blocks). A method never holds a float copy of a projection: the only one is what a reader
+hands over (none for GGUF blocks).
 A sealed reader never decrypts into a quantized buffer (`Transformer.weight_destinations`
 names plain weights only): its plaintext arrives through `load_weight` like any checkpoint's.
 Staged rows are buffers, so a failed load's scrub (`loader._zero`) reaches them too.
 
-Kernel choice and fidelity: docs/performance.md, "Weight-only int8 on the TD CPU".
+Kernel choice and fidelity: docs/performance.md, "Weight-only int8 on the TD CPU" and "GGUF
+blocks straight into the int kernels".
 """
 
 from __future__ import annotations
 
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
+from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
+from tdllm.model.gguf_blocks import INT4_KINDS, GgufQuantized
 from tdllm.model.linear import (
     Linear,
     LinearMethod,
@@ -46,6 +56,10 @@ WIDEN_BLOCK_ROWS = 2048  # int8 rows widened to bf16 at a time: the block stays 
 QUANT_BLOCK_ROWS = 256  # rows quantized at a time: temporaries under glibc's mmap threshold
 INT4_GROUP_SIZE = 32
 INT4_ROW_MULTIPLE = 16  # the int4 packing takes a multiple of 16 output rows: zero rows pad it
+# rows packed at a time: torch's CPU int4 packing lays out blocks of 64 rows on their own, so
+# packing a projection in runs of a multiple of 64 rows gives its bytes (tested), without an
+# int32 copy of all its codes
+INT4_PACK_ROWS = 256
 
 
 def int8_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,39 +114,70 @@ def int4_pack(
 
 
 class _StagedQuantMethod(TdCpuKernels, ABC):
-    """Stage float rows per projection; quantize when the last one is in (see the module doc).
-    A weight given whole (o, down, the lm_head) is quantized straight from the reader's tensor.
-    """
+    """Stage each projection's rows already quantized, in the layout the kernel's packing takes,
+    as they arrive (float rows or GGUF blocks, a shard at a time, at any row offset); pack when
+    the last row is in (see the module doc). The staged buffers are registered on the layer
+    (``staged_*``) so a failed load's scrub reaches them, and are zeroed once packed."""
 
     def __init__(self) -> None:
         self._rows_in: weakref.WeakKeyDictionary[Linear, int] = weakref.WeakKeyDictionary()
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
-        layer.register_buffer("staged", None, persistent=False)  # allocated by a first shard
-        self._rows_in[layer] = 0
+        self._rows_in[layer] = 0  # the staged buffers are allocated by a first shard
 
     def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
+        def fill(staged: dict[str, torch.Tensor], start: int, stop: int) -> None:
+            chunk = weight[start - row_offset : stop - row_offset]
+            self.stage_floats(staged, start, chunk)
+
+        self._take(layer, row_offset, weight.shape[0], fill)
+
+    def load_blocks(self, layer: Linear, blocks: GgufQuantized, row_offset: int = 0) -> None:
+        """GGUF blocks straight in (`tdllm.model.gguf_blocks`): see `stage_blocks`."""
+        if blocks.cols != layer.in_features:
+            raise ValueError(
+                f"{layer.name}: {blocks.kind} rows of {blocks.cols} inputs, "
+                f"expected {layer.in_features}"
+            )
+
+        def fill(staged: dict[str, torch.Tensor], start: int, stop: int) -> None:
+            part = blocks.row_slice(start - row_offset, stop - row_offset)
+            self.stage_blocks(staged, start, part)
+
+        self._take(layer, row_offset, blocks.rows, fill)
+
+    def _take(
+        self,
+        layer: Linear,
+        row_offset: int,
+        rows: int,
+        fill: Callable[[dict[str, torch.Tensor], int, int], None],
+    ) -> None:
         if _quantized(layer):
             raise ValueError(f"{layer.name}: weight loaded after the projection was quantized")
-        if row_offset == 0 and weight.shape[0] == layer.out_features:
-            self._quantize_now(layer, weight)
-            return
-        staged = layer.staged
-        if not isinstance(staged, torch.Tensor):
-            staged = torch.empty(layer.out_features, layer.in_features)
-            layer.register_buffer("staged", staged, persistent=False)
-        staged[row_offset : row_offset + weight.shape[0]].copy_(weight)
-        self._rows_in[layer] += weight.shape[0]
+        if row_offset < 0 or row_offset + rows > layer.out_features:
+            raise ValueError(
+                f"{layer.name}: rows {row_offset}:{row_offset + rows} of {layer.out_features}"
+            )
+        staged = {
+            name: buffer
+            for name, buffer in layer._buffers.items()
+            if name.startswith("staged_") and buffer is not None
+        }
+        if not staged:
+            for name, buffer in self.staging(layer).items():
+                layer.register_buffer(f"staged_{name}", buffer, persistent=False)
+                staged[f"staged_{name}"] = buffer
+        tensors = {name.removeprefix("staged_"): buffer for name, buffer in staged.items()}
+        for start in range(row_offset, row_offset + rows, QUANT_BLOCK_ROWS):
+            fill(tensors, start, min(start + QUANT_BLOCK_ROWS, row_offset + rows))
+        self._rows_in[layer] += rows
         if self._rows_in[layer] == layer.out_features:
-            self._quantize_now(layer, staged)
-
-    def _quantize_now(self, layer: Linear, weight: torch.Tensor) -> None:
-        self.quantize(layer, weight)
-        self._rows_in[layer] = layer.out_features
-        staged = layer.staged
-        layer.register_buffer("staged", None, persistent=False)  # only the quantized form stays
-        if isinstance(staged, torch.Tensor):
-            staged.zero_()  # plaintext of a sealed model: scrubbed, not just freed
+            kept = self.pack(layer, tensors)
+            for name, buffer in staged.items():
+                layer.register_buffer(name, None, persistent=False)
+                if not any(buffer is k for k in kept):
+                    buffer.zero_()  # plaintext of a sealed model: scrubbed, not just freed
 
     def after_load(self, layer: Linear) -> None:
         if not _quantized(layer):  # the loader checks coverage; this is belt and braces
@@ -140,8 +185,23 @@ class _StagedQuantMethod(TdCpuKernels, ABC):
             raise ValueError(f"{layer.name}: {rows} of {layer.out_features} rows")
 
     @abstractmethod
-    def quantize(self, layer: Linear, weight: torch.Tensor) -> None:
-        """Register the layer's quantized buffers (``qweight`` and its scales) from `weight`."""
+    def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
+        """Fresh staging buffers for `layer`'s quantized rows, by name."""
+
+    @abstractmethod
+    def stage_floats(self, staged: dict[str, torch.Tensor], start: int, rows: torch.Tensor) -> None:
+        """Quantize float `rows` into the staged rows from `start` on."""
+
+    @abstractmethod
+    def stage_blocks(
+        self, staged: dict[str, torch.Tensor], start: int, rows: GgufQuantized
+    ) -> None:
+        """Put GGUF `rows` into the staged rows from `start` on."""
+
+    @abstractmethod
+    def pack(self, layer: Linear, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Every row is staged: register the layer's kernel buffers (``qweight`` and its scales);
+        return the staged tensors they adopted as they are (the rest are scrubbed)."""
 
 
 def _quantized(layer: Linear) -> bool:
@@ -159,10 +219,28 @@ class Int8WeightOnlyMethod(_StagedQuantMethod):
     block at a time instead (exact: -127..127 fit bf16's mantissa), multiplied by oneDNN's bf16
     GEMM and scaled per row: the kernel is 2-4x slower than bf16 there, the widening less."""
 
-    def quantize(self, layer: Linear, weight: torch.Tensor) -> None:
-        q, scales = int8_quantize(weight)
-        layer.register_buffer("qweight", q, persistent=False)
-        layer.register_buffer("scales", scales.to(KERNEL_DTYPE), persistent=False)
+    def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
+        n, k = layer.out_features, layer.in_features
+        return {"q": torch.empty(n, k, dtype=torch.int8), "scales": torch.empty(n)}
+
+    def stage_floats(self, staged: dict[str, torch.Tensor], start: int, rows: torch.Tensor) -> None:
+        q, scales = int8_quantize(rows)
+        staged["q"][start : start + rows.shape[0]] = q
+        staged["scales"][start : start + rows.shape[0]] = scales
+
+    def stage_blocks(
+        self, staged: dict[str, torch.Tensor], start: int, rows: GgufQuantized
+    ) -> None:
+        # Q8_0's 32-weight blocks each have their own scale, the kernel one per row: the rows
+        # are requantized per row from the blocks, a chunk at a time (no fp32 copy of the
+        # whole weight). Measured: running Q8_0 as-is (int8 widened per block, times its
+        # scale, bf16 GEMM) is 4.6x slower on the head at one row (docs/performance.md).
+        self.stage_floats(staged, start, rows.dequantize())
+
+    def pack(self, layer: Linear, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        layer.register_buffer("qweight", staged["q"], persistent=False)
+        layer.register_buffer("scales", staged["scales"].to(KERNEL_DTYPE), persistent=False)
+        return [staged["q"]]
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         q, scales = layer.qweight, layer.scales
@@ -182,10 +260,63 @@ class Int4WeightOnlyMethod(_StagedQuantMethod):
         super().__init__()
         self.group_size = group_size
 
-    def quantize(self, layer: Linear, weight: torch.Tensor) -> None:
-        packed, scales_zeros = int4_pack(weight, self.group_size)
+    def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
+        n = layer.out_features + -layer.out_features % INT4_ROW_MULTIPLE  # padding rows: zero
+        k = layer.in_features
+        if k % self.group_size:
+            raise ValueError(
+                f"{layer.name}: {k} inputs are not a multiple of the group size {self.group_size}"
+            )
+        groups = k // self.group_size
+        # what the layer keeps (packed codes, bf16 scales and zeros) is allocated first, the
+        # codes' staging after it: freed, the staging leaves no hole under kept memory (glibc
+        # kept such holes: +130 MiB RSS in one load of three, measured)
+        return {
+            "packed": torch.zeros(n, k // 2, dtype=torch.uint8),
+            "scales_zeros": torch.zeros(groups, n, 2, dtype=KERNEL_DTYPE),
+            "codes": torch.zeros(n, k, dtype=torch.uint8),
+        }
+
+    def stage_floats(self, staged: dict[str, torch.Tensor], start: int, rows: torch.Tensor) -> None:
+        q, scales, zeros = int4_quantize(rows, self.group_size)
+        self._put(staged, start, q, scales, zeros)
+
+    def stage_blocks(
+        self, staged: dict[str, torch.Tensor], start: int, rows: GgufQuantized
+    ) -> None:
+        if rows.kind not in INT4_KINDS or self.group_size != GGUF_GROUP:
+            self.stage_floats(staged, start, rows.dequantize())  # e.g. Q8_0, Q6_K: requantized
+            return
+        # the GGUF's own grid: w = scale * q + offset = (q - 8) * scale + (offset + 8 * scale)
+        codes, scale, offset = rows.affine()
+        assert offset is not None
+        zeros = offset + np.float32(8) * scale
+        self._put(staged, start, *(torch.from_numpy(a) for a in (codes, scale, zeros)))
+
+    def _put(
+        self,
+        staged: dict[str, torch.Tensor],
+        start: int,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+    ) -> None:
+        stop = start + codes.shape[0]
+        staged["codes"][start:stop] = codes
+        sz = staged["scales_zeros"]  # [groups, rows, (scale, zero)], rounded to bf16 here
+        sz[:, start:stop, 0], sz[:, start:stop, 1] = scales.T, zeros.T
+
+    def pack(self, layer: Linear, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        codes, packed = staged["codes"], staged["packed"]
+        for start in range(0, codes.shape[0], INT4_PACK_ROWS):
+            block = codes[start : start + INT4_PACK_ROWS].to(torch.int32)
+            packed[start : start + block.shape[0]] = torch._convert_weight_to_int4pack_for_cpu(
+                block, 1
+            )
+            block.zero_()
         layer.register_buffer("qweight", packed, persistent=False)
-        layer.register_buffer("scales_zeros", scales_zeros.to(KERNEL_DTYPE), persistent=False)
+        layer.register_buffer("scales_zeros", staged["scales_zeros"], persistent=False)
+        return [packed, staged["scales_zeros"]]
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         packed, sz = layer.qweight, layer.scales_zeros

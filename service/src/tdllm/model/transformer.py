@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdllm.model.config import ModelConfig
+from tdllm.model.gguf_blocks import GgufQuantized, TakesGgufBlocks
 from tdllm.model.linear import (
     Linear,
     LinearMethodTable,
@@ -259,8 +260,18 @@ class Transformer(nn.Module):
             x = self.layers[i](x, batch, cos, sin, cache.k[i - offset], cache.v[i - offset])
         return x
 
-    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named checkpoint tensors in, one at a time, checking coverage."""
+    def takes_blocks(self) -> bool:
+        """Whether a projection's method takes GGUF blocks as they are (`TakesGgufBlocks`)."""
+        return any(
+            isinstance(m, Linear) and isinstance(m.method, TakesGgufBlocks) for m in self.modules()
+        )
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor | GgufQuantized]]) -> None:
+        """Copy Hugging Face-named checkpoint tensors in, one at a time, checking coverage.
+
+        A tensor may come as GGUF blocks (`GgufQuantized`, `takes_blocks`): a projection whose
+        method takes them gets them as they are, anything else gets them dequantized. A tied
+        lm_head whose method takes blocks is made from the embedding's blocks."""
         linears = {m.name: m for m in self.modules() if isinstance(m, Linear)}
         # checkpoint name of every non-projection parameter ("model." + our attribute path)
         params = {
@@ -281,17 +292,20 @@ class Transformer(nn.Module):
         if self.cfg.tie_word_embeddings:
             expected.discard("lm_head.weight")
         seen: set[str] = set()
+        embedding_blocks: GgufQuantized | None = None
         for ckpt_name, tensor in tensors:
             if ckpt_name in seen or ckpt_name not in expected:
                 why = "twice" if ckpt_name in seen else "but the model has no such weight"
                 raise ValueError(f"checkpoint tensor {ckpt_name} given {why}")
             seen.add(ckpt_name)
+            if ckpt_name == "model.embed_tokens.weight" and isinstance(tensor, GgufQuantized):
+                embedding_blocks = tensor
             self._load_one(ckpt_name, tensor, linears, params)
         missing = sorted(expected - seen)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
         if self.cfg.tie_word_embeddings:
-            self._tie_lm_head()
+            self._tie_lm_head(embedding_blocks)
 
     def weight_destinations(self) -> dict[str, torch.Tensor]:
         """Checkpoint name -> the model memory that tensor is copied into, for every weight held
@@ -319,34 +333,56 @@ class Transformer(nn.Module):
     def _load_one(
         self,
         ckpt_name: str,
-        tensor: torch.Tensor,
+        tensor: torch.Tensor | GgufQuantized,
         linears: dict[str, Linear],
         params: dict[str, nn.Parameter],
     ) -> None:
         module_name = ckpt_name.removesuffix(".weight")
         prefix, _, leaf = module_name.rpartition(".")
+        shape = tuple(tensor.shape)
         if leaf in STACKED:
             fused, shard = STACKED[leaf]
             linear = linears[f"{prefix}.{fused}"]
             sizes = linear.shard_sizes
             offset = sum(sizes[:shard])
-            if tuple(tensor.shape) != (sizes[shard], linear.in_features):
-                raise ValueError(f"{ckpt_name} has shape {tuple(tensor.shape)}")
-            linear.method.load_weight(linear, tensor, offset)
+            if shape != (sizes[shard], linear.in_features):
+                raise ValueError(f"{ckpt_name} has shape {shape}")
+            _load_rows(linear, tensor, offset)
         elif module_name in linears:
-            linears[module_name].load_weight(tensor)
+            linear = linears[module_name]
+            if isinstance(tensor, GgufQuantized):
+                if shape != (linear.out_features, linear.in_features):
+                    raise ValueError(f"{ckpt_name} has shape {shape}")
+                _load_rows(linear, tensor, 0)
+            else:
+                linear.load_weight(tensor)
         else:
             param = params[ckpt_name]
-            if param.shape != tensor.shape:
-                raise ValueError(f"{ckpt_name} has shape {tuple(tensor.shape)}")
+            if tuple(param.shape) != shape:
+                raise ValueError(f"{ckpt_name} has shape {shape}")
+            if isinstance(tensor, GgufQuantized):
+                tensor = tensor.dequantize()
             copy_unless_same(param.data, tensor)
 
-    def _tie_lm_head(self) -> None:
+    def _tie_lm_head(self, embedding_blocks: GgufQuantized | None = None) -> None:
         if isinstance(self.lm_head.method, PlainCpuMethod):  # share, do not copy
             self.lm_head.weight = self.embed_tokens.weight
             self.lm_head.shared_weight = True
+        elif embedding_blocks is not None and isinstance(self.lm_head.method, TakesGgufBlocks):
+            self.lm_head.method.load_blocks(self.lm_head, embedding_blocks)  # not via the float
         else:
             self.lm_head.load_weight(self.embed_tokens.weight.data)
+
+
+def _load_rows(linear: Linear, tensor: torch.Tensor | GgufQuantized, row_offset: int) -> None:
+    """Rows ``row_offset:`` of `linear`: GGUF blocks as they are to a method that takes them,
+    dequantized (this tensor only) to any other."""
+    if isinstance(tensor, GgufQuantized):
+        if isinstance(linear.method, TakesGgufBlocks):
+            linear.method.load_blocks(linear, tensor, row_offset)
+            return
+        tensor = tensor.dequantize()
+    linear.method.load_weight(linear, tensor, row_offset)
 
 
 class Block(nn.Module):
