@@ -322,7 +322,7 @@ def test_the_image_holds_no_lab_and_its_commands_say_how_to_get_it(
 
     listed = _ok(wheel_venv.run(wheel_venv.bin("tdllm"), "--help"), "tdllm --help").stdout
     commands = {line.split()[0] for line in listed.split("Commands:")[1].splitlines() if line}
-    assert commands == {"chat", "doctor", "generate", "serve"}, listed
+    assert commands == {"chat", "cluster", "doctor", "generate", "serve"}, listed
     for name in LAB_COMMANDS:
         refused = wheel_venv.run(wheel_venv.bin("tdllm"), name, "--help")
         assert refused.returncode == 2, (name, refused.stdout, refused.stderr)
