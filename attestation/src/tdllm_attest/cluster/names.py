@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+from ipaddress import IPv4Address, IPv6Address
+
+from cryptography import x509
 
 from tdllm_attest.errors import ClusterCertificateError
 
@@ -32,3 +35,31 @@ def wireguard_key_from_uri(uri: str) -> bytes:
     if len(key) != WIREGUARD_KEY_SIZE or base64.b64encode(key).decode() != text:
         raise ClusterCertificateError("the WireGuard key URI does not hold a 32-byte key")
     return key
+
+
+def node_names(
+    names: x509.SubjectAlternativeName, *, what: str, quote_uri: bool
+) -> tuple[IPv4Address | IPv6Address, bytes | None]:
+    """(address, WireGuard key) of a node's subjectAltName: exactly one IP address, at most one
+    WireGuard key URI, and, in an issued certificate (`quote_uri`), the quote URI; nothing else."""
+    addresses, keys = [], []
+    for name in names:
+        if isinstance(name, x509.IPAddress) and isinstance(name.value, IPv4Address | IPv6Address):
+            addresses.append(name.value)
+        elif isinstance(name, x509.UniformResourceIdentifier) and name.value.startswith(
+            WIREGUARD_URI_PREFIX
+        ):
+            keys.append(wireguard_key_from_uri(name.value))
+        elif (
+            quote_uri
+            and isinstance(name, x509.UniformResourceIdentifier)
+            and name.value.startswith(QUOTE_URI_PREFIX)
+        ):
+            continue
+        else:
+            raise ClusterCertificateError(f"{what} names something a node may not have: {name}")
+    if len(addresses) != 1 or len(keys) > 1:
+        raise ClusterCertificateError(
+            f"{what} must name exactly one IP address and at most one WireGuard key"
+        )
+    return addresses[0], (keys[0] if keys else None)

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from tdllm_attest.cluster.names import QUOTE_URI_PREFIX, wireguard_key_from_uri
+from tdllm_attest.cluster.names import node_names
 from tdllm_attest.errors import ClusterCertificateError
 
 
@@ -47,21 +47,7 @@ def _names(certificate: x509.Certificate) -> tuple[IPv4Address | IPv6Address, by
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (x509.ExtensionNotFound, ValueError):
         raise ClusterCertificateError("the certificate has no subjectAltName") from None
-    addresses, keys = [], []
-    for name in san:
-        if isinstance(name, x509.IPAddress) and isinstance(name.value, IPv4Address | IPv6Address):
-            addresses.append(name.value)
-        elif isinstance(name, x509.UniformResourceIdentifier) and name.value.startswith(
-            QUOTE_URI_PREFIX
-        ):
-            continue
-        elif isinstance(name, x509.UniformResourceIdentifier):
-            keys.append(wireguard_key_from_uri(name.value))
-        else:
-            raise ClusterCertificateError(f"the certificate names something else: {name}")
-    if len(addresses) != 1 or len(keys) > 1:
-        raise ClusterCertificateError("a node certificate names one address and one WireGuard key")
-    return addresses[0], (keys[0] if keys else None)
+    return node_names(san, what="the certificate", quote_uri=True)
 
 
 def verify_node_certificate(

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
-from tdllm_attest.cluster.names import WIREGUARD_URI_PREFIX, wireguard_key_from_uri
+from tdllm_attest.cluster.names import node_names
 from tdllm_attest.errors import ClusterCertificateError
 
 MAX_CSR_BYTES = 4096
@@ -61,22 +61,9 @@ def parse_node_csr(der: bytes) -> NodeRequest:
         public_key.curve, ALLOWED_CURVES
     ):
         raise ClusterCertificateError("the CSR's key is not an EC P-256 or P-384 key")
-    addresses, uris = [], []
-    for name in names:
-        if isinstance(name, x509.IPAddress) and isinstance(name.value, IPv4Address | IPv6Address):
-            addresses.append(name.value)
-        elif isinstance(name, x509.UniformResourceIdentifier) and name.value.startswith(
-            WIREGUARD_URI_PREFIX
-        ):
-            uris.append(name.value)
-        else:
-            raise ClusterCertificateError(f"the CSR asks for a name it may not have: {name}")
-    if len(addresses) != 1 or len(uris) > 1:
-        raise ClusterCertificateError(
-            "the CSR must name exactly one IP address and at most one WireGuard key"
-        )
+    address, wireguard_key = node_names(names, what="the CSR", quote_uri=False)
     return NodeRequest(
         public_key=public_key,
-        address=addresses[0],
-        wireguard_key=wireguard_key_from_uri(uris[0]) if uris else None,
+        address=address,
+        wireguard_key=wireguard_key,
     )
