@@ -172,6 +172,22 @@ def test_rejects_a_csr_swapped_with_its_binding() -> None:
     assert _refusal(excinfo) == (401, "evidence-rejected")
 
 
+def test_rejects_a_csr_stripped_together_with_its_binding() -> None:
+    """The downgrade: the host removes both, so the request looks key-only; REPORTDATA still
+    binds the CSR digest the TD put in, so the quote no longer matches."""
+
+    def strip(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        if "cluster_csr" not in body:
+            return body
+        runtime = {k: v for k, v in body["runtime_data"].items() if k != "cluster_csr_sha256"}
+        rest = {k: v for k, v in body.items() if k != "cluster_csr"}
+        return rest | {"runtime_data": runtime}
+
+    with pytest.raises(KeyReleaseError) as excinfo:
+        _join(_deployment(), NodeIdentity.generate(NODE_ADDRESS), strip)
+    assert _refusal(excinfo) == (401, "evidence-rejected")
+
+
 def test_refuses_a_certificate_under_a_policy_without_a_cluster_section() -> None:
     with pytest.raises(KeyReleaseError) as excinfo:
         _join(_deployment(cluster=None), NodeIdentity.generate(NODE_ADDRESS))

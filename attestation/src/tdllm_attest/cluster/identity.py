@@ -89,9 +89,12 @@ class NodeIdentity:
             )
         return node
 
-    def write(self, directory: Path, issued: IssuedCertificate) -> None:
+    def write(self, directory: Path, issued: IssuedCertificate | None) -> None:
         """node.key and wg.key (0600), node.crt and cluster-ca.crt into `directory` (0700,
-        memory-backed in the TD: /run). Each file is replaced whole (rename), never half."""
+        memory-backed in the TD: /run). Each file is replaced whole (rename), never half; an
+        answer without a certificate (`ReleasedKey.cluster` None) writes nothing (OSError)."""
+        if issued is None:
+            raise OSError("the key broker's answer has no node certificate")
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory.chmod(0o700)
         tls_pem = self.tls_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())

@@ -110,13 +110,12 @@ def profile_decode(
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes a decode step reads from weights: parameters, quantized buffers and prepacked
     copies (`PrepackedCpuMethod` keeps its weight outside the parameters)."""
-    tensors = [*model.parameters(), *model.buffers()]
+    tensors: list[torch.Tensor] = [*model.parameters()]
+    tensors += [b for name, b in model.named_buffers() if not name.startswith("rope_")]
     tensors += [
         m.__dict__["packed_weight"] for m in model.modules() if "packed_weight" in m.__dict__
     ]
-    return sum(
-        t.numel() * t.element_size() for t in tensors if t.dtype != torch.float32 or t.dim() > 1
-    )
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def format_report(reports: list[dict[str, Any]]) -> str:
