@@ -9,6 +9,7 @@ from tdllm.errors import UsageError
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.quant_formats import QUANTS
 from tdllm.trusted.crossing import DEVICE_KINDS
+from tdllm.trusted.device_rounding import DeviceRounding
 
 DEFAULT_K = 2
 DEFAULT_AUDIT_RATE = 0.01
@@ -25,6 +26,9 @@ class ProtectionOptions:
     public_reference: Path | None = None  # None: the pinned bundled base
     audit_rate: float = DEFAULT_AUDIT_RATE
     freivalds_rate: float = DEFAULT_FREIVALDS_RATE
+    # split's audit and Freivalds tolerances; None: the device kind's measured ones
+    # (device_rounding.py; `tdllm bench tolerance` measures with unbounded ones)
+    rounding: DeviceRounding | None = None
     keep_payloads: bool = False  # keep every crossing byte in the transcript (tests, attacks)
     # masked: the public base whose int8 weights the device holds (a name, or an open checkpoint)
     masked_base: str | Checkpoint = "bundled"

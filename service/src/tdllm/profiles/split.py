@@ -47,6 +47,7 @@ class Split(ProfileBase):
             self.max_seq_len,
             o.audit_rate,
             o.freivalds_rate,
+            o.rounding,
         )
 
     def prefix_placement(self) -> PrefixPlacement | None:

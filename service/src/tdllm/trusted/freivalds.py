@@ -11,8 +11,10 @@ own error, so every forgery above the rounding tolerance is caught (probability 
 several wrong entries escape only if they cancel against the secret ``s``. Floating point needs a
 tolerance: fp32 rounding of a product ``y_i`` is a random walk of ``in`` terms of size ``eps *
 |x||W_i|``, so the check allows ``factor * eps * sqrt(in) * ||x_r|| * ||s * ||W_i|| ||`` per row;
-forgeries below that are invisible (calibrated and reported in docs/security.md). The TD computes
-in fp64, so its own arithmetic adds nothing. On any failure the epoch's vectors are re-drawn.
+forgeries below that are invisible (calibrated per device kind: device_rounding.py, reported in
+docs/security.md). The TD computes in fp64, so its own arithmetic adds nothing. On any failure
+the epoch's vectors are re-drawn. `max_ratio` keeps the largest honest residual seen, in units
+of the bound without its factor (how the factors were measured: `tdllm bench tolerance`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class FreivaldsCheck:
         self.weights, self.rate, self.factor = weights, rate, factor
         self._coin = secrets.SystemRandom()
         self.checked = 0
+        self.max_ratio = 0.0
         self.new_epoch()
 
     def new_epoch(self) -> None:
@@ -64,17 +67,27 @@ class FreivaldsCheck:
 
     def verify(self, name: str, x: torch.Tensor, y: torch.Tensor) -> bool:
         """True iff every row of the claimed product passes (no exception: for measuring)."""
+        ratio = self.residual_ratio(name, x, y)
+        if ratio is None:
+            return False
+        self.max_ratio = max(self.max_ratio, ratio)
+        return ratio <= self.factor
+
+    def residual_ratio(self, name: str, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        """The worst row's ``|y @ s - x @ v|`` over the rounding bound with factor 1; None for a
+        product of the wrong shape or with a non-finite entry (never acceptable)."""
         w = self.weights[name]
         if x.shape[-1] != w.shape[1] or y.shape[-1] != w.shape[0] or x.shape[:-1] != y.shape[:-1]:
-            return False
+            return None
         s, v, scale = self._vector(name)
         x64 = x.reshape(-1, x.shape[-1]).double()
         y64 = y.reshape(-1, y.shape[-1]).double()
         if not (torch.isfinite(x64).all() and torch.isfinite(y64).all()):
-            return False
+            return None
         eps = torch.finfo(y.dtype).eps
-        tol = self.factor * eps * math.sqrt(w.shape[1]) * x64.norm(dim=1) * scale
-        return bool(((y64 @ s - x64 @ v).abs() <= tol).all())
+        bound = eps * math.sqrt(w.shape[1]) * x64.norm(dim=1).clamp_min(1e-300) * scale
+        ratio = float(((y64 @ s - x64 @ v).abs() / bound).amax())
+        return ratio if math.isfinite(ratio) else None
 
     def check(self, io: dict[str, torch.Tensor], names: list[str]) -> None:
         """Raise `DeviceIntegrityError` (and re-draw the vectors) unless every product holds."""

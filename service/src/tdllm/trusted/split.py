@@ -21,6 +21,7 @@ from tdllm.model.transformer import Batch, Transformer, prefix_names
 from tdllm.trusted import publishable
 from tdllm.trusted.audit import ReexecutionAudit
 from tdllm.trusted.crossing import Crossing
+from tdllm.trusted.device_rounding import DeviceRounding, rounding_of
 from tdllm.trusted.errors import DeviceIntegrityError
 from tdllm.trusted.freivalds import FreivaldsCheck
 from tdllm.trusted.public_reference import PublicReference
@@ -70,9 +71,11 @@ def offload_public_prefix(
     max_seq_len: int,
     audit_rate: float,
     freivalds_rate: float = 0.0,
+    rounding: DeviceRounding | None = None,
 ) -> OffloadedPrefix:
     """Verify the prefix tensors of `checkpoint` against `reference` and send them; the
-    placement that computes the prefix from then on (`Transformer.place` takes it)."""
+    placement that computes the prefix from then on (`Transformer.place` takes it). Its checks
+    allow the device kind's measured `rounding` (device_rounding.py) unless one is given."""
     num_layers = model.cfg.num_layers
     if not 1 <= k < num_layers:
         raise ValueError(f"K must be in [1, {num_layers - 1}] for a {num_layers}-layer model")
@@ -91,13 +94,24 @@ def offload_public_prefix(
         keep_gemm_io=freivalds_rate > 0,
     )
     del public, sendable
+    rounding = rounding or rounding_of(crossing.kind)
     audit = (
-        ReexecutionAudit(model, num_layers - k, audit_rate, max_batch, max_seq_len)
+        ReexecutionAudit(
+            model,
+            num_layers - k,
+            audit_rate,
+            max_batch,
+            max_seq_len,
+            rounding.audit_tolerance_for(model.dtype),
+            rounding.exact_replay,
+        )
         if audit_rate > 0
         else None
     )
     freivalds = (
-        FreivaldsCheck(prefix_projections(model, num_layers - k), freivalds_rate)
+        FreivaldsCheck(
+            prefix_projections(model, num_layers - k), freivalds_rate, rounding.freivalds_factor
+        )
         if freivalds_rate > 0
         else None
     )

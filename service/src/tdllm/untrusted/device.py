@@ -65,7 +65,7 @@ class InProcessDevice:
     Whatever it holds lives in `kind` memory; hidden states, GEMM inputs/outputs and dumps come
     back to TD memory as CPU tensors (on ``cpu`` the very same tensors: no copy). GPU reductions
     are not bit-identical to the TD CPU's, so re-execution audits of a ``cuda`` device need a
-    calibrated tolerance (not yet calibrated: see docs/security.md).
+    calibrated tolerance (trusted/device_rounding.py, measured on an H200: docs/security.md).
     """
 
     def __init__(self, kind: str = "cpu", keep_payloads: bool = False) -> None:

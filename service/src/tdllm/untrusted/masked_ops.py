@@ -56,7 +56,7 @@ def gemm_ring(
         raise ValueError("gemm_ring takes int32 words [n, in] and an int8 weight [out, in]")
     if x.shape[1] != weight.shape[1]:
         raise ValueError("gemm_ring: input width does not match the weight")
-    total = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.int64)
+    total = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.int64, device=x.device)
     for i, chunk in enumerate(_wide_chunks(weight)):
         part = x[:, i * EXACT_CHUNK : (i + 1) * EXACT_CHUNK].to(torch.float64) @ chunk
         total += part.to(torch.int64)

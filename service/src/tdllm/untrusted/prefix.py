@@ -178,7 +178,7 @@ class PublicPrefix:
         if T == 1:  # as the TD's `decode_attention`: query heads grouped under their key head
             grouped = q.view(B, s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim)
             y = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=steps.mask)
-            y = y.view(B, s.num_heads, 1, s.head_dim)
+            y = y.reshape(B, s.num_heads, 1, s.head_dim)  # a GPU kernel may return it strided
         else:
             y = F.scaled_dot_product_attention(
                 q,

@@ -13,7 +13,6 @@ head differ from the base by 5% noise) so the fast tests need no training; other
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +27,7 @@ from tdllm.profiles.obfuscated import Obfuscated
 from tdllm.sources import open_checkpoint
 from tdllm.trusted.obfuscated_methods import Obfuscation
 from tdllm_lab.attacks.result import AttackOptions
-from tdllm_lab.protection.private_model import is_private, privatize
+from tdllm_lab.protection.private_model import is_private, stand_in_checkpoint
 
 
 @dataclass
@@ -63,15 +62,7 @@ def base_checkpoint() -> Checkpoint:
 
 def private_checkpoint(options: AttackOptions, base: Checkpoint) -> Checkpoint:
     if options.quick:
-        cfg = dataclasses.replace(base.config, tie_word_embeddings=False)
-        tensors = privatize(base.tensors(), cfg, options.k, options.seed)
-        return Checkpoint(
-            f"{base.name}-standin-k{options.k}",
-            base.path,
-            cfg,
-            base.tokenizer,
-            lambda: iter(tensors.items()),
-        )
+        return stand_in_checkpoint(base, options.k, options.seed)
     from tdllm_lab.protection.private_cache import DEFAULT_CACHE, private_model_dir
 
     return open_checkpoint(str(private_model_dir(DEFAULT_CACHE, options.k)))

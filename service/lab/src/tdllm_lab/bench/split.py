@@ -26,21 +26,30 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tdllm.engine import Engine, SamplingParams
+from tdllm.model.checkpoint import Checkpoint
 from tdllm.profiles import ProtectionOptions, ServedModel, build_model
 from tdllm.sources import open_checkpoint
 from tdllm_lab.protection.private_cache import private_model_dir
+from tdllm_lab.protection.private_model import stand_in_checkpoint
 
-CONFIGS = (
-    ("td-only", "cpu"),
-    ("split", "cpu"),
-    ("split", "process"),
-    # masked checks every device product (its Freivalds cost is part of the profile)
-    ("masked", "cpu"),
-    ("masked", "process"),
-    # obfuscated has no integrity checks to turn off: its rows are the scheme as it is
-    ("obfuscated", "cpu"),
-    ("obfuscated", "process"),
-)
+# masked checks every device product (its Freivalds cost is part of the profile); obfuscated has
+# no integrity checks to turn off: their rows are the schemes as they are
+DEVICE_PROFILES = ("split", "masked", "obfuscated")
+DEFAULT_DEVICES = ("cpu", "process")
+TAILS = ("finetuned", "stand-in")
+
+
+def configs(devices: tuple[str, ...]) -> list[tuple[str, str]]:
+    """td-only first (every ratio is to it), then each device profile on each device."""
+    return [("td-only", "cpu")] + [(p, d) for p in DEVICE_PROFILES for d in devices]
+
+
+def private_checkpoint(cache: Path, k: int, tail: str, status: Callable[[str], None]) -> Checkpoint:
+    """The real fine-tune (trained once into `cache`), or the bundled base's perturbed stand-in
+    (same shapes and arithmetic; for machines where no fine-tune can be trained or carried)."""
+    if tail == "stand-in":
+        return stand_in_checkpoint(open_checkpoint("bundled"), k)
+    return open_checkpoint(private_model_dir(cache, k, log=status))
 
 
 def run_split_bench(
@@ -50,24 +59,32 @@ def run_split_bench(
     repeats: int,
     status: Callable[[str], None],
     cache: Path,
+    devices: tuple[str, ...] = DEFAULT_DEVICES,
+    tail: str = "finetuned",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """All configurations built first, then timed round-robin, so load on shared cores hits
     every row alike instead of whichever configuration happened to run during a burst."""
-    checkpoint = open_checkpoint(private_model_dir(cache, k, log=status))
+    checkpoint = private_checkpoint(cache, k, tail, status)
     prompt = [(i * 7919) % 1000 + 100 for i in range(prompt_tokens)]
     max_seq = prompt_tokens + new_tokens + 1
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     runs: list[_Run] = []
     try:
-        for profile, device in CONFIGS:
+        for profile, device in configs(devices):
             status(f"bench: building {profile} on {device} ...")
             options = ProtectionOptions(profile, device, k, audit_rate=0.0, freivalds_rate=0.0)
-            served = build_model(checkpoint, torch.float32, options, 1, max_seq)
+            served = build_model(checkpoint, dtype, options, 1, max_seq)
             engine = Engine(served.model, checkpoint.tokenizer, 1, max_seq)
             runs.append(_Run(profile, device, served, engine))
         for run in runs:
             run.time(prompt, params)  # warm-up, not recorded
             run.seconds.clear()
+        # greedy: a profile gives the same tokens on every device as on the reference `cpu`
+        # device (masked's are its quantized reference's, not td-only's: docs/security.md)
+        on_cpu = {r.profile: r.tokens for r in runs if r.device == "cpu"}
+        for run in runs:
+            run.same_tokens = run.tokens == on_cpu.get(run.profile, runs[0].tokens)
         before = [_crossed(r.served) for r in runs]
         for i in range(repeats):
             status(f"bench: round {i + 1}/{repeats}")
@@ -87,10 +104,11 @@ def run_split_bench(
     base, base_flops = rows[0]["seconds"], rows[0]["td_flops"]
     for row in rows:
         row["time_vs_td_only"] = round(row["seconds"] / base, 3)
-        if "td_flops" in row:
+        if "td_flops" in row and base_flops:  # 0: oneDNN's prepacked bf16 ops go uncounted
             row["td_flops_vs_td_only"] = round(row["td_flops"] / base_flops, 4)
     return {
         "model": checkpoint.name,
+        "dtype": str(dtype).removeprefix("torch."),
         "k": k,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
@@ -108,12 +126,15 @@ class _Run:
     engine: Engine
     seconds: list[float] = field(default_factory=list)
     new_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)
+    same_tokens: bool = True
 
     def time(self, prompt: list[int], params: SamplingParams) -> None:
         start = time.perf_counter()
         out = self.engine.generate([prompt], params)[0]
         self.seconds.append(time.perf_counter() - start)
         self.new_tokens = len(out.token_ids)
+        self.tokens = list(out.token_ids)
 
     def count_flops(self, prompt: list[int], params: SamplingParams) -> int:
         counter = FlopCounterMode(display=False)
@@ -130,6 +151,7 @@ class _Run:
             "median_seconds": round(statistics.median(self.seconds), 4),
             "tokens_per_s": round(self.new_tokens / best, 2),
             "crossing_bytes_per_token": round(crossed / (prompt_tokens + self.new_tokens), 1),
+            "tokens_equal_cpu": self.same_tokens,
         }
 
 
@@ -141,18 +163,20 @@ def _crossed(served: ServedModel) -> int:
 def format_split_report(report: dict[str, Any]) -> str:
     head = (
         f"model {report['model']}, K={report['k']}, prompt {report['prompt_tokens']} + "
-        f"{report['new_tokens']} new tokens, batch 1, fp32, {report['threads']} threads"
+        f"{report['new_tokens']} new tokens, batch 1, {report.get('dtype', 'float32')}, "
+        f"{report['threads']} threads"
     )
     lines = [
         head,
-        f"{'profile':<8} {'device':<8} {'s/run':>8} {'median':>8} {'tok/s':>8} {'x td-only':>9} "
-        f"{'bytes/token':>12} {'TD FLOPs':>9}",
+        f"{'profile':<10} {'device':<8} {'s/run':>8} {'median':>8} {'tok/s':>8} {'x td-only':>9} "
+        f"{'bytes/token':>12} {'vs cpu':>7} {'TD FLOPs':>9}",
     ]
     for r in report["rows"]:
+        same = "same" if r.get("tokens_equal_cpu", True) else "DIFFER"
         lines.append(
-            f"{r['profile']:<8} {r['device']:<8} {r['seconds']:>8.3f} {r['median_seconds']:>8.3f} "
-            f"{r['tokens_per_s']:>8.2f} "
-            f"{r['time_vs_td_only']:>9.3f} {r['crossing_bytes_per_token']:>12.1f} "
+            f"{r['profile']:<10} {r['device']:<8} {r['seconds']:>8.3f} "
+            f"{r['median_seconds']:>8.3f} {r['tokens_per_s']:>8.2f} "
+            f"{r['time_vs_td_only']:>9.3f} {r['crossing_bytes_per_token']:>12.1f} {same:>7} "
             + (f"{100 * r['td_flops_vs_td_only']:>8.1f}%" if "td_flops_vs_td_only" in r else "")
         )
     return "\n".join(lines)

@@ -10,10 +10,12 @@ where the split keeps them, which is all the boundary tests need; it is not a us
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
 
+from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.config import ModelConfig
 
 RELATIVE_NOISE = 0.05
@@ -42,3 +44,13 @@ def privatize(
             noise = torch.randn(t.shape, generator=g) * (RELATIVE_NOISE * float(t.std()) + 1e-3)
             out[name] = t + noise
     return out
+
+
+def stand_in_checkpoint(base: Checkpoint, k: int, seed: int = 0) -> Checkpoint:
+    """`privatize` of a whole checkpoint (lm_head untied), e.g. of the bundled base where no
+    fine-tune can be trained or carried (a lent GPU machine); same shapes and arithmetic."""
+    cfg = dataclasses.replace(base.config, tie_word_embeddings=False)
+    tensors = privatize(base.tensors(), cfg, k, seed)
+    return Checkpoint(
+        f"{base.name}-standin-k{k}", base.path, cfg, base.tokenizer, lambda: iter(tensors.items())
+    )
