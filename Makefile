@@ -8,7 +8,7 @@ CONSTRAINTS := service/constraints.txt
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?=
 
-.PHONY: help venv run test test-slow test-gpu test-vllm test-scale-out cluster-net-tools test-cluster-net vllm vllm-lock lint format bench lock clean
+.PHONY: help venv run test test-slow test-gpu test-vllm test-scale-out cluster-net-tools test-cluster-net vllm vllm-lock lint format bench bench-peers lock clean
 
 help:
 	@echo "make run        create .venv, install, chat with the bundled model (ENGINE=vllm: on vLLM)"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-slow  the slow tests (full sweeps)"
 	@echo "make lint       ruff, ruff format --check, mypy, import contracts"
 	@echo "make bench      tdllm bench --json (ours vs Hugging Face transformers)"
+	@echo "make bench-peers  llama-cpp-python (compiles llama.cpp, minutes) for tdllm bench --shape"
 	@echo "make fuzz       fuzz every parser for FUZZ_SECONDS (60) each: execs and crashes per target"
 	@echo "make image      build the measured guest image (IMAGE_PROFILE=prod|dev|smoke, IMAGE_ENGINE=tdllm|vllm; root)"
 	@echo "make test-image the attested TCG boot of the smoke image + tamper boot (root)"
@@ -113,6 +114,11 @@ test-gpu: venv
 
 bench: venv
 	$(VENV)/bin/tdllm bench --json
+
+# llama.cpp as a peer in `tdllm bench --shape` (the lab's [peers] extra, pinned there): pip
+# builds it from source for this CPU (GGML_NATIVE), minutes on 2 cores, so never in `make venv`
+bench-peers: venv
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q -c $(CONSTRAINTS) -e './service/lab[peers]'
 
 # Coverage-guided fuzzing (tests/fuzz, docs/security.md): atheris where its wheel exists (Linux
 # x86-64), else Hypothesis's engine. FUZZ_TARGETS picks some (default all); corpus and crashes

@@ -16,6 +16,8 @@ from tdllm.profiles.options import DEFAULT_K
 from tdllm_lab.protection.commands import CACHE_DIR
 
 DTYPE = click.Choice(["bf16", "fp32"])
+SHAPES = ("135m", "1b", "8b")  # tdllm_lab.bench.synthetic_shapes.SHAPES (not imported: numpy)
+FORMATS = ("f16", "q8_0", "q4_0")  # synthetic_shapes.FORMATS
 KERNEL_SETS = ("served", "plain", "int8", "int4")  # tdllm_lab.bench.decode_profile.kernel_table
 
 
@@ -25,9 +27,9 @@ KERNEL_SETS = ("served", "plain", "int8", "int4")  # tdllm_lab.bench.decode_prof
 @click.option(
     "--engine",
     "engines",
-    type=click.Choice(["ours", "hf"]),
+    type=click.Choice(["ours", "hf", "llama.cpp"]),
     multiple=True,
-    help="repeatable; default both",
+    help="repeatable; default ours and hf (with --shape: ours and llama.cpp)",
 )
 @click.option("--model", default="bundled", show_default=True)
 @click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=128, show_default=True)
@@ -40,6 +42,31 @@ KERNEL_SETS = ("served", "plain", "int8", "int4")  # tdllm_lab.bench.decode_prof
     multiple=True,
     help="ours: weights kept int8/int4 (repeatable; default none)",
 )
+@click.option(
+    "--shape",
+    default=None,
+    help=f"instead of --model: a synthetic model of this shape ({', '.join(SHAPES)}: "
+    "SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B; random weights, written once into "
+    ".tdllm/synthetic), ours vs llama.cpp on the same GGUF files",
+)
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    help=f"with --shape: the GGUF formats ({', '.join(FORMATS)}; repeatable, default all); "
+    "ours runs them as quant none, int8, int4",
+)
+@click.option(
+    "--batch-sizes",
+    default="1,8",
+    show_default=True,
+    help="with --shape: decode batch sizes of our engine (llama.cpp: batch 1)",
+)
+@click.option(
+    "--sealed-load",
+    is_flag=True,
+    help="with --shape: also the load time of its weights sealed (bf16) vs plain, fresh processes",
+)
 @click.pass_context
 def bench(
     ctx: click.Context,
@@ -51,14 +78,28 @@ def bench(
     new_tokens: int,
     repeats: int,
     quants: tuple[str, ...],
+    shape: str | None,
+    formats: tuple[str, ...],
+    batch_sizes: str,
+    sealed_load: bool,
 ) -> None:
     """Measure tdllm's engine against Hugging Face transformers, side by side in one run.
 
     Prefill tok/s (one PROMPT_TOKENS prompt), time to first token, decode tok/s at batch 1 and 8
     (NEW_TOKENS each), peak RSS, for bf16 and fp32. Needs the [bench] extra (transformers).
+    With --shape: a synthetic model of that shape against llama.cpp (the [peers] extra, `make
+    bench-peers`) per GGUF format, with decode's share of the measured read bandwidth.
     """
     if ctx.invoked_subcommand is not None:
         return
+    if shape is not None or formats or sealed_load:
+        _shape_bench(
+            shape, formats, engines, dtypes, quants, model, batch_sizes, sealed_load, as_json,
+            prompt_tokens, new_tokens, repeats,
+        )  # fmt: skip
+        return
+    if "llama.cpp" in engines:
+        raise UsageError("--engine llama.cpp runs on the synthetic models: add --shape")
     from tdllm_lab.bench.engine_bench import format_table, run_engine_bench
 
     engines = engines or ("ours", "hf")
@@ -75,6 +116,55 @@ def bench(
         quants or ("none",),
     )
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+
+
+def _shape_bench(
+    shape: str | None,
+    formats: tuple[str, ...],
+    engines: tuple[str, ...],
+    dtypes: tuple[str, ...],
+    quants: tuple[str, ...],
+    model: str,
+    batch_sizes: str,
+    sealed_load: bool,
+    as_json: bool,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+) -> None:
+    if shape is None:
+        raise UsageError("--format and --sealed-load are for a synthetic model: add --shape")
+    if shape not in SHAPES:
+        raise UsageError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise UsageError(f"unknown format {unknown[0]!r}; choose one of {', '.join(FORMATS)}")
+    if model != "bundled" or quants or "hf" in engines or len(dtypes) > 1:
+        raise UsageError(
+            "--shape runs ours and llama.cpp on its own synthetic files: leave out --model, "
+            "--quant (the --format sets it), --engine hf, and give at most one --dtype"
+        )
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise UsageError(f"--batch-sizes {batch_sizes!r}: comma-separated integers") from None
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch-sizes {batch_sizes!r}: each at least 1")
+    from tdllm_lab.bench.shape_bench import format_shape_table, run_shape_bench
+
+    report = run_shape_bench(
+        shape,
+        formats or FORMATS,
+        engines or ("ours", "llama.cpp"),
+        dtypes[0] if dtypes else "bf16",
+        prompt_tokens,
+        new_tokens,
+        repeats,
+        status,
+        batch_sizes=sizes,
+        sealed=sealed_load,
+    )
+    click.echo(json.dumps(report, indent=2) if as_json else format_shape_table(report))
 
 
 @bench.command("unseal")
@@ -233,19 +323,118 @@ def bench_soak(
 @click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(2, 4096), default=32, show_default=True)
 @click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True)
+@click.option(
+    "--devices",
+    default="cpu,process",
+    show_default=True,
+    help="comma-separated devices for the split, masked and obfuscated rows (cpu, process, cuda)",
+)
+@click.option(
+    "--tail",
+    type=click.Choice(["finetuned", "stand-in"]),
+    default="finetuned",
+    show_default=True,
+    help="the private model: the real fine-tune (trained once) or the base's perturbed stand-in",
+)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True
+)
 @CACHE_DIR
 def bench_split(
-    as_json: bool, k: int, prompt_tokens: int, new_tokens: int, repeats: int, cache_dir: Path | None
+    as_json: bool,
+    k: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    devices: str,
+    tail: str,
+    dtype: str,
+    cache_dir: Path | None,
 ) -> None:
-    """td-only vs split, masked and obfuscated (cpu and process devices) on the private
-    fine-tune (trained once): tokens/s and crossing bytes per token, in one run."""
+    """td-only vs split, masked and obfuscated on each device, on the private fine-tune
+    (trained once): tokens/s, crossing bytes per token and greedy tokens vs cpu, in one run."""
+    import torch
+
     from tdllm_lab.bench.split import format_split_report, run_split_bench
     from tdllm_lab.protection.private_cache import DEFAULT_CACHE
 
     report = run_split_bench(
-        k, prompt_tokens, new_tokens, repeats, status, cache_dir or DEFAULT_CACHE
+        k,
+        prompt_tokens,
+        new_tokens,
+        repeats,
+        status,
+        cache_dir or DEFAULT_CACHE,
+        device_list(devices),
+        tail,
+        getattr(torch, dtype),
     )
     click.echo(json.dumps(report, indent=2) if as_json else format_split_report(report))
+
+
+def device_list(devices: str) -> tuple[str, ...]:
+    """`--devices cpu,cuda` checked up front: one clear error, not a failure mid-benchmark."""
+    from tdllm.trusted.crossing import DEVICE_KINDS, available_devices
+
+    chosen = tuple(d.strip() for d in devices.split(",") if d.strip())
+    unknown = [d for d in chosen if d not in DEVICE_KINDS]
+    if not chosen or unknown:
+        raise click.BadParameter(
+            f"{', '.join(unknown) or 'none given'}; choose from {', '.join(DEVICE_KINDS)}",
+            param_hint="--devices",
+        )
+    missing = [d for d in chosen if d not in available_devices()]
+    if missing:
+        raise click.BadParameter(f"{', '.join(missing)} not available here", param_hint="--devices")
+    return chosen
+
+
+@bench.command("tolerance")
+@click.option(
+    "--devices", default="cpu", show_default=True, help="comma-separated: cpu, process, cuda"
+)
+@click.option(
+    "--dtypes", default="float32,bfloat16", show_default=True, help="comma-separated dtypes"
+)
+@click.option("--k", type=click.IntRange(1), default=DEFAULT_K, show_default=True)
+@click.option("--prompts", "num_prompts", type=click.IntRange(1, 16), default=4, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(1, 1024), default=48, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(1, 512), default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_tolerance(
+    devices: str,
+    dtypes: str,
+    k: int,
+    num_prompts: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    as_json: bool,
+) -> None:
+    """How far an honest device's split results sit from the TD's (audit deviation, Freivalds
+    residual) on the bundled base's stand-in private model: what the per-device tolerances
+    (tdllm/trusted/device_rounding.py) are set from."""
+    import torch
+
+    from tdllm.sources import open_checkpoint
+    from tdllm_lab.bench.device_tolerance import format_tolerance_report, run_tolerance_bench
+    from tdllm_lab.protection.private_model import stand_in_checkpoint
+
+    kinds = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    chosen = [d.strip() for d in dtypes.split(",") if d.strip()]
+    if not chosen or any(d not in kinds for d in chosen):
+        raise click.BadParameter(f"choose from {', '.join(kinds)}", param_hint="--dtypes")
+    checkpoint = stand_in_checkpoint(open_checkpoint("bundled"), k)
+    report = run_tolerance_bench(
+        checkpoint,
+        device_list(devices),
+        tuple(kinds[d] for d in chosen),
+        k,
+        num_prompts,
+        prompt_tokens,
+        new_tokens,
+        status,
+    )
+    click.echo(json.dumps(report, indent=2) if as_json else format_tolerance_report(report))
 
 
 @bench.command("transcript")

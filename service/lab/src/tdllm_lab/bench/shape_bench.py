@@ -1,0 +1,246 @@
+"""`tdllm bench --shape`: our engine and llama.cpp on synthetic models of real shapes, one run.
+
+For each format (f16, q8_0, q4_0) of the shape's synthetic GGUF (`synthetic_shapes`), our engine
+(bf16 activations; quant none, int8, int4: the blocks go straight into our kernels) and llama.cpp
+(F16, Q8_0, Q4_0 on the same file, the same thread count) run one after the other in fresh
+processes, format by format, so load bursts on a shared machine hit both alike. Decode at batch 1
+is also put against the memory bandwidth: the weight bytes a decode step reads (each engine's own
+layout) times tok/s, as a share of the measured read bandwidth (`bandwidth.read_gb_s`). Before
+anything is written or loaded, the memory it needs is estimated and checked against what the
+machine has available, so a shape that does not fit is refused with the numbers, not OOM-killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tdllm.errors import TdllmError, UsageError
+from tdllm_lab.bench import llama_cpp_peer
+from tdllm_lab.bench.bandwidth import measured_in_subprocess
+from tdllm_lab.bench.machine import machine
+from tdllm_lab.bench.synthetic_shapes import (
+    DEFAULT_DIR,
+    Shape,
+    cached_path,
+    decode_bytes,
+    ensure_gguf,
+    file_bytes,
+    format_named,
+    shape_named,
+)
+
+ENGINES = ("ours", llama_cpp_peer.ENGINE)
+DEFAULT_FORMATS = ("f16", "q8_0", "q4_0")
+GB = 1e9
+RUNTIME_BYTES = 0.8e9  # interpreter, torch or llama.cpp, compute buffers and logits (measured ~0.6)
+# our engine's bytes per weight in memory, per quant (int4 g32: bf16 scale + zero per 32 weights)
+OURS_BYTES_PER_WEIGHT = {"none": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
+
+
+def ours_decode_bytes(shape: Shape, quant: str) -> int:
+    """Weight bytes our engine reads per decode step: projections in its layout, the lm_head
+    (int8 under int4, as `quant_table` keeps it; shared with the bf16 embedding under none), and
+    the bf16 norms."""
+    per = OURS_BYTES_PER_WEIGHT[quant]
+    projections = 0
+    for name, dims in shape.tensors():
+        if name.startswith("blk.") and len(dims) == 2:
+            projections += dims[0] * dims[1]
+    head = shape.vocab * shape.hidden * (OURS_BYTES_PER_WEIGHT["int8"] if quant == "int4" else per)
+    norms = (2 * shape.layers + 1) * shape.hidden * 2
+    return int(projections * per + head + norms)
+
+
+def memory_needed(shape: Shape, fmt: str, max_tokens: int, batch: int = 8) -> dict[str, float]:
+    """Bytes each engine holds at its peak (anonymous memory; the file's own pages are page
+    cache, which the kernel can drop): ours keeps its weights plus a bf16 embedding (unless the
+    tied head shares it) and, while loading, one fp32 and one bf16 copy of the embedding;
+    llama.cpp maps the file. Both add the KV cache and `RUNTIME_BYTES`."""
+    _, _, quant = format_named(fmt)
+    embedding = shape.vocab * shape.hidden
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * max_tokens * batch * 2
+    shared = shape.tied and quant == "none"
+    ours = ours_decode_bytes(shape, quant) + (0 if shared else embedding * 2) + embedding * 6
+    peer = file_bytes(shape, fmt) + kv // batch
+    return {"ours": ours + kv + RUNTIME_BYTES, llama_cpp_peer.ENGINE: peer + RUNTIME_BYTES}
+
+
+def available_memory() -> int:
+    """MemAvailable (/proc/meminfo): what can be allocated without swapping (page cache that the
+    kernel can drop counts as available)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise TdllmError("/proc/meminfo has no MemAvailable line")
+
+
+def check_resources(
+    key: str,
+    formats: Sequence[str],
+    engines: Sequence[str],
+    max_tokens: int,
+    folder: Path,
+    available: int | None = None,
+) -> None:
+    """Refuse (a `UsageError` with the numbers) a run that would not fit in memory or on disk."""
+    shape = shape_named(key)
+    available = available_memory() if available is None else available
+    for fmt in formats:
+        need = memory_needed(shape, fmt, max_tokens)
+        worst = max(need[e] for e in engines)
+        if worst > available:
+            raise UsageError(
+                f"shape {key} ({shape.name}) in {fmt} needs about {worst / GB:.1f} GB of memory "
+                f"({', '.join(f'{e} {need[e] / GB:.1f} GB' for e in engines)}) but only "
+                f"{available / GB:.1f} GB are available; try a smaller --format (q4_0) or shape"
+            )
+    missing = [f for f in formats if not cached_path(folder, key, shape, f).is_file()]
+    disk_needed = sum(file_bytes(shape, f) for f in missing)
+    probe = folder if folder.exists() else Path(".")
+    free = shutil.disk_usage(probe).free
+    if disk_needed > free:
+        raise UsageError(
+            f"writing shape {key} in {', '.join(missing)} needs {disk_needed / GB:.1f} GB on disk "
+            f"but {probe.resolve()} has {free / GB:.1f} GB free"
+        )
+
+
+def run_shape_bench(
+    key: str,
+    formats: Sequence[str],
+    engines: Sequence[str],
+    dtype: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    progress: Callable[[str], None],
+    folder: Path = DEFAULT_DIR,
+    batch_sizes: tuple[int, ...] = (1, 8),
+    sealed: bool = False,
+) -> dict[str, Any]:
+    shape = shape_named(key)
+    check_resources(key, formats, engines, prompt_tokens + new_tokens + 8, folder)
+    threads = _threads()
+    report: dict[str, Any] = {
+        "machine": machine() | {"load_average": os.getloadavg()},
+        "shape": {"key": key} | vars(shape) | {"parameters": shape.parameters()},
+        "settings": {"dtype": dtype, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                     "repeats": repeats, "threads": threads, "batch_sizes": list(batch_sizes)},
+        "peer": llama_cpp_peer.version() or llama_cpp_peer.NOT_INSTALLED,
+        "results": [],
+    }  # fmt: skip
+    paths = {}
+    for fmt in formats:
+        progress(f"bench: synthetic {key} {fmt} (written once into {folder}) ...")
+        paths[fmt] = ensure_gguf(key, fmt, folder)
+    progress("bench: read bandwidth ...")
+    report["read_gb_s"] = round(measured_in_subprocess(), 2)
+    for fmt in formats:
+        for engine in engines:
+            progress(f"bench: {engine} {fmt} ...")
+            row = _run_one(engine, paths[fmt], fmt, dtype, prompt_tokens, new_tokens, repeats,
+                           threads, batch_sizes)  # fmt: skip
+            if "decode_b1_tok_s" in row:
+                weight = (ours_decode_bytes(shape, format_named(fmt)[2]) if engine == "ours"
+                          else decode_bytes(shape, fmt))  # fmt: skip
+                row["decode_weight_gb"] = round(weight / GB, 3)
+                used = row["decode_b1_tok_s"] * weight / GB
+                row["bandwidth_share"] = round(used / report["read_gb_s"], 3)
+            report["results"].append(row)
+    report["ratios"] = peer_ratios(report["results"])
+    if sealed:
+        from tdllm_lab.bench.shape_sealed import sealed_load
+
+        report["sealed_load"] = sealed_load(ensure_gguf(key, "f16", folder), progress)
+    return report
+
+
+def _threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def _run_one(
+    engine: str,
+    path: Path,
+    fmt: str,
+    dtype: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    threads: int,
+    batch_sizes: tuple[int, ...],
+) -> dict[str, Any]:
+    base = {"engine": engine, "format": fmt}
+    if engine == llama_cpp_peer.ENGINE:
+        if not llama_cpp_peer.available():
+            return base | {"status": llama_cpp_peer.NOT_INSTALLED}
+        cmd = [sys.executable, "-m", "tdllm_lab.bench.llama_cpp_peer", str(path),
+               "--threads", str(threads)]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "tdllm_lab.bench.engine_worker", "ours", dtype,
+               "--model", str(path), "--quant", format_named(fmt)[2],
+               "--batch-sizes", ",".join(map(str, batch_sizes))]  # fmt: skip
+    cmd += ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens),
+            "--repeats", str(repeats)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise TdllmError(f"bench worker {engine}/{fmt} failed: {last}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return base | result
+
+
+def peer_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Ours vs llama.cpp per format; > 1.0: ours is better (speeds ours/peer, RSS peer/ours)."""
+    by = {(r["engine"], r["format"]): r for r in results}
+    out: dict[str, dict[str, float]] = {}
+    for (engine, fmt), ours in by.items():
+        peer = by.get((llama_cpp_peer.ENGINE, fmt))
+        if engine != "ours" or peer is None or "prefill_tok_s" not in peer:
+            continue
+        out[fmt] = {
+            "prefill_tok_s": round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 2),
+            "decode_b1_tok_s": round(ours["decode_b1_tok_s"] / peer["decode_b1_tok_s"], 2),
+            "peak_rss_mb": round(peer["peak_rss_mb"] / ours["peak_rss_mb"], 2),
+        }
+    return out
+
+
+def format_shape_table(report: dict[str, Any]) -> str:
+    shape, settings = report["shape"], report["settings"]
+    cols = ("engine", "format", "load_s", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s",
+            "peak_rss_mb", "decode_weight_gb", "bandwidth_share")  # fmt: skip
+    lines = [
+        f"shape {shape['key']} ({shape['name']}, {shape['parameters'] / 1e9:.2f} B parameters), "
+        f"{settings['threads']} threads, prompt {settings['prompt_tokens']}, "
+        f"{settings['new_tokens']} new tokens; read bandwidth {report['read_gb_s']} GB/s; "
+        f"llama.cpp: {report['peer']}",
+        "  ".join(f"{c:>16}" for c in cols),
+    ]
+    for r in report["results"]:
+        if "status" in r:
+            lines.append(f"{r['engine']:>16}  {r['format']:>16}  {r['status']}")
+            continue
+        lines.append("  ".join(f"{r.get(c, '-')!s:>16}" for c in cols))
+    for fmt, row in report["ratios"].items():
+        lines.append(
+            f"ratio tdllm/llama.cpp ({fmt}, >1 is better): "
+            + ", ".join(f"{k} {v}" for k, v in row.items())
+        )
+    if "sealed_load" in report:
+        load = report["sealed_load"]
+        lines.append(
+            f"load in a fresh process, bf16 weights ({load['sealed_bytes'] / GB:.2f} GB sealed): "
+            f"plain {load['plain_s']} s, sealed {load['sealed_s']} s, ratio {load['ratio']}x"
+        )
+    return "\n".join(lines)
