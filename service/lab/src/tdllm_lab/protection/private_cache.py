@@ -12,6 +12,7 @@ a seed (and thread count), so a cache entry and a fresh run hold the same model.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 from collections.abc import Callable
@@ -49,6 +50,18 @@ def private_model_dir(
     found = cached_entry(cache, k, steps, seed)
     if found is not None:
         return found
+    cache.mkdir(parents=True, exist_ok=True)
+    # two processes (a test run and an attack run, say) asking for the same entry: the second
+    # waits for the first's training and takes its result instead of racing it on `.partial`
+    with (cache / f"{entry_name(k, steps, seed)}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = cached_entry(cache, k, steps, seed)
+        if found is not None:
+            return found
+        return _train(cache, k, steps, seed, log)
+
+
+def _train(cache: Path, k: int, steps: int, seed: int, log: Callable[[str], None]) -> Path:
     from tdllm.sources import open_checkpoint
     from tdllm_lab.protection.finetune import TrainConfig, finetune_tail
 
