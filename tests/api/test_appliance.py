@@ -337,7 +337,13 @@ def test_appliance_serves_the_private_model_with_the_split_profile(
         assert "tdllm chat --e2e refuses this service: under 'split'" in text
         assert "Quillhaven" in text.split("\nA: ", 1)[1]
         card = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]
-        assert card["tdllm"] == {"profile": "split", "device": "cpu", "k": 2, "engine": "tdllm"}
+        assert card["tdllm"] == {
+            "profile": "split",
+            "device": "cpu",
+            "k": 2,
+            "engine": "tdllm",
+            "logprobs": "off",
+        }
         assert card["id"] == "SmolLM2-135M-Instruct-zorblax-k2"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0

@@ -119,7 +119,13 @@ def test_an_honest_split_device_keeps_serving_and_lists_its_profile() -> None:
         assert done.status_code == 200
         assert done.get_json()["usage"]["completion_tokens"] == 4
         card = client.get("/v1/models/tiny-split").get_json()
-        assert card["tdllm"] == {"profile": "split", "device": "cpu", "k": K, "engine": "tdllm"}
+        assert card["tdllm"] == {
+            "profile": "split",
+            "device": "cpu",
+            "k": K,
+            "engine": "tdllm",
+            "logprobs": "off",
+        }
         assert client.get("/ready").status_code == 200
         metrics = client.get("/metrics").get_data(as_text=True)
         assert _metric(metrics, "tdllm_integrity_failures_total") == 0

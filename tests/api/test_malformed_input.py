@@ -283,11 +283,13 @@ def _fields() -> Iterator[Any]:
 
 @pytest.mark.parametrize(("path", "bodies"), list(_fields()))
 def test_validation_accepts_exactly_what_the_description_accepts(
-    client: FlaskClient, path: str, bodies: list[dict[str, Any]]
+    make_app: Callable[..., Flask], path: str, bodies: list[dict[str, Any]]
 ) -> None:
     """Each JSON type in each field: a value the OpenAPI description refuses is a 400 in
     OpenAI's shape; one it allows passes validation and reaches the model check (a 404, since
-    the model named is not served, so nothing is generated)."""
+    the model named is not served, so nothing is generated). The description documents the
+    widest logprobs policy; a narrower one refuses more (tests/api/test_logprobs.py)."""
+    client = make_app(logprobs_policy="top-k:20").test_client()
     validator = jsonschema_rs.Draft202012Validator(_schemas()[path])
     wrong = []
     for body in bodies:

@@ -121,6 +121,30 @@ VALUES: list[Any] = [
     [{"role": "user"}],
     [{"role": "user", "content": "hi", "name": 1}],
     [{"role": "user", "content": "hi", "tool_calls": []}],
+    [{"role": "tool", "content": "sunny", "tool_call_id": "call_1"}],
+    [{"role": "tool", "content": "sunny"}],
+    [{"role": "tool", "content": "sunny", "tool_call_id": "call_1", "name": "f"}],
+    [{"role": "assistant", "tool_calls": []}],
+    [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}],
+    [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        }
+    ],
+    [{"role": "user", "content": None}],
+    [{"type": "function", "function": {"name": "f"}}],
+    [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    [{"type": "function", "function": {"name": "f", "strict": True, "description": "d"}}],
+    [{"type": "function", "function": {"name": "no spaces"}}],
+    [{"type": "function", "function": {"name": "f", "parameters": []}}],
+    [{"type": "function", "function": {"name": "f"}, "extra": 1}],
+    {"type": "function", "function": {"name": "f"}},
+    {"type": "function", "function": {"name": "f", "x": 1}},
+    {"type": "function"},
 ]
 
 
@@ -232,7 +256,13 @@ def test_the_schema_has_exactly_the_fields_the_validator_accepts(endpoint: str) 
 def _probes() -> Iterator[Any]:
     for endpoint, (_name, specs, _parse) in ENDPOINTS.items():
         for spec in specs:
+            # fields valid only beside another: stream_options with stream, a named tool_choice
+            # with the tool it names, top_logprobs with logprobs: true
             extra = {"stream": True} if spec.name == "stream_options" else {}
+            if spec.name == "tool_choice":
+                extra = {"tools": [{"type": "function", "function": {"name": "f"}}]}
+            if spec.name == "top_logprobs":
+                extra = {"logprobs": True}
             values = [*VALUES, *_edges(spec)]
             bodies = [BASES[endpoint] | extra | {spec.name: v} for v in values]
             without = {k: v for k, v in BASES[endpoint].items() if k != spec.name}
@@ -345,4 +375,5 @@ def test_every_keyword_of_the_request_schemas_is_one_conforms_reads() -> None:
     for _name, specs, _parse in ENDPOINTS.values():
         for spec in specs:
             assert set(_keywords(spec.schema)) <= read, spec.name
-    assert protocol.MESSAGE_FIELDS == set(protocol.MESSAGE_SCHEMA["properties"])
+    shapes = protocol.MESSAGE_SCHEMA["anyOf"]
+    assert protocol.MESSAGE_FIELDS == {k for shape in shapes for k in shape["properties"]}

@@ -178,6 +178,29 @@ def test_a_stream_carries_its_receipt_in_the_last_event_before_done(
         _verify(td, platform, receipt_of(payloads), response=payloads)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_answer_carries_a_receipt_over_its_calls(
+    make_td: Callable[..., Td], platform: SimulatedTdxPlatform, stream: bool
+) -> None:
+    td = make_td(max_prompt_tokens=448)
+    choice = {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"]}
+    tool = {"type": "function", "function": {"name": "pick", "parameters": choice}}
+    named = {"type": "function", "function": {"name": "pick"}}
+    body = _chat(tools=[tool], tool_choice=named, max_tokens=48, stream=stream)
+    raw, resp = _post(td.client, "/v1/chat/completions", body)
+    answer = load_kept(resp.data) if stream else resp.get_json()
+    receipt = receipt_of(answer) if stream else answer[RECEIPT_FIELD]
+    verified = _verify(td, platform, receipt, request_bytes=raw, response=answer)
+    assert verified.receipt["stream"] is stream
+    last = answer[-1]["choices"][0] if stream else answer["choices"][0]
+    assert last["finish_reason"] == "tool_calls"
+    calls = last["delta" if stream else "message"]["tool_calls"]
+    assert calls[0]["function"]["name"] == "pick"
+    calls[0]["function"]["arguments"] = "3"
+    with pytest.raises(errors.AttestationError, match="not the answer given"):
+        _verify(td, platform, receipt, response=answer)
+
+
 def test_errors_carry_no_receipt(make_td: Callable[..., Td]) -> None:
     td = make_td()
     for body in (_chat(max_tokens=0), _chat(model="nope"), {"model": MODEL}):

@@ -70,8 +70,8 @@ def test_bad_completion_requests_are_400(
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0]"),
         ({"model": MODEL, "messages": [{"role": "user", "content": 3}]}, "messages[0]"),
         ({"model": MODEL, "messages": CHAT, "logprobs": True}, "logprobs"),
-        ({"model": MODEL, "messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
-        ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+        ({"model": MODEL, "messages": CHAT, "top_logprobs": 2}, "logprobs"),  # policy off
+        ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, "tools[0].function"),
         ({"model": MODEL, "messages": CHAT, "presence_penalty": 3}, "presence_penalty"),
         (
             {"model": MODEL, "messages": CHAT, "max_tokens": 1, "max_completion_tokens": 2},

@@ -42,7 +42,13 @@ def test_an_unknown_profile_or_device_stops_the_start(env: dict[str, str], says:
 def test_models_show_td_only_for_the_default_profile(client: FlaskClient) -> None:
     (card,) = client.get("/v1/models").get_json()["data"]
     assert card["id"] == MODEL
-    assert card["tdllm"] == {"profile": "td-only", "device": None, "k": None, "engine": "tdllm"}
+    assert card["tdllm"] == {
+        "profile": "td-only",
+        "device": None,
+        "k": None,
+        "engine": "tdllm",
+        "logprobs": "off",
+    }
 
 
 def _booted(app: Flask, timeout_s: float = 120) -> dict[str, object]:
@@ -75,7 +81,13 @@ def test_boot_builds_the_configured_split_model_and_lists_its_profile(
     try:
         assert _booted(app, 300)["ready"] is True
         (card,) = app.test_client().get("/v1/models").get_json()["data"]
-        assert card["tdllm"] == {"profile": "split", "device": "process", "k": 2, "engine": "tdllm"}
+        assert card["tdllm"] == {
+            "profile": "split",
+            "device": "process",
+            "k": 2,
+            "engine": "tdllm",
+            "logprobs": "off",
+        }
         body = {"model": card["id"], "prompt": "Zorblax Dynamics is based in", "max_tokens": 4}
         assert app.test_client().post("/v1/completions", json=body).status_code == 200
     finally:

@@ -260,7 +260,11 @@ def test_tokenize_is_refused_while_the_service_drains(make_app: Callable[..., Fl
         ({"model": MODEL, "messages": QUESTION, "chat_template_kwargs": {}}, 400, None),
         ({"model": MODEL, "messages": QUESTION, "add_generation_prompt": 1}, 400, None),
         ({"model": MODEL, "messages": QUESTION, "continue_final_message": True}, 400, None),
-        ({"model": MODEL, "messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools"),
+        (
+            {"model": MODEL, "messages": QUESTION, "tools": [{"type": "function"}]},
+            400,
+            "tools[0].function",
+        ),
         ({"model": MODEL, "prompt": "word " * 400}, 400, "prompt"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]}, 400, None),
         ({"model": MODEL, "prompt": "a\x00b"}, 400, "prompt"),

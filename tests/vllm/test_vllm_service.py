@@ -49,7 +49,13 @@ def test_chat_answers_through_the_front_and_the_card_names_the_engine(
     assert answer.usage is not None and answer.usage.completion_tokens >= 1
     card = client(plain_service).models.list().data[0].to_dict()
     assert card["id"] == MODEL and card["max_model_len"] == 1024
-    assert card["tdllm"] == {"profile": "td-only", "device": None, "k": None, "engine": "vllm"}
+    assert card["tdllm"] == {
+        "profile": "td-only",
+        "device": None,
+        "k": None,
+        "engine": "vllm",
+        "logprobs": "top-k:2",
+    }
     ready = requests.get(plain_service.url + "/ready", timeout=10).json()
     assert ready["ready"] is True
 

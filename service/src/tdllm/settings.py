@@ -65,9 +65,9 @@ class Settings:
     # profile "gpu-cc": where the GPUs' attestation evidence comes from: "nvml" (NVIDIA's
     # driver, CC mode on) or "simulated" (an UNSAFE synthetic GPU; attestation 'simulated' only)
     gpu_evidence: str = "nvml"
-    # per-token log-probabilities help a client rebuild the model's last layers (docs/security.md):
-    # "off" (default) refuses them, "top-k:N" allows up to N alternatives (N <= 20). Only the
-    # vllm engine has logprobs; the tdllm engine refuses them whatever this says.
+    # per-token log-probabilities help a client rebuild the model's last layers and distil a
+    # private tail (docs/security.md, A15): "off" (default) refuses them, "top-k:N" allows up to
+    # N alternatives (N <= 20), on both engines (tdllm.api.openai.logprobs)
     logprobs_policy: str = "off"
     max_batch: int = 8  # sequences decoded together (KV-cache slots)
     # most choices one request may ask for: n, or prompts times n for a list prompt (each choice

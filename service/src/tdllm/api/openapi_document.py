@@ -355,6 +355,13 @@ def _hoist(schema: Any, named: dict[str, dict[str, Any]]) -> Any:
     return schema
 
 
+# chat's top_logprobs (a number, not null) only beside logprobs: true (protocol._check_top_logprobs)
+_TOP_NEEDS_LOGPROBS = {
+    "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+    "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+}
+
+
 def _request_schemas() -> dict[str, Any]:
     """The request bodies, from the validator's own tables; messages and their text parts as
     components of their own."""
@@ -364,11 +371,38 @@ def _request_schemas() -> dict[str, Any]:
         "TextPart": copy.deepcopy(TEXT_PART_SCHEMA),
         "ChatMessage": message,
         "CompletionRequest": _hoist(request_schema(COMPLETION_SPECS), named),
-        "ChatCompletionRequest": _hoist(request_schema(CHAT_SPECS), named),
+        "ChatCompletionRequest": _hoist(request_schema(CHAT_SPECS), named) | _TOP_NEEDS_LOGPROBS,
         "TokenizeCompletionRequest": request_schema(TOKENIZE_COMPLETION_SPECS),
         "TokenizeChatRequest": _hoist(request_schema(TOKENIZE_CHAT_SPECS), named),
         "DetokenizeRequest": request_schema(DETOKENIZE_SPECS),
     }
+
+
+def _logprobs(answer_name: str) -> dict[str, Any]:
+    """A choice's logprobs (null unless asked, as the logprobs_policy allows): chat's OpenAI
+    shape, or the legacy completions shape."""
+    number = {"type": "number"}
+    if answer_name == "text":
+        listed = {"type": "array", "items": _STRING}
+        top = {"type": "object", "additionalProperties": number}
+        fields = ["tokens", "token_logprobs", "top_logprobs", "text_offset"]
+        legacy = {
+            "tokens": listed,
+            "token_logprobs": {"type": "array", "items": number},
+            "top_logprobs": {"type": "array", "items": top},
+            "text_offset": {"type": "array", "items": _INTEGER},
+        }
+        return _nullable(_obj(fields, legacy))
+    token = {
+        "token": _STRING,
+        "logprob": number,
+        "bytes": {"type": "array", "items": _INTEGER},
+    }
+    item = _obj(
+        [*token, "top_logprobs"],
+        token | {"top_logprobs": {"type": "array", "items": _obj(list(token), token)}},
+    )
+    return _nullable(_obj(["content"], {"content": {"type": "array", "items": item}}))
 
 
 def _choices(answer: dict[str, Any], answer_name: str) -> dict[str, Any]:
@@ -377,8 +411,11 @@ def _choices(answer: dict[str, Any], answer_name: str) -> dict[str, Any]:
         {
             "index": _INTEGER,
             answer_name: answer,
-            "logprobs": {"type": "null"},
-            "finish_reason": {"type": "string", "enum": ["stop", "length"]},
+            "logprobs": _logprobs(answer_name),
+            "finish_reason": _described(
+                {"type": "string", "enum": ["stop", "length", "tool_calls"]},
+                "tool_calls: a chat answer that called tools (and stopped)",
+            ),
         },
     )
     # n per prompt, in index order (a stream's chunks carry one choice each)
@@ -397,6 +434,18 @@ def _answer(kind: str, answer: dict[str, Any], answer_name: str) -> dict[str, An
             "usage": ref("Usage"),
             "tdllm_receipt": ref("Receipt"),
         },
+    )
+
+
+def _tool_call() -> dict[str, Any]:
+    """A call in a chat answer (docs/api.md, "Tool calls on the tdllm engine")."""
+    function = _obj(
+        ["name", "arguments"],
+        {"name": _STRING, "arguments": _described(_STRING, "the arguments as a JSON object")},
+    )
+    return _obj(
+        ["id", "type", "function"],
+        {"id": _STRING, "type": _const("string", "function"), "function": function},
     )
 
 
@@ -470,21 +519,27 @@ def _receipt() -> dict[str, Any]:
 
 def _schemas() -> dict[str, Any]:
     tdllm = _obj(
-        ["profile", "device", "k", "engine"],
+        ["profile", "device", "k", "engine", "logprobs"],
         {
             "profile": _STRING,
             "device": {"type": ["string", "null"]},
             "k": {"type": ["integer", "null"]},
             "engine": {"type": "string", "enum": ["tdllm", "vllm"]},
+            "logprobs": _described(_STRING, 'the logprobs_policy: "off" or "top-k:N"'),
         },
         description="how the model is protected (docs/security.md): profile, untrusted device "
-        "and private tail length K (null for td-only), and the engine that runs it "
-        "(docs/vllm.md)",
+        "and private tail length K (null for td-only), the engine that runs it "
+        "(docs/vllm.md) and the logprobs it gives (docs/api.md)",
     )
     count = {"type": "integer", "minimum": 0}
     usage = ["prompt_tokens", "completion_tokens", "total_tokens"]
     assistant = _obj(
-        ["role", "content"], {"role": _const("string", "assistant"), "content": _STRING}
+        ["role", "content"],
+        {
+            "role": _const("string", "assistant"),
+            "content": _described(_NULLABLE_STRING, "null when the answer is only tool calls"),
+            "tool_calls": {"type": "array", "minItems": 1, "items": _tool_call()},
+        },
     )
     requests = _request_schemas()
     return {

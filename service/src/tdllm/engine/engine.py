@@ -6,7 +6,11 @@ together. Where the whole KV cache is this engine's (`Engine.shares_prefill`), t
 prefilled once, into the first choice's slot, and its cache rows are copied into the other
 choices' slots; every choice samples its first token from that one pass's logits with its own
 generator. Elsewhere (a profile whose prefix or attention keeps state on a device) each choice is
-prefilled on its own."""
+prefilled on its own.
+
+A sequence whose params ask for `logprobs` gets each token's log-probability and the top
+alternatives (`StepOutput.logprobs`), computed from the very logits row its token was sampled
+from, for all such sequences of a step together (`LogprobTable`); the others cost nothing."""
 
 from __future__ import annotations
 
@@ -20,7 +24,13 @@ import llguidance
 import torch
 
 from tdllm.engine.prompt_check import check_prompt
-from tdllm.engine.sampling import LogitsProcessor, SamplingParams, sample
+from tdllm.engine.sampling import (
+    LogitsProcessor,
+    LogprobTable,
+    SamplingParams,
+    TokenLogprobs,
+    sample,
+)
 from tdllm.engine.stops import TextStream
 from tdllm.engine.structured import Grammars
 from tdllm.errors import UsageError
@@ -41,6 +51,7 @@ class StepOutput:
     text: str
     finish_reason: str | None  # "stop" (eos or stop string), "length", or None while running
     index: int = 0  # which of the request's n choices
+    logprobs: TokenLogprobs | None = None  # when the request asked (`SamplingParams.logprobs`)
 
 
 @dataclass
@@ -51,6 +62,7 @@ class Completion:
     text: str
     finish_reason: str
     index: int = 0  # which of the request's n choices
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked
 
 
 @dataclass
@@ -185,8 +197,10 @@ class Engine:
             batch = Batch([r.slot for r in decoding], [r.position for r in decoding], 1)
             logits = self.model(tokens, batch, self.cache)
             allowed = self._allowed(decoding)
+            logprobs = self._logprobs(decoding, logits[:, -1])
             outputs.extend(
-                self._advance(r, logits[i, -1], allowed.get(i)) for i, r in enumerate(decoding)
+                self._advance(r, logits[i, -1], allowed.get(i), logprobs.get(i))
+                for i, r in enumerate(decoding)
             )
         self.free_slots.sort()
         return outputs
@@ -225,11 +239,13 @@ class Engine:
             (i, r) for i, request in enumerate(group) for r in [request, *forks.get(request.id, [])]
         ]
         allowed = self._allowed([r for _, r in rows])
+        logprobs = self._logprobs([r for _, r in rows], logits[[i for i, _ in rows], -1])
         for request in group:
             for fork in forks.get(request.id, []):  # before the first choice may finish
                 self._copy_prompt_cache(request, fork)
         outputs.extend(
-            self._advance(r, logits[i, -1], allowed.get(k)) for k, (i, r) in enumerate(rows)
+            self._advance(r, logits[i, -1], allowed.get(k), logprobs.get(k))
+            for k, (i, r) in enumerate(rows)
         )
         return outputs
 
@@ -242,6 +258,18 @@ class Engine:
         masks = self.grammars.allowed([m for _, m in constrained])
         return {k: masks[j] for j, (k, _) in enumerate(constrained)}
 
+    def _logprobs(
+        self, requests: Sequence[_Request], rows: torch.Tensor
+    ) -> dict[int, tuple[LogprobTable, int]]:
+        """For the requests that ask for logprobs, by position in `requests`: their rows of
+        `rows` (``[len(requests), vocab]``, the raw logits) in one table, and their row in it."""
+        asking = [k for k, r in enumerate(requests) if r.params.logprobs is not None]
+        if not asking:
+            return {}
+        counts = [requests[k].params.logprobs or 0 for k in asking]
+        table = LogprobTable(rows[asking], counts)
+        return {k: (table, j) for j, k in enumerate(asking)}
+
     def _copy_prompt_cache(self, source: _Request, target: _Request) -> None:
         """The keys and values of `source`'s prompt into `target`'s slot (the same prompt)."""
         length = len(source.prompt)
@@ -249,7 +277,20 @@ class Engine:
             layer[target.slot, :, :length] = layer[source.slot, :, :length]
 
     def _advance(
-        self, request: _Request, logits: torch.Tensor, allowed: torch.Tensor | None = None
+        self,
+        request: _Request,
+        logits: torch.Tensor,
+        allowed: torch.Tensor | None = None,
+        logprobs: tuple[LogprobTable, int] | None = None,
+    ) -> StepOutput:
+        out = self._next(request, logits, allowed)
+        if logprobs is not None:
+            table, row = logprobs
+            out.logprobs = table.of(row, out.token_id)
+        return out
+
+    def _next(
+        self, request: _Request, logits: torch.Tensor, allowed: torch.Tensor | None
     ) -> StepOutput:
         processor = request.processor
         if processor is not None:
@@ -304,11 +345,14 @@ class Engine:
         done: dict[tuple[int, int], Completion] = {}
         tokens: dict[tuple[int, int], list[int]] = {k: [] for k in keys}
         texts: dict[tuple[int, int], list[str]] = {k: [] for k in keys}
+        logprobs: dict[tuple[int, int], list[TokenLogprobs]] = {k: [] for k in keys}
         while len(done) < len(keys):
             for out in self.step():
                 key = (out.request_id, out.index)
                 tokens[key].append(out.token_id)
                 texts[key].append(out.text)
+                if out.logprobs is not None:
+                    logprobs[key].append(out.logprobs)
                 if out.finish_reason:
                     prompt_len = len(prompts[ids.index(out.request_id)])
                     done[key] = Completion(
@@ -318,6 +362,7 @@ class Engine:
                         "".join(texts[key]),
                         out.finish_reason,
                         out.index,
+                        logprobs[key] if out.logprobs is not None else None,
                     )
         return [done[k] for k in keys]
 

@@ -1,6 +1,7 @@
 """Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed; the
 logits processors that run before it (min_tokens, logit_bias, repetition, frequency and
-presence penalties), in vLLM's order and with its definitions."""
+presence penalties), in vLLM's order and with its definitions; and the logprobs a sequence may
+ask for (`LogprobTable`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ PENALTY_RANGE = (-2, 2)  # presence_penalty, frequency_penalty (OpenAI's and vLL
 REPETITION_PENALTY_MAX = 2  # and greater than 0 (vLLM: any finite > 0; we cap it)
 LOGIT_BIAS_RANGE = (-100, 100)  # OpenAI's
 MAX_LOGIT_BIAS = 300  # entries in one logit_bias (OpenAI's limit)
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit; vLLM's default cap)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # no stop token, nor stop string, before this many tokens
     grammar: str | None = None  # llguidance's grammar the output must match (engine.structured)
+    # None: no logprobs; N: each token's logprob and the N most likely alternatives (vLLM's)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -63,6 +67,8 @@ class SamplingParams:
             )
         if not (0 <= self.min_tokens <= self.max_tokens):
             raise ValueError("min_tokens must be in [0, max_tokens]")
+        if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
@@ -165,3 +171,39 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = logits.scatter(0, order[drop], -math.inf)
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token's log-probability and the `n` most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+class LogprobTable:
+    """The log-probabilities of the rows of one step whose sequences asked for them, computed
+    together (one log-softmax, one top-k for the batch); sequences that did not ask cost nothing.
+
+    They are the raw model's: the log-softmax of the logits as the model produced them, before
+    penalties, logit_bias, min_tokens, a grammar's mask and temperature. That is vLLM's default
+    (``logprobs_mode="raw_logprobs"``); a token the sampler could not pick still has its
+    model probability.
+    """
+
+    def __init__(self, logits: torch.Tensor, counts: Sequence[int]) -> None:
+        """`logits` ``[rows, vocab]``; `counts[i]`: the alternatives row i asked for."""
+        self.logprobs = torch.log_softmax(logits.float(), dim=-1)
+        self.counts = list(counts)
+        most = min(max(self.counts, default=0), self.logprobs.shape[-1])
+        self.top_values, self.top_ids = torch.topk(self.logprobs, most, dim=-1)
+
+    def of(self, row: int, token: int) -> TokenLogprobs:
+        """Row `row`'s logprobs with `token` the one the sampler chose."""
+        n = self.counts[row]
+        values = self.top_values[row, :n].tolist()
+        ids = self.top_ids[row, :n].tolist()
+        return TokenLogprobs(
+            token, float(self.logprobs[row, token]), tuple(zip(ids, values, strict=True))
+        )

@@ -56,6 +56,22 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
     return grammar
 
 
+def json_rule(schema: dict[str, Any]) -> str:
+    """A lark rule's body that matches JSON valid under `schema` (already accepted by
+    `json_grammar`), written as `json_grammar` writes it: compact, not lenient."""
+    return "%json " + json.dumps(schema | {"x-guidance": dict(_OPTIONS)}, separators=(",", ":"))
+
+
+def lark_grammar(lark: str) -> str:
+    """llguidance's grammar for a lark text (with `json_rule`s in it). Raises `ValueError` with
+    a one-line reason for one it cannot take."""
+    grammar: str = llguidance.LLMatcher.grammar_from_lark(lark)
+    problem = llguidance.LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise ValueError(_one_line(problem))
+    return grammar
+
+
 def _one_line(message: str) -> str:
     return " ".join(message.split())
 

@@ -15,6 +15,7 @@ ATTACKS: dict[str, tuple[str, str]] = {
     "A4": ("a4_decoy_separation", "decoy vs real RoPE pairs told apart (obfuscated)"),
     "A6": ("a6_least_squares", "secret maps fitted from device input/output (obfuscated)"),
     "A14": ("a14_tampering", "undetected tampering with device results (masked)"),
+    "A15": ("a15_tail_distillation", "an API user distils split's private tail (logprobs or not)"),
 }
 
 

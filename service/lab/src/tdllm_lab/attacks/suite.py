@@ -32,6 +32,7 @@ SUITE: tuple[tuple[str, str], ...] = (
     ("A8", "masked"),
     ("A8", "obfuscated"),
     ("A14", "masked"),
+    ("A15", "split"),
 )
 
 
@@ -112,6 +113,16 @@ def evidence(result: AttackResult) -> str:
             f"{_pct(d['nearest_neighbour_recovery'])} of {d['prompt_tokens']} prompt tokens "
             f"(chance {d['chance_rate']:.2g}); row-space membership F1 "
             f"{d['membership_bag_of_words_f1']:.2f}"
+        )
+    if name == "A15":
+        curves, most = d["curves"], max(d["curves"]["text"], key=int)
+        top = f"top-{d['top']}"
+        text, logprobs = curves["text"][most], curves[top][most]
+        return (
+            f"after {most} queries of {d['new_tokens']} tokens: KL {text['kl']:.3g} from text vs "
+            f"{logprobs['kl']:.3g} from {top} logprobs (base's tail {d['base']['kl']:.3g}); "
+            f"greedy agreement {_pct(text['agreement'])} vs {_pct(logprobs['agreement'])} "
+            f"(base {_pct(d['base']['agreement'])})"
         )
     if name == "A14":
         return (

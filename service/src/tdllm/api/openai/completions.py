@@ -12,6 +12,7 @@ from flask.typing import ResponseReturnValue
 
 from tdllm.api.errors import invalid
 from tdllm.api.openai import generation, relay
+from tdllm.api.openai.logprobs import check_policy, spelling
 from tdllm.api.openai.protocol import decode_body, parse_completion
 
 blueprint = Blueprint("completions", __name__)
@@ -22,10 +23,13 @@ DEFAULT_MAX_TOKENS = 16  # the OpenAI API's documented default for this endpoint
 @blueprint.post("/v1/completions")
 def create_completion() -> ResponseReturnValue:
     body = request.get_data(cache=False)
-    if current_app.extensions["tdllm"].settings.engine == "vllm":
+    settings = current_app.extensions["tdllm"].settings
+    if settings.engine == "vllm":
         fields = relay.COMPLETION_FIELDS
         return relay.relay("/v1/completions", body, fields, DEFAULT_MAX_TOKENS)
-    parsed = parse_completion(decode_body(body))
+    doc = decode_body(body)
+    check_policy(doc, settings)
+    parsed = parse_completion(doc)
     runner = generation.running_engine()
     generation.check_model(runner, parsed.sampling)
     generation.check_choices(runner, parsed.sampling, len(parsed.prompts))  # before encoding
@@ -38,8 +42,12 @@ def create_completion() -> ResponseReturnValue:
         prompts.append(ids)
     gen = generation.start(runner, prompts, parsed.sampling, DEFAULT_MAX_TOKENS, "cmpl", body)
 
+    spell = spelling(runner.engine.tokenizer)
+
     def choice(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        # the legacy logprobs of the choice's tokens not yet sent; None where not asked
+        logprobs = None if gen.logprobs is None else gen.logprobs.completion(index, spell)
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
     def head() -> dict[str, Any]:
         return {"id": gen.id, "object": OBJECT, "created": gen.created, "model": gen.model}

@@ -24,6 +24,7 @@ from flask import Response, current_app, g, jsonify, request, stream_with_contex
 
 from tdllm.api.errors import ApiError, from_exception, invalid, not_ready, queue_full
 from tdllm.api.openai import sse
+from tdllm.api.openai.logprobs import ChoiceLogprobs
 from tdllm.api.openai.protocol import Sampling
 from tdllm.api.receipts import PendingReceipt, pending_receipt, sampling_used
 from tdllm.api.runner import (
@@ -65,6 +66,7 @@ class Generation:
     usage: Usage
     started: float
     receipt: PendingReceipt | None  # None: the service runs without attestation
+    logprobs: ChoiceLogprobs | None = None  # each choice's token logprobs, when asked
 
     @property
     def choices(self) -> int:
@@ -195,7 +197,7 @@ def start(
     if sampling.grammar is not None:
         problem = runner.engine.grammars.problem(sampling.grammar)
         if problem:
-            param = "response_format.json_schema.schema"
+            param = sampling.grammar_param
             raise invalid(f"{param} is not usable: {problem}", param)
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -210,6 +212,7 @@ def start(
         logit_bias=sampling.logit_bias,
         min_tokens=sampling.min_tokens,
         grammar=sampling.grammar,
+        logprobs=sampling.logprobs,
     )
     receipt = pending_receipt(request.path, request_body, sampling_used(params), sampling.stream)
     try:
@@ -234,6 +237,7 @@ def start(
         Usage(prompt_tokens),
         g.started,
         receipt,
+        None if sampling.logprobs is None else ChoiceLogprobs(len(handles) * params.n),
     )
 
 
@@ -260,6 +264,8 @@ def _outputs(gen: Generation) -> Iterator[tuple[int, str, str | None]]:
             service.metrics.ttft.observe(time.monotonic() - gen.started)
             first = False
         gen.usage.completion_tokens += 1
+        if gen.logprobs is not None and out.logprobs is not None:
+            gen.logprobs.add(position[id(handle)] * n + out.index, out.logprobs)
         yield position[id(handle)] * n + out.index, out.text, out.finish_reason
 
 
@@ -298,9 +304,9 @@ def stream(
     first: list[dict[str, Any]] | None = None,
 ) -> Response:
     """An SSE response: `chunk(index, text, finish_reason)` shapes each event's payload, one
-    choice's step; `first` are payloads sent before any. The last event before ``[DONE]`` (the
-    usage chunk, else the one with the last choice's finish reason) carries the receipt over
-    every payload of the stream."""
+    choice's step (an empty one sends nothing); `first` are payloads sent before any. The last
+    event before ``[DONE]`` (the usage chunk, else the one with the last choice's finish reason)
+    carries the receipt over every payload of the stream."""
     fields = g.log_fields
     digest = StreamDigest()
 
@@ -321,8 +327,9 @@ def stream(
                 if finish:
                     reasons[index] = finish
                 done = len(reasons) == gen.choices
-                if text or finish:
-                    yield event(chunk(index, text, finish) | usage, done and not include_usage)
+                step = chunk(index, text, finish) if text or finish else {}
+                if step:  # empty: nothing to send for this step (text held back)
+                    yield event(step | usage, done and not include_usage)
                 if finish and done:
                     ordered = [reasons[i] for i in range(gen.choices)]
                     fields.update(

@@ -15,14 +15,15 @@ OWNER = "tdllm"
 
 def _card(runner: EngineRunner | VllmBackend, created: int) -> dict[str, object]:
     """OpenAI's model object plus vLLM's `max_model_len` and ours: `tdllm` says how the model
-    is protected and which engine runs it."""
+    is protected, which engine runs it and the owner's `logprobs_policy` (both engines)."""
+    policy = current_app.extensions["tdllm"].settings.logprobs_policy
     return {
         "id": runner.model_name,
         "object": "model",
         "created": created,
         "owned_by": OWNER,
         "max_model_len": runner.max_model_len,
-        "tdllm": dict(runner.protection) | {"engine": runner.engine_name},
+        "tdllm": dict(runner.protection) | {"engine": runner.engine_name, "logprobs": policy},
     }
 
 

@@ -9,10 +9,9 @@ Schema, whether required, and the 400 for a value outside the schema. The parser
 against the tables, and the OpenAPI document's request schemas are built from the same tables
 (tdllm.api.openapi_document), so what GET /openapi.json documents is what is accepted.
 
-Logprobs are refused on purpose: returning (even top-k) log probabilities for every generated
-token leaks enough of the output distribution to reconstruct the model's last layer (Carlini et
-al., "Stealing Part of a Production Language Model", 2024), and the weights are what the
-appliance protects.
+Logprobs are typed here; whether they are offered at all, and how many alternatives, is the
+model owner's `logprobs_policy` (off by default: they help rebuild the model's last layers),
+checked by `logprobs.check_logprobs` before the body is parsed.
 
 Bodies are decoded strictly first (`strict_json`); the request schemas are checked with
 `json_schema.conforms`.
@@ -20,15 +19,32 @@ Bodies are decoded strictly first (`strict_json`); the request schemas are check
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tdllm.api.errors import ApiError, invalid
+from tdllm.api.openai.chat_messages import (
+    MAX_MESSAGES,
+    MESSAGE_FIELDS,
+    MESSAGE_SCHEMA,
+    TEXT_PART_SCHEMA,
+    parse_messages,
+)
 from tdllm.api.openai.json_schema import conforms, is_int, is_number
+from tdllm.api.openai.logprobs import requested as requested_logprobs
 from tdllm.api.openai.strict_json import decode_body
+from tdllm.api.openai.tools import (
+    TOOL_CHOICE_SCHEMA,
+    TOOLS_SCHEMA,
+    ToolUse,
+    check_tool_choice,
+    check_tools,
+    tool_use,
+)
 from tdllm.engine.sampling import (
     LOGIT_BIAS_RANGE,
     MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
     MAX_STOP_STRINGS,
     PENALTY_RANGE,
     REPETITION_PENALTY_MAX,
@@ -36,13 +52,7 @@ from tdllm.engine.sampling import (
 from tdllm.engine.structured import json_grammar
 
 MAX_SEED = (1 << 63) - 1
-MAX_MESSAGES = 256
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-LOGPROBS_REFUSED = (
-    "logprobs are not offered: per-token probabilities let a client reconstruct the model's "
-    "last layer, and the weights are what this appliance protects"
-)
+LOGPROBS_POLICY_NOTE = "only where the logprobs_policy setting allows (default off: a 400)"
 TEMPERATURE_RANGE = (0, 2)
 TOP_P_MAX = 1  # and greater than 0
 
@@ -100,11 +110,6 @@ _PYTHON_NAMES = {"boolean": "bool", "string": "str"}
 _ONE_PROMPT = {"type": "string", "minLength": 1}
 _TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
 ID_KEY_PATTERN = "^[0-9]{1,10}$"  # a token id as a JSON object's key
-TEXT_PART_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["type", "text"],
-    "properties": {"type": {"type": "string", "const": "text"}, "text": {"type": "string"}},
-}
 
 JSON_SCHEMA_NAME_PATTERN = "^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's
 _FORMAT_TYPES = ("text", "json_object", "json_schema")
@@ -148,23 +153,38 @@ COMPLETION_ONLY_SPECS: tuple[FieldSpec, ...] = (
     _unsupported("suffix", {"type": "string", "maxLength": 0}, "suffix is not supported"),
     FieldSpec(
         "logprobs",
-        {"type": "null"},
-        LOGPROBS_REFUSED,
-        "unsupported_parameter",
-        nullable=False,
-        description="refused: logprobs leak the weights",
+        {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
+        f"logprobs must be an integer in [0, {MAX_LOGPROBS}]",
+        description="each token's logprob and this many most likely alternatives (the raw "
+        f"model's); {LOGPROBS_POLICY_NOTE}, at most its top-k",
     ),
 )
 
 CHAT_ONLY_SPECS: tuple[FieldSpec, ...] = (
-    _unsupported("logprobs", {"type": "boolean", "const": False}, LOGPROBS_REFUSED),
     FieldSpec(
-        "top_logprobs", {"type": "null"}, LOGPROBS_REFUSED, "unsupported_parameter", nullable=False
+        "logprobs",
+        {"type": "boolean"},
+        "logprobs must be a bool",
+        description=f"each token's logprob (the raw model's); true {LOGPROBS_POLICY_NOTE}",
     ),
-    _unsupported("tools", {"type": "array", "maxItems": 0}, "tools are not supported"),
+    FieldSpec(  # needs logprobs: true, which no schema of one field says: _check_top_logprobs
+        "top_logprobs",
+        {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
+        description="with logprobs: true, this many most likely alternatives per token; at most "
+        "the logprobs_policy's top-k",
+    ),
+    FieldSpec(  # nested params in its refusals, each schema compiled: tools.check_tools
+        "tools",
+        TOOLS_SCHEMA,
+        description="function tools the model may call (docs/api.md, Tool calls on the tdllm "
+        "engine): names unique, each parameters a JSON Schema the grammar library compiles",
+    ),
     _unsupported("functions", {"type": "array", "maxItems": 0}, "functions are not supported"),
-    _unsupported(
-        "tool_choice", {"type": "string", "const": "none"}, "tool_choice is not supported"
+    FieldSpec(  # a named function must be one of tools: tools.check_tool_choice
+        "tool_choice",
+        TOOL_CHOICE_SCHEMA,
+        description="none, auto (the default with tools), required, or a named function; "
+        "required and named calls are grammar-constrained to the tool's parameters",
     ),
     _unsupported(
         "function_call", {"type": "string", "const": "none"}, "function_call is not supported"
@@ -308,18 +328,7 @@ PROMPT_SPEC = FieldSpec(  # parsed into the list of prompts: _prompts
     "the max_n setting); choice j of prompt i has index i * n + j",
 )
 
-# a message of a chat request (checked by _messages: its errors name the message)
-MESSAGE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["role", "content"],
-    "properties": {
-        "role": {"type": "string", "enum": list(CHAT_ROLES)},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART_SCHEMA}]},
-        "name": {"type": "string"},
-    },
-}
-MESSAGE_FIELDS = frozenset(MESSAGE_SCHEMA["properties"])
+# a message of a chat request: chat_messages (its errors name the message)
 MESSAGES_SPEC = FieldSpec(
     "messages",
     {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": MESSAGE_SCHEMA},
@@ -345,7 +354,7 @@ _OPTIONAL_MODEL = FieldSpec(
 )
 _ADD_SPECIAL_TOKENS = _typed("add_special_tokens", "boolean")
 _RETURN_TOKEN_STRS = _typed("return_token_strs", "boolean")
-_TOOLS = next(spec for spec in CHAT_ONLY_SPECS if spec.name == "tools")
+_TOOLS = next(spec for spec in CHAT_ONLY_SPECS if spec.name == "tools")  # offered as in chat
 TOKENIZE_PROMPT_SPEC = FieldSpec(
     "prompt",
     {"type": "string"},
@@ -418,6 +427,8 @@ class Sampling:
     min_tokens: int = 0
     max_tokens_param: str = "max_tokens"  # the name the client gave it (chat: either)
     grammar: str | None = None  # response_format's (engine.structured), not yet tokenizer-checked
+    grammar_param: str = "response_format.json_schema.schema"  # where the grammar came from
+    logprobs: int | None = None  # alternatives per token asked for; None: no logprobs
 
 
 @dataclass(frozen=True)
@@ -430,6 +441,7 @@ class CompletionRequest:
 class ChatRequest:
     sampling: Sampling
     messages: tuple[dict[str, str], ...]
+    tools: ToolUse | None = None  # None: no tools offered
 
 
 @dataclass(frozen=True)
@@ -442,6 +454,7 @@ class TokenizeRequest:
     add_special_tokens: bool
     add_generation_prompt: bool
     return_token_strs: bool
+    tools: tuple[dict[str, Any], ...] = ()  # written into the conversation as chat offers them
 
 
 @dataclass(frozen=True)
@@ -461,7 +474,11 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     _check_fields(body, CHAT_FIELDS)
     _check_specs(body, CHAT_ONLY_SPECS)
     _check_specs(body, COMMON_SPECS)
-    return ChatRequest(_sampling(body), _messages(body.get("messages")))
+    tools = tool_use(body)
+    sampling = _sampling(body)
+    if tools is not None and tools.grammar is not None:  # required or named: calls constrained
+        sampling = replace(sampling, grammar=tools.grammar, grammar_param="tools")
+    return ChatRequest(sampling, parse_messages(body.get("messages")), tools)
 
 
 def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
@@ -486,10 +503,11 @@ def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
     return TokenizeRequest(
         body.get("model"),
         None,
-        _messages(body.get("messages")),
+        parse_messages(body.get("messages")),
         body.get("add_special_tokens") is True,
         body.get("add_generation_prompt") is not False,
         body.get("return_token_strs") is True,
+        tuple(body.get("tools") or ()),
     )
 
 
@@ -557,6 +575,16 @@ def _check_stream_options(body: dict[str, Any]) -> None:
     _optional(options, "include_usage", bool, False, "stream_options")
 
 
+def _check_top_logprobs(body: dict[str, Any]) -> None:
+    value = body.get("top_logprobs")
+    if value is None:
+        return
+    if not (is_int(value) and 0 <= value <= MAX_LOGPROBS):
+        raise invalid(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}]", "top_logprobs")
+    if body.get("logprobs") is not True:
+        raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+
+
 def _check_top_p(body: dict[str, Any]) -> None:
     if _number(body, "top_p", 1.0, 0, TOP_P_MAX) == 0.0:
         raise invalid("top_p must be greater than 0", "top_p")
@@ -618,11 +646,14 @@ def _response_grammar(body: dict[str, Any]) -> str | None:
 
 # the fields whose specs hold no refusal, checked at their place in the table
 _CHECKS = {
+    "tools": check_tools,
+    "tool_choice": check_tool_choice,
     "response_format": _check_response_format,
     "metadata": _check_metadata,
     "max_completion_tokens": _check_max_completion_tokens,
     "stream_options": _check_stream_options,
     "top_p": _check_top_p,
+    "top_logprobs": _check_top_logprobs,
 }
 
 
@@ -655,6 +686,7 @@ def _sampling(body: dict[str, Any]) -> Sampling:
         min_tokens=body.get("min_tokens") or 0,
         max_tokens_param=max_tokens_param,
         grammar=_response_grammar(body),
+        logprobs=requested_logprobs(body),
     )
 
 
@@ -681,41 +713,6 @@ def _prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
     )
 
 
-def _messages(value: Any) -> tuple[dict[str, str], ...]:
-    if not isinstance(value, list) or not value or len(value) > MAX_MESSAGES:
-        raise invalid(f"messages must be a list of 1..{MAX_MESSAGES} messages", "messages")
-    out: list[dict[str, str]] = []
-    for i, message in enumerate(value):
-        param = f"messages[{i}]"
-        if not isinstance(message, dict) or set(message) - MESSAGE_FIELDS:
-            raise invalid(f"{param} must be an object with role and content", param)
-        role_name = message.get("role")
-        # a list or object role is unhashable: it must be a 400, not a TypeError (a 500)
-        role = CHAT_ROLES.get(role_name) if isinstance(role_name, str) else None
-        if role is None:
-            raise invalid(f"{param}.role must be one of {', '.join(CHAT_ROLES)}", param)
-        if "name" in message and not isinstance(message["name"], str):
-            raise invalid(f"{param}.name must be a string", f"{param}.name")
-        out.append({"role": role, "content": _content(message.get("content"), param)})
-    return tuple(out)
-
-
-def _content(value: Any, param: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise invalid(f"{param}.content: only text parts are supported", param)
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise invalid(f"{param}.content: a text part needs text", param)
-            parts.append(text)
-        return "".join(parts)
-    raise invalid(f"{param}.content must be a string or a list of text parts", param)
-
-
 def _optional(body: dict[str, Any], name: str, kind: type, default: Any, param: str = "") -> Any:
     value = body.get(name)
     if value is None:
@@ -735,6 +732,9 @@ def _number(body: dict[str, Any], name: str, default: float, low: float, high: f
 
 
 __all__ = [
+    "MESSAGE_FIELDS",
+    "MESSAGE_SCHEMA",
+    "TEXT_PART_SCHEMA",
     "ApiError",
     "ChatRequest",
     "CompletionRequest",

@@ -29,6 +29,7 @@ from flask import Response, current_app, g, jsonify, request, stream_with_contex
 
 from tdllm.api.errors import ApiError, invalid, not_ready, queue_full
 from tdllm.api.openai import sse
+from tdllm.api.openai.logprobs import check_logprobs
 from tdllm.api.openai.protocol import decode_body
 from tdllm.api.receipts import pending_receipt
 from tdllm.api.shutdown import draining, shutting_down
@@ -250,27 +251,6 @@ def check_choices(doc: dict[str, Any], max_n: int, max_batch: int) -> None:
 
 def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_logprobs(doc: dict[str, Any], limit: int | None) -> None:
-    """Refuse logprobs beyond the model owner's `logprobs_policy` (None: off). Chat asks with
-    `logprobs: true` and `top_logprobs: N`, completions with `logprobs: N`."""
-    asked = doc.get("logprobs")
-    top = doc.get("top_logprobs")
-    wants = asked not in (None, False) or top is not None
-    if not wants:
-        return
-    if limit is None:
-        raise invalid(
-            "logprobs are off on this service (its logprobs_policy): per-token probabilities "
-            "help rebuild the model's last layers",
-            "logprobs",
-            "logprobs_refused",
-        )
-    count = top if top is not None else asked if not isinstance(asked, bool) else 0
-    if isinstance(count, int) and count > limit:
-        param = "top_logprobs" if top is not None else "logprobs"
-        raise invalid(f"{param} is {count}; this service allows at most {limit}", param)
 
 
 def max_tokens_of(doc: dict[str, Any]) -> Any:

@@ -33,6 +33,7 @@ from tdllm.api.openai.protocol import (
     parse_detokenize,
     parse_tokenize,
 )
+from tdllm.api.openai.tool_prompt import with_tools
 from tdllm.vllm_engine.backend import VllmBackend
 
 blueprint = Blueprint("tokenize", __name__)
@@ -50,7 +51,8 @@ def tokenize() -> ResponseReturnValue:
     if parsed.messages is None:
         text, param = parsed.prompt or "", "prompt"
     else:
-        text = tokenizer.apply_chat_template(parsed.messages, parsed.add_generation_prompt)
+        messages = with_tools(parsed.messages, parsed.tools) if parsed.tools else parsed.messages
+        text = tokenizer.apply_chat_template(messages, parsed.add_generation_prompt)
         param = "messages"
     ids = tokenizer.encode(text, add_special_tokens=parsed.add_special_tokens)
     if ids:  # an empty text is zero tokens, not a mistake: nothing is generated from it
