@@ -15,6 +15,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from openai import OpenAI
+from openai.types.chat import ChatCompletion
 
 from tdllm.api.openai.chat_messages import parse_messages
 from tdllm.api.openai.tool_calls import CallStream, split_calls
@@ -304,8 +305,9 @@ def test_a_tool_result_round_trip_is_rendered_and_answered(
 # -- constrained calls through the official client ------------------------------------------
 
 
-def test_required_answers_with_a_call_whose_arguments_validate(sdk: OpenAI) -> None:
-    result = sdk.chat.completions.create(
+def required_call(sdk: OpenAI, n: int, seed: int) -> ChatCompletion:
+    """`n` temperature-1 answers that must call one of the two tools."""
+    return sdk.chat.completions.create(
         model=MODEL,
         messages=ASK,  # type: ignore[arg-type]
         tools=[WEATHER, CLOCK],  # type: ignore[list-item]
@@ -313,9 +315,13 @@ def test_required_answers_with_a_call_whose_arguments_validate(sdk: OpenAI) -> N
         parallel_tool_calls=False,
         temperature=1,
         max_tokens=64,
-        n=2,
-        seed=3,
+        n=n,
+        seed=seed,
     )
+
+
+def test_required_answers_with_a_call_whose_arguments_validate(sdk: OpenAI) -> None:
+    result = required_call(sdk, n=2, seed=3)
     for choice in result.choices:
         assert choice.finish_reason == "tool_calls", choice
         assert choice.message.content is None
@@ -392,17 +398,7 @@ def test_auto_answers_with_content_or_valid_calls(sdk: OpenAI) -> None:
 def test_twenty_required_samples_at_temperature_1_all_validate(sdk: OpenAI) -> None:
     calls = []
     for seed in range(5):
-        result = sdk.chat.completions.create(
-            model=MODEL,
-            messages=ASK,  # type: ignore[arg-type]
-            tools=[WEATHER, CLOCK],  # type: ignore[list-item]
-            tool_choice="required",
-            parallel_tool_calls=False,
-            temperature=1,
-            max_tokens=64,
-            n=4,
-            seed=100 + seed,
-        )
+        result = required_call(sdk, n=4, seed=100 + seed)
         for choice in result.choices:
             assert choice.finish_reason == "tool_calls", choice
             calls += choice.message.tool_calls or []

@@ -35,8 +35,10 @@ from tdllm.api.openai.logprobs import requested as requested_logprobs
 from tdllm.api.openai.strict_json import decode_body
 from tdllm.api.openai.tools import (
     TOOL_CHOICE_SCHEMA,
+    TOOL_NAME_PATTERN,
     TOOLS_SCHEMA,
     ToolUse,
+    check_named_definition,
     check_tool_choice,
     check_tools,
     tool_use,
@@ -111,7 +113,7 @@ _ONE_PROMPT = {"type": "string", "minLength": 1}
 _TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
 ID_KEY_PATTERN = "^[0-9]{1,10}$"  # a token id as a JSON object's key
 
-JSON_SCHEMA_NAME_PATTERN = "^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's
+JSON_SCHEMA_NAME_PATTERN = TOOL_NAME_PATTERN  # OpenAI's one rule for named definitions
 _FORMAT_TYPES = ("text", "json_object", "json_schema")
 RESPONSE_FORMAT_SCHEMA: dict[str, Any] = {
     "anyOf": [
@@ -614,20 +616,9 @@ def _check_response_format(body: dict[str, Any]) -> None:
     param = "response_format.json_schema"
     if not isinstance(spec, dict):
         raise invalid(f"{param} must be an object with name and schema", param)
-    extra = sorted(set(spec) - {"name", "description", "schema", "strict"})
-    if extra:
-        raise invalid(f"unrecognized field of {param}: {extra[0]}", f"{param}.{extra[0]}")
-    name = spec.get("name")
-    if not (isinstance(name, str) and conforms({"pattern": JSON_SCHEMA_NAME_PATTERN}, name)):
-        raise invalid(
-            f"{param}.name must be 1 to 64 letters, digits, underscores or dashes", f"{param}.name"
-        )
-    if "description" in spec and not isinstance(spec["description"], str):
-        raise invalid(f"{param}.description must be a string", f"{param}.description")
+    check_named_definition(spec, param, ("name", "description", "schema", "strict"))
     if not isinstance(spec.get("schema"), dict):
         raise invalid(f"{param}.schema must be a JSON Schema (an object)", f"{param}.schema")
-    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
-        raise invalid(f"{param}.strict must be a bool", f"{param}.strict")
 
 
 def _response_grammar(body: dict[str, Any]) -> str | None:

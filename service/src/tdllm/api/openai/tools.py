@@ -11,6 +11,7 @@ A `required` or named `tool_choice` decodes under an llguidance grammar that wri
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,20 +126,28 @@ def _check_tool(tool: Any, param: str) -> str:
     param = f"{param}.function"
     if not isinstance(function, dict):
         raise invalid(f"{param} must be an object with name (and description, parameters)", param)
-    extra = sorted(set(function) - set(_FUNCTION_FIELDS))
+    name = check_named_definition(function, param, _FUNCTION_FIELDS)
+    if "parameters" in function:
+        _check_parameters(function["parameters"], f"{param}.parameters")
+    return name
+
+
+def check_named_definition(value: dict[str, Any], param: str, fields: Iterable[str]) -> str:
+    """What OpenAI's named definitions share (a tool's `function`, a response format's
+    `json_schema`): only `fields`, a name of 1-64 letters, digits, `_` or `-`, an optional
+    string description and an optional boolean `strict`; the name."""
+    extra = sorted(set(value) - set(fields))
     if extra:
         raise invalid(f"unrecognized field of {param}: {extra[0]}", f"{param}.{extra[0]}")
-    name = function.get("name")
+    name = value.get("name")
     if not (isinstance(name, str) and conforms({"pattern": TOOL_NAME_PATTERN}, name)):
         raise invalid(
             f"{param}.name must be 1 to 64 letters, digits, underscores or dashes", f"{param}.name"
         )
-    if "description" in function and not isinstance(function["description"], str):
+    if "description" in value and not isinstance(value["description"], str):
         raise invalid(f"{param}.description must be a string", f"{param}.description")
-    if function.get("strict") is not None and not isinstance(function["strict"], bool):
+    if value.get("strict") is not None and not isinstance(value["strict"], bool):
         raise invalid(f"{param}.strict must be a bool", f"{param}.strict")
-    if "parameters" in function:
-        _check_parameters(function["parameters"], f"{param}.parameters")
     return name
 
 
