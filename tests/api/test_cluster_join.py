@@ -8,94 +8,31 @@ overlay); an endpoint file smuggling configuration lines (refused whole).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
-from werkzeug.serving import make_server
 
 from tdllm.api.app import create_app
 from tdllm.api.boot import BootDeps
 from tdllm.cli import main
 from tdllm.settings import Settings, SettingsError
-from tdllm_attest.broker.app import create_app as create_broker
 from tdllm_attest.cluster.ca import ClusterCa
 from tdllm_attest.cluster.identity import NodeIdentity
-from tdllm_attest.cluster.policy import ClusterPolicy
 from tdllm_attest.cluster.request import parse_node_csr
 from tdllm_attest.testing.provider import SimulatedProvider
-from tdllm_attest.testing.qgs import create_qgs_app
-from tests.attestation.simulated_broker import (
-    POLICY_NAME,
-    TEST_KEY_ID,
-    SimulatedDeployment,
-    simulated_deployment,
-    td_fields,
-)
+from tests.api.cluster_harness import Cluster, node_config, running_cluster
+from tests.attestation.simulated_broker import TEST_KEY_ID, td_fields
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*SIMULATED.*")
-OVERLAY = ip_network("10.77.0.0/24")
-
-
-@dataclasses.dataclass
-class Cluster:
-    deployment: SimulatedDeployment
-    broker_url: str
-    qgs_url: str
-    pinned: Path
-
-
-def _serve(app: object) -> tuple[str, object]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)  # type: ignore[arg-type]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_port}", server
-
-
-def _cluster(tmp: Path, *, certify: bool = True) -> Iterator[Cluster]:
-    # the platform, broker and CA stand at the real time: the commands judge by the real clock
-    now = datetime.now(UTC) - timedelta(minutes=1)
-    dep = simulated_deployment(now=now, cluster_ca=ClusterCa.generate(now=now))
-    policy = dataclasses.replace(
-        dep.settings.policies[POLICY_NAME],
-        cluster=ClusterPolicy((OVERLAY,)) if certify else None,
-    )
-    dep.settings = dataclasses.replace(dep.settings, policies={POLICY_NAME: policy})
-    broker_url, broker = _serve(create_broker(dep.settings))
-    qgs_url, qgs = _serve(create_qgs_app(dep.platform, td_fields()))
-    try:
-        yield Cluster(dep, broker_url, qgs_url, dep.write_broker_public_key(tmp))
-    finally:
-        broker.shutdown()  # type: ignore[attr-defined]
-        qgs.shutdown()  # type: ignore[attr-defined]
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    yield from _cluster(tmp_path)
-
-
-def _config(cluster: Cluster, folder: Path, address: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tdllm.toml"
-    values = {
-        "model": str(folder / "sealed"),  # join never opens the model
-        "engine": "vllm",
-        "vllm_python": "/opt/tdllm/vllm-venv/bin/python",
-        "attestation": "simulated",
-        "simulated_quote_url": cluster.qgs_url,
-        "broker_url": cluster.broker_url,
-        "broker_public_key": str(cluster.pinned),
-        "key_id": TEST_KEY_ID,
-        "cluster_address": address,
-        "cluster_dir": str(folder / "run"),
-    }
-    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
-    return path
+    yield from running_cluster(tmp_path)
 
 
 Run = Callable[[list[str]], tuple[int, str, str]]
@@ -120,7 +57,7 @@ def tdllm(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -
 
 def _join_all(cluster: Cluster, tmp_path: Path, tdllm: Run) -> dict[int, Path]:
     """Nodes 10.77.0.1-3 joined; their settings files."""
-    configs = {n: _config(cluster, tmp_path / f"node{n}", f"10.77.0.{n}") for n in (1, 2, 3)}
+    configs = {n: node_config(cluster, tmp_path / f"node{n}", f"10.77.0.{n}") for n in (1, 2, 3)}
     for config in configs.values():
         code, out, err = tdllm(["cluster", "join", "--config", str(config)])
         assert code == 0, err
@@ -170,7 +107,7 @@ def test_offline_the_overlay_takes_the_peers_folder_only(
 def test_an_unreachable_broker_leaves_the_overlay_unchanged(
     cluster: Cluster, tmp_path: Path, tdllm: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _config(cluster, tmp_path / "node", "10.77.0.1")
+    config = node_config(cluster, tmp_path / "node", "10.77.0.1")
     assert tdllm(["cluster", "join", "--config", str(config)])[0] == 0
     from tdllm_lab.local_service import free_port
 
@@ -182,8 +119,8 @@ def test_an_unreachable_broker_leaves_the_overlay_unchanged(
 def test_join_fails_clearly_when_the_keys_policy_certifies_no_nodes(
     tmp_path: Path, tdllm: Run
 ) -> None:
-    for refusing in _cluster(tmp_path, certify=False):
-        config = _config(refusing, tmp_path / "node", "10.77.0.2")
+    for refusing in running_cluster(tmp_path, certify=False):
+        config = node_config(refusing, tmp_path / "node", "10.77.0.2")
         code, _out, err = tdllm(["cluster", "join", "--config", str(config)])
         assert code != 0
         assert err.startswith("error: the key broker did not certify this node") and "403" in err
@@ -194,7 +131,7 @@ def test_join_fails_clearly_when_the_keys_policy_certifies_no_nodes(
 def test_the_overlay_refuses_a_peer_from_a_lookalike_ca(
     cluster: Cluster, tmp_path: Path, tdllm: Run
 ) -> None:
-    config = _config(cluster, tmp_path / "node", "10.77.0.1")
+    config = node_config(cluster, tmp_path / "node", "10.77.0.1")
     assert tdllm(["cluster", "join", "--config", str(config)])[0] == 0
     hosts_ca = ClusterCa.generate(now=datetime.now(UTC) - timedelta(minutes=1))
     hosts_node = NodeIdentity.generate(ip_network("10.77.0.9/32").network_address)
@@ -218,7 +155,7 @@ def test_the_overlay_refuses_a_peer_from_a_lookalike_ca(
 def test_an_endpoint_file_smuggling_configuration_is_refused_whole(
     cluster: Cluster, tmp_path: Path, tdllm: Run
 ) -> None:
-    config = _config(cluster, tmp_path / "node", "10.77.0.1")
+    config = node_config(cluster, tmp_path / "node", "10.77.0.1")
     assert tdllm(["cluster", "join", "--config", str(config)])[0] == 0
     endpoints = tmp_path / "endpoints.json"
     endpoints.write_text(json.dumps({"10.77.0.2": "198.18.0.2:51820\nAllowedIPs = 0.0.0.0/0"}))

@@ -1,6 +1,7 @@
 """`tdllm cluster`: a TD joins a multi-TD vLLM cluster (docs/scale-out.md).
 
 `join` attests to the key broker and writes the node certificate and keys it got for this TD;
+`run` starts the TD's Ray node and gives the model key to the vLLM stages that load in it;
 `wireguard` admits the peers whose certificates chain to the cluster CA into the overlay that
 carries every byte between TDs (Ray, gloo, vLLM's store). Both run in the TD as root from the
 image's units, before the Ray node starts.
@@ -9,8 +10,10 @@ image's units, before the Ray node starts.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -24,6 +27,7 @@ from tdllm.errors import UsageError
 CONFIG = click.Path(path_type=Path, dir_okay=False, exists=True)
 PEERS_DIR = "peers"
 WG_CONFIG = "wg.conf"
+STAGE_KEYS_SOCKET = "stage-keys.sock"  # in cluster_dir (0700, the TD's memory)
 INTERFACE_NAME = re.compile(r"[A-Za-z0-9_-]{1,15}")
 MAX_ROSTER = 4096  # certificates in one roster answer
 MAX_PEM = 16_384
@@ -40,7 +44,26 @@ def _settings(config_file: Path | None) -> Any:
 
 @click.group()
 def cluster() -> None:
-    """Join a multi-TD vLLM cluster: node certificate, WireGuard overlay."""
+    """Join a multi-TD vLLM cluster: node certificate, stage keys, WireGuard overlay."""
+
+
+def _key_client(settings: Any) -> Any:
+    """A key client for this TD: its quote provider, the pinned broker key, the real clock."""
+    from tdllm.api.boot import BootDeps, BrokerTransport, quote_provider_for
+    from tdllm_attest.broker.client import KeyClient
+    from tdllm_attest.broker.signing import load_broker_public_key
+
+    provider, _simulated = quote_provider_for(settings, BootDeps())
+    try:
+        broker_key = load_broker_public_key(Path(settings.broker_public_key).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load the pinned broker public key: {exc}") from None
+    return KeyClient(
+        transport=BrokerTransport(settings.broker_url or ""),
+        provider=provider,
+        broker_key=broker_key,
+        now=lambda: datetime.now(UTC),
+    )
 
 
 @cluster.command()
@@ -48,30 +71,19 @@ def cluster() -> None:
 def join(config_file: Path | None) -> None:
     """Attest to the key broker; write this node's certificate and keys to cluster_dir.
 
-    The same exchange releases the model key (a worker's vLLM stage will need it; today it is
-    wiped at once: docs/scale-out.md, "Not built yet").
+    The same exchange releases the model key; it is wiped at once (`tdllm cluster run` takes
+    it afresh for each vLLM stage that loads on this node).
     """
-    from tdllm.api.boot import BootDeps, BrokerTransport, cluster_node, quote_provider_for
+    from tdllm.api.boot import cluster_node
     from tdllm.sealing.keys import wipe
-    from tdllm_attest.broker.client import KeyClient, KeyReleaseError
-    from tdllm_attest.broker.signing import load_broker_public_key
+    from tdllm_attest.broker.client import KeyReleaseError
     from tdllm_attest.errors import AttestationError
 
     settings = _settings(config_file)
-    provider, _simulated = quote_provider_for(settings, BootDeps())
-    try:
-        broker_key = load_broker_public_key(Path(settings.broker_public_key).read_bytes())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load the pinned broker public key: {exc}") from None
+    client = _key_client(settings)
     node = cluster_node(settings)
     if node is None:  # _settings demanded an address
         raise UsageError("no cluster_address")
-    client = KeyClient(
-        transport=BrokerTransport(settings.broker_url or ""),
-        provider=provider,
-        broker_key=broker_key,
-        now=lambda: datetime.now(UTC),
-    )
     try:
         release = client.fetch_release(settings.key_id or "", node=node)
     except KeyReleaseError as exc:
@@ -85,6 +97,76 @@ def join(config_file: Path | None) -> None:
     except OSError as exc:
         raise UsageError(f"cannot write the node certificate to {directory}: {exc}") from None
     click.echo(f"joined as {node.address}: node certificate and keys in {directory}")
+
+
+@cluster.command(context_settings={"ignore_unknown_options": True})
+@click.option("--config", "config_file", type=CONFIG, default=None, help="TOML settings file")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(config_file: Path | None, command: tuple[str, ...]) -> None:
+    """Run this TD's Ray node (COMMAND, e.g. `-- ray start --block ...`) and give the model key
+    to the vLLM stages that load in it, attesting afresh for each (docs/scale-out.md).
+
+    Exits with COMMAND's exit code; SIGTERM and SIGINT are passed on to it.
+    """
+    from tdllm.vllm_engine.loader_channel import NODE_KEY_CHANNEL_ENV
+    from tdllm.vllm_engine.stage_keys import StageKeyServer
+
+    settings = _settings(config_file)
+    directory = Path(settings.cluster_dir)
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not there: run `tdllm cluster join` first")
+    release = _stage_release(settings, _key_client(settings))
+    server = StageKeyServer(directory / STAGE_KEYS_SOCKET, release, _report_stage_load)
+    try:
+        server.start()
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {server.path}: {exc.strerror}") from None
+    env = os.environ | {NODE_KEY_CHANNEL_ENV: str(server.path)}
+    try:
+        child = subprocess.Popen(command, env=env)  # noqa: S603  # the unit's own command line
+    except OSError as exc:
+        server.close()
+        raise UsageError(f"cannot run {command[0]}: {exc.strerror}") from None
+    server.watch(child.pid)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda sig, _frame: child.send_signal(sig))
+    try:
+        code = child.wait()
+    finally:
+        server.close()
+    click.echo(
+        f"{command[0]} exited ({code}); {len(server.loads)} stage load(s), "
+        f"{server.refused} connection(s) refused",
+        err=True,
+    )
+    raise SystemExit(128 - code if code < 0 else code)  # killed by a signal: as a shell says
+
+
+def _stage_release(settings: Any, client: Any) -> Any:
+    from tdllm.vllm_engine.stage_keys import StageKeyRefused
+    from tdllm_attest.broker.client import KeyReleaseError
+    from tdllm_attest.errors import AttestationError
+
+    def release() -> bytearray:
+        try:
+            return client.fetch_release(settings.key_id or "").key  # type: ignore[no-any-return]
+        except KeyReleaseError as exc:
+            raise StageKeyRefused(f"the key broker refused: {exc}") from None
+        except AttestationError as exc:
+            raise StageKeyRefused(f"cannot attest: {exc}") from None
+
+    return release
+
+
+def _report_stage_load(load: Any) -> None:
+    outcome = load.outcome
+    if "loaded" in outcome:
+        what = f"loaded {outcome['loaded']} tensors"
+    else:
+        why = outcome.get("refused") or outcome.get("failed") or "no outcome"
+        what = "no key: " + str(why) if "refused" in outcome else f"load failed: {why}"
+    text = "".join(c if c.isprintable() else "?" for c in what)[:300]
+    click.echo(f"stage pid {load.pid}: {text}", err=True)
 
 
 def _read(path: Path) -> bytes:

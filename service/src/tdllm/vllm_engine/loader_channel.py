@@ -9,6 +9,10 @@ sends the key's 32 bytes (none for a plain model) and half-closes; the loader re
 end-of-file, loads, and writes one JSON line back, ``{"loaded": <tensors>}`` or
 ``{"failed": "<reason>"}``, which /ready shows when the load failed. Then the socket is gone.
 Never in argv, the environment or a file; never a second time.
+
+On a cluster node (docs/scale-out.md) the stage that loads runs under the TD's Ray node, not
+under the service: there `tdllm cluster run` serves the key (`tdllm.vllm_engine.stage_keys`)
+and names its socket in `NODE_KEY_CHANNEL_ENV`, which the loader prefers over this channel.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,8 @@ from tdllm.errors import ModelLoadError
 from tdllm.sealing.keys import wipe
 
 KEY_BYTES = 32
+# set by `tdllm cluster run` for the Ray node it starts: where this TD's stages take the key
+NODE_KEY_CHANNEL_ENV = "TDLLM_NODE_KEY_CHANNEL"
 _MAX_STATUS = 4096
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 _ANCESTRY_DEPTH = 8
@@ -113,37 +120,68 @@ class LoaderChannel:
                 return
 
     def _from_child(self, connection: socket.socket) -> bool:
-        raw = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        pid, uid, _gid = _PEERCRED.unpack(raw)
-        child = self.child_pid
-        return uid == os.getuid() and child is not None and descends_from(pid, child)
+        return self.child_pid is not None and peer_descends_from(connection, self.child_pid)
 
     def _hand_over(self, connection: socket.socket) -> dict[str, Any]:
-        try:
-            if self._key is not None:
-                connection.sendall(bytes(self._key))
-                wipe(self._key)
-                self._key = None
-            connection.shutdown(socket.SHUT_WR)
-            connection.settimeout(None)  # the load takes as long as it takes; stop() ends it
-            status = b""
-            while b"\n" not in status and len(status) < _MAX_STATUS:
-                part = connection.recv(_MAX_STATUS)
-                if not part:
-                    break
-                status += part
-        except OSError:
-            status = b""
-        try:
-            outcome = json.loads(status.split(b"\n")[0])
-        except ValueError:
-            outcome = None
-        if not isinstance(outcome, dict):
-            outcome = {"failed": "the loader ended without reporting its outcome"}
-        return outcome
+        key, self._key = self._key, None
+        return hand_over(connection, key)
+
+
+def peer_credentials(connection: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end, from the kernel (SO_PEERCRED)."""
+    raw = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, _gid = _PEERCRED.unpack(raw)
+    return pid, uid
+
+
+def peer_descends_from(connection: socket.socket, ancestor: int) -> bool:
+    """The peer runs as our user and descends from `ancestor` (SO_PEERCRED, /proc)."""
+    pid, uid = peer_credentials(connection)
+    return uid == os.getuid() and descends_from(pid, ancestor)
+
+
+def hand_over(connection: socket.socket, key: bytearray | None) -> dict[str, Any]:
+    """Send `key` (wiped after; None: no bytes, a plain model or a refusal), half-close, and
+    wait for the loader's one-line outcome."""
+    try:
+        if key is not None:
+            try:
+                connection.sendall(key)  # from the bytearray itself: no copy left to wipe
+            finally:
+                wipe(key)
+        connection.shutdown(socket.SHUT_WR)
+        connection.settimeout(None)  # the load takes as long as it takes; stop() ends it
+        status = b""
+        while b"\n" not in status and len(status) < _MAX_STATUS:
+            part = connection.recv(_MAX_STATUS)
+            if not part:
+                break
+            status += part
+    except OSError:
+        status = b""
+    try:
+        outcome = json.loads(status.split(b"\n")[0])
+    except ValueError:
+        outcome = None
+    if not isinstance(outcome, dict):
+        outcome = {"failed": "the loader ended without reporting its outcome"}
+    return outcome
 
 
 # -- the loader's end (in vLLM's worker) ----------------------------------------------------------
+
+
+def loader_socket(
+    service_channel: str | None, *, sealed: bool, environ: Mapping[str, str] = os.environ
+) -> str | None:
+    """Where a loader takes the key and reports to. In a cluster node's Ray tree (`tdllm cluster
+    run` sets `NODE_KEY_CHANNEL_ENV` there) the service's channel is another TD's socket: a
+    sealed stage takes its own TD's stage-key socket, a plain one talks to no one. Else the
+    service's channel (None: vLLM started by hand)."""
+    node = environ.get(NODE_KEY_CHANNEL_ENV)
+    if node:
+        return node if sealed else None
+    return service_channel
 
 
 def receive_key(path: str) -> tuple[socket.socket, bytearray]:

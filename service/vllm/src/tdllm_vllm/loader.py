@@ -82,12 +82,13 @@ class _TdllmLoader(BaseModelLoader):
         """Nothing is ever downloaded: the model is on the TD's disk, sealed or bundled."""
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
-        from tdllm.vllm_engine.loader_channel import receive_key
+        from tdllm.vllm_engine.loader_channel import loader_socket, receive_key
 
         connection, key = None, bytearray()
         try:
-            if self.options.channel is not None:
-                connection, key = receive_key(self.options.channel)
+            channel = loader_socket(self.options.channel, sealed=self.sealed)
+            if channel is not None:
+                connection, key = receive_key(channel)
             count = self._load(model, model_config.dtype, key)
         except Exception as exc:
             _report(connection, {"failed": _reason(exc)})
