@@ -77,7 +77,7 @@ test-vllm: venv vllm
 # scale-out: a two-node Ray cluster with mutual TLS, pipeline parallel vLLM (~7 min on 2 cores;
 # docs/scale-out.md). Not in CI's budget: run it by hand before changing the Ray pins.
 test-scale-out: venv vllm
-	TDLLM_TEST_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest -m "vllm and slow" tests/vllm/test_vllm_scale_out.py $(PYTEST_FLAGS)
+	TDLLM_TEST_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest -m "vllm and slow" tests/vllm/test_vllm_scale_out.py tests/vllm/test_vllm_scale_out_sealed.py $(PYTEST_FLAGS)
 
 # The channel between TDs: gloo over userspace WireGuard between network namespaces, tcpdump on
 # the bridge (tests/cluster; root, ~15 s; the Debian tools are installed if missing). Not in .ci/run.

@@ -8,7 +8,7 @@ import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from ipaddress import ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 from werkzeug.serving import make_server
@@ -42,13 +42,15 @@ def serve(app: object) -> tuple[str, object]:
     return f"http://127.0.0.1:{server.server_port}", server
 
 
-def running_cluster(tmp: Path, *, certify: bool = True) -> Iterator[Cluster]:
+def running_cluster(
+    tmp: Path, *, certify: bool = True, networks: tuple[IPv4Network | IPv6Network, ...] = (OVERLAY,)
+) -> Iterator[Cluster]:
     # the platform, broker and CA stand at the real time: the commands judge by the real clock
     now = datetime.now(UTC) - timedelta(minutes=1)
     dep = simulated_deployment(now=now, cluster_ca=ClusterCa.generate(now=now))
     policy = dataclasses.replace(
         dep.settings.policies[POLICY_NAME],
-        cluster=ClusterPolicy((OVERLAY,)) if certify else None,
+        cluster=ClusterPolicy(networks) if certify else None,
     )
     dep.settings = dataclasses.replace(dep.settings, policies={POLICY_NAME: policy})
     broker_url, broker = serve(create_broker(dep.settings))

@@ -198,10 +198,19 @@ class RayCluster:
         return self.python.parent / "ray"
 
     def start_node(
-        self, ip: str, creds: NodeCredentials | None, *, head: bool = False, gpus: int = 1
+        self,
+        ip: str,
+        creds: NodeCredentials | None,
+        *,
+        head: bool = False,
+        gpus: int = 1,
+        under: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> RayNode:
-        """`ray start --block` for a node at `ip` (TLS with `creds`; None: no TLS at all)."""
+        """`ray start --block` for a node at `ip` (TLS with `creds`; None: no TLS at all), run
+        by the command `under` when given (`tdllm cluster run ... --`), `env` added."""
         args = [
+            *under,
             str(self.ray),
             "start",
             "--block",
@@ -219,11 +228,12 @@ class RayCluster:
             ]
         else:
             args.append(f"--address={self.address}")
-        env = self.env | {"TMPDIR": str(self.temp)} | (creds.env() if creds else {})
+        environ = self.env | {"TMPDIR": str(self.temp)} | (creds.env() if creds else {})
+        environ |= env or {}
         log = self.work / f"node-{ip}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                args, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         node = RayNode(ip, process, log)
         self.nodes.append(node)
@@ -304,10 +314,13 @@ def main():
     started = time.monotonic()
     from vllm import LLM, SamplingParams
 
+    loader = os.environ.get("TDLLM_TEST_LOADER_CONFIG")
     llm = LLM(
         model=os.environ["TDLLM_TEST_MODEL_DIR"],
-        load_format="tdllm",
-        model_loader_extra_config={"source": os.environ["TDLLM_TEST_SOURCE"]},
+        load_format=os.environ.get("TDLLM_TEST_LOAD_FORMAT", "tdllm"),
+        model_loader_extra_config=(
+            json.loads(loader) if loader else {"source": os.environ["TDLLM_TEST_SOURCE"]}
+        ),
         enforce_eager=eager,
         dtype="bfloat16",
         max_model_len=512,
