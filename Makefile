@@ -14,7 +14,7 @@ help:
 	@echo "make run        create .venv, install, chat with the bundled model (ENGINE=vllm: on vLLM)"
 	@echo "make vllm       the vLLM virtual environment (.venv-vllm, pinned; ~3.5 GB)"
 	@echo "make test-vllm  the tests of the vllm engine (they need make vllm)"
-	@echo "make test-scale-out  vLLM pipeline-parallel over a two-node Ray cluster with TLS (~7 min)"
+	@echo "make test-scale-out  vLLM pipeline-parallel over a two-node Ray cluster with TLS, plain and sealed (~12 min)"
 	@echo "make test-cluster-net  gloo between network namespaces over WireGuard (root; ~15 s)"
 	@echo "make test       create/update .venv, lint, run the test suite (no slow tests)"
 	@echo "make test-slow  the slow tests (full sweeps)"
@@ -74,7 +74,7 @@ vllm-lock: vllm
 test-vllm: venv vllm
 	TDLLM_TEST_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest -m "vllm and not slow" $(PYTEST_FLAGS)
 
-# scale-out: a two-node Ray cluster with mutual TLS, pipeline parallel vLLM (~7 min on 2 cores;
+# scale-out: a two-node Ray cluster with mutual TLS, pipeline parallel vLLM, plain and sealed (~12 min on 2 cores;
 # docs/scale-out.md). Not in CI's budget: run it by hand before changing the Ray pins.
 test-scale-out: venv vllm
 	TDLLM_TEST_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest -m "vllm and slow" tests/vllm/test_vllm_scale_out.py tests/vllm/test_vllm_scale_out_sealed.py $(PYTEST_FLAGS)

@@ -1,5 +1,5 @@
 """`tdllm cluster run`: a worker TD's Ray node under a key holder that attests afresh for each
-vLLM stage that loads in it (docs/scale-out.md, "Weights on worker TDs").
+vLLM stage that loads in it (docs/scale-out.md, "Every stage takes the model key in its own TD").
 
 The stage here is a small script doing what the `tdllm-sealed` loader does in vLLM's worker
 (`loader_socket`, `receive_key`, `open_sealed`, `report`); the broker, the quote service and

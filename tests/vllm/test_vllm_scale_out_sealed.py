@@ -1,6 +1,6 @@
 """A sealed model over two attested Ray nodes: every stage takes the key in its own TD
-(docs/scale-out.md, "Weights on worker TDs"). `make test-scale-out`; skipped without the vLLM
-venv or without Ray in it.
+(docs/scale-out.md, "Every stage takes the model key in its own TD"). `make test-scale-out`;
+skipped without the vLLM venv or without Ray in it.
 
 The product path end to end, short of booting TDs: a simulated broker and quote service; each
 node runs `tdllm cluster join` (its node certificate from the broker's cluster CA, after its
