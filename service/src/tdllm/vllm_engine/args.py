@@ -63,7 +63,7 @@ def check_vllm_args(args: tuple[str, ...]) -> list[str]:
         elif kind == "flag" and has_value:
             problems.append(f"vllm_args: {option} takes no value")
         elif kind != "flag" and not _VALUES[kind].fullmatch(value):
-            problems.append(f"vllm_args: {option} needs a {kind} value (--option=value)")
+            problems.append(f"vllm_args: {option} takes a value ({kind}), as {option}=VALUE")
         seen.add(option)
     pipeline = option_value(args, "--pipeline-parallel-size")
     if "--enforce-eager" in args and pipeline is not None and pipeline.isdigit():
