@@ -38,6 +38,7 @@ from tdllm.vllm_engine.model_dir import write_model_dir
 from tests.vllm.conftest import vllm_python
 from tests.vllm.ray_cluster import (
     GCS_PORT,
+    OWN_SHM,
     CertificateAuthority,
     NodeCredentials,
     RayCluster,
@@ -51,6 +52,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # ~7 min: `make test-scale-ou
 WORKER_IP = "127.0.0.2"
 PROMPT = "The capital of France is"
 REFUSED_JOIN_WAIT_S = 15.0
+# the tdllm plugin's changes for CPU clusters in every vLLM process (tdllm_vllm.cpu_cluster)
+PLUGIN_ON_CPU = {"TDLLM_VLLM_RAY_ON_CPU": "1"}
 
 
 @dataclass
@@ -81,8 +84,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     head = cluster.head_ip
     try:
         started = time.monotonic()
-        cluster.start_node(head, ca.issue(work / "head", head), head=True)
-        cluster.start_node(WORKER_IP, ca.issue(work / "worker", WORKER_IP))
+        cluster.start_node(head, ca.issue(work / "head", head), head=True, env=PLUGIN_ON_CPU)
+        # the worker with a /dev/shm of its own, as another TD: no shared memory between stages
+        cluster.start_node(
+            WORKER_IP, ca.issue(work / "worker", WORKER_IP), under=OWN_SHM, env=PLUGIN_ON_CPU
+        )
         driver = ca.issue(work / "driver", head)
         alive = cluster.wait_for_nodes(driver, [head, WORKER_IP])
         assert alive == sorted([head, WORKER_IP]), alive
@@ -102,7 +108,9 @@ def driver_env(s: Setup, *, patched: bool = True) -> dict[str, str]:
             "VLLM_HOST_IP": s.cluster.head_ip,
         }
     )
-    if not patched:
+    if patched:
+        env |= PLUGIN_ON_CPU
+    else:
         env.pop("TDLLM_TEST_RAY_DEVICE_KEY")
     return env
 
