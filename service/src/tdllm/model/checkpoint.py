@@ -27,6 +27,8 @@ from tdllm.model.gguf_blocks import GgufQuantized, rope_row_order
 from tdllm.model.tokenizer import Tokenizer
 
 NamedTensors = Iterator[tuple[str, torch.Tensor]]
+# a stream for the model loader: quantized weights may come as their GGUF blocks
+NamedWeights = Iterator[tuple[str, torch.Tensor | GgufQuantized]]
 # (checkpoint name, shape, dtype) -> the model memory that tensor will be copied into, or None
 Destination = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor | None]
 
@@ -59,7 +61,8 @@ class Checkpoint:
     tensors: Callable[[], NamedTensors]
     # Sources that produce fresh memory per tensor (sealed: decrypted) can write straight into
     # the model instead: one pass and no temporary to page-fault in (see docs/performance.md).
-    tensors_into: Callable[[Destination], NamedTensors] | None = None
+    # Only the model loader takes this stream; it may hand GGUF blocks (`GgufQuantized`) through.
+    tensors_into: Callable[[Destination], NamedWeights] | None = None
     # A sealed model's identity, taken from the very manifest its MAC check authenticated
     # (sealing.format.manifest_identity); None for unauthenticated sources.
     identity: dict[str, str] | None = None

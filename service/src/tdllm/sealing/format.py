@@ -1,4 +1,8 @@
-"""The sealed model format, version 1: names, the manifest schema, key derivation and chunk AAD.
+"""The sealed model format: names, the manifest schema, key derivation and chunk AAD.
+
+Version 1 stores float tensors only; version 2 (`FORMAT_QUANTIZED`) adds rows that hold GGUF
+quantized blocks as they are (`QUANTIZED`), and is written only by a seal that has such rows, so
+every other seal stays readable by a version-1 reader (which refuses a version-2 document).
 
 Everything both the writer and the reader must agree on byte for byte lives here, so the format
 has one definition (docs/sealed-format.md describes the same thing in prose). The AEAD, nonce
@@ -21,6 +25,9 @@ from tdllm_attest.model_identity import valid_model_name, valid_model_version
 from tdllm_attest.wire import canonical_json as canonical_json  # MAC/AAD bytes: fmt.canonical_json
 
 FORMAT = "tdllm-sealed/1"
+FORMAT_QUANTIZED = "tdllm-sealed/2"  # some rows hold GGUF blocks (`QUANTIZED`)
+FORMATS = (FORMAT, FORMAT_QUANTIZED)
+KDF_LABEL = FORMAT  # the HKDF info prefix in every version: the keys do not depend on it
 MANIFEST_NAME = "sealed-model.json"
 DATA_FILE_PATTERN = "weights-{:05d}.sealed"
 CIPHER = "AES-256-GCM"
@@ -45,6 +52,19 @@ DTYPES: dict[str, torch.dtype] = {
     "F16": torch.float16,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# Version 2 only: GGUF block types stored as their raw blocks, by ggml's type name, with their
+# (weights per block, bytes per block); a row's shape is the logical [rows, cols] (PyTorch
+# order) and its bytes are rows * cols / block * bytes_per_block (`GgufQuantized.blocks`).
+QUANTIZED: dict[str, tuple[int, int]] = {
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q8_0": (32, 34),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+}
 
 
 def derive_key(data_key: bytes | bytearray, model_id: str, purpose: str) -> bytearray:
@@ -58,7 +78,7 @@ def derive_key(data_key: bytes | bytearray, model_id: str, purpose: str) -> byte
         algorithm=hashes.SHA256(),
         length=32,
         salt=bytes.fromhex(model_id),
-        info=f"{FORMAT} {purpose}".encode(),
+        info=f"{KDF_LABEL} {purpose}".encode(),
     )
     return bytearray(hkdf.derive(bytes(data_key)))
 
@@ -68,15 +88,18 @@ MAC_KEY = "manifest mac"
 
 
 def chunk_aad(
-    model_id: str, name: str, dtype: str, shape: list[int], index: int, count: int
+    version: str, model_id: str, name: str, dtype: str, shape: list[int], index: int, count: int
 ) -> bytes:
-    """Associated data of one chunk: binds it to its model, tensor, type, shape and position."""
+    """Associated data of one chunk: binds it to its format version, model, tensor, type, shape
+    and position. For a quantized row the type (GGUF block type) and logical shape are all its
+    quantization parameters (the block geometry follows from the type): relabelling Q4_0 bytes
+    as Q4_1, or reshaping them, fails the tag even past a forged manifest MAC."""
     return canonical_json(
         {
             "chunk": index,
             "chunks": count,
             "dtype": dtype,
-            "format": FORMAT,
+            "format": version,
             "model_id": model_id,
             "shape": shape,
             "tensor": name,
@@ -114,7 +137,7 @@ def manifest_identity(manifest: dict[str, Any]) -> dict[str, str]:
     """What /v1/attestation binds of a sealed model: format, model id and the digest of the
     manifest whose MAC was verified (the caller passes only an authenticated one)."""
     return {
-        "format": FORMAT,
+        "format": str(manifest["format"]),
         "manifest_sha256": hashlib.sha256(canonical_json(manifest)).hexdigest(),
         "model_id": str(manifest["model_id"]),
     }
@@ -140,8 +163,16 @@ class TensorEntry:
     sha256: str | None  # public tensors only: hex digest of the raw bytes
 
     @property
+    def quantized(self) -> bool:
+        """Whether the row holds GGUF blocks (`QUANTIZED`), not a float tensor."""
+        return self.dtype in QUANTIZED
+
+    @property
     def nbytes(self) -> int:
         """Plaintext size."""
+        if self.quantized:
+            block, block_bytes = QUANTIZED[self.dtype]
+            return math.prod(self.shape) // block * block_bytes
         return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
     def to_json(self) -> dict[str, Any]:
@@ -160,8 +191,11 @@ class TensorEntry:
         return row
 
     @classmethod
-    def from_json(cls, row: dict[str, Any], chunk_size: int) -> TensorEntry:
-        """Parse and check one row; raises ValueError/KeyError/TypeError on anything odd."""
+    def from_json(
+        cls, row: dict[str, Any], chunk_size: int, quantized: bool = False
+    ) -> TensorEntry:
+        """Parse and check one row; raises ValueError/KeyError/TypeError on anything odd.
+        `quantized`: whether the manifest's version allows GGUF block rows."""
         entry = cls(
             name=_str(row["name"]),
             dtype=_str(row["dtype"]),
@@ -173,8 +207,11 @@ class TensorEntry:
             chunks=_int(row["chunks"]),
             sha256=_str(row["sha256"]) if "sha256" in row else None,
         )
-        if entry.dtype not in DTYPES or entry.protection not in (SEALED, PUBLIC):
+        known = entry.dtype in DTYPES or (quantized and entry.quantized)
+        if not known or entry.protection not in (SEALED, PUBLIC):
             raise ValueError("unknown dtype or protection")
+        if entry.quantized and not _whole_blocks(entry.shape, QUANTIZED[entry.dtype][0]):
+            raise ValueError("quantized shape")
         # an empty tensor passes the size checks whatever its other dimensions; torch refuses
         # (TypeError) a dimension past int64, and no real tensor has one past 2**32 or 8 axes
         if len(entry.shape) > MAX_DIMENSIONS or any(d > MAX_DIMENSION for d in entry.shape):
@@ -189,6 +226,11 @@ class TensorEntry:
         if not ok or entry.length != expected_length or entry.offset < 0:
             raise ValueError("inconsistent tensor entry")
         return entry
+
+
+def _whole_blocks(shape: list[int], block: int) -> bool:
+    """A quantized row is a non-empty [rows, cols] matrix of whole blocks per row."""
+    return len(shape) == 2 and shape[0] > 0 and shape[1] > 0 and shape[1] % block == 0
 
 
 def _int(value: Any) -> int:

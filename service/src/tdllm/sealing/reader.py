@@ -5,6 +5,10 @@ manifest is used and before a single tensor is yielded; each tensor is decrypted
 straight into its own tensor memory, and a tensor is yielded only once every chunk of it has
 authenticated (a failed tensor is zeroed first). Every failure, whatever its cause, becomes one
 `SealedModelError` naming only the tensor or "manifest".
+
+Rows that hold GGUF blocks (format version 2) are decrypted the same way into a byte buffer and
+yielded as `GgufQuantized` to the model loader (`tensors_into`), which hands them to the int
+kernels as plain GGUF's blocks are, or dequantizes them; `tensors()` yields them as fp32.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from tqdm import tqdm
 from tdllm.errors import ModelLoadError, UsageError
 from tdllm.model.checkpoint import Checkpoint, Destination
 from tdllm.model.config import ModelConfig
+from tdllm.model.gguf_blocks import GgufQuantized
 from tdllm.model.tokenizer import Tokenizer
 from tdllm.sealing import format as fmt
 from tdllm.sealing.errors import SealedModelError, SealedModelMismatch
@@ -93,7 +98,7 @@ def _open(
     raw = _read_limited(path / fmt.MANIFEST_NAME)
     document = json.loads(raw.decode("utf-8"))  # strict UTF-8, strict JSON (no control chars)
     manifest = document["manifest"]
-    if document["format"] != fmt.FORMAT or not isinstance(manifest, dict):
+    if document["format"] not in fmt.FORMATS or not isinstance(manifest, dict):
         raise ValueError("not this format")
     found_id = manifest["model_id"]
     if not isinstance(found_id, str) or not _MODEL_ID.fullmatch(found_id):
@@ -112,6 +117,8 @@ def _open(
             raise ValueError("bad mac encoding")
         mac.verify(bytes.fromhex(document["mac"]))  # constant-time; raises InvalidSignature
         # -- from here on the manifest is authentic --------------------------------------------
+        if manifest["format"] != document["format"]:
+            raise ValueError("format")
         if model_id is not None and found_id != model_id:
             raise ValueError("another model")
         _check_model_version(path, manifest, expect)
@@ -128,7 +135,7 @@ def _open(
         path,
         config,
         tokenizer,
-        source.stream,
+        source.floats,
         source.stream,
         identity=fmt.manifest_identity(manifest),
     )
@@ -175,6 +182,7 @@ class _SealedTensors:
     """The tensors of one opened sealed model and the chunk key that decrypts them."""
 
     path: Path
+    version: str
     model_id: str
     chunk_size: int
     entries: list[fmt.TensorEntry]
@@ -191,7 +199,10 @@ class _SealedTensors:
         if manifest["cipher"] != fmt.CIPHER or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError("unsupported cipher or chunk size")
         sizes = {str(f["name"]): int(f["size"]) for f in manifest["files"]}
-        entries = [fmt.TensorEntry.from_json(row, chunk_size) for row in manifest["tensors"]]
+        quantized = manifest["format"] == fmt.FORMAT_QUANTIZED  # version 1 has float rows only
+        entries = [
+            fmt.TensorEntry.from_json(row, chunk_size, quantized) for row in manifest["tensors"]
+        ]
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor")
@@ -202,16 +213,39 @@ class _SealedTensors:
         for e in entries:
             if e.file not in sizes or e.offset + e.length > sizes[e.file]:
                 raise ValueError("tensor outside its file")
-        source = cls(path, manifest["model_id"], chunk_size, entries, sizes, chunk_key, threads)
+        source = cls(
+            path,
+            manifest["format"],
+            manifest["model_id"],
+            chunk_size,
+            entries,
+            sizes,
+            chunk_key,
+            threads,
+        )
         # wipe the key even if nobody ever streams (the checkpoint is simply dropped)
         weakref.finalize(source, wipe, chunk_key)
         return source
 
-    def stream(self, into: Destination | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def floats(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """`stream` for consumers that take float tensors only: GGUF block rows as fp32 (their
+        decrypted blocks are zeroed once dequantized: best effort, the floats stay)."""
+        for name, item in self.stream():
+            if isinstance(item, GgufQuantized):
+                floats = item.dequantize()
+                item.blocks.fill(0)
+                yield name, floats
+            else:
+                yield name, item
+
+    def stream(
+        self, into: Destination | None = None
+    ) -> Iterator[tuple[str, torch.Tensor | GgufQuantized]]:
         """Yield (name, tensor) in manifest order, each fully authenticated before it is yielded.
 
         With `into`, a tensor is decrypted straight into the memory `into` names for it (the
-        model's own parameter); that memory is zeroed if the tensor fails.
+        model's own parameter); that memory is zeroed if the tensor fails. A GGUF block row
+        comes as `GgufQuantized` over a fresh byte buffer (never `into`'s float memory).
         """
         if self.streamed:
             raise ModelLoadError(f"{self.path}: a sealed checkpoint streams once; open it again")
@@ -234,9 +268,7 @@ class _SealedTensors:
         try:
             aead = AESGCM(self.chunk_key)
             for entry in self.entries:
-                dtype = fmt.DTYPES[entry.dtype]
-                target = into(entry.name, tuple(entry.shape), dtype) if into else None
-                tensor = target if target is not None else torch.empty(entry.shape, dtype=dtype)
+                tensor = _allocate(entry, into)
                 try:
                     if entry.file not in files:
                         files[entry.file] = os.open(self.path / entry.file, os.O_RDONLY)
@@ -257,7 +289,7 @@ class _SealedTensors:
                     tensor.zero_()
                     raise SealedModelError(self.path, f"tensor {entry.name}") from None
                 bar.update(entry.nbytes)
-                yield entry.name, tensor
+                yield entry.name, _item(entry, tensor)
             while window:
                 yield self._finish(*window.popleft(), bar)
         finally:
@@ -272,7 +304,7 @@ class _SealedTensors:
 
     def _finish(
         self, entry: fmt.TensorEntry, tensor: torch.Tensor, job: Future[None], bar: tqdm[Any]
-    ) -> tuple[str, torch.Tensor]:
+    ) -> tuple[str, torch.Tensor | GgufQuantized]:
         """The windowed tensor once its job has authenticated every chunk; zeroed if not."""
         try:
             job.result()
@@ -280,7 +312,7 @@ class _SealedTensors:
             tensor.zero_()
             raise SealedModelError(self.path, f"tensor {entry.name}") from None
         bar.update(entry.nbytes)
-        return entry.name, tensor
+        return entry.name, _item(entry, tensor)
 
     def _read(
         self,
@@ -334,7 +366,32 @@ class _SealedTensors:
             if os.preadv(fd, [stored], offset) != len(stored):
                 raise ValueError("short read")
             aad = fmt.chunk_aad(
-                self.model_id, entry.name, entry.dtype, entry.shape, index, entry.chunks
+                self.version,
+                self.model_id,
+                entry.name,
+                entry.dtype,
+                entry.shape,
+                index,
+                entry.chunks,
             )
             nonce = stored[: fmt.NONCE_BYTES]
             aead.decrypt_into(nonce, stored[fmt.NONCE_BYTES :], aad, plain[start:stop])
+
+
+def _allocate(entry: fmt.TensorEntry, into: Destination | None) -> torch.Tensor:
+    """The memory a row is decrypted into: `into`'s for a float tensor it names, else fresh (a
+    GGUF block row: its bytes, flat)."""
+    if entry.quantized:
+        return torch.empty(entry.nbytes, dtype=torch.uint8)
+    dtype = fmt.DTYPES[entry.dtype]
+    target = into(entry.name, tuple(entry.shape), dtype) if into else None
+    return target if target is not None else torch.empty(entry.shape, dtype=dtype)
+
+
+def _item(entry: fmt.TensorEntry, tensor: torch.Tensor) -> torch.Tensor | GgufQuantized:
+    """What a row is yielded as, once authenticated: a GGUF block row as `GgufQuantized` over
+    its decrypted bytes (the manifest's type and shape were checked against its length)."""
+    if not entry.quantized:
+        return tensor
+    rows, cols = entry.shape
+    return GgufQuantized(entry.dtype, (rows, cols), tensor.numpy().reshape(rows, -1))

@@ -159,7 +159,11 @@ def run_shape_bench(
     if sealed:
         from tdllm_lab.bench.shape_sealed import sealed_load
 
-        report["sealed_load"] = sealed_load(ensure_gguf(key, "f16", folder), progress)
+        quantized = [f for f in formats if format_named(f)[2] != "none"]
+        also = (paths[quantized[-1]], format_named(quantized[-1])[2]) if quantized else None
+        report["sealed_load"] = sealed_load(
+            ensure_gguf(key, "f16", folder), progress, quantized=also
+        )
     return report
 
 
@@ -243,4 +247,12 @@ def format_shape_table(report: dict[str, Any]) -> str:
             f"load in a fresh process, bf16 weights ({load['sealed_bytes'] / GB:.2f} GB sealed): "
             f"plain {load['plain_s']} s, sealed {load['sealed_s']} s, ratio {load['ratio']}x"
         )
+        if "quantized" in load:
+            q = load["quantized"]
+            lines.append(
+                f"sealed {q['file']} loaded with {q['quant']}: as bf16 floats "
+                f"{q['floats_bytes'] / GB:.2f} GB in {q['floats_s']} s ({q['floats_cpu_s']} s "
+                f"CPU), as GGUF blocks {q['blocks_bytes'] / GB:.2f} GB in {q['blocks_s']} s "
+                f"({q['blocks_cpu_s']} s CPU; size x{q['size_ratio']}, load x{q['load_ratio']})"
+            )
     return "\n".join(lines)

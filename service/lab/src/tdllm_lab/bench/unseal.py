@@ -162,8 +162,8 @@ def _load_times(checkpoint: Checkpoint, root: Path, key: bytearray, repeats: int
     }
 
 
-def _probe(kind: str, folder: Path, key: bytearray) -> dict[str, float]:
-    command = [sys.executable, "-m", "tdllm_lab.bench.load_probe", kind, str(folder)]
+def _probe(kind: str, folder: Path, key: bytearray, quant: str = "none") -> dict[str, float]:
+    command = [sys.executable, "-m", "tdllm_lab.bench.load_probe", kind, str(folder), quant]
     done = subprocess.run(  # noqa: S603 - our own interpreter and module
         command, input=key.hex() + "\n", capture_output=True, text=True, check=True
     )

@@ -60,6 +60,12 @@ from tdllm.errors import TdllmError, UsageError
     default=None,
     help="store tensors as this type [default: the source's]",
 )
+@click.option(
+    "--keep-quantized",
+    is_flag=True,
+    help="a GGUF source's quantized weights stay quantized: sealed as their GGUF blocks "
+    "(Q4_0, Q4_1, Q8_0, Q4_K, ...; sealed format version 2), not as floats",
+)
 def seal(
     source: str,
     out: Path,
@@ -70,6 +76,7 @@ def seal(
     model_name: str | None,
     model_version: int,
     dtype: str | None,
+    keep_quantized: bool,
 ) -> None:
     """Encrypt SOURCE ('bundled', a .gguf file or a model directory) into a sealed directory.
 
@@ -99,13 +106,15 @@ def seal(
             dtype=parse_dtype(dtype) if dtype else None,
             seal_patterns=seal_patterns,
             public_patterns=public_patterns,
+            keep_quantized=keep_quantized,
         )
     except OSError as exc:  # disk full, permissions: the partial output is already removed
         raise TdllmError(f"cannot write {out}: {exc.strerror or exc}") from None
     click.echo(
         f"sealed {checkpoint.name} -> {out}: model {report.model!r} version {report.version}, "
         f"model id {report.model_id}, key id {report.key_id}, "
-        f"{report.sealed_tensors} sealed + {report.public_tensors} public tensors, "
+        f"{report.sealed_tensors} sealed + {report.public_tensors} public tensors"
+        f"{f' ({report.quantized_tensors} as GGUF blocks)' if keep_quantized else ''}, "
         f"{report.stored_bytes / 1e6:.1f} MB, {report.recipients} recipient(s)"
     )
 

@@ -10,6 +10,10 @@ renamed to the output only once the manifest is in it: an interrupted seal (kill
 never leaves an output directory at all, let alone one that opens. A failure that Python sees
 removes the sibling; a kill leaves it (ciphertext and public tensors only, no manifest) to be
 deleted by hand.
+
+With `keep_quantized`, a GGUF source's quantized weights are sealed as their raw blocks (format
+version 2, `fmt.QUANTIZED`): the sealed model is as small as the GGUF file, and the int kernels
+load the very blocks plain GGUF loading gives them.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tqdm import tqdm
 
 from tdllm.errors import UsageError
-from tdllm.model.checkpoint import Checkpoint
+from tdllm.model.checkpoint import Checkpoint, GgufTensors, NamedWeights
+from tdllm.model.gguf_blocks import GgufQuantized
 from tdllm.sealing import format as fmt
 from tdllm.sealing.keys import wipe
 from tdllm.sealing.recipients import wrap_data_key
@@ -47,8 +53,10 @@ class SealReport:
     recipients: int
     model: str = ""
     version: int = fmt.DEFAULT_MODEL_VERSION
+    format: str = fmt.FORMAT
     sealed_tensors: int = 0
     public_tensors: int = 0
+    quantized_tensors: int = 0  # of those (sealed or public), stored as GGUF blocks
     plaintext_bytes: int = 0
     stored_bytes: int = 0
     files: list[str] = field(default_factory=list)
@@ -68,6 +76,7 @@ def seal_checkpoint(
     public_patterns: Sequence[str] = (),
     chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
     max_file_size: int = fmt.DEFAULT_MAX_FILE_SIZE,
+    keep_quantized: bool = False,
 ) -> SealReport:
     """Write `checkpoint` to the new directory `out` as a sealed model.
 
@@ -78,6 +87,8 @@ def seal_checkpoint(
     `model_name` (default: the checkpoint's name) and `model_version` name the owner's model in
     the authenticated manifest: the TD takes a key only for exactly that model and version, so
     seal every new version with a higher number (older ones are then refusable rollbacks).
+    `keep_quantized` (a GGUF source only) stores its quantized 2-D weights as their GGUF blocks
+    (format version 2; `dtype` then applies to the float tensors alone).
     """
     if not recipients and data_key is None:
         raise UsageError("no recipient: give at least one --recipient public key")
@@ -87,6 +98,11 @@ def seal_checkpoint(
         raise UsageError("chunk size must be positive")
     if dtype is not None and dtype not in fmt.DTYPE_NAMES:
         raise UsageError(f"cannot store tensors as {dtype}")
+    if keep_quantized and not isinstance(checkpoint.tensors, GgufTensors):
+        raise UsageError(
+            f"--keep-quantized takes a GGUF source (bundled or a .gguf file); "
+            f"{checkpoint.path} has no GGUF blocks"
+        )
     identity = _model_version(checkpoint.name if model_name is None else model_name, model_version)
     work = _prepare_directory(out)
     model_id = os.urandom(16).hex()
@@ -100,17 +116,26 @@ def seal_checkpoint(
         len(recipients),
         identity.model,
         identity.version,
+        fmt.FORMAT_QUANTIZED if keep_quantized else fmt.FORMAT,
     )
     try:
         entries = _write_tensors(
             checkpoint,
             work,
-            _Plan(model_id, dtype, seal_patterns, public_patterns, chunk_size, max_file_size),
+            _Plan(
+                report.format,
+                model_id,
+                dtype,
+                seal_patterns,
+                public_patterns,
+                chunk_size,
+                max_file_size,
+            ),
             AESGCM(chunk_key),
             report,
         )
         manifest = {
-            "format": fmt.FORMAT,
+            "format": report.format,
             "model_id": model_id,
             "key_id": report.key_id,
             "name": checkpoint.name,
@@ -126,7 +151,7 @@ def seal_checkpoint(
         mac = hmac.HMAC(mac_key, hashes.SHA256())
         mac.update(fmt.canonical_json(manifest))
         document = {
-            "format": fmt.FORMAT,
+            "format": report.format,
             "manifest": manifest,
             "mac": mac.finalize().hex(),
             "recipients": [wrap_data_key(key, r, model_id, report.key_id) for r in recipients],
@@ -145,6 +170,7 @@ def seal_checkpoint(
 
 @dataclass(frozen=True)
 class _Plan:
+    version: str  # the format version, in every chunk's AAD
     model_id: str
     dtype: torch.dtype | None
     seal_patterns: Sequence[str]
@@ -216,18 +242,16 @@ def _write_tensors(
         desc="sealing", unit="B", unit_scale=True, disable=not sys.stderr.isatty(), leave=False
     )
     with _DataFiles(out, plan.max_file_size, report.files) as files, bar:
-        for name, tensor in checkpoint.tensors():
+        for name, item in _stream(checkpoint, plan):
             if name in seen:
                 raise UsageError(f"the checkpoint has tensor {name} twice")
             seen.add(name)
-            stored = tensor.detach().to("cpu", plan.dtype or tensor.dtype).contiguous()
-            if stored.dtype not in fmt.DTYPE_NAMES:
-                raise UsageError(f"tensor {name} has dtype {stored.dtype}; use --dtype")
-            raw = stored.reshape(-1).view(torch.uint8).numpy().data
+            dtype, shape, raw = _stored(name, item, plan)
+            report.quantized_tensors += dtype in fmt.QUANTIZED
             entry = fmt.TensorEntry(
                 name=name,
-                dtype=fmt.DTYPE_NAMES[stored.dtype],
-                shape=list(stored.shape),
+                dtype=dtype,
+                shape=shape,
                 protection=fmt.PUBLIC if plan.is_public(name) else fmt.SEALED,
                 file="",
                 offset=0,
@@ -248,7 +272,7 @@ def _write_tensors(
                 for index in range(chunks):
                     piece = raw[index * plan.chunk_size : (index + 1) * plan.chunk_size]
                     aad = fmt.chunk_aad(
-                        plan.model_id, name, entry.dtype, entry.shape, index, chunks
+                        plan.version, plan.model_id, name, entry.dtype, entry.shape, index, chunks
                     )
                     nonce = os.urandom(fmt.NONCE_BYTES)
                     sealed = memoryview(buffer)[: len(piece) + fmt.TAG_BYTES]
@@ -262,6 +286,32 @@ def _write_tensors(
             report.stored_bytes += length
             bar.update(len(raw))
     return entries
+
+
+def _stream(checkpoint: Checkpoint, plan: _Plan) -> NamedWeights:
+    """The checkpoint's tensors; in version 2, a GGUF source's quantized ones as their blocks."""
+    if plan.version == fmt.FORMAT_QUANTIZED and isinstance(checkpoint.tensors, GgufTensors):
+        return checkpoint.tensors.with_blocks()
+    return iter(checkpoint.tensors())
+
+
+def _stored(
+    name: str, item: torch.Tensor | GgufQuantized, plan: _Plan
+) -> tuple[str, list[int], memoryview]:
+    """(dtype name, shape, plaintext bytes) of one tensor as it is stored."""
+    if isinstance(item, GgufQuantized):
+        if item.kind in fmt.QUANTIZED:  # the blocks, rows in HF order, byte for byte
+            raw = np.ascontiguousarray(item.blocks).reshape(-1).data
+            return item.kind, list(item.shape), raw
+        item = item.dequantize()  # a block type the format does not store: as floats
+    stored = item.detach().to("cpu", plan.dtype or item.dtype).contiguous()
+    if stored.dtype not in fmt.DTYPE_NAMES:
+        raise UsageError(f"tensor {name} has dtype {stored.dtype}; use --dtype")
+    return (
+        fmt.DTYPE_NAMES[stored.dtype],
+        list(stored.shape),
+        stored.reshape(-1).view(torch.uint8).numpy().data,
+    )
 
 
 def _sha256(data: memoryview) -> str:
