@@ -221,10 +221,7 @@ def test_a_schema_nested_past_the_body_limit_is_a_400(client: FlaskClient) -> No
     assert f"more than {MAX_JSON_DEPTH} levels" in error["message"]
 
 
-def test_response_format_is_a_chat_field(client: FlaskClient) -> None:
-    body = {"model": MODEL, "prompt": "Hi", "response_format": {"type": "json_object"}}
-    error = assert_openai_error(client.post("/v1/completions", json=body), 400, "response_format")
-    assert error["message"].startswith("unrecognized request argument")
+# response_format on /v1/completions: tests/api/test_completions_response_format.py
 
 
 class Person(BaseModel):

@@ -12,7 +12,8 @@ contract keeps it so). The modules, bottom up:
 - `receipt_protocol`: the tdllm-receipt/1 bytes every answer's receipt is signed over, both sides;
 - `receipt`: `verify_receipt`, an answer's receipt checked offline against its attestation;
 - `chat_cli`: the `tdllm-chat` command (`tdllm chat` in the service is the same command);
-- `errors`: `AttestationRefused` and `E2eError`, leaves of `AttestationError`.
+- `errors`: `AttestationRefused`, `E2eError` and its `E2eServiceError` (the TD's own, sealed
+  refusal), leaves of `AttestationError`.
 """
 
 from tdllm_attest.client.attest import (
@@ -24,7 +25,7 @@ from tdllm_attest.client.attest import (
     verify_attestation,
 )
 from tdllm_attest.client.e2e import E2eClient, RequestsTransport, Transport
-from tdllm_attest.client.errors import AttestationRefused, E2eError
+from tdllm_attest.client.errors import AttestationRefused, E2eError, E2eServiceError
 from tdllm_attest.client.receipt import ReceiptRefused, VerifiedReceipt, verify_receipt
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "AttestedService",
     "E2eClient",
     "E2eError",
+    "E2eServiceError",
     "ReceiptRefused",
     "RequestsTransport",
     "Transport",

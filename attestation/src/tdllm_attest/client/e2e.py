@@ -38,7 +38,7 @@ from tdllm_attest.client.e2e_protocol import (
     open_response,
     seal_request,
 )
-from tdllm_attest.client.errors import AttestationRefused, E2eError
+from tdllm_attest.client.errors import AttestationRefused, E2eError, E2eServiceError
 from tdllm_attest.client.receipt_protocol import RECEIPTS_PATH
 from tdllm_attest.collateral import CollateralSource
 from tdllm_attest.gpu.anchors import GpuAnchors
@@ -130,8 +130,13 @@ class E2eClient:
         except (requests.RequestException, ValueError) as exc:
             raise E2eError(f"cannot fetch the receipt attestation ({type(exc).__name__})") from None
 
-    def chat(self, messages: list[dict[str, str]], **options: Any) -> dict[str, Any]:
-        """The plain OpenAI chat.completion document, exchanged encrypted and signed."""
+    def chat(self, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+        """The plain OpenAI chat.completion document, exchanged encrypted and signed.
+
+        `options` are the chat request's other fields, sealed as given (tools, tool_choice,
+        response_format, logprobs, n, seed, ...): the TD runs the plain chat handler on them.
+        The TD's own refusal (a 4xx) raises `E2eServiceError` with its status and error object.
+        """
         attested, envelope, keys = self._seal(messages, options | {"stream": False})
         try:
             status, doc = self.transport.post(PATH, envelope)
@@ -144,16 +149,18 @@ class E2eClient:
         except E2eDecryptError as exc:
             raise E2eError(str(exc)) from None
         if inner_status != 200 or not isinstance(body, dict):
-            raise E2eError(f"the service answered {inner_status}: {_message(body)}")
+            raise E2eServiceError(inner_status, _error(body))
         return body
 
     def chat_stream(
-        self, messages: list[dict[str, str]], **options: Any
+        self, messages: list[dict[str, Any]], **options: Any
     ) -> Iterator[dict[str, Any]]:
-        """The plain chat.completion.chunk documents, each decrypted as it arrives.
+        """The plain chat.completion.chunk documents, each decrypted as it arrives (every
+        choice's, tool-call deltas and logprobs included, exactly as the plain stream has them).
 
-        Raises `E2eError` on the first record that does not authenticate in sequence, on an
-        error chunk, and at the end when the signed final record is missing or wrong.
+        Raises `E2eError` on the first record that does not authenticate in sequence and at the
+        end when the signed final record is missing or wrong; `E2eServiceError` (authenticated)
+        on a refusal before any token or an in-band error chunk.
         """
         attested, envelope, keys = self._seal(messages, options | {"stream": True})
         try:
@@ -166,7 +173,7 @@ class E2eClient:
         yield from _open_stream(lines, StreamOpener(keys, attested.signing_key))
 
     def _seal(
-        self, messages: list[dict[str, str]], options: dict[str, Any]
+        self, messages: list[dict[str, Any]], options: dict[str, Any]
     ) -> tuple[AttestedService, dict[str, str], ExchangeKeys]:
         attested = self.attested or self.attest()
         if "model" not in options:
@@ -203,9 +210,7 @@ def _open_stream(lines: Iterator[bytes], opener: StreamOpener) -> Iterator[dict[
             final, value = opener.open(_json(line[len(b"data: ") :]))
             if final:
                 if value["status"] != 200:
-                    raise E2eError(
-                        f"the service answered {value['status']}: {_message(value['body'])}"
-                    )
+                    raise E2eServiceError(value["status"], _error(value["body"]))
                 continue  # anything after this is refused by the opener
             yield from _chunks(value)
         opener.finish()
@@ -219,7 +224,7 @@ def _chunks(chunks: list[Any]) -> Iterator[dict[str, Any]]:
     """The chunks one record carries (a tick's worth); an in-band error ends the stream."""
     for chunk in chunks:
         if not isinstance(chunk, dict) or "error" in chunk:
-            raise E2eError(f"the service failed mid-stream: {_message(chunk)}")
+            raise E2eServiceError(None, _error(chunk))
         yield chunk
 
 
@@ -228,6 +233,12 @@ def _json(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError:
         return None
+
+
+def _error(doc: Any) -> dict[str, Any] | None:
+    """The OpenAI error object of an authenticated error body, if it has one."""
+    error = doc.get("error") if isinstance(doc, dict) else None
+    return error if isinstance(error, dict) else None
 
 
 def _message(doc: Any) -> Any:

@@ -1,7 +1,9 @@
 """POST /v1/completions: plain-text prompts (or token ids) continued by the model.
 
 `prompt` is one prompt (text or token ids) or a list of them; each gets `n` choices, and choice
-j of prompt i has index ``i * n + j`` (OpenAI's and vLLM's numbering)."""
+j of prompt i has index ``i * n + j`` (OpenAI's and vLLM's numbering). `response_format`
+(vLLM's extension of this endpoint) constrains every choice as chat's does: the same field, the
+same grammar (`protocol._sampling`)."""
 
 from __future__ import annotations
 

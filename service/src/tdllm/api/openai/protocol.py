@@ -145,6 +145,16 @@ RESPONSE_FORMAT_SCHEMA: dict[str, Any] = {
     ]
 }
 
+# chat's, and completions' too (vLLM's extension there): one grammar path for both endpoints;
+# nested params in its refusals, the schema compiled: _check_response_format
+RESPONSE_FORMAT_SPEC = FieldSpec(
+    "response_format",
+    RESPONSE_FORMAT_SCHEMA,
+    description="text, json_object (any JSON object) or json_schema (JSON valid under "
+    "json_schema.schema): constrained decoding, compact JSON; an invalid schema is a 400 (on "
+    "completions too, as vLLM's extension)",
+)
+
 # Each table is in the order the fields are checked (so that of two mistakes in one body, the
 # same one is always reported). Fields without a refusal are checked in that order too, by the
 # parser named in their comment, or last (prompt, messages: parsed into the request).
@@ -160,6 +170,7 @@ COMPLETION_ONLY_SPECS: tuple[FieldSpec, ...] = (
         description="each token's logprob and this many most likely alternatives (the raw "
         f"model's); {LOGPROBS_POLICY_NOTE}, at most its top-k",
     ),
+    RESPONSE_FORMAT_SPEC,
 )
 
 CHAT_ONLY_SPECS: tuple[FieldSpec, ...] = (
@@ -191,12 +202,7 @@ CHAT_ONLY_SPECS: tuple[FieldSpec, ...] = (
     _unsupported(
         "function_call", {"type": "string", "const": "none"}, "function_call is not supported"
     ),
-    FieldSpec(  # nested params in its refusals, the schema compiled: _check_response_format
-        "response_format",
-        RESPONSE_FORMAT_SCHEMA,
-        description="text, json_object (any JSON object) or json_schema (JSON valid under "
-        "json_schema.schema): constrained decoding, compact JSON; an invalid schema is a 400",
-    ),
+    RESPONSE_FORMAT_SPEC,
     _unsupported("store", {"type": "boolean", "const": False}, "store is not supported"),
     _unsupported(
         "modalities",
