@@ -9,7 +9,7 @@ cannot serve other keys or claims next to a genuine quote:
         "model": null | {
             "id": <the served model id, as /v1/models lists it>,
             "sealed": null | {
-                "format": <the sealed format version, "tdllm-sealed/1">,
+                "format": <"tdllm-sealed/1", or "tdllm-sealed/2" with quantized tensors>,
                 "manifest_sha256": <hex SHA-256 of canonical_json(the MAC-covered manifest)>,
                 "model_id": <the sealed manifest's model_id, 32 hex>}},
         "nonce": <the client's nonce, lowercase hex>,
