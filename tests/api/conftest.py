@@ -24,7 +24,9 @@ CONTEXT = 512
 def runner() -> Iterator[EngineRunner]:
     """The bundled model (fp32) on a running engine thread, shared by every app of the session."""
     net, checkpoint = load_model(open_checkpoint("bundled"))
-    engine = Engine(net, checkpoint.tokenizer, max_batch=4, max_seq_len=CONTEXT)
+    # prompts prefilled in chunks, as the service does (`prefill_chunk`), small enough that
+    # every chat prompt here takes several: streams, stops, grammars and logprobs through chunks
+    engine = Engine(net, checkpoint.tokenizer, max_batch=4, max_seq_len=CONTEXT, prefill_chunk=16)
     running = EngineRunner(engine, model_name=MODEL, queue_size=4).start()
     yield running
     running.stop()

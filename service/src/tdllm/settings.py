@@ -28,6 +28,9 @@ DTYPES = ("fp32", "bf16")
 ENGINES = ("tdllm", "vllm")
 GPU_CC = "gpu-cc"  # vLLM on a confidential-computing GPU inside the trust boundary
 GPU_EVIDENCE_SOURCES = ("nvml", "simulated")
+# a prefill chunk walks all the weights as a decode step does: fewer tokens than this would
+# spend most of each step reading weights for almost no prompt
+MIN_PREFILL_CHUNK = 16
 
 
 class SettingsError(UsageError):
@@ -70,6 +73,11 @@ class Settings:
     # N alternatives (N <= 20), on both engines (tdllm.api.openai.logprobs)
     logprobs_policy: str = "off"
     max_batch: int = 8  # sequences decoded together (KV-cache slots)
+    # prompt tokens one engine step prefills at most (tdllm engine): a longer prompt is
+    # prefilled in chunks between decode steps, so running streams wait one chunk, not the
+    # whole prompt, for their next token (docs/performance.md, "Chunked prefill"); 0: whole
+    # prompts, as they arrive
+    prefill_chunk: int = 256
     # most choices one request may ask for: n, or prompts times n for a list prompt (each choice
     # is a sequence: a KV-cache slot); a prompt's n choices decode together, so n <= max_batch too
     max_n: int = 8
@@ -141,6 +149,10 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.prefill_chunk != 0 and self.prefill_chunk < MIN_PREFILL_CHUNK:
+            problems.append(
+                f"prefill_chunk must be 0 (whole prompts) or at least {MIN_PREFILL_CHUNK} tokens"
+            )
         if self.max_prompt_tokens >= self.context_tokens:
             problems.append("max_prompt_tokens must be smaller than context_tokens")
         if not (1 <= self.default_max_tokens <= self.max_tokens_limit):
@@ -359,7 +371,10 @@ def _coerce(name: str, value: Any) -> Any:
             raise ValueError(f"{name} must be an integer")
         return value
     if kind == "int":
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, not {value!r}") from None
     if kind == "float":
         return float(value)
     if kind == "bool":

@@ -505,7 +505,7 @@ class Boot:
             served = build_model(checkpoint, parse_dtype(s.dtype), options, s.max_batch, context)
         except TdllmError as exc:
             raise BootFailed(f"cannot build the {s.profile} model: {exc.diagnostics()}") from None
-        engine = Engine(served.model, checkpoint.tokenizer, s.max_batch, context)
+        engine = Engine(served.model, checkpoint.tokenizer, s.max_batch, context, s.prefill_chunk)
         offloaded = s.profile != "td-only"
         return EngineRunner(
             engine,

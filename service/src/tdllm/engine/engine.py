@@ -8,6 +8,11 @@ choices' slots; every choice samples its first token from that one pass's logits
 generator. Elsewhere (a profile whose prefix or attention keeps state on a device) each choice is
 prefilled on its own.
 
+With a per-step budget (`prefill_chunk`), a step prefills at most that many prompt tokens and a
+longer prompt is prefilled in chunks over several steps (chunking.py), so a long prompt arriving
+delays the running streams' next token by one chunk's prefill, not its whole prefill; its first
+token is sampled after its last chunk.
+
 A sequence whose params ask for `logprobs` gets each token's log-probability and the top
 alternatives (`StepOutput.logprobs`), computed from the very logits row its token was sampled
 from, for all such sequences of a step together (`LogprobTable`); the others cost nothing."""
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 import llguidance
 import torch
 
+from tdllm.engine.chunking import check_budget, plan_prefill, prefill_groups
 from tdllm.engine.prompt_check import check_prompt
 from tdllm.engine.sampling import (
     LogitsProcessor,
@@ -36,10 +42,6 @@ from tdllm.engine.structured import Grammars
 from tdllm.errors import UsageError
 from tdllm.model.tokenizer import Tokenizer
 from tdllm.model.transformer import Attention, Batch, KVCache, Transformer
-
-# the most padded prompt tokens one prefill pass takes: prompts arriving together share a pass
-# (one walk over the weights) without one long prompt making a huge padded batch
-PREFILL_TOKENS = 2048
 
 
 @dataclass
@@ -76,6 +78,7 @@ class _Request:
     processor: LogitsProcessor | None = None  # penalties, logit_bias, min_tokens (when asked)
     matcher: llguidance.LLMatcher | None = None  # structured output: where the grammar stands
     slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the slot's cache (chunked prefill)
     output: list[int] = field(default_factory=list)
 
     @property
@@ -90,7 +93,9 @@ class Engine:
         tokenizer: Tokenizer,
         max_batch: int = 8,
         max_seq_len: int | None = None,
+        prefill_chunk: int = 0,
     ) -> None:
+        check_budget(prefill_chunk)
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = min(
@@ -99,7 +104,13 @@ class Engine:
         self.cache = KVCache(model.cfg, max_batch, self.max_seq_len, model.dtype)
         self.free_slots = list(range(max_batch))
         self.waiting: deque[_Request] = deque()
-        self.running: list[_Request] = []
+        self.running: list[_Request] = []  # every request holding a slot
+        self.prefilling: list[_Request] = []  # admitted, prompt not all in the cache yet
+        self._forks: dict[int, list[_Request]] = {}  # choices waiting for choice 0's prefill
+        # prompt tokens one step prefills at most (0: every prompt whole). Every placement
+        # prefills a continuation (one sequence from any start: split's device prefix,
+        # masked's linears, obfuscated's attention core), so no model needs whole prompts
+        self.prefill_chunk = prefill_chunk
         self._ids = itertools.count()
         self.batched_prefill = model.prefills_together()
         # the n choices of a request share one prefill (its cache rows copied) only where every
@@ -172,25 +183,17 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Admit waiting requests into free slots (prefill), then one decode step for the rest."""
+        """Admit waiting requests into free slots, prefill what the budget allows (first
+        tokens for prompts now complete), then one decode step for the sequences that had
+        a token already."""
         outputs: list[StepOutput] = []
-        decoding = list(self.running)
-        admitted = []
-        # a request's choices all at once, in order of arrival (none overtakes a larger one)
-        while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
-            for _ in range(self.waiting[0].params.n):
-                request = self.waiting.popleft()
-                request.slot = self.free_slots.pop(0)
-                self.running.append(request)
-                admitted.append(request)
-        forks: dict[int, list[_Request]] = {}
-        if self.shares_prefill:
-            for request in admitted:
-                if request.index:
-                    forks.setdefault(request.id, []).append(request)
-            admitted = [r for r in admitted if not r.index]
-        for group in self._prefill_groups(admitted):
-            outputs.extend(self._prefill(group, forks))
+        decoding = [r for r in self.running if r.output]
+        self._admit()
+        plan = plan_prefill(self.prefilling, self.prefill_chunk)
+        for group in self._prefill_groups(plan.whole):
+            outputs.extend(self._prefill(group))
+        for request, count in plan.chunks:
+            outputs.extend(self._prefill_chunk(request, count))
         if decoding:
             decoding.sort(key=lambda r: r.slot)  # contiguous slots read the cache as a view
             tokens = torch.tensor([[r.output[-1]] for r in decoding])
@@ -205,49 +208,63 @@ class Engine:
         self.free_slots.sort()
         return outputs
 
-    def _prefill_groups(self, admitted: list[_Request]) -> list[list[_Request]]:
-        """Prompts that share one padded forward pass: similar lengths (padding at most half of
-        a row) and at most `PREFILL_TOKENS` padded tokens; one prompt per pass where the model
-        cannot batch them (`Transformer.prefills_together`)."""
-        if not self.batched_prefill:
-            return [[r] for r in admitted]
-        groups: list[list[_Request]] = []
-        for request in sorted(admitted, key=lambda r: len(r.prompt)):
-            group = groups[-1] if groups else None
-            longest = len(request.prompt)
-            if (
-                group is not None
-                and longest <= 2 * len(group[0].prompt)
-                and longest * (len(group) + 1) <= PREFILL_TOKENS
-            ):
-                group.append(request)
-            else:
-                groups.append([request])
-        return groups
+    def _admit(self) -> None:
+        """Slots for waiting requests, a request's choices all at once, in order of arrival
+        (none overtakes a larger one). Where choices share a prefill, choices 1.. wait for
+        choice 0's (`_forks`) instead of prefilling."""
+        while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
+            for _ in range(self.waiting[0].params.n):
+                request = self.waiting.popleft()
+                request.slot = self.free_slots.pop(0)
+                self.running.append(request)
+                if self.shares_prefill and request.index:
+                    self._forks.setdefault(request.id, []).append(request)
+                else:
+                    self.prefilling.append(request)
 
-    def _prefill(self, group: list[_Request], forks: dict[int, list[_Request]]) -> list[StepOutput]:
-        """Each prompt into its slot's cache from position 0, then its first token; the other
-        choices of a request in `forks` get the prompt's cache rows and sample their first
-        token from the same logits."""
+    def _prefill_groups(self, admitted: list[_Request]) -> list[list[_Request]]:
+        """Prompts that share one padded pass (`chunking.prefill_groups`)."""
+        return prefill_groups(admitted, self.batched_prefill)
+
+    def _prefill(self, group: list[_Request]) -> list[StepOutput]:
+        """Each prompt into its slot's cache from position 0, then its first token."""
         lengths = [len(r.prompt) for r in group]
         width = max(lengths)
         tokens = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in group])
         batch = Batch([r.slot for r in group], [0] * len(group), width, lengths)
         logits = self.model(tokens, batch, self.cache)
-        outputs: list[StepOutput] = []
-        rows = [
-            (i, r) for i, request in enumerate(group) for r in [request, *forks.get(request.id, [])]
-        ]
+        return self._first_tokens(group, logits)
+
+    def _prefill_chunk(self, request: _Request, count: int) -> list[StepOutput]:
+        """The next `count` prompt tokens into the slot's cache, a continuation from where the
+        last chunk ended; the first token only after the last chunk."""
+        start = request.prefilled
+        tokens = torch.tensor([request.prompt[start : start + count]])
+        logits = self.model(tokens, Batch([request.slot], [start], count), self.cache)
+        request.prefilled += count
+        if request.prefilled < len(request.prompt):
+            return []
+        return self._first_tokens([request], logits)
+
+    def _first_tokens(self, group: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
+        """Prompts of `group` are all in the cache (`logits` their last rows): the first token
+        of each; the request's other choices waiting in `_forks` get the prompt's cache rows
+        and sample their first token from the same logits."""
+        done = {id(r) for r in group}
+        self.prefilling = [r for r in self.prefilling if id(r) not in done]
+        forks = {r.id: self._forks.pop(r.id, []) for r in group}
+        rows = [(i, r) for i, request in enumerate(group) for r in [request, *forks[request.id]]]
+        for _, r in rows:
+            r.prefilled = len(r.prompt)
         allowed = self._allowed([r for _, r in rows])
         logprobs = self._logprobs([r for _, r in rows], logits[[i for i, _ in rows], -1])
         for request in group:
-            for fork in forks.get(request.id, []):  # before the first choice may finish
+            for fork in forks[request.id]:  # before the first choice may finish
                 self._copy_prompt_cache(request, fork)
-        outputs.extend(
+        return [
             self._advance(r, logits[i, -1], allowed.get(k), logprobs.get(k))
             for k, (i, r) in enumerate(rows)
-        )
-        return outputs
+        ]
 
     def _allowed(self, requests: Sequence[_Request]) -> dict[int, torch.Tensor]:
         """The tokens the grammar allows next, by position in `requests`, for the constrained
@@ -326,6 +343,9 @@ class Engine:
 
     def _finish(self, request: _Request) -> None:
         self.running.remove(request)
+        if request.prefilled < len(request.prompt):  # cancelled before its first token
+            self.prefilling = [r for r in self.prefilling if r is not request]
+            self._forks.pop(request.id, None)
         self.free_slots.append(request.slot)
         request.slot = -1
 

@@ -501,6 +501,40 @@ def bench_decode_profile(
     click.echo(json.dumps(reports, indent=2) if as_json else format_report(reports))
 
 
+@bench.command("stall")
+@click.option("--model", default="bundled", show_default=True)
+@click.option("--dtype", type=DTYPE, default="bf16", show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(2, 8000), default=1500, show_default=True)
+@click.option(
+    "--chunk",
+    "chunks",
+    type=click.IntRange(0, 8192),
+    multiple=True,
+    help="prefill_chunk budgets to compare, 0 for whole prompts (repeatable; default 0, 128, "
+    "256, 512)",
+)
+@click.option("--repeats", type=click.IntRange(1, 10), default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_stall(
+    model: str,
+    dtype: str,
+    prompt_tokens: int,
+    chunks: tuple[int, ...],
+    repeats: int,
+    as_json: bool,
+) -> None:
+    """One stream decoding while a long prompt arrives: the stream's largest inter-token gap
+    and the prompt's time to first token, whole-prompt prefill vs chunked (`prefill_chunk`)."""
+    from tdllm.model.loader import parse_dtype
+    from tdllm.sources import open_checkpoint
+    from tdllm_lab.bench.stall import format_report, run_stall
+
+    checkpoint = open_checkpoint(model)
+    budgets = list(chunks or (0, 128, 256, 512))
+    report = run_stall(checkpoint, parse_dtype(dtype), budgets, prompt_tokens, repeats, status)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
 @bench.command("linear-kernels")
 @click.option("--one-b/--no-one-b", default=True, show_default=True, help="also 1B-like shapes")
 @click.option("--calls", type=click.IntRange(5, 10000), default=60, show_default=True)
