@@ -535,6 +535,39 @@ def bench_stall(
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+@bench.command("structured")
+@click.option("--model", default="bundled", show_default=True)
+@click.option("--dtype", type=DTYPE, default="bf16", show_default=True)
+@click.option(
+    "--batch",
+    "batch_sizes",
+    type=click.IntRange(1, 64),
+    multiple=True,
+    help="sequences decoding together (repeatable; default 1 and 8)",
+)
+@click.option("--new-tokens", type=click.IntRange(8, 2048), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(1, 10), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_structured(
+    model: str,
+    dtype: str,
+    batch_sizes: tuple[int, ...],
+    new_tokens: int,
+    repeats: int,
+    as_json: bool,
+) -> None:
+    """Decode tok/s free vs under a JSON Schema (llguidance), same engine, modes taking turns:
+    the per-token cost of structured outputs."""
+    from tdllm.model.loader import parse_dtype
+    from tdllm.sources import open_checkpoint
+    from tdllm_lab.bench.structured import format_report, run_structured
+
+    checkpoint = open_checkpoint(model)
+    sizes = list(batch_sizes or (1, 8))
+    report = run_structured(checkpoint, parse_dtype(dtype), sizes, new_tokens, repeats, status)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
 @bench.command("linear-kernels")
 @click.option("--one-b/--no-one-b", default=True, show_default=True, help="also 1B-like shapes")
 @click.option("--calls", type=click.IntRange(5, 10000), default=60, show_default=True)
