@@ -38,6 +38,7 @@ import torch
 
 from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
 from tdllm.model.gguf_blocks import INT4_KINDS, GgufQuantized
+from tdllm.model.int4_widen import int4_widened_linear
 from tdllm.model.linear import (
     Linear,
     LinearMethod,
@@ -55,6 +56,9 @@ PREFILL_MIN_ROWS = 128
 WIDEN_BLOCK_ROWS = 2048  # int8 rows widened to bf16 at a time: the block stays small and warm
 QUANT_BLOCK_ROWS = 256  # rows quantized at a time: temporaries under glibc's mmap threshold
 INT4_GROUP_SIZE = 32
+# int4: from this many rows on, oneDNN's bf16 GEMM on weights dequantized a block at a time from
+# the packed codes (`tdllm.model.int4_widen`; threshold measured: docs/performance.md)
+INT4_PREFILL_MIN_ROWS = 128
 INT4_ROW_MULTIPLE = 16  # the int4 packing takes a multiple of 16 output rows: zero rows pad it
 # rows packed at a time: torch's CPU int4 packing lays out blocks of 64 rows on their own, so
 # packing a projection in runs of a multiple of 64 rows gives its bytes (tested), without an
@@ -254,7 +258,10 @@ class Int8WeightOnlyMethod(_StagedQuantMethod):
 
 
 class Int4WeightOnlyMethod(_StagedQuantMethod):
-    """int4 weights, a scale and zero per `group_size` inputs; ``_weight_int4pack_mm_for_cpu``."""
+    """int4 weights, a scale and zero per `group_size` inputs; ``_weight_int4pack_mm_for_cpu``
+    for decode-sized inputs. From `INT4_PREFILL_MIN_ROWS` rows (long prefills) the kernel's own
+    weights, dequantized from its packed codes a block of rows at a time and rounded to bf16,
+    go through oneDNN's bf16 GEMM instead: the kernel falls 2-3x behind bf16 there."""
 
     def __init__(self, group_size: int = INT4_GROUP_SIZE) -> None:
         super().__init__()
@@ -321,7 +328,11 @@ class Int4WeightOnlyMethod(_StagedQuantMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         packed, sz = layer.qweight, layer.scales_zeros
         assert isinstance(packed, torch.Tensor) and isinstance(sz, torch.Tensor)
-        y = torch._weight_int4pack_mm_for_cpu(_rows(x), packed, self.group_size, sz)
+        rows = _rows(x)
+        if rows.shape[0] >= INT4_PREFILL_MIN_ROWS:
+            y = int4_widened_linear(rows, packed, sz, self.group_size, layer.out_features)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(rows, packed, self.group_size, sz)
         if y.shape[-1] != layer.out_features:  # rows padded to INT4_ROW_MULTIPLE
             y = y[:, : layer.out_features]
         return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
