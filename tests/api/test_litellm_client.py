@@ -23,6 +23,7 @@ from tdllm.api.runner import EngineRunner
 
 from .conftest import MODEL
 from .live_http import API_KEY, loopback_only, served
+from .test_tools import WEATHER_PARAMETERS
 
 # LiteLLM's streaming wrapper reads `model_fields` and `model_computed_fields` off an instance,
 # which pydantic 2.11+ deprecates; under the suite's warnings-as-errors that would end the
@@ -32,15 +33,6 @@ pytestmark = pytest.mark.filterwarnings(
     ":pydantic.warnings.PydanticDeprecatedSince211"
 )
 
-WEATHER_PARAMETERS: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
 WEATHER = {
     "type": "function",
     "function": {

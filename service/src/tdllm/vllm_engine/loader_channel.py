@@ -23,7 +23,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +103,7 @@ class LoaderChannel:
             self._key = None
 
     def _serve(self) -> None:
-        while not self._closed.is_set():
-            try:
-                connection, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
+        for connection in accepted(self._listener, self._closed):
             with connection:
                 if not self._from_child(connection):
                     self.refused += 1
@@ -125,6 +119,18 @@ class LoaderChannel:
     def _hand_over(self, connection: socket.socket) -> dict[str, Any]:
         key, self._key = self._key, None
         return hand_over(connection, key)
+
+
+def accepted(listener: socket.socket, closed: threading.Event) -> Iterator[socket.socket]:
+    """Connections to `listener` (its timeout set) until `closed` is set or it is closed."""
+    while not closed.is_set():
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        yield connection
 
 
 def peer_credentials(connection: socket.socket) -> tuple[int, int]:

@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tdllm.vllm_engine.loader_channel import hand_over, peer_credentials, peer_descends_from
+from tdllm.vllm_engine.loader_channel import (
+    accepted,
+    hand_over,
+    peer_credentials,
+    peer_descends_from,
+)
 
 # one attested release per connection; a loader waits its turn (vLLM loads its stages once)
 _BACKLOG = 8
@@ -93,13 +98,7 @@ class StageKeyServer:
         while not self._rooted.wait(0.5):
             if self._closed.is_set():
                 return
-        while not self._closed.is_set():
-            try:
-                connection, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
+        for connection in accepted(self._listener, self._closed):
             with connection:
                 self._one(connection)
 
