@@ -78,6 +78,10 @@ class Settings:
     # whole prompt, for their next token (docs/performance.md, "Chunked prefill"); 0: whole
     # prompts, as they arrive
     prefill_chunk: int = 256
+    # blocks of 64 prompt tokens whose keys and values the tdllm engine keeps after a prefill,
+    # so a later prompt starting with the same blocks (a shared system prompt) prefills only the
+    # rest (td-only models; docs/performance.md, "Prefix cache"); 0: off
+    prefix_cache_blocks: int = 0
     # most choices one request may ask for: n, or prompts times n for a list prompt (each choice
     # is a sequence: a KV-cache slot); a prompt's n choices decode together, so n <= max_batch too
     max_n: int = 8
@@ -153,6 +157,8 @@ class Settings:
             problems.append(
                 f"prefill_chunk must be 0 (whole prompts) or at least {MIN_PREFILL_CHUNK} tokens"
             )
+        if self.prefix_cache_blocks < 0:
+            problems.append("prefix_cache_blocks must be 0 (off) or a count of 64-token blocks")
         if self.max_prompt_tokens >= self.context_tokens:
             problems.append("max_prompt_tokens must be smaller than context_tokens")
         if not (1 <= self.default_max_tokens <= self.max_tokens_limit):

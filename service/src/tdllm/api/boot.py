@@ -505,7 +505,14 @@ class Boot:
             served = build_model(checkpoint, parse_dtype(s.dtype), options, s.max_batch, context)
         except TdllmError as exc:
             raise BootFailed(f"cannot build the {s.profile} model: {exc.diagnostics()}") from None
-        engine = Engine(served.model, checkpoint.tokenizer, s.max_batch, context, s.prefill_chunk)
+        engine = Engine(
+            served.model,
+            checkpoint.tokenizer,
+            s.max_batch,
+            context,
+            s.prefill_chunk,
+            s.prefix_cache_blocks,
+        )
         offloaded = s.profile != "td-only"
         return EngineRunner(
             engine,

@@ -13,6 +13,11 @@ longer prompt is prefilled in chunks over several steps (chunking.py), so a long
 delays the running streams' next token by one chunk's prefill, not its whole prefill; its first
 token is sampled after its last chunk.
 
+With a prefix cache (`prefix_cache_blocks`, prefix_cache.py; only where `shares_prefill`), a
+prompt's whole leading blocks are kept after its prefill, and a later prompt starting with the
+same blocks gets their cache rows copied into its slot on admission and prefills only the rest,
+as a continuation (like a chunk).
+
 A sequence whose params ask for `logprobs` gets each token's log-probability and the top
 alternatives (`StepOutput.logprobs`), computed from the very logits row its token was sampled
 from, for all such sequences of a step together (`LogprobTable`); the others cost nothing."""
@@ -29,6 +34,7 @@ import llguidance
 import torch
 
 from tdllm.engine.chunking import check_budget, plan_prefill, prefill_groups
+from tdllm.engine.prefix_cache import PREFIX_BLOCK, PrefixCache, check_prefix_cache
 from tdllm.engine.prompt_check import check_prompt
 from tdllm.engine.sampling import (
     LogitsProcessor,
@@ -94,8 +100,11 @@ class Engine:
         max_batch: int = 8,
         max_seq_len: int | None = None,
         prefill_chunk: int = 0,
+        prefix_cache_blocks: int = 0,
+        prefix_block: int = PREFIX_BLOCK,
     ) -> None:
         check_budget(prefill_chunk)
+        check_prefix_cache(prefix_cache_blocks, prefix_block)
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = min(
@@ -117,6 +126,13 @@ class Engine:
         # layer's keys and values are in `cache`: no prefix run elsewhere, no attention core
         self.shares_prefill = model.prefix is None and all(
             m.core is None for m in model.modules() if isinstance(m, Attention)
+        )
+        # prompts' leading blocks kept across requests (0 blocks: off); only where the whole KV
+        # is in `cache`, as for sharing a prefill: elsewhere part of it is on a device
+        self.prefix_cache = (
+            PrefixCache(model.cfg, prefix_cache_blocks, prefix_block, model.dtype)
+            if prefix_cache_blocks and self.shares_prefill
+            else None
         )
         self.grammars = Grammars(tokenizer, model.cfg.vocab_size)
 
@@ -190,9 +206,12 @@ class Engine:
         decoding = [r for r in self.running if r.output]
         self._admit()
         plan = plan_prefill(self.prefilling, self.prefill_chunk)
-        for group in self._prefill_groups(plan.whole):
+        # a prompt that starts from a cached prefix is a continuation even when whole
+        whole = [r for r in plan.whole if not r.prefilled]
+        rest = [(r, len(r.prompt) - r.prefilled) for r in plan.whole if r.prefilled]
+        for group in self._prefill_groups(whole):
             outputs.extend(self._prefill(group))
-        for request, count in plan.chunks:
+        for request, count in [*rest, *plan.chunks]:
             outputs.extend(self._prefill_chunk(request, count))
         if decoding:
             decoding.sort(key=lambda r: r.slot)  # contiguous slots read the cache as a view
@@ -220,6 +239,10 @@ class Engine:
                 if self.shares_prefill and request.index:
                     self._forks.setdefault(request.id, []).append(request)
                 else:
+                    if self.prefix_cache is not None:
+                        request.prefilled = self.prefix_cache.lookup(
+                            request.prompt, self.cache, request.slot
+                        )
                     self.prefilling.append(request)
 
     def _prefill_groups(self, admitted: list[_Request]) -> list[list[_Request]]:
@@ -256,6 +279,9 @@ class Engine:
         rows = [(i, r) for i, request in enumerate(group) for r in [request, *forks[request.id]]]
         for _, r in rows:
             r.prefilled = len(r.prompt)
+        if self.prefix_cache is not None:  # before any may finish and free its slot
+            for request in group:
+                self.prefix_cache.store(request.prompt, self.cache, request.slot)
         allowed = self._allowed([r for _, r in rows])
         logprobs = self._logprobs([r for _, r in rows], logits[[i for i, _ in rows], -1])
         for request in group:

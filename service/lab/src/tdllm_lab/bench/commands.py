@@ -568,6 +568,29 @@ def bench_structured(
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+@bench.command("prefix-cache")
+@click.option("--model", default="bundled", show_default=True)
+@click.option("--dtype", type=DTYPE, default="bf16", show_default=True)
+@click.option("--system-tokens", type=click.IntRange(64, 4096), default=512, show_default=True)
+@click.option("--blocks", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(1, 10), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_prefix_cache(
+    model: str, dtype: str, system_tokens: int, blocks: int, repeats: int, as_json: bool
+) -> None:
+    """Time to first token of a request sharing a system prompt with an earlier one, prefix
+    cache off vs on (`prefix_cache_blocks`)."""
+    from tdllm.model.loader import parse_dtype
+    from tdllm.sources import open_checkpoint
+    from tdllm_lab.bench.prefix_cache import format_report, run_prefix_cache
+
+    checkpoint = open_checkpoint(model)
+    report = run_prefix_cache(
+        checkpoint, parse_dtype(dtype), system_tokens, blocks, repeats, status
+    )
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
 @bench.command("linear-kernels")
 @click.option("--one-b/--no-one-b", default=True, show_default=True, help="also 1B-like shapes")
 @click.option("--calls", type=click.IntRange(5, 10000), default=60, show_default=True)
