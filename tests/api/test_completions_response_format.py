@@ -19,17 +19,9 @@ from tdllm.api.app import create_app
 from tdllm.api.runner import EngineRunner
 
 from .conftest import MODEL, api_settings
+from .test_e2e_openai_features import PERSON
 from .test_sampling_params import openai_client
 
-PERSON: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
 PROMPT = "A person, as JSON:"
 

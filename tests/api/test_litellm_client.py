@@ -23,7 +23,7 @@ from tdllm.api.runner import EngineRunner
 
 from .conftest import MODEL
 from .live_http import API_KEY, loopback_only, served
-from .test_tools import WEATHER_PARAMETERS
+from .test_tools import ASK, WEATHER, WEATHER_PARAMETERS
 
 # LiteLLM's streaming wrapper reads `model_fields` and `model_computed_fields` off an instance,
 # which pydantic 2.11+ deprecates; under the suite's warnings-as-errors that would end the
@@ -32,16 +32,6 @@ pytestmark = pytest.mark.filterwarnings(
     r"ignore:Accessing the 'model_(computed_)?fields' attribute on the instance"
     ":pydantic.warnings.PydanticDeprecatedSince211"
 )
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": WEATHER_PARAMETERS,
-    },
-}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 class City(BaseModel):
