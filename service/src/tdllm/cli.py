@@ -16,6 +16,7 @@ import click
 from tdllm.api.commands import serve
 from tdllm.cluster_commands import cluster
 from tdllm.errors import TdllmError, UsageError
+from tdllm.model.compile_modes import COMPILE_MODES
 from tdllm.model.quant_formats import QUANTS
 from tdllm.profiles.registry import PROFILE_NAMES
 from tdllm.trusted.crossing import DEVICE_KINDS
@@ -121,6 +122,15 @@ def cli() -> None:
     help="td-only: keep the weights int8/int4 (quantized at load; activations stay --dtype)",
 )
 @click.option(
+    "--compile",
+    "compile_mode",
+    type=click.Choice(COMPILE_MODES),
+    default="off",
+    show_default=True,
+    help="decode: compile the decode step into one graph before generating (minutes on 2 "
+    "cores, needs g++; td-only and split)",
+)
+@click.option(
     "--profile",
     type=click.Choice(PROFILE_NAMES),
     default="td-only",
@@ -154,6 +164,7 @@ def generate(
     stop: tuple[str, ...],
     dtype: str,
     quant: str,
+    compile_mode: str,
     profile: str,
     device: str,
     k: int,
@@ -189,7 +200,14 @@ def generate(
     options = ProtectionOptions(profile, device, k, public_ref, quant=quant)
     served = build_model(checkpoint, parse_dtype(dtype), options, 1, max_seq_len)
     try:
-        engine = Engine(served.model, tokenizer, max_batch=1, max_seq_len=max_seq_len)
+        engine = Engine(
+            served.model,
+            tokenizer,
+            max_batch=1,
+            max_seq_len=max_seq_len,
+            compile=compile_mode,
+            status=status,
+        )
         for out in engine.stream(ids, params):
             click.echo(out.text, nl=False)
         click.echo()

@@ -512,6 +512,8 @@ class Boot:
             context,
             s.prefill_chunk,
             s.prefix_cache_blocks,
+            compile=s.compile,
+            status=lambda text: self.state.set("loading", text),
         )
         offloaded = s.profile != "td-only"
         return EngineRunner(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from tdllm.model.compile_modes import COMPILE_MODES
 from tdllm.model.quant_formats import QUANTS
 
 CONFIG = click.Path(path_type=Path, dir_okay=False, exists=True)
@@ -29,6 +30,14 @@ def gunicorn_argv() -> list[str]:
     default=None,
     help="weights kept int8/int4 (td-only, engine tdllm); the `quant` setting, TDLLM_QUANT",
 )
+@click.option(
+    "--compile",
+    "compile_mode",
+    type=click.Choice(COMPILE_MODES),
+    default=None,
+    help="decode: the decode step compiled into one graph at load (engine tdllm, td-only or "
+    "split; needs g++); the `compile` setting, TDLLM_COMPILE",
+)
 @click.option("--check", is_flag=True, help="resolve and print the settings, then exit")
 def serve(
     config_file: Path | None,
@@ -36,6 +45,7 @@ def serve(
     port: int | None,
     model: str | None,
     quant: str | None,
+    compile_mode: str | None,
     check: bool,
 ) -> None:
     """Serve the OpenAI-compatible API (gunicorn, one worker) until stopped.
@@ -45,7 +55,7 @@ def serve(
     """
     from tdllm.settings import load_settings, service_environment
 
-    given = {"host": host, "port": port, "model": model, "quant": quant}
+    given = {"host": host, "port": port, "model": model, "quant": quant, "compile": compile_mode}
     changes = {k: str(v) for k, v in given.items() if v is not None}
     env = service_environment(config_file, **changes)
     settings = load_settings(environ=env)  # fail here, with one line, not inside gunicorn

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import llguidance
@@ -46,6 +46,8 @@ from tdllm.engine.sampling import (
 from tdllm.engine.stops import TextStream
 from tdllm.engine.structured import Grammars
 from tdllm.errors import UsageError
+from tdllm.model.compile_modes import COMPILE_MODES
+from tdllm.model.compiled_decode import compile_decode, warm_up
 from tdllm.model.tokenizer import Tokenizer
 from tdllm.model.transformer import Attention, Batch, KVCache, Transformer
 
@@ -102,6 +104,8 @@ class Engine:
         prefill_chunk: int = 0,
         prefix_cache_blocks: int = 0,
         prefix_block: int = PREFIX_BLOCK,
+        compile: str = "off",
+        status: Callable[[str], None] = lambda _: None,
     ) -> None:
         check_budget(prefill_chunk)
         check_prefix_cache(prefix_cache_blocks, prefix_block)
@@ -135,6 +139,13 @@ class Engine:
             else None
         )
         self.grammars = Grammars(tokenizer, model.cfg.vocab_size)
+        # decode steps as one compiled graph (`compiled_decode`), traced now, not by a request
+        self.compile_seconds = 0.0
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}")
+        if compile == "decode":
+            compile_decode(model)
+            self.compile_seconds = warm_up(model, self.cache, max_batch, self.max_seq_len, status)
 
     # -- requests -------------------------------------------------------------------------------
 

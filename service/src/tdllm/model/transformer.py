@@ -149,6 +149,54 @@ class Batch:
             return x[:, -1:]
         return x[torch.arange(len(self.slots)), torch.tensor(self.lengths) - 1][:, None]
 
+    def attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Attention of one query per row (a decode step) over what `read` returned."""
+        return decode_attention(q, keys, values, self.mask)
+
+
+@dataclass
+class DecodeWindow(Batch):
+    """A decode batch (one token per sequence) that reads cache slots ``0..rows-1`` as one view
+    whatever slots its sequences hold: the shape a compiled decode step is traced for
+    (`tdllm.model.compiled_decode`). Its Python state is two ints (`rows`, `span`) and tensors,
+    so one graph serves every batch size, slot set and length; the queries are scattered into
+    their slots' rows and the free slots' rows (a gap left by a finished request) attend to
+    their stale key 0 and are dropped. The same arithmetic per row as `Batch`."""
+
+    min_rows: int = 1
+
+    @classmethod
+    def covering(cls, batch: Batch, cache_slots: int) -> DecodeWindow:
+        """`batch` as a window of at least two rows and two slots where the cache has two:
+        a graph traced with a symbolic size is specialized again for a size of 1, so a lone
+        sequence is sent twice (the same token, slot and position: the copy writes the same
+        keys and values and its logits are dropped) rather than given a graph of its own."""
+        slots, starts = batch.slots, batch.starts
+        if len(slots) == 1 and cache_slots >= 2:
+            slots, starts = slots * 2, starts * 2
+        return cls(slots, starts, 1, None, min(2, cache_slots))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        assert self.num_tokens == 1 and self.lengths is None
+        self.rows = max(max(self.slots) + 1, self.min_rows)
+        self.row_positions = torch.zeros(self.rows, dtype=torch.long).index_copy_(
+            0, self.slot_index, self.positions[:, 0]
+        )
+        keys = torch.arange(self.span)
+        self.window_mask = (keys[None, :] <= self.row_positions[:, None])[:, None, None, :]
+
+    def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
+        cache[self.slot_index, :, self.positions[:, 0]] = new[:, :, 0]
+
+    def read(self, cache: torch.Tensor) -> torch.Tensor:
+        return cache[: self.rows, :, : self.span]
+
+    def attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        rows = q.new_zeros((self.rows, *q.shape[1:])).index_copy_(0, self.slot_index, q)
+        y = decode_attention(rows, keys, values, self.window_mask)
+        return y.index_select(0, self.slot_index)
+
 
 class PrefixPlacement(Protocol):
     """Who computes the embedding and blocks ``0..num_layers-1`` when not this model.
@@ -160,6 +208,14 @@ class PrefixPlacement(Protocol):
     num_layers: int
 
     def __call__(self, tokens: torch.Tensor, batch: Batch) -> torch.Tensor: ...
+
+
+class TailStep(Protocol):
+    """`Transformer.tail` as a compiled step: logits from the hidden states entering `start`."""
+
+    def __call__(
+        self, x: torch.Tensor, batch: Batch, cache: KVCache, start: int
+    ) -> torch.Tensor: ...
 
 
 class AttentionCore(Protocol):
@@ -200,16 +256,30 @@ class Transformer(nn.Module):
         # None: every block runs here. Otherwise the first `prefix.num_layers` blocks (and the
         # embedding) are computed by `prefix`, e.g. a public prefix on an untrusted device.
         self.prefix: PrefixPlacement | None = None
+        # `tail` compiled for decode steps (`tdllm.model.compiled_decode`); None: eager
+        self.decode_step: TailStep | None = None
 
     def forward(
         self, tokens: torch.Tensor, batch: Batch, cache: KVCache, last_only: bool = True
     ) -> torch.Tensor:
         """Logits ``[B, T or 1, vocab]`` for `tokens` ``[B, T]`` placed as `batch` says."""
         if self.prefix is None:
-            x = self.forward_blocks(self.embed_tokens(tokens), batch, cache, 0, len(self.layers))
+            x, start = self.embed_tokens(tokens), 0
         else:  # the first blocks run elsewhere (see `PrefixPlacement`); the rest run here
-            x = self.prefix(tokens, batch)
-            x = self.forward_blocks(x, batch, cache, self.prefix.num_layers, len(self.layers))
+            x, start = self.prefix(tokens, batch), self.prefix.num_layers
+        if self.decode_step is not None and batch.num_tokens == 1:
+            window = DecodeWindow.covering(batch, cache.max_batch)
+            rows = len(window.slots)
+            x = x if rows == x.shape[0] else x.expand(rows, -1, -1).contiguous()
+            return self.decode_step(x, window, cache, start)[: len(batch.slots)]
+        return self.tail(x, batch, cache, start, last_only)
+
+    def tail(
+        self, x: torch.Tensor, batch: Batch, cache: KVCache, start: int, last_only: bool = True
+    ) -> torch.Tensor:
+        """Logits from the hidden states `x` entering block `start`: the blocks, norm and head
+        that run in this process, the part a compiled decode step replaces."""
+        x = self.forward_blocks(x, batch, cache, start, len(self.layers))
         if last_only:
             x = batch.last(x)
         return self.lm_head(self.norm(x))
@@ -458,7 +528,7 @@ class Attention(nn.Module):
         batch.write(v_cache, v)
         keys, values = batch.read(k_cache), batch.read(v_cache)
         if T == 1:
-            y = decode_attention(q, keys, values, batch.mask)
+            y = batch.attend_one(q, keys, values)
         else:
             y = F.scaled_dot_product_attention(
                 q,

@@ -1,0 +1,134 @@
+"""The compiled decode step (`compile: decode`): the eager engine's tokens, one graph for every
+batch, nothing of the weights on disk, and a clear refusal where a block crosses the TD.
+
+One compile of the tiny model (~10-20 s on 2 cores) is shared by the module."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from tdllm.engine import Engine, SamplingParams
+from tdllm.errors import ModelLoadError
+from tdllm.model.compiled_decode import CACHE_DIR_ENV, compile_decode, why_not
+from tdllm.model.linear import LinearMethodTable
+from tdllm.model.transformer import Batch, KVCache, Transformer
+from tests.protection.engine_runs import NoTokenizer
+from tests.tiny_model import tiny_model
+
+PROMPTS = [[5, 17, 3, 42, 8], [9, 1, 60, 2, 11, 12, 13, 14, 15], [33, 34], [70, 71, 72]]
+SHORT = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+LONG = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("inductor")
+    before = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(path)
+    torch._dynamo.reset()
+    counters.clear()
+    yield path
+    torch._dynamo.reset()
+    if before is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = before
+
+
+@pytest.fixture(scope="module")
+def compiled(cache_dir: Path) -> Engine:
+    return Engine(tiny_model(), NoTokenizer(), 4, 48, compile="decode")  # type: ignore[arg-type]
+
+
+def eager() -> Engine:
+    return Engine(tiny_model(), NoTokenizer(), 4, 48)  # type: ignore[arg-type]
+
+
+def run(engine: Engine) -> list[list[int]]:
+    """Four prompts with different lengths; two stop early, so later steps decode slots with a
+    gap (slots 1 and 3) and a lone sequence in a slot other than 0."""
+    params = [SHORT, LONG, SHORT, LONG]
+    return [c.token_ids for c in engine.generate(PROMPTS, params)]
+
+
+def test_compiled_decode_generates_the_eager_engines_tokens(compiled: Engine) -> None:
+    assert run(compiled) == run(eager())
+    lone = [[1, 2, 3]], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert compiled.generate(*lone)[0].token_ids == eager().generate(*lone)[0].token_ids
+
+
+def test_compiled_logits_match_eager_logits_for_every_row(compiled: Engine) -> None:
+    model, cache = compiled.model, KVCache(compiled.model.cfg, 4, 48, torch.float32)
+    reference = tiny_model()
+    ref_cache = KVCache(reference.cfg, 4, 48, torch.float32)
+    with torch.inference_mode():
+        for slot, prompt in enumerate(PROMPTS):
+            batch = Batch([slot], [0], len(prompt))
+            model(torch.tensor([prompt]), batch, cache)
+            reference(torch.tensor([prompt]), batch, ref_cache)
+        slots = [1, 3]  # a gap: slots 0 and 2 idle
+        step = Batch(slots, [len(PROMPTS[s]) for s in slots], 1)
+        tokens = torch.tensor([[4], [6]])
+        got = model(tokens, step, cache)
+        want = reference(tokens, step, ref_cache)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the step wrote each row's keys at its own slot and position, as eager did
+    for layer in range(model.cfg.num_layers):
+        torch.testing.assert_close(cache.k[layer], ref_cache.k[layer], rtol=1e-4, atol=1e-4)
+
+
+def test_one_graph_serves_every_batch_size_slot_set_and_length(compiled: Engine) -> None:
+    run(compiled)
+    compiled.generate([[1, 2, 3]], LONG)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiling_writes_none_of_the_weights_to_disk(compiled: Engine, cache_dir: Path) -> None:
+    # what an attacker reading the TD's disk would search for: any 32 bytes of any weight
+    needles = []
+    for param in compiled.model.parameters():
+        data = param.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        needles += [data[i : i + 32] for i in range(0, len(data) - 32, max(32, len(data) // 8))]
+    files = [f for f in cache_dir.rglob("*") if f.is_file()]
+    assert files, "inductor wrote its generated code elsewhere: the scan would prove nothing"
+    for path in files:
+        content = path.read_bytes()
+        assert not any(n in content for n in needles), path
+
+
+class CrossingMethod:
+    """A stand-in for a method whose product leaves the TD (masked's, obfuscated's)."""
+
+    def create_weights(self, layer, dtype):  # type: ignore[no-untyped-def]
+        layer.weight = torch.nn.Parameter(
+            torch.empty(layer.out_features, layer.in_features), requires_grad=False
+        )
+
+    def load_weight(self, layer, weight, row_offset=0):  # type: ignore[no-untyped-def]
+        layer.weight.data[row_offset : row_offset + weight.shape[0]] = weight
+
+    def after_load(self, layer):  # type: ignore[no-untyped-def]
+        pass
+
+    def apply(self, layer, x):  # type: ignore[no-untyped-def]
+        return torch.nn.functional.linear(x, layer.weight)
+
+
+def test_refuses_to_compile_a_model_whose_block_crosses_the_td() -> None:
+    table = LinearMethodTable([("*.down_proj", CrossingMethod())])  # type: ignore[list-item]
+    model = tiny_model(methods=table)
+    assert "down_proj runs on CrossingMethod" in (why_not(model) or "")
+    with pytest.raises(ModelLoadError, match="compile 'decode' needs every block in the TD"):
+        compile_decode(model)
+    assert model.decode_step is None
+
+
+def test_plain_model_has_no_reason_not_to_compile() -> None:
+    model: Transformer = tiny_model()
+    assert why_not(model) is None
