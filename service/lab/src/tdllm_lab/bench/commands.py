@@ -12,6 +12,7 @@ import click
 
 from tdllm.cli import QUANT, status
 from tdllm.errors import UsageError
+from tdllm.model.compile_modes import COMPILE_MODES
 from tdllm.profiles.options import DEFAULT_K
 from tdllm_lab.protection.commands import CACHE_DIR
 
@@ -475,6 +476,14 @@ def bench_transcript(k: int, new_tokens: int, cache_dir: Path | None, as_json: b
     help="repeatable; default 'served' (what td-only serves: bf16 prepacked for oneDNN); "
     "'plain' is F.linear on the loaded weights, int8/int4 the weight-only kernels",
 )
+@click.option(
+    "--compile",
+    "compile_modes",
+    type=click.Choice(COMPILE_MODES),
+    multiple=True,
+    help="repeatable; default off. decode: the compiled decode step (one compile per kernel "
+    "set and dtype, minutes on 2 cores)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def bench_decode_profile(
     model: str,
@@ -483,20 +492,24 @@ def bench_decode_profile(
     steps: int,
     prompt_tokens: int,
     kernel_sets: tuple[str, ...],
+    compile_modes: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Where a decode step's time goes: matmul, attention, other ops, and time outside any op
     (Python, dispatch), by torch's CPU profiler; ms/step measured without it too."""
     from tdllm.model.loader import parse_dtype
     from tdllm.sources import open_checkpoint
-    from tdllm_lab.bench.decode_profile import format_report, profile_decode
+    from tdllm_lab.bench.decode_profile import format_report, profile_decode_batches
 
     checkpoint = open_checkpoint(model)
     reports = [
-        profile_decode(checkpoint, parse_dtype(d), b, steps, prompt_tokens, status, kernels=k)
+        report
         for k in kernel_sets or ("served",)
         for d in dtypes or ("bf16",)
-        for b in batches or (1, 32)
+        for c in compile_modes or ("off",)
+        for report in profile_decode_batches(
+            checkpoint, parse_dtype(d), list(batches or (1, 32)), steps, prompt_tokens, status, k, c
+        )
     ]
     click.echo(json.dumps(reports, indent=2) if as_json else format_report(reports))
 

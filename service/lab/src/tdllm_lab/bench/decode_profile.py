@@ -60,14 +60,49 @@ def profile_decode(
     prompt_tokens: int,
     status: Callable[[str], None] = lambda _: None,
     kernels: str = "served",
+    compile: str = "off",
 ) -> dict[str, Any]:
+    """One batch size: `profile_decode_batches` with one entry."""
+    return profile_decode_batches(
+        checkpoint, dtype, [batch], steps, prompt_tokens, status, kernels, compile
+    )[0]
+
+
+def profile_decode_batches(
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    batches: list[int],
+    steps: int,
+    prompt_tokens: int,
+    status: Callable[[str], None] = lambda _: None,
+    kernels: str = "served",
+    compile: str = "off",
+) -> list[dict[str, Any]]:
+    """Each batch size in turn on one engine (one model load, one compile for all)."""
     model, _ = load_model(checkpoint, dtype, kernel_table(kernels))
     max_seq = prompt_tokens + 2 * steps + 8
-    engine = Engine(model, checkpoint.tokenizer, batch, max_seq)
+    engine = Engine(
+        model, checkpoint.tokenizer, max(batches), max_seq, compile=compile, status=status
+    )
+    reports = []
+    for batch in batches:
+        report = _profile_batch(engine, batch, steps, prompt_tokens, status)
+        report |= {"model": checkpoint.name, "kernels": kernels, "compile": compile}
+        report["dtype"] = str(dtype).removeprefix("torch.")
+        report["compile_seconds"] = round(engine.compile_seconds, 1)
+        reports.append(report)
+    return reports
+
+
+def _profile_batch(
+    engine: Engine, batch: int, steps: int, prompt_tokens: int, status: Callable[[str], None]
+) -> dict[str, Any]:
     params = SamplingParams(max_tokens=2 * steps + 4, temperature=0.0, ignore_eos=True)
-    vocab = checkpoint.config.vocab_size
-    for i in range(batch):
+    vocab = engine.model.cfg.vocab_size
+    ids = [
         engine.submit([(i * 31 + j * 7919 + 100) % vocab for j in range(prompt_tokens)], params)
+        for i in range(batch)
+    ]
     engine.step()  # prefill every prompt (and the first decode of none)
     for _ in range(3):
         engine.step()  # warm-up decode steps
@@ -81,6 +116,8 @@ def profile_decode(
         for _ in range(steps):
             engine.step()
         profiled_ms = (time.perf_counter() - start) * 1000 / steps
+    for request_id in ids:
+        engine.cancel(request_id)
     spent = dict.fromkeys(CATEGORIES, 0.0)
     calls = 0
     for event in prof.key_averages():
@@ -89,11 +126,7 @@ def profile_decode(
     outside = max(0.0, profiled_ms - sum(spent.values()))
     rows = {name: round(ms, 3) for name, ms in spent.items()}
     rows["outside any op"] = round(outside, 3)
-    weights = weight_bytes(model)
     return {
-        "model": checkpoint.name,
-        "kernels": kernels,
-        "dtype": str(dtype).removeprefix("torch."),
         "batch": batch,
         "steps": steps,
         "prompt_tokens": prompt_tokens,
@@ -103,7 +136,7 @@ def profile_decode(
         "ms_per_step_by_category": rows,
         "share_by_category": {k: round(v / profiled_ms, 4) for k, v in rows.items()},
         "aten_ops_per_step": round(calls / steps, 1),
-        "weight_bytes": weights,
+        "weight_bytes": weight_bytes(engine.model),
     }
 
 
@@ -121,8 +154,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def format_report(reports: list[dict[str, Any]]) -> str:
     lines = []
     for r in reports:
+        compiled = f" compiled ({r['compile_seconds']:.0f} s)" if r["compile"] != "off" else ""
         lines.append(
-            f"{r['model']} {r['dtype']} {r['kernels']} batch {r['batch']}: "
+            f"{r['model']} {r['dtype']} {r['kernels']}{compiled} batch {r['batch']}: "
             f"{r['ms_per_step']:.2f} ms/step "
             f"({r['profiled_ms_per_step']:.2f} profiled, {r['aten_ops_per_step']:.0f} aten ops)"
         )
