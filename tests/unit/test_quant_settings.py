@@ -62,3 +62,30 @@ def test_td_only_quantizes_every_projection_and_the_head(quant: str, kind: type)
         assert isinstance(table.method_for(name), kind)
     # int4 keeps the head int8: int4 g32 of the bundled tied head costs most of int4's quality
     assert isinstance(table.method_for("lm_head"), Int8WeightOnlyMethod)
+
+
+def test_compile_defaults_to_off_and_comes_from_the_environment_or_serve() -> None:
+    assert Settings().compile == "off"
+    assert load_settings(environ={"TDLLM_COMPILE": "decode"}).compile == "decode"
+    result = CliRunner().invoke(serve, ["--check", "--compile", "decode"], env={"TDLLM_CONFIG": ""})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["compile"] == "decode"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"compile": "all"}, "compile must be one of off, decode"),
+        ({"compile": "decode", "profile": "masked"}, "td-only or split, not masked"),
+        ({"compile": "decode", "profile": "obfuscated"}, "td-only or split, not obfuscated"),
+        (
+            {"compile": "decode", "engine": "vllm", "vllm_python": "/bin/true"},
+            "compile 'decode' is the tdllm engine's",
+        ),
+    ],
+)
+def test_settings_refuse_compile_where_the_engine_cannot_compile(
+    changes: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings(**changes)  # type: ignore[arg-type]

@@ -28,9 +28,10 @@ KERNEL_SETS = ("served", "plain", "int8", "int4")  # tdllm_lab.bench.decode_prof
 @click.option(
     "--engine",
     "engines",
-    type=click.Choice(["ours", "hf", "llama.cpp"]),
+    type=click.Choice(["ours", "ours-compiled", "hf", "llama.cpp"]),
     multiple=True,
-    help="repeatable; default ours and hf (with --shape: ours and llama.cpp)",
+    help="repeatable; default ours and hf (with --shape: ours and llama.cpp; ours-compiled: "
+    "ours with its decode step compiled, --shape only)",
 )
 @click.option("--model", default="bundled", show_default=True)
 @click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=128, show_default=True)
@@ -99,8 +100,9 @@ def bench(
             prompt_tokens, new_tokens, repeats,
         )  # fmt: skip
         return
-    if "llama.cpp" in engines:
-        raise UsageError("--engine llama.cpp runs on the synthetic models: add --shape")
+    for only_shapes in ("llama.cpp", "ours-compiled"):
+        if only_shapes in engines:
+            raise UsageError(f"--engine {only_shapes} runs on the synthetic models: add --shape")
     from tdllm_lab.bench.engine_bench import format_table, run_engine_bench
 
     engines = engines or ("ours", "hf")

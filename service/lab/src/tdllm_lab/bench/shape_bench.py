@@ -36,10 +36,13 @@ from tdllm_lab.bench.synthetic_shapes import (
     shape_named,
 )
 
-ENGINES = ("ours", llama_cpp_peer.ENGINE)
+# ours-compiled: our engine with its decode step compiled (`compile: decode`)
+OURS = ("ours", "ours-compiled")
+ENGINES = (*OURS, llama_cpp_peer.ENGINE)
 DEFAULT_FORMATS = ("f16", "q8_0", "q4_0")
 GB = 1e9
 RUNTIME_BYTES = 0.8e9  # interpreter, torch or llama.cpp, compute buffers and logits (measured ~0.6)
+COMPILER_BYTES = 0.5e9  # dynamo, inductor and the compiled graph's buffers (measured ~0.3)
 # our engine's bytes per weight in memory, per quant (int4 g32: bf16 scale + zero per 32 weights)
 OURS_BYTES_PER_WEIGHT = {"none": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
 
@@ -69,7 +72,11 @@ def memory_needed(shape: Shape, fmt: str, max_tokens: int, batch: int = 8) -> di
     shared = shape.tied and quant == "none"
     ours = ours_decode_bytes(shape, quant) + (0 if shared else embedding * 2) + embedding * 6
     peer = file_bytes(shape, fmt) + kv // batch
-    return {"ours": ours + kv + RUNTIME_BYTES, llama_cpp_peer.ENGINE: peer + RUNTIME_BYTES}
+    return {
+        "ours": ours + kv + RUNTIME_BYTES,
+        "ours-compiled": ours + kv + RUNTIME_BYTES + COMPILER_BYTES,
+        llama_cpp_peer.ENGINE: peer + RUNTIME_BYTES,
+    }
 
 
 def available_memory() -> int:
@@ -149,7 +156,7 @@ def run_shape_bench(
             row = _run_one(engine, paths[fmt], fmt, dtype, prompt_tokens, new_tokens, repeats,
                            threads, batch_sizes)  # fmt: skip
             if "decode_b1_tok_s" in row:
-                weight = (ours_decode_bytes(shape, format_named(fmt)[2]) if engine == "ours"
+                weight = (ours_decode_bytes(shape, format_named(fmt)[2]) if engine in OURS
                           else decode_bytes(shape, fmt))  # fmt: skip
                 row["decode_weight_gb"] = round(weight / GB, 3)
                 used = row["decode_b1_tok_s"] * weight / GB
@@ -193,7 +200,8 @@ def _run_one(
     else:
         cmd = [sys.executable, "-m", "tdllm_lab.bench.engine_worker", "ours", dtype,
                "--model", str(path), "--quant", format_named(fmt)[2],
-               "--batch-sizes", ",".join(map(str, batch_sizes))]  # fmt: skip
+               "--batch-sizes", ",".join(map(str, batch_sizes)),
+               "--compile", "decode" if engine == "ours-compiled" else "off"]  # fmt: skip
     cmd += ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens),
             "--repeats", str(repeats)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
@@ -205,14 +213,15 @@ def _run_one(
 
 
 def peer_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Ours vs llama.cpp per format; > 1.0: ours is better (speeds ours/peer, RSS peer/ours)."""
+    """Ours vs llama.cpp per format (``"q4_0"``; compiled: ``"q4_0 compiled"``); > 1.0: ours is
+    better (speeds ours/peer, RSS peer/ours)."""
     by = {(r["engine"], r["format"]): r for r in results}
     out: dict[str, dict[str, float]] = {}
     for (engine, fmt), ours in by.items():
         peer = by.get((llama_cpp_peer.ENGINE, fmt))
-        if engine != "ours" or peer is None or "prefill_tok_s" not in peer:
+        if engine not in OURS or peer is None or "prefill_tok_s" not in peer:
             continue
-        out[fmt] = {
+        out[fmt if engine == "ours" else f"{fmt} compiled"] = {
             "prefill_tok_s": round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 2),
             "decode_b1_tok_s": round(ours["decode_b1_tok_s"] / peer["decode_b1_tok_s"], 2),
             "peak_rss_mb": round(peer["peak_rss_mb"] / ours["peak_rss_mb"], 2),
