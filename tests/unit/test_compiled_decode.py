@@ -21,7 +21,7 @@ from tdllm.model.transformer import Batch, KVCache, Transformer
 from tests.protection.engine_runs import NoTokenizer
 from tests.tiny_model import tiny_model
 
-PROMPTS = [[5, 17, 3, 42, 8], [9, 1, 60, 2, 11, 12, 13, 14, 15], [33, 34], [70, 71, 72]]
+PROMPTS = [[5, 17, 3, 42, 8], [9, 1, 60, 2, 11, 12, 13, 14, 15], [33], [70, 71, 72]]
 SHORT = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
@@ -51,8 +51,9 @@ def eager() -> Engine:
 
 
 def run(engine: Engine) -> list[list[int]]:
-    """Four prompts with different lengths; two stop early, so later steps decode slots with a
-    gap (slots 1 and 3) and a lone sequence in a slot other than 0."""
+    """Four prompts with different lengths, one of a single token (its prefill is one token at
+    position 0); two stop early, so later steps decode slots with a gap (slots 1 and 3) and a
+    lone sequence in a slot other than 0."""
     params = [SHORT, LONG, SHORT, LONG]
     return [c.token_ids for c in engine.generate(PROMPTS, params)]
 

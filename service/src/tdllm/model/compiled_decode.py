@@ -49,7 +49,7 @@ def why_not(model: Transformer) -> str | None:
     start = model.prefix.num_layers if model.prefix is not None else 0
     here = [*model.layers[start:], model.lm_head]
     linears = [m for part in here for m in part.modules() if isinstance(m, Linear)]
-    crossing = [m for m in linears if not isinstance(m.method, TdCpuKernels)]
+    crossing = [m for m in linears if not isinstance(m.method, TdCpuKernels) or m.method.leaves_td]
     if crossing:
         return f"{crossing[0].name} runs on {type(crossing[0].method).__name__}"
     cores = [a for part in here for a in part.modules() if isinstance(a, Attention)]

@@ -103,7 +103,12 @@ class TdCpuKernels:
     """A method whose weights live in TD memory and whose product is computed there by stock
     CPU kernels, each row of ``x`` on its own: prompts padded into one prefill get what each
     would alone (`Transformer.prefills_together`), up to rounding where the kernel is chosen
-    by row count (bf16 widening here, int8's prefill path). Plain and weight-only quantized."""
+    by row count (bf16 widening here, int8's prefill path). Plain and weight-only quantized.
+
+    A subclass whose product leaves the TD (masked's: the public GEMM on a device) says so in
+    `leaves_td`: a compiled decode step must not trace through it."""
+
+    leaves_td = False
 
 
 class PlainCpuMethod(TdCpuKernels):

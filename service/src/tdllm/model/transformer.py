@@ -267,7 +267,8 @@ class Transformer(nn.Module):
             x, start = self.embed_tokens(tokens), 0
         else:  # the first blocks run elsewhere (see `PrefixPlacement`); the rest run here
             x, start = self.prefix(tokens, batch), self.prefix.num_layers
-        if self.decode_step is not None and batch.num_tokens == 1:
+        # a one-token prompt (position 0) is a prefill: eager, not a second graph for span 1
+        if self.decode_step is not None and batch.num_tokens == 1 and min(batch.starts) > 0:
             window = DecodeWindow.covering(batch, cache.max_batch)
             rows = len(window.slots)
             x = x if rows == x.shape[0] else x.expand(rows, -1, -1).contiguous()

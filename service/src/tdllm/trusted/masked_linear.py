@@ -85,6 +85,8 @@ class MaskedLinearMethod(PlainCpuMethod):
     """Loads the MODEL weight like the plain method (until `install` replaces it by the
     masked state); `apply` runs masked on `crossing`, or as the TD reference when it is None."""
 
+    leaves_td = True  # each product crosses to the device: never in a compiled graph
+
     def __init__(
         self,
         crossing: Crossing | None = None,

@@ -70,6 +70,8 @@ class Obfuscation:
 class ShadowMethod(PlainCpuMethod):
     """A ShadowNet-obfuscated projection: padded product on the device, real rows in the TD."""
 
+    leaves_td = True  # its product is the device's: never in a compiled graph
+
     def __init__(self, obfuscation: Obfuscation) -> None:
         super().__init__()
         self.ob = obfuscation
@@ -96,6 +98,8 @@ class ShadowMethod(PlainCpuMethod):
 
 class PaddedQKVMethod(PlainCpuMethod):
     """q|k|v with decoy RoPE pairs and an obfuscated v; computed by the layer's core."""
+
+    leaves_td = True  # its product is the device's: never in a compiled graph
 
     def __init__(self, obfuscation: Obfuscation) -> None:
         super().__init__()
