@@ -209,7 +209,7 @@ def _run_one(
         last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise TdllmError(f"bench worker {engine}/{fmt} failed: {last}")
     result: dict[str, Any] = json.loads(proc.stdout)
-    return base | result
+    return result | base  # the worker says "ours" for ours-compiled too
 
 
 def peer_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
