@@ -52,7 +52,8 @@ class Settings:
     # kernels (activations stay `dtype`); engine tdllm, profile td-only (docs/performance.md)
     quant: str = "none"
     # "decode": the tdllm engine's decode step compiled by TorchInductor into one graph at load
-    # (1.3-1.5x faster steps, minutes of start-up on 2 cores, needs g++; td-only and split,
+    # (1.25-1.48x faster steps for the bundled model in bf16, slower on a 1B int4 model;
+    # minutes of start-up on 2 cores; needs g++; td-only and split,
     # docs/performance.md "Compiled decode step"); "off": eager
     compile: str = "off"
     # protection profile of the served model (docs/security.md): td-only | split (| ...);
