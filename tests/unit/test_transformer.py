@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tdllm.model.linear import Linear, LinearMethodTable, PlainCpuMethod
-from tdllm.model.transformer import Batch, KVCache, Transformer
+from tdllm.model.transformer import Batch, DecodeWindow, KVCache, Transformer
 from tests.tiny_model import TINY, tiny_model, tiny_tensors
 
 
@@ -208,3 +208,31 @@ def test_only_a_model_run_wholly_here_on_plain_kernels_prefills_prompts_together
     placed = tiny_model()
     placed.prefix = lambda tokens, batch: tokens  # type: ignore[assignment]  # blocks run elsewhere
     assert not placed.prefills_together()
+
+
+def test_decode_window_over_slots_with_a_gap_equals_the_batch_it_covers() -> None:
+    """Eager, no compiler: the window reads slots 0..3 as one view, computes the idle slots'
+    rows and drops them; logits and cache writes are those of a plain decode `Batch`."""
+    model = tiny_model()
+    caches = [KVCache(model.cfg, 4, 32, torch.float32) for _ in range(2)]
+    prompts = [[5, 17, 3], [9, 1, 60, 2, 11], [33], [70, 71]]
+    with torch.inference_mode():
+        for cache in caches:
+            for slot, prompt in enumerate(prompts):
+                model(torch.tensor([prompt]), Batch([slot], [0], len(prompt)), cache)
+        tokens = torch.tensor([[4], [6]])
+        plain = Batch([1, 3], [5, 2], 1)
+        window = DecodeWindow.covering(plain, 4)
+        want = model(tokens, plain, caches[0])
+        got = model.tail(model.embed_tokens(tokens), window, caches[1], 0)
+    assert window.rows == 4 and window.slots == [1, 3]
+    torch.testing.assert_close(got, want)
+    for layer in range(model.cfg.num_layers):
+        torch.testing.assert_close(caches[1].k[layer], caches[0].k[layer])
+        torch.testing.assert_close(caches[1].v[layer], caches[0].v[layer])
+
+
+def test_decode_window_sends_a_lone_sequence_twice_where_the_cache_has_two_slots() -> None:
+    assert DecodeWindow.covering(Batch([2], [7], 1), 4).slots == [2, 2]
+    assert DecodeWindow.covering(Batch([0], [7], 1), 1).slots == [0]
+    assert DecodeWindow.covering(Batch([0], [7], 1), 4).rows == 2
