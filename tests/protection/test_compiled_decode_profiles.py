@@ -35,6 +35,7 @@ def fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # a second compile (~12 s); make test compiles once, in tests/unit
 def test_split_compiled_tail_generates_td_only_tokens(
     private_checkpoint: Checkpoint, reference: PublicReference, split_on, fresh_dynamo: None
 ) -> None:  # type: ignore[no-untyped-def]
