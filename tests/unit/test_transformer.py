@@ -153,7 +153,7 @@ def test_prompts_prefilled_together_match_each_prefilled_alone(slots: list[int])
 def test_decode_attention_equals_sdpa_over_repeated_key_heads() -> None:
     from torch.nn import functional as F
 
-    from tdllm.model.transformer import decode_attention
+    from tdllm.model.cache_layout import decode_attention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 6, 1, 8, generator=g)

@@ -38,8 +38,9 @@ from collections.abc import Callable
 import torch
 
 from tdllm.errors import ModelLoadError
+from tdllm.model.cache_layout import Batch, KVCache
 from tdllm.model.linear import Linear, TdCpuKernels
-from tdllm.model.transformer import Attention, Batch, KVCache, Transformer
+from tdllm.model.transformer import Attention, Transformer
 
 CACHE_DIR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
