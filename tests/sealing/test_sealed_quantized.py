@@ -25,7 +25,7 @@ from tdllm.errors import UsageError
 from tdllm.model.checkpoint import Checkpoint, GgufTensors
 from tdllm.model.gguf_blocks import GgufQuantized
 from tdllm.model.loader import load_model
-from tdllm.model.quantized import quant_table
+from tdllm.model.quantized import int8_weights, quant_table
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.sealing import format as fmt
 from tdllm.sealing.errors import SealedModelError
@@ -295,7 +295,7 @@ def same_weights(a: Transformer, b: Transformer) -> bool:
     return ours.keys() == theirs.keys() and all(torch.equal(t, theirs[n]) for n, t in ours.items())
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8", "none"])
+@pytest.mark.parametrize("quant", ["int4", "int8", "w8a8", "none"])
 def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
     bundled_seals: dict[str, Path], recipient: tuple[Path, Path], quant: str
 ) -> None:
@@ -306,6 +306,15 @@ def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
     # the same blocks reach the same packing: int4/int8 codes, scales and zeros bit for bit;
     # with no quantization, every weight is gguf's dequantized float
     assert same_weights(sealed, plain)
+    # W8A8 projections (int4's head too): FBGEMM's packing holds them, not the state dict
+    packed = [n for n, m in plain.named_modules() if "packed_int8" in m.__dict__]
+    if quant == "w8a8":  # every projection but q|k|v
+        assert len(packed) == 3 * plain.cfg.num_layers + 1
+    else:
+        assert packed == (["lm_head"] if quant == "int4" else [])
+    for name in packed:
+        ours, theirs = sealed.get_submodule(name), plain.get_submodule(name)
+        assert all(map(torch.equal, int8_weights(ours), int8_weights(theirs))), name
     if quant == "int4":
         prompt = checkpoint.tokenizer.encode("The capital of France is")
         assert greedy(sealed, prompt) == greedy(plain, prompt)

@@ -28,6 +28,7 @@ from tdllm.model.quantized import (
     Int8WeightOnlyMethod,
     int4_pack,
     int8_quantize,
+    int8_weights,
     quant_table,
 )
 from tdllm.model.transformer import Batch, KVCache, Transformer
@@ -216,7 +217,7 @@ def test_blocks_reach_float_consumers_dequantized_and_int_methods_as_they_are() 
         quantized.after_load()
     # the tied head's int8 comes from the embedding's Q8_0 blocks
     q, _ = int8_quantize(floats["model.embed_tokens.weight"])
-    assert torch.equal(quantized.lm_head.qweight, q)
+    assert torch.equal(int8_weights(quantized.lm_head)[0], q)
     tokens = torch.tensor([[5, 9, 13, 2, 44, 7]])
     logits = [
         m(tokens, Batch([0], [0], 6), KVCache(m.cfg, 1, 8, torch.float32), last_only=False)
@@ -246,6 +247,9 @@ def test_bundled_int4_from_blocks_holds_the_kernels_the_float_path_made(
     buffers = dict(requantized.named_buffers())
     for name, buffer in straight.named_buffers():
         assert torch.equal(buffer, buffers[name]), name
+    heads = int8_weights(straight.lm_head), int8_weights(requantized.lm_head)
+    for part, same in zip(*heads, strict=True):
+        assert torch.equal(part, same)  # the W8A8 head, read back from FBGEMM's packing
     prompt = checkpoint.tokenizer.encode("The capital of France is")
     outputs = []
     for model in (straight, requantized):
@@ -265,7 +269,7 @@ def test_a_bf16_model_takes_its_int8_head_from_the_q8_0_blocks_not_the_bf16_embe
     model, _ = load_model(open_checkpoint("bundled"), torch.bfloat16, quant_table("int4"))
     embedding = bundled_blocks["model.embed_tokens.weight"]
     q, _ = int8_quantize(embedding.dequantize())
-    assert torch.equal(model.lm_head.qweight, q)
+    assert torch.equal(int8_weights(model.lm_head)[0], q)
     assert model.embed_tokens.weight.dtype == torch.bfloat16
 
 

@@ -170,6 +170,22 @@ def test_ratios_and_the_missing_peer_row() -> None:
     assert "ratio tdllm/llama.cpp (q4_0" in table
 
 
+def test_ours_w8a8_runs_only_the_q8_0_file_and_has_its_own_ratios(tmp_path: Path) -> None:
+    assert shape_bench.ours_quant("ours-w8a8", "q8_0") == "w8a8"
+    assert shape_bench.ours_quant("ours-compiled", "q8_0") == "int8"
+    skipped = shape_bench._run_one("ours-w8a8", tmp_path / "absent.gguf", "q4_0", "bf16", 4, 2,
+                                   1, 2, (1,))  # fmt: skip
+    assert skipped["status"] == "w8a8 runs the q8_0 file only"
+    rows = [
+        {"engine": engine, "format": "q8_0", "prefill_tok_s": 2.0 * speed,
+         "decode_b1_tok_s": speed, "peak_rss_mb": 100.0}
+        for engine, speed in (("ours", 1.0), ("ours-w8a8", 3.0), ("llama.cpp", 2.0))
+    ]  # fmt: skip
+    ratios = shape_bench.peer_ratios(rows)
+    assert ratios["q8_0"]["decode_b1_tok_s"] == 0.5
+    assert ratios["q8_0 w8a8"]["decode_b1_tok_s"] == 1.5
+
+
 @pytest.mark.skipif(not llama_cpp_peer.available(), reason="llama-cpp-python not installed")
 def test_llama_cpp_runs_the_same_file(tmp_path: Path) -> None:
     path = ensure_gguf("tiny", "q8_0", tmp_path, shape=TINY, progress=False)

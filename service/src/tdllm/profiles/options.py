@@ -35,7 +35,7 @@ class ProtectionOptions:
     masked_rank: int | None = None  # masked: rank of the TD's delta (None: kept exactly)
     obfuscation_eta: float = 1 / 16  # obfuscated: decoy share per head and per projection
     obfuscation_seed: int | None = None  # obfuscated: None draws the secrets from the OS CSPRNG
-    # td-only: weight-only quantization at load, "none" | "int8" | "int4" (tdllm.model.quantized)
+    # td-only: quantization at load, "none" | "int8" | "int4" | "w8a8" (tdllm.model.quantized)
     quant: str = "none"
 
     def __post_init__(self) -> None:

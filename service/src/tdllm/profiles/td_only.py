@@ -1,8 +1,9 @@
 """`td-only`: every block, the embedding and the lm_head on the TD CPU; nothing leaves the TD.
 
-With ``quant`` (int8, int4) every projection, the lm_head included, keeps its weights quantized
-(`tdllm.model.quantized.quant_table`; int4 keeps the lm_head int8); the embedding stays in the
-model's dtype, and a tied lm_head gets a quantized copy of it.
+With ``quant`` (int8, int4, w8a8) every projection, the lm_head included, keeps its weights
+quantized (`tdllm.model.quantized.quant_table`: int4 keeps the lm_head int8, W8A8; w8a8 keeps
+q|k|v weight-only); the embedding stays in the model's dtype, and a tied lm_head gets a
+quantized copy of it.
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ KERNEL_SETS = ("served", "plain", "int8", "int4")  # tdllm_lab.bench.decode_prof
 @click.option(
     "--engine",
     "engines",
-    type=click.Choice(["ours", "ours-compiled", "hf", "llama.cpp"]),
+    type=click.Choice(["ours", "ours-compiled", "ours-w8a8", "hf", "llama.cpp"]),
     multiple=True,
     help="repeatable; default ours and hf (with --shape: ours and llama.cpp; ours-compiled: "
-    "ours with its decode step compiled, --shape only)",
+    "ours with its decode step compiled; ours-w8a8: the q8_0 file as w8a8; --shape only)",
 )
 @click.option("--model", default="bundled", show_default=True)
 @click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=128, show_default=True)
@@ -42,7 +42,7 @@ KERNEL_SETS = ("served", "plain", "int8", "int4")  # tdllm_lab.bench.decode_prof
     "quants",
     type=QUANT,
     multiple=True,
-    help="ours: weights kept int8/int4 (repeatable; default none)",
+    help="ours: weights kept int8/int4, or w8a8 (repeatable; default none)",
 )
 @click.option(
     "--shape",
@@ -100,7 +100,7 @@ def bench(
             prompt_tokens, new_tokens, repeats,
         )  # fmt: skip
         return
-    for only_shapes in ("llama.cpp", "ours-compiled"):
+    for only_shapes in ("llama.cpp", "ours-compiled", "ours-w8a8"):
         if only_shapes in engines:
             raise UsageError(f"--engine {only_shapes} runs on the synthetic models: add --shape")
     from tdllm_lab.bench.engine_bench import format_table, run_engine_bench
@@ -647,9 +647,9 @@ def bench_linear_kernels(one_b: bool, calls: int, as_json: bool) -> None:
 @click.option(
     "--quant",
     "quants",
-    type=click.Choice(["int8", "int4"]),
+    type=click.Choice(["int8", "int4", "w8a8"]),
     multiple=True,
-    help="instead: weight-only QUANT (repeatable) in fp32 and bf16 against fp32 and bf16",
+    help="instead: quantized QUANT (repeatable) in fp32 and bf16 against fp32 and bf16",
 )
 @CACHE_DIR
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")

@@ -36,15 +36,16 @@ from tdllm_lab.bench.synthetic_shapes import (
     shape_named,
 )
 
-# ours-compiled: our engine with its decode step compiled (`compile: decode`)
-OURS = ("ours", "ours-compiled")
+# ours-compiled: our engine with its decode step compiled (`compile: decode`); ours-w8a8: the
+# Q8_0 file as W8A8 (`quant: w8a8`, activations rounded to int8 too) instead of weight-only int8
+OURS = ("ours", "ours-compiled", "ours-w8a8")
 ENGINES = (*OURS, llama_cpp_peer.ENGINE)
 DEFAULT_FORMATS = ("f16", "q8_0", "q4_0")
 GB = 1e9
 RUNTIME_BYTES = 0.8e9  # interpreter, torch or llama.cpp, compute buffers and logits (measured ~0.6)
 COMPILER_BYTES = 0.5e9  # dynamo, inductor and the compiled graph's buffers (measured ~0.3)
 # our engine's bytes per weight in memory, per quant (int4 g32: bf16 scale + zero per 32 weights)
-OURS_BYTES_PER_WEIGHT = {"none": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
+OURS_BYTES_PER_WEIGHT = {"none": 2.0, "int8": 1.0, "w8a8": 1.0, "int4": 0.5 + 4 / 32}
 
 
 def ours_decode_bytes(shape: Shape, quant: str) -> int:
@@ -75,6 +76,7 @@ def memory_needed(shape: Shape, fmt: str, max_tokens: int, batch: int = 8) -> di
     return {
         "ours": ours + kv + RUNTIME_BYTES,
         "ours-compiled": ours + kv + RUNTIME_BYTES + COMPILER_BYTES,
+        "ours-w8a8": ours + kv + RUNTIME_BYTES,
         llama_cpp_peer.ENGINE: peer + RUNTIME_BYTES,
     }
 
@@ -156,7 +158,7 @@ def run_shape_bench(
             row = _run_one(engine, paths[fmt], fmt, dtype, prompt_tokens, new_tokens, repeats,
                            threads, batch_sizes)  # fmt: skip
             if "decode_b1_tok_s" in row:
-                weight = (ours_decode_bytes(shape, format_named(fmt)[2]) if engine in OURS
+                weight = (ours_decode_bytes(shape, ours_quant(engine, fmt)) if engine in OURS
                           else decode_bytes(shape, fmt))  # fmt: skip
                 row["decode_weight_gb"] = round(weight / GB, 3)
                 used = row["decode_b1_tok_s"] * weight / GB
@@ -192,6 +194,8 @@ def _run_one(
     batch_sizes: tuple[int, ...],
 ) -> dict[str, Any]:
     base = {"engine": engine, "format": fmt}
+    if engine == "ours-w8a8" and format_named(fmt)[2] != "int8":
+        return base | {"status": "w8a8 runs the q8_0 file only"}
     if engine == llama_cpp_peer.ENGINE:
         if not llama_cpp_peer.available():
             return base | {"status": llama_cpp_peer.NOT_INSTALLED}
@@ -199,7 +203,7 @@ def _run_one(
                "--threads", str(threads)]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "tdllm_lab.bench.engine_worker", "ours", dtype,
-               "--model", str(path), "--quant", format_named(fmt)[2],
+               "--model", str(path), "--quant", ours_quant(engine, fmt),
                "--batch-sizes", ",".join(map(str, batch_sizes)),
                "--compile", "decode" if engine == "ours-compiled" else "off"]  # fmt: skip
     cmd += ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens),
@@ -209,7 +213,12 @@ def _run_one(
         last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise TdllmError(f"bench worker {engine}/{fmt} failed: {last}")
     result: dict[str, Any] = json.loads(proc.stdout)
-    return result | base  # the worker says "ours" for ours-compiled too
+    return result | base  # the worker says "ours" for ours-compiled and ours-w8a8 too
+
+
+def ours_quant(engine: str, fmt: str) -> str:
+    """Our engine's `quant` for a format's file: the format's own, or w8a8 for ours-w8a8."""
+    return "w8a8" if engine == "ours-w8a8" else format_named(fmt)[2]
 
 
 def peer_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -221,7 +230,7 @@ def peer_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         peer = by.get((llama_cpp_peer.ENGINE, fmt))
         if engine not in OURS or peer is None or "prefill_tok_s" not in peer:
             continue
-        out[fmt if engine == "ours" else f"{fmt} compiled"] = {
+        out[fmt if engine == "ours" else f"{fmt} {engine.removeprefix('ours-')}"] = {
             "prefill_tok_s": round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 2),
             "decode_b1_tok_s": round(ours["decode_b1_tok_s"] / peer["decode_b1_tok_s"], 2),
             "peak_rss_mb": round(peer["peak_rss_mb"] / ours["peak_rss_mb"], 2),

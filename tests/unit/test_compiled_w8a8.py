@@ -1,0 +1,36 @@
+"""The compiled decode step through W8A8 projections (`quant: w8a8`, and int4's head): FBGEMM's
+packed weights are opaque to a graph, so the step reaches them through the
+``tdllm::w8a8_linear`` custom op, and gives the eager engine's tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from tdllm.engine import Engine
+from tdllm.model.compiled_decode import CACHE_DIR_ENV
+from tdllm.model.quantized import quant_table
+from tests.protection.engine_runs import NoTokenizer
+from tests.tiny_model import tiny_model
+from tests.unit.test_compiled_decode import run
+
+
+@pytest.mark.slow  # a compile of its own (~20 s on 2 cores)
+@pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs a CPU with VNNI")
+def test_compiled_decode_runs_w8a8_projections_with_the_eager_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        model = tiny_model(methods=quant_table("w8a8"))
+        compiled = Engine(model, NoTokenizer(), 4, 48, compile="decode")  # type: ignore[arg-type]
+        eager = Engine(tiny_model(methods=quant_table("w8a8")), NoTokenizer(), 4, 48)  # type: ignore[arg-type]
+        assert run(compiled) == run(eager)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()

@@ -1,0 +1,132 @@
+"""W8A8 projections (`Int8DynamicMethod`): int8 weights and activations rounded to 8 bits per
+row, FBGEMM's int8 GEMM. The attack first: FBGEMM would take one rounding range per call, so
+an outlier row sent by one request would coarsen the rounding of every other request's rows in
+the batch (and its result would depend on who else is in it). Each row must be rounded on its
+own grid: alone or beside any other rows, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tdllm.cli import main
+from tdllm.errors import ModelLoadError
+from tdllm.model.linear import Linear
+from tdllm.model.quantized import (
+    Int8DynamicMethod,
+    Int8WeightOnlyMethod,
+    int8_quantize,
+    int8_weights,
+    quant_table,
+)
+from tdllm.model.transformer import Batch, KVCache
+from tests.tiny_model import TINY, tiny_model
+
+VNNI = torch.cpu._is_vnni_supported()
+needs_vnni = pytest.mark.skipif(not VNNI, reason="W8A8 needs a CPU with VNNI")
+
+
+def w8a8_layer(weight: torch.Tensor, shards: list[int] | None = None) -> Linear:
+    n, k = weight.shape
+    layer = Linear("t", k, n, Int8DynamicMethod(), torch.float32, shards)
+    start = 0
+    for rows in shards or [n]:  # fused projections arrive a shard at a time
+        layer.method.load_weight(layer, weight[start : start + rows], start)
+        start += rows
+    layer.method.after_load(layer)
+    return layer
+
+
+def within_half_an_activation_step(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> bool:
+    """Each output is the product with the dequantized weight, up to rounding every input of
+    its own row to a grid of ``max|row| / 127``: ``|err| <= sum|w| * step / 2`` (+ fp32 slack)."""
+    step = x.abs().amax(dim=-1, keepdim=True) / 127
+    bound = step / 2 * w.abs().sum(dim=1) * 1.001 + 1e-5
+    return bool(((y - x @ w.T).abs() <= bound).all())
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    ("shards", "in_features", "rows"),
+    [([96], 64, 1), ([64, 32, 32], 128, 8), ([160, 160], 96, 130), ([3000], 40, 3)],
+)
+def test_w8a8_is_the_int8_weight_product_within_half_an_activation_step(
+    shards: list[int], in_features: int, rows: int
+) -> None:
+    g = torch.Generator().manual_seed(in_features + rows)
+    weight = torch.randn(sum(shards), in_features, generator=g) * 0.1
+    layer = w8a8_layer(weight, shards)
+    q, scales = int8_quantize(weight)
+    dequantized = q.float() * scales[:, None]
+    x = torch.randn(rows, in_features, generator=g) * torch.logspace(-2, 2, rows)[:, None]
+    y = layer(x)
+    assert y.shape == (rows, sum(shards)) and y.dtype == torch.float32
+    assert within_half_an_activation_step(x, y, dequantized)
+
+
+@needs_vnni
+def test_an_outlier_row_does_not_change_the_rounding_of_the_other_rows() -> None:
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(48, 64, generator=g) * 0.1
+    layer = w8a8_layer(weight)
+    victim = torch.randn(1, 64, generator=g)
+    attacker = torch.zeros(1, 64)
+    attacker[0, 3] = 1e4  # a prompt crafted to blow up one channel's activation
+    alone = layer(victim)
+    for batch in (torch.cat([victim, attacker]), torch.cat([attacker, victim, attacker])):
+        together = layer(batch)
+        row = 0 if batch.shape[0] == 2 else 1
+        assert torch.equal(together[row], alone[0])
+    q, scales = int8_quantize(weight)
+    assert within_half_an_activation_step(victim, alone, q.float() * scales[:, None])
+
+
+@needs_vnni
+def test_w8a8_holds_the_weights_int8_holds() -> None:
+    weight = torch.randn(70, 96) * torch.logspace(-3, 1, 70)[:, None]
+    w8a8 = w8a8_layer(weight)
+    int8 = Linear("t", 96, 70, Int8WeightOnlyMethod(), torch.float32)
+    int8.method.load_weight(int8, weight)
+    int8.method.after_load(int8)
+    q, scales = int8_weights(w8a8)
+    assert torch.equal(q, int8_weights(int8)[0])
+    assert torch.equal(scales, int8_quantize(weight)[1])  # fp32 scales: int8's are bf16
+    # nothing of the weights stays outside FBGEMM's packing: no staged rows, no buffers
+    assert not dict(w8a8.named_buffers()) and not dict(w8a8.named_parameters())
+
+
+def test_w8a8_is_refused_on_a_cpu_without_vnni(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ModelLoadError, match="w8a8 needs a CPU with VNNI"):
+        Linear("t", 64, 32, Int8DynamicMethod(vnni=False), torch.float32)
+    # where users meet it: one line and an exit code, before any weight is read
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--quant", "w8a8", "--max-tokens", "2", "Hi"])
+    assert exit_info.value.code == ModelLoadError.exit_code
+    err = capsys.readouterr().err
+    assert err.startswith("error: quant w8a8 needs a CPU with VNNI") and err.count("\n") == 1
+
+
+@needs_vnni
+def test_a_zero_row_gives_zeros_and_an_empty_batch_an_empty_result() -> None:
+    layer = w8a8_layer(torch.randn(24, 32))
+    assert torch.equal(layer(torch.zeros(2, 32)), torch.zeros(2, 24))
+    assert layer(torch.zeros(0, 32)).shape == (0, 24)
+
+
+@needs_vnni
+def test_w8a8_keeps_q_k_v_weight_only_and_its_batched_prefill_equals_one_at_a_time() -> None:
+    table = quant_table("w8a8")
+    assert type(table.method_for("model.layers.0.self_attn.qkv_proj")) is Int8WeightOnlyMethod
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj", "lm_head"):
+        assert isinstance(table.method_for(name), Int8DynamicMethod)
+    model = tiny_model(TINY, table)
+    prompts = [[5, 9, 13, 2], [44, 7, 1, 30]]
+    cache = KVCache(model.cfg, 2, 16, torch.float32)
+    together = model(torch.tensor(prompts), Batch([0, 1], [0, 0], 4), cache)
+    for slot, prompt in enumerate(prompts):
+        alone_cache = KVCache(model.cfg, 1, 16, torch.float32)
+        alone = model(torch.tensor([prompt]), Batch([0], [0], 4), alone_cache)
+        assert torch.equal(together[slot], alone[0])
