@@ -22,6 +22,7 @@ from tdllm_lab.bench.serve import (
 def test_engines_parse_in_order_once_each() -> None:
     assert parse_engines("tdllm, vllm,vllm-alone,tdllm") == ["tdllm", "vllm", "vllm-alone"]
     assert parse_engines("vllm-alone") == ["vllm-alone"]
+    assert parse_engines("tdllm,tdllm-w8a8,tdllm-int4") == ["tdllm", "tdllm-w8a8", "tdllm-int4"]
     with pytest.raises(UsageError, match="unknown engine 'hf'"):
         parse_engines("tdllm,hf")
     with pytest.raises(UsageError):

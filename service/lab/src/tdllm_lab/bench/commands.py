@@ -186,8 +186,9 @@ def bench_unseal(as_json: bool) -> None:
     "--engine",
     "engines",
     default=None,
-    help="compare engines side by side, one at a time: any of tdllm,vllm,vllm-alone "
-    "(vllm-alone: vLLM's server as the service starts it, with no front); not with --url",
+    help="compare engines side by side, one at a time: any of tdllm,tdllm-int8,tdllm-w8a8,"
+    "tdllm-int4,vllm,vllm-alone (tdllm-QUANT: our engine with that quant; vllm-alone: vLLM's "
+    "server as the service starts it, with no front); not with --url",
 )
 @click.option("--clients", "client_counts", default="1,4,8", show_default=True)
 @click.option("--requests-per-client", type=click.IntRange(1, 100), default=3, show_default=True)
@@ -609,13 +610,25 @@ def bench_prefix_cache(
 @bench.command("linear-kernels")
 @click.option("--one-b/--no-one-b", default=True, show_default=True, help="also 1B-like shapes")
 @click.option("--calls", type=click.IntRange(5, 10000), default=60, show_default=True)
+@click.option(
+    "--rows",
+    default="1,8",
+    show_default=True,
+    help="rows per call (decode batch or prefill length), comma-separated",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def bench_linear_kernels(one_b: bool, calls: int, as_json: bool) -> None:
+def bench_linear_kernels(one_b: bool, calls: int, rows: str, as_json: bool) -> None:
     """GEMV/GEMM per projection shape at 1 and 8 rows: F.linear fp32/bf16 vs int8 and int4
-    weight-only kernels, each call on a different weight copy (none cache-resident)."""
+    weight-only kernels and W8A8, each call on a different weight copy (none cache-resident)."""
     from tdllm_lab.bench.linear_kernels import format_report, run_kernel_bench
 
-    report = run_kernel_bench(one_b, calls, status)
+    try:
+        counts = tuple(int(r) for r in rows.split(","))
+    except ValueError:
+        raise UsageError(f"--rows {rows!r}: comma-separated integers") from None
+    if not counts or min(counts) < 1:
+        raise UsageError(f"--rows {rows!r}: each at least 1")
+    report = run_kernel_bench(one_b, calls, status, counts)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 

@@ -12,7 +12,9 @@ the JSON too.
 
 Variants: ``F.linear`` in fp32 and bf16; ``torch._weight_int8pack_mm`` (int8, one scale per
 output row) with fp32 and bf16 activations; ``torch._weight_int4pack_mm_for_cpu`` (int4, a scale
-and zero per group of 32/64/128 inputs) with bf16 activations, where this torch build has it.
+and zero per group of 32/64/128 inputs) with bf16 activations, where this torch build has it;
+W8A8 (`Int8DynamicMethod`: the int8 weights, activations rounded to int8 per row, FBGEMM), timed
+as the layer runs it (the rounding and the range columns included), on VNNI CPUs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tdllm.model.quantized import int4_pack, int8_quantize
+from tdllm.model.linear import Linear
+from tdllm.model.quantized import Int8DynamicMethod, int4_pack, int8_quantize
 
 CACHE_BYTES = 32 << 20  # L3 of the machines we measure on; copies cover it CACHE_MULTIPLE times
 CACHE_MULTIPLE = 8
@@ -68,7 +71,18 @@ def _variants(weight: torch.Tensor) -> dict[str, tuple[Any, torch.dtype, int]]:
                     torch.bfloat16,
                     nbytes,
                 )
+    if torch.cpu._is_vnni_supported():
+        out[W8A8] = ((weight,), torch.bfloat16, n * (k + 2) + n * 4)  # a layer per copy
     return out
+
+
+W8A8 = "w8a8 (FBGEMM)"
+
+
+def _w8a8_layer(weight: torch.Tensor) -> Linear:
+    layer = Linear("bench", weight.shape[1], weight.shape[0], Int8DynamicMethod(), torch.bfloat16)
+    layer.method.load_weight(layer, weight)
+    return layer
 
 
 def _call(name: str) -> Callable[..., torch.Tensor]:
@@ -76,6 +90,8 @@ def _call(name: str) -> Callable[..., torch.Tensor]:
         return lambda x, q, s: torch._weight_int8pack_mm(x, q, s)
     if name.startswith("int4"):
         return lambda x, p, sz, g: torch._weight_int4pack_mm_for_cpu(x, p, g, sz)
+    if name == W8A8:
+        return lambda x, layer: layer(x)
     return lambda x, w: F.linear(x, w)
 
 
@@ -88,11 +104,13 @@ def time_shape(
     for variant, (operands, act, nbytes) in _variants(base).items():
         copies = max(MIN_COPIES, min(MAX_COPIES, -(-CACHE_MULTIPLE * CACHE_BYTES // nbytes)))
         # distinct storage per copy (values equal: the kernels' time does not depend on them)
-        sets = [tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in operands)]
-        sets += [
-            tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in operands)
-            for _ in range(copies - 1)
-        ]
+        if variant == W8A8:  # FBGEMM's packing is a copy of its own
+            sets: list[tuple[Any, ...]] = [(_w8a8_layer(base),) for _ in range(copies)]
+        else:
+            sets = [
+                tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in operands)
+                for _ in range(copies)
+            ]
         fn = _call(variant)
         for m in rows:
             x = torch.randn(m, in_features, generator=gen).to(act)
@@ -124,7 +142,10 @@ def time_shape(
 
 
 def run_kernel_bench(
-    one_b: bool, calls: int, progress: Callable[[str], None] = lambda _: None
+    one_b: bool,
+    calls: int,
+    progress: Callable[[str], None] = lambda _: None,
+    rows: tuple[int, ...] = (1, 8),
 ) -> dict[str, Any]:
     from tdllm_lab.bench.machine import machine
 
@@ -133,7 +154,7 @@ def run_kernel_bench(
     with torch.no_grad():
         for name, k, n in shapes:
             progress(f"linear-kernels: {name} {k}->{n}")
-            results += time_shape(name, k, n, (1, 8), calls)
+            results += time_shape(name, k, n, rows, calls)
     return {"machine": machine(), "threads": torch.get_num_threads(), "results": results}
 
 

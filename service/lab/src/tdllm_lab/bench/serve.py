@@ -10,8 +10,10 @@ a time on the same model, prompt, dtype and max_batch, each stopped fully before
 `tdllm` is the service on our engine, `vllm` the service with engine=vllm (our front relaying to
 vLLM's OpenAI server on a Unix socket), `vllm-alone` vLLM's server started as the service starts
 it (same model directory, loader plugin, args and KV size) but on 127.0.0.1 with no front, so
-`vllm / vllm-alone` is what the front costs. Peak RSS is the largest sampled sum of the RSS of
-every process in the server's tree (service, gunicorn worker, vLLM and its engine processes),
+`vllm / vllm-alone` is what the front costs. `tdllm-int8`, `tdllm-w8a8` and `tdllm-int4` are
+the service on our engine with that `quant` (weights quantized at load). Peak RSS is the
+largest sampled sum of the RSS of every process in the server's tree (service, gunicorn worker,
+vLLM and its engine processes),
 sampled with psutil every RSS_SAMPLE_S during each concurrency level; pages shared between
 forked processes count once per process, so for vLLM it overstates; `pss_mib` (proportional set
 size, taken once after each level) does not.
@@ -35,7 +37,8 @@ import requests
 from tdllm.errors import UsageError
 from tdllm_lab.local_service import LocalService, free_port
 
-ENGINES = ("tdllm", "vllm", "vllm-alone")
+# tdllm-<quant>: our engine with that `quant` setting
+ENGINES = ("tdllm", "tdllm-int8", "tdllm-w8a8", "tdllm-int4", "vllm", "vllm-alone")
 VLLM_PYTHON_ENV = "TDLLM_VLLM_PYTHON"
 DEFAULT_VLLM_PYTHON = Path(".venv-vllm/bin/python")  # `make vllm`, from the repository root
 VLLM_START_S = 900.0
@@ -258,15 +261,17 @@ def _served(
     engine: str, model: str, dtype: str, max_batch: int, python: Path | None
 ) -> Iterator[tuple[str, int]]:
     """Start one engine, yield (its base URL, the root pid of its process tree), stop it."""
+    ours = engine.startswith("tdllm")
     changes = {
         "model": model,
         "dtype": dtype,
         "max_batch": str(max_batch),
         "queue_size": "16",
-        "engine": "tdllm" if engine == "tdllm" else "vllm",
+        "engine": "tdllm" if ours else "vllm",
+        "quant": engine.removeprefix("tdllm-") if engine != "tdllm" and ours else "none",
         "vllm_args": "",  # vLLM's defaults (no --enforce-eager), whatever the environment says
     }
-    if engine != "tdllm":
+    if not ours:
         assert python is not None  # noqa: S101  # vllm_python() ran for the vLLM engines
         changes |= {"vllm_python": str(python), "vllm_start_timeout_s": str(VLLM_START_S)}
     if engine != "vllm-alone":
@@ -332,7 +337,7 @@ def run_engines_bench(
 ) -> dict[str, Any]:
     """Each engine in turn: start it, warm up, every client count, stop it fully."""
     _psutil()
-    python = vllm_python() if any(e != "tdllm" for e in engines) else None
+    python = vllm_python() if any(not e.startswith("tdllm") for e in engines) else None
     batch = max_batch or max(counts)
     runs: list[dict[str, Any]] = []
     served_model = ""
