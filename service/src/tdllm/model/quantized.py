@@ -326,14 +326,20 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
         return []
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).float()
-        peak = rows.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-        scaled = torch.cat([rows * (self.LIMIT / peak), _RANGE.expand(rows.shape[0], 2)], dim=1)
-        if torch.compiler.is_compiling():  # the packed weights are opaque to a graph
+        rows = x.reshape(-1, x.shape[-1])
+        m, k = rows.shape
+        # each row over its own max|row| / LIMIT; a zero row stays zero (tiny, not 0/0)
+        scale = torch.linalg.vector_norm(rows, _INF, dim=1, keepdim=True, dtype=torch.float32)
+        scale.clamp_(min=torch.finfo(torch.float32).tiny).mul_(1 / self.LIMIT)
+        if torch.compiler.is_compiling():  # FBGEMM's packed weights are opaque to a graph
+            scaled = torch.cat([rows / scale, _RANGE.expand(m, 2)], dim=1)
             y = torch.ops.tdllm.w8a8_linear(scaled, layer.w8a8_handle, layer.out_features)
-        else:
+        else:  # the same values, written in place: ~10 us less per call at one row
+            scaled = torch.empty(m, k + 2)
+            torch.div(rows, scale, out=scaled[:, :k])
+            scaled[:, k:] = _RANGE
             y = torch.ops.quantized.linear_dynamic(scaled, layer.packed_int8)
-        y = y * (peak / self.LIMIT)
+        y = y.mul_(scale)
         return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
 
 
@@ -354,6 +360,7 @@ def int8_weights(layer: Linear) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _RANGE = torch.tensor([[1.0, -1.0]])  # the two range columns of every W8A8 input row
+_INF = float("inf")
 
 # FBGEMM's packed weights by handle: a compiled graph calls the kernel through a custom op,
 # whose arguments can be tensors and numbers but not the packed weights themselves
