@@ -181,7 +181,10 @@ def test_ours_w8a8_runs_only_the_q8_0_file_and_has_its_own_ratios(tmp_path: Path
          "decode_b1_tok_s": speed, "peak_rss_mb": 100.0}
         for engine, speed in (("ours", 1.0), ("ours-w8a8", 3.0), ("llama.cpp", 2.0))
     ]  # fmt: skip
+    rows += [skipped, {"engine": "llama.cpp", "format": "q4_0", "prefill_tok_s": 1.0,
+                       "decode_b1_tok_s": 1.0, "peak_rss_mb": 1.0}]  # fmt: skip
     ratios = shape_bench.peer_ratios(rows)
+    assert list(ratios) == ["q8_0", "q8_0 w8a8"]  # the skipped q4_0 row has none
     assert ratios["q8_0"]["decode_b1_tok_s"] == 0.5
     assert ratios["q8_0 w8a8"]["decode_b1_tok_s"] == 1.5
 

@@ -228,7 +228,7 @@ def peer_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for (engine, fmt), ours in by.items():
         peer = by.get((llama_cpp_peer.ENGINE, fmt))
-        if engine not in OURS or peer is None or "prefill_tok_s" not in peer:
+        if engine not in OURS or peer is None or "status" in ours or "status" in peer:
             continue
         out[fmt if engine == "ours" else f"{fmt} {engine.removeprefix('ours-')}"] = {
             "prefill_tok_s": round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 2),
