@@ -13,6 +13,7 @@ nothing from `tdllm.sealing` (an import-linter contract).
 from __future__ import annotations
 
 import json
+import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,22 @@ class GgufTensors:
         for name, item in self.with_blocks():
             yield name, item.dequantize() if isinstance(item, GgufQuantized) else item
 
+    def release_pages(self, tensor: Any = None) -> None:
+        """Drop the file's pages `tensor` was read through (all of them without one) from this
+        process's memory: ``MADV_DONTNEED`` on the read-only map. They stay in the page cache, a
+        view still held reads them back in, but a load no longer carries the file in its RSS
+        next to the model built from it (the 1B shape's Q8_0: 1.3 GB). Best effort: without
+        madvise they just stay."""
+        mapped = getattr(self.reader.data, "_mmap", None)  # numpy's map of the whole file
+        if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, stop = 0, len(mapped)
+        if tensor is not None:
+            start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
+            stop = min(stop, tensor.data_offset + tensor.n_bytes)
+        if stop > start:
+            mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def with_blocks(self) -> Iterator[tuple[str, torch.Tensor | GgufQuantized]]:
         for t in self.reader.tensors:
             name = _hf_name(t.name)
@@ -142,6 +159,7 @@ class GgufTensors:
             except (ValueError, RuntimeError) as exc:
                 raise ModelLoadError(f"{self.path}: tensor {t.name}: {exc}") from None
             yield name, item
+            self.release_pages(t)  # the consumer has taken it
 
 
 def _gguf_tensor(t: Any, shape: tuple[int, ...]) -> torch.Tensor | GgufQuantized:

@@ -38,6 +38,8 @@ def load_model(
             else:
                 model.load_weights(checkpoint.tensors())
             model.after_load()
+        if isinstance(checkpoint.tensors, GgufTensors):  # a tied head read the embedding again
+            checkpoint.tensors.release_pages()
     except BaseException as exc:
         # A sealed checkpoint may fail on a later tensor after earlier ones were decrypted into
         # the model: scrub what got in, so no half-loaded plaintext model outlives the error.
