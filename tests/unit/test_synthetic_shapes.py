@@ -131,6 +131,9 @@ def test_cli_errors_are_one_line_and_non_zero(
         (["bench", "--format", "q4_0"], "add --shape"),
         (["bench", "--engine", "llama.cpp"], "add --shape"),
         (["bench", "--shape", "1b", "--quant", "int4"], "leave out --model"),
+        (["bench", "--shape", "1b", "--batch-sizes", "1,x"], "--batch-sizes '1,x': comma-"),
+        (["bench", "--engine", "ours-w8a8"], "add --shape"),
+        (["bench", "linear-kernels", "--rows", "8,0"], "--rows '8,0': each at least 1"),
     ):
         with pytest.raises(SystemExit) as done:
             main(argv)

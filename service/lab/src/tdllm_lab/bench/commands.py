@@ -147,12 +147,7 @@ def _shape_bench(
             "--shape runs ours and llama.cpp on its own synthetic files: leave out --model, "
             "--quant (the --format sets it), --engine hf, and give at most one --dtype"
         )
-    try:
-        sizes = tuple(int(b) for b in batch_sizes.split(","))
-    except ValueError:
-        raise UsageError(f"--batch-sizes {batch_sizes!r}: comma-separated integers") from None
-    if not sizes or min(sizes) < 1:
-        raise UsageError(f"--batch-sizes {batch_sizes!r}: each at least 1")
+    sizes = _positive_ints(batch_sizes, "--batch-sizes")
     from tdllm_lab.bench.shape_bench import format_shape_table, run_shape_bench
 
     report = run_shape_bench(
@@ -622,14 +617,19 @@ def bench_linear_kernels(one_b: bool, calls: int, rows: str, as_json: bool) -> N
     weight-only kernels and W8A8, each call on a different weight copy (none cache-resident)."""
     from tdllm_lab.bench.linear_kernels import format_report, run_kernel_bench
 
-    try:
-        counts = tuple(int(r) for r in rows.split(","))
-    except ValueError:
-        raise UsageError(f"--rows {rows!r}: comma-separated integers") from None
-    if not counts or min(counts) < 1:
-        raise UsageError(f"--rows {rows!r}: each at least 1")
-    report = run_kernel_bench(one_b, calls, status, counts)
+    report = run_kernel_bench(one_b, calls, status, _positive_ints(rows, "--rows"))
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+def _positive_ints(text: str, option: str) -> tuple[int, ...]:
+    """`1,8` -> (1, 8), or a one-line usage error naming `option`."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} {text!r}: each at least 1")
+    return values
 
 
 @bench.command("fidelity")
