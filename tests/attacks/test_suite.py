@@ -62,7 +62,10 @@ def test_a_suite_run_writes_its_measured_row_between_the_markers(tmp_path: Path)
 def test_evidence_and_verdict_come_from_the_measured_detail(
     tiny_pair: tuple[Checkpoint, Checkpoint],
 ) -> None:
-    prompts = [[(5 * i + 11 * j) % 97 for j in range(10)] for i in range(1, 4)]
+    # masked's pads make each nearest-neighbour guess a 1-in-97 draw: over 30 tokens, 2 chance
+    # hits (6.7% > the 5% threshold) came in 12 of 200 runs (a CI run met one); over 300 the
+    # threshold is 16 hits against a mean of 3.1 (P ~ 1e-7; 0 of 100 runs, the largest 2.7%)
+    prompts = [[(5 * i + 11 * j) % 97 for j in range(30)] for i in range(1, 11)]
     for profile in ("split", "masked"):
         detail = _a8_on_tiny(profile, tiny_pair, prompts)
         if profile == "split":
