@@ -307,7 +307,7 @@ def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
     # with no quantization, every weight is gguf's dequantized float
     assert same_weights(sealed, plain)
     # W8A8 projections (int4's head too): FBGEMM's packing holds them, not the state dict
-    packed = [n for n, m in plain.named_modules() if "packed_int8" in m.__dict__]
+    packed = [n for n, m in plain.named_modules() if "w8a8_handle" in m.__dict__]
     if quant == "w8a8":  # every projection but q|k|v
         assert len(packed) == 3 * plain.cfg.num_layers + 1
     else:

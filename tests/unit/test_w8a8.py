@@ -71,7 +71,9 @@ def test_an_outlier_row_does_not_change_the_rounding_of_the_other_rows() -> None
     layer = w8a8_layer(weight)
     victim = torch.randn(1, 64, generator=g)
     attacker = torch.zeros(1, 64)
-    attacker[0, 3] = 1e4  # a prompt crafted to blow up one channel's activation
+    # a prompt crafted to blow up activations of both signs: it would widen a shared range
+    # (if rows were not scaled) and make it symmetric (if the range columns were missing)
+    attacker[0, 3], attacker[0, 9] = 1e4, -1e4
     alone = layer(victim)
     for batch in (torch.cat([victim, attacker]), torch.cat([attacker, victim, attacker])):
         together = layer(batch)

@@ -12,6 +12,7 @@ nothing from `tdllm.sealing` (an import-linter contract).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 from collections.abc import Callable, Iterator
@@ -142,7 +143,8 @@ class GgufTensors:
             start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
             stop = min(stop, tensor.data_offset + tensor.n_bytes)
         if stop > start:
-            mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            with contextlib.suppress(OSError):  # best effort: the pages just stay
+                mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def with_blocks(self) -> Iterator[tuple[str, torch.Tensor | GgufQuantized]]:
         for t in self.reader.tensors:

@@ -38,8 +38,6 @@ def load_model(
             else:
                 model.load_weights(checkpoint.tensors())
             model.after_load()
-        if isinstance(checkpoint.tensors, GgufTensors):  # a tied head read the embedding again
-            checkpoint.tensors.release_pages()
     except BaseException as exc:
         # A sealed checkpoint may fail on a later tensor after earlier ones were decrypted into
         # the model: scrub what got in, so no half-loaded plaintext model outlives the error.
@@ -48,6 +46,8 @@ def load_model(
         if isinstance(exc, ValueError):
             raise ModelLoadError(f"{checkpoint.path}: {exc}") from None
         raise
+    if isinstance(checkpoint.tensors, GgufTensors):  # a tied head read the embedding again
+        checkpoint.tensors.release_pages()
     return model.eval(), checkpoint
 
 

@@ -36,6 +36,7 @@ import warnings
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -214,7 +215,7 @@ class _StagedQuantMethod(TdCpuKernels, ABC):
 
 
 def _quantized(layer: Linear) -> bool:
-    return layer._buffers.get("qweight") is not None or "packed_int8" in layer.__dict__
+    return layer._buffers.get("qweight") is not None or "w8a8_handle" in layer.__dict__
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -321,7 +322,6 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
             weight = torch._make_per_channel_quantized_tensor(q, scales.double(), zero_points, 0)
         # FBGEMM copies the weights into its own packed layout: the staged rows are scrubbed
         packed = torch.ops.quantized.linear_prepack(weight, None)
-        layer.packed_int8 = packed
         layer.__dict__["w8a8_handle"] = _register_packed(layer, packed)
         return []
 
@@ -331,14 +331,15 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
         # each row over its own max|row| / LIMIT; a zero row stays zero (tiny, not 0/0)
         scale = torch.linalg.vector_norm(rows, _INF, dim=1, keepdim=True, dtype=torch.float32)
         scale.clamp_(min=torch.finfo(torch.float32).tiny).mul_(1 / self.LIMIT)
+        handle = cast(int, layer.w8a8_handle)
         if torch.compiler.is_compiling():  # FBGEMM's packed weights are opaque to a graph
             scaled = torch.cat([rows / scale, _RANGE.expand(m, 2)], dim=1)
-            y = torch.ops.tdllm.w8a8_linear(scaled, layer.w8a8_handle, layer.out_features)
+            y = torch.ops.tdllm.w8a8_linear(scaled, handle, layer.out_features)
         else:  # the same values, written in place: ~10 us less per call at one row
             scaled = torch.empty(m, k + 2)
             torch.div(rows, scale, out=scaled[:, :k])
             scaled[:, k:] = _RANGE
-            y = torch.ops.quantized.linear_dynamic(scaled, layer.packed_int8)
+            y = torch.ops.quantized.linear_dynamic(scaled, _PACKED[handle])
         y = y.mul_(scale)
         return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
 
@@ -346,14 +347,14 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
 def int8_weights(layer: Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q [N, K] int8, scales [N] fp32)`` an int8 or W8A8 projection multiplies by (W8A8's
     read back from FBGEMM's packed layout, less the range columns): for checks and audits."""
-    packed = layer.__dict__.get("packed_int8")
-    if packed is None:
+    handle = layer.__dict__.get("w8a8_handle")
+    if handle is None:
         q, scales = layer.qweight, layer.scales
         assert isinstance(q, torch.Tensor) and isinstance(scales, torch.Tensor)
         return q, scales.float()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
-        weight, _ = torch.ops.quantized.linear_unpack(packed)
+        weight, _ = torch.ops.quantized.linear_unpack(_PACKED[handle])
         q = weight.int_repr()[:, : layer.in_features].clone()
         scales = weight.q_per_channel_scales().float()
     return q, scales
@@ -362,8 +363,9 @@ def int8_weights(layer: Linear) -> tuple[torch.Tensor, torch.Tensor]:
 _RANGE = torch.tensor([[1.0, -1.0]])  # the two range columns of every W8A8 input row
 _INF = float("inf")
 
-# FBGEMM's packed weights by handle: a compiled graph calls the kernel through a custom op,
-# whose arguments can be tensors and numbers but not the packed weights themselves
+# FBGEMM's packed weights by handle, the layer holding only its handle (freed with the layer):
+# a compiled graph calls the kernel through a custom op, whose arguments can be tensors and
+# numbers but not the packed weights themselves
 _PACKED: dict[int, torch.ScriptObject] = {}
 _handles = itertools.count()
 

@@ -268,7 +268,7 @@ def _served(
         "max_batch": str(max_batch),
         "queue_size": "16",
         "engine": "tdllm" if ours else "vllm",
-        "quant": engine.removeprefix("tdllm-") if engine != "tdllm" and ours else "none",
+        "quant": engine.removeprefix("tdllm-") if engine.startswith("tdllm-") else "none",
         "vllm_args": "",  # vLLM's defaults (no --enforce-eager), whatever the environment says
     }
     if not ours:
