@@ -6,7 +6,11 @@ from typing import Any
 
 from flask.testing import FlaskClient
 
-from .conftest import MODEL
+from tdllm.api.app import create_app
+from tdllm.api.runner import EngineRunner
+from tdllm.engine import Engine
+
+from .conftest import CONTEXT, MODEL, api_settings
 
 LIMIT = 256  # max_prompt_tokens of the test settings (conftest.api_settings)
 
@@ -43,3 +47,20 @@ def test_a_token_id_outside_the_vocabulary_is_400_on_prompt(client: FlaskClient)
     assert error["param"] == "prompt"
     assert error["code"] is None
     assert error["message"].startswith("token ids must be in [0, ")
+
+
+def test_choices_that_could_outgrow_the_kv_budget_are_400_on_n(runner: EngineRunner) -> None:
+    """n choices of a long prompt could together need more KV cache than the engine's budget
+    (`kv_cache_tokens`): refused before queuing (it would never be admitted), not left waiting."""
+    shared = runner.engine
+    budgeted = Engine(shared.model, shared.tokenizer, 4, CONTEXT, kv_tokens=CONTEXT)
+    own = EngineRunner(budgeted, model_name=MODEL, queue_size=4).start()
+    try:
+        client = create_app(api_settings(), engine_runner=own).test_client()
+        body = {"prompt": [1] * 200, "max_tokens": 100}
+        error = error_of(client, "/v1/completions", body | {"n": 2})
+        assert error["param"] == "n"
+        assert "kv_cache_tokens" in error["message"]
+        assert client.post("/v1/completions", json={"model": MODEL} | body).status_code == 200
+    finally:
+        own.stop()

@@ -79,7 +79,9 @@ class Settings:
     # private tail (docs/security.md, A15): "off" (default) refuses them, "top-k:N" allows up to
     # N alternatives (N <= 20), on both engines (tdllm.api.openai.logprobs)
     logprobs_policy: str = "off"
-    max_batch: int = 8  # sequences decoded together (KV-cache slots)
+    # sequences decoded together (KV-cache slots); a slot holds memory only for the tokens its
+    # sequence wrote, so many slots of the whole context cost what is in use (kv_cache_tokens)
+    max_batch: int = 32
     # prompt tokens one engine step prefills at most (tdllm engine): a longer prompt is
     # prefilled in chunks between decode steps, so running streams wait one chunk, not the
     # whole prompt, for their next token (docs/performance.md, "Chunked prefill"); 0: whole
@@ -92,8 +94,15 @@ class Settings:
     # most choices one request may ask for: n, or prompts times n for a list prompt (each choice
     # is a sequence: a KV-cache slot); a prompt's n choices decode together, so n <= max_batch too
     max_n: int = 8
-    context_tokens: int = 2048  # KV-cache length per slot: prompt + completion
-    max_prompt_tokens: int = 1536
+    # KV-cache length per slot: prompt + completion (the model's own context at most: 8192 for
+    # SmolLM2)
+    context_tokens: int = 8192
+    max_prompt_tokens: int = 0  # 0: any prompt the context holds with room for one token
+    # KV-cache positions all running sequences may hold together (tdllm engine): a request is
+    # admitted while its prompt plus max_tokens, per choice, fits what is left, so the cache's
+    # memory stays under this many tokens' keys and values (docs/performance.md, "KV pages on
+    # demand"); 0: every slot its whole context (max_batch x context_tokens)
+    kv_cache_tokens: int = 65536
     max_tokens_limit: int = 1024  # largest `max_tokens` a request may ask for
     default_max_tokens: int = 256  # chat requests without max_tokens
     queue_size: int = 32  # requests waiting beyond the running batch before 429
@@ -156,7 +165,6 @@ class Settings:
             "max_batch",
             "max_n",
             "context_tokens",
-            "max_prompt_tokens",
             "max_tokens_limit",
         ):
             if getattr(self, name) < 1:
@@ -167,8 +175,13 @@ class Settings:
             )
         if self.prefix_cache_blocks < 0:
             problems.append("prefix_cache_blocks must be 0 (off) or a count of 64-token blocks")
-        if self.max_prompt_tokens >= self.context_tokens:
-            problems.append("max_prompt_tokens must be smaller than context_tokens")
+        if not (0 <= self.max_prompt_tokens < self.context_tokens):
+            problems.append("max_prompt_tokens must be 0 (the context's) or below context_tokens")
+        if self.kv_cache_tokens != 0 and self.kv_cache_tokens < self.context_tokens:
+            problems.append(
+                "kv_cache_tokens must be 0 (every slot's whole context) or at least "
+                "context_tokens (one whole sequence)"
+            )
         if not (1 <= self.default_max_tokens <= self.max_tokens_limit):
             problems.append("default_max_tokens must be in 1..max_tokens_limit")
         if self.queue_size < 0 or self.max_body_bytes < 1024 or self.threads < 1:

@@ -514,6 +514,7 @@ class Boot:
             s.prefix_cache_blocks,
             compile=s.compile,
             status=lambda text: self.state.set("loading", text),
+            kv_tokens=s.kv_cache_tokens,
         )
         offloaded = s.profile != "td-only"
         return EngineRunner(

@@ -18,6 +18,13 @@ prompt's whole leading blocks are kept after its prefill, and a later prompt sta
 same blocks gets their cache rows copied into its slot on admission and prefills only the rest,
 as a continuation (like a chunk).
 
+The KV cache offers every slot the whole context but holds memory only for what its sequences
+wrote (`KVCache`, pages on demand; a finished sequence's slot is released at once). What bounds
+that memory is the KV budget (`kv_tokens`): a request is admitted only while every admitted
+sequence's worst case (its prompt plus `max_tokens`, within the context) fits the budget, so the
+cache never holds more than `kv_tokens` positions and no running sequence can run out of room
+(nothing is preempted or recomputed). A sequence that stops early gives its reservation back.
+
 A sequence whose params ask for `logprobs` gets each token's log-probability and the top
 alternatives (`StepOutput.logprobs`), computed from the very logits row its token was sampled
 from, for all such sequences of a step together (`LogprobTable`); the others cost nothing."""
@@ -87,6 +94,7 @@ class _Request:
     matcher: llguidance.LLMatcher | None = None  # structured output: where the grammar stands
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the slot's cache (chunked prefill)
+    reserved: int = 0  # cache positions held for it in the engine's KV budget
     output: list[int] = field(default_factory=list)
 
     @property
@@ -106,6 +114,7 @@ class Engine:
         prefix_block: int = PREFIX_BLOCK,
         compile: str = "off",
         status: Callable[[str], None] = lambda _: None,
+        kv_tokens: int = 0,
     ) -> None:
         check_budget(prefill_chunk)
         check_prefix_cache(prefix_cache_blocks, prefix_block)
@@ -116,6 +125,15 @@ class Engine:
         )
         self.cache = KVCache(model.cfg, max_batch, self.max_seq_len, model.dtype)
         self.free_slots = list(range(max_batch))
+        # cache positions the admitted sequences may fill at most, all together (0: every slot
+        # its whole context, the worst case); a single sequence always fits
+        self.kv_tokens = kv_tokens or max_batch * self.max_seq_len
+        if self.kv_tokens < self.max_seq_len:
+            raise UsageError(
+                f"the KV budget is {kv_tokens} tokens; it must hold at least one whole context "
+                f"({self.max_seq_len} tokens), or be 0 (every slot's whole context)"
+            )
+        self.kv_reserved = 0  # what the admitted sequences reserved of `kv_tokens`
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []  # every request holding a slot
         self.prefilling: list[_Request] = []  # admitted, prompt not all in the cache yet
@@ -168,10 +186,22 @@ class Engine:
             if problem:
                 raise UsageError(f"the grammar cannot run: {problem}")
 
+    def check_fits(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        """Raise `UsageError` for a request whose choices together could outgrow the KV budget
+        (it would never be admitted): n choices of a long prompt and `max_tokens`."""
+        need = self.kv_need(len(prompt), params)
+        if need > self.kv_tokens:
+            raise UsageError(
+                f"n = {params.n} choices of a {len(prompt)}-token prompt and max_tokens "
+                f"{params.max_tokens} need up to {need} tokens of KV cache; this engine holds "
+                f"at most {self.kv_tokens} (kv_cache_tokens)"
+            )
+
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> int:
         """Queue `prompt` for `params.n` choices; their outputs carry the id returned."""
         self.check_prompt(prompt)
         self.check_params(params)
+        self.check_fits(prompt, params)
         request_id = next(self._ids)
         vocab = self.model.cfg.vocab_size
         for index in range(params.n):  # contiguous in `waiting`: admitted together
@@ -238,14 +268,27 @@ class Engine:
         self.free_slots.sort()
         return outputs
 
+    def kv_need(self, prompt_tokens: int, params: SamplingParams) -> int:
+        """Cache positions a request reserves while it runs: each choice's prompt and
+        `max_tokens`, within the context."""
+        return params.n * min(prompt_tokens + params.max_tokens, self.max_seq_len)
+
     def _admit(self) -> None:
         """Slots for waiting requests, a request's choices all at once, in order of arrival
-        (none overtakes a larger one). Where choices share a prefill, choices 1.. wait for
-        choice 0's (`_forks`) instead of prefilling."""
+        (none overtakes a larger one), while the KV budget holds their worst case. Where
+        choices share a prefill, choices 1.. wait for choice 0's (`_forks`) instead of
+        prefilling."""
         while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
-            for _ in range(self.waiting[0].params.n):
+            first = self.waiting[0]
+            if self.kv_reserved + self.kv_need(len(first.prompt), first.params) > self.kv_tokens:
+                break
+            for _ in range(first.params.n):
                 request = self.waiting.popleft()
                 request.slot = self.free_slots.pop(0)
+                request.reserved = self.kv_need(len(request.prompt), request.params) // (
+                    request.params.n
+                )
+                self.kv_reserved += request.reserved
                 self.running.append(request)
                 if self.shares_prefill and request.index:
                     self._forks.setdefault(request.id, []).append(request)
@@ -383,7 +426,9 @@ class Engine:
         if request.prefilled < len(request.prompt):  # cancelled before its first token
             self.prefilling = [r for r in self.prefilling if r is not request]
             self._forks.pop(request.id, None)
+        self.cache.release(request.slot)
         self.free_slots.append(request.slot)
+        self.kv_reserved -= request.reserved
         request.slot = -1
 
     # -- conveniences ---------------------------------------------------------------------------
@@ -397,6 +442,7 @@ class Engine:
         for prompt, sp in zip(prompts, per_prompt, strict=True):
             self.check_prompt(prompt)
             self.check_params(sp)
+            self.check_fits(prompt, sp)
         ids = [self.submit(p, sp) for p, sp in zip(prompts, per_prompt, strict=True)]
         keys = [(i, c) for i, sp in zip(ids, per_prompt, strict=True) for c in range(sp.n)]
         done: dict[tuple[int, int], Completion] = {}

@@ -15,26 +15,48 @@ import torch
 import torch.nn.functional as F
 
 from tdllm.model.config import ModelConfig
+from tdllm.zero_pages import ZeroPages
 
 
 class KVCache:
     """Keys and values of every layer for `max_batch` slots of `max_seq_len` positions each.
 
     A sequence owns one slot for its whole life; positions are per sequence, so sequences of
-    different lengths share a decode step without padding.
+    different lengths share a decode step without padding. The slots are views of one
+    `ZeroPages` mapping: a slot holds physical memory only for the positions written into it,
+    and `release` hands a finished sequence's pages back (and makes its slot read as zeros), so
+    `max_batch` slots of the model's whole context cost what their sequences hold, not the
+    worst case.
     """
 
     def __init__(
         self, cfg: ModelConfig, max_batch: int, max_seq_len: int, dtype: torch.dtype
     ) -> None:
         shape = (max_batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
+        item = torch.empty((), dtype=dtype).element_size()
+        self.slot_bytes = cfg.num_kv_heads * max_seq_len * cfg.head_dim * item
+        layer = max_batch * self.slot_bytes
+        self.memory = ZeroPages(2 * cfg.num_layers * layer)
+        tensors = [self.memory.tensor(i * layer, shape, dtype) for i in range(2 * cfg.num_layers)]
+        self.k, self.v = tensors[: cfg.num_layers], tensors[cfg.num_layers :]
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
+        # every layer's key and value of one position
+        self.token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """The whole cache's size: address space, not memory (`resident_bytes`)."""
+        return self.memory.nbytes
+
+    def resident_bytes(self) -> int:
+        """The cache's bytes now in RAM (reads /proc/self/smaps: not for a hot path)."""
+        return self.memory.resident_bytes()
+
+    def release(self, slot: int) -> None:
+        """Hand `slot`'s pages back to the kernel, every layer's; it reads as zeros after."""
+        layer = self.max_batch * self.slot_bytes
+        for i in range(len(self.k) + len(self.v)):
+            self.memory.release(i * layer + slot * self.slot_bytes, self.slot_bytes)
 
 
 @dataclass

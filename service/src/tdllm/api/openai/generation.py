@@ -38,6 +38,7 @@ from tdllm.api.runner import (
 from tdllm.api.shutdown import draining, shutting_down
 from tdllm.engine import SamplingParams
 from tdllm.engine.prompt_check import PromptError, check_prompt
+from tdllm.errors import UsageError
 from tdllm_attest.client.receipt_protocol import RECEIPT_FIELD, StreamDigest, body_sha256
 
 
@@ -113,7 +114,7 @@ def check_prompt_limits(runner: EngineRunner, prompt: list[int], param: str) -> 
             prompt,
             vocab_size=runner.engine.model.cfg.vocab_size,
             context=runner.engine.max_seq_len,
-            max_prompt_tokens=settings.max_prompt_tokens,
+            max_prompt_tokens=settings.max_prompt_tokens or None,
         )
     except PromptError as problem:
         raise _prompt_error(problem, param) from None
@@ -214,6 +215,10 @@ def start(
         grammar=sampling.grammar,
         logprobs=sampling.logprobs,
     )
+    try:  # n long choices may outgrow the KV budget (one always fits: kv_cache_tokens >= context)
+        runner.engine.check_fits(max(prompts, key=len), params)
+    except UsageError as exc:
+        raise invalid(str(exc), "n") from None
     receipt = pending_receipt(request.path, request_body, sampling_used(params), sampling.stream)
     try:
         handles = runner.submit_all(prompts, params)
