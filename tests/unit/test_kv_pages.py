@@ -57,10 +57,10 @@ def test_release_zeroes_the_partial_pages_it_shares_with_its_neighbours() -> Non
     memory = ZeroPages(4 * PAGE)
     memory.bytes.fill_(7)
     memory.release(PAGE // 2, 2 * PAGE)  # half a page, a whole page, half a page
+    assert memory.resident_bytes() == 3 * PAGE  # the whole page in the middle went back
     assert not memory.bytes[PAGE // 2 : PAGE // 2 + 2 * PAGE].any()
     assert (memory.bytes[: PAGE // 2] == 7).all()  # the neighbours keep theirs
     assert (memory.bytes[PAGE // 2 + 2 * PAGE :] == 7).all()
-    assert memory.resident_bytes() == 3 * PAGE  # the whole page in the middle went back
 
 
 def test_the_cache_stays_out_of_core_dumps_and_off_huge_pages() -> None:

@@ -16,6 +16,7 @@ Importable from both sides of the trust boundary: it holds no model and no secre
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 # still counted in full: there the cache's whole size must fit the commit limit.
 MAP_NORESERVE = 0x4000
 PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class ZeroPages:
@@ -47,12 +49,11 @@ class ZeroPages:
         self.address = self.bytes.data_ptr()
 
     def tensor(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous `shape` of `dtype` at byte `offset` (a multiple of the dtype's size)."""
-        count = 1
-        for size in shape:
-            count *= size
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
-        return self.bytes[offset : offset + nbytes].view(dtype).view(shape)
+        """A contiguous `shape` of `dtype` at byte `offset` (a multiple of the dtype's size).
+        A storage of its own, not a view of `bytes`: autograd counts in-place writes per
+        storage, so a write to one tensor must not invalidate another's saved reads."""
+        count = _nbytes(shape, dtype) // _itemsize(dtype)
+        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).view(shape)
 
     def release(self, offset: int, length: int) -> None:
         """Make bytes ``[offset, offset + length)`` read as zeros again, handing their whole
@@ -74,15 +75,14 @@ class ZeroPages:
             piece.zero_()
 
     def resident_bytes(self) -> int:
-        """Bytes of this mapping now in RAM (its `Rss` in /proc/self/smaps; pages only read
-        map the kernel's shared zero page and do not count). Linux only; for tests and benches,
-        not for a hot path (it reads the whole smaps file)."""
-        start, end = self.address, self.address + self.nbytes
-        return sum(
-            int(fields["Rss:"][0]) * 1024
-            for lo, hi, fields in _mappings()
-            if lo < end and hi > start and "Rss:" in fields
-        )
+        """Bytes of this mapping mapped to memory now (mincore(2): pages written, and pages
+        only read, which map the kernel's one shared zero page and cost nothing, count too).
+        Linux only; for tests and benches, not for a hot path."""
+        pages = -(-self.nbytes // PAGE)
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(ctypes.c_void_p(self.address), ctypes.c_size_t(self.nbytes), vec):
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return sum(b & 1 for b in bytes(vec)) * PAGE
 
     def flags(self) -> set[str]:
         """The kernel's VmFlags of this mapping (``dd``: left out of core dumps; ``nh``: no
@@ -104,3 +104,22 @@ def _mappings() -> list[tuple[int, int, dict[str, list[str]]]]:
             lo, hi = (int(x, 16) for x in head.split("-"))
             out.append((lo, hi, {}))
     return out
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.zeros(shape)`` whose memory, on the CPU, is committed only where written (a
+    cache sized for the worst case); on an accelerator, plain zeros."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return ZeroPages(_nbytes(shape, dtype)).tensor(0, shape, dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count * _itemsize(dtype)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tdllm.untrusted.offload import offload_op
+from tdllm.zero_pages import lazy_zeros
 
 
 @offload_op
@@ -90,5 +91,5 @@ def _key_cache(
     if cache is None or tuple(cache.shape) != shape:
         if not isinstance(resident, MutableMapping):
             raise RuntimeError("this device cannot keep a key cache")
-        cache = resident[name] = torch.zeros(shape, device=device)
+        cache = resident[name] = lazy_zeros(shape, torch.float32, device)
     return cache

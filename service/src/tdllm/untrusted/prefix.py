@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tdllm.zero_pages import lazy_zeros
+
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 DTYPES = {"torch.float32": torch.float32, "torch.bfloat16": torch.bfloat16}
@@ -85,14 +87,9 @@ class PublicPrefix:
             if not name.endswith(tuple(f"{n}.weight" for n in (*QKV, *GATE_UP))):
                 self.weights[name] = weights[name].to(self.device, dtype).contiguous()
         cache_shape = (shape.max_batch, shape.num_kv_heads, shape.max_seq_len, shape.head_dim)
-        self.k = [
-            torch.zeros(cache_shape, dtype=dtype, device=self.device)
-            for _ in range(shape.num_layers)
-        ]
-        self.v = [
-            torch.zeros(cache_shape, dtype=dtype, device=self.device)
-            for _ in range(shape.num_layers)
-        ]
+        # sized for every slot's whole context; on the CPU only written positions take memory
+        self.k = [lazy_zeros(cache_shape, dtype, self.device) for _ in range(shape.num_layers)]
+        self.v = [lazy_zeros(cache_shape, dtype, self.device) for _ in range(shape.num_layers)]
         cos, sin = _rope_tables(shape.head_dim, shape.rope_theta, shape.rope_positions)
         self.rope_cos, self.rope_sin = cos.to(self.device, dtype), sin.to(self.device, dtype)
         self.native_bf16 = bool(
