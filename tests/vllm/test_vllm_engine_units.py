@@ -247,5 +247,8 @@ def test_a_relative_vllm_python_is_made_absolute_without_leaving_the_venv(tmp_pa
     settings = Settings(engine="vllm", vllm_python=".venv-vllm/bin/python", max_batch=4)
     launch = vllm_launch(settings, open_checkpoint("bundled"))
     assert launch.python == Path.cwd() / ".venv-vllm" / "bin" / "python"  # not resolved
-    assert launch.max_num_seqs == 4 and launch.max_model_len == 2048
-    assert launch.kv_cache_gib == 1 and launch.max_logprobs == 0
+    assert launch.max_num_seqs == 4 and launch.max_model_len == 8192
+    # the tdllm engine's KV budget: 65536 positions of 45 KiB (fp32), rounded up
+    assert launch.kv_cache_gib == 3 and launch.max_logprobs == 0
+    unbudgeted = Settings(engine="vllm", vllm_python="x", max_batch=4, kv_cache_tokens=0)
+    assert vllm_launch(unbudgeted, open_checkpoint("bundled")).kv_cache_gib == 2  # 4 x 8192

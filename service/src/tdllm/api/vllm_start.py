@@ -36,7 +36,8 @@ def vllm_launch(settings: Settings, checkpoint: Any, tcp_port: int | None = None
         max_model_len=max_len,
         max_num_seqs=s.max_batch,
         extra_args=s.vllm_args,
-        kv_cache_gib=kv_cache_gib(checkpoint, s.dtype, sequences, max_len),
+        # the tdllm engine's KV budget for the same settings (vLLM allocates all of it)
+        kv_cache_gib=kv_cache_gib(checkpoint, s.dtype, s.kv_cache_tokens or sequences * max_len),
         max_logprobs=logprobs_limit(s.logprobs_policy) or 0,
         tcp_port=tcp_port,
     )

@@ -101,13 +101,13 @@ class VllmLaunch:
     tcp_port: int | None = None
 
 
-def kv_cache_gib(checkpoint: Checkpoint, dtype: str, sequences: int, tokens: int) -> int:
-    """GiB of KV cache for `sequences` full sequences of `tokens` (the tdllm engine's budget
-    for the same settings), at least 1: keys and values of every layer's KV heads."""
+def kv_cache_gib(checkpoint: Checkpoint, dtype: str, tokens: int) -> int:
+    """GiB of KV cache for `tokens` positions (the tdllm engine's KV budget for the same
+    settings), at least 1: keys and values of every layer's KV heads."""
     config = checkpoint.config
     element = 4 if dtype == "fp32" else 2
     per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * element
-    return max(1, -(-sequences * tokens * per_token // (1 << 30)))
+    return max(1, -(-tokens * per_token // (1 << 30)))
 
 
 def run_directory() -> Path:

@@ -602,6 +602,39 @@ def bench_prefix_cache(
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+@bench.command("context")
+@click.option("--model", default="bundled", show_default=True)
+@click.option("--dtype", type=DTYPE, default="bf16", show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 256), default=32, show_default=True)
+@click.option(
+    "--prompt-tokens",
+    "lengths",
+    type=click.IntRange(1, 1 << 20),
+    multiple=True,
+    help="prompt lengths of the depth part (repeatable; default 128, 2048, and the whole "
+    "context less the new tokens)",
+)
+@click.option("--new-tokens", type=click.IntRange(1, 1024), default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def bench_context(
+    model: str, dtype: str, max_batch: int, lengths: tuple[int, ...], new_tokens: int, as_json: bool
+) -> None:
+    """The KV cache at the model's whole context: its address space against the memory it
+    holds (idle, every slot busy, after), and one sequence's TTFT and decode speed at depth."""
+    from tdllm.model.loader import parse_dtype
+    from tdllm.sources import open_checkpoint
+    from tdllm_lab.bench.context import format_report, run_context
+
+    checkpoint = open_checkpoint(model)
+    context = checkpoint.config.max_position_embeddings
+    depths = list(lengths or (128, 2048, context - new_tokens - 1))
+    try:
+        report = run_context(checkpoint, parse_dtype(dtype), max_batch, depths, new_tokens, status)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
 @bench.command("linear-kernels")
 @click.option("--one-b/--no-one-b", default=True, show_default=True, help="also 1B-like shapes")
 @click.option("--calls", type=click.IntRange(5, 10000), default=60, show_default=True)
