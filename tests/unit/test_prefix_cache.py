@@ -172,11 +172,30 @@ def test_a_bad_prefix_cache_setting_is_one_clear_line() -> None:
         Settings(prefix_cache_blocks=-1)
     message = str(settings_error.value)
     assert "\n" not in message and "prefix_cache_blocks must be 0" in message
-    assert Settings().prefix_cache_blocks == 0  # off unless asked
+    assert Settings().prefix_cache_blocks == 128  # on: one whole context of blocks, per scope
     with pytest.raises(SettingsError) as env_error:
         load_settings(environ={"TDLLM_PREFIX_CACHE_BLOCKS": "lots"})
     assert "\n" not in str(env_error.value) and "prefix_cache_blocks" in str(env_error.value)
     assert load_settings(environ={"TDLLM_PREFIX_CACHE_BLOCKS": "32"}).prefix_cache_blocks == 32
+
+
+def test_a_prompt_from_another_scope_never_hits_the_prefix_cache() -> None:
+    """The attack: a tenant times its first token to learn whether another tenant's prompt
+    starts with a guess (a cached block is ~9x faster). Blocks are kept per scope (the API key):
+    another scope's identical prompt misses, and it is computed as if nothing were cached."""
+    e = engine(tiny_model(), 16)
+    victim = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, cache_scope=b"A")
+    prober = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, cache_scope=b"B")
+    tokens = one_by_one(e, [[*SYSTEM, 1]], victim)
+    cache = e.prefix_cache
+    assert cache is not None and cache.hit_tokens == 0
+    assert one_by_one(e, [[*SYSTEM, 1]], prober) == tokens
+    assert cache.hit_tokens == 0  # the guess told the prober nothing
+    one_by_one(e, [[*SYSTEM, 2]], victim)
+    assert cache.hit_tokens == len(SYSTEM)  # the victim's own prompts still share
+    one_by_one(e, [[*SYSTEM, 3]], prober)
+    assert cache.hit_tokens == 2 * len(SYSTEM)  # and so do the prober's, among themselves
+    assert "cache_scope" not in repr(prober)  # never in a log line
 
 
 @pytest.mark.slow  # the bundled model, four engines: ~15 s quiet

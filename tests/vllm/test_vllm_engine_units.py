@@ -252,3 +252,22 @@ def test_a_relative_vllm_python_is_made_absolute_without_leaving_the_venv(tmp_pa
     assert launch.kv_cache_gib == 3 and launch.max_logprobs == 0
     unbudgeted = Settings(engine="vllm", vllm_python="x", max_batch=4, kv_cache_tokens=0)
     assert vllm_launch(unbudgeted, open_checkpoint("bundled")).kv_cache_gib == 2  # 4 x 8192
+
+
+def test_vllm_gets_the_api_keys_cache_scope_as_its_cache_salt() -> None:
+    """vLLM's prefix cache is on by default: without a salt per key, one key's clients could
+    time another's prompts through it, as through ours (tests/api/test_prefix_cache_tenants.py)."""
+    from flask import Flask, g
+
+    from tdllm.api.auth import cache_scope
+    from tdllm.api.openai.relay import salted
+
+    doc = {"model": "m", "messages": []}
+    with Flask(__name__).test_request_context():
+        assert salted(doc) == doc  # no keys: one tenant
+        g.cache_scope = cache_scope("tenant-a-key-0123456789")
+        salt_a = salted(doc)["cache_salt"]
+        g.cache_scope = cache_scope("tenant-b-key-0123456789")
+        salt_b = salted(doc | {"cache_salt": "chosen-by-the-client"})["cache_salt"]
+    assert len(salt_a) == 64 and salt_a != salt_b != "chosen-by-the-client"
+    assert "tenant-a" not in salt_a  # the key itself never travels

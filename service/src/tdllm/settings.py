@@ -86,11 +86,12 @@ class Settings:
     # prefilled in chunks between decode steps, so running streams wait one chunk, not the
     # whole prompt, for their next token (docs/performance.md, "Chunked prefill"); 0: whole
     # prompts, as they arrive
-    prefill_chunk: int = 256
+    prefill_chunk: int = 512
     # blocks of 64 prompt tokens whose keys and values the tdllm engine keeps after a prefill,
     # so a later prompt starting with the same blocks (a shared system prompt) prefills only the
-    # rest (td-only models; docs/performance.md, "Prefix cache"); 0: off
-    prefix_cache_blocks: int = 0
+    # rest (td-only models; docs/performance.md, "Prefix cache"). Kept per API key: one key's
+    # clients never hit another's blocks (docs/security.md); memory only for blocks kept; 0: off
+    prefix_cache_blocks: int = 128
     # most choices one request may ask for: n, or prompts times n for a list prompt (each choice
     # is a sequence: a KV-cache slot); a prompt's n choices decode together, so n <= max_batch too
     max_n: int = 8

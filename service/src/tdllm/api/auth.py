@@ -11,13 +11,17 @@ loopback peers. Keys are compared in constant time and never logged.
 from __future__ import annotations
 
 import hmac
+import secrets
 from collections.abc import Sequence
 from ipaddress import IPv6Address, ip_address
 
-from flask import Flask, request
+from flask import Flask, g, request
 
 from tdllm.api.errors import ApiError
 from tdllm_attest.client.receipt_protocol import RECEIPTS_PATH
+
+# keys the prefix-cache scopes (`cache_scope`); new in every process, as the cache is
+_SCOPE_SECRET = secrets.token_bytes(32)
 
 
 def _bearer_matches(keys: Sequence[str]) -> bool:
@@ -39,6 +43,12 @@ def require_api_key(keys: Sequence[str]) -> None:
             None,
             "invalid_api_key",
         )
+
+
+def cache_scope(key: str) -> bytes:
+    """The prefix-cache scope of an API key (already checked): a keyed digest under a secret
+    of this process, so the scope names the key to no one, not even in a log."""
+    return hmac.digest(_SCOPE_SECRET, key.strip().encode(), "sha256")
 
 
 def is_loopback(peer: str | None) -> bool:
@@ -97,3 +107,4 @@ def install_api_keys(app: Flask, keys: tuple[str, ...]) -> None:
     def _check() -> None:
         if _needs_clear_key(request.path):
             require_api_key(keys)
+            g.cache_scope = cache_scope(request.headers["Authorization"].partition(" ")[2])

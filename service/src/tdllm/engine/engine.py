@@ -295,7 +295,7 @@ class Engine:
                 else:
                     if self.prefix_cache is not None:
                         request.prefilled = self.prefix_cache.lookup(
-                            request.prompt, self.cache, request.slot
+                            request.prompt, self.cache, request.slot, request.params.cache_scope
                         )
                     self.prefilling.append(request)
 
@@ -335,7 +335,9 @@ class Engine:
             r.prefilled = len(r.prompt)
         if self.prefix_cache is not None:  # before any may finish and free its slot
             for request in group:
-                self.prefix_cache.store(request.prompt, self.cache, request.slot)
+                self.prefix_cache.store(
+                    request.prompt, self.cache, request.slot, request.params.cache_scope
+                )
         allowed = self._allowed([r for _, r in rows])
         logprobs = self._logprobs([r for _, r in rows], logits[[i for i, _ in rows], -1])
         for request in group:

@@ -24,6 +24,7 @@ import torch
 from tdllm.errors import UsageError
 from tdllm.model.config import ModelConfig
 from tdllm.model.transformer import KVCache
+from tdllm.zero_pages import lazy_zeros
 
 # tokens per block. Smaller blocks reuse more of a prompt diverging mid-block but hash and copy
 # more pieces; 64 is a system prompt's granularity and a long enough row for a copy to be a
@@ -47,8 +48,10 @@ class PrefixCache:
     ) -> None:
         check_prefix_cache(blocks, block)
         shape = (blocks, cfg.num_kv_heads, block, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
+        # memory only for the blocks kept (pages on demand, as the KV cache's slots)
+        cpu = torch.device("cpu")
+        self.k = [lazy_zeros(shape, dtype, cpu) for _ in range(cfg.num_layers)]
+        self.v = [lazy_zeros(shape, dtype, cpu) for _ in range(cfg.num_layers)]
         self.block = block
         self.capacity = blocks
         self._entries: OrderedDict[bytes, int] = OrderedDict()  # key -> row, oldest first
@@ -58,10 +61,11 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _keys(self, prompt: Sequence[int], count: int) -> list[bytes]:
-        """The chain keys of the first `count` blocks of `prompt`."""
+    def _keys(self, prompt: Sequence[int], count: int, scope: bytes) -> list[bytes]:
+        """The chain keys of the first `count` blocks of `prompt` in `scope` (the chain's root:
+        another scope's identical prompt has other keys)."""
         keys: list[bytes] = []
-        parent = b""
+        parent = hashlib.sha256(b"tdllm prefix scope\0" + scope).digest() if scope else b""
         for i in range(count):
             ids = prompt[i * self.block : (i + 1) * self.block]
             parent = hashlib.sha256(parent + struct.pack(f"<{len(ids)}q", *ids)).digest()
@@ -72,10 +76,11 @@ class PrefixCache:
         for key in reversed(keys):  # the root last: the most recent, evicted after its children
             self._entries.move_to_end(key)
 
-    def lookup(self, prompt: Sequence[int], cache: KVCache, slot: int) -> int:
-        """Copy the longest cached block-aligned prefix of `prompt` into `slot`, leaving at least
-        one token to prefill (the first token's logits come from a real pass); its length."""
-        keys = self._keys(prompt, (len(prompt) - 1) // self.block)
+    def lookup(self, prompt: Sequence[int], cache: KVCache, slot: int, scope: bytes = b"") -> int:
+        """Copy the longest cached block-aligned prefix of `prompt` (kept in `scope`) into
+        `slot`, leaving at least one token to prefill (the first token's logits come from a real
+        pass); its length."""
+        keys = self._keys(prompt, (len(prompt) - 1) // self.block, scope)
         hit = 0
         while hit < len(keys) and keys[hit] in self._entries:
             hit += 1
@@ -90,10 +95,10 @@ class PrefixCache:
         self.hit_tokens += length
         return length
 
-    def store(self, prompt: Sequence[int], cache: KVCache, slot: int) -> None:
-        """Keep the whole leading blocks of `prompt`, prefilled in `slot`, as far as the budget
-        holds them; blocks already kept are only touched."""
-        keys = self._keys(prompt, min(len(prompt) // self.block, self.capacity))
+    def store(self, prompt: Sequence[int], cache: KVCache, slot: int, scope: bytes = b"") -> None:
+        """Keep the whole leading blocks of `prompt`, prefilled in `slot`, in `scope`, as far as
+        the budget holds them; blocks already kept are only touched."""
+        keys = self._keys(prompt, min(len(prompt) // self.block, self.capacity), scope)
         if not keys:
             return
         # the chain's kept blocks become the most recent first, so making room below evicts

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,9 @@ class SamplingParams:
     grammar: str | None = None  # llguidance's grammar the output must match (engine.structured)
     # None: no logprobs; N: each token's logprob and the N most likely alternatives (vLLM's)
     logprobs: int | None = None
+    # whose prefix-cache blocks the request may hit and adds to (the front: one scope per API
+    # key), so no client can time another's prompts; an opaque digest, never shown in a repr
+    cache_scope: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -214,6 +214,7 @@ def start(
         min_tokens=sampling.min_tokens,
         grammar=sampling.grammar,
         logprobs=sampling.logprobs,
+        cache_scope=g.get("cache_scope", b""),  # the API key's (auth.py); none without keys
     )
     try:  # n long choices may outgrow the KV budget (one always fits: kv_cache_tokens >= context)
         runner.engine.check_fits(max(prompts, key=len), params)

@@ -95,7 +95,7 @@ def relay(path: str, raw: bytes, fields: frozenset[str], default_max_tokens: int
             "model",
             "model_not_found",
         )
-    doc = _limited(doc, default_max_tokens)
+    doc = salted(_limited(doc, default_max_tokens))
     stream = doc.get("stream") is True
     receipt = pending_receipt(request.path, raw, sampling_stated(doc), stream)
     service = current_app.extensions["tdllm"]
@@ -204,6 +204,13 @@ def _limited(doc: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
     check_choices(doc, settings.max_n, settings.max_batch)
     check_logprobs(doc, logprobs_limit(settings.logprobs_policy))
     return doc | {key: max_tokens}
+
+
+def salted(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` with vLLM's `cache_salt` set to the request's API-key scope (auth.cache_scope), so
+    vLLM's prefix cache is kept per key as ours is; unchanged without keys."""
+    scope = g.get("cache_scope")
+    return doc | {"cache_salt": scope.hex()} if scope else doc
 
 
 def check_max_tokens(doc: dict[str, Any], limit: int) -> None:
