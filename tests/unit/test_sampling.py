@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from tdllm.engine.sampling import SamplingParams, sample
+from tdllm.engine.sampling import TOP_P_CANDIDATES, SamplingParams, sample
 
 LOGITS = torch.tensor([0.5, 3.0, 2.9, -1.0, 0.0, 1.0])
 
@@ -69,3 +71,33 @@ def test_a_vanishing_temperature_samples_the_argmax_instead_of_failing(temperatu
 def test_rejects_invalid_parameters(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_draws_follow_the_softmax_of_the_logits() -> None:
+    """Each token's share of 20000 draws is its probability within five standard errors (a
+    sampler that skewed the distribution, or dropped a token, fails; fixed seed: no flake)."""
+    n = 20_000
+    counts = torch.bincount(
+        torch.tensor(draws(SamplingParams(temperature=1.0, seed=7), n)), minlength=len(LOGITS)
+    )
+    probs = LOGITS.softmax(-1).double()
+    spread = (probs * (1 - probs) / n).sqrt()
+    assert ((counts / n - probs).abs() <= 5 * spread).all(), (counts / n, probs)
+
+
+def test_tokens_without_mass_are_never_drawn() -> None:
+    logits = torch.full((1000,), -math.inf)
+    logits[[3, 500, 999]] = torch.tensor([0.0, 1.0, 2.0])
+    g = torch.Generator().manual_seed(0)
+    drawn = {sample(logits, SamplingParams(temperature=1.0), g) for _ in range(3000)}
+    assert drawn == {3, 500, 999}
+
+
+def test_a_nucleus_wider_than_the_sorted_candidates_is_cut_over_the_whole_vocabulary() -> None:
+    """top_p sorts the most likely TOP_P_CANDIDATES first; a flatter distribution whose nucleus
+    holds more tokens than that still keeps exactly the nucleus (here half of 3000 equal ones)."""
+    logits = torch.zeros(3000)
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=1.0, top_p=0.5)
+    drawn = {sample(logits, params, g) for _ in range(20_000)}
+    assert TOP_P_CANDIDATES < len(drawn) <= 1500
