@@ -248,10 +248,12 @@ def test_a_relative_vllm_python_is_made_absolute_without_leaving_the_venv(tmp_pa
     launch = vllm_launch(settings, open_checkpoint("bundled"))
     assert launch.python == Path.cwd() / ".venv-vllm" / "bin" / "python"  # not resolved
     assert launch.max_num_seqs == 4 and launch.max_model_len == 8192
-    # the tdllm engine's KV budget: 65536 positions of 45 KiB (fp32), rounded up
-    assert launch.kv_cache_gib == 3 and launch.max_logprobs == 0
-    unbudgeted = Settings(engine="vllm", vllm_python="x", max_batch=4, kv_cache_tokens=0)
-    assert vllm_launch(unbudgeted, open_checkpoint("bundled")).kv_cache_gib == 2  # 4 x 8192
+    # the tdllm engine's KV budget, no more than 4 sequences fill: 4 x 8192 x 45 KiB (fp32)
+    assert launch.kv_cache_gib == 2 and launch.max_logprobs == 0
+    wide = Settings(engine="vllm", vllm_python="x", max_batch=32)  # 65536 of 32 x 8192
+    assert vllm_launch(wide, open_checkpoint("bundled")).kv_cache_gib == 3
+    tight = Settings(engine="vllm", vllm_python="x", max_batch=4, kv_cache_tokens=8192)
+    assert vllm_launch(tight, open_checkpoint("bundled")).kv_cache_gib == 1
 
 
 def test_vllm_gets_the_api_keys_cache_scope_as_its_cache_salt() -> None:

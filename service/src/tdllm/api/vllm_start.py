@@ -36,8 +36,11 @@ def vllm_launch(settings: Settings, checkpoint: Any, tcp_port: int | None = None
         max_model_len=max_len,
         max_num_seqs=s.max_batch,
         extra_args=s.vllm_args,
-        # the tdllm engine's KV budget for the same settings (vLLM allocates all of it)
-        kv_cache_gib=kv_cache_gib(checkpoint, s.dtype, s.kv_cache_tokens or sequences * max_len),
+        # the tdllm engine's KV budget for the same settings (vLLM allocates all of it): no
+        # more than its sequences can fill
+        kv_cache_gib=kv_cache_gib(
+            checkpoint, s.dtype, min(s.kv_cache_tokens or 1 << 62, sequences * max_len)
+        ),
         max_logprobs=logprobs_limit(s.logprobs_policy) or 0,
         tcp_port=tcp_port,
     )
