@@ -24,7 +24,7 @@ from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
 from tdllm.settings import Settings
 from tdllm_lab.bench.decode_profile import kernel_table
-from tdllm_lab.bench.machine import machine
+from tdllm_lab.bench.machine import machine, rss_mb
 
 MIB = 1 << 20
 CHAT_PROMPT = 128  # each slot's prompt in the slots part
@@ -39,8 +39,11 @@ def run_context(
     new_tokens: int,
     status: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    model, _ = load_model(checkpoint, dtype, kernel_table("served"))
     context = checkpoint.config.max_position_embeddings
+    for length in prompt_lengths:
+        if length + new_tokens > context:
+            raise ValueError(f"a {length}-token prompt and {new_tokens} more exceed {context}")
+    model, _ = load_model(checkpoint, dtype, kernel_table("served"))
     vocab = checkpoint.config.vocab_size
     budget = Settings().kv_cache_tokens
     engine = Engine(
@@ -50,8 +53,6 @@ def run_context(
     slots = _slots(engine, vocab, new_tokens)
     depth = []
     for length in prompt_lengths:
-        if length + new_tokens > context:
-            raise ValueError(f"a {length}-token prompt and {new_tokens} more exceed {context}")
         status(f"context: one {length}-token prompt, then {new_tokens} tokens")
         depth.append(_depth(engine, [(j * 7919 + 11) % vocab for j in range(length)], new_tokens))
     return {
@@ -71,7 +72,7 @@ def run_context(
 
 def _slots(engine: Engine, vocab: int, new_tokens: int) -> dict[str, Any]:
     cache = engine.cache
-    idle = {"kv_resident_mib": _mib(cache.resident_bytes()), "rss_mib": _rss_mib()}
+    idle = {"kv_resident_mib": _mib(cache.resident_bytes()), "rss_mib": rss_mb()}
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     for i in range(cache.max_batch):
         engine.submit([(j * 31 + 7 * i + 1) % vocab for j in range(CHAT_PROMPT)], params)
@@ -87,9 +88,9 @@ def _slots(engine: Engine, vocab: int, new_tokens: int) -> dict[str, Any]:
         "peak": {
             "kv_resident_mib": _mib(peak_resident),
             "kv_held_mib": _mib(peak_held),  # positions x bytes per position, no page rounding
-            "rss_mib": _rss_mib(),
+            "rss_mib": rss_mb(),
         },
-        "after": {"kv_resident_mib": _mib(cache.resident_bytes()), "rss_mib": _rss_mib()},
+        "after": {"kv_resident_mib": _mib(cache.resident_bytes()), "rss_mib": rss_mb()},
     }
 
 
@@ -116,14 +117,6 @@ def _depth(engine: Engine, prompt: list[int], new_tokens: int) -> dict[str, Any]
 
 def _mib(nbytes: int) -> float:
     return round(nbytes / MIB, 1)
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
 
 
 def format_report(report: dict[str, Any]) -> str:
