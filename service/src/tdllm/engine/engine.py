@@ -189,7 +189,7 @@ class Engine:
     def check_fits(self, prompt: Sequence[int], params: SamplingParams) -> None:
         """Raise `UsageError` for a request whose choices together could outgrow the KV budget
         (it would never be admitted): n choices of a long prompt and `max_tokens`."""
-        need = self.kv_need(len(prompt), params)
+        need = params.n * self.kv_need(len(prompt), params)
         if need > self.kv_tokens:
             raise UsageError(
                 f"n = {params.n} choices of a {len(prompt)}-token prompt and max_tokens "
@@ -269,9 +269,9 @@ class Engine:
         return outputs
 
     def kv_need(self, prompt_tokens: int, params: SamplingParams) -> int:
-        """Cache positions a request reserves while it runs: each choice's prompt and
+        """Cache positions one choice of a request reserves while it runs: its prompt and
         `max_tokens`, within the context."""
-        return params.n * min(prompt_tokens + params.max_tokens, self.max_seq_len)
+        return min(prompt_tokens + params.max_tokens, self.max_seq_len)
 
     def _admit(self) -> None:
         """Slots for waiting requests, a request's choices all at once, in order of arrival
@@ -280,14 +280,13 @@ class Engine:
         prefilling."""
         while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
             first = self.waiting[0]
-            if self.kv_reserved + self.kv_need(len(first.prompt), first.params) > self.kv_tokens:
+            need = first.params.n * self.kv_need(len(first.prompt), first.params)
+            if self.kv_reserved + need > self.kv_tokens:
                 break
             for _ in range(first.params.n):
                 request = self.waiting.popleft()
                 request.slot = self.free_slots.pop(0)
-                request.reserved = self.kv_need(len(request.prompt), request.params) // (
-                    request.params.n
-                )
+                request.reserved = self.kv_need(len(request.prompt), request.params)
                 self.kv_reserved += request.reserved
                 self.running.append(request)
                 if self.shares_prefill and request.index:
