@@ -8,7 +8,7 @@ write, 4 KiB at a time, and takes them back when a finished sequence's range is 
 written pages cost memory (the design of vAttention, Prabhu et al., ASPLOS 2025).
 
 The mapping is also marked so that the keys and values of running prompts stay out of core
-dumps (``MADV_DONTDUMP``) and so that transparent huge pages, which would commit 2 MiB on a
+dumps (``MADV_DONTDUMP``) and so that transparent huge pages, which may commit 2 MiB on a
 one-token write, are never used for it (``MADV_NOHUGEPAGE``).
 
 Importable from both sides of the trust boundary: it holds no model and no secret of its own.
