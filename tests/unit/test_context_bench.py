@@ -10,6 +10,7 @@ from tdllm.sources import open_checkpoint
 from tdllm_lab.bench.context import format_report, run_context
 
 
+@pytest.mark.slow  # the bundled model, 5 sequences: ~7 s (CI's make test is near its budget)
 def test_the_context_bench_sees_pages_come_and_go_with_the_sequences() -> None:
     report = run_context(open_checkpoint("bundled"), torch.bfloat16, 4, [40], 3)
     slots = report["slots"]
