@@ -107,7 +107,6 @@ def create_app(
 
     if engine_runner is not None:
         engine_runner.observer = service_metrics.observer()
-        service_metrics.watch_kv(engine_runner.engine)
         state.runner = engine_runner
         state.set("ready", "ready")
     else:
