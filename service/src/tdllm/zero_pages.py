@@ -52,7 +52,7 @@ class ZeroPages:
         """A contiguous `shape` of `dtype` at byte `offset` (a multiple of the dtype's size).
         A storage of its own, not a view of `bytes`: autograd counts in-place writes per
         storage, so a write to one tensor must not invalidate another's saved reads."""
-        count = _nbytes(shape, dtype) // _itemsize(dtype)
+        count = _nbytes(shape, dtype) // dtype.itemsize
         return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).view(shape)
 
     def release(self, offset: int, length: int) -> None:
@@ -82,7 +82,7 @@ class ZeroPages:
         vec = (ctypes.c_ubyte * pages)()
         if _libc.mincore(ctypes.c_void_p(self.address), ctypes.c_size_t(self.nbytes), vec):
             raise OSError(ctypes.get_errno(), "mincore failed")
-        return sum(b & 1 for b in bytes(vec)) * PAGE
+        return int(torch.frombuffer(vec, dtype=torch.uint8).bitwise_and(1).sum()) * PAGE
 
     def flags(self) -> set[str]:
         """The kernel's VmFlags of this mapping (``dd``: left out of core dumps; ``nh``: no
@@ -114,12 +114,8 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return ZeroPages(_nbytes(shape, dtype)).tensor(0, shape, dtype)
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     count = 1
     for size in shape:
         count *= size
-    return count * _itemsize(dtype)
+    return count * dtype.itemsize

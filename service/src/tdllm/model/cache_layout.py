@@ -33,11 +33,14 @@ class KVCache:
         self, cfg: ModelConfig, max_batch: int, max_seq_len: int, dtype: torch.dtype
     ) -> None:
         shape = (max_batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype.itemsize
         self.slot_bytes = cfg.num_kv_heads * max_seq_len * cfg.head_dim * item
-        layer = max_batch * self.slot_bytes
-        self.memory = ZeroPages(2 * cfg.num_layers * layer)
-        tensors = [self.memory.tensor(i * layer, shape, dtype) for i in range(2 * cfg.num_layers)]
+        self.layer_bytes = max_batch * self.slot_bytes
+        self.memory = ZeroPages(2 * cfg.num_layers * self.layer_bytes)
+        tensors = [
+            self.memory.tensor(i * self.layer_bytes, shape, dtype)
+            for i in range(2 * cfg.num_layers)
+        ]
         self.k, self.v = tensors[: cfg.num_layers], tensors[cfg.num_layers :]
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
@@ -49,14 +52,14 @@ class KVCache:
         return self.memory.nbytes
 
     def resident_bytes(self) -> int:
-        """The cache's bytes now in RAM (reads /proc/self/smaps: not for a hot path)."""
+        """The cache's bytes mapped to memory now (`ZeroPages.resident_bytes`: not for a hot
+        path)."""
         return self.memory.resident_bytes()
 
     def release(self, slot: int) -> None:
         """Hand `slot`'s pages back to the kernel, every layer's; it reads as zeros after."""
-        layer = self.max_batch * self.slot_bytes
         for i in range(len(self.k) + len(self.v)):
-            self.memory.release(i * layer + slot * self.slot_bytes, self.slot_bytes)
+            self.memory.release(i * self.layer_bytes + slot * self.slot_bytes, self.slot_bytes)
 
 
 @dataclass
