@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask.testing import FlaskClient
 
-from .conftest import MODEL
+from .conftest import CONTEXT, MODEL
 from .sse_frames import parse_sse
 
 
@@ -136,6 +136,9 @@ def test_metrics_count_requests_and_tokens(client: FlaskClient) -> None:
     assert "tdllm_generated_tokens_total 2.0" in text
     assert "tdllm_ready 1.0" in text
     assert "tdllm_time_to_first_token_seconds_count 1.0" in text
+    # the shared engine's KV budget (4 slots of the whole test context), nothing held after
+    assert f"tdllm_kv_cache_budget_tokens {4 * CONTEXT}.0" in text
+    assert "tdllm_kv_cache_reserved_tokens 0.0" in text
 
 
 def test_request_id_is_echoed(client: FlaskClient) -> None:

@@ -107,6 +107,8 @@ def create_app(
 
     if engine_runner is not None:
         engine_runner.observer = service_metrics.observer()
+        if isinstance(engine_runner, EngineRunner):  # not vLLM's backend: its KV is its own
+            service_metrics.watch_kv(engine_runner.engine)
         state.runner = engine_runner
         state.set("ready", "ready")
     else:

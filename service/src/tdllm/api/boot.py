@@ -516,6 +516,7 @@ class Boot:
             status=lambda text: self.state.set("loading", text),
             kv_tokens=s.kv_cache_tokens,
         )
+        self.state.metrics.watch_kv(engine)
         offloaded = s.profile != "td-only"
         return EngineRunner(
             engine,

@@ -23,6 +23,7 @@ from prometheus_client import (
 
 from tdllm.api.auth import require_scraper
 from tdllm.api.runner import StepObserver
+from tdllm.engine import Engine
 
 BOOT_PHASES = ["starting", "attesting", "unsealing", "loading", "ready", "failed"]
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -62,6 +63,16 @@ class ServiceMetrics:
             "tdllm_queue_depth", "Requests admitted but waiting for a batch slot", registry=r
         )
         self.running = Gauge("tdllm_running_sequences", "Sequences in the batch", registry=r)
+        self.kv_reserved = Gauge(
+            "tdllm_kv_cache_reserved_tokens",
+            "KV-cache positions the running sequences reserved (prompt + max_tokens each)",
+            registry=r,
+        )
+        self.kv_budget = Gauge(
+            "tdllm_kv_cache_budget_tokens",
+            "KV-cache positions the engine admits at most (kv_cache_tokens)",
+            registry=r,
+        )
         self.decode_batch = Histogram(
             "tdllm_decode_batch_size",
             "Sequences decoded together per engine step",
@@ -89,6 +100,11 @@ class ServiceMetrics:
             "Untrusted-device integrity checks that failed (serving stopped)",
             registry=r,
         )
+
+    def watch_kv(self, engine: Engine) -> None:
+        """Report `engine`'s KV budget and what is reserved of it (read at each scrape)."""
+        self.kv_budget.set(engine.kv_tokens)
+        self.kv_reserved.set_function(lambda: engine.kv_reserved)
 
     def observer(self) -> StepObserver:
         def on_step(decoding: int, running: int, waiting: int) -> None:
