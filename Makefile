@@ -117,8 +117,12 @@ bench: venv
 
 # llama.cpp as a peer in `tdllm bench --shape` (the lab's [peers] extra, pinned there): pip
 # builds it from source for this CPU (GGML_NATIVE), minutes on 2 cores, so never in `make venv`
+# On a CPU with AMX, ggml's AMX path is compiled out: it segfaults in ggml_backend_amx_mul_mat
+# on our Q8_0/Q4_0 files (ggml-org/llama.cpp#20824; #16315: wrong Q4_0 results); its AVX-512
+# VNNI paths, repacking included, stay.
+LLAMA_NO_AMX := $(if $(shell grep -m1 -o amx_int8 /proc/cpuinfo 2>/dev/null),'-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' '-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16')
 bench-peers: venv
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q -c $(CONSTRAINTS) -e './service/lab[peers]'
+	CMAKE_ARGS="-DGGML_NATIVE=ON $(LLAMA_NO_AMX)" $(PIP) install -q -c $(CONSTRAINTS) -e './service/lab[peers]'
 
 # Coverage-guided fuzzing (tests/fuzz, docs/security.md): atheris where its wheel exists (Linux
 # x86-64), else Hypothesis's engine. FUZZ_TARGETS picks some (default all); corpus and crashes
