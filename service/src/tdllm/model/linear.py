@@ -152,8 +152,10 @@ class PrepackedCpuMethod(PlainCpuMethod):
     """`PlainCpuMethod`, with each bf16 weight reordered once, after loading, into oneDNN's
     blocked layout (``mkldnn._reorder_linear_weight``) and multiplied by
     ``mkldnn._linear_pointwise``: the same oneDNN bf16 GEMM without reordering the weight on
-    every call. Measured bit-identical to ``F.linear`` and 1.1-2.2x faster from 1 to 128 rows
-    (docs/performance.md, "Decode without the overhead"). The reordered copy replaces the plain
+    every call. Measured bit-identical to ``F.linear`` at decode's row counts (on AMX, from 64
+    rows, oneDNN's two kernels block the sum differently: a few outputs in 10^4 one bf16 step
+    apart) and 1.1-2.2x faster from 1 to 128 rows (docs/performance.md, "Decode without the
+    overhead"). The reordered copy replaces the plain
     one (no second copy in memory); a shared weight (a tied lm_head) stays plain, as do fp32
     weights and CPUs without native bf16, where it is exactly `PlainCpuMethod`."""
 
