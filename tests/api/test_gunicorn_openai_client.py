@@ -94,6 +94,7 @@ def test_service_logs_are_json_without_prompt_text(service: LocalService) -> Non
     assert not any(PROMPT in line for line in lines)
 
 
+@pytest.mark.slow  # a bench's own check (~10-25 s): `make test-slow`, not CI's budget
 def test_soak_bench_counts_every_kind_of_client_without_errors(service: LocalService) -> None:
     config = SoakConfig(
         clients=3,

@@ -83,6 +83,7 @@ def test_a_server_error_for_a_malformed_body_is_an_error(broken_url: str) -> Non
     assert count == 1 and error.endswith("http_500")
 
 
+@pytest.mark.slow  # a bench's own check (~10-25 s): `make test-slow`, not CI's budget
 def test_what_goes_wrong_during_the_warm_up_counts_as_an_error(broken_url: str) -> None:
     """The warm-up is not measured for speed or RSS, but a cut stream there is still one."""
     config = SoakConfig(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tdllm.sources import open_checkpoint
 from tdllm_lab.bench.structured import format_report, run_structured
 
 
+@pytest.mark.slow  # a bench's own check (~10-25 s): `make test-slow`, not CI's budget
 def test_the_structured_bench_counts_only_full_batch_steps_of_both_modes() -> None:
     report = run_structured(open_checkpoint("bundled"), torch.float32, [1, 2], 12, repeats=1)
     assert [row["batch"] for row in report["rows"]] == [1, 2]
