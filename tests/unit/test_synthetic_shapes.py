@@ -213,3 +213,18 @@ def test_peak_rss_is_this_processs_own() -> None:
 
     held = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB touched
     assert peak_rss_mb() >= 64 and held.sum() == 64 << 20
+
+
+def test_a_failed_worker_is_a_row_of_its_own_and_says_why(tmp_path: Path) -> None:
+    """One engine's crash (llama.cpp's AMX path died of SIGSEGV on an Intel Xeon) costs its row,
+    not the run: a real worker on a file that is not a GGUF fails, the row says why."""
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    row = shape_bench._run_one("ours", broken, "q8_0", "bf16", 8, 2, 1, 1, (1,))
+    assert row["engine"] == "ours" and row["format"] == "q8_0"
+    assert row["status"].startswith(shape_bench.WORKER_FAILED + ": ") and "\n" not in row["status"]
+    report = {"results": [row, {"engine": "llama.cpp", "format": "q8_0", "prefill_tok_s": 1.0}]}
+    assert shape_bench.failed_workers(report) == [f"ours/q8_0: {row['status'].split(': ', 1)[1]}"]
+    assert shape_bench.failure(-11, "") == "killed by SIGSEGV"
+    assert shape_bench.failure(-9, "loading\n") == "killed by SIGKILL (loading)"
+    assert shape_bench.failure(1, "") == "exit status 1"

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from tdllm.cli import QUANT, status
-from tdllm.errors import UsageError
+from tdllm.errors import TdllmError, UsageError
 from tdllm.model.compile_modes import COMPILE_MODES
 from tdllm.profiles.options import DEFAULT_K
 from tdllm_lab.protection.commands import CACHE_DIR
@@ -148,7 +148,7 @@ def _shape_bench(
             "--quant (the --format sets it), --engine hf, and give at most one --dtype"
         )
     sizes = _positive_ints(batch_sizes, "--batch-sizes")
-    from tdllm_lab.bench.shape_bench import format_shape_table, run_shape_bench
+    from tdllm_lab.bench.shape_bench import failed_workers, format_shape_table, run_shape_bench
 
     report = run_shape_bench(
         shape,
@@ -163,6 +163,9 @@ def _shape_bench(
         sealed=sealed_load,
     )
     click.echo(json.dumps(report, indent=2) if as_json else format_shape_table(report))
+    failed = failed_workers(report)
+    if failed:  # the report is out; the exit status still says that a row is missing
+        raise TdllmError(f"{len(failed)} bench worker(s) failed: {'; '.join(failed)}")
 
 
 @bench.command("unseal")

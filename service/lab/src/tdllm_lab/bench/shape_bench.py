@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -209,11 +210,35 @@ def _run_one(
     cmd += ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens),
             "--repeats", str(repeats)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-        raise TdllmError(f"bench worker {engine}/{fmt} failed: {last}")
+    if proc.returncode != 0:  # a row of its own: one crashed engine does not lose the others'
+        return base | {"status": f"{WORKER_FAILED}: {failure(proc.returncode, proc.stderr)}"}
     result: dict[str, Any] = json.loads(proc.stdout)
     return result | base  # the worker says "ours" for ours-compiled and ours-w8a8 too
+
+
+WORKER_FAILED = "worker failed"
+
+
+def failure(returncode: int, stderr: str) -> str:
+    """Why a worker failed, in one line: its signal (llama.cpp's AMX path died of SIGSEGV) and
+    its last line of stderr."""
+    last = (stderr.strip().splitlines() or [""])[-1]
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}" + (f" ({last})" if last else "")
+    return last or f"exit status {returncode}"
+
+
+def failed_workers(report: dict[str, Any]) -> list[str]:
+    """``engine/format: why`` for each row whose worker failed."""
+    return [
+        f"{r['engine']}/{r['format']}: {r['status'].removeprefix(WORKER_FAILED + ': ')}"
+        for r in report["results"]
+        if str(r.get("status", "")).startswith(WORKER_FAILED)
+    ]
 
 
 def ours_quant(engine: str, fmt: str) -> str:
