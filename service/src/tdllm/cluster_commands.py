@@ -117,19 +117,35 @@ def run(config_file: Path | None, command: tuple[str, ...]) -> None:
         raise UsageError(f"{directory} is not there: run `tdllm cluster join` first")
     release = _stage_release(settings, _key_client(settings))
     server = StageKeyServer(directory / STAGE_KEYS_SOCKET, release, _report_stage_load)
+    # The handlers go in before the socket exists: a SIGTERM between the two used to kill this
+    # process by default, leaving the socket (and, after Popen, an orphaned Ray node) behind.
+    child: subprocess.Popen[bytes] | None = None
+    early: list[int] = []  # signals that came before the child did
+
+    def forward(sig: int, _frame: object) -> None:
+        if child is None:
+            early.append(sig)
+        else:
+            child.send_signal(sig)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
     try:
         server.start()
     except OSError as exc:
         raise UsageError(f"cannot listen on {server.path}: {exc.strerror}") from None
+    if early:  # stopped before anything ran
+        server.close()
+        raise SystemExit(128 + early[0])
     env = os.environ | {NODE_KEY_CHANNEL_ENV: str(server.path)}
     try:
         child = subprocess.Popen(command, env=env)  # noqa: S603  # the unit's own command line
     except OSError as exc:
         server.close()
         raise UsageError(f"cannot run {command[0]}: {exc.strerror}") from None
+    if early:  # came while the child was starting: it gets it now
+        child.send_signal(early[0])
     server.watch(child.pid)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda sig, _frame: child.send_signal(sig))
     try:
         code = child.wait()
     finally:
