@@ -99,6 +99,11 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float) -> None:
 
 @pytest.fixture(scope="module")
 def plain_service() -> Iterator[RunningService]:
-    running = start_service({})
+    # fp32: the tests ask for the greedy answer to QUESTION, whose first token is a near tie
+    # ("The" vs "L", 0.08-0.13 nats apart): vLLM's bf16 kernels on an Intel Xeon with AMX pick
+    # "L" and answer "L'Étoile, ..." where the AMD EPYC's said "The capital of France is
+    # Paris."; fp32 on the Xeon says that too (measured 2026-12-05), with fp32's rounding far
+    # below the tie's margin
+    running = start_service({"dtype": "fp32"})
     yield running
     running.stop()
