@@ -223,8 +223,9 @@ def test_a_failed_worker_is_a_row_of_its_own_and_says_why(tmp_path: Path) -> Non
     row = shape_bench._run_one("ours", broken, "q8_0", "bf16", 8, 2, 1, 1, (1,))
     assert row["engine"] == "ours" and row["format"] == "q8_0"
     assert row["status"].startswith(shape_bench.WORKER_FAILED + ": ") and "\n" not in row["status"]
+    assert row["status"] == f"{shape_bench.WORKER_FAILED}: {row['failure']}"
     report = {"results": [row, {"engine": "llama.cpp", "format": "q8_0", "prefill_tok_s": 1.0}]}
-    assert shape_bench.failed_workers(report) == [f"ours/q8_0: {row['status'].split(': ', 1)[1]}"]
+    assert shape_bench.failed_workers(report) == [f"ours/q8_0: {row['failure']}"]
     assert shape_bench.failure(-11, "") == "killed by SIGSEGV"
     assert shape_bench.failure(-9, "loading\n") == "killed by SIGKILL (loading)"
     assert shape_bench.failure(1, "") == "exit status 1"

@@ -155,9 +155,9 @@ class PrepackedCpuMethod(PlainCpuMethod):
     every call. Measured bit-identical to ``F.linear`` at decode's row counts (on AMX, from 64
     rows, oneDNN's two kernels block the sum differently: a few outputs in 10^4 one bf16 step
     apart) and 1.1-2.2x faster from 1 to 128 rows (docs/performance.md, "Decode without the
-    overhead"). The reordered copy replaces the plain
-    one (no second copy in memory); a shared weight (a tied lm_head) stays plain, as do fp32
-    weights and CPUs without native bf16, where it is exactly `PlainCpuMethod`."""
+    overhead"). The reordered copy replaces the plain one (no second copy in memory); a shared
+    weight (a tied lm_head) stays plain, as do fp32 weights and CPUs without native bf16, where
+    it is exactly `PlainCpuMethod`."""
 
     def __init__(self, native_bf16: bool | None = None, prepack: bool | None = None) -> None:
         super().__init__(native_bf16)

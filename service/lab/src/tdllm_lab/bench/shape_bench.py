@@ -211,7 +211,8 @@ def _run_one(
             "--repeats", str(repeats)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
     if proc.returncode != 0:  # a row of its own: one crashed engine does not lose the others'
-        return base | {"status": f"{WORKER_FAILED}: {failure(proc.returncode, proc.stderr)}"}
+        why = failure(proc.returncode, proc.stderr)
+        return base | {"status": f"{WORKER_FAILED}: {why}", "failure": why}
     result: dict[str, Any] = json.loads(proc.stdout)
     return result | base  # the worker says "ours" for ours-compiled and ours-w8a8 too
 
@@ -235,9 +236,7 @@ def failure(returncode: int, stderr: str) -> str:
 def failed_workers(report: dict[str, Any]) -> list[str]:
     """``engine/format: why`` for each row whose worker failed."""
     return [
-        f"{r['engine']}/{r['format']}: {r['status'].removeprefix(WORKER_FAILED + ': ')}"
-        for r in report["results"]
-        if str(r.get("status", "")).startswith(WORKER_FAILED)
+        f"{r['engine']}/{r['format']}: {r['failure']}" for r in report["results"] if "failure" in r
     ]
 
 
