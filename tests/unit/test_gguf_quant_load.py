@@ -246,7 +246,10 @@ def test_bundled_int4_from_blocks_holds_the_kernels_the_float_path_made(
     # (int8 from the Q8_0 embedding's blocks) the same per-row int8
     buffers = dict(requantized.named_buffers())
     for name, buffer in straight.named_buffers():
-        assert torch.equal(buffer, buffers[name]), name
+        if name != "embed_tokens.blocks":  # the float path's embedding is a float table
+            assert torch.equal(buffer, buffers[name]), name
+    table = straight.embed_tokens(torch.arange(checkpoint.config.vocab_size))
+    assert torch.equal(table, requantized.embed_tokens.weight)
     heads = int8_weights(straight.lm_head), int8_weights(requantized.lm_head)
     for part, same in zip(*heads, strict=True):
         assert torch.equal(part, same)  # the W8A8 head, read back from FBGEMM's packing
@@ -270,7 +273,8 @@ def test_a_bf16_model_takes_its_int8_head_from_the_q8_0_blocks_not_the_bf16_embe
     embedding = bundled_blocks["model.embed_tokens.weight"]
     q, _ = int8_quantize(embedding.dequantize())
     assert torch.equal(int8_weights(model.lm_head)[0], q)
-    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    # the embedding stays the Q8_0 blocks the head was made from (test_block_embedding.py)
+    assert torch.equal(model.embed_tokens.blocks, torch.from_numpy(embedding.blocks))
 
 
 @pytest.mark.parametrize(
@@ -298,7 +302,8 @@ def test_the_reader_names_the_tensor_whose_blocks_do_not_fit() -> None:
         tensor_type=GGMLQuantizationType.Q4_1,
         data=np.zeros((32, 39), dtype=np.uint8),
     )
-    stream = GgufTensors(SimpleNamespace(tensors=[bad]), TINY, Path("x.gguf"))
+    reader = SimpleNamespace(tensors=[bad], data=bad.data)
+    stream = GgufTensors(reader, TINY, Path("x.gguf"))
     with pytest.raises(ModelLoadError, match=r"x\.gguf: tensor blk\.0\.attn_q\.weight: .*40 bytes"):
         list(stream.with_blocks())
     with pytest.raises(ModelLoadError, match=r"blk\.0\.attn_q\.weight"):

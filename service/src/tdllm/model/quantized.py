@@ -186,7 +186,8 @@ class _StagedQuantMethod(TdCpuKernels, ABC):
             kept = self.pack(layer, tensors)
             for name, buffer in staged.items():
                 layer.register_buffer(name, None, persistent=False)
-                if not any(buffer is k for k in kept):
+                released = buffer.untyped_storage().nbytes() == 0  # by `pack` (`_release`)
+                if not released and not any(buffer is k for k in kept):
                     buffer.zero_()  # plaintext of a sealed model: scrubbed, not just freed
 
     def after_load(self, layer: Linear) -> None:
@@ -211,7 +212,15 @@ class _StagedQuantMethod(TdCpuKernels, ABC):
     @abstractmethod
     def pack(self, layer: Linear, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Every row is staged: register the layer's kernel buffers (``qweight`` and its scales);
-        return the staged tensors they adopted as they are (the rest are scrubbed)."""
+        return the staged tensors they adopted as they are (the rest are scrubbed, unless
+        `pack` scrubbed and freed one itself: `_release`)."""
+
+
+def _release(tensor: torch.Tensor) -> None:
+    """Scrub `tensor` and free its memory now, though references to it remain (a staged
+    buffer `_take` still holds): its storage shrinks to nothing."""
+    tensor.zero_()
+    tensor.untyped_storage().resize_(0)
 
 
 def _quantized(layer: Linear) -> bool:
@@ -320,7 +329,10 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
             # Only that warning is silenced, only here (docs/performance.md, "W8A8").
             warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
             weight = torch._make_per_channel_quantized_tensor(q, scales.double(), zero_points, 0)
-        # FBGEMM copies the weights into its own packed layout: the staged rows are scrubbed
+        # that was a copy, and FBGEMM makes another in its own packed layout: the staged rows
+        # are scrubbed and freed first, so the load peaks at two int8 copies of the head, not
+        # three (0.26 GB less at the 1B shape)
+        _release(q)
         packed = torch.ops.quantized.linear_prepack(weight, None)
         layer.__dict__["w8a8_handle"] = _register_packed(layer, packed)
         return []

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tdllm.model.block_embedding import BlockEmbedding
 from tdllm.model.cache_layout import Batch as Batch
 from tdllm.model.cache_layout import DecodeWindow
 from tdllm.model.cache_layout import KVCache as KVCache
@@ -107,7 +108,11 @@ class Transformer(nn.Module):
         methods = methods or LinearMethodTable()
         self.cfg = cfg
         self.dtype = dtype
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        # uninitialised (the checkpoint fills it): a random init took 1.4 s at a 128k vocabulary
+        table = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens: nn.Embedding | BlockEmbedding = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=table
+        )
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(Block(cfg, i, methods, dtype) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -235,12 +240,25 @@ class Transformer(nn.Module):
             seen.add(ckpt_name)
             if ckpt_name == "model.embed_tokens.weight" and isinstance(tensor, GgufQuantized):
                 embedding_blocks = tensor
+                if self._embedding_stays_blocks():
+                    self.embed_tokens = BlockEmbedding(tensor, self.dtype)
+                    # a tied head reads the copy, not the file's pages again (0.28 GB at 1B)
+                    embedding_blocks = self.embed_tokens.as_gguf()
+                    continue
             self._load_one(ckpt_name, tensor, linears, params)
         missing = sorted(expected - seen)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
         if self.cfg.tie_word_embeddings:
             self._tie_lm_head(embedding_blocks)
+
+    def _embedding_stays_blocks(self) -> bool:
+        """Whether the embedding may stay GGUF blocks (`BlockEmbedding`): nothing else reads a
+        float table of it, i.e. the head is untied or takes the blocks itself."""
+        head = self.lm_head.method
+        return not self.cfg.tie_word_embeddings or (
+            isinstance(head, TakesGgufBlocks) and not isinstance(head, PlainCpuMethod)
+        )
 
     def weight_destinations(self) -> dict[str, torch.Tensor]:
         """Checkpoint name -> the model memory that tensor is copied into, for every weight held
@@ -301,12 +319,19 @@ class Transformer(nn.Module):
 
     def _tie_lm_head(self, embedding_blocks: GgufQuantized | None = None) -> None:
         if isinstance(self.lm_head.method, PlainCpuMethod):  # share, do not copy
-            self.lm_head.weight = self.embed_tokens.weight
+            self.lm_head.weight = self.float_embedding().weight
             self.lm_head.shared_weight = True
         elif embedding_blocks is not None and isinstance(self.lm_head.method, TakesGgufBlocks):
             self.lm_head.method.load_blocks(self.lm_head, embedding_blocks)  # not via the float
         else:
-            self.lm_head.load_weight(self.embed_tokens.weight.data)
+            self.lm_head.load_weight(self.float_embedding().weight.data)
+
+    def float_embedding(self) -> nn.Embedding:
+        """The embedding as a float table, for code that reads or replaces the table itself; a
+        quantized load may keep it as GGUF blocks instead (`BlockEmbedding`), which is refused."""
+        if not isinstance(self.embed_tokens, nn.Embedding):
+            raise TypeError("the embedding is held as GGUF blocks (a quantized load), not a table")
+        return self.embed_tokens
 
 
 def _load_rows(linear: Linear, tensor: torch.Tensor | GgufQuantized, row_offset: int) -> None:

@@ -134,7 +134,7 @@ def release_public_prefix(model: Transformer, num_prefix_layers: int) -> int:
         block = model.layers[i]
         freed += sum(p.numel() * p.element_size() for p in block.parameters())
         model.layers[i] = nn.Identity()
-    embed = model.embed_tokens
+    embed = model.float_embedding()
     freed += embed.weight.numel() * embed.weight.element_size()
     empty = torch.empty(0, model.cfg.hidden_size, dtype=model.dtype)
     embed.weight = nn.Parameter(empty, requires_grad=False)

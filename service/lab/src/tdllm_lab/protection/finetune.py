@@ -154,8 +154,9 @@ def untie_and_partition(model: Transformer, k: int) -> list[nn.Parameter]:
     if not 1 <= k < L:
         raise ValueError(f"K must be in [1, {L - 1}]")
     head = model.lm_head
-    if head.weight is model.embed_tokens.weight:
-        head.weight = nn.Parameter(model.embed_tokens.weight.detach().clone())
+    table = model.float_embedding().weight
+    if head.weight is table:
+        head.weight = nn.Parameter(table.detach().clone())
     model.cfg = dataclasses.replace(model.cfg, tie_word_embeddings=False)
     for p in model.parameters():
         p.requires_grad_(False)

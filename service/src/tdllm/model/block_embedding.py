@@ -1,0 +1,54 @@
+"""The token embedding kept as its GGUF blocks, its rows decoded when they are looked up.
+
+A quantized GGUF stores the embedding quantized (Q8_0 in llama.cpp's Q4/Q8 files). Decoded
+whole into the model's dtype it is the largest tensor in memory at a 128k vocabulary (0.53 GB
+of bf16 at the Llama-3.2-1B shape, against 0.28 GB of Q8_0 blocks), and a step only reads the
+rows of its tokens. `BlockEmbedding` keeps the blocks (a copy in TD memory, not a view of the
+file the host can change) and decodes the rows a step asks for with `GgufQuantized.dequantize`,
+then rounds them to the model's dtype: the values the float table held, bit for bit (tested),
+as llama.cpp's ``get_rows`` does on its quantized embedding.
+
+The loader (`Transformer.load_weights`) installs it only where nothing else reads the float
+table: a tied lm_head must take the embedding's blocks itself (a quantized method,
+`TakesGgufBlocks`), not share the table (`PlainCpuMethod`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from tdllm.model.gguf_blocks import GgufQuantized
+
+
+class BlockEmbedding(nn.Module):
+    """``forward(tokens [..]) -> [.., hidden]`` in `dtype`, like ``nn.Embedding``, from the
+    GGUF `blocks` of a ``[vocab, hidden]`` table."""
+
+    blocks: torch.Tensor
+
+    def __init__(self, blocks: GgufQuantized, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.kind = blocks.kind
+        self.num_embeddings, self.embedding_dim = blocks.shape
+        self.dtype = dtype
+        # a buffer, so a failed load's scrub (`loader._zero`) reaches it
+        copy = torch.from_numpy(np.array(blocks.blocks, dtype=np.uint8, copy=True))
+        self.register_buffer("blocks", copy, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        if not flat.numel():
+            return torch.empty(*tokens.shape, self.embedding_dim, dtype=self.dtype)
+        rows = self.blocks[flat].numpy()  # a copy of the rows' blocks (IndexError out of range)
+        part = GgufQuantized(self.kind, (len(rows), self.embedding_dim), rows)
+        return part.dequantize().to(self.dtype).reshape(*tokens.shape, self.embedding_dim)
+
+    def as_gguf(self) -> GgufQuantized:
+        """The table's blocks (a view of this module's copy)."""
+        shape = (self.num_embeddings, self.embedding_dim)
+        return GgufQuantized(self.kind, shape, self.blocks.numpy())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.kind} blocks"
