@@ -41,12 +41,12 @@ def test_a_gguf_load_leaves_none_of_the_files_pages_resident(tmp_path: Path, qua
     assert isinstance(tensors, GgufTensors)
     methods = quant_table(quant) if quant != "none" else None
     load_model(checkpoint, torch.float32, methods)
-    header_kib = min(t.data_offset for t in tensors.reader.tensors) // 1024
-    data_kib = sum(t.n_bytes for t in tensors.reader.tensors) // 1024
+    header_kib = min(t.data_offset for t in tensors.tensors) // 1024
+    data_kib = sum(t.n_bytes for t in tensors.tensors) // 1024
     assert data_kib > 4 * header_kib  # the check below can tell data pages from the header's
     assert mapped_rss_kib(path) <= header_kib + 8
     # the pages are only dropped, not lost: reading the tensors again brings them back in
     # (and shows this measure sees them)
-    for t in tensors.reader.tensors:
+    for t in tensors.tensors:
         np.asarray(t.data).view(np.uint8).sum()
     assert mapped_rss_kib(path) >= 0.9 * data_kib
