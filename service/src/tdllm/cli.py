@@ -119,7 +119,8 @@ def cli() -> None:
     type=QUANT,
     default="none",
     show_default=True,
-    help="td-only: keep the weights int8/int4 (quantized at load; activations stay --dtype); "
+    help="td-only, split's private tail: keep the weights int8/int4 (quantized at load; "
+    "activations stay --dtype); "
     "w8a8: int8 weights, activations rounded to int8 per row (fastest on VNNI CPUs)",
 )
 @click.option(

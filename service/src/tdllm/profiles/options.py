@@ -35,7 +35,8 @@ class ProtectionOptions:
     masked_rank: int | None = None  # masked: rank of the TD's delta (None: kept exactly)
     obfuscation_eta: float = 1 / 16  # obfuscated: decoy share per head and per projection
     obfuscation_seed: int | None = None  # obfuscated: None draws the secrets from the OS CSPRNG
-    # td-only: quantization at load, "none" | "int8" | "int4" | "w8a8" (tdllm.model.quantized)
+    # quantization at load, "none" | "int8" | "int4" | "w8a8" (tdllm.model.quantized): td-only's
+    # every projection; split's private tail and lm_head (its public prefix stays as it is)
     quant: str = "none"
 
     def __post_init__(self) -> None:
@@ -44,8 +45,8 @@ class ProtectionOptions:
             raise UsageError(f"unknown device {self.device!r}; choose {', '.join(DEVICE_KINDS)}")
         if self.quant not in QUANTS:
             raise UsageError(f"unknown quant {self.quant!r}; choose {', '.join(QUANTS)}")
-        if self.quant != "none" and self.profile != "td-only":
+        if self.quant != "none" and self.profile not in ("td-only", "split"):
             raise UsageError(
-                f"quant {self.quant!r} runs only with profile 'td-only' ({self.profile!r} places "
-                "layers on a device with linear methods of its own)"
+                f"quant {self.quant!r} runs with profile 'td-only' or 'split' ({self.profile!r} "
+                "runs every block's products with linear methods of its own)"
             )

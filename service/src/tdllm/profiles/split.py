@@ -1,6 +1,11 @@
 """`split`: the public prefix (embedding + blocks ``0..L-K-1``) on an untrusted device, verified
 against a pinned public reference first; the last K blocks, the final norm and the untied
-`lm_head` in TD memory (trusted/split.py has the placement and its audits)."""
+`lm_head` in TD memory (trusted/split.py has the placement and its audits).
+
+With ``quant`` the private part's projections (the last K blocks and the lm_head) keep their
+weights int8/int4 in the TD, as td-only's would (`quant_table`); the public prefix stays in the
+model's dtype: it is checked against the public reference tensor by tensor, and the TD's copy
+of it only serves the audits (re-execution, Freivalds) of what the device computes."""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ import torch
 
 from tdllm.errors import UsageError
 from tdllm.model.checkpoint import Checkpoint
+from tdllm.model.config import ModelConfig
+from tdllm.model.linear import LinearMethodTable, PlainCpuMethod
+from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import PrefixPlacement, Transformer, prefix_names
 from tdllm.profiles.base import ProfileBase
 from tdllm.profiles.options import PINNED_REFERENCE
@@ -34,6 +42,9 @@ class Split(ProfileBase):
             )
         return read_once(checkpoint, k)
 
+    def linear_methods(self, cfg: ModelConfig) -> LinearMethodTable:
+        return split_methods(cfg, self.options.k, self.options.quant)
+
     def after_load(self, model: Transformer, checkpoint: Checkpoint) -> None:
         o = self.options
         reference = PublicReference.load(o.public_reference or PINNED_REFERENCE)
@@ -52,6 +63,26 @@ class Split(ProfileBase):
 
     def prefix_placement(self) -> PrefixPlacement | None:
         return self.placement
+
+
+# a block's projections, by their names under ``model.layers.<i>.`` (`Transformer`'s modules)
+BLOCK_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def split_methods(cfg: ModelConfig, k: int, quant: str = "none") -> LinearMethodTable:
+    """split's methods: plain everywhere without quant; with it, the last `k` blocks and the
+    lm_head take td-only's methods for `quant` (by name: w8a8 keeps q|k|v weight-only) and the
+    public prefix stays plain. Also the TD-only reference a split model equals bit for bit."""
+    if quant == "none":
+        return LinearMethodTable()
+    quantized = quant_table(quant)
+    private = [
+        f"model.layers.{i}.{projection}"
+        for i in range(cfg.num_layers - k, cfg.num_layers)
+        for projection in BLOCK_PROJECTIONS
+    ]
+    rules = [(name, quantized.method_for(name)) for name in [*private, "lm_head"]]
+    return LinearMethodTable(rules, PlainCpuMethod())
 
 
 def read_once(checkpoint: Checkpoint, k: int) -> Checkpoint:

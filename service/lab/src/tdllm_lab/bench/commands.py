@@ -341,6 +341,14 @@ def bench_soak(
 @click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True
 )
+@click.option(
+    "--quant",
+    type=QUANT,
+    default="none",
+    show_default=True,
+    help="td-only's projections and split's private tail int8/int4 (masked and obfuscated "
+    "refuse a quant: their rows are left out)",
+)
 @CACHE_DIR
 def bench_split(
     as_json: bool,
@@ -351,6 +359,7 @@ def bench_split(
     devices: str,
     tail: str,
     dtype: str,
+    quant: str,
     cache_dir: Path | None,
 ) -> None:
     """td-only vs split, masked and obfuscated on each device, on the private fine-tune
@@ -370,6 +379,7 @@ def bench_split(
         device_list(devices),
         tail,
         getattr(torch, dtype),
+        quant,
     )
     click.echo(json.dumps(report, indent=2) if as_json else format_split_report(report))
 

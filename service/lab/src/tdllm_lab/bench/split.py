@@ -39,9 +39,11 @@ DEFAULT_DEVICES = ("cpu", "process")
 TAILS = ("finetuned", "stand-in")
 
 
-def configs(devices: tuple[str, ...]) -> list[tuple[str, str]]:
-    """td-only first (every ratio is to it), then each device profile on each device."""
-    return [("td-only", "cpu")] + [(p, d) for p in DEVICE_PROFILES for d in devices]
+def configs(devices: tuple[str, ...], quant: str = "none") -> list[tuple[str, str]]:
+    """td-only first (every ratio is to it), then each device profile on each device (with a
+    quant, split only: masked and obfuscated refuse one)."""
+    profiles = DEVICE_PROFILES if quant == "none" else ("split",)
+    return [("td-only", "cpu")] + [(p, d) for p in profiles for d in devices]
 
 
 def private_checkpoint(cache: Path, k: int, tail: str, status: Callable[[str], None]) -> Checkpoint:
@@ -62,6 +64,7 @@ def run_split_bench(
     devices: tuple[str, ...] = DEFAULT_DEVICES,
     tail: str = "finetuned",
     dtype: torch.dtype = torch.float32,
+    quant: str = "none",
 ) -> dict[str, Any]:
     """All configurations built first, then timed round-robin, so load on shared cores hits
     every row alike instead of whichever configuration happened to run during a burst."""
@@ -71,9 +74,11 @@ def run_split_bench(
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     runs: list[_Run] = []
     try:
-        for profile, device in configs(devices):
+        for profile, device in configs(devices, quant):
             status(f"bench: building {profile} on {device} ...")
-            options = ProtectionOptions(profile, device, k, audit_rate=0.0, freivalds_rate=0.0)
+            options = ProtectionOptions(
+                profile, device, k, audit_rate=0.0, freivalds_rate=0.0, quant=quant
+            )
             served = build_model(checkpoint, dtype, options, 1, max_seq)
             engine = Engine(served.model, checkpoint.tokenizer, 1, max_seq)
             runs.append(_Run(profile, device, served, engine))
@@ -94,14 +99,15 @@ def run_split_bench(
             run.row(len(prompt), (_crossed(run.served) - b) / repeats)
             for run, b in zip(runs, before, strict=True)
         ]
-        status("bench: counting the TD's FLOPs (td-only and the process rows)")
+        if quant == "none":  # the counter does not see the int8/int4 kernels: no count then
+            status("bench: counting the TD's FLOPs (td-only and the process rows)")
         for run, row in zip(runs, rows, strict=True):
-            if run.profile == "td-only" or run.device == "process":
+            if quant == "none" and (run.profile == "td-only" or run.device == "process"):
                 row["td_flops"] = run.count_flops(prompt, params)
     finally:
         for run in runs:
             run.served.close()
-    base, base_flops = rows[0]["seconds"], rows[0]["td_flops"]
+    base, base_flops = rows[0]["seconds"], rows[0].get("td_flops")
     for row in rows:
         row["time_vs_td_only"] = round(row["seconds"] / base, 3)
         if "td_flops" in row and base_flops:  # 0: oneDNN's prepacked bf16 ops go uncounted
@@ -109,6 +115,7 @@ def run_split_bench(
     return {
         "model": checkpoint.name,
         "dtype": str(dtype).removeprefix("torch."),
+        "quant": quant,
         "k": k,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
@@ -164,7 +171,7 @@ def format_split_report(report: dict[str, Any]) -> str:
     head = (
         f"model {report['model']}, K={report['k']}, prompt {report['prompt_tokens']} + "
         f"{report['new_tokens']} new tokens, batch 1, {report.get('dtype', 'float32')}, "
-        f"{report['threads']} threads"
+        f"quant {report.get('quant', 'none')}, {report['threads']} threads"
     )
     lines = [
         head,

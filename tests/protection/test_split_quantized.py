@@ -1,0 +1,91 @@
+"""`split` with ``quant``: the public prefix runs on the device in the model's dtype, as without
+quant (its tensors are checked against the public reference as they are); the private tail and
+the untied lm_head keep their weights int8/int4 in the TD. Its reference is the TD computing
+everything itself with the same kernels per layer (`split_methods`), and it equals that bit for
+bit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdllm.model.linear import Linear, PlainCpuMethod
+from tdllm.model.loader import load_model
+from tdllm.model.quantized import (
+    Int4WeightOnlyMethod,
+    Int8DynamicMethod,
+    Int8WeightOnlyMethod,
+    quant_table,
+)
+from tdllm.model.transformer import Batch, KVCache
+from tdllm.profiles import ProtectionOptions, ServedModel, build_model
+from tdllm.profiles.split import split_methods
+from tdllm.trusted.public_reference import PublicReference
+from tests.protection.conftest import CFG, MAX_BATCH, MAX_SEQ, K
+from tests.protection.engine_runs import greedy_tokens
+
+QUANT_METHOD = {
+    "int8": Int8WeightOnlyMethod,
+    "int4": Int4WeightOnlyMethod,
+    "w8a8": Int8DynamicMethod,
+}
+
+
+@pytest.fixture
+def reference_file(reference: PublicReference, tmp_path: Path) -> Path:
+    path = tmp_path / "tiny-base.json"
+    reference.save(path)
+    return path
+
+
+@pytest.fixture
+def served() -> Iterator[list[ServedModel]]:
+    built: list[ServedModel] = []
+    yield built
+    for model in built:
+        model.close()
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "w8a8"])
+def test_split_with_quant_keeps_the_tail_quantized_and_equals_its_td_reference_bit_for_bit(
+    quant: str, private_checkpoint, reference_file: Path, served: list[ServedModel]
+) -> None:  # type: ignore[no-untyped-def]
+    options = ProtectionOptions("split", "cpu", K, reference_file, audit_rate=1.0, quant=quant)
+    split = build_model(private_checkpoint, torch.float32, options, MAX_BATCH, MAX_SEQ)
+    served.append(split)
+    model = split.model
+    first_private = CFG.num_layers - K
+    for layer in (m for m in model.modules() if isinstance(m, Linear)):
+        private = layer.name == "lm_head" or int(layer.name.split(".")[2]) >= first_private
+        if private:  # td-only's method for that name (int4's head is W8A8, w8a8's q|k|v int8)
+            assert type(layer.method) is type(quant_table(quant).method_for(layer.name))
+        else:  # the public prefix: plain, the very tensors checked against the reference
+            assert type(layer.method) is PlainCpuMethod, layer.name
+    assert isinstance(model.layers[first_private].mlp.down_proj.method, QUANT_METHOD[quant])
+    td, _ = load_model(private_checkpoint, torch.float32, split_methods(CFG, K, quant))
+    tokens = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    logits = []
+    for m in (td, model):
+        cache = KVCache(CFG, MAX_BATCH, MAX_SEQ, torch.float32)
+        with torch.inference_mode():
+            logits.append(m(tokens, Batch([0], [0], 8), cache, last_only=False))
+    assert torch.equal(logits[0], logits[1])
+    assert greedy_tokens(model) == greedy_tokens(td)
+    assert model.prefix is not None and model.prefix.audit.checked_rows > 0  # type: ignore[attr-defined]
+
+
+def test_the_quantized_tail_changes_the_outputs_so_the_equality_above_can_fail(
+    private_checkpoint,
+) -> None:  # type: ignore[no-untyped-def]
+    plain, _ = load_model(private_checkpoint, torch.float32, split_methods(CFG, K, "none"))
+    int4, _ = load_model(private_checkpoint, torch.float32, split_methods(CFG, K, "int4"))
+    tokens = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    outs = []
+    for m in (plain, int4):
+        cache = KVCache(CFG, MAX_BATCH, MAX_SEQ, torch.float32)
+        with torch.inference_mode():
+            outs.append(m(tokens, Batch([0], [0], 8), cache, last_only=False))
+    assert not torch.equal(outs[0], outs[1])
