@@ -89,3 +89,23 @@ def test_the_quantized_tail_changes_the_outputs_so_the_equality_above_can_fail(
         with torch.inference_mode():
             outs.append(m(tokens, Batch([0], [0], 8), cache, last_only=False))
     assert not torch.equal(outs[0], outs[1])
+
+
+def test_what_crosses_to_the_device_is_byte_for_byte_the_same_with_or_without_quant(
+    private_checkpoint, reference_file: Path, served: list[ServedModel]
+) -> None:  # type: ignore[no-untyped-def]
+    transcripts = []
+    for quant in ("none", "int4"):
+        options = ProtectionOptions(
+            "split", "cpu", K, reference_file, audit_rate=0.0, keep_payloads=True, quant=quant
+        )
+        split = build_model(private_checkpoint, torch.float32, options, MAX_BATCH, MAX_SEQ)
+        served.append(split)
+        cache = KVCache(CFG, MAX_BATCH, MAX_SEQ, torch.float32)
+        with torch.inference_mode():
+            split.model(torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]]), Batch([0], [0], 8), cache)
+        assert split.crossing is not None
+        transcripts.append(split.crossing.transcript.records)
+    # the prefix weights uploaded and the prompt's prefix pass: only the TD's tail changed
+    assert transcripts[0] == transcripts[1] and len(transcripts[0]) > 0
+    assert all(r.payload is not None for r in transcripts[0])
