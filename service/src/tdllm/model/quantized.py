@@ -56,9 +56,13 @@ from tdllm.model.linear import (
 from tdllm.model.quant_formats import QUANTS
 
 KERNEL_DTYPE = torch.bfloat16  # of the activations and scales the kernels are given
-# int8: from this many rows on, oneDNN's bf16 GEMM on widened blocks (measured on the bundled
-# shapes: the kernel is 2-4x slower than bf16 from 64 rows; widening pays from ~128 rows)
-PREFILL_MIN_ROWS = 128
+# int8: from this many rows on, oneDNN's bf16 GEMM on widened blocks. The int8 kernel's time
+# grows with every row; where oneDNN has AMX its bf16 GEMM hardly does, and widening pays from
+# ~14 rows (Xeon, bundled and 1B shapes: 3.2x faster at 64 rows), elsewhere from ~128 (EPYC,
+# AVX-512 bf16: the kernel 2-4x slower than bf16 from 64 rows, the widening costing the rest):
+# docs/performance.md, "int8 prefill where oneDNN has AMX"
+_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+PREFILL_MIN_ROWS = 16 if _AMX else 128
 WIDEN_BLOCK_ROWS = 2048  # int8 rows widened to bf16 at a time: the block stays small and warm
 QUANT_BLOCK_ROWS = 256  # rows quantized at a time: temporaries under glibc's mmap threshold
 INT4_GROUP_SIZE = 32

@@ -14,7 +14,9 @@ Variants: ``F.linear`` in fp32 and bf16; ``torch._weight_int8pack_mm`` (int8, on
 output row) with fp32 and bf16 activations; ``torch._weight_int4pack_mm_for_cpu`` (int4, a scale
 and zero per group of 32/64/128 inputs) with bf16 activations, where this torch build has it;
 W8A8 (`Int8DynamicMethod`: the int8 weights, activations rounded to int8 per row, FBGEMM), timed
-as the layer runs it (the rounding and the range columns included), on VNNI CPUs.
+as the layer runs it (the rounding and the range columns included), on VNNI CPUs; and the int8
+and int4 methods' prefill paths (their weights widened to bf16 a block at a time for oneDNN's
+GEMM), whose crossover with the kernels sets ``PREFILL_MIN_ROWS``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tdllm.model.linear import Linear
-from tdllm.model.quantized import Int8DynamicMethod, int4_pack, int8_quantize
+from tdllm.model.int4_widen import int4_widened_linear
+from tdllm.model.linear import Linear, widened_linear
+from tdllm.model.quantized import (
+    INT4_GROUP_SIZE,
+    WIDEN_BLOCK_ROWS,
+    Int8DynamicMethod,
+    int4_pack,
+    int8_quantize,
+)
 
 CACHE_BYTES = 32 << 20  # L3 of the machines we measure on; copies cover it CACHE_MULTIPLE times
 CACHE_MULTIPLE = 8
@@ -61,6 +70,7 @@ def _variants(weight: torch.Tensor) -> dict[str, tuple[Any, torch.dtype, int]]:
     q, scales = int8_quantize(weight)
     out["int8 (fp32 act)"] = ((q, scales.float()), torch.float32, n * k + n * 4)
     out["int8 (bf16 act)"] = ((q, scales.bfloat16()), torch.bfloat16, n * k + n * 2)
+    out[INT8_WIDENED] = ((q, scales.bfloat16()), torch.bfloat16, n * k + n * 2)
     if hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         for group in (32, 64, 128):
             if k % group == 0:
@@ -71,12 +81,17 @@ def _variants(weight: torch.Tensor) -> dict[str, tuple[Any, torch.dtype, int]]:
                     torch.bfloat16,
                     nbytes,
                 )
+                if group == INT4_GROUP_SIZE:
+                    out[INT4_WIDENED] = ((packed, sz.bfloat16(), group, n), torch.bfloat16, nbytes)
     if torch.cpu._is_vnni_supported():
         out[W8A8] = ((weight,), torch.bfloat16, n * (k + 2) + n * 4)  # a layer per copy
     return out
 
 
 W8A8 = "w8a8 (FBGEMM)"
+# the methods' prefill paths: the weights widened to bf16 a block at a time, oneDNN's GEMM
+INT8_WIDENED = "int8 widened (bf16 GEMM)"
+INT4_WIDENED = f"int4 g{INT4_GROUP_SIZE} widened (bf16 GEMM)"
 
 
 def _w8a8_layer(weight: torch.Tensor) -> Linear:
@@ -86,6 +101,10 @@ def _w8a8_layer(weight: torch.Tensor) -> Linear:
 
 
 def _call(name: str) -> Callable[..., torch.Tensor]:
+    if name == INT8_WIDENED:
+        return lambda x, q, s: widened_linear(x, q, x.dtype, x.dtype, WIDEN_BLOCK_ROWS).mul_(s)
+    if name == INT4_WIDENED:
+        return lambda x, p, sz, g, n: int4_widened_linear(x, p, sz, g, n)
     if name.startswith("int8"):
         return lambda x, q, s: torch._weight_int8pack_mm(x, q, s)
     if name.startswith("int4"):
