@@ -179,3 +179,24 @@ def test_plain_method_stays_the_default_without_quant() -> None:
     assert isinstance(LinearMethodTable(default=quant_method("none")).default, PlainCpuMethod)
     with pytest.raises(ValueError, match="unknown quant"):
         quant_method("int3")
+
+
+def test_widened_products_first_run_under_inference_mode_also_run_outside_it() -> None:
+    # the per-thread scratch blocks are kept across calls: one made (or grown) under inference
+    # mode must still be writable by a later call under no_grad (a layer used by a check)
+    from tdllm.model.int4_widen import int4_widened_linear
+    from tdllm.model.linear import widened_linear
+    from tdllm.model.quantized import int4_pack
+
+    torch.manual_seed(0)
+    weight = torch.randn(4096, 1024)  # larger than any scratch another test grew
+    q, scales = int8_quantize(weight)
+    packed, sz = int4_pack(weight)
+    x = torch.randn(3, 1024).bfloat16()
+    results = []
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            int8 = widened_linear(x, q, torch.bfloat16, torch.bfloat16, 4096)
+            int4 = int4_widened_linear(x, packed, sz.bfloat16(), 32, 4096)
+            results.append((int8.clone(), int4.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

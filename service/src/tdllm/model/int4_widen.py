@@ -23,6 +23,8 @@ import threading
 
 import torch
 
+from tdllm.model.linear import scratch_tensor
+
 PACK_BLOCK = 64  # output rows torch's CPU int4 packing lays out as one tile
 # weights dequantized at a time: ~1M (2 MiB bf16, 4 MiB fp32, 1 MiB codes of scratch) stays in
 # L3 and keeps oneDNN's GEMM wide (576 inputs: 1792 rows; 8192 inputs: 128 rows); fewer, larger
@@ -36,7 +38,7 @@ def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     held: dict[str, torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
     buffer = held.get(name)
     if buffer is None or buffer.numel() < numel:
-        buffer = held[name] = torch.empty(numel, dtype=dtype)
+        buffer = held[name] = scratch_tensor(numel, dtype)
     return buffer[:numel]
 
 

@@ -200,7 +200,7 @@ def widened_linear(
     needed = block_rows * weight.shape[1]
     buffer = blocks.get(compute)
     if buffer is None or buffer.numel() < needed:
-        buffer = blocks[compute] = torch.empty(needed, dtype=compute)
+        buffer = blocks[compute] = scratch_tensor(needed, compute)
     block = buffer[: min(block_rows, weight.shape[0]) * weight.shape[1]].view(-1, weight.shape[1])
     for start in range(0, weight.shape[0], block_rows):
         rows = weight[start : start + block_rows]
@@ -208,6 +208,13 @@ def widened_linear(
         widened.copy_(rows)
         out[..., start : start + rows.shape[0]] = F.linear(x, widened)
     return out
+
+
+def scratch_tensor(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer kept across calls: a normal tensor even when first made under inference mode
+    (an inference tensor could not be written by a later call outside it)."""
+    with torch.inference_mode(False):
+        return torch.empty(numel, dtype=dtype)
 
 
 def copy_unless_same(target: torch.Tensor, source: torch.Tensor) -> None:
