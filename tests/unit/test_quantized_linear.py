@@ -190,7 +190,7 @@ def test_widened_products_first_run_under_inference_mode_also_run_outside_it() -
 
     torch.manual_seed(0)
     weight = torch.randn(4096, 1024)  # larger than any scratch another test grew
-    q, scales = int8_quantize(weight)
+    q, _ = int8_quantize(weight)
     packed, sz = int4_pack(weight)
     x = torch.randn(3, 1024).bfloat16()
     results = []
