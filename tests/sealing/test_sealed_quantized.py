@@ -22,6 +22,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import quantize
 
 from tdllm.errors import UsageError
+from tdllm.model.block_embedding import BlockEmbedding
 from tdllm.model.checkpoint import Checkpoint, GgufTensors
 from tdllm.model.gguf_blocks import GgufQuantized
 from tdllm.model.loader import load_model
@@ -306,6 +307,10 @@ def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
     # the same blocks reach the same packing: int4/int8 codes, scales and zeros bit for bit;
     # with no quantization, every weight is gguf's dequantized float
     assert same_weights(sealed, plain)
+    if quant != "none":  # the Q8_0 embedding kept as its blocks (not in the state dict)
+        assert isinstance(sealed.embed_tokens, BlockEmbedding)
+        assert isinstance(plain.embed_tokens, BlockEmbedding)
+        assert torch.equal(sealed.embed_tokens.blocks, plain.embed_tokens.blocks)
     # W8A8 projections (int4's head too): FBGEMM's packing holds them, not the state dict
     packed = [n for n, m in plain.named_modules() if "w8a8_handle" in m.__dict__]
     if quant == "w8a8":  # every projection but q|k|v

@@ -5,7 +5,9 @@ tied head that shares the table keeps the float table."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -42,12 +44,20 @@ def test_looked_up_rows_are_the_float_tables_bit_for_bit(kind: str, dtype: torch
     assert embedding(torch.zeros(0, dtype=torch.long)).shape == (0, 512)
 
 
-def test_keeps_a_copy_of_the_blocks_not_the_callers_memory() -> None:
+def test_copies_a_files_map_and_keeps_fresh_blocks_as_they_are(tmp_path: Path) -> None:
     blocks = synthetic("Q8_0", 64, 64)
-    embedding = BlockEmbedding(blocks, torch.float32)
+    path = tmp_path / "blocks.bin"
+    blocks.blocks.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=blocks.blocks.shape)
+    embedding = BlockEmbedding(GgufQuantized("Q8_0", (64, 64), mapped), torch.float32)
     before = embedding(torch.tensor([3])).clone()
-    blocks.blocks[3] = 0  # the host rewriting the file under a map would look like this
-    assert torch.equal(embedding(torch.tensor([3])), before)
+    writer = np.memmap(path, dtype=np.uint8, mode="r+", shape=blocks.blocks.shape)
+    writer[3] = 0  # the host rewriting the file under the map
+    writer.flush()
+    assert mapped[3].sum() == 0 and torch.equal(embedding(torch.tensor([3])), before)
+    # a sealed model's decrypted blocks: fresh memory, kept without a second plaintext copy
+    fresh = BlockEmbedding(blocks, torch.float32)
+    assert fresh.blocks.data_ptr() == blocks.blocks.ctypes.data
 
 
 def test_a_token_outside_the_vocabulary_is_an_index_error_as_with_nn_embedding() -> None:

@@ -3,8 +3,10 @@
 A quantized GGUF stores the embedding quantized (Q8_0 in llama.cpp's Q4/Q8 files). Decoded
 whole into the model's dtype it is the largest tensor in memory at a 128k vocabulary (0.53 GB
 of bf16 at the Llama-3.2-1B shape, against 0.28 GB of Q8_0 blocks), and a step only reads the
-rows of its tokens. `BlockEmbedding` keeps the blocks (a copy in TD memory, not a view of the
-file the host can change) and decodes the rows a step asks for with `GgufQuantized.dequantize`,
+rows of its tokens. `BlockEmbedding` keeps the blocks in TD memory (a file's map is copied: the
+host can change the file under it; fresh blocks, a sealed model's decrypted buffer, are kept as
+they are, with no second plaintext copy) and decodes the rows a step asks for with
+`GgufQuantized.dequantize`,
 then rounds them to the model's dtype: the values the float table held, bit for bit (tested),
 as llama.cpp's ``get_rows`` does on its quantized embedding.
 
@@ -33,9 +35,14 @@ class BlockEmbedding(nn.Module):
         self.kind = blocks.kind
         self.num_embeddings, self.embedding_dim = blocks.shape
         self.dtype = dtype
+        array = blocks.blocks
+        fresh = (
+            array.flags.writeable and array.flags.c_contiguous and not isinstance(array, np.memmap)
+        )
+        if not fresh:  # a view of a mapped file (read-only): copied into TD memory
+            array = np.array(array, dtype=np.uint8, copy=True)
         # a buffer, so a failed load's scrub (`loader._zero`) reaches it
-        copy = torch.from_numpy(np.array(blocks.blocks, dtype=np.uint8, copy=True))
-        self.register_buffer("blocks", copy, persistent=False)
+        self.register_buffer("blocks", torch.from_numpy(array), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)
