@@ -22,6 +22,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import quantize
 
 from tdllm.errors import UsageError
+from tdllm.model import loader
 from tdllm.model.block_embedding import BlockEmbedding
 from tdllm.model.checkpoint import Checkpoint, GgufTensors
 from tdllm.model.gguf_blocks import GgufQuantized
@@ -35,7 +36,14 @@ from tdllm.sources import open_checkpoint
 from tdllm_lab.sealing.commands import seal
 from tdllm_lab.sealing.writer import seal_checkpoint
 
-from .sealed_dirs import all_files, document, read_chunk, write_chunk, write_document
+from .sealed_dirs import (
+    all_files,
+    document,
+    read_chunk,
+    write_chunk,
+    write_document,
+    xored,
+)
 from .synthetic import SMALL_CHUNK, synthetic_checkpoint
 from .test_no_plaintext import windows
 
@@ -323,6 +331,30 @@ def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
     if quant == "int4":
         prompt = checkpoint.tokenizer.encode("The capital of France is")
         assert greedy(sealed, prompt) == greedy(plain, prompt)
+
+
+def test_a_failed_quantized_load_scrubs_the_embeddings_decrypted_blocks(
+    bundled_seals: dict[str, Path], recipient: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the block embedding keeps the sealed reader's decrypted buffer as it is: when a later
+    # tensor fails to authenticate, the loader's scrub must reach it like any weight
+    built: list[Transformer] = []
+
+    class Recording(Transformer):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            built.append(self)
+
+    monkeypatch.setattr(loader, "Transformer", Recording)
+    folder = bundled_seals["quantized"]
+    last = document(folder)["manifest"]["tensors"][-1]  # the embedding is the first
+    path, offset = folder / last["file"], last["offset"]
+    with xored(path, offset + 20, 0x01), pytest.raises(SealedModelError):
+        load_model(open_checkpoint(folder, key=recipient[1]), torch.float32, quant_table("int8"))
+    (model,) = built
+    assert isinstance(model.embed_tokens, BlockEmbedding)  # it had been loaded
+    assert model.embed_tokens.blocks.numel() > 0
+    assert torch.count_nonzero(model.embed_tokens.blocks) == 0  # then scrubbed
 
 
 @pytest.mark.slow  # six fresh interpreter processes

@@ -254,11 +254,9 @@ class Transformer(nn.Module):
 
     def _embedding_stays_blocks(self) -> bool:
         """Whether the embedding may stay GGUF blocks (`BlockEmbedding`): nothing else reads a
-        float table of it, i.e. the head is untied or takes the blocks itself."""
-        head = self.lm_head.method
-        return not self.cfg.tie_word_embeddings or (
-            isinstance(head, TakesGgufBlocks) and not isinstance(head, PlainCpuMethod)
-        )
+        float table of it, i.e. the head is untied or takes the blocks itself (a quantized
+        method; the plain ones share the table)."""
+        return not self.cfg.tie_word_embeddings or isinstance(self.lm_head.method, TakesGgufBlocks)
 
     def weight_destinations(self) -> dict[str, torch.Tensor]:
         """Checkpoint name -> the model memory that tensor is copied into, for every weight held
