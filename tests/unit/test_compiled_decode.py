@@ -1,4 +1,4 @@
-"""The compiled decode step (`compile: decode`): the eager engine's tokens, one graph for every
+"""The compiled decode step (`compile: decode`): the eager engine's tokens, two graphs for every
 batch, nothing of the weights on disk, and a clear refusal where a block crosses the TD.
 
 One compile of the tiny model (~10-20 s on 2 cores) is shared by the module."""
@@ -84,10 +84,12 @@ def test_compiled_logits_match_eager_logits_for_every_row(compiled: Engine) -> N
         torch.testing.assert_close(cache.k[layer], ref_cache.k[layer], rtol=1e-4, atol=1e-4)
 
 
-def test_one_graph_serves_every_batch_size_slot_set_and_length(compiled: Engine) -> None:
+def test_two_graphs_serve_every_batch_size_slot_set_and_length(compiled: Engine) -> None:
+    """Both traced at load (one row; two or more), none by the batches after."""
+    traced = counters["stats"]["unique_graphs"]
     run(compiled)
-    compiled.generate([[1, 2, 3]], LONG)
-    assert counters["stats"]["unique_graphs"] == 1
+    compiled.generate([[1, 2, 3]], LONG)  # alone in slot 0: the one-row graph
+    assert traced == counters["stats"]["unique_graphs"] == 2
 
 
 def files_holding_weight_bytes(model: Transformer, folder: Path) -> list[Path]:

@@ -31,6 +31,6 @@ def test_compiled_decode_runs_w8a8_projections_with_the_eager_tokens(
         compiled = Engine(model, NoTokenizer(), 4, 48, compile="decode")  # type: ignore[arg-type]
         eager = Engine(tiny_model(methods=quant_table("w8a8")), NoTokenizer(), 4, 48)  # type: ignore[arg-type]
         assert run(compiled) == run(eager)
-        assert counters["stats"]["unique_graphs"] == 1
+        assert counters["stats"]["unique_graphs"] == 2  # one row; two or more
     finally:
         torch._dynamo.reset()

@@ -222,7 +222,7 @@ def test_decode_window_over_slots_with_a_gap_equals_the_batch_it_covers() -> Non
                 model(torch.tensor([prompt]), Batch([slot], [0], len(prompt)), cache)
         tokens = torch.tensor([[4], [6]])
         plain = Batch([1, 3], [5, 2], 1)
-        window = DecodeWindow.covering(plain, 4)
+        window = DecodeWindow.covering(plain)
         want = model(tokens, plain, caches[0])
         got = model.tail(model.embed_tokens(tokens), window, caches[1], 0)
     assert window.rows == 4 and window.slots == [1, 3]
@@ -232,7 +232,10 @@ def test_decode_window_over_slots_with_a_gap_equals_the_batch_it_covers() -> Non
         torch.testing.assert_close(caches[1].v[layer], caches[0].v[layer])
 
 
-def test_decode_window_sends_a_lone_sequence_twice_where_the_cache_has_two_slots() -> None:
-    assert DecodeWindow.covering(Batch([2], [7], 1), 4).slots == [2, 2]
-    assert DecodeWindow.covering(Batch([0], [7], 1), 1).slots == [0]
-    assert DecodeWindow.covering(Batch([0], [7], 1), 4).rows == 2
+def test_decode_window_sends_a_lone_sequence_twice_unless_it_is_in_slot_0() -> None:
+    """Two shapes for a compiled step: one row (slot 0 alone), or two rows or more."""
+    later = DecodeWindow.covering(Batch([2], [7], 1))
+    assert later.slots == [2, 2] and later.rows == 3
+    first = DecodeWindow.covering(Batch([0], [7], 1))
+    assert first.slots == [0] and first.rows == 1
+    assert DecodeWindow.covering(Batch([0, 1], [7, 3], 1)).slots == [0, 1]

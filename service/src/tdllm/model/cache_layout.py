@@ -142,27 +142,27 @@ class DecodeWindow(Batch):
     """A decode batch (one token per sequence) that reads cache slots ``0..rows-1`` as one view
     whatever slots its sequences hold: the shape a compiled decode step is traced for
     (`tdllm.model.compiled_decode`). Its Python state is two ints (`rows`, `span`) and tensors,
-    so one graph serves every batch size, slot set and length; the queries are scattered into
+    so two graphs (one row; more, `covering`) serve every batch size, slot set and length; the queries are scattered into
     their slots' rows and the free slots' rows (a gap left by a finished request) attend to
     their stale key 0 and are dropped. The same arithmetic per row as `Batch`."""
 
-    min_rows: int = 1
-
     @classmethod
-    def covering(cls, batch: Batch, cache_slots: int) -> DecodeWindow:
-        """`batch` as a window of at least two rows and two slots where the cache has two:
-        a graph traced with a symbolic size is specialized again for a size of 1, so a lone
-        sequence is sent twice (the same token, slot and position: the copy writes the same
-        keys and values and its logits are dropped) rather than given a graph of its own."""
+    def covering(cls, batch: Batch) -> DecodeWindow:
+        """`batch` as a window, in one of the two shapes a compiled step is traced for: one
+        row (a lone sequence in slot 0: a graph of its own, as dynamo specializes a size of 1;
+        its GEMVs read the weights once, where two rows cost the int kernels nearly twice), or
+        at least two rows and two sequences (one graph for every other batch: a lone sequence
+        in a later slot is sent twice, the same token, slot and position, so the copy writes
+        the same keys and values and its logits are dropped)."""
         slots, starts = batch.slots, batch.starts
-        if len(slots) == 1 and cache_slots >= 2:
+        if len(slots) == 1 and slots[0] > 0:
             slots, starts = slots * 2, starts * 2
-        return cls(slots, starts, 1, None, min(2, cache_slots))
+        return cls(slots, starts, 1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         assert self.num_tokens == 1 and self.lengths is None
-        self.rows = max(max(self.slots) + 1, self.min_rows)
+        self.rows = max(self.slots) + 1
         self.row_positions = torch.zeros(self.rows, dtype=torch.long).index_copy_(
             0, self.slot_index, self.positions[:, 0]
         )

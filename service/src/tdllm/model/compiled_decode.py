@@ -8,11 +8,12 @@ elementwise work fused into a few C++ loops, the weights frozen into the graph (
 `freezing`: bf16 linears packed for oneDNN, pointwise ops fused into them) and one Python call
 per step. Prefill stays eager: its matmuls dwarf the rest.
 
-One graph serves every batch: the step is traced with symbolic sizes (`dynamic=True`) over a
+Two graphs serve every batch: the step is traced with symbolic sizes (`dynamic=True`) over a
 `DecodeWindow`, whose only Python state is two ints, so batch size, slots and lengths do not
-retrace. Dynamo would specialize a size of 1 again, so a lone sequence is sent twice
-(`DecodeWindow.covering`) and one graph is left, which `warm_up` traces at load, where the
-service pays for it, not a request.
+retrace. Dynamo specializes a size of 1, so a lone sequence in slot 0 (one user) runs a graph of
+its own, which reads each weight once (the int kernels' GEMVs cost nearly twice at two rows), and
+every other batch is at least two rows and two sequences wide (`DecodeWindow.covering`) and runs
+the other. `warm_up` traces both at load, where the service pays for them, not a request.
 
 Where it runs: every block this process runs uses stock TD CPU kernels (`TdCpuKernels`: plain,
 prepacked, int8, int4) and no attention core, i.e. td-only, and split's private tail (the
@@ -107,12 +108,14 @@ def private_cache_dir() -> str:
 
 
 def warm_up_batches(max_batch: int, max_seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Slots and positions of the decode steps that trace the graph a served batch needs: one
-    (`DecodeWindow.covering` makes every batch at least two rows wide where the cache has two
-    slots), with sizes kept apart (rows 3, batch 2, span 5) where the cache allows."""
+    """Slots and positions of the decode steps that trace the graphs a served batch needs
+    (`DecodeWindow.covering`): one sequence in slot 0, and, where the cache has two slots, a
+    batch of two with its sizes kept apart (rows 3, batch 2, span 5) where the cache allows."""
     position = min(4, max_seq_len - 1)
-    slots = [0, 2] if max_batch >= 3 else list(range(max_batch))
-    return [(slots, [position] * len(slots))]
+    batches = [[0]]
+    if max_batch >= 2:
+        batches.append([0, 2] if max_batch >= 3 else [0, 1])
+    return [(slots, [position] * len(slots)) for slots in batches]
 
 
 @torch.inference_mode()

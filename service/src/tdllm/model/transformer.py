@@ -138,7 +138,7 @@ class Transformer(nn.Module):
             x, start = self.prefix(tokens, batch), self.prefix.num_layers
         # a one-token prompt (position 0) is a prefill: eager, not a second graph for span 1
         if self.decode_step is not None and batch.num_tokens == 1 and min(batch.starts) > 0:
-            window = DecodeWindow.covering(batch, cache.max_batch)
+            window = DecodeWindow.covering(batch)
             rows = len(window.slots)
             x = x if rows == x.shape[0] else x.expand(rows, -1, -1).contiguous()
             return self.decode_step(x, window, cache, start)[: len(batch.slots)]
