@@ -142,9 +142,10 @@ class DecodeWindow(Batch):
     """A decode batch (one token per sequence) that reads cache slots ``0..rows-1`` as one view
     whatever slots its sequences hold: the shape a compiled decode step is traced for
     (`tdllm.model.compiled_decode`). Its Python state is two ints (`rows`, `span`) and tensors,
-    so two graphs (one row; more, `covering`) serve every batch size, slot set and length; the queries are scattered into
-    their slots' rows and the free slots' rows (a gap left by a finished request) attend to
-    their stale key 0 and are dropped. The same arithmetic per row as `Batch`."""
+    so two graphs (one row; more, `covering`) serve every batch size, slot set and length;
+    the queries are scattered into their slots' rows and the free slots' rows (a gap left by a
+    finished request) attend to their stale key 0 and are dropped. The same arithmetic per row
+    as `Batch`."""
 
     @classmethod
     def covering(cls, batch: Batch) -> DecodeWindow:
