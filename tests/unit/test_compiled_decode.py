@@ -132,6 +132,16 @@ class CrossingMethod:
         return torch.nn.functional.linear(x, layer.weight)
 
 
+def test_a_compiled_model_refuses_to_be_placed_again(compiled: Engine) -> None:
+    """The graph skips guards on the modules (their weights are frozen into it): a profile's
+    placement installed after compiling would be silently ignored, so it is refused."""
+    model = compiled.model
+    with pytest.raises(RuntimeError, match="place the model before compiling"):
+        model.place(None, lambda _layer: lambda *args: args[0])
+    assert model.prefix is None
+    assert all(block.self_attn.core is None for block in model.layers)  # type: ignore[union-attr]
+
+
 def test_refuses_to_compile_a_model_whose_block_crosses_the_td() -> None:
     table = LinearMethodTable([("*.down_proj", CrossingMethod())])  # type: ignore[list-item]
     model = tiny_model(methods=table)

@@ -95,13 +95,28 @@ class Batch:
         padded = self.lengths is not None and min(self.lengths) < self.num_tokens
         self.causal = not any(self.starts) and not padded
         self.mask: torch.Tensor | None = None
-        if not self.causal:  # key j is visible to query t iff j <= position of t
+        # one token per row at one position: every key of the span is visible, no mask
+        every_key = self.num_tokens == 1 and len(set(self.starts)) == 1
+        if not self.causal and not every_key:  # key j is visible to query t iff j <= position
             keys = torch.arange(self.span)
             self.mask = (keys[None, None, None, :] <= self.positions[:, None, :, None]).contiguous()
             if padded:  # and j is one of the row's own tokens, not padding
                 real = keys[None, :] < torch.tensor(self.lengths)[:, None]
                 self.mask &= real[:, None, None, :]
         self._flat_rows: dict[tuple[int, int], torch.Tensor] = {}  # by the cache's (heads, len)
+        self._additive: dict[torch.dtype, torch.Tensor] = {}
+
+    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """`mask` as SDPA uses it (0 where visible, -inf where not, in `dtype`), made once per
+        batch rather than by every layer's attention (two ops a layer and step)."""
+        if self.mask is None:
+            return None
+        additive = self._additive.get(dtype)
+        if additive is None:
+            additive = torch.zeros(self.mask.shape, dtype=dtype)
+            additive.masked_fill_(~self.mask, float("-inf"))
+            self._additive[dtype] = additive
+        return additive
 
     def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
         if self.num_tokens == 1:  # one row per sequence: index_copy_ into the flat cache
@@ -134,7 +149,7 @@ class Batch:
 
     def attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Attention of one query per row (a decode step) over what `read` returned."""
-        return decode_attention(q, keys, values, self.mask)
+        return decode_attention(q, keys, values, self.attention_mask(q.dtype))
 
 
 @dataclass

@@ -176,9 +176,10 @@ class PrepackedCpuMethod(PlainCpuMethod):
         packed = layer.__dict__.get("packed_weight")
         if packed is None:
             return super().apply(layer, x)
-        return torch.ops.mkldnn._linear_pointwise(
-            x.to(torch.bfloat16).contiguous(), packed, None, "none", [], ""
-        ).to(x.dtype)
+        given = x.dtype
+        x = x if given == torch.bfloat16 else x.to(torch.bfloat16)  # a no-op cast still dispatches
+        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+        return y if given == torch.bfloat16 else y.to(given)
 
 
 _scratch = threading.local()  # blocks per thread and dtype: fresh ones per call cost page faults
