@@ -129,8 +129,8 @@ def cli() -> None:
     type=click.Choice(COMPILE_MODES),
     default="off",
     show_default=True,
-    help="decode: compile the decode step into one graph before generating (minutes on 2 "
-    "cores, needs g++; td-only and split)",
+    help="decode: compile the decode step (two graphs: one row, more) before generating "
+    "(minutes on 2 cores, needs g++; td-only and split)",
 )
 @click.option(
     "--profile",

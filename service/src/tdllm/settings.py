@@ -53,9 +53,10 @@ class Settings:
     # per row, FBGEMM (VNNI CPUs); engine tdllm, profile td-only (every projection) or split (its
     # private tail and lm_head) (docs/performance.md)
     quant: str = "none"
-    # "decode": the tdllm engine's decode step compiled by TorchInductor into one graph at load
-    # (1.25-1.48x faster steps for the bundled model in bf16, slower on a 1B int4 model;
-    # minutes of start-up on 2 cores; needs g++; td-only and split,
+    # "decode": the tdllm engine's decode step compiled by TorchInductor at load, two graphs
+    # (one row, more rows) (1.25-1.48x faster steps for the bundled model in bf16, 1.5x at one
+    # int4 sequence, slower on a 1B int4 model; 3-5 minutes of start-up on 2 cores; needs g++;
+    # td-only and split,
     # docs/performance.md "Compiled decode step"); "off": eager
     compile: str = "off"
     # protection profile of the served model (docs/security.md): td-only | split (| ...);

@@ -36,8 +36,8 @@ def gunicorn_argv() -> list[str]:
     "compile_mode",
     type=click.Choice(COMPILE_MODES),
     default=None,
-    help="decode: the decode step compiled into one graph at load (engine tdllm, td-only or "
-    "split; needs g++); the `compile` setting, TDLLM_COMPILE",
+    help="decode: the decode step compiled at load (two graphs: one row, more; engine tdllm, "
+    "td-only or split; needs g++); the `compile` setting, TDLLM_COMPILE",
 )
 @click.option("--check", is_flag=True, help="resolve and print the settings, then exit")
 def serve(
