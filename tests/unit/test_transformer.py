@@ -9,7 +9,16 @@ import torch
 from torch import nn
 
 from tdllm.model.linear import Linear, LinearMethodTable, PlainCpuMethod
-from tdllm.model.transformer import Batch, DecodeWindow, KVCache, Transformer
+from tdllm.model.transformer import (
+    Batch,
+    DecodeWindow,
+    KVCache,
+    Transformer,
+    apply_rope,
+    rope_tables,
+    rotate,
+    signed_sin,
+)
 from tests.tiny_model import TINY, tiny_model, tiny_tensors
 
 
@@ -239,3 +248,15 @@ def test_decode_window_sends_a_lone_sequence_twice_unless_it_is_in_slot_0() -> N
     first = DecodeWindow.covering(Batch([0], [7], 1))
     assert first.slots == [0] and first.rows == 1
     assert DecodeWindow.covering(Batch([0, 1], [7, 3], 1)).slots == [0, 1]
+
+
+def test_rotate_equals_rotate_half_rope_bit_for_bit() -> None:
+    """`rotate` with the pre-signed table is the reference `apply_rope`, bit for bit, in bf16
+    and fp32, over a layout of q and k heads side by side."""
+    cos, sin = rope_tables(64, 10000.0, 32)
+    positions = torch.tensor([[3], [17], [31]])
+    for dtype in (torch.float32, torch.bfloat16):
+        c, s = cos.to(dtype)[positions][:, :, None], sin.to(dtype)[positions][:, :, None]
+        signed = signed_sin(sin).to(dtype)[positions][:, :, None]
+        x = torch.randn(3, 1, 12, 64).to(dtype)  # [B, T, heads, head_dim]
+        assert torch.equal(rotate(x, c, signed), apply_rope(x, c, s))
