@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from tdllm.model import loader
 from tdllm.model.checkpoint import Checkpoint
+from tdllm.model.transformer import Transformer
 from tdllm.sealing.recipients import load_public_key, write_key_pair
 from tdllm_lab.sealing.writer import seal_checkpoint
 
@@ -40,3 +42,18 @@ def seal_tiny(tmp_path: Path, recipient: tuple[Path, Path]) -> Sealer:
         return out
 
     return seal
+
+
+@pytest.fixture
+def loaded_models(monkeypatch: pytest.MonkeyPatch) -> list[Transformer]:
+    """Every model `load_model` builds in the test, kept for inspection after a failed load
+    (which returns nothing): what its scrub left in the model's memory."""
+    built: list[Transformer] = []
+
+    class Recording(Transformer):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            built.append(self)
+
+    monkeypatch.setattr(loader, "Transformer", Recording)
+    return built

@@ -22,7 +22,6 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import quantize
 
 from tdllm.errors import UsageError
-from tdllm.model import loader
 from tdllm.model.block_embedding import BlockEmbedding
 from tdllm.model.checkpoint import Checkpoint, GgufTensors
 from tdllm.model.gguf_blocks import GgufQuantized
@@ -334,24 +333,16 @@ def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
 
 
 def test_a_failed_quantized_load_scrubs_the_embeddings_decrypted_blocks(
-    bundled_seals: dict[str, Path], recipient: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    bundled_seals: dict[str, Path], recipient: tuple[Path, Path], loaded_models: list[Transformer]
 ) -> None:
     # the block embedding keeps the sealed reader's decrypted buffer as it is: when a later
     # tensor fails to authenticate, the loader's scrub must reach it like any weight
-    built: list[Transformer] = []
-
-    class Recording(Transformer):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-            built.append(self)
-
-    monkeypatch.setattr(loader, "Transformer", Recording)
     folder = bundled_seals["quantized"]
     last = document(folder)["manifest"]["tensors"][-1]  # the embedding is the first
     path, offset = folder / last["file"], last["offset"]
     with xored(path, offset + 20, 0x01), pytest.raises(SealedModelError):
         load_model(open_checkpoint(folder, key=recipient[1]), torch.float32, quant_table("int8"))
-    (model,) = built
+    (model,) = loaded_models
     assert isinstance(model.embed_tokens, BlockEmbedding)  # it had been loaded
     assert model.embed_tokens.blocks.numel() > 0
     assert torch.count_nonzero(model.embed_tokens.blocks) == 0  # then scrubbed

@@ -16,7 +16,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tdllm.model import loader
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
 from tdllm.model.transformer import Transformer
@@ -298,20 +297,12 @@ def test_verifies_the_manifest_before_yielding_any_tensor(
 
 
 def test_load_model_zeroes_a_partially_loaded_model_when_a_later_tensor_fails(
-    sealed: Path, recipient: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    sealed: Path, recipient: tuple[Path, Path], loaded_models: list[Transformer]
 ) -> None:
-    built: list[Transformer] = []
-
-    class Recording(Transformer):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-            built.append(self)
-
-    monkeypatch.setattr(loader, "Transformer", Recording)
     path, offset, _ = chunk_span(sealed, LAST, 0)
     with xored(path, offset + 20, 0x01), pytest.raises(SealedModelError, match=LAST):
         load_model(open_sealed(sealed, recipient[1]))
-    (model,) = built
+    (model,) = loaded_models
     assert model.embed_tokens.weight.abs().sum() == 0  # it had been loaded, then scrubbed
     assert all(torch.count_nonzero(p) == 0 for p in model.parameters())
 
