@@ -96,7 +96,7 @@ class AttentionCore(Protocol):
 
 class Transformer(nn.Module):
     rope_cos: torch.Tensor
-    rope_sin: torch.Tensor
+    rope_signed_sin: torch.Tensor
 
     def __init__(
         self,
@@ -122,7 +122,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         # sin with its first half negated: `rotate` needs no negation per step (`apply_rope`)
-        self.register_buffer("rope_sin", signed_sin(sin).to(dtype), persistent=False)
+        self.register_buffer("rope_signed_sin", signed_sin(sin).to(dtype), persistent=False)
         # None: every block runs here. Otherwise the first `prefix.num_layers` blocks (and the
         # embedding) are computed by `prefix`, e.g. a public prefix on an untrusted device.
         self.prefix: PrefixPlacement | None = None
@@ -198,10 +198,10 @@ class Transformer(nn.Module):
         indexed from `start`'s own layer when it has exactly ``end - start`` of them.
         """
         cos = self.rope_cos[batch.positions][:, :, None]  # [B, T, 1, head_dim]
-        sin = self.rope_sin[batch.positions][:, :, None]
+        signed = self.rope_signed_sin[batch.positions][:, :, None]
         offset = start if len(cache.k) == end - start else 0
         for i in range(start, end):
-            x = self.layers[i](x, batch, cos, sin, cache.k[i - offset], cache.v[i - offset])
+            x = self.layers[i](x, batch, cos, signed, cache.k[i - offset], cache.v[i - offset])
         return x
 
     def takes_blocks(self) -> bool:
@@ -363,11 +363,11 @@ class Block(nn.Module):
         x: torch.Tensor,
         batch: Batch,
         cos: torch.Tensor,
-        sin: torch.Tensor,
+        signed_sin: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin, k_cache, v_cache)
+        x = x + self.self_attn(self.input_layernorm(x), batch, cos, signed_sin, k_cache, v_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -404,7 +404,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         batch: Batch,
         cos: torch.Tensor,
-        sin: torch.Tensor,
+        signed_sin: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
@@ -413,7 +413,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         heads = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
         rotated = self.n_heads + self.n_kv  # q and k, rotated in one pass
-        qk = rotate(heads[:, :, :rotated], cos, sin).transpose(1, 2)
+        qk = rotate(heads[:, :, :rotated], cos, signed_sin).transpose(1, 2)
         q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
         v = heads[:, :, rotated:].transpose(1, 2)
         batch.write(k_cache, k)
