@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 
 from tdllm.engine import Engine, SamplingParams
 from tdllm.errors import ModelLoadError
+from tdllm.model.cache_layout import DecodeWindow
 from tdllm.model.compiled_decode import CACHE_DIR_ENV, compile_decode, why_not
 from tdllm.model.linear import LinearMethodTable
 from tdllm.model.transformer import Batch, KVCache, Transformer
@@ -90,6 +91,30 @@ def test_two_graphs_serve_every_batch_size_slot_set_and_length(compiled: Engine)
     run(compiled)
     compiled.generate([[1, 2, 3]], LONG)  # alone in slot 0: the one-row graph
     assert traced == counters["stats"]["unique_graphs"] == 2
+
+
+def test_a_sequence_left_alone_in_a_later_slot_moves_to_slot_0_and_runs_the_one_row_graph(
+    compiled: Engine,
+) -> None:
+    """Two sequences share steps until the one in slot 0 finishes; the other, alone in slot 1,
+    would go through the two-row graph twice over (`DecodeWindow.covering`): it moves to slot
+    0, its cache rows with it, and its tokens are still the eager engine's."""
+    windows: list[tuple[list[int], int]] = []
+    covering = DecodeWindow.covering
+
+    def spy(batch: Batch) -> DecodeWindow:
+        window = covering(batch)
+        windows.append((list(window.slots), window.rows))
+        return window
+
+    prompts, params = [[5, 17, 3], [9, 1, 60, 2]], [SHORT, LONG]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DecodeWindow, "covering", staticmethod(spy))
+        got = [c.token_ids for c in compiled.generate(prompts, params)]
+    assert got == [c.token_ids for c in eager().generate(prompts, params)]
+    assert ([0, 1], 2) in windows  # together first
+    alone = windows[windows.index(([0, 1], 2)) + 2 :]  # the short one's last token was 3rd
+    assert alone and all(w == ([0], 1) for w in alone), windows
 
 
 def files_holding_weight_bytes(model: Transformer, folder: Path) -> list[Path]:

@@ -302,7 +302,7 @@ def test_the_reader_names_the_tensor_whose_blocks_do_not_fit() -> None:
         tensor_type=GGMLQuantizationType.Q4_1,
         data=np.zeros((32, 39), dtype=np.uint8),
     )
-    reader = SimpleNamespace(tensors=[bad], data=bad.data)
+    reader = SimpleNamespace(tensors=[bad], file_map=bad.data)
     stream = GgufTensors(reader, TINY, Path("x.gguf"))
     with pytest.raises(ModelLoadError, match=r"x\.gguf: tensor blk\.0\.attn_q\.weight: .*40 bytes"):
         list(stream.with_blocks())

@@ -6,11 +6,14 @@ own grid: alone or beside any other rows, bit for bit."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from tdllm.cli import main
 from tdllm.errors import ModelLoadError
+from tdllm.model import fbgemm_packed
 from tdllm.model.linear import Linear
 from tdllm.model.quantized import (
     Int8DynamicMethod,
@@ -109,6 +112,39 @@ def test_w8a8_is_refused_on_a_cpu_without_vnni(
     assert exit_info.value.code == ModelLoadError.exit_code
     err = capsys.readouterr().err
     assert err.startswith("error: quant w8a8 needs a CPU with VNNI") and err.count("\n") == 1
+
+
+@needs_vnni
+@pytest.mark.parametrize("shards", [[500], [130, 170, 200]])
+def test_a_projection_packed_in_row_chunks_gives_what_one_matrix_gives(
+    monkeypatch: pytest.MonkeyPatch, shards: list[int]
+) -> None:
+    """A large projection (the 1B shape's head) is packed as several FBGEMM matrices, each
+    chunk's staged rows freed once copied: same weights, same products bit for bit, a shard
+    crossing chunk boundaries lands in the right rows, and nothing staged stays behind."""
+    g = torch.Generator().manual_seed(11)
+    weight = torch.randn(500, 62, generator=g) * torch.logspace(-2, 1, 500)[:, None]
+    whole = w8a8_layer(weight, shards)
+    monkeypatch.setattr(fbgemm_packed, "CHUNK_BYTES", 128 * 64)  # 128 rows of 64 bytes
+    chunked = w8a8_layer(weight, shards)
+    assert fbgemm_packed.chunk_count(whole.w8a8_handle) == 1
+    assert fbgemm_packed.chunk_count(chunked.w8a8_handle) == 4
+    assert all(map(torch.equal, int8_weights(chunked), int8_weights(whole)))
+    x = torch.randn(9, 62, generator=g)
+    assert torch.equal(chunked(x), whole(x))
+    assert not dict(chunked.named_buffers())
+
+
+def test_row_chunks_cover_the_rows_once_each_within_the_byte_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fbgemm_packed, "CHUNK_BYTES", 1000)
+    for rows, cols in [(1, 5), (7, 1000), (10, 999), (1001, 3), (128256, 7)]:
+        spans = fbgemm_packed.chunk_spans(rows, cols)
+        assert spans[0][0] == 0 and spans[-1][1] == rows
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+        assert all(stop > start for start, stop in spans)
+        assert all((stop - start) * cols <= 1000 for start, stop in spans) or len(spans) == rows
 
 
 @needs_vnni

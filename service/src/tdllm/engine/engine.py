@@ -164,6 +164,9 @@ class Engine:
         if compile == "decode":
             compile_decode(model)
             self.compile_seconds = warm_up(model, self.cache, max_batch, self.max_seq_len, status)
+        # a lone sequence moves to slot 0, where the compiled step has a one-row graph; only
+        # where its whole KV is in `cache` (a device prefix keeps its own by slot)
+        self.moves_lone_sequence = compile == "decode" and self.shares_prefill
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -244,6 +247,8 @@ class Engine:
         tokens for prompts now complete), then one decode step for the sequences that had
         a token already."""
         outputs: list[StepOutput] = []
+        if self.moves_lone_sequence:
+            self._move_lone_sequence_to_slot_0()
         decoding = [r for r in self.running if r.output]
         self._admit()
         plan = plan_prefill(self.prefilling, self.prefill_chunk)
@@ -367,6 +372,25 @@ class Engine:
         counts = [requests[k].params.logprobs or 0 for k in asking]
         table = LogprobTable(rows[asking], counts)
         return {k: (table, j) for j, k in enumerate(asking)}
+
+    def _move_lone_sequence_to_slot_0(self) -> None:
+        """The only running sequence, decoding in a slot other than 0 (the others finished),
+        moves to slot 0: the compiled step runs one row in slot 0 as a graph of its own, and a
+        lone row elsewhere through the two-row graph at nearly twice the int kernels' cost
+        (`DecodeWindow.covering`). Its cache rows are copied once and its old slot released."""
+        if len(self.running) != 1 or 0 not in self.free_slots:
+            return
+        request = self.running[0]
+        if not request.output:  # still prefilling: it moves once it decodes
+            return
+        length = request.position  # the positions its cache holds
+        for layer in (*self.cache.k, *self.cache.v):
+            layer[0, :, :length] = layer[request.slot, :, :length]
+        self.cache.release(request.slot)
+        self.free_slots.remove(0)
+        self.free_slots.append(request.slot)
+        self.free_slots.sort()
+        request.slot = 0
 
     def _copy_prompt_cache(self, source: _Request, target: _Request) -> None:
         """The keys and values of `source`'s prompt into `target`'s slot (the same prompt)."""

@@ -169,7 +169,8 @@ class DecodeWindow(Batch):
         its GEMVs read the weights once, where two rows cost the int kernels nearly twice), or
         at least two rows and two sequences (one graph for every other batch: a lone sequence
         in a later slot is sent twice, the same token, slot and position, so the copy writes
-        the same keys and values and its logits are dropped)."""
+        the same keys and values and its logits are dropped; the engine moves a sequence left
+        alone to slot 0 before its next step, `Engine._move_lone_sequence_to_slot_0`)."""
         slots, starts = batch.slots, batch.starts
         if len(slots) == 1 and slots[0] > 0:
             slots, starts = slots * 2, starts * 2

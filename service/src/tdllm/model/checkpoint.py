@@ -13,6 +13,7 @@ nothing from `tdllm.sealing` (an import-linter contract).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import mmap
 import warnings
@@ -75,10 +76,8 @@ class Checkpoint:
 
 
 def open_gguf(path: Path) -> Checkpoint:
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _plain_reader_class()(path)
     except (ValueError, OSError, IndexError, KeyError) as exc:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from None
     fields = {name: field.contents() for name, field in reader.fields.items()}
@@ -93,6 +92,30 @@ def open_gguf(path: Path) -> Checkpoint:
     tokenizer = Tokenizer.from_gguf_fields(fields)
     name = str(fields.get("general.name") or path.stem)
     return Checkpoint(name, path, config, tokenizer, GgufTensors(reader, config, path))
+
+
+@functools.cache
+def _plain_reader_class() -> type:
+    """``gguf.GGUFReader`` reading its map as a plain ndarray view: the reader slices the map
+    once per piece of every field (two per tokenizer string), and each slice of a
+    ``np.memmap`` runs numpy's Python-level subclass hooks; a plain view of the same pages
+    reads the 1B shape's 128k-token header in 1.0 s instead of 3.0 s. The map itself is kept
+    (`file_map`) for `GgufTensors.release_pages`."""
+    import gguf
+
+    class PlainMapReader(gguf.GGUFReader):
+        file_map: np.memmap
+
+        @property  # type: ignore[override]
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, mapped: np.memmap) -> None:
+            self.file_map = mapped
+            self._plain = mapped.view(np.ndarray)
+
+    return PlainMapReader
 
 
 def _gguf_config(fields: dict[str, Any], tied: bool) -> ModelConfig:
@@ -127,7 +150,7 @@ class GgufTensors:
         # the tensors and the file's map only: the reader's metadata fields (one numpy view per
         # part of every tokenizer string, ~0.3 GB at a 128k vocabulary) are not kept alive
         self.tensors: list[Any] = list(reader.tensors)
-        self.data: np.ndarray = reader.data
+        self.file_map: np.ndarray = reader.file_map  # the np.memmap
         self.config, self.path = config, path
 
     def __call__(self) -> NamedTensors:
@@ -140,7 +163,7 @@ class GgufTensors:
         view still held reads them back in, but a load no longer carries the file in its RSS
         next to the model built from it (the 1B shape's Q8_0: 1.3 GB). Best effort: without
         madvise they just stay."""
-        mapped = getattr(self.data, "_mmap", None)  # numpy's map of the whole file
+        mapped = getattr(self.file_map, "_mmap", None)  # numpy's map of the whole file
         if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start, stop = 0, len(mapped)

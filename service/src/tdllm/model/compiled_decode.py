@@ -13,7 +13,8 @@ Two graphs serve every batch: the step is traced with symbolic sizes (`dynamic=T
 retrace. Dynamo specializes a size of 1, so a lone sequence in slot 0 (one user) runs a graph of
 its own, which reads each weight once (the int kernels' GEMVs cost nearly twice at two rows), and
 every other batch is at least two rows and two sequences wide (`DecodeWindow.covering`) and runs
-the other. `warm_up` traces both at load, where the service pays for them, not a request.
+the other; the engine moves a sequence left alone in a later slot to slot 0. `warm_up` traces
+both at load, where the service pays for them, not a request.
 
 Where it runs: every block this process runs uses stock TD CPU kernels (`TdCpuKernels`: plain,
 prepacked, int8, int4) and no attention core, i.e. td-only, and split's private tail (the

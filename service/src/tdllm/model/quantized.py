@@ -32,7 +32,6 @@ blocks straight into the int kernels" and "W8A8".
 from __future__ import annotations
 
 import itertools
-import warnings
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from tdllm.errors import ModelLoadError
+from tdllm.model import fbgemm_packed
 from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
 from tdllm.model.gguf_blocks import INT4_KINDS, GgufQuantized
 from tdllm.model.int4_widen import int4_widened_linear
@@ -301,9 +301,8 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
     exactly [-1, 1], and each row is rounded on its own symmetric grid of 127 steps a side,
     whatever else is in the batch (tested: a row alone = the row in any batch).
 
-    FBGEMM's packed copy of the weights is not a tensor of the layer: a failed load's scrub
-    (`loader._zero`) does not reach it; it is freed with the layer, in TD memory like the rest.
-    A compiled decode step calls it through the ``tdllm::w8a8_linear`` custom op."""
+    FBGEMM's packed copy of the weights, in chunks of rows for a large projection, lives in
+    `tdllm.model.fbgemm_packed` (freed with the layer, not reached by a failed load's scrub)."""
 
     # |row| after scaling: 127 of the 127.5 steps FBGEMM's [-1, 1] grid has above its zero
     # point (2/255 a step, zero point 128), so +-LIMIT land on whole steps
@@ -325,29 +324,35 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
 
     def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
         n, k = layer.out_features, layer.in_features
-        # the two range columns' weights are staged with the rows (zero), so the packing
-        # takes the staged rows as they are
-        return {"q": torch.zeros(n, k + 2, dtype=torch.int8), "scales": torch.empty(n)}
+        # the rows of each matrix FBGEMM packs apart (`fbgemm_packed.chunk_spans`), the two
+        # range columns' weights staged with them (zero), so the packing takes them as they are
+        staged = {
+            f"q{i}": torch.zeros(stop - start, k + 2, dtype=torch.int8)
+            for i, (start, stop) in enumerate(fbgemm_packed.chunk_spans(n, k + 2))
+        }
+        return {**staged, "scales": torch.empty(n)}
 
     def stage_floats(self, staged: dict[str, torch.Tensor], start: int, rows: torch.Tensor) -> None:
         q, scales = int8_quantize(rows)
-        staged["q"][start : start + rows.shape[0], : rows.shape[1]] = q
-        staged["scales"][start : start + rows.shape[0]] = scales
+        stop = start + rows.shape[0]
+        staged["scales"][start:stop] = scales
+        first = 0  # the first row of chunk i
+        for i in itertools.count():
+            chunk = staged.get(f"q{i}")
+            if chunk is None or first >= stop:
+                break
+            lo, hi = max(start, first), min(stop, first + chunk.shape[0])
+            if lo < hi:
+                chunk[lo - first : hi - first, : rows.shape[1]] = q[lo - start : hi - start]
+            first += chunk.shape[0]
 
     def pack(self, layer: Linear, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        q, scales = staged["q"], staged["scales"]
-        zero_points = torch.zeros(q.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():
-            # torch 2.13 deprecates its quantized dtypes; FBGEMM's packing takes nothing else.
-            # Only that warning is silenced, only here (docs/performance.md, "W8A8").
-            warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
-            weight = torch._make_per_channel_quantized_tensor(q, scales.double(), zero_points, 0)
-        # that was a copy, and FBGEMM makes another in its own packed layout: the staged rows
-        # are scrubbed and freed first, so the load peaks at two int8 copies of the head, not
-        # three (0.26 GB less at the 1B shape)
-        _release(q)
-        packed = torch.ops.quantized.linear_prepack(weight, None)
-        layer.__dict__["w8a8_handle"] = _register_packed(layer, packed)
+        chunks = [staged[f"q{i}"] for i in range(len(staged) - 1)]
+        # each chunk's staged rows are scrubbed and freed once FBGEMM's input copy of them
+        # exists (`_release`): the load peaks at about one int8 copy of the projection and a
+        # chunk or two, not two copies
+        handle = fbgemm_packed.pack(chunks, staged["scales"], _release, layer)
+        layer.__dict__["w8a8_handle"] = handle
         return []
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -364,7 +369,7 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
             scaled = torch.empty(m, k + 2)
             torch.div(rows, scale, out=scaled[:, :k])
             scaled[:, k:] = _RANGE
-            y = torch.ops.quantized.linear_dynamic(scaled, _PACKED[handle])
+            y = fbgemm_packed.product(scaled, handle)
         return _shaped(y.mul_(scale), x)
 
 
@@ -376,40 +381,12 @@ def int8_weights(layer: Linear) -> tuple[torch.Tensor, torch.Tensor]:
         q, scales = layer.qweight, layer.scales
         assert isinstance(q, torch.Tensor) and isinstance(scales, torch.Tensor)
         return q, scales.float()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
-        weight, _ = torch.ops.quantized.linear_unpack(_PACKED[handle])
-        q = weight.int_repr()[:, : layer.in_features].clone()
-        scales = weight.q_per_channel_scales().float()
-    return q, scales
+    q, scales = fbgemm_packed.unpack(handle)
+    return q[:, : layer.in_features].clone(), scales.float()
 
 
 _RANGE = torch.tensor([[1.0, -1.0]])  # the two range columns of every W8A8 input row
 _INF = float("inf")
-
-# FBGEMM's packed weights by handle, the layer holding only its handle (freed with the layer):
-# a compiled graph calls the kernel through a custom op, whose arguments can be tensors and
-# numbers but not the packed weights themselves
-_PACKED: dict[int, torch.ScriptObject] = {}
-_handles = itertools.count()
-
-
-def _register_packed(layer: Linear, packed: torch.ScriptObject) -> int:
-    handle = next(_handles)
-    _PACKED[handle] = packed
-    weakref.finalize(layer, _PACKED.pop, handle, None)  # freed with the layer
-    return handle
-
-
-@torch.library.custom_op("tdllm::w8a8_linear", mutates_args=())
-def w8a8_linear(scaled: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    """`Int8DynamicMethod`'s product as a graph sees it (its eager path calls FBGEMM directly)."""
-    return torch.ops.quantized.linear_dynamic(scaled, _PACKED[handle])
-
-
-@w8a8_linear.register_fake
-def _w8a8_linear_shape(scaled: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    return scaled.new_empty(scaled.shape[0], out_features)
 
 
 class Int4WeightOnlyMethod(_StagedQuantMethod):
