@@ -19,7 +19,7 @@ from tdllm.model.gguf_blocks import rope_row_order
 from tdllm.model.loader import load_model
 from tdllm.model.quantized import quant_table
 from tdllm.sources import open_checkpoint
-from tdllm_lab.bench import llama_cpp_peer, shape_bench, synthetic_shapes
+from tdllm_lab.bench import bandwidth, llama_cpp_peer, shape_bench, synthetic_shapes
 from tdllm_lab.bench.synthetic_shapes import FORMATS, SHAPES, Shape, ensure_gguf, tensor_type
 
 TINY = Shape("tiny", hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, vocab=320, tied=True)
@@ -229,3 +229,15 @@ def test_a_failed_worker_is_a_row_of_its_own_and_says_why(tmp_path: Path) -> Non
     assert shape_bench.failure(-11, "") == "killed by SIGSEGV"
     assert shape_bench.failure(-9, "loading\n") == "killed by SIGKILL (loading)"
     assert shape_bench.failure(1, "") == "exit status 1"
+
+
+def test_the_bandwidth_probe_runs_both_readers_and_reports_the_faster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    speeds = bandwidth.readers(8 << 20, repeats=2)
+    assert set(speeds) == {"sum", "gemv"}
+    assert all(0 < s < float("inf") for s in speeds.values())
+    # the limit is the faster read: a decode step's share of a slower one would overstate it
+    seconds = iter([0.004, 0.002])  # the sum, then the GEMV
+    monkeypatch.setattr(bandwidth, "_best", lambda read, repeats: next(seconds))
+    assert bandwidth.read_gb_s(8 << 20) == pytest.approx((8 << 20) / 0.002 / 1e9)
