@@ -5,8 +5,8 @@ A large projection is packed as several row chunks of at most `CHUNK_BYTES`, eac
 FBGEMM matrix, packed on as many threads as torch uses: FBGEMM packs one matrix on one core,
 and a whole 128k-row head at once took 2.9 s and a transient copy of itself (the 1B shape's
 tied head, 0.26 GB). In chunks, each chunk's staged rows are scrubbed and freed as soon as
-their quantized copy exists, so the transient is a chunk or two, and the head packs in 1.0 s
-(measured, docs/performance.md). The product runs the chunks one after another into one output:
+their quantized copy exists, so the transient is a chunk or two, and the head packs in 1.45 s
+on 2 threads (docs/performance.md, "A faster GGUF header, W8A8 packed in chunks"). The product runs the chunks one after another into one output:
 the same int32 sums per output, so the same values as one matrix (tested), at the same speed
 (a chunk is still far larger than a cache).
 
