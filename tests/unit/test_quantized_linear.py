@@ -13,9 +13,11 @@ from tdllm.model.linear import Linear, LinearMethodTable, PlainCpuMethod
 from tdllm.model.quantized import (
     KERNEL_DTYPE,
     Int4WeightOnlyMethod,
+    Int8DynamicMethod,
     Int8WeightOnlyMethod,
     int4_quantize,
     int8_quantize,
+    int8_weights,
     quant_method,
 )
 from tdllm.model.transformer import Batch, KVCache
@@ -124,6 +126,37 @@ def test_loading_twice_into_a_quantized_projection_is_refused() -> None:
     layer.method.load_weight(layer, torch.randn(32, 32))
     with pytest.raises(ValueError, match="after the projection was quantized"):
         layer.method.load_weight(layer, torch.randn(32, 32))
+
+
+@pytest.mark.parametrize("method", [Int4WeightOnlyMethod, Int8DynamicMethod])
+def test_staged_memory_is_not_zero_filled_yet_what_is_packed_does_not_depend_on_it(
+    monkeypatch: pytest.MonkeyPatch, method: type
+) -> None:
+    """Staging allocates without zero-filling (every real row is written once; zero-filling
+    cost 8 s of an 8B load): the padding rows (int4: 70 rows padded to 80) and W8A8's range
+    columns must still come out zero, whatever the allocator hands back."""
+    if method is Int8DynamicMethod and not torch.cpu._is_vnni_supported():
+        pytest.skip("W8A8 needs a CPU with VNNI")
+    weight = torch.randn(70, 64, generator=torch.Generator().manual_seed(5))
+
+    def loaded() -> Linear:
+        layer = Linear("t", 64, 70, method(), torch.float32)
+        layer.method.load_weight(layer, weight)
+        layer.method.after_load(layer)
+        return layer
+
+    clean = loaded()
+    real_empty = torch.empty
+    with monkeypatch.context() as patch:  # memory full of stale bytes
+        patch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(7))
+        dirty = loaded()
+    x = torch.randn(3, 64)
+    assert torch.equal(dirty(x), clean(x))
+    if method is Int4WeightOnlyMethod:
+        assert torch.equal(dirty.qweight, clean.qweight)
+        assert torch.equal(dirty.scales_zeros, clean.scales_zeros)
+    else:
+        assert all(map(torch.equal, int8_weights(dirty), int8_weights(clean)))
 
 
 def test_a_projection_missing_rows_fails_after_load() -> None:

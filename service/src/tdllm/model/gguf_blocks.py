@@ -26,6 +26,7 @@ bundled file's tensors). Other types (Q6_K, ...) dequantize through the ``gguf``
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -174,14 +175,31 @@ def rope_row_order(rows: int, heads: int) -> np.ndarray:
     return np.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(0, 2, 1).reshape(rows)
 
 
+# The two passes over every block of a load, in torch (two threads, vectorised strided copies):
+# numpy's took 9 of an 8B Q4_0 load's 27 s, torch's a third to a sixth of that (measured).
+
+
 def _fp16(pairs: np.ndarray) -> np.ndarray:
     """Little-endian fp16 from ``[..., 2]`` bytes, as fp32 ``[...]``."""
-    return np.ascontiguousarray(pairs).view(np.float16)[..., 0].astype(np.float32)
+    halves = _torch_view(pairs).contiguous().view(torch.float16)[..., 0]
+    return halves.float().numpy()
 
 
 def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     """``[..., 16]`` bytes -> ``[..., 32]`` codes: the low nibbles, then the high ones."""
-    return np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=-1)
+    source = _torch_view(packed)
+    codes = torch.empty(*source.shape[:-1], 2 * source.shape[-1], dtype=torch.uint8)
+    half = source.shape[-1]
+    torch.bitwise_and(source, 0x0F, out=codes[..., :half])
+    torch.bitwise_right_shift(source, 4, out=codes[..., half:])
+    return codes.numpy()
+
+
+def _torch_view(array: np.ndarray) -> torch.Tensor:
+    """`array` as a tensor sharing its memory, only ever read (a file's map is read-only)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def _q4k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -327,9 +327,11 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
         # the rows of each matrix FBGEMM packs apart (`fbgemm_packed.chunk_spans`), the two
         # range columns' weights staged with them (zero), so the packing takes them as they are
         staged = {
-            f"q{i}": torch.zeros(stop - start, k + 2, dtype=torch.int8)
+            f"q{i}": torch.empty(stop - start, k + 2, dtype=torch.int8)
             for i, (start, stop) in enumerate(fbgemm_packed.chunk_spans(n, k + 2))
         }
+        for chunk in staged.values():  # every row is written but these (no zero-fill: see int4)
+            chunk[:, k:] = 0
         return {**staged, "scales": torch.empty(n)}
 
     def stage_floats(self, staged: dict[str, torch.Tensor], start: int, rows: torch.Tensor) -> None:
@@ -407,14 +409,20 @@ class Int4WeightOnlyMethod(_StagedQuantMethod):
                 f"{layer.name}: {k} inputs are not a multiple of the group size {self.group_size}"
             )
         groups = k // self.group_size
-        # what the layer keeps (packed codes, bf16 scales and zeros) is allocated first, the
-        # codes' staging after it: freed, the staging leaves no hole under kept memory (glibc
-        # kept such holes: +130 MiB RSS in one load of three, measured)
-        return {
-            "packed": torch.zeros(n, k // 2, dtype=torch.uint8),
-            "scales_zeros": torch.zeros(groups, n, 2, dtype=KERNEL_DTYPE),
-            "codes": torch.zeros(n, k, dtype=torch.uint8),
+        # kept memory (packed codes, bf16 scales and zeros) is allocated first, the codes'
+        # staging after it: freed, the staging leaves no hole under kept memory (glibc
+        # kept such holes: +130 MiB RSS in one load of three, measured). Not zero-filled: every
+        # real row is written once (`_take` counts them) and `pack` writes all of `packed`; only
+        # the padding rows are zeroed (zero-filling them all cost 8 of an 8B load's 34 s)
+        out = layer.out_features
+        staged = {
+            "packed": torch.empty(n, k // 2, dtype=torch.uint8),
+            "scales_zeros": torch.empty(groups, n, 2, dtype=KERNEL_DTYPE),
+            "codes": torch.empty(n, k, dtype=torch.uint8),
         }
+        staged["scales_zeros"][:, out:] = 0
+        staged["codes"][out:] = 0
+        return staged
 
     def stage_floats(self, staged: dict[str, torch.Tensor], start: int, rows: torch.Tensor) -> None:
         q, scales, zeros = int4_quantize(rows, self.group_size)
