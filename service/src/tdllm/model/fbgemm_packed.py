@@ -6,9 +6,10 @@ FBGEMM matrix, packed on as many threads as torch uses: FBGEMM packs one matrix 
 and a whole 128k-row head at once took 2.9 s and a transient copy of itself (the 1B shape's
 tied head, 0.26 GB). In chunks, each chunk's staged rows are scrubbed and freed as soon as
 their quantized copy exists, so the transient is a chunk or two, and the head packs in 1.45 s
-on 2 threads (docs/performance.md, "A faster GGUF header, W8A8 packed in chunks"). The product runs the chunks one after another into one output:
-the same int32 sums per output, so the same values as one matrix (tested), at the same speed
-(a chunk is still far larger than a cache).
+on 2 threads (docs/performance.md, "A faster GGUF header, W8A8 packed in chunks"). The
+product runs the chunks one after another into one output: the same int32 sums per output,
+so the same values as one matrix (tested), at the same speed (a chunk is still far larger
+than a cache).
 
 The packed matrices are not tensors of the layer: a failed load's scrub (`loader._zero`) does
 not reach them; they are freed with the layer (a handle registered per layer), in TD memory
