@@ -102,6 +102,9 @@ class BrokerTransport:
             raise GarbledAnswer(f"HTTP 200, {len(resp.content)} bytes, {what}")
         return 200, doc
 
+    def close(self) -> None:
+        self.session.close()
+
 
 def restart_worker(reason: str) -> None:
     """Ask gunicorn for a fresh worker: a graceful exit (streams still get their error event;
@@ -379,7 +382,18 @@ class Boot:
             raise BootFailed(f"cannot load the pinned broker public key {path}: {exc}") from None
 
     def _fetch_key(self) -> ReleasedKey:
-        """The data key and the model/version the (authenticated) broker released it for."""
+        """The data key and the model/version the (authenticated) broker released it for, over
+        the given transport or a `BrokerTransport` of our own, closed after (its pooled
+        connection would otherwise stay open until the garbage collector finds it)."""
+        if self.deps.transport is not None:
+            return self._fetch_key_over(self.deps.transport)
+        transport = BrokerTransport(self.settings.broker_url or "", self.deps.broker_timeout_s)
+        try:
+            return self._fetch_key_over(transport)
+        finally:
+            transport.close()
+
+    def _fetch_key_over(self, transport: Any) -> ReleasedKey:
         import requests
 
         from tdllm_attest.broker.client import (
@@ -389,10 +403,9 @@ class Boot:
         )
         from tdllm_attest.errors import AttestationError, GpuEvidenceError
 
-        url, key_id = self.settings.broker_url or "", self.settings.key_id or ""
+        key_id = self.settings.key_id or ""
         provider = self.state.quote_provider
         timeout = self.deps.broker_timeout_s
-        transport = self.deps.transport or BrokerTransport(url, timeout)
         # no collateral in the request: the broker verifies against collateral it fetched itself
         client = KeyClient(
             transport=transport,
