@@ -16,9 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from tdllm.api import boot as boot_module
 from tdllm.api.app import create_app
-from tdllm.api.boot import BootDeps, BrokerTransport
+from tdllm.api.boot import BootDeps
 from tdllm.sealing.format import manifest_identity
 from tdllm.settings import Settings, SettingsError
 from tdllm_attest.abi import parse_quote
@@ -159,40 +158,6 @@ def test_broker_down_then_up_gives_not_ready_then_ready(
     doc = client.post("/v1/completions", json=body).get_json()
     assert doc["usage"]["completion_tokens"] >= 1
     svc.state.runner.stop()
-
-
-@pytest.mark.parametrize("broker_up", [True, False])
-def test_boot_closes_its_broker_connections_whether_it_got_the_key_or_gave_up(
-    deployment: SimulatedDeployment,
-    sealed_model: Path,
-    broker: Broker,
-    monkeypatch: pytest.MonkeyPatch,
-    broker_up: bool,
-) -> None:
-    """The transport's pooled keep-alive connection is closed when boot is done with the broker:
-    left to the garbage collector, it was a ResourceWarning in whichever test ran then."""
-    made: list[BrokerTransport] = []
-
-    class Recording(BrokerTransport):
-        closed = False
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-        def close(self) -> None:
-            self.closed = True
-            super().close()
-
-    monkeypatch.setattr(boot_module, "BrokerTransport", Recording)
-    if broker_up:
-        broker.start()
-    _app, svc = service(deployment, sealed_model, broker.port, settings={"boot_attempts": 2})
-    wait_for(lambda: svc.state.phase in ("ready", "failed"))
-    assert svc.state.ready is broker_up, svc.state.reason
-    wait_for(lambda: bool(made) and all(t.closed for t in made))
-    if broker_up:
-        svc.state.runner.stop()
 
 
 def test_broker_refusal_leaves_the_service_not_ready_with_the_reason(

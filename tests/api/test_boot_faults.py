@@ -23,8 +23,9 @@ import requests
 import torch
 from flask import Flask
 
+from tdllm.api import boot as boot_module
 from tdllm.api.app import create_app
-from tdllm.api.boot import BootDeps
+from tdllm.api.boot import BootDeps, BrokerTransport
 from tdllm.settings import Settings
 from tdllm_attest.testing.provider import SimulatedProvider
 from tdllm_lab.local_service import free_port
@@ -298,3 +299,38 @@ def test_boot_gives_up_after_its_attempts_with_a_terminal_reason(
     broker.start()  # too late: a failed boot stays failed (no key is fetched behind its back)
     assert requests.post(url + "/v1/challenge", json={}, timeout=10).status_code == 400
     assert boot.svc.state.phase == "failed" and boot.metric("released") == 0
+
+
+@pytest.mark.parametrize("broker_up", [True, False])
+def test_boot_closes_its_broker_connections_whether_it_got_the_key_or_gave_up(
+    deployment: SimulatedDeployment,
+    broker: Broker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    broker_up: bool,
+) -> None:
+    """The transport's pooled keep-alive connection is closed when boot is done with the broker:
+    left to the garbage collector, it was a ResourceWarning in whichever test ran then."""
+    made: list[BrokerTransport] = []
+
+    class Recording(BrokerTransport):
+        closed = False
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def close(self) -> None:
+            self.closed = True
+            super().close()
+
+    monkeypatch.setattr(boot_module, "BrokerTransport", Recording)
+    if broker_up:
+        broker.start()
+    sealed = seal_test_model(deployment, tmp_path / "tiny")
+    boot = Booting(deployment, sealed, f"http://127.0.0.1:{broker.port}", boot_attempts=2)
+    wait_for(boot.finished, 60)
+    assert boot.svc.state.ready is broker_up, boot.svc.state.reason
+    assert made and all(t.closed for t in made)
+    if broker_up:
+        boot.svc.state.runner.stop()

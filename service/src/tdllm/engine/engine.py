@@ -383,9 +383,7 @@ class Engine:
         request = self.running[0]
         if not request.output:  # still prefilling: it moves once it decodes
             return
-        length = request.position  # the positions its cache holds
-        for layer in (*self.cache.k, *self.cache.v):
-            layer[0, :, :length] = layer[request.slot, :, :length]
+        self._copy_cache_rows(request.slot, 0, request.position)  # the positions it holds
         self.cache.release(request.slot)
         self.free_slots.remove(0)
         self.free_slots.append(request.slot)
@@ -394,9 +392,12 @@ class Engine:
 
     def _copy_prompt_cache(self, source: _Request, target: _Request) -> None:
         """The keys and values of `source`'s prompt into `target`'s slot (the same prompt)."""
-        length = len(source.prompt)
+        self._copy_cache_rows(source.slot, target.slot, len(source.prompt))
+
+    def _copy_cache_rows(self, source: int, target: int, length: int) -> None:
+        """Every layer's keys and values of the first `length` positions, slot to slot."""
         for layer in (*self.cache.k, *self.cache.v):
-            layer[target.slot, :, :length] = layer[source.slot, :, :length]
+            layer[target, :, :length] = layer[source, :, :length]
 
     def _advance(
         self,
