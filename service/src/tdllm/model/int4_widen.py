@@ -26,10 +26,11 @@ import torch
 from tdllm.model.linear import scratch_tensor
 
 PACK_BLOCK = 64  # output rows torch's CPU int4 packing lays out as one tile
-# weights dequantized at a time: ~1M (2 MiB bf16, 4 MiB fp32, 1 MiB codes of scratch) stays in
-# L3 and keeps oneDNN's GEMM wide (576 inputs: 1792 rows; 8192 inputs: 128 rows); fewer, larger
-# blocks also mean fewer OpenMP regions (each a barrier a descheduled thread stalls)
-WIDEN_BLOCK_WEIGHTS = 1 << 20
+# weights dequantized at a time: ~4M (8 MiB bf16 and 4 MiB of bytes of scratch, in L3) keeps
+# oneDNN's GEMM wide and the OpenMP regions few (each op on a block is one, a barrier). Measured
+# against 1M blocks on the Xeon: the 1B shape's projections 1.1-1.4x faster at 64-128 rows,
+# the bundled ones (one block each now) 1.0-1.1x (docs/performance.md, "int4 prefill, widened")
+WIDEN_BLOCK_WEIGHTS = 1 << 22
 
 _scratch = threading.local()  # per-thread scratch, grown to the largest block seen
 
@@ -48,57 +49,69 @@ def block_rows(in_features: int) -> int:
 
 
 def unpack_codes_t(packed: torch.Tensor, start: int, rows: int, out: torch.Tensor) -> None:
-    """Codes ``q`` (0..15) of packed output rows ``start:start+rows`` into `out` ``[K, rows]``
-    (any dtype), transposed: the GEMM's right operand. `start` is a multiple of `PACK_BLOCK`;
-    `rows` too, but for the packing's last, shorter block."""
+    """Centred codes ``q - 8`` (-8..7) of packed output rows ``start:start+rows`` into `out`
+    ``[K, rows]`` (a signed dtype), transposed: the GEMM's right operand. `start` is a multiple
+    of `PACK_BLOCK`; `rows` too, but for the packing's last, shorter block.
+
+    The centring is done on the bytes: ``x ^ 0x88`` turns each nibble ``q`` into ``q ^ 8``,
+    which read as a 4-bit two's complement number is ``q - 8``; an arithmetic shift of the
+    int8 byte sign-extends it. Byte ops cost a fifth of a pass over the widened weights, and
+    the widening copy then writes the final values (measured: the dequantization 0.85 -> 0.51
+    ns a weight on the 1B shape's up projection, Xeon, 2 threads)."""
     k = packed.shape[1] * 2
     full, tail = rows // PACK_BLOCK * PACK_BLOCK, rows % PACK_BLOCK
-    nibbles = _buffer("nibbles", rows * k, torch.uint8)
+    centred = _buffer("centred", rows * k // 2, torch.uint8)
+    torch.bitwise_xor(packed[start : start + rows].view(-1), 0x88, out=centred)
+    signed = centred.view(torch.int8)
+    nibble = _buffer("nibble", rows * k // 2, torch.int8)
     if full:
-        # low and high nibbles into contiguous halves, then each copied (and widened) into its
-        # rows: measured 2x faster than writing them interleaved
-        tiles = packed[start : start + full].view(full // PACK_BLOCK, k, PACK_BLOCK // 2)
+        tiles = signed[: full * k // 2].view(full // PACK_BLOCK, k, PACK_BLOCK // 2)
+        nibbles = nibble[: full * k // 2].view(tiles.shape)
         by_tile = out[:, :full].view(k, full // PACK_BLOCK, 2, PACK_BLOCK // 2)
-        for half, nibble in enumerate(nibbles[: full * k].view(2, *tiles.shape)):
-            if half:
-                torch.bitwise_right_shift(tiles, 4, out=nibble)
-            else:
-                torch.bitwise_and(tiles, 15, out=nibble)
-            by_tile[:, :, half].copy_(nibble.transpose(0, 1))
-    if tail:
-        tile = packed[start + full : start + rows].view(k, tail // 2)
-        codes = nibbles[full * k :].view(k, tail // 2, 2)
-        torch.bitwise_and(tile, 15, out=codes[:, :, 0])
-        torch.bitwise_right_shift(tile, 4, out=codes[:, :, 1])
-        out[:, full:].copy_(codes.view(k, tail))
+        _low_nibble(tiles, nibbles)  # row d of a tile
+        by_tile[:, :, 0].copy_(nibbles.transpose(0, 1))
+        torch.bitwise_right_shift(tiles, 4, out=nibbles)  # row d + 32
+        by_tile[:, :, 1].copy_(nibbles.transpose(0, 1))
+    if tail:  # row pairs 2d (low nibble), 2d + 1 (high)
+        tile = signed[full * k // 2 :].view(k, tail // 2)
+        pairs = out[:, full:].view(k, tail // 2, 2)
+        nibbles = nibble[full * k // 2 :].view(k, tail // 2)
+        _low_nibble(tile, nibbles)
+        pairs[:, :, 0].copy_(nibbles)
+        torch.bitwise_right_shift(tile, 4, out=nibbles)
+        pairs[:, :, 1].copy_(nibbles)
+
+
+def _low_nibble(signed: torch.Tensor, out: torch.Tensor) -> None:
+    """The low nibble of each int8 byte, sign-extended."""
+    torch.bitwise_left_shift(signed, 4, out=out)
+    out.bitwise_right_shift_(4)
 
 
 def dequantize_t(
     packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, start: int, rows: int
 ) -> torch.Tensor:
     """The kernel's weights of output rows ``start:start+rows``, transposed ``[K, rows]``, in
-    bf16: ``(q - 8) * s + z`` in fp32 (exact but for the one rounding of the sum, as the
-    kernel's fma), then rounded to bf16. A view of per-thread scratch: use it before the next
-    call."""
+    bf16: ``(q - 8) * s + z`` computed in fp32 (the product is exact: 4 by 8 significant bits;
+    the sum rounds once, as the kernel's) and rounded to bf16 -- which is what bf16's
+    ``addcmul`` does on CPU (each operand widened to fp32, the result rounded back). A view of
+    per-thread scratch: use it before the next call."""
     k = packed.shape[1] * 2
     groups = k // group_size
-    weights = _buffer("fp32", rows * k, torch.float32).view(k, rows)
-    unpack_codes_t(packed, start, rows, weights)
-    weights.sub_(8)  # exact: -8..7
-    # contiguous fp32 scales and zeros (bf16 -> fp32 is exact): strided ones would take
-    # addcmul off its vectorized loop
+    widened = _buffer("bf16", rows * k, torch.bfloat16).view(k, rows)
+    unpack_codes_t(packed, start, rows, widened)  # -8..7: exact in bf16
+    # contiguous scales and zeros: strided ones would take addcmul off its vectorized loop, and
+    # kept bf16 (as given): with an fp32 operand addcmul takes a path 15x slower
     scales = sz_part(scales_zeros, start, rows, 0)
     zeros = sz_part(scales_zeros, start, rows, 1)
-    widened = _buffer("bf16", rows * k, torch.bfloat16).view(k, rows)
-    by_group = weights.view(groups, group_size, rows)
-    # one rounding to fp32 (the product is exact), then to bf16 as the output is cast
-    torch.addcmul(zeros, by_group, scales, out=widened.view(groups, group_size, rows))
+    by_group = widened.view(groups, group_size, rows)
+    torch.addcmul(zeros, by_group, scales, out=by_group)
     return widened
 
 
 def sz_part(scales_zeros: torch.Tensor, start: int, rows: int, which: int) -> torch.Tensor:
-    """Scales (0) or zeros (1) of output rows ``start:start+rows`` as fp32 ``[groups, 1, rows]``."""
-    part = _buffer(f"sz{which}", scales_zeros.shape[0] * rows, torch.float32)
+    """Scales (0) or zeros (1) of output rows ``start:start+rows``, bf16 ``[groups, 1, rows]``."""
+    part = _buffer(f"sz{which}", scales_zeros.shape[0] * rows, scales_zeros.dtype)
     part = part.view(scales_zeros.shape[0], 1, rows)
     part.copy_(scales_zeros[:, None, start : start + rows, which])
     return part

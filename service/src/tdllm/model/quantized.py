@@ -67,8 +67,10 @@ WIDEN_BLOCK_ROWS = 2048  # int8 rows widened to bf16 at a time: the block stays 
 QUANT_BLOCK_ROWS = 256  # rows quantized at a time: temporaries under glibc's mmap threshold
 INT4_GROUP_SIZE = 32
 # int4: from this many rows on, oneDNN's bf16 GEMM on weights dequantized a block at a time from
-# the packed codes (`tdllm.model.int4_widen`; threshold measured: docs/performance.md)
-INT4_PREFILL_MIN_ROWS = 128
+# the packed codes (`tdllm.model.int4_widen`). Where oneDNN has AMX the GEMM is nearly free and
+# the dequantization (~0.5 ns a weight) is the cost: the kernel's ~0.2 ms a row (1B widths)
+# passes it at ~56 rows; elsewhere at ~128 (docs/performance.md, "int4 prefill, widened")
+INT4_PREFILL_MIN_ROWS = 64 if _AMX else 128
 INT4_ROW_MULTIPLE = 16  # the int4 packing takes a multiple of 16 output rows: zero rows pad it
 # rows packed at a time: torch's CPU int4 packing lays out blocks of 64 rows on their own, so
 # packing a projection in runs of a multiple of 64 rows gives its bytes (tested), without an
