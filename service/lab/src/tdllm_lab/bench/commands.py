@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 from pathlib import Path
+from types import FrameType
 
 import click
 
@@ -92,6 +94,7 @@ def bench(
     With --shape: a synthetic model of that shape against llama.cpp (the [peers] extra, `make
     bench-peers`) per GGUF format, with decode's share of the measured read bandwidth.
     """
+    _stop_on_sigterm()
     if ctx.invoked_subcommand is not None:
         return
     if shape is not None or formats or sealed_load:
@@ -119,6 +122,17 @@ def bench(
         quants or ("none",),
     )
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`timeout`, a job runner) ends a bench as Ctrl-C does: as an exception, so the
+    workers and services it started are killed and reaped on the way out (`subprocess.run` kills
+    its child on any exception) rather than left running, orphaned, under the next measurement."""
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _shape_bench(

@@ -1,0 +1,65 @@
+"""`tdllm bench` stopped by SIGTERM (`timeout`, a job runner) takes the worker process it started
+with it: an orphaned worker kept loading and decoding on the machine's cores, under whatever
+was measured next."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER = "tdllm_lab.bench.engine_worker"
+
+
+def children_running(parent: int, marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # gone meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_terminated_bench_takes_its_worker_with_it() -> None:
+    bench = subprocess.Popen(  # noqa: S603 - our own interpreter and CLI
+        [sys.executable, "-c", "from tdllm.cli import main; main()", "bench", "--engine", "ours",
+         "--dtype", "fp32", "--repeats", "50", "--new-tokens", "4096"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not workers and time.monotonic() < deadline and bench.poll() is None:
+            time.sleep(0.1)
+            workers = children_running(bench.pid, WORKER)
+        assert workers, "the bench never started its worker"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while alive(workers[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(workers[0]), "the worker outlived its bench"
+    finally:
+        bench.kill()
+        bench.wait()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
