@@ -131,7 +131,22 @@ def service(
     )
     settings_ = Settings(**(options | (settings or {})))
     app = create_app(settings_, boot_deps=deps)
+    BOOTING.append(app.extensions["tdllm"])
     return app, app.extensions["tdllm"]
+
+
+BOOTING: list[Any] = []  # this test's services, whose boot ends with it
+
+
+@pytest.fixture(autouse=True)
+def stop_booting() -> Iterator[None]:
+    """A service whose broker never came up retried it long after its test (400 attempts,
+    logging into later tests): each test's boots are stopped as a stopping service's are."""
+    yield
+    while BOOTING:
+        svc = BOOTING.pop()
+        svc.state.stop_booting()
+        svc.boot.thread.join(60)
 
 
 def wait_for(predicate: Any, timeout_s: float = 60) -> None:

@@ -334,3 +334,21 @@ def test_boot_closes_its_broker_connections_whether_it_got_the_key_or_gave_up(
     assert made and all(t.closed for t in made)
     if broker_up:
         boot.svc.state.runner.stop()
+
+
+def test_a_service_stopped_while_attesting_stops_retrying_the_broker(
+    deployment: SimulatedDeployment, broker: Broker, tmp_path: Path
+) -> None:
+    """A service told to stop (SIGTERM's drain) while its broker is down: its boot thread used
+    to go on attesting, `boot_attempts` times, for a service that was gone."""
+    sealed = seal_test_model(deployment, tmp_path / "tiny")
+    url = f"http://127.0.0.1:{broker.port}"  # never started
+    boot = Booting(deployment, sealed, url, boot_attempts=100_000)
+    wait_for(lambda: len(boot.delays) >= 2, 60)
+    boot.svc.drain.run(boot.svc.state, timeout_s=1)
+    stopped_at = len(boot.delays)
+    boot.svc.boot.thread.join(30)
+    assert not boot.svc.boot.thread.is_alive()
+    assert len(boot.delays) <= stopped_at + 1  # the attempt under way, if any, and no other
+    assert boot.svc.state.phase == "failed"
+    assert boot.svc.state.reason == "the service stopped while attesting to the key broker"

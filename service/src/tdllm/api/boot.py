@@ -151,6 +151,15 @@ class BootState:
             self.set("failed", runner.failed or "the engine stopped")  # e.g. a lying device
         return self.phase == "ready" and runner is not None and _serving(runner)
 
+    def stop_booting(self) -> None:
+        """The service is stopping: a boot still retrying the key broker gives up at its next
+        wait (it would otherwise go on attesting, `boot_attempts` times, for a service gone)."""
+        self._stopped.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopped.is_set()
+
     def not_ready_reason(self) -> str:
         if self.phase == "ready" and self.runner is not None and not _serving(self.runner):
             return self.runner.failed or "the engine stopped"
@@ -419,6 +428,8 @@ class Boot:
         attempts, delay = self.settings.boot_attempts, self.settings.boot_backoff_s
         metric = self.state.metrics.key_release_attempts
         for attempt in range(1, attempts + 1):
+            if self.state.stopping:
+                raise BootFailed("the service stopped while attesting to the key broker")
             self.state.set(
                 "attesting", f"attesting to the key broker (attempt {attempt}/{attempts})"
             )

@@ -49,6 +49,7 @@ class Drain:
         """Stop admitting, let admitted requests finish for up to `timeout_s`, end the rest,
         stop the engine thread. Returns when the engine is stopped (or never ran)."""
         self.begin()
+        state.stop_booting()
         state.metrics.ready.set(0)
         runner = state.runner
         if runner is None or not runner.alive or runner.failed is not None:
