@@ -94,7 +94,7 @@ def test_a_long_prefill_is_the_kernels_product_within_bf16_gemm_rounding(
 ) -> None:
     monkeypatch.setattr(int4_widen, "WIDEN_BLOCK_WEIGHTS", 128 * 256)  # 3 blocks, the last short
     layer = float_layer(300, 256, seed=1)
-    rows = quantized.INT4_PREFILL_MIN_ROWS
+    rows = int4_widen.PREFILL_MIN_ROWS
     x = torch.randn(2, rows // 2 + 3, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
     flat = x.reshape(-1, 256)
     y = layer(x)
@@ -124,7 +124,7 @@ def test_gguf_blocks_loaded_straight_go_through_the_widened_path_with_their_own_
     layer.method.load_blocks(layer, blocks.row_slice(0, 96), 0)  # type: ignore[attr-defined]
     layer.method.after_load(layer)
     assert torch.equal(widened_weight_t(layer), kernel_weight_t(layer))
-    x = torch.randn(quantized.INT4_PREFILL_MIN_ROWS + 5, 512)
+    x = torch.randn(int4_widen.PREFILL_MIN_ROWS + 5, 512)
     y = layer(x)
     weight_t = kernel_weight_t(layer)[:, :144].float()
     assert torch.all((y - kernel(layer, x).float()).abs() <= bf16_gemm_bound(x, weight_t))
@@ -175,9 +175,20 @@ def test_bundled_int4_greedy_tokens_are_unchanged_by_the_widened_prefill(
     tokens = short if prompt == "short" else long
     # the short prompt's prefill is widened by lowering the threshold below its length; the
     # long one reaches the real threshold. Decode (one row) takes the kernel either way.
-    threshold = 2 if prompt == "short" else quantized.INT4_PREFILL_MIN_ROWS
+    threshold = 2 if prompt == "short" else int4_widen.PREFILL_MIN_ROWS
     assert len(tokens) >= threshold
-    monkeypatch.setattr(quantized, "INT4_PREFILL_MIN_ROWS", NEVER)
+    monkeypatch.setattr(int4_widen, "PREFILL_MIN_ROWS", NEVER)
     before = greedy(model, tokens)
-    monkeypatch.setattr(quantized, "INT4_PREFILL_MIN_ROWS", threshold)
+    monkeypatch.setattr(int4_widen, "PREFILL_MIN_ROWS", threshold)
     assert greedy(model, tokens) == before
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_only_wide_layers_widen_early_and_only_where_onednn_has_amx(
+    amx: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # measured: with AMX a 1B-wide layer passes the kernel at ~56 rows, the bundled model's
+    # narrow ones not yet at 64; without AMX every shape from ~128
+    monkeypatch.setattr(int4_widen, "HAS_AMX", amx)
+    assert int4_widen.prefill_min_rows(2048, 8192) == (64 if amx else 128)  # 1B up
+    assert int4_widen.prefill_min_rows(576, 3072) == 128  # bundled gate|up

@@ -23,6 +23,7 @@ import threading
 
 import torch
 
+from tdllm.model.cpu_features import HAS_AMX
 from tdllm.model.linear import scratch_tensor
 
 PACK_BLOCK = 64  # output rows torch's CPU int4 packing lays out as one tile
@@ -31,6 +32,14 @@ PACK_BLOCK = 64  # output rows torch's CPU int4 packing lays out as one tile
 # against 1M blocks on the Xeon: the 1B shape's projections 1.1-1.4x faster at 64-128 rows,
 # the bundled ones (one block each now) 1.0-1.1x (docs/performance.md, "int4 prefill, widened")
 WIDEN_BLOCK_WEIGHTS = 1 << 22
+
+# From how many rows a projection runs widened. Where oneDNN has AMX its GEMM is nearly free and
+# the dequantization is the cost: ~0.7 ns a weight on 1B-wide layers, which the int4 kernel's
+# ~12.5 ps a weight a row passes at ~56 rows, and ~1 ns on the bundled model's narrow ones (at 64
+# rows the kernel still wins or ties there); without AMX from ~128 rows on every shape measured
+PREFILL_MIN_ROWS = 128
+AMX_MIN_ROWS = 64  # where oneDNN has AMX, for layers of at least `AMX_WIDE_LAYER` weights
+AMX_WIDE_LAYER = 1 << 21
 
 _scratch = threading.local()  # per-thread scratch, grown to the largest block seen
 
@@ -41,6 +50,13 @@ def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     if buffer is None or buffer.numel() < numel:
         buffer = held[name] = scratch_tensor(numel, dtype)
     return buffer[:numel]
+
+
+def prefill_min_rows(in_features: int, out_features: int) -> int:
+    """From how many rows a projection of this shape runs widened rather than on the kernel."""
+    if HAS_AMX and in_features * out_features >= AMX_WIDE_LAYER:
+        return min(PREFILL_MIN_ROWS, AMX_MIN_ROWS)
+    return PREFILL_MIN_ROWS
 
 
 def block_rows(in_features: int) -> int:

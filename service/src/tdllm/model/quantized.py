@@ -44,7 +44,8 @@ from tdllm.errors import ModelLoadError
 from tdllm.model import fbgemm_packed
 from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
 from tdllm.model.gguf_blocks import INT4_KINDS, GgufQuantized
-from tdllm.model.int4_widen import int4_widened_linear
+from tdllm.model.cpu_features import HAS_AMX
+from tdllm.model.int4_widen import int4_widened_linear, prefill_min_rows
 from tdllm.model.linear import (
     Linear,
     LinearMethod,
@@ -61,16 +62,10 @@ KERNEL_DTYPE = torch.bfloat16  # of the activations and scales the kernels are g
 # ~14 rows (Xeon, bundled and 1B shapes: 3.2x faster at 64 rows), elsewhere from ~128 (EPYC,
 # AVX-512 bf16: the kernel 2-4x slower than bf16 from 64 rows, the widening costing the rest):
 # docs/performance.md, "int8 prefill where oneDNN has AMX"
-_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-PREFILL_MIN_ROWS = 16 if _AMX else 128
+PREFILL_MIN_ROWS = 16 if HAS_AMX else 128
 WIDEN_BLOCK_ROWS = 2048  # int8 rows widened to bf16 at a time: the block stays small and warm
 QUANT_BLOCK_ROWS = 256  # rows quantized at a time: temporaries under glibc's mmap threshold
 INT4_GROUP_SIZE = 32
-# int4: from this many rows on, oneDNN's bf16 GEMM on weights dequantized a block at a time from
-# the packed codes (`tdllm.model.int4_widen`). Where oneDNN has AMX the GEMM is nearly free and
-# the dequantization (~0.5 ns a weight) is the cost: the kernel's ~0.2 ms a row (1B widths)
-# passes it at ~56 rows; elsewhere at ~128 (docs/performance.md, "int4 prefill, widened")
-INT4_PREFILL_MIN_ROWS = 64 if _AMX else 128
 INT4_ROW_MULTIPLE = 16  # the int4 packing takes a multiple of 16 output rows: zero rows pad it
 # rows packed at a time: torch's CPU int4 packing lays out blocks of 64 rows on their own, so
 # packing a projection in runs of a multiple of 64 rows gives its bytes (tested), without an
@@ -395,7 +390,7 @@ _INF = float("inf")
 
 class Int4WeightOnlyMethod(_StagedQuantMethod):
     """int4 weights, a scale and zero per `group_size` inputs; ``_weight_int4pack_mm_for_cpu``
-    for decode-sized inputs. From `INT4_PREFILL_MIN_ROWS` rows (long prefills) the kernel's own
+    for decode-sized inputs. From `int4_widen.prefill_min_rows` rows (long prefills) the kernel's own
     weights, dequantized from its packed codes a block of rows at a time and rounded to bf16,
     go through oneDNN's bf16 GEMM instead: the kernel falls 2-3x behind bf16 there."""
 
@@ -471,7 +466,7 @@ class Int4WeightOnlyMethod(_StagedQuantMethod):
         packed, sz = layer.qweight, layer.scales_zeros
         assert isinstance(packed, torch.Tensor) and isinstance(sz, torch.Tensor)
         rows = _rows(x)
-        if rows.shape[0] >= INT4_PREFILL_MIN_ROWS:
+        if rows.shape[0] >= prefill_min_rows(layer.in_features, layer.out_features):
             y = int4_widened_linear(rows, packed, sz, self.group_size, layer.out_features)
         else:
             y = torch._weight_int4pack_mm_for_cpu(rows, packed, self.group_size, sz)
