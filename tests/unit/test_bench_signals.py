@@ -39,7 +39,7 @@ def alive(pid: int) -> bool:
 
 
 def test_a_terminated_bench_takes_its_worker_with_it() -> None:
-    bench = subprocess.Popen(  # noqa: S603 - our own interpreter and CLI
+    bench = subprocess.Popen(
         [sys.executable, "-c", "from tdllm.cli import main; main()", "bench", "--engine", "ours",
          "--dtype", "fp32", "--repeats", "50", "--new-tokens", "4096"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -12,7 +12,7 @@ import torch
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from tdllm.model import int4_widen, quantized
+from tdllm.model import int4_widen
 from tdllm.model.gguf_blocks import GgufQuantized
 from tdllm.model.linear import Linear
 from tdllm.model.loader import load_model

@@ -42,9 +42,9 @@ import torch
 
 from tdllm.errors import ModelLoadError
 from tdllm.model import fbgemm_packed
+from tdllm.model.cpu_features import HAS_AMX
 from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
 from tdllm.model.gguf_blocks import INT4_KINDS, GgufQuantized
-from tdllm.model.cpu_features import HAS_AMX
 from tdllm.model.int4_widen import int4_widened_linear, prefill_min_rows
 from tdllm.model.linear import (
     Linear,
@@ -390,9 +390,10 @@ _INF = float("inf")
 
 class Int4WeightOnlyMethod(_StagedQuantMethod):
     """int4 weights, a scale and zero per `group_size` inputs; ``_weight_int4pack_mm_for_cpu``
-    for decode-sized inputs. From `int4_widen.prefill_min_rows` rows (long prefills) the kernel's own
-    weights, dequantized from its packed codes a block of rows at a time and rounded to bf16,
-    go through oneDNN's bf16 GEMM instead: the kernel falls 2-3x behind bf16 there."""
+    for decode-sized inputs. From `int4_widen.prefill_min_rows` rows (long prefills) the
+    kernel's own weights, dequantized from its packed codes a block of rows at a time and
+    rounded to bf16, go through oneDNN's bf16 GEMM instead: the kernel falls 2-3x behind bf16
+    there."""
 
     def __init__(self, group_size: int = INT4_GROUP_SIZE) -> None:
         super().__init__()
