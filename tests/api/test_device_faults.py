@@ -37,6 +37,7 @@ from tdllm_lab.local_service import LocalService
 from tdllm_lab.protection.private_model import privatize
 from tests.api.conftest import api_settings
 from tests.api.sse_frames import parse_sse
+from tests.processes import children
 from tests.sealing.synthetic import TINY, tiny_tokenizer
 from tests.tiny_model import tiny_tensors
 
@@ -219,25 +220,9 @@ def test_only_a_failure_that_is_not_an_integrity_failure_asks_for_a_restart(
     assert restarts == (["why"] if restarted else [])
 
 
-def _children(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of the processes whose parent is `pid` (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append((int(entry.name), cmdline))
-    return found
-
-
 def _worker_and_device(master: int) -> tuple[int, int]:
-    (worker,) = [pid for pid, _ in _children(master)]
-    devices = [pid for pid, cmd in _children(worker) if "tdllm.untrusted.process_device" in cmd]
+    (worker,) = [pid for pid, _ in children(master)]
+    devices = [pid for pid, cmd in children(worker) if "tdllm.untrusted.process_device" in cmd]
     assert len(devices) == 1
     return worker, devices[0]
 

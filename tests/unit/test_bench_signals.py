@@ -9,33 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from tests.processes import children, running
 
 WORKER = "tdllm_lab.bench.engine_worker"
-
-
-def children_running(parent: int, marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:  # gone meanwhile
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and marker in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_a_terminated_bench_takes_its_worker_with_it() -> None:
@@ -49,17 +26,17 @@ def test_a_terminated_bench_takes_its_worker_with_it() -> None:
         deadline = time.monotonic() + 60
         while not workers and time.monotonic() < deadline and bench.poll() is None:
             time.sleep(0.1)
-            workers = children_running(bench.pid, WORKER)
+            workers = [pid for pid, cmd in children(bench.pid) if WORKER in cmd]
         assert workers, "the bench never started its worker"
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(timeout=30) == 128 + signal.SIGTERM
         deadline = time.monotonic() + 10
-        while alive(workers[0]) and time.monotonic() < deadline:
+        while running(workers[0]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not alive(workers[0]), "the worker outlived its bench"
+        assert not running(workers[0]), "the worker outlived its bench"
     finally:
         bench.kill()
         bench.wait()
         for pid in workers:
-            if alive(pid):
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
