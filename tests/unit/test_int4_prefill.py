@@ -77,6 +77,15 @@ def test_codes_read_back_from_the_packed_layout_are_the_codes_packed(rows: int) 
     assert torch.equal(out.T, q - 8)  # centred, as the kernel's weights are
 
 
+@pytest.mark.parametrize("rows", [16, 48, 64, 80, 208, 1008])
+def test_our_packing_is_torchs_byte_for_byte(rows: int) -> None:
+    # the decode kernel reads what torch's packing writes: ours must write the same bytes
+    codes = torch.randint(0, 16, (rows, 96), generator=torch.Generator().manual_seed(rows))
+    ours = torch.empty(rows, 48, dtype=torch.uint8)
+    int4_widen.pack_codes(codes.to(torch.uint8), ours)
+    assert torch.equal(ours, torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
+
+
 @pytest.mark.parametrize("rows", [200, 1000])
 def test_the_widened_weights_are_the_kernels_weights_bit_for_bit(
     rows: int, monkeypatch: pytest.MonkeyPatch

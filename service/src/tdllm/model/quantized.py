@@ -45,7 +45,7 @@ from tdllm.model import fbgemm_packed
 from tdllm.model.cpu_features import HAS_AMX
 from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
 from tdllm.model.gguf_blocks import INT4_KINDS, GgufQuantized
-from tdllm.model.int4_widen import int4_widened_linear, prefill_min_rows
+from tdllm.model.int4_widen import int4_widened_linear, pack_codes, prefill_min_rows
 from tdllm.model.linear import (
     Linear,
     LinearMethod,
@@ -67,10 +67,6 @@ WIDEN_BLOCK_ROWS = 2048  # int8 rows widened to bf16 at a time: the block stays 
 QUANT_BLOCK_ROWS = 256  # rows quantized at a time: temporaries under glibc's mmap threshold
 INT4_GROUP_SIZE = 32
 INT4_ROW_MULTIPLE = 16  # the int4 packing takes a multiple of 16 output rows: zero rows pad it
-# rows packed at a time: torch's CPU int4 packing lays out blocks of 64 rows on their own, so
-# packing a projection in runs of a multiple of 64 rows gives its bytes (tested), without an
-# int32 copy of all its codes
-INT4_PACK_ROWS = 256
 
 
 def int8_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,13 +448,8 @@ class Int4WeightOnlyMethod(_StagedQuantMethod):
         sz[:, start:stop, 0], sz[:, start:stop, 1] = scales.T, zeros.T
 
     def pack(self, layer: Linear, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        codes, packed = staged["codes"], staged["packed"]
-        for start in range(0, codes.shape[0], INT4_PACK_ROWS):
-            block = codes[start : start + INT4_PACK_ROWS].to(torch.int32)
-            packed[start : start + block.shape[0]] = torch._convert_weight_to_int4pack_for_cpu(
-                block, 1
-            )
-            block.zero_()
+        packed = staged["packed"]
+        pack_codes(staged["codes"], packed)  # the staged codes are scrubbed after, as unkept
         layer.register_buffer("qweight", packed, persistent=False)
         layer.register_buffer("scales_zeros", staged["scales_zeros"], persistent=False)
         return [packed, staged["scales_zeros"]]
