@@ -49,11 +49,12 @@ def cluster() -> None:
 
 def _key_client(settings: Any) -> Any:
     """A key client for this TD: its quote provider, the pinned broker key, the real clock."""
-    from tdllm.api.boot import BootDeps, BrokerTransport, quote_provider_for
+    from tdllm.api.boot import BrokerTransport
+    from tdllm.api.evidence_sources import quote_provider_for
     from tdllm_attest.broker.client import KeyClient
     from tdllm_attest.broker.signing import load_broker_public_key
 
-    provider, _simulated = quote_provider_for(settings, BootDeps())
+    provider, _simulated = quote_provider_for(settings)
     try:
         broker_key = load_broker_public_key(Path(settings.broker_public_key).read_bytes())
     except (OSError, ValueError) as exc:
@@ -74,7 +75,7 @@ def join(config_file: Path | None) -> None:
     The same exchange releases the model key; it is wiped at once (`tdllm cluster run` takes
     it afresh for each vLLM stage that loads on this node).
     """
-    from tdllm.api.boot import cluster_node
+    from tdllm.api.evidence_sources import cluster_node
     from tdllm.sealing.keys import wipe
     from tdllm_attest.broker.client import KeyReleaseError
     from tdllm_attest.errors import AttestationError

@@ -18,15 +18,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from tdllm.api import attestation, e2e, health, metrics, openapi, receipts, shutdown
 from tdllm.api.auth import install_api_keys
-from tdllm.api.boot import (
-    Boot,
-    BootDeps,
-    BootState,
-    collateral_for,
-    gpu_evidence_for,
-    quote_provider_for,
-)
+from tdllm.api.boot import Boot, BootDeps, BootState
 from tdllm.api.errors import register_error_handlers
+from tdllm.api.evidence_sources import collateral_for, gpu_evidence_for, quote_provider_for
 from tdllm.api.identity import ServiceIdentity
 from tdllm.api.logs import install_request_logging
 from tdllm.api.metrics import ServiceMetrics
@@ -82,9 +76,9 @@ def create_app(
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep OpenAI's field order
     service_metrics = ServiceMetrics()
     state = BootState(service_metrics)
-    state.quote_provider, state.simulated = quote_provider_for(settings, deps)
-    state.collateral = collateral_for(settings, deps, state.quote_provider)
-    state.gpu_evidence = gpu_evidence_for(settings, deps)
+    state.quote_provider, state.simulated = quote_provider_for(settings, deps.quote_provider)
+    state.collateral = collateral_for(settings, deps.collateral, state.quote_provider)
+    state.gpu_evidence = gpu_evidence_for(settings, deps.gpu_evidence)
     service = Service(settings, service_metrics, state, ServiceIdentity(), deps, int(time.time()))
     if clock is not None:
         service.clock = clock
