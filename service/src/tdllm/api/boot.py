@@ -160,6 +160,10 @@ class BootState:
     def stopping(self) -> bool:
         return self._stopped.is_set()
 
+    def pause(self, seconds: float) -> None:
+        """Boot's back-off between attempts, cut short when the service stops."""
+        self._stopped.wait(seconds)
+
     def not_ready_reason(self) -> str:
         if self.phase == "ready" and self.runner is not None and not _serving(self.runner):
             return self.runner.failed or "the engine stopped"
@@ -349,7 +353,7 @@ class Boot:
             now=self.deps.now or (lambda: datetime.now(UTC)),
         )
         node = cluster_node(self.settings)
-        sleep = self.deps.sleep or self.state._stopped.wait
+        sleep = self.deps.sleep or self.state.pause
         attempts, delay = self.settings.boot_attempts, self.settings.boot_backoff_s
         metric = self.state.metrics.key_release_attempts
         for attempt in range(1, attempts + 1):

@@ -14,7 +14,8 @@ Packed layout (torch's CPU int4 packing, ``_convert_weight_to_int4pack_for_cpu``
 ``inner_k_tiles`` 1, ``[N, K/2]`` uint8): every full block of 64 output rows is a ``[K, 32]``
 byte tile, byte ``[k, d]`` holding row ``d`` in its low nibble and row ``d + 32`` in its high
 one; a last block of ``n < 64`` rows is a ``[K, n/2]`` tile of row pairs ``2d`` (low) and
-``2d + 1`` (high). The tests check this against the packing itself.
+``2d + 1`` (high). The tests check this against the packing itself; the load writes it with
+`pack_codes` (byte ops, no int32 copy of the codes) rather than torch's packing function.
 """
 
 from __future__ import annotations
