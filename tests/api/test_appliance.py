@@ -180,13 +180,15 @@ def test_appliance_serves_an_attested_chat_and_on_sigint_stops_the_service_then_
         assert len(pids) == 2
         workers = _children_of(pids[1])
         assert len(workers) == 1  # gunicorn's worker, forked by the service's master
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-        answer = client.chat.completions.create(
-            model="SmolLM2-135M-Instruct",
-            messages=[{"role": "user", "content": "Say hi."}],
-            max_tokens=4,
-            temperature=0,
-        )
+        # closed at once: its pooled keep-alive connection, left to the garbage collector, was
+        # a ResourceWarning in whichever later test collected it
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused") as client:
+            answer = client.chat.completions.create(
+                model="SmolLM2-135M-Instruct",
+                messages=[{"role": "user", "content": "Say hi."}],
+                max_tokens=4,
+                temperature=0,
+            )
         assert answer.usage is not None and answer.usage.completion_tokens >= 1
         # the printed end-to-end command works as printed (shortened by two options)
         assignment, argv = _e2e_command(text)

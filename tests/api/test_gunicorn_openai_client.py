@@ -31,8 +31,11 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
 
 
 @pytest.fixture(scope="module")
-def openai_client(service: LocalService) -> OpenAI:
-    return OpenAI(base_url=service.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+def openai_client(service: LocalService) -> Iterator[OpenAI]:
+    """Closed with the module: an unclosed client's pooled keep-alive connection is a
+    ResourceWarning in whichever later test the garbage collector finds it."""
+    with OpenAI(base_url=service.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120) as c:
+        yield c
 
 
 def test_models_list(openai_client: OpenAI) -> None:
@@ -83,7 +86,7 @@ def test_wrong_key_raises_the_clients_authentication_error(service: LocalService
     import openai
 
     bad = OpenAI(base_url=service.url + "/v1", api_key="wrong-key-0123456789", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    with bad, pytest.raises(openai.AuthenticationError):
         bad.models.list()
 
 

@@ -77,8 +77,10 @@ def test_a_full_inbox_answers_429_with_retry_after_and_takes_requests_again_once
             "code": "rate_limit_exceeded",
         }
     }
-    client = openai.OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0)
-    with pytest.raises(openai.RateLimitError) as raised:
+    with (
+        openai.OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0) as client,
+        pytest.raises(openai.RateLimitError) as raised,
+    ):
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
     assert raised.value.response.headers["Retry-After"] == "1"
 

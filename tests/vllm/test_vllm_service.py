@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +36,24 @@ WEATHER_TOOL: dict[str, Any] = {
 }
 
 
-def client(running: RunningService) -> openai.OpenAI:
-    return openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+@pytest.fixture
+def sdk(plain_service: RunningService) -> Iterator[openai.OpenAI]:
+    """The official client on the service, closed after the test (left open, its pooled
+    keep-alive connection is a ResourceWarning in whichever test the garbage collector runs)."""
+    with openai.OpenAI(base_url=plain_service.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
 
 
 def test_chat_answers_through_the_front_and_the_card_names_the_engine(
+    sdk: openai.OpenAI,
     plain_service: RunningService,
 ) -> None:
-    answer = client(plain_service).chat.completions.create(
+    answer = sdk.chat.completions.create(
         model=MODEL, messages=QUESTION, max_tokens=16, temperature=0
     )
     assert "Paris" in (answer.choices[0].message.content or "")
     assert answer.usage is not None and answer.usage.completion_tokens >= 1
-    card = client(plain_service).models.list().data[0].to_dict()
+    card = sdk.models.list().data[0].to_dict()
     assert card["id"] == MODEL and card["max_model_len"] == 1024
     assert card["tdllm"] == {
         "profile": "td-only",
@@ -60,9 +66,9 @@ def test_chat_answers_through_the_front_and_the_card_names_the_engine(
     assert ready["ready"] is True
 
 
-def test_streams_in_openai_shape_with_usage_last(plain_service: RunningService) -> None:
+def test_streams_in_openai_shape_with_usage_last(sdk: openai.OpenAI) -> None:
     chunks = list(
-        client(plain_service).chat.completions.create(
+        sdk.chat.completions.create(
             model=MODEL,
             messages=QUESTION,
             max_tokens=12,
@@ -74,17 +80,17 @@ def test_streams_in_openai_shape_with_usage_last(plain_service: RunningService) 
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "Paris" in text
     assert chunks[-1].usage is not None and not chunks[-1].choices
-    completion = client(plain_service).completions.create(
+    completion = sdk.completions.create(
         model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, stream=True
     )
     assert "".join(c.choices[0].text for c in completion).strip()
 
 
-def test_a_required_tool_call_comes_back_in_openai_shape(plain_service: RunningService) -> None:
+def test_a_required_tool_call_comes_back_in_openai_shape(sdk: openai.OpenAI) -> None:
     """vLLM's tool calling, relayed: `required` makes the model call the tool and the answer
     carries `tool_calls` with JSON arguments. (Measured on this 135M model with vLLM 0.32: the
     arguments are JSON but do not always fit the tool's schema, so this checks the shape.)"""
-    answer = client(plain_service).chat.completions.create(
+    answer = sdk.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "What's the weather in Paris, in Celsius?"}],
         tools=[WEATHER_TOOL],  # type: ignore[list-item]
@@ -100,7 +106,7 @@ def test_a_required_tool_call_comes_back_in_openai_shape(plain_service: RunningS
         json.loads(call.function.arguments)  # type: ignore[union-attr]
 
 
-def test_json_schema_outputs_parse_and_fit_the_schema(plain_service: RunningService) -> None:
+def test_json_schema_outputs_parse_and_fit_the_schema(sdk: openai.OpenAI) -> None:
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -108,7 +114,7 @@ def test_json_schema_outputs_parse_and_fit_the_schema(plain_service: RunningServ
         "additionalProperties": False,
     }
     for _ in range(5):  # sampled at temperature 1: the grammar, not luck, keeps it valid
-        answer = client(plain_service).chat.completions.create(
+        answer = sdk.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "Invent a person; answer in JSON."}],
             response_format={
@@ -123,8 +129,8 @@ def test_json_schema_outputs_parse_and_fit_the_schema(plain_service: RunningServ
         assert isinstance(person["name"], str) and isinstance(person["age"], int)
 
 
-def test_n_choices_and_logprobs_come_from_vllm(plain_service: RunningService) -> None:
-    answer = client(plain_service).chat.completions.create(
+def test_n_choices_and_logprobs_come_from_vllm(sdk: openai.OpenAI) -> None:
+    answer = sdk.chat.completions.create(
         model=MODEL, messages=QUESTION, max_tokens=4, n=2, logprobs=True, top_logprobs=2
     )
     assert [c.index for c in answer.choices] == [0, 1]
@@ -133,6 +139,7 @@ def test_n_choices_and_logprobs_come_from_vllm(plain_service: RunningService) ->
 
 
 def test_tokenize_and_detokenize_are_vllms_own_and_count_as_chat_does(
+    sdk: openai.OpenAI,
     plain_service: RunningService,
 ) -> None:
     """Forwarded to vLLM's /tokenize and /detokenize: its shapes, its chat template, and the
@@ -145,9 +152,7 @@ def test_tokenize_and_detokenize_are_vllms_own_and_count_as_chat_does(
     tokens = answer.json()
     assert set(tokens) == {"count", "max_model_len", "tokens", "token_strs"}
     assert tokens["max_model_len"] == 1024 and tokens["count"] == len(tokens["tokens"])
-    chat = client(plain_service).chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=1, temperature=0
-    )
+    chat = sdk.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1, temperature=0)
     assert chat.usage is not None and chat.usage.prompt_tokens == tokens["count"]
     text = requests.post(url + "/detokenize", json={"tokens": tokens["tokens"]}, timeout=60)
     assert text.status_code == 200, text.text
