@@ -241,6 +241,25 @@ def test_decode_window_over_slots_with_a_gap_equals_the_batch_it_covers() -> Non
         torch.testing.assert_close(caches[1].v[layer], caches[0].v[layer])
 
 
+def test_a_one_row_window_equals_the_lone_sequences_batch_bit_for_bit() -> None:
+    """The one-row window attends without scatter, gather or mask: the same logits and cache
+    writes as a plain decode `Batch` of the sequence in slot 0, exactly."""
+    model = tiny_model()
+    caches = [KVCache(model.cfg, 2, 32, torch.float32) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model(torch.tensor([[9, 1, 60, 2, 11]]), Batch([0], [0], 5), cache)
+        token = torch.tensor([[4]])
+        plain = Batch([0], [5], 1)
+        window = DecodeWindow.covering(plain)
+        want = model(token, plain, caches[0])
+        got = model.tail(model.embed_tokens(token), window, caches[1], 0)
+    assert window.rows == 1
+    assert torch.equal(got, want)
+    for layer in range(model.cfg.num_layers):
+        assert torch.equal(caches[1].k[layer], caches[0].k[layer])
+
+
 def test_decode_window_sends_a_lone_sequence_twice_unless_it_is_in_slot_0() -> None:
     """Two shapes for a compiled step: one row (slot 0 alone), or two rows or more."""
     later = DecodeWindow.covering(Batch([2], [7], 1))
