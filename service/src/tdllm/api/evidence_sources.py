@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
-from tdllm.settings import Settings
+from tdllm.settings import GPU_CC, Settings
 
 if TYPE_CHECKING:
     from tdllm_attest.cluster.identity import NodeIdentity
@@ -60,8 +60,6 @@ def gpu_evidence_for(
 ) -> Callable[[bytes], Any] | None:
     """The gpu-cc profile's evidence source: injected (tests), NVIDIA's driver, or an UNSAFE
     synthetic GPU (gpu_evidence 'simulated', which Settings allow only in simulated mode)."""
-    from tdllm.settings import GPU_CC
-
     if settings.profile != GPU_CC:
         return None
     if injected is not None:
@@ -86,8 +84,8 @@ def collateral_for(
     Only clients read it, and they check it themselves; the key broker fetches its own.
     """
     served: Callable[[bytes], str] | None = getattr(provider, "collateral", None)
-    if injected or served:
-        return injected or served
+    if (given := injected or served) is not None:
+        return given
     if settings.pccs_url is None:
         return None
     from tdllm_attest.pccs import MemoryCollateralCache, PccsClient, PccsCollateralSource
