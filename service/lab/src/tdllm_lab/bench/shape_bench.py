@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tdllm.errors import TdllmError, UsageError
-from tdllm_lab.bench import llama_cpp_peer
+from tdllm_lab.bench import llama_cpp_peer, vllm_peer
 from tdllm_lab.bench.bandwidth import measured_in_subprocess
 from tdllm_lab.bench.machine import machine
 from tdllm_lab.bench.synthetic_shapes import (
@@ -40,11 +40,13 @@ from tdllm_lab.bench.synthetic_shapes import (
 # ours-compiled: our engine with its decode step compiled (`compile: decode`); ours-w8a8: the
 # Q8_0 file as W8A8 (`quant: w8a8`, activations rounded to int8 too) instead of weight-only int8
 OURS = ("ours", "ours-compiled", "ours-w8a8")
-ENGINES = (*OURS, llama_cpp_peer.ENGINE)
+PEERS = (llama_cpp_peer.ENGINE, vllm_peer.ENGINE)
+ENGINES = (*OURS, *PEERS)
 DEFAULT_FORMATS = ("f16", "q8_0", "q4_0")
 GB = 1e9
 RUNTIME_BYTES = 0.8e9  # interpreter, torch or llama.cpp, compute buffers and logits (measured ~0.6)
 COMPILER_BYTES = 0.5e9  # dynamo, inductor and the compiled graph's buffers (measured ~0.3)
+VLLM_RUNTIME_BYTES = 2.5e9  # vLLM, its compiler and buffers (measured 2.2 GB on the 135M shape)
 # our engine's bytes per weight in memory, per quant (int4 g32: bf16 scale + zero per 32 weights)
 OURS_BYTES_PER_WEIGHT = {"none": 2.0, "int8": 1.0, "w8a8": 1.0, "int4": 0.5 + 4 / 32}
 
@@ -63,6 +65,19 @@ def ours_decode_bytes(shape: Shape, quant: str) -> int:
     return int(projections * per + head + norms)
 
 
+def vllm_decode_bytes(shape: Shape, fmt: str) -> int:
+    """Weight bytes vLLM reads per decode step: bf16 or int8 projections (int8: plus a float32
+    scale per output row, which is noise), the head in bf16 either way, the bf16 norms."""
+    per = 1 if vllm_peer.SETTINGS[fmt] == "w8a8" else 2
+    projections = sum(
+        dims[0] * dims[1]
+        for name, dims in shape.tensors()
+        if name.startswith("blk.") and len(dims) == 2
+    )
+    norms = (2 * shape.layers + 1) * shape.hidden * 2
+    return int(projections * per + shape.vocab * shape.hidden * 2 + norms)
+
+
 def memory_needed(shape: Shape, fmt: str, max_tokens: int, batch: int = 8) -> dict[str, float]:
     """Bytes each engine holds at its peak (anonymous memory; the file's own pages are page
     cache, which the kernel can drop): ours keeps its weights plus a bf16 embedding (unless the
@@ -74,11 +89,18 @@ def memory_needed(shape: Shape, fmt: str, max_tokens: int, batch: int = 8) -> di
     shared = shape.tied and quant == "none"
     ours = ours_decode_bytes(shape, quant) + (0 if shared else embedding * 2) + embedding * 6
     peer = file_bytes(shape, fmt) + kv // batch
+    vllm_weights = vllm_decode_bytes(shape, fmt) if fmt in vllm_peer.SETTINGS else 0
+    if vllm_weights and not shape.tied:
+        vllm_weights += embedding * 2  # the embedding table beside the untied head
     return {
         "ours": ours + kv + RUNTIME_BYTES,
         "ours-compiled": ours + kv + RUNTIME_BYTES + COMPILER_BYTES,
         "ours-w8a8": ours + kv + RUNTIME_BYTES,
         llama_cpp_peer.ENGINE: peer + RUNTIME_BYTES,
+        # vLLM's KV cache is the fixed space it is given; q4_0: no vLLM run (`_run_one`)
+        vllm_peer.ENGINE: vllm_weights + vllm_peer.KV_CACHE_GIB * 2**30 + VLLM_RUNTIME_BYTES
+        if vllm_weights
+        else 0,
     }
 
 
@@ -157,15 +179,16 @@ def run_shape_bench(
         for engine in engines:
             progress(f"bench: {engine} {fmt} ...")
             row = _run_one(engine, paths[fmt], fmt, dtype, prompt_tokens, new_tokens, repeats,
-                           threads, batch_sizes)  # fmt: skip
+                           threads, batch_sizes, progress)  # fmt: skip
             if "decode_b1_tok_s" in row:
-                weight = (ours_decode_bytes(shape, ours_quant(engine, fmt)) if engine in OURS
-                          else decode_bytes(shape, fmt))  # fmt: skip
+                weight = engine_decode_bytes(shape, engine, fmt)
                 row["decode_weight_gb"] = round(weight / GB, 3)
                 used = row["decode_b1_tok_s"] * weight / GB
                 row["bandwidth_share"] = round(used / report["read_gb_s"], 3)
             report["results"].append(row)
     report["ratios"] = peer_ratios(report["results"])
+    if vllm_peer.ENGINE in engines:
+        report["vllm_ratios"] = peer_ratios(report["results"], vllm_peer.ENGINE)
     if sealed:
         from tdllm_lab.bench.shape_sealed import sealed_load
 
@@ -175,6 +198,15 @@ def run_shape_bench(
             ensure_gguf(key, "f16", folder), progress, quantized=also
         )
     return report
+
+
+def engine_decode_bytes(shape: Shape, engine: str, fmt: str) -> int:
+    """The weight bytes `engine` reads per decode step on the `fmt` file, in its own layout."""
+    if engine in OURS:
+        return ours_decode_bytes(shape, ours_quant(engine, fmt))
+    if engine == vllm_peer.ENGINE:
+        return vllm_decode_bytes(shape, fmt)
+    return decode_bytes(shape, fmt)
 
 
 def _threads() -> int:
@@ -193,10 +225,14 @@ def _run_one(
     repeats: int,
     threads: int,
     batch_sizes: tuple[int, ...],
+    progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     base = {"engine": engine, "format": fmt}
     if engine == "ours-w8a8" and format_named(fmt)[2] != "int8":
         return base | {"status": "w8a8 runs the q8_0 file only"}
+    if engine == vllm_peer.ENGINE:
+        return base | _run_vllm(path, fmt, prompt_tokens, new_tokens, repeats, threads,
+                                batch_sizes, progress)  # fmt: skip
     if engine == llama_cpp_peer.ENGINE:
         if not llama_cpp_peer.available():
             return base | {"status": llama_cpp_peer.NOT_INSTALLED}
@@ -215,6 +251,40 @@ def _run_one(
         return base | {"status": f"{WORKER_FAILED}: {why}", "failure": why}
     result: dict[str, Any] = json.loads(proc.stdout)
     return result | base  # the worker says "ours" for ours-compiled and ours-w8a8 too
+
+
+def _run_vllm(
+    path: Path,
+    fmt: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    threads: int,
+    batch_sizes: tuple[int, ...],
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """vLLM's CPU build on the `fmt` file's Hugging Face twin, with our worker's prompt ids."""
+    from tdllm.sources import open_checkpoint
+    from tdllm_lab.bench.engine_worker import prompts
+    from tdllm_lab.bench.serve import vllm_python
+
+    if fmt not in vllm_peer.SETTINGS:
+        return {"status": vllm_peer.UNSUPPORTED}
+    try:
+        python = vllm_python()
+    except UsageError:
+        return {"status": vllm_peer.NOT_INSTALLED}
+    checkpoint = vllm_peer.ensure_checkpoint(path, fmt, progress)
+    tokenizer = open_checkpoint(str(path)).tokenizer
+    batches = {b: prompts(tokenizer, prompt_tokens, b) for b in sorted({1, *batch_sizes})}
+    options = ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens),
+               "--repeats", str(repeats)]  # fmt: skip
+    proc = vllm_peer.measure(python, checkpoint, batches, threads, options, subprocess.run)
+    if proc.returncode != 0:
+        why = failure(proc.returncode, proc.stderr)
+        return {"status": f"{WORKER_FAILED}: {why}", "failure": why}
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])  # vLLM prints too
+    return result
 
 
 WORKER_FAILED = "worker failed"
@@ -245,20 +315,26 @@ def ours_quant(engine: str, fmt: str) -> str:
     return "w8a8" if engine == "ours-w8a8" else format_named(fmt)[2]
 
 
-def peer_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Ours vs llama.cpp per format (``"q4_0"``; compiled: ``"q4_0 compiled"``); > 1.0: ours is
-    better (speeds ours/peer, RSS peer/ours)."""
+def peer_ratios(
+    results: list[dict[str, Any]], peer_engine: str = llama_cpp_peer.ENGINE
+) -> dict[str, dict[str, float]]:
+    """Ours vs a peer (llama.cpp unless told) per format (``"q4_0"``; compiled: ``"q4_0
+    compiled"``); > 1.0: ours is better (speeds ours/peer, RSS peer/ours). Decode at batch 8
+    too where both rows have it (llama.cpp's have batch 1 only)."""
     by = {(r["engine"], r["format"]): r for r in results}
     out: dict[str, dict[str, float]] = {}
     for (engine, fmt), ours in by.items():
-        peer = by.get((llama_cpp_peer.ENGINE, fmt))
+        peer = by.get((peer_engine, fmt))
         if engine not in OURS or peer is None or "status" in ours or "status" in peer:
             continue
-        out[fmt if engine == "ours" else f"{fmt} {engine.removeprefix('ours-')}"] = {
+        ratio = {
             "prefill_tok_s": round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 2),
             "decode_b1_tok_s": round(ours["decode_b1_tok_s"] / peer["decode_b1_tok_s"], 2),
-            "peak_rss_mb": round(peer["peak_rss_mb"] / ours["peak_rss_mb"], 2),
         }
+        if "decode_b8_tok_s" in ours and "decode_b8_tok_s" in peer:
+            ratio["decode_b8_tok_s"] = round(ours["decode_b8_tok_s"] / peer["decode_b8_tok_s"], 2)
+        ratio["peak_rss_mb"] = round(peer["peak_rss_mb"] / ours["peak_rss_mb"], 2)
+        out[fmt if engine == "ours" else f"{fmt} {engine.removeprefix('ours-')}"] = ratio
     return out
 
 
@@ -278,11 +354,12 @@ def format_shape_table(report: dict[str, Any]) -> str:
             lines.append(f"{r['engine']:>16}  {r['format']:>16}  {r['status']}")
             continue
         lines.append("  ".join(f"{r.get(c, '-')!s:>16}" for c in cols))
-    for fmt, row in report["ratios"].items():
-        lines.append(
-            f"ratio tdllm/llama.cpp ({fmt}, >1 is better): "
-            + ", ".join(f"{k} {v}" for k, v in row.items())
-        )
+    for peer, key in (("llama.cpp", "ratios"), ("vLLM", "vllm_ratios")):
+        for fmt, row in report.get(key, {}).items():
+            lines.append(
+                f"ratio tdllm/{peer} ({fmt}, >1 is better): "
+                + ", ".join(f"{k} {v}" for k, v in row.items())
+            )
     if "sealed_load" in report:
         load = report["sealed_load"]
         lines.append(
