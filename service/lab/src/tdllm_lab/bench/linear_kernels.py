@@ -14,9 +14,13 @@ Variants: ``F.linear`` in fp32 and bf16; ``torch._weight_int8pack_mm`` (int8, on
 output row) with fp32 and bf16 activations; ``torch._weight_int4pack_mm_for_cpu`` (int4, a scale
 and zero per group of 32/64/128 inputs) with bf16 activations, where this torch build has it;
 W8A8 (`Int8DynamicMethod`: the int8 weights, activations rounded to int8 per row, FBGEMM), timed
-as the layer runs it (the rounding and the range columns included), on VNNI CPUs; and the int8
-and int4 methods' prefill paths (their weights widened to bf16 a block at a time for oneDNN's
-GEMM), whose crossover with the kernels sets ``PREFILL_MIN_ROWS``.
+as the layer runs it (the rounding and the range columns included), on VNNI CPUs; the same
+W8A8 product on oneDNN's int8 GEMM instead (``onednn::qlinear_pointwise``, which uses AMX tiles
+where the CPU has them: what vLLM's CPU build runs W8A8 on), each row rounded on its own grid
+as ours (a fixed u8 grid of 127 steps a side around 128, the row's max mapped to 127), a
+candidate not yet in a method; and the int8 and int4 methods' prefill paths (their weights
+widened to bf16 a block at a time for oneDNN's GEMM), whose crossover with the kernels sets
+``PREFILL_MIN_ROWS``.
 """
 
 from __future__ import annotations
@@ -85,10 +89,12 @@ def _variants(weight: torch.Tensor) -> dict[str, tuple[Any, torch.dtype, int]]:
                     out[INT4_WIDENED] = ((packed, sz.bfloat16(), group, n), torch.bfloat16, nbytes)
     if torch.cpu._is_vnni_supported():
         out[W8A8] = ((weight,), torch.bfloat16, n * (k + 2) + n * 4)  # a layer per copy
+        out[W8A8_ONEDNN] = ((q, scales.float()), torch.bfloat16, n * k + n * 4)  # packed per copy
     return out
 
 
 W8A8 = "w8a8 (FBGEMM)"
+W8A8_ONEDNN = "w8a8 (oneDNN)"
 # the methods' prefill paths: the weights widened to bf16 a block at a time, oneDNN's GEMM
 INT8_WIDENED = "int8 widened (bf16 GEMM)"
 INT4_WIDENED = f"int4 g{INT4_GROUP_SIZE} widened (bf16 GEMM)"
@@ -98,6 +104,26 @@ def _w8a8_layer(weight: torch.Tensor) -> Linear:
     layer = Linear("bench", weight.shape[1], weight.shape[0], Int8DynamicMethod(), torch.bfloat16)
     layer.method.load_weight(layer, weight)
     return layer
+
+
+def onednn_w8a8_operands(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """oneDNN's packed copy of the int8 rows `q` with their per-row `scales` (fp32)."""
+    packed = torch.ops.onednn.qlinear_prepack(q, None)
+    return packed, scales, torch.zeros(q.shape[0], dtype=torch.long)
+
+
+def onednn_w8a8(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    """W8A8 on oneDNN: each row of `x` rounded to u8 on its own grid (max|row| -> 127 steps
+    above the zero point 128), the int8 GEMM, the row's scale back on; fp32 out."""
+    row = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    row.clamp_(min=torch.finfo(torch.float32).tiny).mul_(1 / 127)
+    qx = torch.round(x / row).add_(128).to(torch.uint8)
+    y = torch.ops.onednn.qlinear_pointwise(
+        qx, 1.0, 128, packed, scales, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    return y.mul_(row)
 
 
 def _call(name: str) -> Callable[..., torch.Tensor]:
@@ -111,6 +137,8 @@ def _call(name: str) -> Callable[..., torch.Tensor]:
         return lambda x, p, sz, g: torch._weight_int4pack_mm_for_cpu(x, p, g, sz)
     if name == W8A8:
         return lambda x, layer: layer(x)
+    if name == W8A8_ONEDNN:
+        return onednn_w8a8
     return lambda x, w: F.linear(x, w)
 
 
@@ -125,6 +153,8 @@ def time_shape(
         # distinct storage per copy (values equal: the kernels' time does not depend on them)
         if variant == W8A8:  # FBGEMM's packing is a copy of its own
             sets: list[tuple[Any, ...]] = [(_w8a8_layer(base),) for _ in range(copies)]
+        elif variant == W8A8_ONEDNN:  # and so is oneDNN's (an opaque tensor: no clone)
+            sets = [onednn_w8a8_operands(*operands) for _ in range(copies)]
         else:
             sets = [
                 tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in operands)

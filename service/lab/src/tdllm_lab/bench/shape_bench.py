@@ -38,8 +38,9 @@ from tdllm_lab.bench.synthetic_shapes import (
 )
 
 # ours-compiled: our engine with its decode step compiled (`compile: decode`); ours-w8a8: the
-# Q8_0 file as W8A8 (`quant: w8a8`, activations rounded to int8 too) instead of weight-only int8
-OURS = ("ours", "ours-compiled", "ours-w8a8")
+# Q8_0 file as W8A8 (`quant: w8a8`, activations rounded to int8 too) instead of weight-only int8;
+# ours-compiled-w8a8: both
+OURS = ("ours", "ours-compiled", "ours-w8a8", "ours-compiled-w8a8")
 PEERS = (llama_cpp_peer.ENGINE, vllm_peer.ENGINE)
 ENGINES = (*OURS, *PEERS)
 DEFAULT_FORMATS = ("f16", "q8_0", "q4_0")
@@ -96,6 +97,7 @@ def memory_needed(shape: Shape, fmt: str, max_tokens: int, batch: int = 8) -> di
         "ours": ours + kv + RUNTIME_BYTES,
         "ours-compiled": ours + kv + RUNTIME_BYTES + COMPILER_BYTES,
         "ours-w8a8": ours + kv + RUNTIME_BYTES,
+        "ours-compiled-w8a8": ours + kv + RUNTIME_BYTES + COMPILER_BYTES,
         llama_cpp_peer.ENGINE: peer + RUNTIME_BYTES,
         # vLLM's KV cache is the fixed space it is given; q4_0: no vLLM run (`_run_one`)
         vllm_peer.ENGINE: vllm_weights + vllm_peer.KV_CACHE_GIB * 2**30 + VLLM_RUNTIME_BYTES
@@ -228,7 +230,7 @@ def _run_one(
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     base = {"engine": engine, "format": fmt}
-    if engine == "ours-w8a8" and format_named(fmt)[2] != "int8":
+    if engine.endswith("w8a8") and format_named(fmt)[2] != "int8":
         return base | {"status": "w8a8 runs the q8_0 file only"}
     if engine == vllm_peer.ENGINE:
         return base | _run_vllm(path, fmt, prompt_tokens, new_tokens, repeats, threads,
@@ -242,7 +244,7 @@ def _run_one(
         cmd = [sys.executable, "-m", "tdllm_lab.bench.engine_worker", "ours", dtype,
                "--model", str(path), "--quant", ours_quant(engine, fmt),
                "--batch-sizes", ",".join(map(str, batch_sizes)),
-               "--compile", "decode" if engine == "ours-compiled" else "off"]  # fmt: skip
+               "--compile", "decode" if engine.startswith("ours-compiled") else "off"]  # fmt: skip
     cmd += ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens),
             "--repeats", str(repeats)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
@@ -250,7 +252,7 @@ def _run_one(
         why = failure(proc.returncode, proc.stderr)
         return base | {"status": f"{WORKER_FAILED}: {why}", "failure": why}
     result: dict[str, Any] = json.loads(proc.stdout)
-    return result | base  # the worker says "ours" for ours-compiled and ours-w8a8 too
+    return result | base  # the worker says "ours" for each of our engines
 
 
 def _run_vllm(
@@ -311,8 +313,9 @@ def failed_workers(report: dict[str, Any]) -> list[str]:
 
 
 def ours_quant(engine: str, fmt: str) -> str:
-    """Our engine's `quant` for a format's file: the format's own, or w8a8 for ours-w8a8."""
-    return "w8a8" if engine == "ours-w8a8" else format_named(fmt)[2]
+    """Our engine's `quant` for a format's file: the format's own, or w8a8 for ours-w8a8 and
+    ours-compiled-w8a8."""
+    return "w8a8" if engine.endswith("w8a8") else format_named(fmt)[2]
 
 
 def peer_ratios(
