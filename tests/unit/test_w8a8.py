@@ -13,7 +13,7 @@ import torch
 
 from tdllm.cli import main
 from tdllm.errors import ModelLoadError
-from tdllm.model import fbgemm_packed
+from tdllm.model import w8a8_packed
 from tdllm.model.linear import Linear
 from tdllm.model.quantized import (
     Int8DynamicMethod,
@@ -27,6 +27,14 @@ from tests.tiny_model import TINY, tiny_model
 
 VNNI = torch.cpu._is_vnni_supported()
 needs_vnni = pytest.mark.skipif(not VNNI, reason="W8A8 needs a CPU with VNNI")
+
+
+@pytest.fixture(autouse=True, params=w8a8_packed.BACKENDS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both int8 GEMMs, whichever this CPU would pick."""
+    name = str(request.param)
+    monkeypatch.setattr(w8a8_packed, "default_backend", lambda: name)
+    return name
 
 
 def w8a8_layer(weight: torch.Tensor, shards: list[int] | None = None) -> Linear:
@@ -125,10 +133,10 @@ def test_a_projection_packed_in_row_chunks_gives_what_one_matrix_gives(
     g = torch.Generator().manual_seed(11)
     weight = torch.randn(500, 62, generator=g) * torch.logspace(-2, 1, 500)[:, None]
     whole = w8a8_layer(weight, shards)
-    monkeypatch.setattr(fbgemm_packed, "CHUNK_BYTES", 128 * 64)  # 128 rows of 64 bytes
+    monkeypatch.setattr(w8a8_packed, "CHUNK_BYTES", 128 * 64)  # 128 rows of 64 bytes
     chunked = w8a8_layer(weight, shards)
-    assert fbgemm_packed.chunk_count(whole.w8a8_handle) == 1
-    assert fbgemm_packed.chunk_count(chunked.w8a8_handle) == 4
+    assert w8a8_packed.chunk_count(whole.w8a8_handle) == 1
+    assert w8a8_packed.chunk_count(chunked.w8a8_handle) == 4
     assert all(map(torch.equal, int8_weights(chunked), int8_weights(whole)))
     x = torch.randn(9, 62, generator=g)
     assert torch.equal(chunked(x), whole(x))
@@ -138,9 +146,9 @@ def test_a_projection_packed_in_row_chunks_gives_what_one_matrix_gives(
 def test_row_chunks_cover_the_rows_once_each_within_the_byte_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(fbgemm_packed, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(w8a8_packed, "CHUNK_BYTES", 1000)
     for rows, cols in [(1, 5), (7, 1000), (10, 999), (1001, 3), (128256, 7)]:
-        spans = fbgemm_packed.chunk_spans(rows, cols)
+        spans = w8a8_packed.chunk_spans(rows, cols)
         assert spans[0][0] == 0 and spans[-1][1] == rows
         assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
         assert all(stop > start for start, stop in spans)
@@ -168,3 +176,25 @@ def test_w8a8_keeps_q_k_v_weight_only_and_its_batched_prefill_equals_one_at_a_ti
         alone_cache = KVCache(model.cfg, 1, 16, torch.float32)
         alone = model(torch.tensor([prompt]), Batch([0], [0], 4), alone_cache)
         assert torch.equal(together[slot], alone[0])
+
+
+@needs_vnni
+def test_both_backends_compute_the_same_product() -> None:
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(300, 80, generator=g) * torch.logspace(-2, 1, 300)[:, None]
+    x = torch.randn(17, 80, generator=g) * torch.logspace(-3, 3, 17)[:, None]
+    layers = {}
+    for name in w8a8_packed.BACKENDS:
+        layer = Linear("t", 80, 300, Int8DynamicMethod(backend=name), torch.float32)
+        layer.method.load_weight(layer, weight)
+        layers[name] = layer
+    fbgemm, onednn = (layers[name](x) for name in ("fbgemm", "onednn"))
+    # the same rounded inputs and int32 sums; only the last float scaling may differ by an ulp
+    assert torch.allclose(fbgemm, onednn, rtol=1e-5, atol=1e-6 * float(fbgemm.abs().max()))
+    assert all(map(torch.equal, int8_weights(layers["fbgemm"]), int8_weights(layers["onednn"])))
+
+
+def test_an_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown W8A8 backend 'mkl'"):
+        w8a8_packed.pack([torch.zeros(2, 6, dtype=torch.int8)], torch.ones(2), lambda _: None,
+                         Int8DynamicMethod(), "mkl")  # fmt: skip

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from tdllm.errors import ModelLoadError
-from tdllm.model import fbgemm_packed
+from tdllm.model import w8a8_packed
 from tdllm.model.cpu_features import HAS_AMX
 from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
 from tdllm.model.gguf_blocks import INT4_KINDS, GgufQuantized
@@ -280,8 +280,9 @@ class Int8WeightOnlyMethod(_StagedQuantMethod):
 
 class Int8DynamicMethod(Int8WeightOnlyMethod):
     """W8A8: the int8 weights of `Int8WeightOnlyMethod` (same rows, same per-row scales) and
-    activations rounded to 8 bits per row on each call, multiplied by FBGEMM's int8 GEMM
-    (``quantized::linear_dynamic``: u8 x s8 products summed in int32 by VNNI). It reads the
+    activations rounded to 8 bits per row on each call, multiplied by an int8 GEMM (u8 x s8
+    products summed in int32): oneDNN's where the CPU has AMX, else FBGEMM's
+    (``quantized::linear_dynamic``, VNNI; `tdllm.model.w8a8_packed` has both). It reads the
     int8 weights near the memory bus at one row and keeps that speed to 8 rows, where
     ``_weight_int8pack_mm`` does not, and its prefill beats oneDNN's bf16 GEMM
     (docs/performance.md, "W8A8"). The cost is the activations' rounding: a step of
@@ -294,18 +295,21 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
     exactly [-1, 1], and each row is rounded on its own symmetric grid of 127 steps a side,
     whatever else is in the batch (tested: a row alone = the row in any batch).
 
-    FBGEMM's packed copy of the weights, in chunks of rows for a large projection, lives in
-    `tdllm.model.fbgemm_packed` (freed with the layer, not reached by a failed load's scrub)."""
+    The backend's packed copy of the weights, in chunks of rows for a large projection, lives
+    in `tdllm.model.w8a8_packed` (freed with the layer, not reached by a failed load's scrub);
+    oneDNN takes the same scaled rows and rounds them to the same grid."""
 
     # |row| after scaling: 127 of the 127.5 steps FBGEMM's [-1, 1] grid has above its zero
     # point (2/255 a step, zero point 128), so +-LIMIT land on whole steps
     LIMIT = 127 / 127.5
 
-    def __init__(self, vnni: bool | None = None) -> None:
+    def __init__(self, vnni: bool | None = None, backend: str | None = None) -> None:
         super().__init__()
         # without VNNI, FBGEMM's u8 x s8 pairs are summed in int16 and saturate on full-range
         # activations (PyTorch's observers then use 7 bits): refused rather than run wrong
         self.vnni = torch.cpu._is_vnni_supported() if vnni is None else vnni
+        # the int8 GEMM: oneDNN's where the CPU has AMX, FBGEMM's elsewhere (`w8a8_packed`)
+        self.backend = w8a8_packed.default_backend() if backend is None else backend
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
         if not self.vnni:
@@ -317,11 +321,11 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
 
     def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
         n, k = layer.out_features, layer.in_features
-        # the rows of each matrix FBGEMM packs apart (`fbgemm_packed.chunk_spans`), the two
+        # the rows of each matrix FBGEMM packs apart (`w8a8_packed.chunk_spans`), the two
         # range columns' weights staged with them (zero), so the packing takes them as they are
         staged = {
             f"q{i}": torch.empty(stop - start, k + 2, dtype=torch.int8)
-            for i, (start, stop) in enumerate(fbgemm_packed.chunk_spans(n, k + 2))
+            for i, (start, stop) in enumerate(w8a8_packed.chunk_spans(n, k + 2))
         }
         for chunk in staged.values():  # every row is written but these (no zero-fill: see int4)
             chunk[:, k:] = 0
@@ -346,7 +350,7 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
         # each chunk's staged rows are scrubbed and freed once FBGEMM's input copy of them
         # exists (`_release`): the load peaks at about one int8 copy of the projection and a
         # chunk or two, not two copies
-        handle = fbgemm_packed.pack(chunks, staged["scales"], _release, layer)
+        handle = w8a8_packed.pack(chunks, staged["scales"], _release, layer, self.backend)
         layer.__dict__["w8a8_handle"] = handle
         return []
 
@@ -364,7 +368,7 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
             scaled = torch.empty(m, k + 2)
             torch.div(rows, scale, out=scaled[:, :k])
             scaled[:, k:] = _RANGE
-            y = fbgemm_packed.product(scaled, handle)
+            y = w8a8_packed.product(scaled, handle)
         return _shaped(y.mul_(scale), x)
 
 
@@ -376,7 +380,7 @@ def int8_weights(layer: Linear) -> tuple[torch.Tensor, torch.Tensor]:
         q, scales = layer.qweight, layer.scales
         assert isinstance(q, torch.Tensor) and isinstance(scales, torch.Tensor)
         return q, scales.float()
-    q, scales = fbgemm_packed.unpack(handle)
+    q, scales = w8a8_packed.unpack(handle)
     return q[:, : layer.in_features].clone(), scales.float()
 
 

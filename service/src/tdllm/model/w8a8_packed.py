@@ -1,0 +1,194 @@
+"""W8A8's packed int8 weights (`tdllm.model.quantized.Int8DynamicMethod`): packing a
+projection's staged rows for one of two int8 GEMMs, the product, and reading the weights back
+for checks.
+
+The two backends compute the same product: the input rows arrive scaled into [-1, 1] (each row
+on its own grid, the caller's doing) with two range columns, rounded to u8 on the grid
+``2/255`` around 128, multiplied by the s8 weights, summed in int32 and scaled back.
+- ``fbgemm``: FBGEMM's dynamic int8 GEMM (``quantized::linear_dynamic``: VNNI, no AMX). It
+  rounds the input itself, from the range the two columns fix.
+- ``onednn``: oneDNN's int8 GEMM (``onednn::qlinear_pointwise``), which uses AMX tiles where
+  the CPU has them: 1.3-1.7x FBGEMM at 8-16 rows and 1.6-3.4x at 64-128 on an AMX Xeon, a tie at
+  one row (docs/performance.md, "The next kernel: W8A8 on oneDNN's int8 GEMM"). We round the
+  input to the same grid here and leave the range columns out (its weights have none).
+The default is ``onednn`` on CPUs with AMX and ``fbgemm`` elsewhere (measured only there).
+
+A large projection is packed as several row chunks of at most `CHUNK_BYTES`, each its own
+matrix, packed on as many threads as torch uses: FBGEMM packs one matrix on one core, and a
+whole 128k-row head at once took 2.9 s and a transient copy of itself (the 1B shape's tied
+head, 0.26 GB). In chunks, each chunk's staged rows are scrubbed and freed as soon as their
+packed copy exists, so the transient is a chunk or two, and the head packs in 1.45 s on 2
+threads (docs/performance.md, "A faster GGUF header, W8A8 packed in chunks"). The product runs
+the chunks one after another into one output: the same int32 sums per output, so the same
+values as one matrix (tested), at the same speed (a chunk is still far larger than a cache).
+
+The packed matrices are not tensors of the layer: a failed load's scrub (`loader._zero`) does
+not reach them; they are freed with the layer (a handle registered per layer), in TD memory
+like the rest. A compiled decode step calls the product through the ``tdllm::w8a8_linear``
+custom op (a graph takes tensors and numbers, not packed objects).
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+# int8 weights per packed matrix: the 1B head in 4, the 8B head in 8. Not smaller: 32 MiB
+# blocks fall under glibc's dynamic mmap threshold, so the freed staging stays in the heap
+# (1B int4 load, measured: RSS after the load 1478 -> 1641-1659 MiB, the peak 1604 -> 1665)
+CHUNK_BYTES = 64 << 20
+
+BACKENDS = ("fbgemm", "onednn")
+X_STEP = 2 / 255  # the input grid of both backends: rows in [-1, 1], zero point 128
+X_ZERO = 128
+UNIT_BLOCK = 512  # inputs read back per oneDNN product (`unpack`)
+
+
+@dataclass(frozen=True)
+class OneDnnChunk:
+    """A row chunk packed for oneDNN: the opaque packed weight, its per-row scales (fp32) and
+    zero points (all 0: symmetric int8)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+Chunk = torch.ScriptObject | OneDnnChunk
+_PACKED: dict[int, list[Chunk]] = {}  # the chunks of each handle, in row order
+_handles = itertools.count()
+
+
+def default_backend() -> str:
+    """``onednn`` where the CPU has AMX (measured faster there), else ``fbgemm``."""
+    return "onednn" if torch.cpu._is_amx_tile_supported() else "fbgemm"
+
+
+def chunk_spans(rows: int, cols: int) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of the matrices a `rows` x `cols` int8 weight is packed
+    as: equal (but for the last), each at most `CHUNK_BYTES`."""
+    most = max(1, CHUNK_BYTES // cols)  # rows a chunk may hold
+    chunks = -(-rows // most)
+    step = -(-rows // chunks)  # <= most
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def pack(
+    chunks: list[torch.Tensor],
+    scales: torch.Tensor,
+    release: Callable[[torch.Tensor], None],
+    owner: object,
+    backend: str = "fbgemm",
+) -> int:
+    """Pack the int8 row `chunks` (``[rows_i, K + 2]`` each, the last two columns the range
+    columns' zero weights; per-row `scales` of all of them in order) for `backend`, calling
+    `release` on each chunk once the packing's own copy of it exists; a handle freed with
+    `owner`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown W8A8 backend {backend!r}; choose {', '.join(BACKENDS)}")
+    starts = list(itertools.accumulate((c.shape[0] for c in chunks), initial=0))
+
+    def fbgemm(i: int) -> Chunk:
+        rows = chunks[i]
+        part = scales[starts[i] : starts[i + 1]].double()
+        zero_points = torch.zeros(rows.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates its quantized dtypes; FBGEMM's packing takes nothing else.
+            # Only that warning is silenced, only here (docs/performance.md, "W8A8").
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+            weight = torch._make_per_channel_quantized_tensor(rows, part, zero_points, 0)
+        release(rows)  # that was a copy; FBGEMM's packing makes another
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+    def onednn(i: int) -> Chunk:
+        rows = chunks[i]
+        weight = rows[:, :-2].contiguous()  # no range columns: oneDNN's input grid is fixed
+        release(rows)
+        packed = torch.ops.onednn.qlinear_prepack(weight, None)
+        release(weight)  # the plaintext's last copy outside the packing
+        part = scales[starts[i] : starts[i + 1]].float().clone()
+        return OneDnnChunk(packed, part, torch.zeros(rows.shape[0], dtype=torch.long))
+
+    one = onednn if backend == "onednn" else fbgemm
+    workers = min(len(chunks), torch.get_num_threads())
+    if workers > 1:  # each packing runs on one core with the GIL released
+        with ThreadPoolExecutor(workers) as pool:
+            packed = list(pool.map(one, range(len(chunks))))
+    else:
+        packed = [one(i) for i in range(len(chunks))]
+    handle = next(_handles)
+    _PACKED[handle] = packed
+    weakref.finalize(owner, _PACKED.pop, handle, None)
+    return handle
+
+
+def product(scaled: torch.Tensor, handle: int) -> torch.Tensor:
+    """``scaled [M, K + 2]`` (fp32, every row in [-1, 1], the two range columns last) times
+    the packed weights, fp32 ``[M, N]``: the backend's int8 GEMM, chunk by chunk."""
+    chunks = _PACKED[handle]
+    if isinstance(chunks[0], OneDnnChunk):
+        # the grid FBGEMM derives from the range columns, here by hand: round(v / X_STEP) + 128
+        qx = torch.round(scaled[:, :-2] * (1 / X_STEP)).add_(X_ZERO).to(torch.uint8)
+        parts = [_onednn(qx, c, X_STEP) for c in chunks if isinstance(c, OneDnnChunk)]
+    else:
+        parts = [torch.ops.quantized.linear_dynamic(scaled, c) for c in chunks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _onednn(qx: torch.Tensor, chunk: OneDnnChunk, x_step: float) -> torch.Tensor:
+    return torch.ops.onednn.qlinear_pointwise(
+        qx, x_step, X_ZERO, chunk.packed, chunk.scales, chunk.zeros, None, 1.0, 0,
+        torch.float32, "none", [], "",
+    )  # fmt: skip
+
+
+def unpack(handle: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [N, K] int8, scales [N] fp64)`` read back from the packed chunks (oneDNN's packed
+    layout has no read-back: its product with the unit rows, exact in int32, gives them)."""
+    qs, scales = [], []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+        for packed in _PACKED[handle]:
+            if isinstance(packed, OneDnnChunk):
+                qs.append(_onednn_weights(packed))
+                scales.append(packed.scales.double())
+                continue
+            weight, _ = torch.ops.quantized.linear_unpack(packed)
+            qs.append(weight.int_repr()[:, :-2])
+            scales.append(weight.q_per_channel_scales())
+    return torch.cat(qs), torch.cat(scales)
+
+
+def _onednn_weights(chunk: OneDnnChunk) -> torch.Tensor:
+    """The int8 rows of a oneDNN chunk: its product with the unit rows (u8 255 at one input,
+    the zero point elsewhere; input step 1) is ``127 * q * scale`` in each output."""
+    k, n = chunk.packed.shape  # the packed weight is [K, N]
+    q = torch.empty(n, k, dtype=torch.int8)
+    for start in range(0, k, UNIT_BLOCK):  # a block of inputs at a time: [block, N] out
+        stop = min(start + UNIT_BLOCK, k)
+        unit = torch.full((stop - start, k), X_ZERO, dtype=torch.uint8)
+        unit[:, start:stop].fill_diagonal_(X_ZERO + 127)
+        y = _onednn(unit, chunk, 1.0)
+        q[:, start:stop] = torch.round(y.T / (127 * chunk.scales[:, None])).to(torch.int8)
+    return q
+
+
+def chunk_count(handle: int) -> int:
+    return len(_PACKED[handle])
+
+
+@torch.library.custom_op("tdllm::w8a8_linear", mutates_args=())
+def w8a8_linear(scaled: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """`product` as a graph sees it (the eager path calls it directly)."""
+    return product(scaled, handle)
+
+
+@w8a8_linear.register_fake
+def _w8a8_linear_shape(scaled: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return scaled.new_empty(scaled.shape[0], out_features)
