@@ -281,8 +281,8 @@ class Int8WeightOnlyMethod(_StagedQuantMethod):
 class Int8DynamicMethod(Int8WeightOnlyMethod):
     """W8A8: the int8 weights of `Int8WeightOnlyMethod` (same rows, same per-row scales) and
     activations rounded to 8 bits per row on each call, multiplied by an int8 GEMM (u8 x s8
-    products summed in int32): oneDNN's where the CPU has AMX, else FBGEMM's
-    (``quantized::linear_dynamic``, VNNI; `tdllm.model.w8a8_packed` has both). It reads the
+    products summed in int32): FBGEMM's (``quantized::linear_dynamic``, VNNI) by default, or
+    oneDNN's (`backend`; `tdllm.model.w8a8_packed` has both). It reads the
     int8 weights near the memory bus at one row and keeps that speed to 8 rows, where
     ``_weight_int8pack_mm`` does not, and its prefill beats oneDNN's bf16 GEMM
     (docs/performance.md, "W8A8"). The cost is the activations' rounding: a step of
@@ -308,7 +308,7 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
         # without VNNI, FBGEMM's u8 x s8 pairs are summed in int16 and saturate on full-range
         # activations (PyTorch's observers then use 7 bits): refused rather than run wrong
         self.vnni = torch.cpu._is_vnni_supported() if vnni is None else vnni
-        # the int8 GEMM: oneDNN's where the CPU has AMX, FBGEMM's elsewhere (`w8a8_packed`)
+        # the int8 GEMM, "fbgemm" or "onednn" (`w8a8_packed`; None: its default)
         self.backend = w8a8_packed.default_backend() if backend is None else backend
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:

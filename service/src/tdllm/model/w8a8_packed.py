@@ -8,10 +8,11 @@ on its own grid, the caller's doing) with two range columns, rounded to u8 on th
 - ``fbgemm``: FBGEMM's dynamic int8 GEMM (``quantized::linear_dynamic``: VNNI, no AMX). It
   rounds the input itself, from the range the two columns fix.
 - ``onednn``: oneDNN's int8 GEMM (``onednn::qlinear_pointwise``), which uses AMX tiles where
-  the CPU has them: 1.3-1.7x FBGEMM at 8-16 rows and 1.6-3.4x at 64-128 on an AMX Xeon, a tie at
-  one row (docs/performance.md, "The next kernel: W8A8 on oneDNN's int8 GEMM"). We round the
-  input to the same grid here and leave the range columns out (its weights have none).
-The default is ``onednn`` on CPUs with AMX and ``fbgemm`` elsewhere (measured only there).
+  the CPU has them. We round the input to the same grid here and leave the range columns out
+  (its weights have none). On an AMX Xeon, in the engine on the 1B shape: prefill 1.5-1.6x
+  FBGEMM's, decode at batch 8 1.2-1.35x, at batch 1 0.88-0.92x (docs/performance.md, "W8A8 on
+  oneDNN's int8 GEMM"). Not the default yet: batch 1 is what the bus targets and int4's W8A8
+  head run on.
 
 A large projection is packed as several row chunks of at most `CHUNK_BYTES`, each its own
 matrix, packed on as many threads as torch uses: FBGEMM packs one matrix on one core, and a
@@ -66,8 +67,9 @@ _handles = itertools.count()
 
 
 def default_backend() -> str:
-    """``onednn`` where the CPU has AMX (measured faster there), else ``fbgemm``."""
-    return "onednn" if torch.cpu._is_amx_tile_supported() else "fbgemm"
+    """``fbgemm``: oneDNN's int8 GEMM wins batches and prefill on AMX CPUs but loses 8-12% at
+    one row (measured); choosing by deployment is a setting still to come."""
+    return "fbgemm"
 
 
 def chunk_spans(rows: int, cols: int) -> list[tuple[int, int]]:

@@ -17,10 +17,10 @@ W8A8 (`Int8DynamicMethod`: the int8 weights, activations rounded to int8 per row
 as the layer runs it (the rounding and the range columns included), on VNNI CPUs; the same
 W8A8 product on oneDNN's int8 GEMM instead (``onednn::qlinear_pointwise``, which uses AMX tiles
 where the CPU has them: what vLLM's CPU build runs W8A8 on), each row rounded on its own grid
-as ours (a fixed u8 grid of 127 steps a side around 128, the row's max mapped to 127), a
-candidate not yet in a method; and the int8 and int4 methods' prefill paths (their weights
-widened to bf16 a block at a time for oneDNN's GEMM), whose crossover with the kernels sets
-``PREFILL_MIN_ROWS``.
+as ours (a fixed u8 grid of 127 steps a side around 128, the row's max mapped to 127), as
+`Int8DynamicMethod`'s second backend runs it (``backend="onednn"``, not the default); and the
+int8 and int4 methods' prefill paths (their weights widened to bf16 a block at a time for
+oneDNN's GEMM), whose crossover with the kernels sets ``PREFILL_MIN_ROWS``.
 """
 
 from __future__ import annotations
