@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -90,8 +91,11 @@ def test_an_interrupted_twin_is_written_again_and_a_whole_one_is_reused(tmp_path
 
 
 def test_the_worker_runs_offline_in_its_own_caches_with_the_benchs_threads(tmp_path: Path) -> None:
-    env = vllm_peer.environment(4, tmp_path)
-    assert env["OMP_NUM_THREADS"] == "4" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3"
+    env = vllm_peer.environment(1, tmp_path)
+    first = min(os.sched_getaffinity(0))
+    assert env["OMP_NUM_THREADS"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == f"{first}-{first}"
+    assert vllm_peer.thread_binding(2, [2, 3, 5]) == "2-3"  # a cpuset that starts at 2
+    assert vllm_peer.thread_binding(3, [0, 1, 4]) == "auto"  # not a range: vLLM chooses
     assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_NO_USAGE_STATS"] == "1"
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # peak RSS is the worker's own
     assert all(env[k].startswith(str(tmp_path)) for k in ("HOME", "VLLM_CACHE_ROOT", "TMPDIR"))

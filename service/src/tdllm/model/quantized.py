@@ -374,7 +374,7 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
 
 def int8_weights(layer: Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q [N, K] int8, scales [N] fp32)`` an int8 or W8A8 projection multiplies by (W8A8's
-    read back from FBGEMM's packed layout, less the range columns): for checks and audits."""
+    read back from the packed matrices, less the range columns): for checks and audits."""
     handle = layer.__dict__.get("w8a8_handle")
     if handle is None:
         q, scales = layer.qweight, layer.scales

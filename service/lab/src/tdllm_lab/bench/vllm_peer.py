@@ -143,7 +143,7 @@ def hf_config(cfg: Any, setting: str) -> dict[str, Any]:
 
 def environment(threads: int, cache: Path) -> dict[str, str]:
     """The worker's environment: offline, no usage statistics, no plugins, the engine in this
-    process, `threads` OMP threads bound to CPUs 0..threads-1, every cache in `cache`."""
+    process, `threads` OMP threads bound to CPUs (`thread_binding`), every cache in `cache`."""
     keep = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
     return keep | {
         "HOME": str(cache),
@@ -158,8 +158,16 @@ def environment(threads: int, cache: Path) -> dict[str, str]:
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
         "OMP_NUM_THREADS": str(threads),
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+        "VLLM_CPU_OMP_THREADS_BIND": thread_binding(threads, sorted(os.sched_getaffinity(0))),
     }
+
+
+def thread_binding(threads: int, allowed: list[int]) -> str:
+    """vLLM's OMP binding: the first `threads` CPUs this process may run on, as a range ("2-3"
+    in a cpuset that starts at 2); vLLM's own choice ("auto") where they are not contiguous."""
+    cpus = allowed[:threads]
+    contiguous = bool(cpus) and cpus == list(range(cpus[0], cpus[0] + len(cpus)))
+    return f"{cpus[0]}-{cpus[-1]}" if contiguous else "auto"
 
 
 def command(python: Path, checkpoint: Path, threads: int, options: list[str]) -> list[str]:
