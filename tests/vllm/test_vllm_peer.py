@@ -19,10 +19,14 @@ SMALL = Shape("small", hidden=128, layers=2, heads=2, kv_heads=1, ffn=256, vocab
 NUMBERS = ("load_s", "ttft_s", "prefill_tok_s", "decode_b1_tok_s", "decode_b2_tok_s")
 
 
-def test_the_bench_runs_vllm_compiled_on_the_bf16_twin(
+def test_the_bench_runs_vllm_on_the_bf16_twin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The bench's whole vLLM path (twin, worker, result row), with vLLM eager here to keep the
+    suite short: the bench itself runs it compiled, as it ships."""
     monkeypatch.setenv("TDLLM_VLLM_PYTHON", str(vllm_python()))
+    command = vllm_peer.command
+    monkeypatch.setattr(vllm_peer, "command", lambda *a: [*command(*a), "--enforce-eager"])
     gguf = ensure_gguf("small", "f16", tmp_path, shape=SMALL, progress=False)
     row = shape_bench._run_one("vllm-cpu", gguf, "f16", "bf16", 16, 4, 1, 2, (1, 2))
     assert "status" not in row, row
@@ -34,8 +38,7 @@ def test_the_bench_runs_vllm_compiled_on_the_bf16_twin(
 
 
 def test_vllm_loads_the_w8a8_twin_with_its_int8_kernel(tmp_path: Path) -> None:
-    """The W8A8 twin as vLLM reads it (eager here, to keep the suite short: compiling is the
-    other test's)."""
+    """The W8A8 twin as vLLM reads it (eager, as above)."""
     gguf = ensure_gguf("small", "q8_0", tmp_path, shape=SMALL, progress=False)
     twin = vllm_peer.ensure_checkpoint(gguf, "q8_0", lambda _: None)
     batches = {1: [list(range(3, 19))], 2: [list(range(3, 19)), list(range(5, 21))]}
