@@ -146,10 +146,10 @@ def check_resources(
     missing = [f for f in formats if not cached_path(folder, key, shape, f).is_file()]
     disk_needed = sum(file_bytes(shape, f) for f in missing)
     if vllm_peer.ENGINE in engines:  # vLLM's twins of the files, written beside them
-        twins = [f for f in formats if f in vllm_peer.SETTINGS]
-        missing += [f"{f} (vLLM's twin)" for f in twins if not _twin_written(folder, key, f)]
-        disk_needed += sum(vllm_weight_bytes(shape, f) for f in twins
-                           if not _twin_written(folder, key, f))  # fmt: skip
+        twins = [f for f in formats
+                 if f in vllm_peer.SETTINGS and not _twin_written(folder, key, f)]  # fmt: skip
+        missing += [f"{f} (vLLM's twin)" for f in twins]
+        disk_needed += sum(vllm_weight_bytes(shape, f) for f in twins)
     probe = folder if folder.exists() else Path(".")
     free = shutil.disk_usage(probe).free
     if disk_needed > free:
