@@ -3,6 +3,8 @@ quantized/unquantized ratios compare like with like."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,12 +15,29 @@ from tdllm_lab.bench.engine_bench import format_table, quant_ratios
 
 def test_kernel_bench_times_every_variant_at_each_row_count() -> None:
     with torch.no_grad():
-        results = linear_kernels.time_shape("tiny", 64, 32, (1, 8), calls=5)
+        results = linear_kernels.time_shape("tiny", 64, 32, (1, 8), calls=5, cache_bytes=1 << 16)
     variants = {r["variant"] for r in results}
     assert {"fp32", "bf16", "int8 (bf16 act)", "int4 g32 (bf16 act)"} <= variants
     assert all(r["us"] > 0 and r["weight_gb_s"] > 0 and r["copies"] >= 2 for r in results)
     report = {"threads": 1, "results": results}
     assert "tiny 64->32 x8" in linear_kernels.format_report(report)
+
+
+def test_kernel_bench_cycles_copies_that_cover_the_cache_twice() -> None:
+    nbytes = 64 * 32 * 4  # the fp32 copy
+    with torch.no_grad():
+        results = linear_kernels.time_shape("tiny", 64, 32, (1,), calls=5, cache_bytes=40 * nbytes)
+    fp32 = next(r for r in results if r["variant"] == "fp32")
+    assert fp32["copies"] == 80
+
+
+def test_last_level_cache_is_the_largest_size_sysfs_reports(tmp_path: Path) -> None:
+    for index, size in enumerate(["48K", "2048K", "491520K", "junk"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert linear_kernels.last_level_cache_bytes(tmp_path) == 491520 << 10
+    empty = tmp_path / "none"
+    assert linear_kernels.last_level_cache_bytes(empty) == linear_kernels.FALLBACK_CACHE_BYTES
 
 
 def test_quant_ratios_divide_by_the_same_dtype_unquantized() -> None:

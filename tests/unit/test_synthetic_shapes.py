@@ -183,6 +183,9 @@ def test_ours_w8a8_runs_only_the_q8_0_file_and_has_its_own_ratios(tmp_path: Path
     assert shape_bench.ours_quant("ours-compiled-w8a8", "q8_0") == "w8a8"
     assert shape_bench._run_one("ours-compiled-w8a8", tmp_path / "absent.gguf", "q4_0", "bf16",
                                 4, 2, 1, 2, (1,))["status"] == skipped["status"]  # fmt: skip
+    assert shape_bench.ours_quant("ours-w8a8-onednn", "q8_0") == "w8a8-onednn"
+    assert shape_bench._run_one("ours-w8a8-onednn", tmp_path / "absent.gguf", "f16", "bf16",
+                                4, 2, 1, 2, (1,))["status"] == skipped["status"]  # fmt: skip
     rows = [
         {"engine": engine, "format": "q8_0", "prefill_tok_s": 2.0 * speed,
          "decode_b1_tok_s": speed, "peak_rss_mb": 100.0}

@@ -194,6 +194,33 @@ def test_both_backends_compute_the_same_product() -> None:
     assert all(map(torch.equal, int8_weights(layers["fbgemm"]), int8_weights(layers["onednn"])))
 
 
+@needs_vnni
+def test_quant_w8a8_onednn_is_w8a8_on_onednn_with_the_same_greedy_tokens() -> None:
+    tables = {quant: quant_table(quant) for quant in ("w8a8", "w8a8-onednn")}
+    for quant, backend in (("w8a8", "fbgemm"), ("w8a8-onednn", "onednn")):
+        table = tables[quant]
+        assert type(table.method_for("model.layers.0.self_attn.qkv_proj")) is Int8WeightOnlyMethod
+        for name in ("model.layers.1.mlp.down_proj", "lm_head"):
+            method = table.method_for(name)
+            assert isinstance(method, Int8DynamicMethod) and method.backend == backend
+    models = {quant: tiny_model(TINY, table) for quant, table in tables.items()}
+    tokens = {}
+    for quant, model in models.items():
+        cache = KVCache(model.cfg, 1, 24, torch.float32)
+        seq, logits = [5, 9, 13, 2], []
+        for step in range(8):  # greedy: a prefill, then one token a step
+            ids = seq if step == 0 else seq[-1:]
+            out = model(torch.tensor([ids]), Batch([0], [len(seq) - len(ids)], len(ids)), cache)
+            logits.append(out[0, -1])
+            seq.append(int(out[0, -1].argmax()))
+        tokens[quant] = (seq, torch.stack(logits))
+    (fb_seq, fb_logits), (dnn_seq, dnn_logits) = tokens["w8a8"], tokens["w8a8-onednn"]
+    assert fb_seq == dnn_seq
+    assert torch.allclose(
+        fb_logits, dnn_logits, rtol=1e-4, atol=1e-4 * float(fb_logits.abs().max())
+    )
+
+
 def test_an_unknown_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown W8A8 backend 'mkl'"):
         w8a8_packed.pack([torch.zeros(2, 6, dtype=torch.int8)], torch.ones(2), lambda _: None,

@@ -54,7 +54,7 @@ from tdllm.model.linear import (
     TdCpuKernels,
     widened_linear,
 )
-from tdllm.model.quant_formats import QUANTS
+from tdllm.model.quant_formats import QUANTS, W8A8_BACKENDS
 
 KERNEL_DTYPE = torch.bfloat16  # of the activations and scales the kernels are given
 # int8: from this many rows on, oneDNN's bf16 GEMM on widened blocks. The int8 kernel's time
@@ -473,16 +473,18 @@ class Int4WeightOnlyMethod(_StagedQuantMethod):
 
 def quant_table(quant: str) -> LinearMethodTable:
     """The methods of every projection for a ``quant`` setting. int4 keeps the lm_head int8
-    (as llama.cpp's Q4 mixes keep their output tensor wider): the bundled model's tied head
-    loses 9% of its norm to int4 g32 against 1.2% to int8, and it dominated int4's perplexity.
-    That head is W8A8: FBGEMM reads it 1.5-2x faster than ``_weight_int8pack_mm``, at the
-    same perplexity (measured). w8a8 keeps q|k|v weight-only: their input (the attention
-    norm's output) has the outliers; rounded per row it alone cost +2.2% perplexity, every
-    other projection under +0.2% (docs/performance.md, "W8A8")."""
+        (as llama.cpp's Q4 mixes keep their output tensor wider): the bundled model's tied head
+        loses 9% of its norm to int4 g32 against 1.2% to int8, and it dominated int4's perplexity.
+        That head is W8A8: FBGEMM reads it 1.5-2x faster than ``_weight_int8pack_mm``, at the
+        same perplexity (measured). w8a8 keeps q|k|v weight-only: their input (the attention
+        norm's output) has the outliers; rounded per row it alone cost +2.2% perplexity, every
+        other projection under +0.2% (docs/performance.md, "W8A8"). w8a8-onednn is w8a8 on oneDNN's
+    int8 GEMM (`W8A8_BACKENDS`)."""
     if quant == "int4":
         return LinearMethodTable([("lm_head", Int8DynamicMethod())], Int4WeightOnlyMethod())
-    if quant == "w8a8":
-        return LinearMethodTable([("*.qkv_proj", Int8WeightOnlyMethod())], Int8DynamicMethod())
+    if quant in W8A8_BACKENDS:
+        gemm = Int8DynamicMethod(backend=W8A8_BACKENDS[quant])
+        return LinearMethodTable([("*.qkv_proj", Int8WeightOnlyMethod())], gemm)
     # "none": the plain kernels, bf16 weights prepacked for oneDNN where that is faster
     return LinearMethodTable(default=quant_method(quant) or PrepackedCpuMethod())
 
@@ -493,8 +495,8 @@ def quant_method(quant: str) -> LinearMethod | None:
         return Int8WeightOnlyMethod()
     if quant == "int4":
         return Int4WeightOnlyMethod()
-    if quant == "w8a8":
-        return Int8DynamicMethod()
+    if quant in W8A8_BACKENDS:
+        return Int8DynamicMethod(backend=W8A8_BACKENDS[quant])
     if quant != "none":
         raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     return None

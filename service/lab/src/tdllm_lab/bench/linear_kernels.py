@@ -2,13 +2,17 @@
 (issue 15, item 2), timed per shape at decode (1 row) and small-batch (8 rows) sizes.
 
 Every variant multiplies by a different copy of its weight on each call, cycling through enough
-copies that the set is several times the last-level cache: a decode step reads every weight once
-from DRAM, and a weight reused call after call would be timed from cache (docs/performance.md,
-"Where a decode step goes"). GB/s counts the weight's own bytes (int4: half a byte per weight
-plus its scales and zeros), so it compares with the memory bus directly. Times are the best of
-`calls` (each still from DRAM): on a shared 2-core machine a preempted OpenMP thread stalls a
-call by milliseconds, which a median of small kernels cannot average away; the median is in
-the JSON too.
+copies that the set is twice the CPU's last-level cache (sized from sysfs): a decode step reads
+every weight once from DRAM, and a weight reused call after call would be timed from cache
+(docs/performance.md, "Where a decode step goes"). Until session 20 the copies covered a fixed
+32 MiB eight times; the Intel Xeon we measure on reports 480 MiB, so its rows were timed from
+cache (docs/performance.md, "W8A8 at one row, from DRAM"). Reading a buffer larger than the
+cache before each call instead was tried and dropped: it evicts the code, the input and the
+page tables too, and added a fixed ~0.1-1 ms a call that no decode step pays. GB/s counts the
+weight's own bytes (int4: half a byte per weight plus its scales and zeros), so it compares
+with the memory bus directly. Times are the best of `calls` (each still from DRAM): on a shared
+2-core machine a preempted OpenMP thread stalls a call by milliseconds, which a median of small
+kernels cannot average away; the median is in the JSON too.
 
 Variants: ``F.linear`` in fp32 and bf16; ``torch._weight_int8pack_mm`` (int8, one scale per
 output row) with fp32 and bf16 activations; ``torch._weight_int4pack_mm_for_cpu`` (int4, a scale
@@ -28,6 +32,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,10 +48,12 @@ from tdllm.model.quantized import (
     int8_quantize,
 )
 
-CACHE_BYTES = 32 << 20  # L3 of the machines we measure on; copies cover it CACHE_MULTIPLE times
-CACHE_MULTIPLE = 8
+FALLBACK_CACHE_BYTES = 32 << 20  # where sysfs names no cache size
+CACHE_MULTIPLE = 2  # the copies of a weight cover the last-level cache this often
 MIN_COPIES = 2
-MAX_COPIES = 20
+MAX_COPIES = 4096  # the bundled o_proj in bf16 needs ~1500 on a 480 MiB cache
+SYSFS_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def bundled_shapes(
@@ -63,6 +70,19 @@ def bundled_shapes(
 
 
 ONE_B_SHAPES = [("1B up", 2048, 8192), ("1B down", 8192, 2048)]
+
+
+def last_level_cache_bytes(caches: Path = SYSFS_CACHES) -> int:
+    """The largest cache CPU 0 reports (``index*/size``, e.g. ``491520K``), or
+    `FALLBACK_CACHE_BYTES` where none is readable."""
+    sizes = []
+    for size in caches.glob("index*/size"):
+        text = size.read_text().strip()
+        unit = _UNITS.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in _UNITS else text
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=FALLBACK_CACHE_BYTES)
 
 
 def _variants(weight: torch.Tensor) -> dict[str, tuple[Any, torch.dtype, int]]:
@@ -143,13 +163,20 @@ def _call(name: str) -> Callable[..., torch.Tensor]:
 
 
 def time_shape(
-    name: str, in_features: int, out_features: int, rows: tuple[int, ...], calls: int
+    name: str,
+    in_features: int,
+    out_features: int,
+    rows: tuple[int, ...],
+    calls: int,
+    cache_bytes: int = FALLBACK_CACHE_BYTES,
 ) -> list[dict[str, Any]]:
+    """Each variant's best and median time per call at each row count, its copies covering
+    `cache_bytes` `CACHE_MULTIPLE` times."""
     gen = torch.Generator().manual_seed(0)
     results = []
     base = torch.randn(out_features, in_features, generator=gen) * 0.05
     for variant, (operands, act, nbytes) in _variants(base).items():
-        copies = max(MIN_COPIES, min(MAX_COPIES, -(-CACHE_MULTIPLE * CACHE_BYTES // nbytes)))
+        copies = max(MIN_COPIES, min(MAX_COPIES, -(-CACHE_MULTIPLE * cache_bytes // nbytes)))
         # distinct storage per copy (values equal: the kernels' time does not depend on them)
         if variant == W8A8:  # FBGEMM's packing is a copy of its own
             sets: list[tuple[Any, ...]] = [(_w8a8_layer(base),) for _ in range(copies)]
@@ -199,16 +226,24 @@ def run_kernel_bench(
     from tdllm_lab.bench.machine import machine
 
     shapes = bundled_shapes() + (ONE_B_SHAPES if one_b else [])
+    cache = last_level_cache_bytes()
     results = []
     with torch.no_grad():
         for name, k, n in shapes:
             progress(f"linear-kernels: {name} {k}->{n}")
-            results += time_shape(name, k, n, rows, calls)
-    return {"machine": machine(), "threads": torch.get_num_threads(), "results": results}
+            results += time_shape(name, k, n, rows, calls, cache)
+    return {
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
+        "last_level_cache_mib": cache >> 20,
+        "results": results,
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{report['threads']} threads; best us per call (weight GB/s)"]
+    cache = report.get("last_level_cache_mib")
+    covered = f"; copies cover {CACHE_MULTIPLE}x a {cache} MiB cache" if cache else ""
+    lines = [f"{report['threads']} threads; best us per call (weight GB/s){covered}"]
     variants = list(dict.fromkeys(r["variant"] for r in report["results"]))
     keys = list(
         dict.fromkeys((r["shape"], r["in"], r["out"], r["rows"]) for r in report["results"])

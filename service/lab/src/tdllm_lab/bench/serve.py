@@ -10,13 +10,12 @@ a time on the same model, prompt, dtype and max_batch, each stopped fully before
 `tdllm` is the service on our engine, `vllm` the service with engine=vllm (our front relaying to
 vLLM's OpenAI server on a Unix socket), `vllm-alone` vLLM's server started as the service starts
 it (same model directory, loader plugin, args and KV size) but on 127.0.0.1 with no front, so
-`vllm / vllm-alone` is what the front costs. `tdllm-int8`, `tdllm-w8a8` and `tdllm-int4` are
-the service on our engine with that `quant` (weights quantized at load). Peak RSS is the
-largest sampled sum of the RSS of every process in the server's tree (service, gunicorn worker,
-vLLM and its engine processes),
-sampled with psutil every RSS_SAMPLE_S during each concurrency level; pages shared between
-forked processes count once per process, so for vLLM it overstates; `pss_mib` (proportional set
-size, taken once after each level) does not.
+`vllm / vllm-alone` is what the front costs. `tdllm-int8`, `tdllm-w8a8`, `tdllm-w8a8-onednn` and
+`tdllm-int4` are the service on our engine with that `quant` (weights quantized at load).
+Peak RSS is the largest sampled sum of the RSS of every process in the server's tree (service,
+gunicorn worker, vLLM and its engine processes), sampled with psutil every RSS_SAMPLE_S during
+each concurrency level; pages shared between forked processes count once per process, so for
+vLLM it overstates; `pss_mib` (proportional set size, taken once after each level) does not.
 """
 
 from __future__ import annotations
@@ -38,7 +37,15 @@ from tdllm.errors import UsageError
 from tdllm_lab.local_service import LocalService, free_port
 
 # tdllm-<quant>: our engine with that `quant` setting
-ENGINES = ("tdllm", "tdllm-int8", "tdllm-w8a8", "tdllm-int4", "vllm", "vllm-alone")
+ENGINES = (
+    "tdllm",
+    "tdllm-int8",
+    "tdllm-w8a8",
+    "tdllm-w8a8-onednn",
+    "tdllm-int4",
+    "vllm",
+    "vllm-alone",
+)
 VLLM_PYTHON_ENV = "TDLLM_VLLM_PYTHON"
 DEFAULT_VLLM_PYTHON = Path(".venv-vllm/bin/python")  # `make vllm`, from the repository root
 VLLM_START_S = 900.0

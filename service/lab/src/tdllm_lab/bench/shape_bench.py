@@ -39,8 +39,13 @@ from tdllm_lab.bench.synthetic_shapes import (
 
 # ours-compiled: our engine with its decode step compiled (`compile: decode`); ours-w8a8: the
 # Q8_0 file as W8A8 (`quant: w8a8`, activations rounded to int8 too) instead of weight-only int8;
-# ours-compiled-w8a8: both
-OURS = ("ours", "ours-compiled", "ours-w8a8", "ours-compiled-w8a8")
+# ours-compiled-w8a8: both; ours-w8a8-onednn: W8A8 on oneDNN's int8 GEMM (`quant: w8a8-onednn`)
+W8A8_ENGINES = {
+    "ours-w8a8": "w8a8",
+    "ours-compiled-w8a8": "w8a8",
+    "ours-w8a8-onednn": "w8a8-onednn",
+}
+OURS = ("ours", "ours-compiled", *W8A8_ENGINES)
 PEERS = (llama_cpp_peer.ENGINE, vllm_peer.ENGINE)
 ENGINES = (*OURS, *PEERS)
 DEFAULT_FORMATS = ("f16", "q8_0", "q4_0")
@@ -49,7 +54,13 @@ RUNTIME_BYTES = 0.8e9  # interpreter, torch or llama.cpp, compute buffers and lo
 COMPILER_BYTES = 0.5e9  # dynamo, inductor and the compiled graph's buffers (measured ~0.3)
 VLLM_RUNTIME_BYTES = 2.5e9  # vLLM, its compiler and buffers (measured 2.2 GB on the 135M shape)
 # our engine's bytes per weight in memory, per quant (int4 g32: bf16 scale + zero per 32 weights)
-OURS_BYTES_PER_WEIGHT = {"none": 2.0, "int8": 1.0, "w8a8": 1.0, "int4": 0.5 + 4 / 32}
+OURS_BYTES_PER_WEIGHT = {
+    "none": 2.0,
+    "int8": 1.0,
+    "w8a8": 1.0,
+    "w8a8-onednn": 1.0,
+    "int4": 0.5 + 4 / 32,
+}
 
 
 def ours_decode_bytes(shape: Shape, quant: str) -> int:
@@ -105,6 +116,7 @@ def memory_needed(shape: Shape, fmt: str, max_tokens: int, batch: int = 8) -> di
         "ours-compiled": ours + kv + RUNTIME_BYTES + COMPILER_BYTES,
         "ours-w8a8": ours + kv + RUNTIME_BYTES,
         "ours-compiled-w8a8": ours + kv + RUNTIME_BYTES + COMPILER_BYTES,
+        "ours-w8a8-onednn": ours + kv + RUNTIME_BYTES,
         llama_cpp_peer.ENGINE: peer + RUNTIME_BYTES,
         # vLLM's KV cache is the fixed space it is given; q4_0: no vLLM run (`_run_one`)
         vllm_peer.ENGINE: vllm_weights + vllm_peer.KV_CACHE_GIB * 2**30 + VLLM_RUNTIME_BYTES
@@ -247,7 +259,7 @@ def _run_one(
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     base = {"engine": engine, "format": fmt}
-    if engine.endswith("w8a8") and format_named(fmt)[2] != "int8":
+    if engine in W8A8_ENGINES and format_named(fmt)[2] != "int8":
         return base | {"status": "w8a8 runs the q8_0 file only"}
     if engine == vllm_peer.ENGINE:
         return base | _run_vllm(path, fmt, prompt_tokens, new_tokens, repeats, threads,
@@ -333,9 +345,9 @@ def failed_workers(report: dict[str, Any]) -> list[str]:
 
 
 def ours_quant(engine: str, fmt: str) -> str:
-    """Our engine's `quant` for a format's file: the format's own, or w8a8 for ours-w8a8 and
-    ours-compiled-w8a8."""
-    return "w8a8" if engine.endswith("w8a8") else format_named(fmt)[2]
+    """Our engine's `quant` for a format's file: the format's own, or the W8A8 engines' own
+    (`W8A8_ENGINES`)."""
+    return W8A8_ENGINES.get(engine) or format_named(fmt)[2]
 
 
 def peer_ratios(
