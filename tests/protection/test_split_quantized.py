@@ -32,6 +32,7 @@ QUANT_METHOD = {
     "int8": Int8WeightOnlyMethod,
     "int4": Int4WeightOnlyMethod,
     "w8a8": Int8DynamicMethod,
+    "w8a8-onednn": Int8DynamicMethod,
 }
 
 
@@ -57,7 +58,7 @@ def served() -> Iterator[list[ServedModel]]:
         model.close()
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4", "w8a8"])
+@pytest.mark.parametrize("quant", ["int8", "int4", "w8a8", "w8a8-onednn"])
 def test_split_with_quant_keeps_the_tail_quantized_and_equals_its_td_reference_bit_for_bit(
     quant: str, private_checkpoint, reference_file: Path, served: list[ServedModel]
 ) -> None:  # type: ignore[no-untyped-def]

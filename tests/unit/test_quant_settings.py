@@ -19,6 +19,7 @@ from tests.tiny_model import TINY
 def test_quant_defaults_to_none_and_comes_from_the_environment() -> None:
     assert Settings().quant == "none"
     assert load_settings(environ={"TDLLM_QUANT": "int8"}).quant == "int8"
+    assert load_settings(environ={"TDLLM_QUANT": "w8a8-onednn"}).quant == "w8a8-onednn"
 
 
 def test_serve_takes_quant_and_shows_it_in_the_resolved_settings() -> None:
