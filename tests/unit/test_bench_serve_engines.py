@@ -29,6 +29,16 @@ def test_engines_parse_in_order_once_each() -> None:
         parse_engines(" , ")
 
 
+def test_the_engine_help_names_every_engine() -> None:
+    from tdllm_lab.bench.commands import bench_serve
+    from tdllm_lab.bench.serve import ENGINES
+
+    option = next(p for p in bench_serve.params if p.name == "engines")
+    assert option.help is not None
+    listed = option.help.split("any of ")[1].split(" ")[0].split(",")
+    assert listed == list(ENGINES)
+
+
 def test_client_counts_parse() -> None:
     assert parse_counts("1,8,32") == [1, 8, 32]
     for bad in ("1,x", "0", ""):

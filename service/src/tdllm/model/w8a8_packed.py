@@ -9,11 +9,10 @@ on its own grid, the caller's doing) with two range columns, rounded to u8 on th
   rounds the input itself, from the range the two columns fix.
 - ``onednn``: oneDNN's int8 GEMM (``onednn::qlinear_pointwise``), which uses AMX tiles where
   the CPU has them. We round the input to the same grid here and leave the range columns out
-  (its weights have none). On an AMX Xeon, in the engine on the 1B shape: prefill 1.5-1.6x
-  FBGEMM's, decode at batch 8 1.2-1.35x, at batch 1 0.88-0.92x (docs/performance.md, "W8A8 on
-  oneDNN's int8 GEMM"; the one-row loss is the kernel's read of its weights from DRAM, not the
-  rounding around it). ``quant: w8a8-onednn`` runs it; ``w8a8`` and int4's W8A8 head stay on
-  FBGEMM.
+  (its weights have none). On an AMX Xeon, in the engine on the 1B shape: prefill 1.4-1.75x
+  FBGEMM's, decode at 8-32 sequences 1.14-1.3x, at one 0.83-0.99x: at one row it streams the
+  weights ~8% slower, whatever the packing (docs/performance.md, "W8A8 at one row, from
+  DRAM"). ``quant: w8a8-onednn`` runs it; ``w8a8`` and int4's W8A8 head stay on FBGEMM.
 
 A large projection is packed as several row chunks of at most `CHUNK_BYTES`, each its own
 matrix, packed on as many threads as torch uses: FBGEMM packs one matrix on one core, and a
@@ -68,8 +67,8 @@ _handles = itertools.count()
 
 
 def default_backend() -> str:
-    """``fbgemm``: oneDNN's int8 GEMM wins batches and prefill on AMX CPUs but loses 8-12% at
-    one row (measured); a deployment picks it by name (``quant: w8a8-onednn``)."""
+    """``fbgemm``: oneDNN's int8 GEMM wins batches and prefill on AMX CPUs but loses up to 17%
+    at one row (measured); a deployment picks it by name (``quant: w8a8-onednn``)."""
     return "fbgemm"
 
 

@@ -4,15 +4,15 @@
 Every variant multiplies by a different copy of its weight on each call, cycling through enough
 copies that the set is twice the CPU's last-level cache (sized from sysfs): a decode step reads
 every weight once from DRAM, and a weight reused call after call would be timed from cache
-(docs/performance.md, "Where a decode step goes"). Until session 20 the copies covered a fixed
-32 MiB eight times; the Intel Xeon we measure on reports 480 MiB, so its rows were timed from
-cache (docs/performance.md, "W8A8 at one row, from DRAM"). Reading a buffer larger than the
-cache before each call instead was tried and dropped: it evicts the code, the input and the
-page tables too, and added a fixed ~0.1-1 ms a call that no decode step pays. GB/s counts the
-weight's own bytes (int4: half a byte per weight plus its scales and zeros), so it compares
-with the memory bus directly. Times are the best of `calls` (each still from DRAM): on a shared
-2-core machine a preempted OpenMP thread stalls a call by milliseconds, which a median of small
-kernels cannot average away; the median is in the JSON too.
+(docs/performance.md, "Where a decode step goes"). Until session 20 the copies covered a fixed 32
+MiB eight times; the Intel Xeon we measure on reports 480 MiB, which such a set fits in (its 1B
+rows barely moved when this changed: docs/performance.md, "W8A8 at one row, from DRAM"). Reading a
+buffer larger than the cache before each call instead was tried and dropped: it evicts the code,
+the input and the page tables too, and added a fixed ~0.1-1 ms a call that no decode step pays.
+GB/s counts the weight's own bytes (int4: half a byte per weight plus its scales and zeros), so it
+compares with the memory bus directly. Times are the best of `calls` (each still from DRAM): on a
+shared 2-core machine a preempted OpenMP thread stalls a call by milliseconds, which a median of
+small kernels cannot average away; the median is in the JSON too.
 
 Variants: ``F.linear`` in fp32 and bf16; ``torch._weight_int8pack_mm`` (int8, one scale per
 output row) with fp32 and bf16 activations; ``torch._weight_int4pack_mm_for_cpu`` (int4, a scale
