@@ -14,17 +14,17 @@ compares with the memory bus directly. Times are the best of `calls` (each still
 shared 2-core machine a preempted OpenMP thread stalls a call by milliseconds, which a median of
 small kernels cannot average away; the median is in the JSON too.
 
-Variants: ``F.linear`` in fp32 and bf16; ``torch._weight_int8pack_mm`` (int8, one scale per
-output row) with fp32 and bf16 activations; ``torch._weight_int4pack_mm_for_cpu`` (int4, a scale
-and zero per group of 32/64/128 inputs) with bf16 activations, where this torch build has it;
-W8A8 (`Int8DynamicMethod`: the int8 weights, activations rounded to int8 per row, FBGEMM), timed
-as the layer runs it (the rounding and the range columns included), on VNNI CPUs; the same
-W8A8 product on oneDNN's int8 GEMM instead (``onednn::qlinear_pointwise``, which uses AMX tiles
-where the CPU has them: what vLLM's CPU build runs W8A8 on), each row rounded on its own grid
-as ours (a fixed u8 grid of 127 steps a side around 128, the row's max mapped to 127), as
-`Int8DynamicMethod`'s second backend runs it (``backend="onednn"``, not the default); and the
-int8 and int4 methods' prefill paths (their weights widened to bf16 a block at a time for
-oneDNN's GEMM), whose crossover with the kernels sets ``PREFILL_MIN_ROWS``.
+Variants: ``F.linear`` in fp32 and bf16; ``torch._weight_int8pack_mm`` (int8, one scale per output
+row) with fp32 and bf16 activations; ``torch._weight_int4pack_mm_for_cpu`` (int4, a scale and zero
+per group of 32/64/128 inputs) with bf16 activations, where this torch build has it; W8A8
+(`Int8DynamicMethod`: the int8 weights, activations rounded to int8 per row, FBGEMM), timed as the
+layer runs it (the rounding and the range columns included), on VNNI CPUs; the same W8A8 product on
+oneDNN's int8 GEMM instead (``onednn::qlinear_pointwise``, which uses AMX tiles where the CPU has
+them; vLLM's CPU build uses oneDNN's int8 matmul where the CPU lacks AMX), each row rounded on its
+own grid as ours (a fixed u8 grid of 127 steps a side around 128, the row's max mapped to 127), as
+`Int8DynamicMethod`'s second backend runs it (``backend="onednn"``, `quant: w8a8-onednn`); and the
+int8 and int4 methods' prefill paths (their weights widened to bf16 a block at a time for oneDNN's
+GEMM), whose crossover with the kernels sets ``PREFILL_MIN_ROWS``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ vLLM does not run GGUF on a CPU, so the shape's file is written once more as a H
 checkpoint (`ensure_checkpoint`: our own reading of the GGUF, so the same weights in the same
 layout): the f16 file as bf16 safetensors, the q8_0 file as a compressed-tensors W8A8 checkpoint
 (int8 weights with a scale per output channel, activations rounded to int8 per token at run
-time: the scheme of our `w8a8`, run by vLLM's oneDNN int8 kernel). vLLM keeps the embedding,
+time: the scheme of our `w8a8`; on an AMX CPU vLLM runs it on its own AMX int8 GEMM,
+``int8_scaled_mm_with_quant``, elsewhere on oneDNN's). vLLM keeps the embedding,
 and the head tied to it, in bf16. q4_0 has no counterpart here.
 
 The measurement runs in vLLM's own virtual environment (`make vllm`) as
