@@ -473,13 +473,13 @@ class Int4WeightOnlyMethod(_StagedQuantMethod):
 
 def quant_table(quant: str) -> LinearMethodTable:
     """The methods of every projection for a ``quant`` setting. int4 keeps the lm_head int8
-        (as llama.cpp's Q4 mixes keep their output tensor wider): the bundled model's tied head
-        loses 9% of its norm to int4 g32 against 1.2% to int8, and it dominated int4's perplexity.
-        That head is W8A8: FBGEMM reads it 1.5-2x faster than ``_weight_int8pack_mm``, at the
-        same perplexity (measured). w8a8 keeps q|k|v weight-only: their input (the attention
-        norm's output) has the outliers; rounded per row it alone cost +2.2% perplexity, every
-        other projection under +0.2% (docs/performance.md, "W8A8"). w8a8-onednn is w8a8 on oneDNN's
-    int8 GEMM (`W8A8_BACKENDS`)."""
+    (as llama.cpp's Q4 mixes keep their output tensor wider): the bundled model's tied head
+    loses 9% of its norm to int4 g32 against 1.2% to int8, and it dominated int4's perplexity.
+    That head is W8A8: FBGEMM reads it 1.5-2x faster than ``_weight_int8pack_mm``, at the
+    same perplexity (measured). w8a8 keeps q|k|v weight-only: their input (the attention
+    norm's output) has the outliers; rounded per row it alone cost +2.2% perplexity, every
+    other projection under +0.2% (docs/performance.md, "W8A8"). w8a8-onednn is w8a8 on
+    oneDNN's int8 GEMM (`W8A8_BACKENDS`)."""
     if quant == "int4":
         return LinearMethodTable([("lm_head", Int8DynamicMethod())], Int4WeightOnlyMethod())
     if quant in W8A8_BACKENDS:

@@ -36,8 +36,8 @@ class ProtectionOptions:
     obfuscation_eta: float = 1 / 16  # obfuscated: decoy share per head and per projection
     obfuscation_seed: int | None = None  # obfuscated: None draws the secrets from the OS CSPRNG
     # quantization at load, "none" | "int8" | "int4" | "w8a8" | "w8a8-onednn"
-    # (tdllm.model.quantized): td-only's
-    # every projection; split's private tail and lm_head (its public prefix stays as it is)
+    # (tdllm.model.quantized): td-only's every projection; split's private tail and lm_head
+    # (its public prefix stays as it is)
     quant: str = "none"
 
     def __post_init__(self) -> None:
