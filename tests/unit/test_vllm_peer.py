@@ -134,6 +134,9 @@ def test_vllms_memory_and_decode_bytes_count_its_bf16_head() -> None:
     assert shape_bench.engine_decode_bytes(one_b, "vllm-cpu", "q8_0") == w8a8
     need = shape_bench.memory_needed(one_b, "q8_0", 256)
     assert need["vllm-cpu"] > w8a8 + shape_bench.VLLM_RUNTIME_BYTES
+    assert set(shape_bench.ENGINES) == set(need)  # every engine has its row
+    compiler = shape_bench.COMPILER_BYTES
+    assert need["ours-compiled-w8a8"] == need["ours-w8a8"] + compiler == need["ours"] + compiler
     assert shape_bench.memory_needed(one_b, "q4_0", 256)["vllm-cpu"] == 0  # it does not run
     with pytest.raises(UsageError, match="needs about"):
         shape_bench.check_resources("1b", ["f16"], ("ours", "vllm-cpu"), 256, Path("/tmp"),

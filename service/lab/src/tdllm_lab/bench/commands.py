@@ -211,9 +211,10 @@ def bench_unseal(as_json: bool) -> None:
     "--engine",
     "engines",
     default=None,
-    help="compare engines side by side, one at a time: any of tdllm,tdllm-int8,tdllm-w8a8,"
-    "tdllm-w8a8-onednn,tdllm-int4,vllm,vllm-alone (tdllm-QUANT: our engine with that quant; "
-    "vllm-alone: vLLM's server as the service starts it, with no front); not with --url",
+    help="compare engines side by side, one at a time: any of "
+    + ",".join(["tdllm", *(f"tdllm-{q}" for q in QUANT.choices if q != "none"), "vllm"])
+    + ",vllm-alone (tdllm-QUANT: our engine with that quant; vllm-alone: vLLM's server as the "
+    "service starts it, with no front); not with --url",
 )
 @click.option("--clients", "client_counts", default="1,4,8", show_default=True)
 @click.option("--requests-per-client", type=click.IntRange(1, 100), default=3, show_default=True)

@@ -10,8 +10,8 @@ a time on the same model, prompt, dtype and max_batch, each stopped fully before
 `tdllm` is the service on our engine, `vllm` the service with engine=vllm (our front relaying to
 vLLM's OpenAI server on a Unix socket), `vllm-alone` vLLM's server started as the service starts
 it (same model directory, loader plugin, args and KV size) but on 127.0.0.1 with no front, so
-`vllm / vllm-alone` is what the front costs. `tdllm-int8`, `tdllm-w8a8`, `tdllm-w8a8-onednn` and
-`tdllm-int4` are the service on our engine with that `quant` (weights quantized at load).
+`vllm / vllm-alone` is what the front costs. `tdllm-QUANT` (`tdllm-int8`, `tdllm-w8a8`, ...: one
+per quant) is the service on our engine with that `quant` (weights quantized at load).
 Peak RSS is the largest sampled sum of the RSS of every process in the server's tree (service,
 gunicorn worker, vLLM and its engine processes), sampled with psutil every RSS_SAMPLE_S during
 each concurrency level; pages shared between forked processes count once per process, so for
@@ -34,18 +34,11 @@ from typing import Any
 import requests
 
 from tdllm.errors import UsageError
+from tdllm.model.quant_formats import QUANTS
 from tdllm_lab.local_service import LocalService, free_port
 
-# tdllm-<quant>: our engine with that `quant` setting
-ENGINES = (
-    "tdllm",
-    "tdllm-int8",
-    "tdllm-w8a8",
-    "tdllm-w8a8-onednn",
-    "tdllm-int4",
-    "vllm",
-    "vllm-alone",
-)
+# tdllm-<quant>: our engine with that `quant` setting, one per quant
+ENGINES = ("tdllm", *(f"tdllm-{q}" for q in QUANTS if q != "none"), "vllm", "vllm-alone")
 VLLM_PYTHON_ENV = "TDLLM_VLLM_PYTHON"
 DEFAULT_VLLM_PYTHON = Path(".venv-vllm/bin/python")  # `make vllm`, from the repository root
 VLLM_START_S = 900.0

@@ -112,11 +112,7 @@ def memory_needed(shape: Shape, fmt: str, max_tokens: int, batch: int = 8) -> di
     peer = file_bytes(shape, fmt) + kv // batch
     vllm_weights = vllm_weight_bytes(shape, fmt)
     return {
-        "ours": ours + kv + RUNTIME_BYTES,
-        "ours-compiled": ours + kv + RUNTIME_BYTES + COMPILER_BYTES,
-        "ours-w8a8": ours + kv + RUNTIME_BYTES,
-        "ours-compiled-w8a8": ours + kv + RUNTIME_BYTES + COMPILER_BYTES,
-        "ours-w8a8-onednn": ours + kv + RUNTIME_BYTES,
+        **{e: ours + kv + RUNTIME_BYTES + (COMPILER_BYTES if compiled(e) else 0) for e in OURS},
         llama_cpp_peer.ENGINE: peer + RUNTIME_BYTES,
         # vLLM's KV cache is the fixed space it is given; q4_0: no vLLM run (`_run_one`)
         vllm_peer.ENGINE: vllm_weights + vllm_peer.KV_CACHE_GIB * 2**30 + VLLM_RUNTIME_BYTES
@@ -273,7 +269,7 @@ def _run_one(
         cmd = [sys.executable, "-m", "tdllm_lab.bench.engine_worker", "ours", dtype,
                "--model", str(path), "--quant", ours_quant(engine, fmt),
                "--batch-sizes", ",".join(map(str, batch_sizes)),
-               "--compile", "decode" if engine.startswith("ours-compiled") else "off"]  # fmt: skip
+               "--compile", "decode" if compiled(engine) else "off"]  # fmt: skip
     cmd += ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens),
             "--repeats", str(repeats)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
@@ -342,6 +338,11 @@ def failed_workers(report: dict[str, Any]) -> list[str]:
     return [
         f"{r['engine']}/{r['format']}: {r['failure']}" for r in report["results"] if "failure" in r
     ]
+
+
+def compiled(engine: str) -> bool:
+    """Whether one of our engines runs its decode step compiled (`compile: decode`)."""
+    return engine.startswith("ours-compiled")
 
 
 def ours_quant(engine: str, fmt: str) -> str:
