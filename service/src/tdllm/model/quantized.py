@@ -478,13 +478,11 @@ def quant_table(quant: str) -> LinearMethodTable:
     That head is W8A8: FBGEMM reads it 1.5-2x faster than ``_weight_int8pack_mm``, at the
     same perplexity (measured). w8a8 keeps q|k|v weight-only: their input (the attention
     norm's output) has the outliers; rounded per row it alone cost +2.2% perplexity, every
-    other projection under +0.2% (docs/performance.md, "W8A8"). w8a8-onednn is w8a8 on
-    oneDNN's int8 GEMM (`W8A8_BACKENDS`)."""
+    other projection under +0.2% (docs/performance.md, "W8A8"); w8a8-onednn likewise."""
     if quant == "int4":
         return LinearMethodTable([("lm_head", Int8DynamicMethod())], Int4WeightOnlyMethod())
     if quant in W8A8_BACKENDS:
-        gemm = Int8DynamicMethod(backend=W8A8_BACKENDS[quant])
-        return LinearMethodTable([("*.qkv_proj", Int8WeightOnlyMethod())], gemm)
+        return LinearMethodTable([("*.qkv_proj", Int8WeightOnlyMethod())], quant_method(quant))
     # "none": the plain kernels, bf16 weights prepacked for oneDNN where that is faster
     return LinearMethodTable(default=quant_method(quant) or PrepackedCpuMethod())
 
