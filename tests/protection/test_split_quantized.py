@@ -96,8 +96,17 @@ def test_what_crosses_to_the_device_is_byte_for_byte_the_same_with_or_without_qu
 ) -> None:  # type: ignore[no-untyped-def]
     transcripts = []
     for quant in ("none", "int4"):
+        # audits and Freivalds checks off: a check drawn at random (1% of steps by default)
+        # adds its own crossings to one run and not the other (a CI run failed on this)
         options = ProtectionOptions(
-            "split", "cpu", K, reference_file, audit_rate=0.0, keep_payloads=True, quant=quant
+            "split",
+            "cpu",
+            K,
+            reference_file,
+            audit_rate=0.0,
+            freivalds_rate=0.0,
+            keep_payloads=True,
+            quant=quant,
         )
         split = build_model(private_checkpoint, torch.float32, options, MAX_BATCH, MAX_SEQ)
         served.append(split)
