@@ -32,10 +32,9 @@ def test_serve_takes_quant_and_shows_it_in_the_resolved_settings() -> None:
     ("changes", "message"),
     [
         ({"quant": "int3"}, "quant must be one of none, int8, int4"),
-        ({"quant": "int8", "profile": "obfuscated"}, "runs with profile 'td-only' or 'split'"),
         (
-            {"quant": "int4", "profile": "masked"},
-            "runs with profile 'td-only' or 'split' ('masked'",
+            {"quant": "int8", "profile": "obfuscated"},
+            "runs with profile 'td-only', 'split' or 'masked' ('obfuscated' runs every product",
         ),
         (
             {"quant": "int8", "engine": "vllm", "vllm_python": "/bin/true"},
@@ -43,17 +42,19 @@ def test_serve_takes_quant_and_shows_it_in_the_resolved_settings() -> None:
         ),
     ],
 )
-def test_settings_refuse_quant_outside_td_only_and_split_on_the_tdllm_engine(
+def test_settings_refuse_quant_with_obfuscated_or_outside_the_tdllm_engine(
     changes: dict[str, str], message: str
 ) -> None:
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
         Settings(**changes)  # type: ignore[arg-type]
 
 
-def test_protection_options_refuse_quant_with_masked_and_obfuscated_only() -> None:
-    with pytest.raises(UsageError, match="runs with profile 'td-only' or 'split'"):
+def test_protection_options_refuse_quant_with_obfuscated_only() -> None:
+    with pytest.raises(UsageError, match="runs with profile 'td-only', 'split' or 'masked'"):
         ProtectionOptions("obfuscated", quant="int8")
     assert ProtectionOptions("split", quant="int4").quant == "int4"
+    assert ProtectionOptions("masked", quant="w8a8").quant == "w8a8"
+    assert Settings(quant="int4", profile="masked").quant == "int4"
     with pytest.raises(UsageError, match="unknown quant"):
         ProtectionOptions(quant="fp8")
 

@@ -119,7 +119,8 @@ def cli() -> None:
     type=QUANT,
     default="none",
     show_default=True,
-    help="td-only, split's private tail: keep the weights int8/int4 (quantized at load; "
+    help="td-only, split's private tail, masked's TD-held delta and head: keep the weights "
+    "int8/int4 (quantized at load; "
     "activations stay --dtype); "
     "w8a8: int8 weights, activations rounded to int8 per row (fastest on VNNI CPUs); "
     "w8a8-onednn: w8a8 on oneDNN's int8 GEMM (faster prefill and batches on AMX CPUs)",

@@ -7,6 +7,9 @@ Each block projection gets a `MaskedLinearMethod` that loads MODEL's weight and,
 (public), ``MODEL - BASE`` stays in the TD (dense, or its rank-r SVD with the residual reported).
 With ``crossing=None`` the same build is the TD-only reference with the same quantization, the
 path the masked one must match bit for bit.
+
+With ``quant`` the TD's own weights take td-only's methods for it (`quant_table`, by name): a
+dense delta, and the lm_head. The device's product is unchanged (the scheme's public int8).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.config import ModelConfig
 from tdllm.model.linear import Linear, LinearMethodTable
 from tdllm.model.loader import load_model
+from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Transformer
 from tdllm.profiles.base import IdleWork, ProfileBase
 from tdllm.profiles.options import PINNED_REFERENCE
@@ -48,8 +52,8 @@ class Masked(ProfileBase):
         # BASE's int8 weights cross only if BASE is the pinned public checkpoint: a BASE path
         # pointing at the private model would otherwise put MODEL on the device
         reference = PublicReference.load(o.public_reference or PINNED_REFERENCE)
-        self.method = masked_method(base, self.crossing, o.masked_rank, reference)
-        return LinearMethodTable([(MASKED_LAYERS, self.method)])
+        self.method = masked_method(base, self.crossing, o.masked_rank, reference, o.quant)
+        return masked_methods(self.method, o.quant)
 
     def after_load(self, model: Transformer, checkpoint: Checkpoint) -> None:
         if self.method is not None:
@@ -67,14 +71,15 @@ def build_masked(
     rank: int | None = None,
     check_rate: float = 1.0,
     reference: PublicReference | None = None,
+    quant: str = "none",
 ) -> tuple[Transformer, MaskedLinearMethod]:
     """MODEL `checkpoint` with masked projections over `crossing` (None: the TD reference
     path), outside a served profile: `tdllm prepare`, fidelity and equivalence measurements,
     attacks. `reference` None: the caller declares BASE public as it is (lab use only; the
     served profile checks BASE against the pinned reference)."""
     check_same_shape(checkpoint.config, base.config)
-    method = masked_method(base, crossing, rank, reference, check_rate)
-    model, _ = load_model(checkpoint, dtype, LinearMethodTable([(MASKED_LAYERS, method)]))
+    method = masked_method(base, crossing, rank, reference, quant, check_rate)
+    model, _ = load_model(checkpoint, dtype, masked_methods(method, quant))
     method.base = None
     return model, method
 
@@ -84,6 +89,7 @@ def masked_method(
     crossing: Crossing | None,
     rank: int | None,
     reference: PublicReference | None,
+    quant: str = "none",
     check_rate: float = 1.0,
 ) -> MaskedLinearMethod:
     if rank is not None and rank < 1:
@@ -93,7 +99,17 @@ def masked_method(
         reference = PublicReference.build(base.name, tensors.items())
     elif crossing is not None:  # all of BASE checked before a single byte is sent
         reference.verify(tensors)
-    return MaskedLinearMethod(crossing, check_rate, weights, rank, reference)
+    delta_methods = None if quant == "none" else quant_table(quant)
+    return MaskedLinearMethod(crossing, check_rate, weights, rank, reference, delta_methods)
+
+
+def masked_methods(method: MaskedLinearMethod, quant: str) -> LinearMethodTable:
+    """Every block projection masked; the lm_head plain, or on `quant`'s method for it."""
+    if quant == "none":
+        return LinearMethodTable([(MASKED_LAYERS, method)])
+    return LinearMethodTable(
+        [(MASKED_LAYERS, method), ("lm_head", quant_table(quant).method_for("lm_head"))]
+    )
 
 
 def check_same_shape(cfg: ModelConfig, base_cfg: ModelConfig) -> None:

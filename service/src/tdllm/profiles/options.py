@@ -37,7 +37,8 @@ class ProtectionOptions:
     obfuscation_seed: int | None = None  # obfuscated: None draws the secrets from the OS CSPRNG
     # quantization at load, "none" | "int8" | "int4" | "w8a8" | "w8a8-onednn"
     # (tdllm.model.quantized): td-only's every projection; split's private tail and lm_head
-    # (its public prefix stays as it is)
+    # (its public prefix stays as it is); masked's TD-held delta and lm_head (the device's
+    # public int8 product is the scheme's own)
     quant: str = "none"
 
     def __post_init__(self) -> None:
@@ -46,8 +47,9 @@ class ProtectionOptions:
             raise UsageError(f"unknown device {self.device!r}; choose {', '.join(DEVICE_KINDS)}")
         if self.quant not in QUANTS:
             raise UsageError(f"unknown quant {self.quant!r}; choose {', '.join(QUANTS)}")
-        if self.quant != "none" and self.profile not in ("td-only", "split"):
+        if self.quant != "none" and self.profile == "obfuscated":
             raise UsageError(
-                f"quant {self.quant!r} runs with profile 'td-only' or 'split' ({self.profile!r} "
-                "runs every block's products with linear methods of its own)"
+                f"quant {self.quant!r} runs with profile 'td-only', 'split' or 'masked' "
+                "('obfuscated' runs every product on the device: the TD holds no weight to "
+                "quantize)"
             )

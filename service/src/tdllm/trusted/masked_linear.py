@@ -8,7 +8,8 @@ For ``y = x @ W.T`` with ``W = W0 + D`` (W0 the public base weight, D the secret
    the int8 quantization of the PUBLIC base weight, the only weight it ever holds;
 3. the TD checks it (`modular_freivalds`, every call), unmasks ``y_q = y~ - r @ W0_q.T mod
    2^32`` (exact: ``|x_q @ W0_q.T| < 2^31``), dequantizes, and adds the delta ``x @ D.T`` itself
-   (dense, or the rank-r factors ``B @ A`` of its SVD).
+   (dense fp32, dense in a ``quant``'s kernel for that projection, or the rank-r factors
+   ``B @ A`` of its SVD).
 
 With no crossing (`crossing=None`) the same method is the TD's plain reference: it computes
 ``x_q @ W0_q.T`` exactly in TD memory and does everything else identically, so greedy tokens
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tdllm.model.linear import Linear, PlainCpuMethod
+from tdllm.model.linear import Linear, LinearMethod, LinearMethodTable, PlainCpuMethod
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.errors import DeviceIntegrityError
 from tdllm.trusted.masked_ring import (
@@ -52,6 +53,8 @@ class MaskedState:
     weight_t64: list[torch.Tensor]  # float64 W0_q.T chunks: exact TD products (pads, reference)
     x_max: int
     delta: torch.Tensor | None = None  # dense [out, in] fp32, or None
+    # the dense delta held by a quant's method instead (int8/int4 in the TD), or None
+    delta_layer: Linear | None = None
     factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (B [out, r], A [r, in]) fp32
     pads: PadPool | None = None
     freivalds: ModularFreivalds | None = None
@@ -94,6 +97,7 @@ class MaskedLinearMethod(PlainCpuMethod):
         base: BaseWeights | None = None,
         rank: int | None = None,
         reference: PublicReference | None = None,
+        delta_methods: LinearMethodTable | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= check_rate <= 1.0:
@@ -102,6 +106,9 @@ class MaskedLinearMethod(PlainCpuMethod):
         self.check_rate = check_rate
         self.base, self.rank = base, rank
         self.reference = reference  # what BASE must be before its int8 weights may cross
+        # a quant's methods by projection name: a dense delta is kept by one of them (None:
+        # fp32, as loaded)
+        self.delta_methods = delta_methods
         self.failure: DeviceIntegrityError | None = None
         self.stats = MaskedStats()
         self.report = MaskedReport()
@@ -140,6 +147,10 @@ class MaskedLinearMethod(PlainCpuMethod):
         q, scale = quantize_weight(base_weight)
         state = MaskedState(layer.name, q, scale, wide_chunks(q), x_max_for(layer.in_features))
         residual = _set_delta(state, model_weight - base_weight, rank)
+        if state.delta is not None and self.delta_methods is not None:
+            method = self.delta_methods.method_for(layer.name)
+            state.delta_layer = _kept_by(layer, state.delta, method, plain.dtype)
+            state.delta = None
         if self.crossing is not None:
             if self.reference is None:
                 raise ValueError(f"{layer.name}: no public reference to check BASE against")
@@ -169,6 +180,8 @@ class MaskedLinearMethod(PlainCpuMethod):
         y = (y_q.to(torch.float64) * (x_scale[:, None] * state.scale[None, :])).float()
         if state.delta is not None:
             y = y + rows.float() @ state.delta.T
+        elif state.delta_layer is not None:
+            y = y + state.delta_layer(rows).float()
         elif state.factors is not None:
             b, a = state.factors
             y = y + (rows.float() @ a.T) @ b.T
@@ -207,6 +220,18 @@ class MaskedLinearMethod(PlainCpuMethod):
 
 def _fused(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.float() for t in parts.values()])
+
+
+def _kept_by(
+    layer: Linear, delta: torch.Tensor, method: LinearMethod, dtype: torch.dtype
+) -> Linear:
+    """`layer`'s dense delta as a projection of its own on `method` (a quant's kernel, which
+    stages and scrubs its copies like any projection's)."""
+    kept = Linear(f"{layer.name}.delta", layer.in_features, layer.out_features, method, dtype)
+    kept.load_weight(delta)
+    method.after_load(kept)
+    delta.zero_()  # the fp32 copy is not kept: scrubbed as the methods scrub their staging
+    return kept
 
 
 def _int8_of(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -15,6 +15,7 @@ import click
 from tdllm.cli import QUANT, status
 from tdllm.errors import TdllmError, UsageError
 from tdllm.model.compile_modes import COMPILE_MODES
+from tdllm.model.quant_formats import QUANTS
 from tdllm.profiles.options import DEFAULT_K
 from tdllm_lab.protection.commands import CACHE_DIR
 
@@ -374,8 +375,8 @@ def bench_soak(
     type=QUANT,
     default="none",
     show_default=True,
-    help="td-only's projections and split's private tail int8/int4 (masked and obfuscated "
-    "refuse a quant: their rows are left out)",
+    help="td-only's projections, split's private tail and masked's TD-held delta and head "
+    "int8/int4 (obfuscated refuses a quant: its rows are left out)",
 )
 @CACHE_DIR
 def bench_split(
@@ -738,6 +739,14 @@ def _positive_ints(text: str, option: str) -> tuple[int, ...]:
     multiple=True,
     help="instead: quantized QUANT (repeatable) in fp32 and bf16 against fp32 and bf16",
 )
+@click.option(
+    "--masked-quant",
+    "masked_quants",
+    type=click.Choice([q for q in QUANTS if q != "none"]),
+    multiple=True,
+    help="also masked with QUANT (repeatable): its TD-held delta and lm_head quantized (a "
+    "delta needs a MODEL that differs from BASE, e.g. a `tdllm finetune-tail` directory)",
+)
 @CACHE_DIR
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def bench_fidelity(
@@ -747,6 +756,7 @@ def bench_fidelity(
     new_tokens: int | None,
     bf16_floor: bool,
     quants: tuple[str, ...],
+    masked_quants: tuple[str, ...],
     cache_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -765,6 +775,8 @@ def bench_fidelity(
         return
     if cache_dir is not None or bf16_floor:
         raise click.UsageError("--cache-dir and --bf16-floor need --private")
+    if quants and masked_quants:
+        raise click.UsageError("--masked-quant adds rows to masked's report, not to --quant's")
     if quants:
         from tdllm_lab.bench.quant_fidelity import measure_quant
 
@@ -773,7 +785,7 @@ def bench_fidelity(
         from tdllm_lab.protection.masked_fidelity import measure
 
         checkpoint = open_checkpoint(model or "bundled")
-        report = measure(checkpoint, open_checkpoint(base), new_tokens or 16)
+        report = measure(checkpoint, open_checkpoint(base), new_tokens or 16, masked_quants)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

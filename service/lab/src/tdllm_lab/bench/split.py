@@ -41,8 +41,8 @@ TAILS = ("finetuned", "stand-in")
 
 def configs(devices: tuple[str, ...], quant: str = "none") -> list[tuple[str, str]]:
     """td-only first (every ratio is to it), then each device profile on each device (with a
-    quant, split only: masked and obfuscated refuse one)."""
-    profiles = DEVICE_PROFILES if quant == "none" else ("split",)
+    quant, split and masked: obfuscated refuses one)."""
+    profiles = DEVICE_PROFILES if quant == "none" else ("split", "masked")
     return [("td-only", "cpu")] + [(p, d) for p in profiles for d in devices]
 
 

@@ -124,7 +124,11 @@ def td_flop_share(cfg: ModelConfig, context: int) -> dict[str, float]:
     }
 
 
-def measure(checkpoint: Checkpoint, base: Checkpoint, new_tokens: int) -> dict[str, Any]:
+def measure(
+    checkpoint: Checkpoint, base: Checkpoint, new_tokens: int, quants: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """`quants`: also masked with each (its TD-held delta and head quantized), rows
+    ``masked-int8+QUANT``; with MODEL = BASE there is no delta and only the head differs."""
     tokenizer = checkpoint.tokenizer
     text_ids = tokenizer.encode(HELD_OUT_TEXT)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
@@ -133,13 +137,16 @@ def measure(checkpoint: Checkpoint, base: Checkpoint, new_tokens: int) -> dict[s
         "bf16": (load_model(checkpoint, torch.bfloat16)[0], torch.bfloat16),
         "masked-int8": (build_masked(checkpoint, base, torch.float32, None)[0], torch.float32),
     }
+    for quant in quants:
+        masked = build_masked(checkpoint, base, torch.float32, None, quant=quant)[0]
+        models[f"masked-int8+{quant}"] = (masked, torch.float32)
     ppl: dict[str, float] = {}
     tokens: dict[str, list[list[int]]] = {}
     seconds: dict[str, float] = {}
     for name, (model, dtype) in models.items():
         start = time.perf_counter()
         ppl[name] = perplexity(model, text_ids, dtype)
-        if name in GREEDY:
+        if name in GREEDY or name.startswith("masked-int8+"):
             tokens[name] = [greedy(model, p, new_tokens, dtype) for p in prompts]
         seconds[name] = round(time.perf_counter() - start, 1)
         print(f"{name}: perplexity {ppl[name]:.4f} ({seconds[name]} s)", file=sys.stderr)
