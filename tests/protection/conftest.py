@@ -50,6 +50,20 @@ def private_checkpoint(private_tensors: dict[str, torch.Tensor]) -> Checkpoint:
     return checkpoint_of("tiny-private", private_tensors)
 
 
+@pytest.fixture
+def base_checkpoint(base_tensors: dict[str, torch.Tensor]) -> Checkpoint:
+    return checkpoint_of("tiny-base", base_tensors)
+
+
+@pytest.fixture
+def crossings() -> Iterator[list[Crossing]]:
+    """Crossings a test opens, closed after it."""
+    opened: list[Crossing] = []
+    yield opened
+    for crossing in opened:
+        crossing.close()
+
+
 def td_only(checkpoint: Checkpoint) -> Transformer:
     return load_model(checkpoint, torch.float32)[0]
 

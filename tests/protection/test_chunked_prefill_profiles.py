@@ -4,9 +4,6 @@ from a position > 0) generates the greedy tokens of whole-prompt prefill, on the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import torch
 
 from tdllm.engine import Engine, SamplingParams
@@ -27,14 +24,6 @@ def greedy(model: Transformer, chunk: int) -> list[list[int]]:
     engine = Engine(model, NoTokenizer(), MAX_BATCH, MAX_SEQ, prefill_chunk=chunk)  # type: ignore[arg-type]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     return [c.token_ids for c in engine.generate(PROMPTS, params)]
-
-
-@pytest.fixture
-def crossings() -> Iterator[list[Crossing]]:
-    opened: list[Crossing] = []
-    yield opened
-    for crossing in opened:
-        crossing.close()
 
 
 def test_td_only_chunked_tokens_equal_whole_prompt_tokens(private_checkpoint: Checkpoint) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -11,21 +9,7 @@ from tdllm.model.checkpoint import Checkpoint
 from tdllm.profiles.masked import build_masked
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.masked_ring import exact_product, quantize_weight, wide_chunks, wrap32
-from tests.protection.conftest import checkpoint_of
 from tests.protection.engine_runs import greedy_tokens
-
-
-@pytest.fixture
-def crossings() -> Iterator[list[Crossing]]:
-    opened: list[Crossing] = []
-    yield opened
-    for crossing in opened:
-        crossing.close()
-
-
-@pytest.fixture
-def base_checkpoint(base_tensors: dict[str, torch.Tensor]) -> Checkpoint:
-    return checkpoint_of("tiny-base", base_tensors)
 
 
 @pytest.mark.parametrize("device", ["cpu", "process"])

@@ -5,7 +5,6 @@ TD path with the same quant (no crossing), and the masked path equals it bit for
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,23 +17,9 @@ from tdllm.profiles import ProtectionOptions, build_model
 from tdllm.profiles.masked import build_masked
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.public_reference import PublicReference
-from tests.protection.conftest import checkpoint_of
 from tests.protection.engine_runs import greedy_tokens, masked_method
 
 PROMPT = [5, 17, 3, 42, 8, 9, 60, 2]
-
-
-@pytest.fixture
-def crossings() -> Iterator[list[Crossing]]:
-    opened: list[Crossing] = []
-    yield opened
-    for crossing in opened:
-        crossing.close()
-
-
-@pytest.fixture
-def base_checkpoint(base_tensors: dict[str, torch.Tensor]) -> Checkpoint:
-    return checkpoint_of("tiny-base", base_tensors)
 
 
 def prompt_logits(model: Transformer) -> torch.Tensor:
@@ -80,7 +65,7 @@ def test_the_quantized_delta_changes_the_outputs_so_the_equality_above_can_fail(
 
 
 def test_what_the_device_sees_is_the_same_with_or_without_quant(
-    private_checkpoint: Checkpoint, base_tensors: dict[str, torch.Tensor]
+    private_checkpoint: Checkpoint, base_checkpoint: Checkpoint
 ) -> None:
     """The device holds BASE's public int8 weights whatever the quant: nothing quantized from
     MODEL crosses (the padded activations are fresh randomness in each run: not compared)."""
@@ -89,9 +74,8 @@ def test_what_the_device_sees_is_the_same_with_or_without_quant(
         crossing = Crossing.open("cpu", keep_payloads=True)
         try:
             model, _ = build_masked(
-                private_checkpoint, checkpoint_of("b", base_tensors), torch.float32, crossing,
-                quant=quant,
-            )  # fmt: skip
+                private_checkpoint, base_checkpoint, torch.float32, crossing, quant=quant
+            )
             prompt_logits(model)
             held.append(crossing.dump())
             sent = [r for r in crossing.transcript.records if r.direction == "to_device"]
