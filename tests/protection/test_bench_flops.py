@@ -18,7 +18,7 @@ def _td_flops(checkpoint: Checkpoint, profile: str, device: str) -> int:
     model = served.model
     try:
         engine = Engine(model, NoTokenizer(), 1, MAX_SEQ)  # type: ignore[arg-type]
-        run = _Run(profile, device, served, engine)
+        run = _Run(profile, device, "none", served, engine)
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         return run.count_flops(list(range(3, 15)), params)
     finally:

@@ -372,11 +372,14 @@ def bench_soak(
 )
 @click.option(
     "--quant",
+    "quants",
     type=QUANT,
-    default="none",
+    multiple=True,
+    default=("none",),
     show_default=True,
     help="td-only's projections, split's private tail and masked's TD-held delta and head "
-    "int8/int4 (obfuscated refuses a quant: its rows are left out)",
+    "int8/int4 (obfuscated refuses a quant: its rows are left out); repeatable: every quant's "
+    "rows in one round-robin",
 )
 @CACHE_DIR
 def bench_split(
@@ -388,7 +391,7 @@ def bench_split(
     devices: str,
     tail: str,
     dtype: str,
-    quant: str,
+    quants: tuple[str, ...],
     cache_dir: Path | None,
 ) -> None:
     """td-only vs split, masked and obfuscated on each device, on the private fine-tune
@@ -408,7 +411,7 @@ def bench_split(
         device_list(devices),
         tail,
         getattr(torch, dtype),
-        quant,
+        tuple(dict.fromkeys(quants)),  # each once, in the order given
     )
     click.echo(json.dumps(report, indent=2) if as_json else format_split_report(report))
 
