@@ -106,30 +106,6 @@ def test_the_masked_profile_takes_quant_from_its_options(
         served.close()
 
 
-def test_the_split_bench_runs_masked_with_a_quant_and_leaves_obfuscated_out() -> None:
-    from tdllm_lab.bench.split import configs
-
-    with_int4 = [("td-only", "cpu", "int4"), ("split", "cpu", "int4"), ("masked", "cpu", "int4")]
-    assert configs(("cpu",), ("int4",)) == with_int4
-    both = configs(("cpu",), ("none", "int4"))
-    assert ("obfuscated", "cpu", "none") in both and both[-3:] == with_int4
-
-
-def test_the_split_bench_compares_each_row_with_its_quants_td_only_and_with_no_quant() -> None:
-    from tdllm_lab.bench.split import add_ratios
-
-    rows = [
-        {"profile": "td-only", "device": "cpu", "quant": "none", "seconds": 1.0},
-        {"profile": "masked", "device": "cpu", "quant": "none", "seconds": 6.0},
-        {"profile": "td-only", "device": "cpu", "quant": "int4", "seconds": 0.5},
-        {"profile": "masked", "device": "cpu", "quant": "int4", "seconds": 4.0},
-    ]
-    add_ratios(rows)
-    assert [r["time_vs_td_only"] for r in rows] == [1.0, 6.0, 1.0, 8.0]
-    assert rows[3]["time_vs_quant_none"] == round(4 / 6, 3)
-    assert "time_vs_quant_none" not in rows[1]
-
-
 def test_bench_fidelity_refuses_masked_quant_beside_quant_in_one_line() -> None:
     from click.testing import CliRunner
 
