@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from tdllm.model.checkpoint import Checkpoint
-from tdllm.model.quantized import quant_table
+from tdllm.model.quantized import Int8WeightOnlyMethod, quant_table
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.profiles import ProtectionOptions, build_model
-from tdllm.profiles.masked import build_masked
+from tdllm.profiles.masked import build_masked, masked_linears
 from tdllm.trusted.crossing import Crossing
+from tdllm.trusted.masked_linear import kept_by
 from tdllm.trusted.public_reference import PublicReference
 from tests.protection.engine_runs import greedy_tokens, masked_method
 
@@ -54,14 +55,33 @@ def test_masked_with_quant_keeps_delta_and_head_quantized_and_equals_its_td_refe
     assert method.stats.calls > 0 and method.stats.checked_calls == method.stats.calls
 
 
-def test_the_quantized_delta_changes_the_outputs_so_the_equality_above_can_fail(
+def test_the_quantized_delta_is_applied_and_changes_the_outputs_so_the_equality_can_fail(
     private_checkpoint: Checkpoint, base_checkpoint: Checkpoint
 ) -> None:
     plain, _ = build_masked(private_checkpoint, base_checkpoint, torch.float32, None)
-    int4, _ = build_masked(private_checkpoint, base_checkpoint, torch.float32, None, quant="int4")
+    int4, method = build_masked(
+        private_checkpoint, base_checkpoint, torch.float32, None, quant="int4"
+    )
     before, after = prompt_logits(plain), prompt_logits(int4)
     assert not torch.equal(before, after)
     assert float((before - after).norm() / before.norm()) < 0.1  # changed, not broken
+    # the delta layers, not only the head, are in the product: without them the logits move
+    for state in method.states.values():
+        state.delta_layer = None
+    assert not torch.equal(prompt_logits(int4), after)
+
+
+def test_the_fp32_delta_is_zeroed_once_a_quant_keeps_it(
+    private_checkpoint: Checkpoint, base_checkpoint: Checkpoint
+) -> None:
+    int8, method = build_masked(
+        private_checkpoint, base_checkpoint, torch.float32, None, quant="int8"
+    )
+    layer = next(m for m in masked_linears(int8) if method.states[m.name].delta_layer is not None)
+    delta = torch.randn(layer.out_features, layer.in_features)
+    kept = kept_by(layer, delta, Int8WeightOnlyMethod(), torch.float32)
+    assert not bool(delta.any())
+    assert kept(torch.ones(1, layer.in_features)).abs().sum() > 0  # what it kept is not zero
 
 
 def test_what_the_device_sees_is_the_same_with_or_without_quant(

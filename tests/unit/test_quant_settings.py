@@ -34,7 +34,7 @@ def test_serve_takes_quant_and_shows_it_in_the_resolved_settings() -> None:
         ({"quant": "int3"}, "quant must be one of none, int8, int4"),
         (
             {"quant": "int8", "profile": "obfuscated"},
-            "runs with profile 'td-only', 'split' or 'masked' ('obfuscated' runs every product",
+            "runs with profile 'td-only', 'split' or 'masked' ('obfuscated' runs every projection",
         ),
         (
             {"quant": "int8", "engine": "vllm", "vllm_python": "/bin/true"},

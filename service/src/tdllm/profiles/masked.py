@@ -21,7 +21,7 @@ import torch
 from tdllm.errors import UsageError
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.config import ModelConfig
-from tdllm.model.linear import Linear, LinearMethodTable
+from tdllm.model.linear import Linear, LinearMethod, LinearMethodTable
 from tdllm.model.loader import load_model
 from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Transformer
@@ -53,7 +53,7 @@ class Masked(ProfileBase):
         # pointing at the private model would otherwise put MODEL on the device
         reference = PublicReference.load(o.public_reference or PINNED_REFERENCE)
         self.method = masked_method(base, self.crossing, o.masked_rank, reference, o.quant)
-        return masked_methods(self.method, o.quant)
+        return masked_methods(self.method)
 
     def after_load(self, model: Transformer, checkpoint: Checkpoint) -> None:
         if self.method is not None:
@@ -79,7 +79,7 @@ def build_masked(
     served profile checks BASE against the pinned reference)."""
     check_same_shape(checkpoint.config, base.config)
     method = masked_method(base, crossing, rank, reference, quant, check_rate)
-    model, _ = load_model(checkpoint, dtype, masked_methods(method, quant))
+    model, _ = load_model(checkpoint, dtype, masked_methods(method))
     method.base = None
     return model, method
 
@@ -103,13 +103,13 @@ def masked_method(
     return MaskedLinearMethod(crossing, check_rate, weights, rank, reference, delta_methods)
 
 
-def masked_methods(method: MaskedLinearMethod, quant: str) -> LinearMethodTable:
-    """Every block projection masked; the lm_head plain, or on `quant`'s method for it."""
-    if quant == "none":
-        return LinearMethodTable([(MASKED_LAYERS, method)])
-    return LinearMethodTable(
-        [(MASKED_LAYERS, method), ("lm_head", quant_table(quant).method_for("lm_head"))]
-    )
+def masked_methods(method: MaskedLinearMethod) -> LinearMethodTable:
+    """Every block projection masked; the lm_head plain, or on the quant's method for it (from
+    the table the method keeps its deltas with)."""
+    rules: list[tuple[str, LinearMethod]] = [(MASKED_LAYERS, method)]
+    if method.delta_methods is not None:
+        rules.append(("lm_head", method.delta_methods.method_for("lm_head")))
+    return LinearMethodTable(rules)
 
 
 def check_same_shape(cfg: ModelConfig, base_cfg: ModelConfig) -> None:

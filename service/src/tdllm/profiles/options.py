@@ -50,6 +50,6 @@ class ProtectionOptions:
         if self.quant != "none" and self.profile == "obfuscated":
             raise UsageError(
                 f"quant {self.quant!r} runs with profile 'td-only', 'split' or 'masked' "
-                "('obfuscated' runs every product on the device: the TD holds no weight to "
-                "quantize)"
+                "('obfuscated' runs every projection on the device: the TD multiplies by no "
+                "weight of its own)"
             )

@@ -149,7 +149,7 @@ class MaskedLinearMethod(PlainCpuMethod):
         residual = _set_delta(state, model_weight - base_weight, rank)
         if state.delta is not None and self.delta_methods is not None:
             method = self.delta_methods.method_for(layer.name)
-            state.delta_layer = _kept_by(layer, state.delta, method, plain.dtype)
+            state.delta_layer = kept_by(layer, state.delta, method, plain.dtype)
             state.delta = None
         if self.crossing is not None:
             if self.reference is None:
@@ -222,9 +222,7 @@ def _fused(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.float() for t in parts.values()])
 
 
-def _kept_by(
-    layer: Linear, delta: torch.Tensor, method: LinearMethod, dtype: torch.dtype
-) -> Linear:
+def kept_by(layer: Linear, delta: torch.Tensor, method: LinearMethod, dtype: torch.dtype) -> Linear:
     """`layer`'s dense delta as a projection of its own on `method` (a quant's kernel, which
     stages and scrubs its copies like any projection's)."""
     kept = Linear(f"{layer.name}.delta", layer.in_features, layer.out_features, method, dtype)

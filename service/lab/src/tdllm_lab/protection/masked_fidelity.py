@@ -137,16 +137,18 @@ def measure(
         "bf16": (load_model(checkpoint, torch.bfloat16)[0], torch.bfloat16),
         "masked-int8": (build_masked(checkpoint, base, torch.float32, None)[0], torch.float32),
     }
+    greedy_rows = set(GREEDY)
     for quant in quants:
         masked = build_masked(checkpoint, base, torch.float32, None, quant=quant)[0]
         models[f"masked-int8+{quant}"] = (masked, torch.float32)
+        greedy_rows.add(f"masked-int8+{quant}")
     ppl: dict[str, float] = {}
     tokens: dict[str, list[list[int]]] = {}
     seconds: dict[str, float] = {}
     for name, (model, dtype) in models.items():
         start = time.perf_counter()
         ppl[name] = perplexity(model, text_ids, dtype)
-        if name in GREEDY or name.startswith("masked-int8+"):
+        if name in greedy_rows:
             tokens[name] = [greedy(model, p, new_tokens, dtype) for p in prompts]
         seconds[name] = round(time.perf_counter() - start, 1)
         print(f"{name}: perplexity {ppl[name]:.4f} ({seconds[name]} s)", file=sys.stderr)
