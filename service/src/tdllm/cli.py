@@ -123,7 +123,9 @@ def cli() -> None:
     "int8/int4 (quantized at load; "
     "activations stay --dtype); "
     "w8a8: int8 weights, activations rounded to int8 per row (fastest on VNNI CPUs); "
-    "w8a8-onednn: w8a8 on oneDNN's int8 GEMM (faster prefill and batches on AMX CPUs)",
+    "w8a8-onednn: w8a8 on oneDNN's int8 GEMM (faster prefill and batches on AMX CPUs); "
+    "w8a8-avx512: w8a8 on our AVX-512 VNNI kernel (faster decode; built at first use, needs "
+    "a C++ compiler)",
 )
 @click.option(
     "--compile",

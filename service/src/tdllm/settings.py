@@ -51,8 +51,10 @@ class Settings:
     # weights quantized at load, kept int8/int4 and multiplied by PyTorch's weight-only CPU
     # kernels (activations stay `dtype`), or w8a8: int8 weights and activations rounded to int8
     # per row, FBGEMM (VNNI CPUs), or w8a8-onednn: the same on oneDNN's int8 GEMM (AMX: faster
-    # prefill and batches, slower at one sequence); engine tdllm, profile td-only (every
-    # projection) or split (its private tail and lm_head) (docs/performance.md)
+    # prefill and batches, slower at one sequence), or w8a8-avx512: on our AVX-512 VNNI kernel
+    # (faster decode, slower prefill; built at first use: a C++ compiler); engine tdllm,
+    # profile td-only (every projection) or split (its private tail and lm_head)
+    # (docs/performance.md)
     quant: str = "none"
     # "decode": the tdllm engine's decode step compiled by TorchInductor at load, two graphs
     # (one row, more rows) (1.25-1.48x faster steps for the bundled model in bf16, 1.5x at one

@@ -29,7 +29,8 @@ def gunicorn_argv() -> list[str]:
     type=click.Choice(QUANTS),
     default=None,
     help="weights kept int8/int4, or w8a8 (int8 weights and activations; w8a8-onednn: on "
-    "oneDNN's GEMM, for batches); td-only, split or masked (the TD's own weights), engine "
+    "oneDNN's GEMM, for batches; w8a8-avx512: on our AVX-512 kernel, for decode); "
+    "td-only, split or masked (the TD's own weights), engine "
     "tdllm; the `quant` setting, TDLLM_QUANT",
 )
 @click.option(

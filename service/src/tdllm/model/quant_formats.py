@@ -1,7 +1,8 @@
 """The weight-only quantization formats by name, torch-free so that settings can check them
 (the methods are `tdllm.model.quantized`)."""
 
-# w8a8 and w8a8-onednn: the same weights, activations and product on two int8 GEMMs (FBGEMM,
-# oneDNN), one faster at one row, the other at prefill and batches (tdllm.model.w8a8_packed)
-QUANTS = ("none", "int8", "int4", "w8a8", "w8a8-onednn")
-W8A8_BACKENDS = {"w8a8": "fbgemm", "w8a8-onednn": "onednn"}
+# w8a8, w8a8-onednn and w8a8-avx512: the same weights, activations and product on three int8
+# GEMMs (FBGEMM; oneDNN, faster at prefill and batches; our own AVX-512 VNNI kernel, faster at
+# the few rows of a decode step; tdllm.model.w8a8_packed)
+QUANTS = ("none", "int8", "int4", "w8a8", "w8a8-onednn", "w8a8-avx512")
+W8A8_BACKENDS = {"w8a8": "fbgemm", "w8a8-onednn": "onednn", "w8a8-avx512": "avx512"}

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from tdllm.errors import ModelLoadError
-from tdllm.model import w8a8_packed
+from tdllm.model import avx512_kernel, w8a8_packed
 from tdllm.model.cpu_features import HAS_AMX
 from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
 from tdllm.model.gguf_blocks import INT4_KINDS, GgufQuantized
@@ -308,7 +308,7 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
         # without VNNI, FBGEMM's u8 x s8 pairs are summed in int16 and saturate on full-range
         # activations (PyTorch's observers then use 7 bits): refused rather than run wrong
         self.vnni = torch.cpu._is_vnni_supported() if vnni is None else vnni
-        # the int8 GEMM, "fbgemm" or "onednn" (`w8a8_packed`; None: its default)
+        # the int8 GEMM, "fbgemm", "onednn" or "avx512" (`w8a8_packed`; None: its default)
         self.backend = w8a8_packed.default_backend() if backend is None else backend
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
@@ -317,6 +317,8 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
                 "quant w8a8 needs a CPU with VNNI (AVX512-VNNI or AVX-VNNI); "
                 "this one has none: use int8"
             )
+        if self.backend == "avx512":  # built before any weight is read: a failure costs nothing
+            avx512_kernel.load()
         super().create_weights(layer, dtype)
 
     def staging(self, layer: Linear) -> dict[str, torch.Tensor]:

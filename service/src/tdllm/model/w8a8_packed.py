@@ -13,6 +13,10 @@ on its own grid, the caller's doing) with two range columns, rounded to u8 on th
   FBGEMM's, decode at 8-32 sequences 1.14-1.3x, at one 0.83-0.99x: at one row it streams the
   weights ~8% slower, whatever the packing (docs/performance.md, "W8A8 at one row, from
   DRAM"). ``quant: w8a8-onednn`` runs it; ``w8a8`` and int4's W8A8 head stay on FBGEMM.
+- ``avx512``: our own kernel (`tdllm.model.avx512_kernel`, AVX-512 VNNI, built at first use),
+  which streams the weights once per call for up to six rows at a time: faster than both at the
+  few rows of a decode step, slower at a long prompt's (docs/performance.md, "Our own W8A8
+  kernel"). We round the input as for oneDNN. ``quant: w8a8-avx512`` runs it.
 
 A large projection is packed as several row chunks of at most `CHUNK_BYTES`, each its own
 matrix, packed on as many threads as torch uses: FBGEMM packs one matrix on one core, and a
@@ -40,12 +44,14 @@ from dataclasses import dataclass
 
 import torch
 
+from tdllm.model import avx512_kernel
+
 # int8 weights per packed matrix: the 1B head in 4, the 8B head in 8. Not smaller: 32 MiB
 # blocks fall under glibc's dynamic mmap threshold, so the freed staging stays in the heap
 # (1B int4 load, measured: RSS after the load 1478 -> 1641-1659 MiB, the peak 1604 -> 1665)
 CHUNK_BYTES = 64 << 20
 
-BACKENDS = ("fbgemm", "onednn")
+BACKENDS = ("fbgemm", "onednn", "avx512")
 X_STEP = 2 / 255  # the input grid of both backends: rows in [-1, 1], zero point 128
 X_ZERO = 128
 UNIT_BLOCK = 512  # inputs read back per oneDNN product (`unpack`)
@@ -61,7 +67,20 @@ class OneDnnChunk:
     zeros: torch.Tensor
 
 
-Chunk = torch.ScriptObject | OneDnnChunk
+@dataclass(frozen=True)
+class Avx512Chunk:
+    """A row chunk packed for our kernel: the int8 weights in its layout, and per row (padded
+    to the layout's rows, so the kernel's 16-lane reads stay inside) the scale (fp32) and the
+    weights' sum (int32, which takes the input's zero point back out)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    sums: torch.Tensor
+    rows: int
+    cols: int
+
+
+Chunk = torch.ScriptObject | OneDnnChunk | Avx512Chunk
 _PACKED: dict[int, list[Chunk]] = {}  # the chunks of each handle, in row order
 _handles = itertools.count()
 
@@ -117,7 +136,20 @@ def pack(
         part = scales[starts[i] : starts[i + 1]].float().clone()
         return OneDnnChunk(packed, part, torch.zeros(rows.shape[0], dtype=torch.long))
 
-    one = onednn if backend == "onednn" else fbgemm
+    def avx512(i: int) -> Chunk:
+        rows = chunks[i]
+        weight = rows[:, :-2]
+        packed = avx512_kernel.pack(weight)
+        sums = torch.zeros(packed.shape[0] * packed.shape[2], dtype=torch.int32)
+        sums[: weight.shape[0]] = weight.sum(1, dtype=torch.int32)
+        padded = torch.zeros(sums.shape[0])
+        padded[: weight.shape[0]] = scales[starts[i] : starts[i + 1]]
+        release(rows)
+        return Avx512Chunk(packed, padded, sums, weight.shape[0], weight.shape[1])
+
+    if backend == "avx512":
+        avx512_kernel.load()
+    one = {"onednn": onednn, "avx512": avx512}.get(backend, fbgemm)
     workers = min(len(chunks), torch.get_num_threads())
     if workers > 1:  # each packing runs on one core with the GIL released
         with ThreadPoolExecutor(workers) as pool:
@@ -134,7 +166,13 @@ def product(scaled: torch.Tensor, handle: int) -> torch.Tensor:
     """``scaled [M, K + 2]`` (fp32, every row in [-1, 1], the two range columns last) times
     the packed weights, fp32 ``[M, N]``: the backend's int8 GEMM, chunk by chunk."""
     chunks = _PACKED[handle]
-    if isinstance(chunks[0], OneDnnChunk):
+    if isinstance(chunks[0], Avx512Chunk):
+        parts = [
+            avx512_kernel.product(scaled, c.packed, c.scales, c.sums, c.rows, c.cols, X_STEP)
+            for c in chunks
+            if isinstance(c, Avx512Chunk)
+        ]
+    elif isinstance(chunks[0], OneDnnChunk):
         # the grid FBGEMM derives from the range columns, here by hand: round(v / X_STEP) + 128
         qx = torch.round(scaled[:, :-2] * (1 / X_STEP)).add_(X_ZERO).to(torch.uint8)
         parts = [_onednn(qx, c, X_STEP) for c in chunks if isinstance(c, OneDnnChunk)]
@@ -157,6 +195,10 @@ def unpack(handle: int) -> tuple[torch.Tensor, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
         for packed in _PACKED[handle]:
+            if isinstance(packed, Avx512Chunk):
+                qs.append(avx512_kernel.unpack(packed.packed, packed.rows, packed.cols))
+                scales.append(packed.scales[: packed.rows].double())
+                continue
             if isinstance(packed, OneDnnChunk):
                 qs.append(_onednn_weights(packed))
                 scales.append(packed.scales.double())

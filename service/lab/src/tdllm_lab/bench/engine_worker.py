@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quant", default="none", help="ours: none, int8, int4, w8a8, w8a8-onednn")
+    parser.add_argument("--quant", default="none", help="ours: a `quant` setting's value")
     parser.add_argument("--batch-sizes", default="1,8", help="decode batches, comma-separated")
     parser.add_argument("--compile", default="off", help="ours: off, decode")
     args = parser.parse_args()

@@ -39,11 +39,14 @@ from tdllm_lab.bench.synthetic_shapes import (
 
 # ours-compiled: our engine with its decode step compiled (`compile: decode`); ours-w8a8: the
 # Q8_0 file as W8A8 (`quant: w8a8`, activations rounded to int8 too) instead of weight-only int8;
-# ours-compiled-w8a8: both; ours-w8a8-onednn: W8A8 on oneDNN's int8 GEMM (`quant: w8a8-onednn`)
+# ours-compiled-w8a8: both; ours-w8a8-onednn: W8A8 on oneDNN's int8 GEMM (`quant: w8a8-onednn`);
+# ours-w8a8-avx512 (and compiled): W8A8 on our AVX-512 VNNI kernel (`quant: w8a8-avx512`)
 W8A8_ENGINES = {
     "ours-w8a8": "w8a8",
     "ours-compiled-w8a8": "w8a8",
     "ours-w8a8-onednn": "w8a8-onednn",
+    "ours-w8a8-avx512": "w8a8-avx512",
+    "ours-compiled-w8a8-avx512": "w8a8-avx512",
 }
 OURS = ("ours", "ours-compiled", *W8A8_ENGINES)
 PEERS = (llama_cpp_peer.ENGINE, vllm_peer.ENGINE)
@@ -59,6 +62,7 @@ OURS_BYTES_PER_WEIGHT = {
     "int8": 1.0,
     "w8a8": 1.0,
     "w8a8-onednn": 1.0,
+    "w8a8-avx512": 1.0,
     "int4": 0.5 + 4 / 32,
 }
 

@@ -1,0 +1,138 @@
+"""Our W8A8 kernel (`tdllm.model.avx512_kernel`): its product is the exact integer product, on
+every shape a model has and the odd ones it might; and, the attack first, the library it builds
+runs inside the TD, so it is never loaded from a directory someone else could write to."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdllm.cli import main
+from tdllm.errors import ModelLoadError
+from tdllm.model import avx512_kernel
+from tdllm.model.w8a8_packed import X_STEP, X_ZERO
+
+needs_avx512 = pytest.mark.skipif(
+    bool(avx512_kernel.missing_cpu_flags()), reason="our W8A8 kernel needs AVX-512 VNNI"
+)
+
+
+def exact(rounded: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """What the kernel must give, in float64 from the integer sums."""
+    sums = (rounded.double() - X_ZERO) @ q.double().T  # exact: |sum| < 2^53
+    return sums * X_STEP * scales.double()
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    ("rows", "n", "k"),
+    [(1, 64, 64), (1, 1000, 1003), (5, 192, 576), (6, 130, 7), (7, 64, 256), (13, 65, 100),
+     (64, 300, 2048), (0, 64, 64)],
+)  # fmt: skip
+def test_the_kernel_gives_the_exact_integer_product(rows: int, n: int, k: int) -> None:
+    avx512_kernel.load()
+    g = torch.Generator().manual_seed(rows * 7919 + n * 31 + k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scales = torch.rand(n, generator=g) / 50
+    packed = avx512_kernel.pack(q)
+    padded_n = packed.shape[0] * packed.shape[2]
+    sums = torch.zeros(padded_n, dtype=torch.int32)
+    sums[:n] = q.sum(1, dtype=torch.int32)
+    padded_scales = torch.zeros(padded_n)
+    padded_scales[:n] = scales
+    # the rows as W8A8 hands them over: in [-1, 1], two range columns after them (ignored)
+    x = (torch.rand(rows, k + 2, generator=g) * 2 - 1) * (127 / 127.5)
+    x[:, :3] = torch.tensor([127 / 127.5, -127 / 127.5, 0.5 / 127.5])  # the ends, a tie
+    y = avx512_kernel.product(x, packed, padded_scales, sums, n, k, X_STEP)
+    rounded = torch.round(x[:, :k] * (1 / X_STEP)) + X_ZERO
+    assert y.shape == (rows, n)
+    expected = exact(rounded, q, scales)
+    bound = 1e-6 * max(1.0, float(expected.abs().max())) if rows else 0.0
+    assert torch.allclose(y.double(), expected, rtol=1e-6, atol=bound)
+    assert torch.equal(avx512_kernel.unpack(packed, n, k), q)
+
+
+@needs_avx512
+def test_a_row_gives_the_same_result_alone_and_in_any_batch() -> None:
+    avx512_kernel.load()
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (128, 96), dtype=torch.int8, generator=g)
+    packed = avx512_kernel.pack(q)
+    sums, scales = q.sum(1, dtype=torch.int32), torch.rand(128, generator=g)
+    x = torch.rand(9, 96, generator=g) * 2 - 1
+    together = avx512_kernel.product(x, packed, scales, sums, 128, 96, X_STEP)
+    for r in range(9):
+        alone = avx512_kernel.product(x[r : r + 1], packed, scales, sums, 128, 96, X_STEP)
+        assert torch.equal(alone[0], together[r])
+
+
+def test_a_kernel_directory_others_can_write_to_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "kernels"
+    shared.mkdir()
+    shared.chmod(0o777)  # another user could swap the library between build and load
+    with pytest.raises(ModelLoadError, match="not this user's alone"):
+        avx512_kernel.build_directory({"TDLLM_KERNEL_DIR": str(shared)})
+    shared.chmod(0o775)
+    with pytest.raises(ModelLoadError, match="not this user's alone"):
+        avx512_kernel.build_directory({"TDLLM_KERNEL_DIR": str(shared)})
+
+
+def test_a_kernel_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "kernels"
+    link.symlink_to(target)
+    with pytest.raises(ModelLoadError, match="is not a directory"):
+        avx512_kernel.build_directory({"TDLLM_KERNEL_DIR": str(link)})
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a directory to another user needs root")
+def test_a_kernel_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    theirs = tmp_path / "kernels"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 1, 1)
+    with pytest.raises(ModelLoadError, match="owner uid 1"):
+        avx512_kernel.build_directory({"TDLLM_KERNEL_DIR": str(theirs)})
+
+
+def test_the_default_kernel_directory_is_created_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(avx512_kernel.tempfile, "gettempdir", lambda: str(tmp_path))
+    path = avx512_kernel.build_directory({})
+    assert path.parent == tmp_path and stat.S_IMODE(path.stat().st_mode) == 0o700
+
+
+def test_cpu_flags_are_read_from_cpuinfo() -> None:
+    intel = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni amx_int8\n"
+    assert avx512_kernel.missing_cpu_flags(intel) == []
+    zen3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+    assert avx512_kernel.missing_cpu_flags(zen3) == ["avx512f", "avx512bw", "avx512_vnni"]
+
+
+def test_w8a8_avx512_without_the_instructions_is_one_line_before_any_weight(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: ["avx512_vnni"])
+    monkeypatch.setattr(avx512_kernel, "load", avx512_kernel.load.__wrapped__)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--quant", "w8a8-avx512", "--max-tokens", "2", "Hi"])
+    assert exit_info.value.code == ModelLoadError.exit_code
+    err = capsys.readouterr().err
+    assert err.startswith("error: quant w8a8-avx512 needs AVX-512 VNNI; this CPU lacks avx512_vnni")
+    assert err.count("\n") == 1
+
+
+def test_a_missing_compiler_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: [])
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TDLLM_KERNEL_DIR", str(tmp_path / "kernels"))
+    with pytest.raises(
+        ModelLoadError, match=r"needs a C\+\+ compiler and ninja .*not found: .*no-such-compiler"
+    ):
+        avx512_kernel.load.__wrapped__()
+    assert not (tmp_path / "kernels").exists()  # nothing built, nothing created
