@@ -14,11 +14,9 @@ import torch
 from tdllm.cli import main
 from tdllm.errors import ModelLoadError
 from tdllm.model import avx512_kernel
+from tdllm.model.cpu_features import HAS_AMX
 from tdllm.model.w8a8_packed import X_STEP, X_ZERO
-
-needs_avx512 = pytest.mark.skipif(
-    bool(avx512_kernel.missing_cpu_flags()), reason="our W8A8 kernel needs AVX-512 VNNI"
-)
+from tests.cpu_kernels import needs_avx512
 
 
 def exact(rounded: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -31,9 +29,16 @@ def exact(rounded: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
 @pytest.mark.parametrize(
     ("rows", "n", "k"),
     [(1, 64, 64), (1, 1000, 1003), (5, 192, 576), (6, 130, 7), (7, 64, 256), (13, 65, 100),
-     (64, 300, 2048), (0, 64, 64)],
+     (64, 300, 2048), (33, 70, 130), (0, 64, 64)],
 )  # fmt: skip
-def test_the_kernel_gives_the_exact_integer_product(rows: int, n: int, k: int) -> None:
+@pytest.mark.parametrize(
+    "amx_min_rows",
+    [0, pytest.param(1, marks=pytest.mark.skipif(not HAS_AMX, reason="no AMX on this CPU"))],
+    ids=["vnni", "amx"],
+)
+def test_the_kernel_gives_the_exact_integer_product(
+    rows: int, n: int, k: int, amx_min_rows: int
+) -> None:
     avx512_kernel.load()
     g = torch.Generator().manual_seed(rows * 7919 + n * 31 + k)
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
@@ -47,7 +52,7 @@ def test_the_kernel_gives_the_exact_integer_product(rows: int, n: int, k: int) -
     # the rows as W8A8 hands them over: in [-1, 1], two range columns after them (ignored)
     x = (torch.rand(rows, k + 2, generator=g) * 2 - 1) * (127 / 127.5)
     x[:, :3] = torch.tensor([127 / 127.5, -127 / 127.5, 0.5 / 127.5])  # the ends, a tie
-    y = avx512_kernel.product(x, packed, padded_scales, sums, n, k, X_STEP)
+    y = avx512_kernel.product(x, packed, padded_scales, sums, n, k, X_STEP, amx_min_rows)
     rounded = torch.round(x[:, :k] * (1 / X_STEP)) + X_ZERO
     assert y.shape == (rows, n)
     expected = exact(rounded, q, scales)
@@ -58,14 +63,16 @@ def test_the_kernel_gives_the_exact_integer_product(rows: int, n: int, k: int) -
 
 @needs_avx512
 def test_a_row_gives_the_same_result_alone_and_in_any_batch() -> None:
+    """Whatever path a batch's size picks (VNNI, AMX from `AMX_MIN_ROWS`): the same int32
+    sums, the same float scaling, so a request's result does not depend on who else is in it."""
     avx512_kernel.load()
     g = torch.Generator().manual_seed(3)
     q = torch.randint(-127, 128, (128, 96), dtype=torch.int8, generator=g)
     packed = avx512_kernel.pack(q)
     sums, scales = q.sum(1, dtype=torch.int32), torch.rand(128, generator=g)
-    x = torch.rand(9, 96, generator=g) * 2 - 1
+    x = torch.rand(40, 96, generator=g) * 2 - 1
     together = avx512_kernel.product(x, packed, scales, sums, 128, 96, X_STEP)
-    for r in range(9):
+    for r in range(40):
         alone = avx512_kernel.product(x[r : r + 1], packed, scales, sums, 128, 96, X_STEP)
         assert torch.equal(alone[0], together[r])
 

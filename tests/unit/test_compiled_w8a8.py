@@ -1,5 +1,5 @@
-"""The compiled decode step through W8A8 projections (`quant: w8a8`, and int4's head): FBGEMM's
-packed weights are opaque to a graph, so the step reaches them through the
+"""The compiled decode step through W8A8 projections (`quant: w8a8` and w8a8-avx512, and int4's
+head): the packed weights are opaque to a graph, so the step reaches them through the
 ``tdllm::w8a8_linear`` custom op, and gives the eager engine's tokens."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from tdllm.engine import Engine
 from tdllm.model.compiled_decode import CACHE_DIR_ENV
 from tdllm.model.quantized import quant_table
+from tests.cpu_kernels import needs_avx512
 from tests.protection.engine_runs import NoTokenizer
 from tests.tiny_model import tiny_model
 from tests.unit.test_compiled_decode import run
@@ -20,16 +21,17 @@ from tests.unit.test_compiled_decode import run
 
 @pytest.mark.slow  # a compile of its own (~20 s on 2 cores)
 @pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs a CPU with VNNI")
+@pytest.mark.parametrize("quant", ["w8a8", pytest.param("w8a8-avx512", marks=needs_avx512)])
 def test_compiled_decode_runs_w8a8_projections_with_the_eager_tokens(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str
 ) -> None:
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
     torch._dynamo.reset()
     counters.clear()
     try:
-        model = tiny_model(methods=quant_table("w8a8"))
+        model = tiny_model(methods=quant_table(quant))
         compiled = Engine(model, NoTokenizer(), 4, 48, compile="decode")  # type: ignore[arg-type]
-        eager = Engine(tiny_model(methods=quant_table("w8a8")), NoTokenizer(), 4, 48)  # type: ignore[arg-type]
+        eager = Engine(tiny_model(methods=quant_table(quant)), NoTokenizer(), 4, 48)  # type: ignore[arg-type]
         assert run(compiled) == run(eager)
         assert counters["stats"]["unique_graphs"] == 2  # one row; two or more
     finally:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tdllm.model import avx512_kernel
 from tdllm.model.quantized import int8_quantize
 from tdllm_lab.bench import linear_kernels
 from tdllm_lab.bench.engine_bench import format_table, quant_ratios
@@ -18,6 +19,8 @@ def test_kernel_bench_times_every_variant_at_each_row_count() -> None:
         results = linear_kernels.time_shape("tiny", 64, 32, (1, 8), calls=5, cache_bytes=1 << 16)
     variants = {r["variant"] for r in results}
     assert {"fp32", "bf16", "int8 (bf16 act)", "int4 g32 (bf16 act)"} <= variants
+    if not avx512_kernel.missing_cpu_flags():  # our kernel beside FBGEMM's and oneDNN's
+        assert {linear_kernels.W8A8, linear_kernels.W8A8_AVX512} <= variants
     assert all(r["us"] > 0 and r["weight_gb_s"] > 0 and r["copies"] >= 2 for r in results)
     report = {"threads": 1, "results": results}
     assert "tiny 64->32 x8" in linear_kernels.format_report(report)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from tdllm.errors import ModelLoadError
+from tdllm.model.cpu_features import HAS_AMX
 
 SOURCE = Path(__file__).with_name("kernels") / "w8a8_avx512.cpp"
 NAME = "tdllm_w8a8_avx512"
@@ -31,6 +32,9 @@ NAME = "tdllm_w8a8_avx512"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"]
 DIRECTORY_ENV = "TDLLM_KERNEL_DIR"
+# rows from which the product runs on AMX tiles where the CPU has them (0: never); below it the
+# VNNI stream, which reads the weights once for every six rows
+AMX_MIN_ROWS = 16 if HAS_AMX else 0
 
 log = logging.getLogger(__name__)
 
@@ -123,5 +127,8 @@ def product(
     n: int,
     k: int,
     x_step: float,
+    amx_min_rows: int = AMX_MIN_ROWS,
 ) -> torch.Tensor:
-    return torch.ops.tdllm_avx512.w8a8(scaled, packed, scales, sums, n, k, x_step)
+    """``scaled [M, >= K]`` (fp32 rows in [-1, 1]) times the `packed` weights, fp32 ``[M, N]``;
+    `scales` and `sums` padded to the packed outputs (`pack`)."""
+    return torch.ops.tdllm_avx512.w8a8(scaled, packed, scales, sums, n, k, x_step, amx_min_rows)

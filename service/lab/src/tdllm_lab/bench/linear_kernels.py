@@ -22,7 +22,9 @@ layer runs it (the rounding and the range columns included), on VNNI CPUs; the s
 oneDNN's int8 GEMM instead (``onednn::qlinear_pointwise``, which uses AMX tiles where the CPU has
 them; vLLM's CPU build uses oneDNN's int8 matmul where the CPU lacks AMX), each row rounded on its
 own grid as ours (a fixed u8 grid of 127 steps a side around 128, the row's max mapped to 127), as
-`Int8DynamicMethod`'s second backend runs it (``backend="onednn"``, `quant: w8a8-onednn`); and the
+`Int8DynamicMethod`'s second backend runs it (``backend="onednn"``, `quant: w8a8-onednn`); the
+same product on our AVX-512 VNNI kernel (``backend="avx512"``, `quant: w8a8-avx512`), timed as the
+layer runs it, where the CPU has the instructions; and the
 int8 and int4 methods' prefill paths (their weights widened to bf16 a block at a time for oneDNN's
 GEMM), whose crossover with the kernels sets ``PREFILL_MIN_ROWS``.
 """
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tdllm.model import avx512_kernel
 from tdllm.model.int4_widen import int4_widened_linear
 from tdllm.model.linear import Linear, widened_linear
 from tdllm.model.quantized import (
@@ -110,18 +113,23 @@ def _variants(weight: torch.Tensor) -> dict[str, tuple[Any, torch.dtype, int]]:
     if torch.cpu._is_vnni_supported():
         out[W8A8] = ((weight,), torch.bfloat16, n * (k + 2) + n * 4)  # a layer per copy
         out[W8A8_ONEDNN] = ((q, scales.float()), torch.bfloat16, n * k + n * 4)  # packed per copy
+    if not avx512_kernel.missing_cpu_flags():  # a layer per copy; scales and weight sums
+        out[W8A8_AVX512] = ((weight,), torch.bfloat16, n * k + n * 8)
     return out
 
 
 W8A8 = "w8a8 (FBGEMM)"
 W8A8_ONEDNN = "w8a8 (oneDNN)"
+W8A8_AVX512 = "w8a8 (ours, AVX-512)"
+W8A8_LAYERS = {W8A8: "fbgemm", W8A8_AVX512: "avx512"}  # timed as the layer runs them
 # the methods' prefill paths: the weights widened to bf16 a block at a time, oneDNN's GEMM
 INT8_WIDENED = "int8 widened (bf16 GEMM)"
 INT4_WIDENED = f"int4 g{INT4_GROUP_SIZE} widened (bf16 GEMM)"
 
 
-def _w8a8_layer(weight: torch.Tensor) -> Linear:
-    layer = Linear("bench", weight.shape[1], weight.shape[0], Int8DynamicMethod(), torch.bfloat16)
+def _w8a8_layer(weight: torch.Tensor, backend: str = "fbgemm") -> Linear:
+    method = Int8DynamicMethod(backend=backend)
+    layer = Linear("bench", weight.shape[1], weight.shape[0], method, torch.bfloat16)
     layer.method.load_weight(layer, weight)
     return layer
 
@@ -155,7 +163,7 @@ def _call(name: str) -> Callable[..., torch.Tensor]:
         return lambda x, q, s: torch._weight_int8pack_mm(x, q, s)
     if name.startswith("int4"):
         return lambda x, p, sz, g: torch._weight_int4pack_mm_for_cpu(x, p, g, sz)
-    if name == W8A8:
+    if name in W8A8_LAYERS:
         return lambda x, layer: layer(x)
     if name == W8A8_ONEDNN:
         return onednn_w8a8
@@ -178,8 +186,9 @@ def time_shape(
     for variant, (operands, act, nbytes) in _variants(base).items():
         copies = max(MIN_COPIES, min(MAX_COPIES, -(-CACHE_MULTIPLE * cache_bytes // nbytes)))
         # distinct storage per copy (values equal: the kernels' time does not depend on them)
-        if variant == W8A8:  # FBGEMM's packing is a copy of its own
-            sets: list[tuple[Any, ...]] = [(_w8a8_layer(base),) for _ in range(copies)]
+        if variant in W8A8_LAYERS:  # FBGEMM's packing is a copy of its own, and ours
+            backend = W8A8_LAYERS[variant]
+            sets: list[tuple[Any, ...]] = [(_w8a8_layer(base, backend),) for _ in range(copies)]
         elif variant == W8A8_ONEDNN:  # and so is oneDNN's (an opaque tensor: no clone)
             sets = [onednn_w8a8_operands(*operands) for _ in range(copies)]
         else:
