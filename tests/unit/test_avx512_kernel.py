@@ -14,7 +14,7 @@ import torch
 from tdllm.cli import main
 from tdllm.errors import ModelLoadError
 from tdllm.model import avx512_kernel
-from tdllm.model.cpu_features import HAS_AMX
+from tdllm.model.cpu_features import HAS_AMX, cpu_flags
 from tdllm.model.w8a8_packed import X_STEP, X_ZERO
 from tests.cpu_kernels import needs_avx512
 
@@ -47,6 +47,9 @@ def test_the_kernel_gives_the_exact_integer_product(
     padded_n = packed.shape[0] * packed.shape[2]
     sums = torch.zeros(padded_n, dtype=torch.int32)
     sums[:n] = q.sum(1, dtype=torch.int32)
+    assert torch.equal(avx512_kernel.row_sums(q, padded_n), sums)
+    staged = torch.cat([q, torch.zeros(n, 2, dtype=torch.int8)], 1)  # as W8A8 stages its rows
+    assert torch.equal(avx512_kernel.row_sums(staged[:, :-2], padded_n), sums)
     padded_scales = torch.zeros(padded_n)
     padded_scales[:n] = scales
     # the rows as W8A8 hands them over: in [-1, 1], two range columns after them (ignored)
@@ -114,11 +117,15 @@ def test_the_default_kernel_directory_is_created_private(
     assert path.parent == tmp_path and stat.S_IMODE(path.stat().st_mode) == 0o700
 
 
-def test_cpu_flags_are_read_from_cpuinfo() -> None:
-    intel = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni amx_int8\n"
-    assert avx512_kernel.missing_cpu_flags(intel) == []
-    zen3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
-    assert avx512_kernel.missing_cpu_flags(zen3) == ["avx512f", "avx512bw", "avx512_vnni"]
+def test_the_kernel_asks_for_the_cpu_flags_it_uses(tmp_path: Path) -> None:
+    intel = tmp_path / "intel"
+    intel.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n")
+    assert avx512_kernel.missing_cpu_flags(cpu_flags(intel)) == []
+    zen3 = tmp_path / "zen3"
+    zen3.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    missing = avx512_kernel.missing_cpu_flags(cpu_flags(zen3))
+    assert missing == ["avx512f", "avx512bw", "avx512_vnni"]
+    assert avx512_kernel.missing_cpu_flags(cpu_flags(tmp_path / "absent")) == missing
 
 
 def test_w8a8_avx512_without_the_instructions_is_one_line_before_any_weight(
@@ -143,3 +150,15 @@ def test_a_missing_compiler_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     ):
         avx512_kernel.load.__wrapped__()
     assert not (tmp_path / "kernels").exists()  # nothing built, nothing created
+
+
+def test_doctor_says_whether_the_kernel_can_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tdllm import doctor
+
+    monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: ["avx512_vnni"])
+    rows = dict(doctor.report())
+    assert rows["w8a8-avx512 kernel"].endswith("this CPU lacks avx512_vnni: use w8a8")
+    monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: [])
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    assert "not found: c++, ninja" in dict(doctor.report())["w8a8-avx512 kernel"]

@@ -8,17 +8,11 @@ from pathlib import Path
 
 import torch
 
+from tdllm.model import avx512_kernel
+from tdllm.model.cpu_features import cpu_flags
+
 TSM_REPORT = Path("/sys/kernel/config/tsm/report")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[1].split()) if ":" in line else set()
 
 
 def onednn_version() -> str:
@@ -79,6 +73,7 @@ def report() -> list[tuple[str, str]]:
         ("amx", "yes" if "amx_tile" in flags else "no"),
         ("torch", f"{torch.__version__} ({threads})"),
         ("oneDNN", onednn_version()),
+        ("w8a8-avx512 kernel", avx512_kernel.why_unavailable() or avx512_kernel.describe()),
         ("ipex", ipex_status()),
         ("protection", protection_status()),
         ("served profile", configured_protection()),

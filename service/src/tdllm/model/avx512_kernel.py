@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from tdllm.errors import ModelLoadError
-from tdllm.model.cpu_features import HAS_AMX
+from tdllm.model.cpu_features import HAS_AMX, cpu_flags
 
 SOURCE = Path(__file__).with_name("kernels") / "w8a8_avx512.cpp"
 NAME = "tdllm_w8a8_avx512"
@@ -34,24 +34,37 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"]
 DIRECTORY_ENV = "TDLLM_KERNEL_DIR"
 # rows from which the product runs on AMX tiles where the CPU has them (0: never); below it the
 # VNNI stream, which reads the weights once for every six rows
-AMX_MIN_ROWS = 16 if HAS_AMX else 0
+AMX_MIN_ROWS = 16 if HAS_AMX and "amx_int8" in cpu_flags() else 0
 
 log = logging.getLogger(__name__)
 
 
-def missing_cpu_flags(cpuinfo: str | None = None) -> list[str]:
-    """The `CPU_FLAGS` this CPU lacks (`cpuinfo`: /proc/cpuinfo's text; read when None)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return list(CPU_FLAGS)
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-            break
-    return [flag for flag in CPU_FLAGS if flag not in flags]
+def missing_cpu_flags(flags: set[str] | None = None) -> list[str]:
+    """The `CPU_FLAGS` this CPU lacks (`flags`: its flags; read from /proc/cpuinfo when None)."""
+    have = cpu_flags() if flags is None else flags
+    return [flag for flag in CPU_FLAGS if flag not in have]
+
+
+def why_unavailable() -> str | None:
+    """Why the kernel cannot run here, in one line (None: it can be built and run)."""
+    missing = missing_cpu_flags()
+    if missing:
+        return (
+            f"quant w8a8-avx512 needs AVX-512 VNNI; this CPU lacks {', '.join(missing)}: use w8a8"
+        )
+    compiler = os.environ.get("CXX", "c++")  # what torch's builder runs
+    absent = [tool for tool in (compiler, "ninja") if shutil.which(tool) is None]
+    if absent:
+        return (
+            "quant w8a8-avx512 builds its kernel at first use and needs a C++ compiler and "
+            f"ninja (image: ml_runtime_cxx_compiler); not found: {', '.join(absent)}"
+        )
+    return None
+
+
+def describe() -> str:
+    rows = f"AMX from {AMX_MIN_ROWS} rows" if AMX_MIN_ROWS else "no AMX"
+    return f"can be built (AVX-512 VNNI, {rows}; built at first use)"
 
 
 def build_directory(environ: dict[str, str] | None = None) -> Path:
@@ -113,6 +126,11 @@ def load() -> None:
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """``weight [N, K] int8`` in the kernel's layout (`load` first)."""
     return torch.ops.tdllm_avx512.pack(weight)
+
+
+def row_sums(weight: torch.Tensor, outputs: int) -> torch.Tensor:
+    """Each row's sum (int32), zeros after them up to `outputs`."""
+    return torch.ops.tdllm_avx512.row_sums(weight, outputs)
 
 
 def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

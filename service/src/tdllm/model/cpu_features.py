@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
+    """The first CPU's flags as Linux lists them (none where the file cannot be read)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
+
 
 # AMX tiles: oneDNN's bf16 GEMM is then several times faster, so widening quantized weights to
 # bf16 for it pays from far fewer rows (tdllm.model.quantized, tdllm.model.int4_widen)

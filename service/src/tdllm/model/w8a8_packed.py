@@ -140,8 +140,7 @@ def pack(
         rows = chunks[i]
         weight = rows[:, :-2]
         packed = avx512_kernel.pack(weight)
-        sums = torch.zeros(packed.shape[0] * packed.shape[2], dtype=torch.int32)
-        sums[: weight.shape[0]] = weight.sum(1, dtype=torch.int32)
+        sums = avx512_kernel.row_sums(weight, packed.shape[0] * packed.shape[2])
         padded = torch.zeros(sums.shape[0])
         padded[: weight.shape[0]] = scales[starts[i] : starts[i + 1]]
         release(rows)

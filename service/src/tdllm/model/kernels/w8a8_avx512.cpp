@@ -155,9 +155,32 @@ at::Tensor pack(const at::Tensor& weight) {
   const int64_t n = weight.size(0), k = weight.size(1);
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   const int64_t quads = (k + 4 * kQuadStep - 1) / (4 * kQuadStep) * kQuadStep;
-  at::Tensor padded = at::zeros({blocks * kBlock, quads * 4}, at::kChar);
-  padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
-  return padded.view({blocks, kBlock, quads, 4}).permute({0, 2, 1, 3}).contiguous();
+  at::Tensor whole = weight;  // one copy, the packed one, unless the shape needs padding
+  if (blocks * kBlock != n || quads * 4 != k) {
+    whole = at::zeros({blocks * kBlock, quads * 4}, at::kChar);
+    whole.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
+  }
+  return whole.unflatten(0, {blocks, kBlock}).unflatten(2, {quads, 4})
+      .permute({0, 2, 1, 3}).contiguous();
+}
+
+// sum of each row of weight [N, K] s8, padded with zeros to `outputs` (torch's own sum would
+// widen the whole matrix to int32 first: 4x its size, transient, on every load)
+at::Tensor row_sums(const at::Tensor& weight, int64_t outputs) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.stride(1) == 1 &&
+              outputs >= weight.size(0), "weight: [N, K] int8 rows");
+  const int64_t n = weight.size(0), k = weight.size(1), ld = weight.stride(0);
+  at::Tensor sums = at::zeros({outputs}, at::kInt);
+  int32_t* out = sums.data_ptr<int32_t>();
+  const int8_t* w = weight.data_ptr<int8_t>();
+  at::parallel_for(0, n, 256, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      int32_t total = 0;
+      for (int64_t i = 0; i < k; ++i) total += w[r * ld + i];
+      out[r] = total;
+    }
+  });
+  return sums;
 }
 
 // packed [N/64, K/4, 64, 4] -> weight [N, K]
@@ -188,8 +211,10 @@ at::Tensor product(const at::Tensor& scaled, const at::Tensor& packed, const at:
   at::Tensor rounded = at::empty({padded_rows, lda}, at::kByte);
   uint8_t* x = rounded.data_ptr<uint8_t>();
   const float* rows = scaled.data_ptr<float>();
-  for (int64_t r = 0; r < m; ++r)
-    round_row(rows + r * scaled.stride(0), k, lda, inverse, x + r * lda);
+  at::parallel_for(0, m, 8, [&](int64_t first, int64_t last) {  // a prompt's rows: both cores
+    for (int64_t r = first; r < last; ++r)
+      round_row(rows + r * scaled.stride(0), k, lda, inverse, x + r * lda);
+  });
   std::fill(x + m * lda, x + padded_rows * lda, uint8_t{128});
 
   at::Tensor y = at::empty({m, n}, scaled.options());
@@ -230,6 +255,7 @@ at::Tensor product(const at::Tensor& scaled, const at::Tensor& packed, const at:
 TORCH_LIBRARY(tdllm_avx512, m) {
   m.def("pack(Tensor weight) -> Tensor");
   m.def("unpack(Tensor packed, int n, int k) -> Tensor");
+  m.def("row_sums(Tensor weight, int outputs) -> Tensor");
   m.def("w8a8(Tensor scaled, Tensor packed, Tensor scales, Tensor sums, int n, int k, "
         "float x_step, int amx_min_rows) -> Tensor");
 }
@@ -237,5 +263,6 @@ TORCH_LIBRARY(tdllm_avx512, m) {
 TORCH_LIBRARY_IMPL(tdllm_avx512, CPU, m) {
   m.impl("pack", &pack);
   m.impl("unpack", &unpack);
+  m.impl("row_sums", &row_sums);
   m.impl("w8a8", &product);
 }
