@@ -13,10 +13,11 @@ on its own grid, the caller's doing) with two range columns, rounded to u8 on th
   FBGEMM's, decode at 8-32 sequences 1.14-1.3x, at one 0.83-0.99x: at one row it streams the
   weights ~8% slower, whatever the packing (docs/performance.md, "W8A8 at one row, from
   DRAM"). ``quant: w8a8-onednn`` runs it; ``w8a8`` and int4's W8A8 head stay on FBGEMM.
-- ``avx512``: our own kernel (`tdllm.model.avx512_kernel`, AVX-512 VNNI, built at first use),
-  which streams the weights once per call for up to six rows at a time: faster than both at the
-  few rows of a decode step, slower at a long prompt's (docs/performance.md, "Our own W8A8
-  kernel"). We round the input as for oneDNN. ``quant: w8a8-avx512`` runs it.
+- ``avx512``: our own kernel (`tdllm.model.avx512_kernel`, built at first use): AVX-512 VNNI
+  streaming the weights once per call for up to six rows, and from 16 rows AMX tiles on the same
+  packing where the CPU has them: FBGEMM's product 1.1-2x faster at one to eight rows, near
+  oneDNN's at a prompt's (docs/performance.md, "Our own W8A8 kernel"). It rounds the input as
+  we do for oneDNN. ``quant: w8a8-avx512`` runs it.
 
 A large projection is packed as several row chunks of at most `CHUNK_BYTES`, each its own
 matrix, packed on as many threads as torch uses: FBGEMM packs one matrix on one core, and a
@@ -52,7 +53,7 @@ from tdllm.model import avx512_kernel
 CHUNK_BYTES = 64 << 20
 
 BACKENDS = ("fbgemm", "onednn", "avx512")
-X_STEP = 2 / 255  # the input grid of both backends: rows in [-1, 1], zero point 128
+X_STEP = 2 / 255  # the input grid of every backend: rows in [-1, 1], zero point 128
 X_ZERO = 128
 UNIT_BLOCK = 512  # inputs read back per oneDNN product (`unpack`)
 
