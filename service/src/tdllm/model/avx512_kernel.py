@@ -93,24 +93,15 @@ def build_directory(environ: dict[str, str] | None = None) -> Path:
 def load() -> None:
     """Build (once per source and torch version; ninja skips an up-to-date build) and load
     the kernel, registering ``torch.ops.tdllm_avx512``. Raises `ModelLoadError`, one line, when
-    the CPU lacks the instructions or the build fails."""
-    missing = missing_cpu_flags()
-    if missing:
-        raise ModelLoadError(
-            f"quant w8a8-avx512 needs AVX-512 VNNI; this CPU lacks {', '.join(missing)}: use w8a8"
-        )
-    compiler = os.environ.get("CXX", "c++")  # what torch's builder runs
-    absent = [tool for tool in (compiler, "ninja") if shutil.which(tool) is None]
-    if absent:
-        raise ModelLoadError(
-            "quant w8a8-avx512 builds its kernel at first use and needs a C++ compiler and "
-            f"ninja (image: ml_runtime_cxx_compiler); not found: {', '.join(absent)}"
-        )
+    it cannot run here (`why_unavailable`) or the build fails."""
+    reason = why_unavailable()
+    if reason:
+        raise ModelLoadError(reason)
     directory = build_directory()
     from torch.utils import cpp_extension  # imports setuptools: only when the kernel is used
 
     started = time.monotonic()
-    log.info("building the w8a8-avx512 kernel in %s (the first time: ~10-30 s)", directory)
+    log.info("building the w8a8-avx512 kernel in %s (the first time: ~10-20 s)", directory)
     try:
         cpp_extension.load(
             NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
