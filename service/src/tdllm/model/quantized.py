@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from tdllm.errors import ModelLoadError
-from tdllm.model import avx512_kernel, w8a8_packed
+from tdllm.model import w8a8_packed
 from tdllm.model.cpu_features import HAS_AMX
 from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
 from tdllm.model.gguf_blocks import INT4_KINDS, GgufQuantized
@@ -317,8 +317,7 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
                 "quant w8a8 needs a CPU with VNNI (AVX512-VNNI or AVX-VNNI); "
                 "this one has none: use int8"
             )
-        if self.backend == "avx512":  # built before any weight is read: a failure costs nothing
-            avx512_kernel.load()
+        w8a8_packed.prepare(self.backend)  # before any weight is read: a failure costs nothing
         super().create_weights(layer, dtype)
 
     def staging(self, layer: Linear) -> dict[str, torch.Tensor]:

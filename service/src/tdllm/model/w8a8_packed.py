@@ -92,6 +92,14 @@ def default_backend() -> str:
     return "fbgemm"
 
 
+def prepare(backend: str) -> None:
+    """Refuse an unknown `backend`; build ours (`avx512_kernel.load`, one line on failure)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown W8A8 backend {backend!r}; choose {', '.join(BACKENDS)}")
+    if backend == "avx512":
+        avx512_kernel.load()
+
+
 def chunk_spans(rows: int, cols: int) -> list[tuple[int, int]]:
     """Row ranges ``[start, stop)`` of the matrices a `rows` x `cols` int8 weight is packed
     as: equal (but for the last), each at most `CHUNK_BYTES`."""
@@ -112,8 +120,7 @@ def pack(
     columns' zero weights; per-row `scales` of all of them in order) for `backend`, calling
     `release` on each chunk once the packing's own copy of it exists; a handle freed with
     `owner`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown W8A8 backend {backend!r}; choose {', '.join(BACKENDS)}")
+    prepare(backend)
     starts = list(itertools.accumulate((c.shape[0] for c in chunks), initial=0))
 
     def fbgemm(i: int) -> Chunk:
@@ -147,8 +154,6 @@ def pack(
         release(rows)
         return Avx512Chunk(packed, padded, sums, weight.shape[0], weight.shape[1])
 
-    if backend == "avx512":
-        avx512_kernel.load()
     one = {"onednn": onednn, "avx512": avx512}.get(backend, fbgemm)
     workers = min(len(chunks), torch.get_num_threads())
     if workers > 1:  # each packing runs on one core with the GIL released
