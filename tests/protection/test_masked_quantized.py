@@ -18,7 +18,7 @@ from tdllm.profiles.masked import build_masked, masked_linears
 from tdllm.trusted.crossing import Crossing
 from tdllm.trusted.masked_linear import kept_by
 from tdllm.trusted.public_reference import PublicReference
-from tests.cpu_kernels import W8A8_QUANTS
+from tests.cpu_kernels import INT4_QUANTS, W8A8_QUANTS
 from tests.protection.engine_runs import greedy_tokens, masked_method
 
 PROMPT = [5, 17, 3, 42, 8, 9, 60, 2]
@@ -30,7 +30,7 @@ def prompt_logits(model: Transformer) -> torch.Tensor:
         return model(torch.tensor([PROMPT]), Batch([0], [0], len(PROMPT)), cache, last_only=False)
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4", *W8A8_QUANTS])
+@pytest.mark.parametrize("quant", ["int8", *INT4_QUANTS, *W8A8_QUANTS])
 def test_masked_with_quant_keeps_delta_and_head_quantized_and_equals_its_td_reference(
     quant: str,
     private_checkpoint: Checkpoint,

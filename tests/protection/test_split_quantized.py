@@ -15,6 +15,7 @@ import torch
 from tdllm.model.linear import Linear, PlainCpuMethod
 from tdllm.model.loader import load_model
 from tdllm.model.quantized import (
+    Int4Avx512Method,
     Int4WeightOnlyMethod,
     Int8DynamicMethod,
     Int8WeightOnlyMethod,
@@ -24,7 +25,7 @@ from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.profiles import ProtectionOptions, ServedModel, build_model
 from tdllm.profiles.split import split_methods
 from tdllm.trusted.public_reference import PublicReference
-from tests.cpu_kernels import W8A8_QUANTS
+from tests.cpu_kernels import INT4_QUANTS, W8A8_QUANTS
 from tests.protection.conftest import CFG, MAX_BATCH, MAX_SEQ, K
 from tests.protection.engine_runs import PROMPTS, greedy_tokens
 
@@ -35,6 +36,7 @@ QUANT_METHOD = {
     "w8a8": Int8DynamicMethod,
     "w8a8-onednn": Int8DynamicMethod,
     "w8a8-avx512": Int8DynamicMethod,
+    "w4a8-avx512": Int4Avx512Method,
 }
 
 
@@ -60,7 +62,7 @@ def served() -> Iterator[list[ServedModel]]:
         model.close()
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4", *W8A8_QUANTS])
+@pytest.mark.parametrize("quant", ["int8", *INT4_QUANTS, *W8A8_QUANTS])
 def test_split_with_quant_keeps_the_tail_quantized_and_equals_its_td_reference_bit_for_bit(
     quant: str, private_checkpoint, reference_file: Path, served: list[ServedModel]
 ) -> None:  # type: ignore[no-untyped-def]

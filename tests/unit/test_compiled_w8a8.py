@@ -1,6 +1,7 @@
 """The compiled decode step through W8A8 projections (`quant: w8a8` and w8a8-avx512, and int4's
 head): the packed weights are opaque to a graph, so the step reaches them through the
-``tdllm::w8a8_linear`` custom op, and gives the eager engine's tokens."""
+``tdllm::w8a8_linear`` custom op, and gives the eager engine's tokens. Likewise our int4 kernel
+(`quant: w4a8-avx512`), an op of its own with a fake for the graph."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ from tests.unit.test_compiled_decode import run
 
 @pytest.mark.slow  # a compile of its own (~20 s on 2 cores)
 @pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs a CPU with VNNI")
-@pytest.mark.parametrize("quant", ["w8a8", pytest.param("w8a8-avx512", marks=needs_avx512)])
+@pytest.mark.parametrize(
+    "quant",
+    ["w8a8", *(pytest.param(q, marks=needs_avx512) for q in ("w8a8-avx512", "w4a8-avx512"))],
+)
 def test_compiled_decode_runs_w8a8_projections_with_the_eager_tokens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str
 ) -> None:

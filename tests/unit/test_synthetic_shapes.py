@@ -191,8 +191,13 @@ def test_ours_w8a8_runs_only_the_q8_0_file_and_has_its_own_ratios(tmp_path: Path
     assert shape_bench._run_one("ours-compiled-w8a8", tmp_path / "absent.gguf", "q4_0", "bf16",
                                 4, 2, 1, 2, (1,))["status"] == skipped["status"]  # fmt: skip
     assert shape_bench.ours_quant("ours-w8a8-onednn", "q8_0") == "w8a8-onednn"
-    assert shape_bench._run_one("ours-w8a8-onednn", tmp_path / "absent.gguf", "f16", "bf16",
-                                4, 2, 1, 2, (1,))["status"] == skipped["status"]  # fmt: skip
+    onednn = shape_bench._run_one("ours-w8a8-onednn", tmp_path / "absent.gguf", "f16", "bf16",
+                                  4, 2, 1, 2, (1,))  # fmt: skip
+    assert onednn["status"] == "w8a8-onednn runs the q8_0 file only"
+    assert shape_bench.ours_quant("ours-w4a8-avx512", "q4_0") == "w4a8-avx512"
+    w4a8 = shape_bench._run_one("ours-compiled-w4a8-avx512", tmp_path / "absent.gguf", "q8_0",
+                                "bf16", 4, 2, 1, 2, (1,))  # fmt: skip
+    assert w4a8["status"] == "w4a8-avx512 runs the q4_0 file only"
     rows = [
         {"engine": engine, "format": "q8_0", "prefill_tok_s": 2.0 * speed,
          "decode_b1_tok_s": speed, "peak_rss_mb": 100.0}

@@ -73,7 +73,7 @@ def report() -> list[tuple[str, str]]:
         ("amx", "yes" if "amx_tile" in flags else "no"),
         ("torch", f"{torch.__version__} ({threads})"),
         ("oneDNN", onednn_version()),
-        ("w8a8-avx512 kernel", avx512_kernel.why_unavailable() or avx512_kernel.describe()),
+        ("avx512 kernels", avx512_kernel.why_unavailable() or avx512_kernel.describe()),
         ("ipex", ipex_status()),
         ("protection", protection_status()),
         ("served profile", configured_protection()),

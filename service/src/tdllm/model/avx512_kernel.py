@@ -1,14 +1,19 @@
-"""Our W8A8 kernel for AVX-512 VNNI CPUs (``kernels/w8a8_avx512.cpp``), built at first use.
+"""Our kernels for AVX-512 VNNI CPUs (``kernels/*.cpp``, one library), built at first use.
 
-``quant: w8a8-avx512`` runs W8A8's product on it (`tdllm.model.w8a8_packed`, backend
-``avx512``): at one row it streams the int8 weights 1.1-2x faster than FBGEMM (24-26 GB/s on
-the 1B shapes), from 16 rows it runs AMX tiles where the CPU has them (docs/performance.md,
-"Our own W8A8 kernel"). It is C++ compiled by torch's extension builder
-on first use, so it needs what the compiled decode step needs: a C++ compiler and ninja on
-``PATH`` (in the image: ``ml_runtime_cxx_compiler``). It is built from the source shipped in
-the package (in the image: the measured root) into a directory only this user can write, and
-loaded from there: a library another user could replace would run inside the TD, so a
-directory with other owners or writers is refused, not used.
+- ``quant: w8a8-avx512`` runs W8A8's product on ``w8a8_avx512.cpp`` (`tdllm.model.w8a8_packed`,
+  backend ``avx512``): at one row it streams the int8 weights 1.1-2x faster than FBGEMM (24-26
+  GB/s on the 1B shapes), from 16 rows it runs AMX tiles where the CPU has them
+  (docs/performance.md, "Our own W8A8 kernel").
+- ``quant: w4a8-avx512`` runs int4 weights times inputs rounded to int8 per 32 on
+  ``w4a8_avx512.cpp`` (`tdllm.model.quantized.Int4Avx512Method`; docs/performance.md, "Our own
+  int4 kernel").
+
+It is C++ compiled by torch's extension builder on first use, so it needs what the compiled
+decode step needs: a C++ compiler and ninja on ``PATH`` (in the image:
+``ml_runtime_cxx_compiler``). It is built from the sources shipped in the package (in the
+image: the measured root) into a directory only this user can write, and loaded from there: a
+library another user could replace would run inside the TD, so a directory with other owners or
+writers is refused, not used.
 """
 
 from __future__ import annotations
@@ -27,8 +32,12 @@ import torch
 from tdllm.errors import ModelLoadError
 from tdllm.model.cpu_features import HAS_AMX, cpu_flags
 
-SOURCE = Path(__file__).with_name("kernels") / "w8a8_avx512.cpp"
-NAME = "tdllm_w8a8_avx512"
+SOURCES = [
+    Path(__file__).with_name("kernels") / f"{name}.cpp" for name in ("w8a8_avx512", "w4a8_avx512")
+]
+NAME = "tdllm_avx512"
+QUANTS = ("w8a8-avx512", "w4a8-avx512")
+FALLBACK = {"w8a8-avx512": "w8a8", "w4a8-avx512": "int4"}  # what to use where they cannot run
 # what the kernel's instructions need (VPDPBUSD on 512-bit registers, byte masks)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"]
@@ -36,6 +45,9 @@ DIRECTORY_ENV = "TDLLM_KERNEL_DIR"
 # rows from which the product runs on AMX tiles where the CPU has them (0: never); below it the
 # VNNI stream, which reads the weights once for every six rows
 AMX_MIN_ROWS = 16 if HAS_AMX and "amx_int8" in cpu_flags() else 0
+
+GROUP = 32  # inputs per int4 scale and offset, and per rounded input group, in `w4a8`
+FP16_MAX = 65504.0  # the int4 kernel's scales and offsets are fp16
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +58,27 @@ def missing_cpu_flags(flags: set[str] | None = None) -> list[str]:
     return [flag for flag in CPU_FLAGS if flag not in have]
 
 
-def why_unavailable() -> str | None:
-    """Why the kernel cannot run here, in one line (None: it can be built and run)."""
+def why_unavailable(quant: str = "w8a8-avx512") -> str | None:
+    """Why `quant`'s kernel cannot run here, in one line (None: it can be built and run)."""
     missing = missing_cpu_flags()
     if missing:
         return (
-            f"quant w8a8-avx512 needs AVX-512 VNNI; this CPU lacks {', '.join(missing)}: use w8a8"
+            f"quant {quant} needs AVX-512 VNNI; this CPU lacks {', '.join(missing)}: "
+            f"use {FALLBACK[quant]}"
         )
     compiler = os.environ.get("CXX", "c++")  # what torch's builder runs
     absent = [tool for tool in (compiler, "ninja") if shutil.which(tool) is None]
     if absent:
         return (
-            "quant w8a8-avx512 builds its kernel at first use and needs a C++ compiler and "
+            f"quant {quant} builds its kernel at first use and needs a C++ compiler and "
             f"ninja (image: ml_runtime_cxx_compiler); not found: {', '.join(absent)}"
         )
     return None
 
 
 def describe() -> str:
-    rows = f"AMX from {AMX_MIN_ROWS} rows" if AMX_MIN_ROWS else "no AMX"
-    return f"can be built (AVX-512 VNNI, {rows}; built at first use)"
+    rows = f"w8a8 on AMX from {AMX_MIN_ROWS} rows" if AMX_MIN_ROWS else "no AMX"
+    return f"w8a8-avx512, w4a8-avx512 can be built (AVX-512 VNNI, {rows}; built at first use)"
 
 
 def build_directory(environ: dict[str, str] | None = None) -> Path:
@@ -89,30 +102,36 @@ def build_directory(environ: dict[str, str] | None = None) -> Path:
     return path
 
 
-@functools.cache
-def load() -> None:
+def load(quant: str = "w8a8-avx512") -> None:
     """Build (once per source and torch version; ninja skips an up-to-date build) and load
-    the kernel, registering ``torch.ops.tdllm_avx512``. Raises `ModelLoadError`, one line, when
-    it cannot run here (`why_unavailable`) or the build fails."""
-    reason = why_unavailable()
+    the kernels, registering ``torch.ops.tdllm_avx512``. Raises `ModelLoadError`, one line, when
+    `quant`'s cannot run here (`why_unavailable`) or the build fails."""
+    reason = why_unavailable(quant)
     if reason:
         raise ModelLoadError(reason)
+    _build()
+
+
+@functools.cache
+def _build() -> None:
     directory = build_directory()
     from torch.utils import cpp_extension  # imports setuptools: only when the kernel is used
 
     started = time.monotonic()
-    log.info("building the w8a8-avx512 kernel in %s (the first time: ~10-20 s)", directory)
+    log.info("building the AVX-512 kernels in %s (the first time: ~20-40 s)", directory)
     try:
         cpp_extension.load(
-            NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-            build_directory=str(directory), is_python_module=False, verbose=False,
+            NAME, [str(source) for source in SOURCES], extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
+            verbose=False,
         )  # fmt: skip
     except (OSError, RuntimeError) as error:  # no compiler or ninja, or it failed
         lines = str(error).strip().splitlines() or [type(error).__name__]
         raise ModelLoadError(
-            f"quant w8a8-avx512: building its kernel in {directory} failed: {lines[0][:160]}"
+            f"building the AVX-512 kernels in {directory} failed: {lines[0][:160]}"
         ) from error
-    log.info("w8a8-avx512 kernel ready in %.1f s", time.monotonic() - started)
+    log.info("AVX-512 kernels ready in %.1f s", time.monotonic() - started)
+    torch.library.register_fake("tdllm_avx512::w4a8", _w4a8_shape)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -142,3 +161,31 @@ def product(
     """``scaled [M, >= K]`` (fp32 rows in [-1, 1]) times the `packed` weights, fp32 ``[M, N]``;
     `scales` and `sums` padded to the packed outputs (`pack`)."""
     return torch.ops.tdllm_avx512.w8a8(scaled, packed, scales, sums, n, k, x_step, amx_min_rows)
+
+
+def _w4a8_shape(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """`w4a8`'s output as a compiled graph sees it."""
+    return x.new_empty(x.shape[0], n)
+
+
+def pack4(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """int4 ``codes [N, K]`` (uint8, 0..15) with a scale and an offset per 32 inputs (``[N,
+    K/32]`` fp32: ``w = q * scale + offset``) in `w4a8`'s layout (`load` first); scales and
+    offsets are kept as fp16 (ValueError outside its range)."""
+    if not max(float(scales.abs().max()), float(offsets.abs().max())) <= FP16_MAX:  # or NaN
+        raise ValueError("int4 scales and offsets beyond fp16's range")
+    return torch.ops.tdllm_avx512.pack4(codes, scales, offsets)
+
+
+def unpack4(
+    packed: torch.Tensor, n: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scales, offsets)`` read back from `pack4`'s layout."""
+    codes, scales, offsets = torch.ops.tdllm_avx512.unpack4(packed, n, k)
+    return codes, scales, offsets
+
+
+def w4a8(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``x [M, K]`` fp32 rows, rounded to int8 per 32 inputs, times the `pack4` weights: fp32
+    ``[M, n]``."""
+    return torch.ops.tdllm_avx512.w4a8(x, packed, n, k)

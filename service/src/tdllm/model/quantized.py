@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from tdllm.errors import ModelLoadError
-from tdllm.model import w8a8_packed
+from tdllm.model import avx512_kernel, w8a8_packed
 from tdllm.model.cpu_features import HAS_AMX
 from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
 from tdllm.model.gguf_blocks import INT4_KINDS, GgufQuantized
@@ -472,6 +472,72 @@ class Int4WeightOnlyMethod(_StagedQuantMethod):
         return _shaped(y, x)
 
 
+class Int4Avx512Method(Int4WeightOnlyMethod):
+    """W4A8 on our AVX-512 VNNI kernel (`tdllm.model.avx512_kernel`, ``quant: w4a8-avx512``):
+    int4's codes, scales and zeros (the same rows from floats or GGUF blocks), packed as the
+    kernel streams them (scales and offsets ``z - 8 s`` in fp16: Q4_0's and Q4_1's own
+    precision), times the inputs rounded to int8 per 32 on each call (``max|x| / 127`` a step:
+    llama.cpp's Q8_0 activations). Not weight-only: the rounding of each input group is the
+    cost, measured by ``tdllm bench fidelity``. The kernel reads the weights 1.3-2x faster than
+    ``_weight_int4pack_mm_for_cpu`` at one row, and 2-5x at 8 to 64 (docs/performance.md, "Our
+    own int4 kernel")."""
+
+    QUANT = "w4a8-avx512"
+
+    def __init__(self) -> None:
+        super().__init__(avx512_kernel.GROUP)
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        avx512_kernel.load(self.QUANT)  # before any weight is read: a failure costs nothing
+        super().create_weights(layer, dtype)
+
+    def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
+        n, k = layer.out_features, layer.in_features
+        if k % self.group_size:
+            raise ValueError(
+                f"{layer.name}: {k} inputs are not a multiple of the group size {self.group_size}"
+            )
+        groups = k // self.group_size
+        return {
+            "codes": torch.empty(n, k, dtype=torch.uint8),
+            "scales": torch.empty(n, groups),
+            "zeros": torch.empty(n, groups),
+        }
+
+    def _put(
+        self,
+        staged: dict[str, torch.Tensor],
+        start: int,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+    ) -> None:
+        stop = start + codes.shape[0]
+        staged["codes"][start:stop] = codes
+        staged["scales"][start:stop] = scales
+        staged["zeros"][start:stop] = zeros
+
+    def pack(self, layer: Linear, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        # w = (q - 8) * s + z = q * s + (z - 8 s): the offset the kernel adds per input group
+        offsets = staged["zeros"] - 8 * staged["scales"]
+        try:
+            packed = avx512_kernel.pack4(staged["codes"], staged["scales"], offsets)
+        except ValueError as error:
+            raise ModelLoadError(f"{layer.name}: {error}") from error
+        finally:
+            offsets.zero_()
+        layer.register_buffer("qweight", packed, persistent=False)
+        return []
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        packed = layer.qweight
+        assert isinstance(packed, torch.Tensor)
+        rows = x.reshape(-1, x.shape[-1])
+        rows = (rows if rows.dtype == torch.float32 else rows.float()).contiguous()
+        y = avx512_kernel.w4a8(rows, packed, layer.out_features, layer.in_features)
+        return _shaped(y, x)
+
+
 def quant_table(quant: str) -> LinearMethodTable:
     """The methods of every projection for a ``quant`` setting. int4 keeps the lm_head int8
     (as llama.cpp's Q4 mixes keep their output tensor wider): the bundled model's tied head
@@ -482,6 +548,10 @@ def quant_table(quant: str) -> LinearMethodTable:
     other projection under +0.2% (docs/performance.md, "W8A8"); w8a8-onednn likewise."""
     if quant == "int4":
         return LinearMethodTable([("lm_head", Int8DynamicMethod())], Int4WeightOnlyMethod())
+    if quant == Int4Avx512Method.QUANT:  # the head W8A8 on the same library's kernel
+        return LinearMethodTable(
+            [("lm_head", Int8DynamicMethod(backend="avx512"))], Int4Avx512Method()
+        )
     if quant in W8A8_BACKENDS:
         return LinearMethodTable([("*.qkv_proj", Int8WeightOnlyMethod())], quant_method(quant))
     # "none": the plain kernels, bf16 weights prepacked for oneDNN where that is faster
@@ -494,6 +564,8 @@ def quant_method(quant: str) -> LinearMethod | None:
         return Int8WeightOnlyMethod()
     if quant == "int4":
         return Int4WeightOnlyMethod()
+    if quant == Int4Avx512Method.QUANT:
+        return Int4Avx512Method()
     if quant in W8A8_BACKENDS:
         return Int8DynamicMethod(backend=W8A8_BACKENDS[quant])
     if quant != "none":

@@ -40,15 +40,19 @@ from tdllm_lab.bench.synthetic_shapes import (
 # ours-compiled: our engine with its decode step compiled (`compile: decode`); ours-w8a8: the
 # Q8_0 file as W8A8 (`quant: w8a8`, activations rounded to int8 too) instead of weight-only int8;
 # ours-compiled-w8a8: both; ours-w8a8-onednn: W8A8 on oneDNN's int8 GEMM (`quant: w8a8-onednn`);
-# ours-w8a8-avx512 (and compiled): W8A8 on our AVX-512 VNNI kernel (`quant: w8a8-avx512`)
-W8A8_ENGINES = {
+# ours-w8a8-avx512 (and compiled): W8A8 on our AVX-512 VNNI kernel (`quant: w8a8-avx512`);
+# ours-w4a8-avx512 (and compiled): the Q4_0 file on our int4 kernel (`quant: w4a8-avx512`)
+QUANT_ENGINES = {
     "ours-w8a8": "w8a8",
     "ours-compiled-w8a8": "w8a8",
     "ours-w8a8-onednn": "w8a8-onednn",
     "ours-w8a8-avx512": "w8a8-avx512",
     "ours-compiled-w8a8-avx512": "w8a8-avx512",
+    "ours-w4a8-avx512": "w4a8-avx512",
+    "ours-compiled-w4a8-avx512": "w4a8-avx512",
 }
-OURS = ("ours", "ours-compiled", *W8A8_ENGINES)
+FILE_QUANT = {"w4a8-avx512": "int4"}  # the file each of those runs (the rest: int8, q8_0)
+OURS = ("ours", "ours-compiled", *QUANT_ENGINES)
 PEERS = (llama_cpp_peer.ENGINE, vllm_peer.ENGINE)
 ENGINES = (*OURS, *PEERS)
 DEFAULT_FORMATS = ("f16", "q8_0", "q4_0")
@@ -64,6 +68,7 @@ OURS_BYTES_PER_WEIGHT = {
     "w8a8-onednn": 1.0,
     "w8a8-avx512": 1.0,
     "int4": 0.5 + 4 / 32,
+    "w4a8-avx512": 0.5 + 4 / 32,  # fp16 scale + offset per 32 weights
 }
 
 
@@ -76,7 +81,8 @@ def ours_decode_bytes(shape: Shape, quant: str) -> int:
     for name, dims in shape.tensors():
         if name.startswith("blk.") and len(dims) == 2:
             projections += dims[0] * dims[1]
-    head = shape.vocab * shape.hidden * (OURS_BYTES_PER_WEIGHT["int8"] if quant == "int4" else per)
+    int4 = quant in ("int4", "w4a8-avx512")
+    head = shape.vocab * shape.hidden * (OURS_BYTES_PER_WEIGHT["int8"] if int4 else per)
     norms = (2 * shape.layers + 1) * shape.hidden * 2
     return int(projections * per + head + norms)
 
@@ -259,8 +265,12 @@ def _run_one(
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     base = {"engine": engine, "format": fmt}
-    if engine in W8A8_ENGINES and format_named(fmt)[2] != "int8":
-        return base | {"status": "w8a8 runs the q8_0 file only"}
+    quant = QUANT_ENGINES.get(engine)
+    if quant and format_named(fmt)[2] != FILE_QUANT.get(quant, "int8"):
+        bits = FILE_QUANT.get(quant, "int8")
+        return base | {
+            "status": f"{quant} runs the {'q4_0' if bits == 'int4' else 'q8_0'} file only"
+        }
     if engine == vllm_peer.ENGINE:
         return base | _run_vllm(path, fmt, prompt_tokens, new_tokens, repeats, threads,
                                 batch_sizes, progress)  # fmt: skip
@@ -351,8 +361,8 @@ def compiled(engine: str) -> bool:
 
 def ours_quant(engine: str, fmt: str) -> str:
     """Our engine's `quant` for a format's file: the format's own, or the W8A8 engines' own
-    (`W8A8_ENGINES`)."""
-    return W8A8_ENGINES.get(engine) or format_named(fmt)[2]
+    (`QUANT_ENGINES`)."""
+    return QUANT_ENGINES.get(engine) or format_named(fmt)[2]
 
 
 def peer_ratios(

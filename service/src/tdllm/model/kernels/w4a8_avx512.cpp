@@ -1,0 +1,243 @@
+// W4A8 on AVX-512 VNNI: int4 weights with a scale and an offset per 32 inputs, streamed once per
+// call for the few rows of a decode step, times inputs rounded to int8 per 32 (llama.cpp's Q4_0 x
+// Q8_0 product, on int4's grid: w = q * scale + offset, q in 0..15).
+//
+// Why our own: torch's int4 kernel (`_weight_int4pack_mm_for_cpu`) reads the weights at 10-20
+// GB/s at one row where the bus gives ~26-30 (docs/performance.md), and a prompt's rows cost it
+// as much each as one decode step. Here the codes are packed output-major in blocks of 64
+// outputs and, within a block, group by group: [N/64][K/32] of 1280 bytes, the group's codes
+// (4 x 256 bytes: eight inputs of 64 outputs, a byte holding inputs i and i + 4 of one output)
+// then its 64 scales and 64 offsets as fp16 (the precision of Q4_0's and Q4_1's own). One
+// contiguous stream per block; each 64-byte load gives two 16-lane VPDPBUSD operands (the low
+// and high nibbles, u4 in u8 lanes, times a broadcast quad of s8 inputs), no lane is reduced
+// across, and each group's int32 sums are scaled into fp32 with the group's scales:
+//   y[n] += dx[g] * (scale[n, g] * sum_k q[n, k] * xq[k] + offset[n, g] * sum_k xq[k])
+// where the inputs of group g are rounded as xq = round(x / dx[g]), dx[g] = max|x in g| / 127.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+namespace {
+
+constexpr int64_t kBlock = 64;                     // outputs a block
+constexpr int64_t kGroup = 32;                     // inputs sharing a scale and an offset
+constexpr int64_t kCodeBytes = kBlock * kGroup / 2;  // 1024: a block's codes for one group
+constexpr int64_t kGroupBytes = kCodeBytes + 2 * kBlock * 2;  // + 64 fp16 scales, 64 offsets
+constexpr int64_t kAhead = 5120;                   // bytes prefetched ahead in a block's stream
+
+inline __m512 halves(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// y rows [0, R) (ldy apart), outputs of registers [j0, j0 + J) of one block (each 16 outputs):
+// R rows share every load; J = 4 streams the block once, J = 2 (two calls) leaves room for more
+// rows' accumulators in the 32 registers
+template <int R, int J>
+void block(const int8_t* xq, int64_t lda, const float* dx, const float* dsum, int64_t groups,
+           const uint8_t* w, int j0, float* y, int64_t ldy, int64_t outputs) {
+  __m512 acc[R][J];
+  for (int m = 0; m < R; ++m)
+    for (int j = 0; j < J; ++j) acc[m][j] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* wg = w + g * kGroupBytes;
+    if (J == 4)
+      for (int64_t line = 0; line < kGroupBytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wg + kAhead + line), _MM_HINT_T0);
+    __m512i dot[R][J];
+    for (int m = 0; m < R; ++m)
+      for (int j = 0; j < J; ++j) dot[m][j] = _mm512_setzero_si512();
+    for (int o = 0; o < 4; ++o) {  // eight inputs: a quad in the low nibbles, one in the high
+      for (int j = 0; j < J; ++j) {
+        const __m512i v = _mm512_load_si512(wg + o * 256 + (j0 + j) * 64);
+        const __m512i lo = _mm512_and_si512(v, nibble);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        for (int m = 0; m < R; ++m) {
+          const int8_t* x = xq + m * lda + g * kGroup + o * 8;
+          dot[m][j] = _mm512_dpbusd_epi32(
+              dot[m][j], lo, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x)));
+          dot[m][j] = _mm512_dpbusd_epi32(
+              dot[m][j], hi, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + 4)));
+        }
+      }
+    }
+    for (int j = 0; j < J; ++j) {
+      const __m512 scale = halves(wg + kCodeBytes + (j0 + j) * 32);
+      const __m512 offset = halves(wg + kCodeBytes + kBlock * 2 + (j0 + j) * 32);
+      for (int m = 0; m < R; ++m) {
+        const __m512 s = _mm512_mul_ps(scale, _mm512_set1_ps(dx[m * groups + g]));
+        acc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m][j]), s, acc[m][j]);
+        acc[m][j] = _mm512_fmadd_ps(offset, _mm512_set1_ps(dsum[m * groups + g]), acc[m][j]);
+      }
+    }
+  }
+  for (int j = 0; j < J; ++j) {
+    const int64_t first = 16 * (j0 + j);
+    if (first >= outputs) break;
+    const auto keep = static_cast<__mmask16>((1u << std::min<int64_t>(16, outputs - first)) - 1);
+    for (int m = 0; m < R; ++m) _mm512_mask_storeu_ps(y + m * ldy + first, keep, acc[m][j]);
+  }
+}
+
+template <int R>
+void rows(const int8_t* xq, int64_t lda, const float* dx, const float* dsum, int64_t groups,
+          const uint8_t* w, float* y, int64_t ldy, int64_t outputs) {
+  if (R <= 3) {
+    block<R, 4>(xq, lda, dx, dsum, groups, w, 0, y, ldy, outputs);
+  } else {  // the block is in L2 for the second half
+    block<R, 2>(xq, lda, dx, dsum, groups, w, 0, y, ldy, outputs);
+    block<R, 2>(xq, lda, dx, dsum, groups, w, 2, y, ldy, outputs);
+  }
+}
+
+// one row's groups of 32: xq = round(x / dx) (to nearest, ties to even), dx = max|x| / 127 (a
+// zero group: dx = 0, xq = 0), dsum = dx * sum(xq)
+void round_row(const float* x, int64_t groups, int8_t* xq, float* dx, float* dsum) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 a = _mm512_loadu_ps(x + g * kGroup), b = _mm512_loadu_ps(x + g * kGroup + 16);
+    const float most = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const float inverse = most > 0 ? 127.0f / most : 0.0f;
+    const __m512 by = _mm512_set1_ps(inverse);
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, by));
+    const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, by));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + g * kGroup), _mm512_cvtsepi32_epi8(qa));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + g * kGroup + 16), _mm512_cvtsepi32_epi8(qb));
+    dx[g] = most / 127.0f;
+    dsum[g] = dx[g] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
+  }
+}
+
+}  // namespace
+
+// codes [N, K] u8 in 0..15, scales and offsets [N, K/32] fp32 (w = q * scale + offset) ->
+// [ceil(N/64), K/32, 1280] u8; outputs past N are zero
+at::Tensor pack4(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) % kGroup == 0,
+              "codes: [N, K] uint8, K a multiple of 32");
+  const int64_t n = codes.size(0), k = codes.size(1), groups = k / kGroup;
+  for (const at::Tensor* t : {&scales, &offsets})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == n &&
+                t->size(1) == groups, "scales, offsets: [N, K/32] fp32");
+  TORCH_CHECK(scales.abs().max().item<float>() <= 65504.0f &&
+              offsets.abs().max().item<float>() <= 65504.0f,
+              "scales and offsets: finite, within fp16's range");
+  const at::Tensor c = codes.contiguous(), s = scales.contiguous(), f = offsets.contiguous();
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::Tensor packed = at::zeros({blocks, groups, kGroupBytes}, at::kByte);
+  const uint8_t* cp = c.data_ptr<uint8_t>();
+  const float *sp = s.data_ptr<float>(), *fp = f.data_ptr<float>();
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      for (int64_t g = 0; g < groups; ++g) {
+        uint8_t* dst = out + (b * groups + g) * kGroupBytes;
+        auto* halves_out = reinterpret_cast<c10::Half*>(dst + kCodeBytes);
+        for (int64_t i = 0; i < kBlock && b * kBlock + i < n; ++i) {
+          const int64_t row = b * kBlock + i;
+          const uint8_t* src = cp + row * k + g * kGroup;
+          for (int o = 0; o < 4; ++o)
+            for (int t = 0; t < 4; ++t)
+              dst[o * 256 + i * 4 + t] = static_cast<uint8_t>(
+                  (src[o * 8 + t] & 0x0F) | (src[o * 8 + 4 + t] & 0x0F) << 4);
+          halves_out[i] = c10::Half(sp[row * groups + g]);
+          halves_out[kBlock + i] = c10::Half(fp[row * groups + g]);
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// packed -> (codes [n, k] u8, scales [n, k/32] fp32, offsets [n, k/32] fp32): for checks
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack4(const at::Tensor& packed, int64_t n,
+                                                        int64_t k) {
+  const int64_t groups = k / kGroup;
+  TORCH_CHECK(packed.dim() == 3 && packed.size(0) * kBlock >= n && packed.size(1) == groups &&
+              packed.size(2) == kGroupBytes, "packed: from pack4");
+  at::Tensor codes = at::empty({n, k}, at::kByte);
+  at::Tensor scales = at::empty({n, groups}, at::kFloat), offsets = at::empty_like(scales);
+  const at::Tensor p = packed.contiguous();
+  const uint8_t* src = p.data_ptr<uint8_t>();
+  uint8_t* c = codes.data_ptr<uint8_t>();
+  float *s = scales.data_ptr<float>(), *f = offsets.data_ptr<float>();
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t b = row / kBlock, i = row % kBlock;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* grp = src + (b * groups + g) * kGroupBytes;
+      uint8_t* dst = c + row * k + g * kGroup;
+      for (int o = 0; o < 4; ++o)
+        for (int t = 0; t < 4; ++t) {
+          const uint8_t byte = grp[o * 256 + i * 4 + t];
+          dst[o * 8 + t] = byte & 0x0F;
+          dst[o * 8 + 4 + t] = byte >> 4;
+        }
+      const auto* h = reinterpret_cast<const c10::Half*>(grp + kCodeBytes);
+      s[row * groups + g] = static_cast<float>(h[i]);
+      f[row * groups + g] = static_cast<float>(h[kBlock + i]);
+    }
+  }
+  return {codes, scales, offsets};
+}
+
+// x [M, K] fp32 rows (stride(1) == 1) times the packed weights: y [M, n] fp32
+at::Tensor product4(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 &&
+              x.size(1) == k && k % kGroup == 0, "x: [M, K] fp32 rows, K a multiple of 32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
+              packed.size(0) * kBlock >= n && packed.size(1) * kGroup == k &&
+              packed.size(2) == kGroupBytes, "packed: from pack4");
+  const int64_t m = x.size(0), groups = k / kGroup;
+  at::Tensor xq = at::empty({m, k}, at::kChar);
+  at::Tensor dx = at::empty({m, groups}, at::kFloat), dsum = at::empty_like(dx);
+  int8_t* q = xq.data_ptr<int8_t>();
+  float *d = dx.data_ptr<float>(), *ds = dsum.data_ptr<float>();
+  const float* in = x.data_ptr<float>();
+  at::parallel_for(0, m, 8, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r)
+      round_row(in + r * x.stride(0), groups, q + r * k, d + r * groups, ds + r * groups);
+  });
+
+  at::Tensor y = at::empty({m, n}, x.options());
+  float* out = y.data_ptr<float>();
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t n0 = b * kBlock, outputs = std::min<int64_t>(kBlock, n - n0);
+      const uint8_t* wb = w + b * groups * kGroupBytes;
+      for (int64_t r = 0; r < m; r += 6) {  // the block's weights stay in L2 across rows
+        const int8_t* xr = q + r * k;
+        const float *dr = d + r * groups, *sr = ds + r * groups;
+        float* yr = out + r * n + n0;
+        switch (std::min<int64_t>(6, m - r)) {
+          case 1: rows<1>(xr, k, dr, sr, groups, wb, yr, n, outputs); break;
+          case 2: rows<2>(xr, k, dr, sr, groups, wb, yr, n, outputs); break;
+          case 3: rows<3>(xr, k, dr, sr, groups, wb, yr, n, outputs); break;
+          case 4: rows<4>(xr, k, dr, sr, groups, wb, yr, n, outputs); break;
+          case 5: rows<5>(xr, k, dr, sr, groups, wb, yr, n, outputs); break;
+          default: rows<6>(xr, k, dr, sr, groups, wb, yr, n, outputs); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(tdllm_avx512, m) {
+  m.def("pack4(Tensor codes, Tensor scales, Tensor offsets) -> Tensor");
+  m.def("unpack4(Tensor packed, int n, int k) -> (Tensor, Tensor, Tensor)");
+  m.def("w4a8(Tensor x, Tensor packed, int n, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tdllm_avx512, CPU, m) {
+  m.impl("pack4", &pack4);
+  m.impl("unpack4", &unpack4);
+  m.impl("w4a8", &product4);
+}

@@ -1,0 +1,174 @@
+"""Our int4 kernel (`avx512_kernel.w4a8`, ``quant: w4a8-avx512``): its product is the exact
+integer product of the codes and the inputs rounded per 32, scaled by the fp16 scales and
+offsets; a row's result does not depend on its batch; GGUF Q4_0 blocks arrive in it exactly; and
+the model runs on it with int4's weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tdllm.cli import main
+from tdllm.errors import ModelLoadError
+from tdllm.model import avx512_kernel
+from tdllm.model.linear import Linear
+from tdllm.model.quantized import Int4Avx512Method, int4_quantize, quant_table
+from tdllm.model.transformer import Batch, KVCache
+from tests.cpu_kernels import needs_avx512
+from tests.tiny_model import tiny_model
+from tests.unit.test_gguf_quant_load import gguf_float, synthetic
+
+GROUP = avx512_kernel.GROUP
+
+
+def rounded_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs as the kernel rounds them: ``(xq [M, G, 32], dx [M, G])``, ``xq = round(x /
+    dx)`` to nearest even, ``dx = max|x| / 127`` per group (0 for a zero group)."""
+    groups = x.reshape(x.shape[0], x.shape[1] // GROUP, GROUP)
+    most = groups.abs().amax(-1)
+    inverse = torch.where(most > 0, 127 / most, torch.zeros_like(most))
+    return torch.round(groups * inverse[..., None]), most / 127
+
+
+def exact(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor):
+    """What the kernel must give, in float64 from the integer sums (fp16 scales and offsets)."""
+    xq, dx = rounded_inputs(x)
+    n = codes.shape[0]
+    dots = torch.einsum("mgk,ngk->mng", xq.double(), codes.reshape(n, -1, GROUP).double())
+    sums = xq.sum(-1).double()[:, None, :]
+    s, f = scales.half().double(), offsets.half().double()
+    return (dx.double()[:, None, :] * (s * dots + f * sums)).sum(-1)
+
+
+def random_weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scales = torch.rand(n, k // GROUP, generator=g) / 100
+    offsets = -8 * scales + torch.randn(n, k // GROUP, generator=g) / 1000
+    return codes, scales, offsets
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    ("rows", "n", "k"),
+    [(1, 64, 32), (1, 1000, 96), (2, 130, 576), (3, 64, 256), (4, 65, 64), (6, 200, 512),
+     (7, 576, 576), (13, 100, 2048), (0, 64, 64)],
+)  # fmt: skip
+def test_the_int4_kernel_gives_the_exact_product_of_its_rounded_inputs(
+    rows: int, n: int, k: int
+) -> None:
+    avx512_kernel.load("w4a8-avx512")
+    codes, scales, offsets = random_weights(n, k, rows * 7919 + n * 31 + k)
+    packed = avx512_kernel.pack4(codes, scales, offsets)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
+    if rows:
+        x[0, :GROUP] = 0  # a zero group: a zero step, not 0/0
+        x[-1, -GROUP:] *= 1000  # an outlier group rounds on its own step, not the row's
+    y = avx512_kernel.w4a8(x, packed, n, k)
+    assert y.shape == (rows, n)
+    expected = exact(x, codes, scales, offsets)
+    bound = 2e-6 * max(1.0, float(expected.abs().max())) if rows else 0.0
+    assert torch.allclose(y.double(), expected, rtol=1e-5, atol=bound)
+    back = avx512_kernel.unpack4(packed, n, k)
+    assert torch.equal(back[0], codes)
+    assert torch.equal(back[1], scales.half().float()) and torch.equal(
+        back[2], offsets.half().float()
+    )
+
+
+@needs_avx512
+def test_a_row_gives_the_same_result_alone_and_in_any_batch() -> None:
+    """Every row count takes its own register blocking (one to six rows, one or two passes over
+    a block); each row's sums and scaling run in the same order in all of them."""
+    avx512_kernel.load("w4a8-avx512")
+    codes, scales, offsets = random_weights(192, 128, 5)
+    packed = avx512_kernel.pack4(codes, scales, offsets)
+    x = torch.randn(17, 128, generator=torch.Generator().manual_seed(6))
+    together = avx512_kernel.w4a8(x, packed, 192, 128)
+    for r in range(17):
+        for first in {0, max(0, r - 3), max(0, r - 5)}:
+            batch = avx512_kernel.w4a8(x[first : r + 1], packed, 192, 128)
+            assert torch.equal(batch[-1], together[r])
+
+
+@needs_avx512
+def test_scales_beyond_fp16_are_refused_not_stored_as_infinity() -> None:
+    avx512_kernel.load("w4a8-avx512")
+    codes, scales, offsets = random_weights(64, 64, 7)
+    for bad in (70000.0, float("nan")):
+        scales[3, 1] = bad
+        with pytest.raises(ValueError, match="beyond fp16's range"):
+            avx512_kernel.pack4(codes, scales, offsets)
+
+
+@needs_avx512
+def test_q4_0_blocks_arrive_in_the_kernel_exactly() -> None:
+    """Q4_0's scale is fp16 and its offset -8 scale: the kernel's fp16 keeps both exactly, so its
+    weights are gguf's own dequantization, bit for bit."""
+    blocks = synthetic("Q4_0", 96, 256)
+    layer = Linear("t", 256, 96, Int4Avx512Method(), torch.float32)
+    method = layer.method
+    assert isinstance(method, Int4Avx512Method)
+    method.load_blocks(layer, blocks)
+    method.after_load(layer)
+    codes, scales, offsets = avx512_kernel.unpack4(layer.qweight, 96, 256)
+    weights = codes.float().reshape(96, -1, GROUP) * scales[..., None] + offsets[..., None]
+    assert np.array_equal(weights.reshape(96, 256).numpy(), gguf_float(blocks))
+    staged = [n for n, b in layer._buffers.items() if n.startswith("staged_") and b is not None]
+    assert not staged  # dropped (and scrubbed) once packed
+
+
+@needs_avx512
+def test_float_rows_take_int4s_grid() -> None:
+    weight = torch.randn(80, 128) / 10
+    layer = Linear("t", 128, 80, Int4Avx512Method(), torch.float32)
+    layer.load_weight(weight)
+    codes, scales, offsets = avx512_kernel.unpack4(layer.qweight, 80, 128)
+    q, s, z = int4_quantize(weight)
+    assert torch.equal(codes, q.to(torch.uint8))
+    assert torch.equal(scales, s.half().float())
+    assert torch.equal(offsets, (z - 8 * s).half().float())
+    x = torch.randn(3, 128)
+    x[1, 40] = 50.0  # an outlier costs the precision of its own group of 32 only
+    stored = codes.float().reshape(80, -1, GROUP) * scales[..., None] + offsets[..., None]
+    # each input off by at most half its group's step: a bound on each output's error
+    _, dx = rounded_inputs(x)
+    bound = (dx / 2) @ stored.abs().sum(-1).T
+    error = (layer(x) - x @ stored.reshape(80, 128).T).abs()
+    assert bool((error <= bound * 1.001 + 1e-5).all()) and error.max() > 0
+
+
+@needs_avx512
+def test_the_model_runs_on_the_int4_kernel_near_int4_and_prefills_prompts_together() -> None:
+    """Same int4 weights, inputs rounded per 32: the logits stay near int4 weight-only's (the
+    rounding's cost on the bundled model: `tdllm bench fidelity`, docs/performance.md)."""
+    tokens = torch.tensor([[5, 9, 13, 2, 44, 7]])
+    logits = []
+    for quant in ("int4", "w4a8-avx512"):
+        model = tiny_model(methods=quant_table(quant))
+        cache = KVCache(model.cfg, 2, 16, torch.float32)
+        logits.append(model(tokens, Batch([0], [0], 6), cache, last_only=False))
+    assert torch.allclose(logits[0], logits[1], atol=0.1 * float(logits[0].abs().max()))
+    cache = KVCache(model.cfg, 2, 16, torch.float32)
+    together = model(
+        torch.tensor([tokens[0].tolist(), [5, 9, 13, 0, 0, 0]]),
+        Batch([0, 1], [0, 0], 6, lengths=[6, 3]),
+        cache,
+        last_only=False,
+    )
+    assert torch.equal(together[0], logits[1][0])  # a prompt's rows: the same alone or not
+
+
+def test_w4a8_avx512_without_the_instructions_is_one_line_before_any_weight(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: ["avx512_vnni"])
+    monkeypatch.setattr(avx512_kernel, "_build", avx512_kernel._build.__wrapped__)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--quant", "w4a8-avx512", "--max-tokens", "2", "Hi"])
+    assert exit_info.value.code == ModelLoadError.exit_code
+    err = capsys.readouterr().err
+    assert (
+        err == "error: quant w4a8-avx512 needs AVX-512 VNNI; this CPU lacks avx512_vnni: use int4\n"
+    )
