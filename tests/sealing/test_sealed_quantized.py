@@ -34,6 +34,7 @@ from tdllm.sealing.reader import open_sealed
 from tdllm.sources import open_checkpoint
 from tdllm_lab.sealing.commands import seal
 from tdllm_lab.sealing.writer import seal_checkpoint
+from tests.cpu_kernels import needs_avx512
 
 from .sealed_dirs import (
     all_files,
@@ -303,7 +304,9 @@ def same_weights(a: Transformer, b: Transformer) -> bool:
     return ours.keys() == theirs.keys() and all(torch.equal(t, theirs[n]) for n, t in ours.items())
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8", "w8a8", "none"])
+@pytest.mark.parametrize(
+    "quant", ["int4", pytest.param("w4a8-avx512", marks=needs_avx512), "int8", "w8a8", "none"]
+)
 def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
     bundled_seals: dict[str, Path], recipient: tuple[Path, Path], quant: str
 ) -> None:
@@ -314,6 +317,10 @@ def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
     # the same blocks reach the same packing: int4/int8 codes, scales and zeros bit for bit;
     # with no quantization, every weight is gguf's dequantized float
     assert same_weights(sealed, plain)
+    for name, module in plain.named_modules():  # the kernels' buffers (not in the state dict)
+        for buffer in ("qweight", "scales", "scales_zeros"):
+            if isinstance(theirs := getattr(module, buffer, None), torch.Tensor):
+                assert torch.equal(getattr(sealed.get_submodule(name), buffer), theirs), name
     if quant != "none":  # the Q8_0 embedding kept as its blocks (not in the state dict)
         assert isinstance(sealed.embed_tokens, BlockEmbedding)
         assert isinstance(plain.embed_tokens, BlockEmbedding)
@@ -322,12 +329,12 @@ def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
     packed = [n for n, m in plain.named_modules() if "w8a8_handle" in m.__dict__]
     if quant == "w8a8":  # every projection but q|k|v
         assert len(packed) == 3 * plain.cfg.num_layers + 1
-    else:
-        assert packed == (["lm_head"] if quant == "int4" else [])
+    else:  # int4's head is W8A8, and w4a8-avx512's
+        assert packed == (["lm_head"] if "4" in quant else [])
     for name in packed:
         ours, theirs = sealed.get_submodule(name), plain.get_submodule(name)
         assert all(map(torch.equal, int8_weights(ours), int8_weights(theirs))), name
-    if quant == "int4":
+    if "4" in quant:
         prompt = checkpoint.tokenizer.encode("The capital of France is")
         assert greedy(sealed, prompt) == greedy(plain, prompt)
 

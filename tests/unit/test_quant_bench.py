@@ -20,7 +20,11 @@ def test_kernel_bench_times_every_variant_at_each_row_count() -> None:
     variants = {r["variant"] for r in results}
     assert {"fp32", "bf16", "int8 (bf16 act)", "int4 g32 (bf16 act)"} <= variants
     if not avx512_kernel.missing_cpu_flags():  # our kernel beside FBGEMM's and oneDNN's
-        assert {linear_kernels.W8A8, linear_kernels.W8A8_AVX512} <= variants
+        assert {
+            linear_kernels.W8A8,
+            linear_kernels.W8A8_AVX512,
+            linear_kernels.W4A8_AVX512,
+        } <= variants
     assert all(r["us"] > 0 and r["weight_gb_s"] > 0 and r["copies"] >= 2 for r in results)
     report = {"threads": 1, "results": results}
     assert "tiny 64->32 x8" in linear_kernels.format_report(report)
@@ -74,7 +78,7 @@ def test_the_onednn_w8a8_candidate_computes_our_w8a8_product() -> None:
     alone = linear_kernels.onednn_w8a8(x[:1], *operands)
     assert torch.equal(ours[:1], alone)
     with torch.no_grad():
-        fbgemm = linear_kernels._w8a8_layer(weight)(x.bfloat16()).float()
+        fbgemm = linear_kernels._quant_layer(weight)(x.bfloat16()).float()
     exact = x @ (q.float() * scales.float()[:, None]).T
     step = x.abs().amax(dim=1, keepdim=True) / 127  # one rounding step of each row
     bound = step * (q.float() * scales.float()[:, None]).abs().sum(dim=1)

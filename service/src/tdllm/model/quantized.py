@@ -11,6 +11,8 @@ to bf16 and widens its output back (bf16 products, fp32 accumulation inside the 
   row (``w ~= (q - 8) * s + z``, ``q`` in 0..15), ``torch._weight_int4pack_mm_for_cpu``.
 - `Int8DynamicMethod` (W8A8): `Int8WeightOnlyMethod`'s weights, and activations rounded to
   int8 per row on each call (not weight-only), FBGEMM's int8 GEMM; needs VNNI.
+- `Int4Avx512Method` (``w4a8-avx512``): `Int4WeightOnlyMethod`'s codes, scales and zeros, and
+  activations rounded to int8 per 32 inputs on each call, on our AVX-512 VNNI kernel.
 
 Each method stages a projection's rows already quantized, in the layout its kernel's packing
 takes, as they arrive (fused q|k|v and gate|up come one shard at a time, at their row offsets),

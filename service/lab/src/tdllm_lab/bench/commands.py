@@ -744,7 +744,7 @@ def _positive_ints(text: str, option: str) -> tuple[int, ...]:
 @click.option(
     "--quant",
     "quants",
-    type=click.Choice(["int8", "int4", "w8a8"]),
+    type=click.Choice([q for q in QUANTS if q != "none"]),
     multiple=True,
     help="instead: quantized QUANT (repeatable) in fp32 and bf16 against fp32 and bf16",
 )

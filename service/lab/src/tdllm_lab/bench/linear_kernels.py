@@ -24,7 +24,8 @@ them; vLLM's CPU build uses oneDNN's int8 matmul where the CPU lacks AMX), each 
 own grid as ours (a fixed u8 grid of 127 steps a side around 128, the row's max mapped to 127), as
 `Int8DynamicMethod`'s second backend runs it (``backend="onednn"``, `quant: w8a8-onednn`); the
 same product on our AVX-512 VNNI kernel (``backend="avx512"``, `quant: w8a8-avx512`), timed as the
-layer runs it, where the CPU has the instructions; and the
+layer runs it, where the CPU has the instructions; our int4 kernel (`Int4Avx512Method`, `quant:
+w4a8-avx512`: int4 g32 codes, inputs rounded to int8 per 32) likewise; and the
 int8 and int4 methods' prefill paths (their weights widened to bf16 a block at a time for oneDNN's
 GEMM), whose crossover with the kernels sets ``PREFILL_MIN_ROWS``.
 """
@@ -42,10 +43,11 @@ import torch.nn.functional as F
 
 from tdllm.model import avx512_kernel
 from tdllm.model.int4_widen import int4_widened_linear
-from tdllm.model.linear import Linear, widened_linear
+from tdllm.model.linear import Linear, LinearMethod, widened_linear
 from tdllm.model.quantized import (
     INT4_GROUP_SIZE,
     WIDEN_BLOCK_ROWS,
+    Int4Avx512Method,
     Int8DynamicMethod,
     int4_pack,
     int8_quantize,
@@ -115,6 +117,8 @@ def _variants(weight: torch.Tensor) -> dict[str, tuple[Any, torch.dtype, int]]:
         out[W8A8_ONEDNN] = ((q, scales.float()), torch.bfloat16, n * k + n * 4)  # packed per copy
     if not avx512_kernel.missing_cpu_flags():  # a layer per copy; scales and weight sums
         out[W8A8_AVX512] = ((weight,), torch.bfloat16, n * k + n * 8)
+        if k % avx512_kernel.GROUP == 0:  # int4 codes, an fp16 scale and offset per 32
+            out[W4A8_AVX512] = ((weight,), torch.bfloat16, n * k // 2 + n * k // 8)
     return out
 
 
@@ -122,13 +126,16 @@ W8A8 = "w8a8 (FBGEMM)"
 W8A8_ONEDNN = "w8a8 (oneDNN)"
 W8A8_AVX512 = "w8a8 (ours, AVX-512)"
 W8A8_LAYERS = {W8A8: "fbgemm", W8A8_AVX512: "avx512"}  # timed as the layer runs them
+W4A8_AVX512 = "w4a8 (ours, AVX-512)"  # likewise
 # the methods' prefill paths: the weights widened to bf16 a block at a time, oneDNN's GEMM
 INT8_WIDENED = "int8 widened (bf16 GEMM)"
 INT4_WIDENED = f"int4 g{INT4_GROUP_SIZE} widened (bf16 GEMM)"
 
 
-def _w8a8_layer(weight: torch.Tensor, backend: str = "fbgemm") -> Linear:
-    method = Int8DynamicMethod(backend=backend)
+def _quant_layer(weight: torch.Tensor, backend: str = "fbgemm") -> Linear:
+    method: LinearMethod = (
+        Int4Avx512Method() if backend == "w4a8" else Int8DynamicMethod(backend=backend)
+    )
     layer = Linear("bench", weight.shape[1], weight.shape[0], method, torch.bfloat16)
     layer.method.load_weight(layer, weight)
     return layer
@@ -163,7 +170,7 @@ def _call(name: str) -> Callable[..., torch.Tensor]:
         return lambda x, q, s: torch._weight_int8pack_mm(x, q, s)
     if name.startswith("int4"):
         return lambda x, p, sz, g: torch._weight_int4pack_mm_for_cpu(x, p, g, sz)
-    if name in W8A8_LAYERS:
+    if name in W8A8_LAYERS or name == W4A8_AVX512:
         return lambda x, layer: layer(x)
     if name == W8A8_ONEDNN:
         return onednn_w8a8
@@ -186,9 +193,9 @@ def time_shape(
     for variant, (operands, act, nbytes) in _variants(base).items():
         copies = max(MIN_COPIES, min(MAX_COPIES, -(-CACHE_MULTIPLE * cache_bytes // nbytes)))
         # distinct storage per copy (values equal: the kernels' time does not depend on them)
-        if variant in W8A8_LAYERS:  # FBGEMM's packing is a copy of its own, and ours
-            backend = W8A8_LAYERS[variant]
-            sets: list[tuple[Any, ...]] = [(_w8a8_layer(base, backend),) for _ in range(copies)]
+        if variant in W8A8_LAYERS or variant == W4A8_AVX512:  # packed copies of their own
+            backend = W8A8_LAYERS.get(variant, "w4a8")
+            sets: list[tuple[Any, ...]] = [(_quant_layer(base, backend),) for _ in range(copies)]
         elif variant == W8A8_ONEDNN:  # and so is oneDNN's (an opaque tensor: no clone)
             sets = [onednn_w8a8_operands(*operands) for _ in range(copies)]
         else:
