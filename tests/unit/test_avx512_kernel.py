@@ -128,17 +128,20 @@ def test_the_kernel_asks_for_the_cpu_flags_it_uses(tmp_path: Path) -> None:
     assert avx512_kernel.missing_cpu_flags(cpu_flags(tmp_path / "absent")) == missing
 
 
-def test_w8a8_avx512_without_the_instructions_is_one_line_before_any_weight(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(("quant", "instead"), [("w8a8-avx512", "w8a8"), ("w4a8-avx512", "int4")])
+def test_a_quant_on_our_kernels_without_the_instructions_is_one_line_before_any_weight(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], quant: str, instead: str
 ) -> None:
     monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: ["avx512_vnni"])
     monkeypatch.setattr(avx512_kernel, "_build", avx512_kernel._build.__wrapped__)
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--quant", "w8a8-avx512", "--max-tokens", "2", "Hi"])
+        main(["generate", "--quant", quant, "--max-tokens", "2", "Hi"])
     assert exit_info.value.code == ModelLoadError.exit_code
     err = capsys.readouterr().err
-    assert err.startswith("error: quant w8a8-avx512 needs AVX-512 VNNI; this CPU lacks avx512_vnni")
-    assert err.count("\n") == 1
+    assert (
+        err
+        == f"error: quant {quant} needs AVX-512 VNNI; this CPU lacks avx512_vnni: use {instead}\n"
+    )
 
 
 def test_a_missing_compiler_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from tdllm.cli import main
-from tdllm.errors import ModelLoadError
 from tdllm.model import avx512_kernel
 from tdllm.model.linear import Linear
 from tdllm.model.quantized import Int4Avx512Method, int4_quantize, quant_table
@@ -158,17 +156,3 @@ def test_the_model_runs_on_the_int4_kernel_near_int4_and_prefills_prompts_togeth
         last_only=False,
     )
     assert torch.equal(together[0], logits[1][0])  # a prompt's rows: the same alone or not
-
-
-def test_w4a8_avx512_without_the_instructions_is_one_line_before_any_weight(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: ["avx512_vnni"])
-    monkeypatch.setattr(avx512_kernel, "_build", avx512_kernel._build.__wrapped__)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--quant", "w4a8-avx512", "--max-tokens", "2", "Hi"])
-    assert exit_info.value.code == ModelLoadError.exit_code
-    err = capsys.readouterr().err
-    assert (
-        err == "error: quant w4a8-avx512 needs AVX-512 VNNI; this CPU lacks avx512_vnni: use int4\n"
-    )

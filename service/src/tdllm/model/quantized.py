@@ -402,14 +402,18 @@ class Int4WeightOnlyMethod(_StagedQuantMethod):
         super().__init__()
         self.group_size = group_size
 
-    def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
-        n = layer.out_features + -layer.out_features % INT4_ROW_MULTIPLE  # padding rows: zero
+    def groups(self, layer: Linear) -> int:
+        """`layer`'s groups of inputs a row (ValueError unless they divide its inputs)."""
         k = layer.in_features
         if k % self.group_size:
             raise ValueError(
                 f"{layer.name}: {k} inputs are not a multiple of the group size {self.group_size}"
             )
-        groups = k // self.group_size
+        return k // self.group_size
+
+    def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
+        n = layer.out_features + -layer.out_features % INT4_ROW_MULTIPLE  # padding rows: zero
+        k, groups = layer.in_features, self.groups(layer)
         # kept memory (packed codes, bf16 scales and zeros) is allocated first, the codes'
         # staging after it: freed, the staging leaves no hole under kept memory (glibc
         # kept such holes: +130 MiB RSS in one load of three, measured). Not zero-filled: every
@@ -451,6 +455,16 @@ class Int4WeightOnlyMethod(_StagedQuantMethod):
     ) -> None:
         stop = start + codes.shape[0]
         staged["codes"][start:stop] = codes
+        self._put_scales(staged, start, stop, scales, zeros)
+
+    def _put_scales(
+        self,
+        staged: dict[str, torch.Tensor],
+        start: int,
+        stop: int,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+    ) -> None:
         sz = staged["scales_zeros"]  # [groups, rows, (scale, zero)], rounded to bf16 here
         sz[:, start:stop, 0], sz[:, start:stop, 1] = scales.T, zeros.T
 
@@ -494,30 +508,22 @@ class Int4Avx512Method(Int4WeightOnlyMethod):
         super().create_weights(layer, dtype)
 
     def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
-        n, k = layer.out_features, layer.in_features
-        if k % self.group_size:
-            raise ValueError(
-                f"{layer.name}: {k} inputs are not a multiple of the group size {self.group_size}"
-            )
-        groups = k // self.group_size
+        n, k, groups = layer.out_features, layer.in_features, self.groups(layer)
         return {
             "codes": torch.empty(n, k, dtype=torch.uint8),
             "scales": torch.empty(n, groups),
             "zeros": torch.empty(n, groups),
         }
 
-    def _put(
+    def _put_scales(
         self,
         staged: dict[str, torch.Tensor],
         start: int,
-        codes: torch.Tensor,
+        stop: int,
         scales: torch.Tensor,
         zeros: torch.Tensor,
     ) -> None:
-        stop = start + codes.shape[0]
-        staged["codes"][start:stop] = codes
-        staged["scales"][start:stop] = scales
-        staged["zeros"][start:stop] = zeros
+        staged["scales"][start:stop], staged["zeros"][start:stop] = scales, zeros
 
     def pack(self, layer: Linear, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         # w = (q - 8) * s + z = q * s + (z - 8 s): the offset the kernel adds per input group
