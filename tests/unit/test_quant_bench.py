@@ -24,6 +24,7 @@ def test_kernel_bench_times_every_variant_at_each_row_count() -> None:
             linear_kernels.W8A8,
             linear_kernels.W8A8_AVX512,
             linear_kernels.W4A8_AVX512,
+            linear_kernels.W4A8_WIDENED,
         } <= variants
     assert all(r["us"] > 0 and r["weight_gb_s"] > 0 and r["copies"] >= 2 for r in results)
     report = {"threads": 1, "results": results}

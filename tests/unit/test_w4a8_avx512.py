@@ -156,3 +156,40 @@ def test_the_model_runs_on_the_int4_kernel_near_int4_and_prefills_prompts_togeth
         last_only=False,
     )
     assert torch.equal(together[0], logits[1][0])  # a prompt's rows: the same alone or not
+
+
+@needs_avx512
+@pytest.mark.parametrize(("n", "k", "first"), [(100, 64, 0), (130, 576, 64), (3072, 96, 1024)])
+def test_a_prompts_widening_gives_the_stored_weights_in_bf16(n: int, k: int, first: int) -> None:
+    avx512_kernel.load("w4a8-avx512")
+    codes, scales, offsets = random_weights(n, k, n + k)
+    packed = avx512_kernel.pack4(codes, scales, offsets)
+    stored = codes.float().reshape(n, -1, GROUP) * scales.half().float()[..., None]
+    stored = (stored + offsets.half().float()[..., None]).reshape(n, k)
+    blocks = packed.shape[0] - first // 64
+    wide = avx512_kernel.widen4(packed, k, first, blocks)
+    assert wide.shape == (k, blocks * 64) and wide.dtype == torch.bfloat16
+    assert torch.equal(wide[:, : n - first].T, stored[first:].bfloat16())  # round to nearest even
+    assert not wide[:, n - first :].any()  # the padding outputs
+
+
+@needs_avx512
+def test_a_prompt_from_the_widening_threshold_runs_on_the_bf16_gemm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Below the threshold the VNNI kernel (inputs rounded to int8 per 32), from it oneDNN's
+    bf16 GEMM on the widened weights, in blocks of `WIDEN_WEIGHTS` (here several)."""
+    monkeypatch.setattr(avx512_kernel, "W4A8_WIDEN_MIN_ROWS", 4)
+    monkeypatch.setattr(avx512_kernel, "WIDEN_WEIGHTS", 64 * 128 * 2)  # two blocks at a time
+    weight = torch.randn(300, 128) / 10
+    layer = Linear("t", 128, 300, Int4Avx512Method(), torch.float32)
+    layer.load_weight(weight)
+    codes, scales, offsets = avx512_kernel.unpack4(layer.qweight, 300, 128)
+    stored = codes.float().reshape(300, -1, GROUP) * scales[..., None] + offsets[..., None]
+    stored = stored.reshape(300, 128)
+    x = torch.randn(5, 128)
+    prompt = layer(x)
+    exact = x.bfloat16().float() @ stored.bfloat16().float().T
+    assert torch.allclose(prompt, exact, rtol=1e-2, atol=1e-2 * float(exact.abs().max()))
+    assert torch.equal(layer(x[:3]), avx512_kernel.w4a8(x[:3], layer.qweight, 300, 128))
+    assert not torch.equal(prompt[:3], layer(x[:3]))  # two paths, two roundings of the input

@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +48,14 @@ DIRECTORY_ENV = "TDLLM_KERNEL_DIR"
 AMX_MIN_ROWS = 16 if HAS_AMX and "amx_int8" in cpu_flags() else 0
 
 GROUP = 32  # inputs per int4 scale and offset, and per rounded input group, in `w4a8`
+BLOCK = 64  # outputs per block of `pack4`'s layout
+# weights widened to bf16 at a time for a prompt (`w4a8_widened`): 8 MiB, in L3 when the GEMM
+# reads it (int4's widening measured 4M blocks 1.1-1.4x faster than 1M on the 1B shapes)
+WIDEN_WEIGHTS = 1 << 22
+# From how many rows `Int4Avx512Method` runs `w4a8_widened` rather than `w4a8` (0: never): where
+# oneDNN has AMX its bf16 GEMM is nearly free and the widening is the cost; elsewhere the VNNI
+# kernel's rows stay the faster (docs/performance.md, "Our own int4 kernel")
+W4A8_WIDEN_MIN_ROWS = 160 if HAS_AMX else 0
 FP16_MAX = 65504.0  # the int4 kernel's scales and offsets are fp16
 
 log = logging.getLogger(__name__)
@@ -189,3 +198,40 @@ def w4a8(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """``x [M, K]`` fp32 rows, rounded to int8 per 32 inputs, times the `pack4` weights: fp32
     ``[M, n]``."""
     return torch.ops.tdllm_avx512.w4a8(x, packed, n, k)
+
+
+def widen4(
+    packed: torch.Tensor, k: int, first: int, blocks: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The `pack4` weights of outputs ``[first, first + 64 * blocks)`` (`first` a multiple of
+    64) in bf16, transposed: ``[k, 64 * blocks]`` (the padding outputs are zero), written into
+    `out` (a bf16 buffer of at least ``k * (64 * blocks + 32)``; None: a new one)."""
+    width = blocks * BLOCK
+    stride = width + 32  # not a multiple of 4 KiB (see the kernel)
+    if out is None:
+        out = torch.empty(k * stride, dtype=torch.bfloat16)
+    wt = out[: k * stride].view(k, stride)
+    torch.ops.tdllm_avx512.widen4(packed, k, first, blocks, wt)
+    return wt[:, :width]
+
+
+_scratch = threading.local()  # per thread: the widening's buffer, grown to the largest seen
+
+
+def w4a8_widened(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``x [M, K]`` times the `pack4` weights on oneDNN's bf16 GEMM (AMX tiles where the CPU has
+    them): the weights widened to bf16 `WIDEN_WEIGHTS` at a time into one reused buffer (a fresh
+    one per block cost its page faults: 3-4x the widening itself), the input rounded to bf16 (not
+    to int8 per 32 as in `w4a8`); bf16 ``[M, n]``."""
+    xb = x.to(torch.bfloat16)
+    step = max(BLOCK, WIDEN_WEIGHTS // k // BLOCK * BLOCK)  # outputs a widening
+    size = k * (min(step, -(-n // BLOCK) * BLOCK) + 32)
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _scratch.buffer = torch.empty(size, dtype=torch.bfloat16)
+    parts = []
+    for first in range(0, n, step):
+        count = min(step, n - first)
+        wt = widen4(packed, k, first, -(-count // BLOCK), buffer)
+        parts.append(torch.mm(xb, wt[:, :count]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -494,9 +494,11 @@ class Int4Avx512Method(Int4WeightOnlyMethod):
     kernel streams them (scales and offsets ``z - 8 s`` in fp16: Q4_0's and Q4_1's own
     precision), times the inputs rounded to int8 per 32 on each call (``max|x| / 127`` a step:
     llama.cpp's Q8_0 activations). Not weight-only: the rounding of each input group is the
-    cost, measured by ``tdllm bench fidelity``. The kernel reads the weights 1.3-2x faster than
-    ``_weight_int4pack_mm_for_cpu`` at one row, and 2-5x at 8 to 64 (docs/performance.md, "Our
-    own int4 kernel")."""
+    cost, measured by ``tdllm bench fidelity``. Against ``_weight_int4pack_mm_for_cpu`` the
+    kernel is 1.1-1.8x at one row on the 1B shapes and 2-5x at 8 to 64 rows. From
+    `avx512_kernel.W4A8_WIDEN_MIN_ROWS` rows (where oneDNN has AMX) the weights are widened to
+    bf16 a block at a time for oneDNN's GEMM instead, the inputs rounded to bf16
+    (docs/performance.md, "Our own int4 kernel")."""
 
     QUANT = "w4a8-avx512"
 
@@ -540,10 +542,12 @@ class Int4Avx512Method(Int4WeightOnlyMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         packed = layer.qweight
         assert isinstance(packed, torch.Tensor)
-        rows = x.reshape(-1, x.shape[-1])
+        n, k = layer.out_features, layer.in_features
+        rows = x.reshape(-1, k)
+        if 0 < avx512_kernel.W4A8_WIDEN_MIN_ROWS <= rows.shape[0]:  # a prompt, on AMX
+            return _shaped(avx512_kernel.w4a8_widened(rows, packed, n, k), x)
         rows = (rows if rows.dtype == torch.float32 else rows.float()).contiguous()
-        y = avx512_kernel.w4a8(rows, packed, layer.out_features, layer.in_features)
-        return _shaped(y, x)
+        return _shaped(avx512_kernel.w4a8(rows, packed, n, k), x)
 
 
 def quant_table(quant: str) -> LinearMethodTable:

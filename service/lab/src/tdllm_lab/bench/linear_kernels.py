@@ -25,7 +25,8 @@ own grid as ours (a fixed u8 grid of 127 steps a side around 128, the row's max 
 `Int8DynamicMethod`'s second backend runs it (``backend="onednn"``, `quant: w8a8-onednn`); the
 same product on our AVX-512 VNNI kernel (``backend="avx512"``, `quant: w8a8-avx512`), timed as the
 layer runs it, where the CPU has the instructions; our int4 kernel (`Int4Avx512Method`, `quant:
-w4a8-avx512`: int4 g32 codes, inputs rounded to int8 per 32) likewise; and the
+w4a8-avx512`: int4 g32 codes, inputs rounded to int8 per 32) likewise, and its prompt path
+(``avx512_kernel.w4a8_widened``); and the
 int8 and int4 methods' prefill paths (their weights widened to bf16 a block at a time for oneDNN's
 GEMM), whose crossover with the kernels sets ``PREFILL_MIN_ROWS``.
 """
@@ -119,6 +120,9 @@ def _variants(weight: torch.Tensor) -> dict[str, tuple[Any, torch.dtype, int]]:
         out[W8A8_AVX512] = ((weight,), torch.bfloat16, n * k + n * 8)
         if k % avx512_kernel.GROUP == 0:  # int4 codes, an fp16 scale and offset per 32
             out[W4A8_AVX512] = ((weight,), torch.bfloat16, n * k // 2 + n * k // 8)
+            # its prompt path: the packed weights widened to bf16 for oneDNN's GEMM
+            wide = _quant_layer(weight, "w4a8").qweight
+            out[W4A8_WIDENED] = ((wide, n, k), torch.bfloat16, n * k // 2 + n * k // 8)
     return out
 
 
@@ -127,6 +131,7 @@ W8A8_ONEDNN = "w8a8 (oneDNN)"
 W8A8_AVX512 = "w8a8 (ours, AVX-512)"
 W8A8_LAYERS = {W8A8: "fbgemm", W8A8_AVX512: "avx512"}  # timed as the layer runs them
 W4A8_AVX512 = "w4a8 (ours, AVX-512)"  # likewise
+W4A8_WIDENED = "w4a8 widened (bf16 GEMM)"
 # the methods' prefill paths: the weights widened to bf16 a block at a time, oneDNN's GEMM
 INT8_WIDENED = "int8 widened (bf16 GEMM)"
 INT4_WIDENED = f"int4 g{INT4_GROUP_SIZE} widened (bf16 GEMM)"
@@ -164,6 +169,8 @@ def onednn_w8a8(
 def _call(name: str) -> Callable[..., torch.Tensor]:
     if name == INT8_WIDENED:
         return lambda x, q, s: widened_linear(x, q, x.dtype, x.dtype, WIDEN_BLOCK_ROWS).mul_(s)
+    if name == W4A8_WIDENED:
+        return lambda x, p, n, k: avx512_kernel.w4a8_widened(x, p, n, k)
     if name == INT4_WIDENED:
         return lambda x, p, sz, g, n: int4_widened_linear(x, p, sz, g, n)
     if name.startswith("int8"):

@@ -230,14 +230,63 @@ at::Tensor product4(const at::Tensor& x, const at::Tensor& packed, int64_t n, in
   return y;
 }
 
+// The weights of outputs [first, first + 64 * blocks) as bf16, transposed, into `wt` [k, >= 64 *
+// blocks] (q * scale + offset in fp32, rounded to nearest even), for oneDNN's bf16 GEMM on a
+// prompt's rows, AMX tiles where the CPU has them. Lane l of a register holds four inputs of
+// output l, so an input's 16 outputs are a shift and a mask away: no transposition in memory.
+// The caller's row stride should not be a multiple of 4 KiB: the 32 inputs of a register would
+// all land in one L1 set.
+void widen4(const at::Tensor& packed, int64_t k, int64_t first, int64_t blocks, at::Tensor wt) {
+  const int64_t groups = k / kGroup;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
+              k % kGroup == 0 && packed.size(1) == groups && packed.size(2) == kGroupBytes &&
+              first >= 0 && first % kBlock == 0 && blocks >= 0 &&
+              first / kBlock + blocks <= packed.size(0),
+              "packed: from pack4; first a multiple of 64 and the blocks within it");
+  TORCH_CHECK(wt.scalar_type() == at::kBFloat16 && wt.dim() == 2 && wt.size(0) == k &&
+              wt.size(1) >= blocks * kBlock && wt.stride(1) == 1, "wt: [k, >= 64 * blocks] bf16");
+  const int64_t stride = wt.stride(0);
+  auto* out = reinterpret_cast<uint16_t*>(wt.data_ptr<at::BFloat16>());
+  const uint8_t* w = packed.data_ptr<uint8_t>() + first / kBlock * groups * kGroupBytes;
+  at::parallel_for(0, blocks * groups, 16, [&](int64_t begin, int64_t end) {
+    const __m512i nibble = _mm512_set1_epi32(0x0F), one = _mm512_set1_epi32(1);
+    const __m512i half_ulp = _mm512_set1_epi32(0x7FFF);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / groups, g = bg % groups;
+      const uint8_t* wg = w + bg * kGroupBytes;
+      for (int j = 0; j < 4; ++j) {
+        const __m512 scale = halves(wg + kCodeBytes + j * 32);
+        const __m512 offset = halves(wg + kCodeBytes + kBlock * 2 + j * 32);
+        uint16_t* column = out + g * kGroup * stride + b * kBlock + j * 16;
+        for (int o = 0; o < 4; ++o) {
+          const __m512i v = _mm512_load_si512(wg + o * 256 + j * 64);
+          for (int i = 0; i < 8; ++i) {  // input o * 8 + i: byte i % 4, the high nibble from 4
+            const int shift = 8 * (i % 4) + 4 * (i / 4);
+            const __m512i q = _mm512_and_si512(_mm512_srli_epi32(v, shift), nibble);
+            const __m512i bits =
+                _mm512_castps_si512(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), scale, offset));
+            const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+            const __m512i rounded =
+                _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, half_ulp), lsb), 16);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(column + (o * 8 + i) * stride),
+                                _mm512_cvtepi32_epi16(rounded));
+          }
+        }
+      }
+    }
+  });
+}
+
 TORCH_LIBRARY_FRAGMENT(tdllm_avx512, m) {
   m.def("pack4(Tensor codes, Tensor scales, Tensor offsets) -> Tensor");
   m.def("unpack4(Tensor packed, int n, int k) -> (Tensor, Tensor, Tensor)");
   m.def("w4a8(Tensor x, Tensor packed, int n, int k) -> Tensor");
+  m.def("widen4(Tensor packed, int k, int first, int blocks, Tensor(a!) wt) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tdllm_avx512, CPU, m) {
   m.impl("pack4", &pack4);
   m.impl("unpack4", &unpack4);
   m.impl("w4a8", &product4);
+  m.impl("widen4", &widen4);
 }
