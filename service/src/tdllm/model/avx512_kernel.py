@@ -37,7 +37,6 @@ SOURCES = [
     Path(__file__).with_name("kernels") / f"{name}.cpp" for name in ("w8a8_avx512", "w4a8_avx512")
 ]
 NAME = "tdllm_avx512"
-QUANTS = ("w8a8-avx512", "w4a8-avx512")
 FALLBACK = {"w8a8-avx512": "w8a8", "w4a8-avx512": "int4"}  # what to use where they cannot run
 # what the kernel's instructions need (VPDPBUSD on 512-bit registers, byte masks)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
