@@ -495,7 +495,7 @@ class Int4Avx512Method(Int4WeightOnlyMethod):
     precision), times the inputs rounded to int8 per 32 on each call (``max|x| / 127`` a step:
     llama.cpp's Q8_0 activations). Not weight-only: the rounding of each input group is the
     cost, measured by ``tdllm bench fidelity``. Against ``_weight_int4pack_mm_for_cpu`` the
-    kernel is 1.1-1.8x at one row on the 1B shapes and 2-5x at 8 to 64 rows. From
+    kernel is 1.1-1.8x at one row on the 1B shapes, 1.1-2.2x at 8 rows, 2.3-5.5x at 64. From
     `avx512_kernel.W4A8_WIDEN_MIN_ROWS` rows (where oneDNN has AMX) the weights are widened to
     bf16 a block at a time for oneDNN's GEMM instead, the inputs rounded to bf16
     (docs/performance.md, "Our own int4 kernel")."""
