@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tdllm.errors import ModelLoadError
 from tdllm.model import avx512_kernel
 from tdllm.model.linear import Linear
 from tdllm.model.quantized import Int4Avx512Method, int4_quantize, quant_table
@@ -29,7 +30,9 @@ def rounded_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(groups * inverse[..., None]), most / 127
 
 
-def exact(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor):
+def exact(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
     """What the kernel must give, in float64 from the integer sums (fp16 scales and offsets)."""
     xq, dx = rounded_inputs(x)
     n = codes.shape[0]
@@ -98,6 +101,18 @@ def test_scales_beyond_fp16_are_refused_not_stored_as_infinity() -> None:
         scales[3, 1] = bad
         with pytest.raises(ValueError, match="beyond fp16's range"):
             avx512_kernel.pack4(codes, scales, offsets)
+
+
+@needs_avx512
+def test_a_host_chosen_weight_beyond_fp16s_scales_is_a_clear_load_error() -> None:
+    """A file's weights are the host's to choose (a Q4_K block's scales reach 63 x 65504): a
+    group whose int4 step overflows fp16 fails the load with the layer's name, not an
+    infinity in the kernel's weights."""
+    weight = torch.zeros(64, 64)
+    weight[5, 40] = 2e6  # a step of 2e6 / 15 in that group
+    layer = Linear("layers.3.mlp.down_proj", 64, 64, Int4Avx512Method(), torch.float32)
+    with pytest.raises(ModelLoadError, match=r"^layers.3.mlp.down_proj: .*beyond fp16's range"):
+        layer.load_weight(weight)
 
 
 @needs_avx512

@@ -529,7 +529,8 @@ class Int4Avx512Method(Int4WeightOnlyMethod):
 
     def pack(self, layer: Linear, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         # w = (q - 8) * s + z = q * s + (z - 8 s): the offset the kernel adds per input group
-        offsets = staged["zeros"] - 8 * staged["scales"]
+        # (one temporary, scrubbed below: a sealed model's parameters)
+        offsets = staged["scales"].mul(-8).add_(staged["zeros"])
         try:
             packed = avx512_kernel.pack4(staged["codes"], staged["scales"], offsets)
         except ValueError as error:

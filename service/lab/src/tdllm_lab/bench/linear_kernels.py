@@ -137,10 +137,10 @@ INT8_WIDENED = "int8 widened (bf16 GEMM)"
 INT4_WIDENED = f"int4 g{INT4_GROUP_SIZE} widened (bf16 GEMM)"
 
 
-def _quant_layer(weight: torch.Tensor, backend: str = "fbgemm") -> Linear:
-    method: LinearMethod = (
-        Int4Avx512Method() if backend == "w4a8" else Int8DynamicMethod(backend=backend)
-    )
+def _quant_layer(weight: torch.Tensor, kind: str = "fbgemm") -> Linear:
+    """A layer holding `weight` as the engine would: W8A8 on backend `kind`, or (``"w4a8"``)
+    our int4 kernel's method."""
+    method: LinearMethod = Int4Avx512Method() if kind == "w4a8" else Int8DynamicMethod(backend=kind)
     layer = Linear("bench", weight.shape[1], weight.shape[0], method, torch.bfloat16)
     layer.method.load_weight(layer, weight)
     return layer
