@@ -154,6 +154,19 @@ def test_a_projection_packed_in_row_chunks_gives_what_one_matrix_gives(
     assert not dict(chunked.named_buffers())
 
 
+@needs_vnni
+def test_the_packed_bytes_are_the_int8_weights_and_a_few_numbers_per_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the bench's peak-RSS target counts for a packed projection, in one chunk or four."""
+    weight = torch.randn(256, 128, generator=torch.Generator().manual_seed(3))
+    for chunk_bytes in (w8a8_packed.CHUNK_BYTES, 64 * 130):
+        monkeypatch.setattr(w8a8_packed, "CHUNK_BYTES", chunk_bytes)
+        layer = w8a8_layer(weight)  # held: the handle is forgotten with its layer
+        held = w8a8_packed.packed_bytes(layer.w8a8_handle)
+        assert 256 * 128 <= held <= 256 * (128 + 16)
+
+
 def test_row_chunks_cover_the_rows_once_each_within_the_byte_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tdllm.errors import ModelLoadError
+from tdllm.freed_heap import return_freed_heap
 from tdllm.model.checkpoint import Checkpoint, Destination, GgufTensors
 from tdllm.model.linear import LinearMethodTable
 from tdllm.model.transformer import Transformer
@@ -48,6 +49,7 @@ def load_model(
         raise
     if isinstance(checkpoint.tensors, GgufTensors):  # a tied head read the embedding again
         checkpoint.tensors.release_pages()
+    return_freed_heap()  # the staging glibc would keep (freed_heap)
     return model.eval(), checkpoint
 
 

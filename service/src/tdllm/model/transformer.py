@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tdllm.freed_heap import return_freed_heap
 from tdllm.model.block_embedding import BlockEmbedding
 from tdllm.model.cache_layout import Batch as Batch
 from tdllm.model.cache_layout import DecodeWindow
@@ -254,6 +255,8 @@ class Transformer(nn.Module):
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
         if self.cfg.tie_word_embeddings:
+            # the layers' freed staging back to the kernel before the head's, the load's peak
+            return_freed_heap()
             self._tie_lm_head(embedding_blocks)
 
     def _embedding_stays_blocks(self) -> bool:

@@ -83,6 +83,7 @@ class Avx512Chunk:
 
 Chunk = torch.ScriptObject | OneDnnChunk | Avx512Chunk
 _PACKED: dict[int, list[Chunk]] = {}  # the chunks of each handle, in row order
+_BYTES: dict[int, int] = {}  # the memory they hold (`packed_bytes`)
 _handles = itertools.count()
 
 
@@ -122,6 +123,7 @@ def pack(
     `owner`."""
     prepare(backend)
     starts = list(itertools.accumulate((c.shape[0] for c in chunks), initial=0))
+    sizes = [(c.shape[0], c.shape[1]) for c in chunks]  # before `release` empties them
 
     def fbgemm(i: int) -> Chunk:
         rows = chunks[i]
@@ -155,7 +157,9 @@ def pack(
         return Avx512Chunk(packed, padded, sums, weight.shape[0], weight.shape[1])
 
     one = {"onednn": onednn, "avx512": avx512}.get(backend, fbgemm)
-    workers = min(len(chunks), torch.get_num_threads())
+    # FBGEMM packs a matrix on one core: a chunk per core. Ours is torch's own copy, which uses
+    # every core already: a chunk at a time, so the transient is one chunk (1B head: -64 MiB)
+    workers = 1 if backend == "avx512" else min(len(chunks), torch.get_num_threads())
     if workers > 1:  # each packing runs on one core with the GIL released
         with ThreadPoolExecutor(workers) as pool:
             packed = list(pool.map(one, range(len(chunks))))
@@ -163,8 +167,24 @@ def pack(
         packed = [one(i) for i in range(len(chunks))]
     handle = next(_handles)
     _PACKED[handle] = packed
-    weakref.finalize(owner, _PACKED.pop, handle, None)
+    _BYTES[handle] = sum(_chunk_bytes(c, rows) for c, rows in zip(packed, sizes, strict=True))
+    weakref.finalize(owner, _forget, handle)
     return handle
+
+
+def _chunk_bytes(chunk: Chunk, rows: tuple[int, int]) -> int:
+    if isinstance(chunk, Avx512Chunk):
+        parts = (chunk.packed, chunk.scales, chunk.sums)
+    elif isinstance(chunk, OneDnnChunk):
+        parts = (chunk.packed, chunk.scales, chunk.zeros)
+    else:
+        return rows[0] * (rows[1] + 12)
+    return sum(t.numel() * t.element_size() for t in parts)  # oneDNN's: an opaque tensor
+
+
+def _forget(handle: int) -> None:
+    _PACKED.pop(handle, None)
+    _BYTES.pop(handle, None)
 
 
 def product(scaled: torch.Tensor, handle: int) -> torch.Tensor:
@@ -230,6 +250,13 @@ def _onednn_weights(chunk: OneDnnChunk) -> torch.Tensor:
 
 def chunk_count(handle: int) -> int:
     return len(_PACKED[handle])
+
+
+def packed_bytes(handle: int) -> int:
+    """The memory `handle`'s chunks hold (`pack` counts it): ours and oneDNN's as their tensors;
+    an FBGEMM matrix, whose packing does not say, as its int8 rows with the range columns and a
+    per-row scale and column offset (12 bytes: fp64 and int32)."""
+    return _BYTES[handle]
 
 
 @torch.library.custom_op("tdllm::w8a8_linear", mutates_args=())

@@ -10,12 +10,10 @@ off, `release_public_prefix` drops it, so the TD holds just the tail, final norm
 
 from __future__ import annotations
 
-import ctypes
-import gc
-
 import torch
 from torch import nn
 
+from tdllm.freed_heap import return_freed_heap
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.transformer import Batch, Transformer, prefix_names
 from tdllm.trusted import publishable
@@ -138,19 +136,8 @@ def release_public_prefix(model: Transformer, num_prefix_layers: int) -> int:
     freed += embed.weight.numel() * embed.weight.element_size()
     empty = torch.empty(0, model.cfg.hidden_size, dtype=model.dtype)
     embed.weight = nn.Parameter(empty, requires_grad=False)
-    _return_freed_heap()
+    return_freed_heap()
     return freed
-
-
-def _return_freed_heap() -> None:
-    """Hand freed heap pages back to the OS: glibc keeps the blocks' few-MiB chunks otherwise,
-    and the TD's resident memory would not shrink (measured: docs/performance.md)."""
-    gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to do
-        return
-    libc.malloc_trim(0)
 
 
 def prefix_projections(model: Transformer, num_prefix_layers: int) -> dict[str, torch.Tensor]:

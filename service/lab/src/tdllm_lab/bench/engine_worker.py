@@ -21,6 +21,7 @@ from tdllm.engine import Engine, SamplingParams
 from tdllm.model.loader import load_model, parse_dtype
 from tdllm.model.quantized import quant_table
 from tdllm.sources import open_checkpoint
+from tdllm_lab.bench import held_memory
 from tdllm_lab.bench.machine import peak_rss_mb
 
 TEXT = (
@@ -39,8 +40,9 @@ def prompts(tokenizer: Any, length: int, count: int) -> list[list[int]]:
 
 def ours(
     source: str, dtype: torch.dtype, max_len: int, quant: str = "none", compile: str = "off"
-) -> tuple[Generate, Any, float]:
-    """Our engine's generate, the tokenizer, and the seconds its decode step took to compile."""
+) -> tuple[Generate, Any, float, tuple[int, int]]:
+    """Our engine's generate, the tokenizer, the seconds its decode step took to compile, and
+    the bytes of its weights as held and of one position's KV (`held_memory`)."""
     model, checkpoint = load_model(open_checkpoint(source), dtype, quant_table(quant))
     engine = Engine(model, checkpoint.tokenizer, max_batch=8, max_seq_len=max_len, compile=compile)
 
@@ -48,7 +50,8 @@ def ours(
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         engine.generate(batch, params)
 
-    return generate, checkpoint.tokenizer, engine.compile_seconds
+    held = (held_memory.weight_bytes(model), engine.cache.token_bytes)
+    return generate, checkpoint.tokenizer, engine.compile_seconds, held
 
 
 def hf(source: str, dtype: torch.dtype, max_len: int) -> tuple[Generate, Any]:
@@ -105,8 +108,9 @@ def run(
     start = time.perf_counter()
     max_len = prompt_len + new_tokens + 8
     compile_s = 0.0
+    held = None
     if engine == "ours":
-        generate, tokenizer, compile_s = ours(source, dtype, max_len, quant, compile)
+        generate, tokenizer, compile_s, held = ours(source, dtype, max_len, quant, compile)
     else:
         generate, tokenizer = hf(source, dtype, max_len)
     load_s = time.perf_counter() - start - compile_s
@@ -133,6 +137,12 @@ def run(
         gaps = [timed(all_tokens, 1) - timed(first_token, 1) for _ in range(repeats)]
         result[f"decode_b{b}_tok_s"] = round(b * new_tokens / statistics.median(gaps), 1)
     result["peak_rss_mb"] = peak_rss_mb()
+    if held is not None:  # the target: peak <= 1.2x the weights plus the KV at its fullest
+        weights, token_bytes = held
+        kv = held_memory.kv_bytes(token_bytes, max(batches), prompt_len + new_tokens + 1)
+        result["weights_mb"] = round(weights / held_memory.MIB, 1)
+        result["kv_mb"] = round(kv / held_memory.MIB, 1)
+        result["peak_vs_held"] = round(result["peak_rss_mb"] * held_memory.MIB / (weights + kv), 2)
     return result
 
 

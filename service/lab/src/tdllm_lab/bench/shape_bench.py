@@ -391,7 +391,7 @@ def peer_ratios(
 def format_shape_table(report: dict[str, Any]) -> str:
     shape, settings = report["shape"], report["settings"]
     cols = ("engine", "format", "load_s", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s",
-            "peak_rss_mb", "decode_weight_gb", "bandwidth_share")  # fmt: skip
+            "peak_rss_mb", "peak_vs_held", "decode_weight_gb", "bandwidth_share")  # fmt: skip
     lines = [
         f"shape {shape['key']} ({shape['name']}, {shape['parameters'] / 1e9:.2f} B parameters), "
         f"{settings['threads']} threads, prompt {settings['prompt_tokens']}, "

@@ -1,0 +1,31 @@
+"""What a loaded model holds, for the peak-RSS target (issue 15: peak RSS <= 1.2x the weight
+bytes plus the KV in use): every tensor of the model once (a tied head that shares the
+embedding's storage counts once) and the W8A8 projections' packed matrices, which are not
+tensors of the model (`w8a8_packed.packed_bytes`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tdllm.model import w8a8_packed
+
+MIB = 1 << 20
+
+
+def weight_bytes(model: nn.Module) -> int:
+    storages = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    packed = sum(
+        w8a8_packed.packed_bytes(handle)
+        for module in model.modules()
+        if (handle := module.__dict__.get("w8a8_handle")) is not None
+    )
+    return sum(storages.values()) + packed
+
+
+def kv_bytes(token_bytes: int, sequences: int, tokens: int) -> int:
+    """The KV cache's bytes at its fullest in a bench run: `sequences` of `tokens` each
+    (the cache holds pages only where it was written: `tdllm.zero_pages`)."""
+    return token_bytes * sequences * tokens
