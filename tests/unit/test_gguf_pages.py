@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tdllm.model.checkpoint import GgufTensors
+from tdllm.model.gguf_blocks import GgufQuantized
 from tdllm.model.loader import load_model
 from tdllm.model.quantized import quant_table
 from tdllm.sources import open_checkpoint
@@ -50,3 +51,37 @@ def test_a_gguf_load_leaves_none_of_the_files_pages_resident(tmp_path: Path, qua
     for t in tensors.tensors:
         np.asarray(t.data).view(np.uint8).sum()
     assert mapped_rss_kib(path) >= 0.9 * data_kib
+
+
+def test_rows_a_consumer_has_taken_leave_memory_before_the_rest_of_the_tensor(
+    tmp_path: Path,
+) -> None:
+    """The 8B head's staging read 0.5 GB of file pages that stayed until the whole tensor was
+    in: each row range is let go once its copy exists (`GgufQuantized.taken`)."""
+    path = ensure_gguf("pages", "q8_0", tmp_path, shape=PAGES, progress=False).resolve()
+    tensors = open_checkpoint(str(path)).tensors
+    assert isinstance(tensors, GgufTensors)
+    name, table = next(tensors.with_blocks())
+    assert name == "model.embed_tokens.weight" and isinstance(table, GgufQuantized)
+    before = table.blocks.copy()  # touches every page of the tensor
+    resident = mapped_rss_kib(path)
+    half = table.rows // 2
+    table.taken(0, half)
+    dropped = resident - mapped_rss_kib(path)
+    assert dropped >= 0.9 * table.blocks[:half].nbytes // 1024 - 8
+    assert dropped <= table.blocks[:half].nbytes // 1024 + 8  # not the other half
+    assert np.array_equal(table.blocks, before)  # dropped from memory, not lost: read again
+
+
+def test_taking_rows_of_a_copy_leaves_the_copy_alone(tmp_path: Path) -> None:
+    """``MADV_DONTNEED`` on our own memory would zero it: only views of the file's map are
+    let go, whatever the blocks claim."""
+    path = ensure_gguf("pages", "q8_0", tmp_path, shape=PAGES, progress=False).resolve()
+    tensors = open_checkpoint(str(path)).tensors
+    assert isinstance(tensors, GgufTensors)
+    _, table = next(tensors.with_blocks())
+    assert isinstance(table, GgufQuantized)
+    own = np.array(table.blocks, copy=True)
+    forged = GgufQuantized(table.kind, table.shape, own, tensors.release_view)
+    forged.taken(0, table.rows)
+    assert np.array_equal(own, table.blocks) and own.any()

@@ -39,8 +39,8 @@ class BlockEmbedding(nn.Module):
         fresh = (
             array.flags.writeable and array.flags.c_contiguous and not isinstance(array, np.memmap)
         )
-        if not fresh:  # a view of a mapped file (read-only): copied into TD memory
-            array = np.array(array, dtype=np.uint8, copy=True)
+        if not fresh:  # a view of a mapped file (read-only): copied into TD memory, its pages
+            array = _copied(blocks)  # let go as they are copied (8B: a 0.5 GB transient)
         # a buffer, so a failed load's scrub (`loader._zero`) reaches it
         self.register_buffer("blocks", torch.from_numpy(array), persistent=False)
 
@@ -59,3 +59,15 @@ class BlockEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.kind} blocks"
+
+
+_COPY_ROWS = 4096  # rows copied at a time: 17 MiB of the 8B shape's Q8_0 table
+
+
+def _copied(blocks: GgufQuantized) -> np.ndarray:
+    out = np.empty(blocks.blocks.shape, dtype=np.uint8)
+    for start in range(0, blocks.rows, _COPY_ROWS):
+        stop = min(start + _COPY_ROWS, blocks.rows)
+        out[start:stop] = blocks.blocks[start:stop]
+        blocks.taken(start, stop)
+    return out

@@ -174,12 +174,29 @@ class GgufTensors:
             with contextlib.suppress(OSError):  # best effort: the pages just stay
                 mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
+    def release_view(self, view: np.ndarray) -> None:
+        """Drop the pages wholly inside `view`, a contiguous view of the file's map, from this
+        process's memory (as `release_pages`); anything else is left alone: ``MADV_DONTNEED``
+        on our own memory would zero it."""
+        mapped = getattr(self.file_map, "_mmap", None)
+        if mapped is None or not hasattr(mmap, "MADV_DONTNEED") or not view.flags.c_contiguous:
+            return
+        start = view.__array_interface__["data"][0] - self.file_map.__array_interface__["data"][0]
+        stop = start + view.nbytes
+        if start < 0 or stop > len(mapped) or view.base is None:
+            return  # not a view of this map
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: a neighbour's
+        last = stop - stop % mmap.PAGESIZE  # rows share the pages at either end
+        if last > first:
+            with contextlib.suppress(OSError):
+                mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def with_blocks(self) -> Iterator[tuple[str, torch.Tensor | GgufQuantized]]:
         for t in self.tensors:
             name = _hf_name(t.name)
             shape = tuple(int(d) for d in reversed(t.shape))
             try:
-                item = _gguf_tensor(t, shape)
+                item = _gguf_tensor(t, shape, self.release_view)
                 # llama.cpp stores q/k rows interleaved for its rotary kernel; undo it
                 # (rotate-half layout): on blocks, each row's blocks move together
                 if name.endswith("q_proj.weight"):
@@ -192,10 +209,12 @@ class GgufTensors:
             self.release_pages(t)  # the consumer has taken it
 
 
-def _gguf_tensor(t: Any, shape: tuple[int, ...]) -> torch.Tensor | GgufQuantized:
+def _gguf_tensor(
+    t: Any, shape: tuple[int, ...], release: Callable[[np.ndarray], None]
+) -> torch.Tensor | GgufQuantized:
     kind = t.tensor_type.name
     if kind not in ("F32", "F16", "BF16") and len(shape) == 2:
-        return GgufQuantized(kind, (shape[0], shape[1]), t.data)
+        return GgufQuantized(kind, (shape[0], shape[1]), t.data, release)
     if kind in ("F32", "F16"):
         # torch widens from the map (vectorised; numpy's fp16 -> fp32 took 4 s of a 1B load)
         # into fresh memory: the read-only map itself is never written or handed on

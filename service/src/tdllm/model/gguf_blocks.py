@@ -27,6 +27,7 @@ bundled file's tensors). Other types (Q6_K, ...) dequantize through the ``gguf``
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -61,6 +62,9 @@ class GgufQuantized:
     kind: str
     shape: tuple[int, int]
     blocks: np.ndarray
+    # a view of a file's map: drops the pages of rows it is given from this process's RSS
+    # (`GgufTensors.release_view`); None for blocks in our own memory
+    release: Callable[[np.ndarray], None] | None = None
 
     def __post_init__(self) -> None:
         block_size, type_size = block_geometry(self.kind)
@@ -92,7 +96,16 @@ class GgufQuantized:
         """Rows ``start:stop`` (a view)."""
         if not 0 <= start < stop <= self.rows:
             raise ValueError(f"rows {start}:{stop} of a {self.rows}-row tensor")
-        return GgufQuantized(self.kind, (stop - start, self.cols), self.blocks[start:stop])
+        return GgufQuantized(
+            self.kind, (stop - start, self.cols), self.blocks[start:stop], self.release
+        )
+
+    def taken(self, start: int, stop: int) -> None:
+        """The consumer has its own copy of rows ``start:stop``: a view of a file's map lets
+        their pages go now, not after the whole tensor (the 8B shape's head: 0.5 GB of file
+        pages beside its staging, the load's peak)."""
+        if self.release is not None:
+            self.release(self.blocks[start:stop])
 
     def permute_rows(self, order: np.ndarray) -> GgufQuantized:
         """Row i of the result is row ``order[i]`` (a copy of the bytes)."""

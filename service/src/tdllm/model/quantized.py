@@ -152,6 +152,7 @@ class _StagedQuantMethod(TdCpuKernels, ABC):
         def fill(staged: dict[str, torch.Tensor], start: int, stop: int) -> None:
             part = blocks.row_slice(start - row_offset, stop - row_offset)
             self.stage_blocks(staged, start, part)
+            blocks.taken(start - row_offset, stop - row_offset)
 
         self._take(layer, row_offset, blocks.rows, fill)
 
