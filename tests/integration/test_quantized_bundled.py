@@ -1,4 +1,4 @@
-"""int8 weight-only (tdllm.model.quantized) on the real bundled model, against bf16 plain."""
+"""int8 weight-only (tdllm.model.int8_methods) on the real bundled model, against bf16 plain."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tdllm.engine import Engine, SamplingParams
+from tdllm.model.int8_methods import Int8WeightOnlyMethod
 from tdllm.model.linear import LinearMethodTable
 from tdllm.model.loader import load_model
-from tdllm.model.quantized import Int8WeightOnlyMethod
 from tdllm.model.transformer import Batch, KVCache, Transformer
 
 PROMPTS = (

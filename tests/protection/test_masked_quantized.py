@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tdllm.model.checkpoint import Checkpoint
-from tdllm.model.quantized import Int8WeightOnlyMethod, quant_table
+from tdllm.model.int8_methods import Int8WeightOnlyMethod
+from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.profiles import ProtectionOptions, build_model
 from tdllm.profiles.masked import build_masked, masked_linears

@@ -12,15 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tdllm.model.int4_methods import Int4Avx512Method, Int4WeightOnlyMethod
+from tdllm.model.int8_methods import Int8DynamicMethod, Int8WeightOnlyMethod
 from tdllm.model.linear import Linear, PlainCpuMethod
 from tdllm.model.loader import load_model
-from tdllm.model.quantized import (
-    Int4Avx512Method,
-    Int4WeightOnlyMethod,
-    Int8DynamicMethod,
-    Int8WeightOnlyMethod,
-    quant_table,
-)
+from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.profiles import ProtectionOptions, ServedModel, build_model
 from tdllm.profiles.split import split_methods

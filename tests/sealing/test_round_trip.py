@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tdllm.engine import Engine, SamplingParams
+from tdllm.model.int8_methods import Int8WeightOnlyMethod
 from tdllm.model.linear import LinearMethodTable
 from tdllm.model.loader import load_model
-from tdllm.model.quantized import Int8WeightOnlyMethod
 from tdllm.sealing.format import MANIFEST_NAME
 from tdllm.sealing.reader import open_sealed
 from tdllm.sealing.recipients import load_public_key, write_key_pair

@@ -25,8 +25,9 @@ from tdllm.errors import UsageError
 from tdllm.model.block_embedding import BlockEmbedding
 from tdllm.model.checkpoint import Checkpoint, GgufTensors
 from tdllm.model.gguf_blocks import GgufQuantized
+from tdllm.model.int8_methods import int8_weights
 from tdllm.model.loader import load_model
-from tdllm.model.quantized import int8_weights, quant_table
+from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.sealing import format as fmt
 from tdllm.sealing.errors import SealedModelError

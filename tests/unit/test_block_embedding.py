@@ -14,9 +14,10 @@ from torch import nn
 
 from tdllm.model.block_embedding import BlockEmbedding
 from tdllm.model.gguf_blocks import GgufQuantized
+from tdllm.model.int4_methods import Int4WeightOnlyMethod
 from tdllm.model.linear import LinearMethodTable, PlainCpuMethod
 from tdllm.model.loader import load_model
-from tdllm.model.quantized import Int4WeightOnlyMethod, quant_table
+from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.sources import open_checkpoint
 from tests.tiny_model import TINY, tiny_tensors

@@ -1,4 +1,4 @@
-"""GGUF blocks straight into the int kernels (tdllm.model.gguf_blocks, quantized.py's
+"""GGUF blocks straight into the int kernels (tdllm.model.gguf_blocks, staged_quant.py's
 `load_blocks`): our reading of the blocks is gguf's, bit for bit; the int4 kernel on them
 computes the product with gguf's weight up to the bf16 rounding of its scales; the bundled model
 loads to the very same kernels as through floats; bad blocks are clear errors."""
@@ -20,17 +20,12 @@ from gguf.quants import dequantize, quantize
 from tdllm.errors import ModelLoadError
 from tdllm.model.checkpoint import Checkpoint, GgufTensors
 from tdllm.model.gguf_blocks import GgufQuantized
+from tdllm.model.int4_methods import Int4WeightOnlyMethod, int4_pack
+from tdllm.model.int8_methods import Int8WeightOnlyMethod, int8_quantize, int8_weights
 from tdllm.model.linear import Linear
 from tdllm.model.loader import load_model
-from tdllm.model.quantized import (
-    KERNEL_DTYPE,
-    Int4WeightOnlyMethod,
-    Int8WeightOnlyMethod,
-    int4_pack,
-    int8_quantize,
-    int8_weights,
-    quant_table,
-)
+from tdllm.model.quantized import quant_table
+from tdllm.model.staged_quant import KERNEL_DTYPE
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.sources import open_checkpoint
 from tests.tiny_model import TINY, tiny_tensors

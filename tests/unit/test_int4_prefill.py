@@ -14,9 +14,11 @@ from gguf.quants import dequantize, quantize
 
 from tdllm.model import int4_widen
 from tdllm.model.gguf_blocks import GgufQuantized
+from tdllm.model.int4_methods import Int4WeightOnlyMethod, int4_quantize
 from tdllm.model.linear import Linear
 from tdllm.model.loader import load_model
-from tdllm.model.quantized import KERNEL_DTYPE, Int4WeightOnlyMethod, int4_quantize, quant_table
+from tdllm.model.quantized import quant_table
+from tdllm.model.staged_quant import KERNEL_DTYPE
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.sources import open_checkpoint
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tdllm.model import avx512_kernel
-from tdllm.model.quantized import int8_quantize
+from tdllm.model.int8_methods import int8_quantize
 from tdllm_lab.bench import linear_kernels
 from tdllm_lab.bench.engine_bench import format_table, quant_ratios
 

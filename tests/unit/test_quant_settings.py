@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from tdllm.api.commands import serve
 from tdllm.errors import UsageError
-from tdllm.model.quantized import Int4WeightOnlyMethod, Int8WeightOnlyMethod
+from tdllm.model.int4_methods import Int4WeightOnlyMethod
+from tdllm.model.int8_methods import Int8WeightOnlyMethod
 from tdllm.profiles.options import ProtectionOptions
 from tdllm.profiles.td_only import TdOnly
 from tdllm.settings import Settings, SettingsError, load_settings

@@ -1,6 +1,7 @@
-"""Weight-only int8/int4 projections (tdllm.model.quantized): the kernels compute the product
-with the dequantized weight, the quantization error stays within half a step, and the model
-around them (fused shards, tied head, batched prefill, sealed reader) is unchanged."""
+"""Weight-only int8/int4 projections (tdllm.model.int8_methods, tdllm.model.int4_methods): the
+kernels compute the product with the dequantized weight, the quantization error stays within
+half a step, and the model around them (fused shards, tied head, batched prefill, sealed reader)
+is unchanged."""
 
 from __future__ import annotations
 
@@ -9,17 +10,16 @@ import dataclasses
 import pytest
 import torch
 
-from tdllm.model.linear import Linear, LinearMethodTable, PlainCpuMethod
-from tdllm.model.quantized import (
-    KERNEL_DTYPE,
-    Int4WeightOnlyMethod,
+from tdllm.model.int4_methods import Int4WeightOnlyMethod, int4_quantize
+from tdllm.model.int8_methods import (
     Int8DynamicMethod,
     Int8WeightOnlyMethod,
-    int4_quantize,
     int8_quantize,
     int8_weights,
-    quant_method,
 )
+from tdllm.model.linear import Linear, LinearMethodTable, PlainCpuMethod
+from tdllm.model.quantized import quant_method
+from tdllm.model.staged_quant import KERNEL_DTYPE
 from tdllm.model.transformer import Batch, KVCache
 from tests.tiny_model import TINY, tiny_model, tiny_tensors
 
@@ -217,9 +217,9 @@ def test_plain_method_stays_the_default_without_quant() -> None:
 def test_widened_products_first_run_under_inference_mode_also_run_outside_it() -> None:
     # the per-thread scratch blocks are kept across calls: one made (or grown) under inference
     # mode must still be writable by a later call under no_grad (a layer used by a check)
+    from tdllm.model.int4_methods import int4_pack
     from tdllm.model.int4_widen import int4_widened_linear
     from tdllm.model.linear import widened_linear
-    from tdllm.model.quantized import int4_pack
 
     torch.manual_seed(0)
     weight = torch.randn(4096, 1024)  # larger than any scratch another test grew

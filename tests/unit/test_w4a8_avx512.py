@@ -11,8 +11,9 @@ import torch
 
 from tdllm.errors import ModelLoadError
 from tdllm.model import avx512_kernel
+from tdllm.model.int4_methods import Int4Avx512Method, int4_quantize
 from tdllm.model.linear import Linear
-from tdllm.model.quantized import Int4Avx512Method, int4_quantize, quant_table
+from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Batch, KVCache
 from tests.cpu_kernels import needs_avx512
 from tests.tiny_model import tiny_model

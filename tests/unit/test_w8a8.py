@@ -14,15 +14,15 @@ import torch
 from tdllm.cli import main
 from tdllm.errors import ModelLoadError
 from tdllm.model import avx512_kernel, w8a8_packed
-from tdllm.model.linear import Linear
-from tdllm.model.quant_formats import W8A8_BACKENDS
-from tdllm.model.quantized import (
+from tdllm.model.int8_methods import (
     Int8DynamicMethod,
     Int8WeightOnlyMethod,
     int8_quantize,
     int8_weights,
-    quant_table,
 )
+from tdllm.model.linear import Linear
+from tdllm.model.quant_formats import W8A8_BACKENDS
+from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Batch, KVCache
 from tests.tiny_model import TINY, tiny_model
 

@@ -5,7 +5,7 @@
   GB/s on the 1B shapes), from 16 rows it runs AMX tiles where the CPU has them
   (docs/performance.md, "Our own W8A8 kernel").
 - ``quant: w4a8-avx512`` runs int4 weights times inputs rounded to int8 per 32 on
-  ``w4a8_avx512.cpp`` (`tdllm.model.quantized.Int4Avx512Method`; docs/performance.md, "Our own
+  ``w4a8_avx512.cpp`` (`tdllm.model.int4_methods.Int4Avx512Method`; docs/performance.md, "Our own
   int4 kernel").
 
 It is C++ compiled by torch's extension builder on first use, so it needs what the compiled

@@ -20,5 +20,5 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
 
 
 # AMX tiles: oneDNN's bf16 GEMM is then several times faster, so widening quantized weights to
-# bf16 for it pays from far fewer rows (tdllm.model.quantized, tdllm.model.int4_widen)
+# bf16 for it pays from far fewer rows (tdllm.model.int8_methods, tdllm.model.int4_widen)
 HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())

@@ -46,7 +46,7 @@ _DEQUANT_ROWS = 1024  # rows decoded at a time by `dequantize`
 
 @runtime_checkable
 class TakesGgufBlocks(Protocol):
-    """A `LinearMethod` that takes a projection's rows as GGUF blocks (quantized.py's)."""
+    """A `LinearMethod` that takes a projection's rows as GGUF blocks (`StagedQuantMethod`)."""
 
     def load_blocks(self, layer: Linear, blocks: GgufQuantized, row_offset: int = 0) -> None:
         """Like ``load_weight``: rows ``row_offset:row_offset+rows`` of the projection."""

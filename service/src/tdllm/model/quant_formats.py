@@ -1,5 +1,5 @@
 """The weight-only quantization formats by name, torch-free so that settings can check them
-(the methods are `tdllm.model.quantized`)."""
+(`tdllm.model.quantized` chooses the methods for each)."""
 
 # w8a8, w8a8-onednn and w8a8-avx512: the same weights, activations and product on three int8
 # GEMMs (FBGEMM; oneDNN, faster at prefill and batches; our own AVX-512 VNNI kernel, faster at

@@ -1,4 +1,4 @@
-"""W8A8's packed int8 weights (`tdllm.model.quantized.Int8DynamicMethod`): packing a
+"""W8A8's packed int8 weights (`tdllm.model.int8_methods.Int8DynamicMethod`): packing a
 projection's staged rows for one of two int8 GEMMs, the product, and reading the weights back
 for checks.
 

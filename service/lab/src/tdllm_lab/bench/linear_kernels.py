@@ -43,16 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from tdllm.model import avx512_kernel
+from tdllm.model.int4_methods import INT4_GROUP_SIZE, Int4Avx512Method, int4_pack
 from tdllm.model.int4_widen import int4_widened_linear
+from tdllm.model.int8_methods import WIDEN_BLOCK_ROWS, Int8DynamicMethod, int8_quantize
 from tdllm.model.linear import Linear, LinearMethod, widened_linear
-from tdllm.model.quantized import (
-    INT4_GROUP_SIZE,
-    WIDEN_BLOCK_ROWS,
-    Int4Avx512Method,
-    Int8DynamicMethod,
-    int4_pack,
-    int8_quantize,
-)
 
 FALLBACK_CACHE_BYTES = 32 << 20  # where sysfs names no cache size
 CACHE_MULTIPLE = 2  # the copies of a weight cover the last-level cache this often
