@@ -19,8 +19,15 @@ from flask import Flask
 
 from tdllm.api import openapi_document
 from tdllm.api.errors import ApiError
-from tdllm.api.openai import json_schema, protocol
+from tdllm.api.openai import chat_messages, json_schema, request_fields
 from tdllm.api.openai.protocol import (
+    conforms,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+)
+from tdllm.api.openai.request_fields import (
     CHAT_FIELDS,
     CHAT_SPECS,
     COMPLETION_FIELDS,
@@ -32,11 +39,6 @@ from tdllm.api.openai.protocol import (
     TOKENIZE_COMPLETION_FIELDS,
     TOKENIZE_COMPLETION_SPECS,
     FieldSpec,
-    conforms,
-    parse_chat,
-    parse_completion,
-    parse_detokenize,
-    parse_tokenize,
 )
 from tdllm.api.openapi import description
 
@@ -350,7 +352,7 @@ def test_conforms_refuses_a_keyword_it_does_not_read() -> None:
 def test_conforms_reads_a_pattern_as_json_schema_does(key: str) -> None:
     """JSON Schema's patterns are ECMA-262's: ``$`` is the end of the text (Python's ``$`` also
     matches before a final newline, so a key "12\\n" would have passed)."""
-    schema = {"propertyNames": {"pattern": protocol.ID_KEY_PATTERN}}
+    schema = {"propertyNames": {"pattern": request_fields.ID_KEY_PATTERN}}
     expected = jsonschema_rs.Draft202012Validator(schema).is_valid({key: 1})
     assert conforms(schema, {key: 1}) == expected
 
@@ -375,5 +377,5 @@ def test_every_keyword_of_the_request_schemas_is_one_conforms_reads() -> None:
     for _name, specs, _parse in ENDPOINTS.values():
         for spec in specs:
             assert set(_keywords(spec.schema)) <= read, spec.name
-    shapes = protocol.MESSAGE_SCHEMA["anyOf"]
-    assert protocol.MESSAGE_FIELDS == {k for shape in shapes for k in shape["properties"]}
+    shapes = chat_messages.MESSAGE_SCHEMA["anyOf"]
+    assert chat_messages.MESSAGE_FIELDS == {k for shape in shapes for k in shape["properties"]}

@@ -542,17 +542,19 @@ def openai_request_target(full: bool = False) -> Target:
 
     from tdllm.api.errors import ApiError
     from tdllm.api.openai.protocol import (
+        decode_body,
+        parse_chat,
+        parse_completion,
+        parse_detokenize,
+        parse_tokenize,
+    )
+    from tdllm.api.openai.request_fields import (
         CHAT_FIELDS,
         COMPLETION_FIELDS,
         DETOKENIZE_FIELDS,
         MAX_SEED,
         TOKENIZE_CHAT_FIELDS,
         TOKENIZE_COMPLETION_FIELDS,
-        decode_body,
-        parse_chat,
-        parse_completion,
-        parse_detokenize,
-        parse_tokenize,
     )
     from tdllm.errors import UsageError
 

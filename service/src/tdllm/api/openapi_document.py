@@ -1,11 +1,12 @@
 """The OpenAPI 3.1 description of this service, built in Python (GET /openapi.json serves it).
 
 The request bodies come from the field tables the validator itself runs on
-(`tdllm.api.openai.protocol`: COMPLETION_SPECS, CHAT_SPECS, MESSAGE_SCHEMA), and the error shape
-from `ApiError`, so neither can drift from the code that enforces it. The rest (paths, status
-codes, answer shapes) is declared here; tests/api/test_openapi_document.py holds the paths to
-the app's routes and the schemas to the validator, and tests/api/test_openapi_fuzz.py fuzzes the
-app against the whole document (no 5xx, every answer documented).
+(`tdllm.api.openai.request_fields`: COMPLETION_SPECS, CHAT_SPECS; `chat_messages`:
+MESSAGE_SCHEMA), and the error shape from `ApiError`, so neither can drift from the code that
+enforces it. The rest (paths, status codes, answer shapes) is declared here;
+tests/api/test_openapi_document.py holds the paths to the app's routes and the schemas to the
+validator, and tests/api/test_openapi_fuzz.py fuzzes the app against the whole document (no 5xx,
+every answer documented).
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from typing import Any
 
 from tdllm import __version__
 from tdllm.api.errors import ApiError
-from tdllm.api.openai.protocol import (
+from tdllm.api.openai.chat_messages import MESSAGE_SCHEMA, TEXT_PART_SCHEMA
+from tdllm.api.openai.request_fields import (
     CHAT_SPECS,
     COMPLETION_SPECS,
     DETOKENIZE_SPECS,
-    MESSAGE_SCHEMA,
-    TEXT_PART_SCHEMA,
     TOKENIZE_CHAT_SPECS,
     TOKENIZE_COMPLETION_SPECS,
     request_schema,
