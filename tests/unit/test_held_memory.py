@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tdllm.model import w8a8_packed
-from tdllm.model.linear import Linear
+from tdllm.model.linear import Linear, LinearMethodTable, PrepackedCpuMethod, can_prepack_bf16
 from tdllm.model.quantized import quant_table
+from tdllm.model.transformer import Transformer
 from tdllm_lab.bench.held_memory import weight_bytes
 from tests.tiny_model import TINY, tiny_model, tiny_tensors
 
@@ -25,6 +26,20 @@ def test_every_weight_counts_once_and_a_tied_head_shares_the_embeddings_bytes() 
     assert weight_bytes(untied) == floats + buffers
     tied = tiny_model(dataclasses.replace(TINY, tie_word_embeddings=True))
     assert weight_bytes(tied) == weight_bytes(untied) - TINY.vocab_size * TINY.hidden_size * 4
+
+
+@pytest.mark.skipif(not can_prepack_bf16(), reason="no native bf16: nothing is reordered")
+def test_bf16_weights_reordered_for_onednn_count_as_the_plain_ones_did() -> None:
+    plain = Transformer(TINY, LinearMethodTable(default=PrepackedCpuMethod(prepack=False)),
+                        torch.bfloat16)  # fmt: skip
+    plain.load_weights(tiny_tensors().items())
+    plain.after_load()
+    prepacked = Transformer(TINY, LinearMethodTable(default=PrepackedCpuMethod(prepack=True)),
+                            torch.bfloat16)  # fmt: skip
+    prepacked.load_weights(tiny_tensors().items())
+    prepacked.after_load()
+    assert any("packed_weight" in vars(m) for m in prepacked.modules())
+    assert weight_bytes(prepacked) >= weight_bytes(plain)
 
 
 @pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs a CPU with VNNI")

@@ -1,7 +1,8 @@
 """What a loaded model holds, for the peak-RSS target (issue 15: peak RSS <= 1.2x the weight
 bytes plus the KV in use): every tensor of the model once (a tied head that shares the
-embedding's storage counts once) and the W8A8 projections' packed matrices, which are not
-tensors of the model (`w8a8_packed.packed_bytes`)."""
+embedding's storage counts once), the W8A8 projections' packed matrices and the bf16 weights
+reordered for oneDNN, which are not tensors of the model (`w8a8_packed.packed_bytes`,
+`PrepackedCpuMethod`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ def weight_bytes(model: nn.Module) -> int:
         for module in model.modules()
         if (handle := module.__dict__.get("w8a8_handle")) is not None
     )
-    return sum(storages.values()) + packed
+    prepacked = sum(  # bf16 reordered for oneDNN (`PrepackedCpuMethod`): an opaque tensor
+        weight.numel() * weight.element_size()
+        for module in model.modules()
+        if (weight := module.__dict__.get("packed_weight")) is not None
+    )
+    return sum(storages.values()) + packed + prepacked
 
 
 def kv_bytes(token_bytes: int, sequences: int, tokens: int) -> int:
