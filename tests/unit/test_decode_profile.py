@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from tdllm.model.checkpoint import Checkpoint
+from tdllm.model.quantized import quant_table
 from tdllm_lab.bench.decode_profile import category, profile_decode
+from tdllm_lab.bench.held_memory import weight_bytes
 from tests.sealing.synthetic import synthetic_checkpoint
+from tests.tiny_model import tiny_model
 
 
 @pytest.mark.parametrize(
@@ -18,6 +21,9 @@ from tests.sealing.synthetic import synthetic_checkpoint
         ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
         ("aten::index_copy_", "other ops"),
         ("aten::mul", "other ops"),
+        ("quantized::linear_dynamic", "matmul"),
+        ("onednn::qlinear_pointwise", "matmul"),
+        ("tdllm_avx512::w4a8", "matmul"),
     ],
 )
 def test_ops_fall_in_their_category(op: str, expected: str) -> None:
@@ -33,3 +39,18 @@ def test_the_categories_add_up_to_the_profiled_step() -> None:
     assert sum(spent.values()) == pytest.approx(report["profiled_ms_per_step"], rel=0.02)
     assert sum(report["share_by_category"].values()) == pytest.approx(1.0, abs=0.01)
     assert report["ms_per_step"] > 0 and report["aten_ops_per_step"] > 10
+
+
+@pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs a CPU with VNNI")
+def test_a_w8a8_step_spends_its_matmul_time_in_the_int8_kernel_and_reads_its_packed_bytes() -> None:
+    checkpoint: Checkpoint = synthetic_checkpoint(seed=2)
+    report = profile_decode(
+        checkpoint, torch.float32, batch=1, steps=3, prompt_tokens=5, kernels="w8a8"
+    )
+    assert report["ms_per_step_by_category"]["matmul"] > 0
+    int8_kernels = ("quantized::linear_dynamic", "onednn::qlinear_pointwise")
+    assert any(op in report["matmul_ops"] for op in int8_kernels), report["matmul_ops"]
+    model = tiny_model(methods=quant_table("w8a8"))
+    rope = sum(b.untyped_storage().nbytes() for n, b in model.named_buffers() if "rope_" in n)
+    assert rope > 0
+    assert weight_bytes(model, skip_buffers=("rope_",)) == weight_bytes(model) - rope

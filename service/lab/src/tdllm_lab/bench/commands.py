@@ -22,7 +22,8 @@ from tdllm_lab.protection.commands import CACHE_DIR
 DTYPE = click.Choice(["bf16", "fp32"])
 SHAPES = ("135m", "1b", "8b")  # tdllm_lab.bench.synthetic_shapes.SHAPES (not imported: numpy)
 FORMATS = ("f16", "q8_0", "q4_0")  # synthetic_shapes.FORMATS
-KERNEL_SETS = ("served", "plain", "int8", "int4")  # tdllm_lab.bench.decode_profile.kernel_table
+# tdllm_lab.bench.decode_profile.kernel_table: what td-only serves, F.linear, or a quant
+KERNEL_SETS = ("served", "plain", *(q for q in QUANTS if q != "none"))
 
 
 @click.group(invoke_without_command=True)
@@ -523,7 +524,7 @@ def bench_transcript(k: int, new_tokens: int, cache_dir: Path | None, as_json: b
     type=click.Choice(KERNEL_SETS),
     multiple=True,
     help="repeatable; default 'served' (what td-only serves: bf16 prepacked for oneDNN); "
-    "'plain' is F.linear on the loaded weights, int8/int4 the weight-only kernels",
+    "'plain' is F.linear on the loaded weights, any other a quant's kernels",
 )
 @click.option(
     "--compile",

@@ -22,6 +22,7 @@ from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.linear import LinearMethodTable
 from tdllm.model.loader import load_model
 from tdllm.model.quantized import quant_table
+from tdllm_lab.bench.held_memory import weight_bytes
 
 MATMUL = (
     "aten::mm",
@@ -31,6 +32,10 @@ MATMUL = (
     "aten::linear",
     "mkldnn",
     "aten::_weight_int",
+    "quantized::linear",  # W8A8 on FBGEMM
+    "onednn::qlinear",  # W8A8 on oneDNN
+    "tdllm::",  # our W8A8 op around either
+    "tdllm_avx512::",  # our own AVX-512 kernels (w8a8, w4a8)
 )
 ATTENTION = ("scaled_dot_product", "flash_attention", "_efficient_attention")
 CATEGORIES = ("matmul", "attention", "other ops")
@@ -38,7 +43,8 @@ CATEGORIES = ("matmul", "attention", "other ops")
 
 def kernel_table(kernels: str) -> LinearMethodTable:
     """'served': what td-only serves without quant (bf16 prepacked for oneDNN where that
-    applies); 'plain': `F.linear` on the loaded weights (before prepacking); int8/int4."""
+    applies); 'plain': `F.linear` on the loaded weights (before prepacking); any other name is
+    a `quant` (`tdllm.model.quant_formats.QUANTS`)."""
     if kernels == "plain":
         return LinearMethodTable()
     return quant_table("none" if kernels == "served" else kernels)
@@ -120,9 +126,12 @@ def _profile_batch(
         engine.cancel(request_id)
     spent = dict.fromkeys(CATEGORIES, 0.0)
     calls = 0
+    matmul_ops = set()
     for event in prof.key_averages():
         spent[category(event.key)] += event.self_cpu_time_total / 1000 / steps
         calls += event.count
+        if category(event.key) == "matmul":
+            matmul_ops.add(event.key)
     outside = max(0.0, profiled_ms - sum(spent.values()))
     rows = {name: round(ms, 3) for name, ms in spent.items()}
     rows["outside any op"] = round(outside, 3)
@@ -136,19 +145,10 @@ def _profile_batch(
         "ms_per_step_by_category": rows,
         "share_by_category": {k: round(v / profiled_ms, 4) for k, v in rows.items()},
         "aten_ops_per_step": round(calls / steps, 1),
-        "weight_bytes": weight_bytes(engine.model),
+        "matmul_ops": sorted(matmul_ops),  # which kernels ran the projections
+        # what the model holds but the rope tables (one row a step): the bytes a step reads
+        "weight_bytes": weight_bytes(engine.model, skip_buffers=("rope_",)),
     }
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step reads from weights: parameters, quantized buffers and prepacked
-    copies (`PrepackedCpuMethod` keeps its weight outside the parameters)."""
-    tensors: list[torch.Tensor] = [*model.parameters()]
-    tensors += [b for name, b in model.named_buffers() if not name.startswith("rope_")]
-    tensors += [
-        m.__dict__["packed_weight"] for m in model.modules() if "packed_weight" in m.__dict__
-    ]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def format_report(reports: list[dict[str, Any]]) -> str:

@@ -13,9 +13,12 @@ from tdllm.model import w8a8_packed
 MIB = 1 << 20
 
 
-def weight_bytes(model: nn.Module) -> int:
+def weight_bytes(model: nn.Module, skip_buffers: tuple[str, ...] = ()) -> int:
+    """`skip_buffers`: name prefixes of buffers left out (`decode_profile` leaves out the rope
+    tables, which a decode step reads one row of)."""
     storages = {}
-    for tensor in (*model.parameters(), *model.buffers()):
+    buffers = (b for name, b in model.named_buffers() if not name.startswith(skip_buffers))
+    for tensor in (*model.parameters(), *buffers):
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
     packed = sum(
