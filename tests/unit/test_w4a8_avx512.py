@@ -95,6 +95,37 @@ def test_a_row_gives_the_same_result_alone_and_in_any_batch() -> None:
 
 
 @needs_avx512
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_bf16_inputs_give_the_fp32_products_rounded_to_bf16_bit_for_bit(rows: int) -> None:
+    """A bf16 model's activations go in and come out as bf16 with no cast around the call: the
+    same bits as widening them to fp32, the fp32 kernel, then ``.to(bfloat16)`` (NaN included)."""
+    avx512_kernel.load("w4a8-avx512")
+    codes, scales, offsets = random_weights(200, 256, rows)
+    packed = avx512_kernel.pack4(codes, scales, offsets)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    x[-1, 5] = float("nan")  # its row's outputs are NaN, as torch's cast writes them
+    y = avx512_kernel.w4a8(x, packed, 200, 256)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 200)
+    expected = avx512_kernel.w4a8(x.float(), packed, 200, 256).to(torch.bfloat16)
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+    assert y[-1].isnan().all() and not y[:-1].isnan().any()
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_leading_shape_and_strided_rows_give_the_rows_products(dtype: torch.dtype) -> None:
+    avx512_kernel.load("w4a8-avx512")
+    codes, scales, offsets = random_weights(130, 96, 11)
+    packed = avx512_kernel.pack4(codes, scales, offsets)
+    wide = torch.randn(2, 3, 2 * 96, generator=torch.Generator().manual_seed(12)).to(dtype)
+    x = wide[..., 96:]  # rows 192 apart: not one contiguous block
+    y = avx512_kernel.w4a8(x, packed, 130, 96)
+    assert y.shape == (2, 3, 130) and y.dtype == dtype
+    rows = avx512_kernel.w4a8(x.reshape(-1, 96).contiguous(), packed, 130, 96)
+    assert torch.equal(y.reshape(-1, 130), rows)
+
+
+@needs_avx512
 def test_scales_beyond_fp16_are_refused_not_stored_as_infinity() -> None:
     avx512_kernel.load("w4a8-avx512")
     codes, scales, offsets = random_weights(64, 64, 7)

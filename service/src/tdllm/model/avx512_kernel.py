@@ -173,7 +173,7 @@ def product(
 
 def _w4a8_shape(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """`w4a8`'s output as a compiled graph sees it."""
-    return x.new_empty(x.shape[0], n)
+    return x.new_empty(*x.shape[:-1], n)
 
 
 def pack4(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -194,8 +194,8 @@ def unpack4(
 
 
 def w4a8(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """``x [M, K]`` fp32 rows, rounded to int8 per 32 inputs, times the `pack4` weights: fp32
-    ``[M, n]``."""
+    """``x [..., K]`` (fp32 or bf16), rounded to int8 per 32 inputs, times the `pack4` weights:
+    ``[..., n]`` in x's dtype (a bf16 output rounded to nearest even, as ``.to`` rounds)."""
     return torch.ops.tdllm_avx512.w4a8(x, packed, n, k)
 
 

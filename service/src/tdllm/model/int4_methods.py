@@ -228,8 +228,8 @@ class Int4Avx512Method(Int4WeightOnlyMethod):
         packed = layer.qweight
         assert isinstance(packed, torch.Tensor)
         n, k = layer.out_features, layer.in_features
-        rows = x.reshape(-1, k)
-        if 0 < avx512_kernel.W4A8_WIDEN_MIN_ROWS <= rows.shape[0]:  # a prompt, on AMX
-            return shaped(avx512_kernel.w4a8_widened(rows, packed, n, k), x)
-        rows = (rows if rows.dtype == torch.float32 else rows.float()).contiguous()
-        return shaped(avx512_kernel.w4a8(rows, packed, n, k), x)
+        if 0 < avx512_kernel.W4A8_WIDEN_MIN_ROWS <= x.numel() // k:  # a prompt, on AMX
+            return shaped(avx512_kernel.w4a8_widened(x.reshape(-1, k), packed, n, k), x)
+        if x.dtype in (torch.float32, torch.bfloat16):  # any shape: no reshape or cast a call
+            return avx512_kernel.w4a8(x, packed, n, k)
+        return avx512_kernel.w4a8(x.float(), packed, n, k).to(x.dtype)

@@ -22,7 +22,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -97,12 +99,23 @@ void rows(const int8_t* xq, int64_t lda, const float* dx, const float* dsum, int
   }
 }
 
+// 16 inputs as fp32: bf16 widens exactly (its bits are fp32's upper half)
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const uint16_t* x) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
 // one row's groups of 32: xq = round(x / dx) (to nearest, ties to even), dx = max|x| / 127 (a
-// zero group: dx = 0, xq = 0), dsum = dx * sum(xq)
-void round_row(const float* x, int64_t groups, int8_t* xq, float* dx, float* dsum) {
+// zero group: dx = 0, xq = 0), dsum = dx * sum(xq). A NaN in a group makes dx NaN (max_ps
+// would pass it over), so the row's outputs are NaN as a float product's would be.
+template <typename T>
+void round_row(const T* x, int64_t groups, int8_t* xq, float* dx, float* dsum) {
   for (int64_t g = 0; g < groups; ++g) {
-    const __m512 a = _mm512_loadu_ps(x + g * kGroup), b = _mm512_loadu_ps(x + g * kGroup + 16);
-    const float most = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const __m512 a = load16(x + g * kGroup), b = load16(x + g * kGroup + 16);
+    float most = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    if (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q))
+      most = std::numeric_limits<float>::quiet_NaN();
     const float inverse = most > 0 ? 127.0f / most : 0.0f;
     const __m512 by = _mm512_set1_ps(inverse);
     const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, by));
@@ -112,6 +125,69 @@ void round_row(const float* x, int64_t groups, int8_t* xq, float* dx, float* dsu
     dx[g] = most / 127.0f;
     dsum[g] = dx[g] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
   }
+}
+
+// fp32 -> bf16 bits in the low half of each lane, to nearest even as torch's vectorized cast
+// rounds (ATen's cvtfp32_bf16): a NaN becomes 0xFFFF
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                               _mm512_set1_epi32(0xFFFF));
+}
+
+// a block's fp32 outputs (rows of `tile`, 64 apart) into rows of y (ldy apart), in y's dtype
+inline void store(const float* tile, int64_t rows, int64_t outputs, float* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(tile + r * kBlock, outputs, y + r * ldy);
+}
+inline void store(const float* tile, int64_t rows, int64_t outputs, uint16_t* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < outputs; o += 16) {
+      const auto keep = static_cast<__mmask16>((1u << std::min<int64_t>(16, outputs - o)) - 1);
+      _mm512_mask_cvtepi32_storeu_epi16(y + r * ldy + o, keep,
+                                        bf16_bits(_mm512_loadu_ps(tile + r * kBlock + o)));
+    }
+}
+
+// x [M, K] rows of T (fp32 or bf16 bits) times the packed weights into y [M, n] of T
+template <typename T>
+void product(const T* in, int64_t lda, int64_t m, const at::Tensor& packed, int64_t n, int64_t k,
+             T* out) {
+  const int64_t groups = k / kGroup;
+  at::Tensor xq = at::empty({m, k}, at::kChar);
+  at::Tensor dx = at::empty({m, groups}, at::kFloat), dsum = at::empty_like(dx);
+  int8_t* q = xq.data_ptr<int8_t>();
+  float *d = dx.data_ptr<float>(), *ds = dsum.data_ptr<float>();
+  at::parallel_for(0, m, 8, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r)
+      round_row(in + r * lda, groups, q + r * k, d + r * groups, ds + r * groups);
+  });
+
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    alignas(64) float tile[6 * kBlock];  // a block's outputs for up to six rows, then y's dtype
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t n0 = b * kBlock, outputs = std::min<int64_t>(kBlock, n - n0);
+      const uint8_t* wb = w + b * groups * kGroupBytes;
+      for (int64_t r = 0; r < m; r += 6) {  // the block's weights stay in L2 across rows
+        const int8_t* xr = q + r * k;
+        const float *dr = d + r * groups, *sr = ds + r * groups;
+        const int64_t count = std::min<int64_t>(6, m - r);
+        switch (count) {
+          case 1: rows<1>(xr, k, dr, sr, groups, wb, tile, kBlock, outputs); break;
+          case 2: rows<2>(xr, k, dr, sr, groups, wb, tile, kBlock, outputs); break;
+          case 3: rows<3>(xr, k, dr, sr, groups, wb, tile, kBlock, outputs); break;
+          case 4: rows<4>(xr, k, dr, sr, groups, wb, tile, kBlock, outputs); break;
+          case 5: rows<5>(xr, k, dr, sr, groups, wb, tile, kBlock, outputs); break;
+          default: rows<6>(xr, k, dr, sr, groups, wb, tile, kBlock, outputs); break;
+        }
+        store(tile, count, outputs, out + r * n + n0, n);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -184,47 +260,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack4(const at::Tensor& packed,
   return {codes, scales, offsets};
 }
 
-// x [M, K] fp32 rows (stride(1) == 1) times the packed weights: y [M, n] fp32
+// x [..., K] fp32 or bf16 times the packed weights: y [..., n] in x's dtype. Taking any leading
+// shape and either dtype saves a decode step's reshapes and casts around each call (~8 a layer).
 at::Tensor product4(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t k) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 &&
-              x.size(1) == k && k % kGroup == 0, "x: [M, K] fp32 rows, K a multiple of 32");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k && k % kGroup == 0 &&
+              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x: [..., K] fp32 or bf16, K a multiple of 32");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
               packed.size(0) * kBlock >= n && packed.size(1) * kGroup == k &&
               packed.size(2) == kGroupBytes, "packed: from pack4");
-  const int64_t m = x.size(0), groups = k / kGroup;
-  at::Tensor xq = at::empty({m, k}, at::kChar);
-  at::Tensor dx = at::empty({m, groups}, at::kFloat), dsum = at::empty_like(dx);
-  int8_t* q = xq.data_ptr<int8_t>();
-  float *d = dx.data_ptr<float>(), *ds = dsum.data_ptr<float>();
-  const float* in = x.data_ptr<float>();
-  at::parallel_for(0, m, 8, [&](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r)
-      round_row(in + r * x.stride(0), groups, q + r * k, d + r * groups, ds + r * groups);
-  });
-
-  at::Tensor y = at::empty({m, n}, x.options());
-  float* out = y.data_ptr<float>();
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) {
-      const int64_t n0 = b * kBlock, outputs = std::min<int64_t>(kBlock, n - n0);
-      const uint8_t* wb = w + b * groups * kGroupBytes;
-      for (int64_t r = 0; r < m; r += 6) {  // the block's weights stay in L2 across rows
-        const int8_t* xr = q + r * k;
-        const float *dr = d + r * groups, *sr = ds + r * groups;
-        float* yr = out + r * n + n0;
-        switch (std::min<int64_t>(6, m - r)) {
-          case 1: rows<1>(xr, k, dr, sr, groups, wb, yr, n, outputs); break;
-          case 2: rows<2>(xr, k, dr, sr, groups, wb, yr, n, outputs); break;
-          case 3: rows<3>(xr, k, dr, sr, groups, wb, yr, n, outputs); break;
-          case 4: rows<4>(xr, k, dr, sr, groups, wb, yr, n, outputs); break;
-          case 5: rows<5>(xr, k, dr, sr, groups, wb, yr, n, outputs); break;
-          default: rows<6>(xr, k, dr, sr, groups, wb, yr, n, outputs); break;
-        }
-      }
-    }
-  });
+  at::Tensor rows = x.reshape({-1, k});  // a view where it can be
+  if (rows.stride(1) != 1) rows = rows.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor y = at::empty(shape, x.options());
+  const int64_t m = rows.size(0);
+  if (m == 0) return y;
+  if (x.scalar_type() == at::kFloat)
+    product(rows.data_ptr<float>(), rows.stride(0), m, packed, n, k, y.data_ptr<float>());
+  else
+    product(reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>()), rows.stride(0), m,
+            packed, n, k, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
   return y;
 }
 
