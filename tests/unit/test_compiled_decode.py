@@ -15,12 +15,13 @@ from torch._dynamo.utils import counters
 
 from tdllm.engine import Engine, SamplingParams
 from tdllm.errors import ModelLoadError
+from tdllm.model import compiled_decode
 from tdllm.model.cache_layout import DecodeWindow
-from tdllm.model.compiled_decode import CACHE_DIR_ENV, compile_decode, why_not
-from tdllm.model.linear import LinearMethodTable
+from tdllm.model.compiled_decode import CACHE_DIR_ENV, compile_decode, group_size, why_not
+from tdllm.model.linear import LinearMethodTable, PrepackedCpuMethod, can_prepack_bf16
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tests.protection.engine_runs import NoTokenizer
-from tests.tiny_model import tiny_model
+from tests.tiny_model import TINY, tiny_model, tiny_tensors
 
 PROMPTS = [[5, 17, 3, 42, 8], [9, 1, 60, 2, 11, 12, 13, 14, 15], [33], [70, 71, 72]]
 SHORT = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
@@ -44,7 +45,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def compiled(cache_dir: Path) -> Engine:
-    return Engine(tiny_model(), NoTokenizer(), 4, 48, compile="decode")  # type: ignore[arg-type]
+    """Grouped (fp32 weights, plain kernels), one block a group: the tiny model's two blocks
+    call the same graphs, as a real model's groups do."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compiled_decode, "MAX_GROUP", 1)
+        engine = Engine(tiny_model(), NoTokenizer(), 4, 48, compile="decode-groups")  # type: ignore[arg-type]
+    step = engine.model.decode_step
+    assert isinstance(step, compiled_decode.GroupedDecodeStep) and step.size == 1
+    return engine
 
 
 def eager() -> Engine:
@@ -86,7 +94,8 @@ def test_compiled_logits_match_eager_logits_for_every_row(compiled: Engine) -> N
 
 
 def test_two_graphs_serve_every_batch_size_slot_set_and_length(compiled: Engine) -> None:
-    """Both traced at load (one row; two or more), none by the batches after."""
+    """Both traced at load (one row; two or more), none by the batches after, and shared by
+    every group of blocks."""
     traced = counters["stats"]["unique_graphs"]
     run(compiled)
     compiled.generate([[1, 2, 3]], LONG)  # alone in slot 0: the one-row graph
@@ -179,3 +188,41 @@ def test_refuses_to_compile_a_model_whose_block_crosses_the_td() -> None:
 def test_plain_model_has_no_reason_not_to_compile() -> None:
     model: Transformer = tiny_model()
     assert why_not(model) is None
+
+
+@pytest.mark.parametrize(
+    ("blocks", "size"), [(1, 1), (2, 2), (7, 7), (16, 8), (28, 7), (30, 6), (32, 8), (29, 8)]
+)
+def test_groups_are_even_where_the_block_count_allows(blocks: int, size: int) -> None:
+    assert group_size(blocks) == size
+
+
+def test_bf16_weights_reordered_for_onednn_cannot_share_a_graph_between_blocks() -> None:
+    """oneDNN's packed bf16 weights are an opaque tensor outside the parameters: a graph shared
+    by the blocks would take the first block's as a constant, so `decode-groups` refuses."""
+    if not can_prepack_bf16():
+        pytest.skip("no native bf16: nothing is reordered")
+    table = LinearMethodTable(default=PrepackedCpuMethod(prepack=True))
+    model = Transformer(TINY, table, torch.bfloat16)
+    model.load_weights(tiny_tensors().items())
+    model.after_load()
+    assert "holds its weights outside its tensors" in (compiled_decode.why_not_grouped(model) or "")
+    with pytest.raises(ModelLoadError, match="use compile 'decode'"):
+        compile_decode(model, grouped=True)
+    assert model.decode_step is None
+
+
+def test_blocks_on_different_methods_cannot_share_a_graph() -> None:
+    table = LinearMethodTable([("model.layers.1.*", PrepackedCpuMethod(prepack=False))])
+    model = tiny_model(methods=table)
+    assert compiled_decode.why_not_grouped(tiny_model()) is None
+    assert "not all alike" in (compiled_decode.why_not_grouped(model) or "")
+
+
+def test_the_frozen_tail_gives_the_eager_engines_tokens(cache_dir: Path) -> None:
+    """`compile: decode`: the whole tail one graph, its weights constants. (Inductor fails to
+    trace the tiny model in bf16 with weights packed for oneDNN, "name 's6' is not defined",
+    torch 2.13: a load error of one line; the bundled model's bf16 tail compiles.)"""
+    engine = Engine(tiny_model(), NoTokenizer(), 4, 48, compile="decode")  # type: ignore[arg-type]
+    assert not isinstance(engine.model.decode_step, compiled_decode.GroupedDecodeStep)
+    assert run(engine) == run(eager())

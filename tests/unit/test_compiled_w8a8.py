@@ -12,6 +12,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from tdllm.engine import Engine
+from tdllm.errors import ModelLoadError
+from tdllm.model import compiled_decode
 from tdllm.model.compiled_decode import CACHE_DIR_ENV
 from tdllm.model.quantized import quant_table
 from tests.cpu_kernels import needs_avx512
@@ -23,20 +25,37 @@ from tests.unit.test_compiled_decode import run
 @pytest.mark.slow  # a compile of its own (~20 s on 2 cores)
 @pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs a CPU with VNNI")
 @pytest.mark.parametrize(
-    "quant",
-    ["w8a8", *(pytest.param(q, marks=needs_avx512) for q in ("w8a8-avx512", "w4a8-avx512"))],
-)
+    ("quant", "mode"),
+    [
+        ("w8a8", "decode"),
+        pytest.param("w8a8-avx512", "decode", marks=needs_avx512),
+        *(pytest.param("w4a8-avx512", m, marks=needs_avx512) for m in ("decode", "decode-groups")),
+    ],
+)  # fmt: skip
 def test_compiled_decode_runs_w8a8_projections_with_the_eager_tokens(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str, mode: str
 ) -> None:
+    """With `decode-groups`, each of the two blocks a group of its own: both run one graph, so
+    a layer's packed weights read as a constant of the graph would give the other's tokens."""
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(compiled_decode, "MAX_GROUP", 1)
     torch._dynamo.reset()
     counters.clear()
     try:
         model = tiny_model(methods=quant_table(quant))
-        compiled = Engine(model, NoTokenizer(), 4, 48, compile="decode")  # type: ignore[arg-type]
+        compiled = Engine(model, NoTokenizer(), 4, 48, compile=mode)  # type: ignore[arg-type]
         eager = Engine(tiny_model(methods=quant_table(quant)), NoTokenizer(), 4, 48)  # type: ignore[arg-type]
         assert run(compiled) == run(eager)
         assert counters["stats"]["unique_graphs"] == 2  # one row; two or more
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs a CPU with VNNI")
+@pytest.mark.parametrize("quant", ["w8a8", pytest.param("w8a8-avx512", marks=needs_avx512)])
+def test_w8a8_cannot_share_a_graph_between_blocks(quant: str) -> None:
+    """W8A8's packed matrices are reached by a handle (an int a graph takes as a constant)."""
+    model = tiny_model(methods=quant_table(quant))
+    with pytest.raises(ModelLoadError, match="holds its weights outside its tensors"):
+        compiled_decode.compile_decode(model, grouped=True)
+    assert model.decode_step is None

@@ -82,7 +82,9 @@ def test_compile_defaults_to_off_and_comes_from_the_environment_or_serve() -> No
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"compile": "all"}, "compile must be one of off, decode"),
+        ({"compile": "all"}, "compile must be one of off, decode, decode-groups"),
+        ({"compile": "decode-groups", "quant": "w8a8"}, "quant 'w8a8' cannot"),
+        ({"compile": "decode-groups", "quant": "w8a8-avx512"}, "use compile 'decode'"),
         ({"compile": "decode", "profile": "masked"}, "td-only or split, not masked"),
         ({"compile": "decode", "profile": "obfuscated"}, "td-only or split, not obfuscated"),
         (

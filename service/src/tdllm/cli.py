@@ -135,7 +135,8 @@ def cli() -> None:
     default="off",
     show_default=True,
     help="decode: compile the decode step (two graphs: one row, more) before generating "
-    "(minutes on 2 cores, needs g++; td-only and split)",
+    "(minutes on 2 cores, needs g++; td-only and split); decode-groups: one graph every group "
+    "of blocks shares (~30 s; quantized or fp32 weights)",
 )
 @click.option(
     "--profile",

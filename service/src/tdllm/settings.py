@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tdllm.errors import UsageError
-from tdllm.model.compile_modes import COMPILE_MODES
+from tdllm.model.compile_modes import COMPILE_MODES, NOT_GROUPED_QUANTS
 from tdllm.model.quant_formats import QUANTS  # weight-only quantization at load
 
 ENV_PREFIX = "TDLLM_"
@@ -58,10 +58,12 @@ class Settings:
     # (docs/performance.md)
     quant: str = "none"
     # "decode": the tdllm engine's decode step compiled by TorchInductor at load, two graphs
-    # (one row, more rows) (1.25-1.48x faster steps for the bundled model in bf16, 1.5x at one
-    # int4 sequence, slower on a 1B int4 model; 3-5 minutes of start-up on 2 cores; needs g++;
-    # td-only and split,
-    # docs/performance.md "Compiled decode step"); "off": eager
+    # (one row, more rows) (1.25-1.48x faster steps for the bundled model in bf16, 1.5-1.8x at
+    # one int4 sequence, slower on a 1B int4 model; 3-7 minutes of start-up on 2 cores; needs
+    # g++; td-only and split, docs/performance.md "Compiled decode step"); "decode-groups": one
+    # graph every group of blocks shares (~30 s of start-up, steps ~1.2x decode's; quant int8,
+    # int4, w4a8-avx512 or an fp32 model, "Compiled a group of blocks at a
+    # time"); "off": eager
     compile: str = "off"
     # protection profile of the served model (docs/security.md): td-only | split (| ...);
     # `device` is the untrusted device of offloading profiles, `k` the private tail length,
@@ -274,6 +276,11 @@ def _compile_problems(s: Settings) -> list[str]:
         return [
             f"compile {s.compile!r} runs where every block in the TD uses TD CPU kernels: "
             f"td-only or split, not {s.profile}"
+        ]
+    if s.compile == "decode-groups" and s.quant in NOT_GROUPED_QUANTS:
+        return [
+            f"compile 'decode-groups' shares one graph between the blocks, which quant "
+            f"{s.quant!r} cannot (its packed weights are held by a handle): use compile 'decode'"
         ]
     return []
 

@@ -161,12 +161,12 @@ class Engine:
         self.compile_seconds = 0.0
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}")
-        if compile == "decode":
-            compile_decode(model)
+        if compile != "off":
+            compile_decode(model, grouped=compile == "decode-groups")
             self.compile_seconds = warm_up(model, self.cache, max_batch, self.max_seq_len, status)
         # a lone sequence moves to slot 0, where the compiled step has a one-row graph; only
         # where its whole KV is in `cache` (a device prefix keeps its own by slot)
-        self.moves_lone_sequence = compile == "decode" and self.shares_prefill
+        self.moves_lone_sequence = compile != "off" and self.shares_prefill
 
     # -- requests -------------------------------------------------------------------------------
 

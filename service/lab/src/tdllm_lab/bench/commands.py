@@ -43,6 +43,8 @@ KERNEL_SETS = ("served", "plain", *(q for q in QUANTS if q != "none"))
             "ours-compiled-w8a8-avx512",
             "ours-w4a8-avx512",
             "ours-compiled-w4a8-avx512",
+            "ours-grouped",
+            "ours-grouped-w4a8-avx512",
             "hf",
             "llama.cpp",
             "vllm-cpu",
@@ -53,7 +55,7 @@ KERNEL_SETS = ("served", "plain", *(q for q in QUANTS if q != "none"))
     "ours with its decode step compiled; ours-w8a8: the q8_0 file as w8a8; ours-compiled-w8a8: "
     "both; ours-w8a8-onednn: w8a8 on oneDNN's int8 GEMM; ours-w8a8-avx512: on our AVX-512 "
     "kernel (and compiled); ours-w4a8-avx512: the q4_0 file on our AVX-512 int4 kernel (and "
-    "compiled); vllm-cpu: vLLM's "
+    "compiled); ours-grouped-*: compiled a group of blocks at a time; vllm-cpu: vLLM's "
     "CPU build (make vllm) on the f16 file as bf16 and the q8_0 file as w8a8; --shape only)",
 )
 @click.option("--model", default="bundled", show_default=True)
@@ -532,7 +534,7 @@ def bench_transcript(k: int, new_tokens: int, cache_dir: Path | None, as_json: b
     type=click.Choice(COMPILE_MODES),
     multiple=True,
     help="repeatable; default off. decode: the compiled decode step (one compile per kernel "
-    "set and dtype, minutes on 2 cores)",
+    "set and dtype, minutes on 2 cores); decode-groups: a group of blocks at a time (~30 s)",
 )
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def bench_decode_profile(

@@ -154,7 +154,9 @@ def _profile_batch(
 def format_report(reports: list[dict[str, Any]]) -> str:
     lines = []
     for r in reports:
-        compiled = f" compiled ({r['compile_seconds']:.0f} s)" if r["compile"] != "off" else ""
+        compiled = (
+            f" {r['compile']} ({r['compile_seconds']:.0f} s)" if r["compile"] != "off" else ""
+        )
         lines.append(
             f"{r['model']} {r['dtype']} {r['kernels']}{compiled} batch {r['batch']}: "
             f"{r['ms_per_step']:.2f} ms/step "

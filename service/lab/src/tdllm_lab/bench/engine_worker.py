@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quant", default="none", help="ours: a `quant` setting's value")
     parser.add_argument("--batch-sizes", default="1,8", help="decode batches, comma-separated")
-    parser.add_argument("--compile", default="off", help="ours: off, decode")
+    parser.add_argument("--compile", default="off", help="ours: off, decode, decode-groups")
     args = parser.parse_args()
     torch.manual_seed(0)
     result = run(

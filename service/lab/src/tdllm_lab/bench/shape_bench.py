@@ -41,7 +41,8 @@ from tdllm_lab.bench.synthetic_shapes import (
 # Q8_0 file as W8A8 (`quant: w8a8`, activations rounded to int8 too) instead of weight-only int8;
 # ours-compiled-w8a8: both; ours-w8a8-onednn: W8A8 on oneDNN's int8 GEMM (`quant: w8a8-onednn`);
 # ours-w8a8-avx512 (and compiled): W8A8 on our AVX-512 VNNI kernel (`quant: w8a8-avx512`);
-# ours-w4a8-avx512 (and compiled): the Q4_0 file on our int4 kernel (`quant: w4a8-avx512`)
+# ours-w4a8-avx512 (and compiled): the Q4_0 file on our int4 kernel (`quant: w4a8-avx512`);
+# ours-grouped-*: compiled a group of blocks at a time (`compile: decode-groups`)
 QUANT_ENGINES = {
     "ours-w8a8": "w8a8",
     "ours-compiled-w8a8": "w8a8",
@@ -50,9 +51,10 @@ QUANT_ENGINES = {
     "ours-compiled-w8a8-avx512": "w8a8-avx512",
     "ours-w4a8-avx512": "w4a8-avx512",
     "ours-compiled-w4a8-avx512": "w4a8-avx512",
+    "ours-grouped-w4a8-avx512": "w4a8-avx512",
 }
 FILE_QUANT = {"w4a8-avx512": "int4"}  # the file each of those runs (the rest: int8, q8_0)
-OURS = ("ours", "ours-compiled", *QUANT_ENGINES)
+OURS = ("ours", "ours-compiled", "ours-grouped", *QUANT_ENGINES)
 PEERS = (llama_cpp_peer.ENGINE, vllm_peer.ENGINE)
 ENGINES = (*OURS, *PEERS)
 DEFAULT_FORMATS = ("f16", "q8_0", "q4_0")
@@ -283,7 +285,7 @@ def _run_one(
         cmd = [sys.executable, "-m", "tdllm_lab.bench.engine_worker", "ours", dtype,
                "--model", str(path), "--quant", ours_quant(engine, fmt),
                "--batch-sizes", ",".join(map(str, batch_sizes)),
-               "--compile", "decode" if compiled(engine) else "off"]  # fmt: skip
+               "--compile", compile_mode(engine)]  # fmt: skip
     cmd += ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens),
             "--repeats", str(repeats)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
@@ -355,8 +357,15 @@ def failed_workers(report: dict[str, Any]) -> list[str]:
 
 
 def compiled(engine: str) -> bool:
-    """Whether one of our engines runs its decode step compiled (`compile: decode`)."""
-    return engine.startswith("ours-compiled")
+    """Whether one of our engines runs its decode step compiled (`compile_mode`)."""
+    return compile_mode(engine) != "off"
+
+
+def compile_mode(engine: str) -> str:
+    """One of our engines' `compile`: ours-compiled-* `decode`, ours-grouped-* `decode-groups`."""
+    if engine.startswith("ours-compiled"):
+        return "decode"
+    return "decode-groups" if engine.startswith("ours-grouped") else "off"
 
 
 def ours_quant(engine: str, fmt: str) -> str:
