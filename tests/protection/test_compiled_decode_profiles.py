@@ -36,12 +36,17 @@ def fresh_dynamo() -> Iterator[None]:
 
 
 @pytest.mark.slow  # a second compile (~12 s); make test compiles once, in tests/unit
+@pytest.mark.parametrize("mode", ["decode", "decode-groups"])
 def test_split_compiled_tail_generates_td_only_tokens(
-    private_checkpoint: Checkpoint, reference: PublicReference, split_on, fresh_dynamo: None
-) -> None:  # type: ignore[no-untyped-def]
+    private_checkpoint: Checkpoint,
+    reference: PublicReference,
+    split_on,  # type: ignore[no-untyped-def]
+    fresh_dynamo: None,
+    mode: str,
+) -> None:
     expected = greedy(td_only(private_checkpoint), "off")
     split = split_on(private_checkpoint, reference, Crossing.open("cpu"), 1.0)
-    assert greedy(split, "decode") == expected
+    assert greedy(split, mode) == expected
     assert split.decode_step is not None
     assert counters["stats"]["unique_graphs"] == 2  # one row, more rows; no crossing in them
     assert split.prefix.audit.checked_rows > 0  # decode rows still crossed and were audited

@@ -136,7 +136,7 @@ def cli() -> None:
     show_default=True,
     help="decode: compile the decode step (two graphs: one row, more) before generating "
     "(minutes on 2 cores, needs g++; td-only and split); decode-groups: one graph every group "
-    "of blocks shares (~30 s; quantized or fp32 weights)",
+    "of blocks shares (~1 minute; quantized or fp32 weights)",
 )
 @click.option(
     "--profile",

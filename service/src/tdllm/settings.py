@@ -58,12 +58,12 @@ class Settings:
     # (docs/performance.md)
     quant: str = "none"
     # "decode": the tdllm engine's decode step compiled by TorchInductor at load, two graphs
-    # (one row, more rows) (1.25-1.48x faster steps for the bundled model in bf16, 1.5-1.8x at
-    # one int4 sequence, slower on a 1B int4 model; 3-7 minutes of start-up on 2 cores; needs
-    # g++; td-only and split, docs/performance.md "Compiled decode step"); "decode-groups": one
-    # graph every group of blocks shares (~30 s of start-up, steps ~1.2x decode's; quant int8,
-    # int4, w4a8-avx512 or an fp32 model, "Compiled a group of blocks at a
-    # time"); "off": eager
+    # (one row, more rows) (1.25-1.48x faster steps for the bundled model in bf16, 1.5-1.9x at
+    # one int4 sequence; 3-7 minutes of start-up on 2 cores; needs g++; td-only and split,
+    # docs/performance.md "Compiled decode step"); "decode-groups": one graph every group of
+    # blocks shares (~1 minute of start-up, steps 1.0-1.2x as long as decode's on the bundled
+    # model, no faster than eager at 1B; quant int8, int4, w4a8-avx512 or an fp32 model;
+    # "Compiled a group of blocks at a time"); "off": eager
     compile: str = "off"
     # protection profile of the served model (docs/security.md): td-only | split (| ...);
     # `device` is the untrusted device of offloading profiles, `k` the private tail length,

@@ -41,7 +41,7 @@ def gunicorn_argv() -> list[str]:
     default=None,
     help="decode: the decode step compiled at load (two graphs: one row, more; engine tdllm, "
     "td-only or split; needs g++); decode-groups: one graph every group of blocks shares "
-    "(~30 s; quantized or fp32 weights); the `compile` setting, TDLLM_COMPILE",
+    "(~1 minute; quantized or fp32 weights); the `compile` setting, TDLLM_COMPILE",
 )
 @click.option("--check", is_flag=True, help="resolve and print the settings, then exit")
 def serve(

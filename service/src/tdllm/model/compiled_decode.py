@@ -13,10 +13,11 @@ of two ways:
 - **`decode-groups`**: one graph runs a group of up to `MAX_GROUP` consecutive blocks, their
   weights its inputs, and every group of the model calls that same graph
   (`GroupedDecodeStep`); the final norm and the head run eagerly around it. Its compile traces
-  one group: ~30 s for the bundled model, for steps ~1.2x `decode`'s (docs/performance.md,
-  "Compiled a group of blocks at a time"). Only where each projection's state is its tensors
-  and the blocks are alike (`why_not_grouped`): a shared graph would run the first group's
-  state where it is held elsewhere (`OUTSIDE_TENSORS`).
+  one group: ~1 minute for the bundled model's two graphs where `decode` took 4-7, for steps
+  1.0-1.2x as long as `decode`'s (docs/performance.md, "Compiled a group of blocks at a
+  time"). Only where each projection's state is its tensors and the blocks are alike
+  (`why_not_grouped`): a shared graph would run the first group's state where it is held
+  elsewhere (`OUTSIDE_TENSORS`).
 
 Prefill stays eager: its matmuls dwarf the rest.
 

@@ -534,7 +534,7 @@ def bench_transcript(k: int, new_tokens: int, cache_dir: Path | None, as_json: b
     type=click.Choice(COMPILE_MODES),
     multiple=True,
     help="repeatable; default off. decode: the compiled decode step (one compile per kernel "
-    "set and dtype, minutes on 2 cores); decode-groups: a group of blocks at a time (~30 s)",
+    "set and dtype, minutes on 2 cores); decode-groups: a group of blocks at a time (~1 minute)",
 )
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def bench_decode_profile(
