@@ -59,3 +59,25 @@ def test_w8a8_cannot_share_a_graph_between_blocks(quant: str) -> None:
     with pytest.raises(ModelLoadError, match="holds its weights outside its tensors"):
         compiled_decode.compile_decode(model, grouped=True)
     assert model.decode_step is None
+
+
+@pytest.mark.slow  # four compiles of the tiny model (~1-2 minutes on 2 cores)
+@pytest.mark.parametrize("mode", ["decode", "decode-groups"])
+def test_two_models_in_one_process_run_their_own_graphs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Dynamo keeps graphs on the code object and the modules go unguarded: without code of
+    their own (`compiled_decode.own_code`), a second model compiled in the process (a bench's
+    next kernel set) ran the first one's `decode` graphs, frozen weights and all (this failed
+    before it). Grouped graphs take the weights as inputs; they get code of their own too, as
+    two models' blocks need not be alike."""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
+    torch._dynamo.reset()
+    try:
+        models = [tiny_model(seed=seed) for seed in (0, 1)]
+        expected = [run(Engine(tiny_model(seed=s), NoTokenizer(), 4, 48)) for s in (0, 1)]  # type: ignore[arg-type]
+        assert expected[0] != expected[1]
+        engines = [Engine(m, NoTokenizer(), 4, 48, compile=mode) for m in models]  # type: ignore[arg-type]
+        assert [run(e) for e in engines] == expected
+    finally:
+        torch._dynamo.reset()

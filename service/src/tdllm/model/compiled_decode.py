@@ -48,6 +48,7 @@ import os
 import shutil
 import tempfile
 import time
+import types
 import warnings
 from collections.abc import Callable
 
@@ -115,14 +116,26 @@ def compile_decode(model: Transformer, grouped: bool = False) -> None:
     options: dict[str, str | int | bool | Callable[..., object]] = {
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe
     }
+    # each model's graphs on code of its own (`own_code`): dynamo keeps them on the code object,
+    # and with the modules unguarded a second model in this process (a bench's) would run the
+    # first one's
     if frozen:
+        tail = type("_Tail", (_Tail,), {"forward": own_code(_Tail.forward)})
         model.decode_step = torch.compile(
-            _Tail(model), dynamic=True, fullgraph=True, options=options
+            tail(model), dynamic=True, fullgraph=True, options=options
         )
     else:
-        model.decode_step = GroupedDecodeStep(
-            model, torch.compile(run_blocks, dynamic=True, fullgraph=True, options=options)
-        )
+        step = torch.compile(own_code(run_blocks), dynamic=True, fullgraph=True, options=options)
+        model.decode_step = GroupedDecodeStep(model, step)
+
+
+def own_code(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`function` with a copy of its code object (the same code, another object)."""
+    assert isinstance(function, types.FunctionType)
+    return types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__,
+        function.__defaults__, function.__closure__,
+    )  # fmt: skip
 
 
 # a projection's state outside its parameters and buffers, which a graph takes as a constant,
