@@ -42,7 +42,7 @@ def test_the_categories_add_up_to_the_profiled_step() -> None:
 
 
 @pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs a CPU with VNNI")
-def test_a_w8a8_step_spends_its_matmul_time_in_the_int8_kernel_and_reads_its_packed_bytes() -> None:
+def test_a_w8a8_step_spends_its_matmul_time_in_the_int8_kernel_and_no_rope_table_counts() -> None:
     checkpoint: Checkpoint = synthetic_checkpoint(seed=2)
     report = profile_decode(
         checkpoint, torch.float32, batch=1, steps=3, prompt_tokens=5, kernels="w8a8"

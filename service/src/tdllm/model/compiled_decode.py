@@ -63,10 +63,14 @@ from tdllm.model.transformer import Attention, Transformer
 CACHE_DIR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
+def blocks_here(model: Transformer) -> nn.ModuleList:
+    """The blocks this process runs: all but a profile's prefix (`PrefixPlacement`)."""
+    return model.layers[model.prefix.num_layers if model.prefix is not None else 0 :]
+
+
 def why_not(model: Transformer) -> str | None:
     """Why the decode step of `model` cannot be compiled (None: it can)."""
-    start = model.prefix.num_layers if model.prefix is not None else 0
-    here = [*model.layers[start:], model.lm_head]
+    here = [*blocks_here(model), model.lm_head]
     linears = [m for part in here for m in part.modules() if isinstance(m, Linear)]
     crossing = [m for m in linears if not isinstance(m.method, TdCpuKernels) or m.method.leaves_td]
     if crossing:
@@ -148,8 +152,7 @@ OUTSIDE_TENSORS = ("packed_weight", "w8a8_handle")
 def why_not_grouped(model: Transformer) -> str | None:
     """Why one graph cannot run every group of `model`'s blocks (None: it can): a projection
     holds state outside its tensors (`OUTSIDE_TENSORS`), or the blocks are not all alike."""
-    start = model.prefix.num_layers if model.prefix is not None else 0
-    blocks = model.layers[start:]  # (the head runs eagerly: any method will do)
+    blocks = blocks_here(model)  # (the head runs eagerly: any method will do)
     for m in blocks.modules():
         held = [key for key in OUTSIDE_TENSORS if key in vars(m)]
         if isinstance(m, Linear) and held:
@@ -205,8 +208,7 @@ class GroupedDecodeStep:
 
     def __init__(self, model: Transformer, compiled: Callable[..., torch.Tensor]) -> None:
         self.model, self.compiled = model, compiled
-        here = len(model.layers) - (model.prefix.num_layers if model.prefix is not None else 0)
-        self.size = group_size(here)
+        self.size = group_size(len(blocks_here(model)))
 
     def __call__(self, x: torch.Tensor, batch: Batch, cache: KVCache, start: int) -> torch.Tensor:
         model, end, size = self.model, len(self.model.layers), self.size

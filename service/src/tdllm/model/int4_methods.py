@@ -230,6 +230,5 @@ class Int4Avx512Method(Int4WeightOnlyMethod):
         n, k = layer.out_features, layer.in_features
         if 0 < avx512_kernel.W4A8_WIDEN_MIN_ROWS <= x.numel() // k:  # a prompt, on AMX
             return shaped(avx512_kernel.w4a8_widened(x.reshape(-1, k), packed, n, k), x)
-        if x.dtype in (torch.float32, torch.bfloat16):  # any shape: no reshape or cast a call
-            return avx512_kernel.w4a8(x, packed, n, k)
-        return avx512_kernel.w4a8(x.float(), packed, n, k).to(x.dtype)
+        # fp32 or bf16 (a model's dtypes) in any shape: no reshape or cast around the call
+        return avx512_kernel.w4a8(x, packed, n, k)
