@@ -163,33 +163,32 @@ class GgufTensors:
         view still held reads them back in, but a load no longer carries the file in its RSS
         next to the model built from it (the 1B shape's Q8_0: 1.3 GB). Best effort: without
         madvise they just stay."""
-        mapped = getattr(self.file_map, "_mmap", None)  # numpy's map of the whole file
-        if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start, stop = 0, len(mapped)
+        start, stop = 0, self.file_map.nbytes
         if tensor is not None:
             start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
             stop = min(stop, tensor.data_offset + tensor.n_bytes)
-        if stop > start:
-            with contextlib.suppress(OSError):  # best effort: the pages just stay
-                mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        self._advise_dontneed(start, stop)
 
     def release_view(self, view: np.ndarray) -> None:
         """Drop the pages wholly inside `view`, a contiguous view of the file's map, from this
         process's memory (as `release_pages`); anything else is left alone: ``MADV_DONTNEED``
         on our own memory would zero it."""
-        mapped = getattr(self.file_map, "_mmap", None)
-        if mapped is None or not hasattr(mmap, "MADV_DONTNEED") or not view.flags.c_contiguous:
+        if not view.flags.c_contiguous or view.base is None:
             return
         start = view.__array_interface__["data"][0] - self.file_map.__array_interface__["data"][0]
         stop = start + view.nbytes
-        if start < 0 or stop > len(mapped) or view.base is None:
+        if start < 0 or stop > self.file_map.nbytes:
             return  # not a view of this map
         first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: a neighbour's
-        last = stop - stop % mmap.PAGESIZE  # rows share the pages at either end
-        if last > first:
-            with contextlib.suppress(OSError):
-                mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+        self._advise_dontneed(first, stop - stop % mmap.PAGESIZE)  # rows share the end pages
+
+    def _advise_dontneed(self, start: int, stop: int) -> None:
+        """``MADV_DONTNEED`` on bytes [start, stop) of the file's map (start page-aligned)."""
+        mapped = getattr(self.file_map, "_mmap", None)  # numpy's map of the whole file
+        if mapped is None or not hasattr(mmap, "MADV_DONTNEED") or stop <= start:
+            return
+        with contextlib.suppress(OSError):  # best effort: the pages just stay
+            mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def with_blocks(self) -> Iterator[tuple[str, torch.Tensor | GgufQuantized]]:
         for t in self.tensors:
