@@ -17,8 +17,8 @@ from tdllm.trusted.errors import DeviceIntegrityError
 from tdllm.trusted.public_reference import PublicReference
 from tdllm.trusted.split import OffloadedPrefix, offload_public_prefix
 from tdllm.untrusted.device import InProcessDevice
-from tdllm_lab.bench.commands import device_list
 from tdllm_lab.bench.device_tolerance import UNBOUNDED
+from tdllm_lab.bench.protection_commands import device_list
 from tests.protection.conftest import MAX_BATCH, MAX_SEQ, K, td_only
 from tests.protection.engine_runs import greedy_tokens
 

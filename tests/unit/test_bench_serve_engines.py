@@ -30,8 +30,8 @@ def test_engines_parse_in_order_once_each() -> None:
 
 
 def test_the_engine_help_names_every_engine() -> None:
-    from tdllm_lab.bench.commands import bench_serve
     from tdllm_lab.bench.serve import ENGINES
+    from tdllm_lab.bench.service_commands import bench_serve
 
     option = next(p for p in bench_serve.params if p.name == "engines")
     assert option.help is not None
