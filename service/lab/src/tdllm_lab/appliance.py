@@ -24,15 +24,12 @@ exits 130. A child that exits on its own is an error: the other is stopped, exit
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import multiprocessing
-import os
 import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -64,6 +61,17 @@ from tdllm_attest.policy_format import (
 )
 from tdllm_attest.testing.platform import SimulatedTdxPlatform, SyntheticTdFields
 from tdllm_attest.trust import select_trust_anchor
+from tdllm_lab.appliance_children import (
+    STOP_SIGNALS,
+    Signals,
+    Stage,
+    check_alive,
+    child_begins,
+    die_with_parent,
+    exit_on_signals,
+    own_process_group,
+    stop_in_order,
+)
 from tdllm_lab.appliance_state import POLICY_NAME, PRIVATE_K, ApplianceState, prepare_state
 from tdllm_lab.local_service import free_port
 
@@ -142,48 +150,6 @@ def e2e_command(url: str, state: ApplianceState, prompt: str) -> list[str]:
 APPLIANCE_PROFILES = ("td-only", "masked", "split")
 
 
-def _exit_on_signals() -> None:
-    def stop(_signum: int, _frame: Any) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-
-
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def _own_process_group(pid: int = 0) -> None:
-    """Lead a process group (from the child, and from the parent too: whichever runs first
-    wins the race with a `killpg`). A terminal's Ctrl-C then reaches the parent only."""
-    try:
-        os.setpgid(pid, pid)
-    except (PermissionError, ProcessLookupError):  # the child already did, or is gone
-        pass
-
-
-def _child_begins() -> None:
-    """First thing in a child: its own process group, then the stop signals the parent blocked
-    around the fork (see `appliance`) unblocked."""
-    _own_process_group()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent() -> None:
-    """A child gets SIGTERM when the appliance dies, even by SIGKILL: no orphan keeps the port
-    (Linux prctl; elsewhere a no-op, and Ctrl-C still stops both children)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _run_broker(
     state: ApplianceState,
     platform: SimulatedTdxPlatform,
@@ -198,9 +164,9 @@ def _run_broker(
     from tdllm_attest.broker.settings import BrokerSettings
     from tdllm_attest.collateral import FetcherCollateralSource
 
-    _child_begins()
-    _exit_on_signals()
-    _die_with_parent()
+    child_begins()
+    exit_on_signals()
+    die_with_parent()
     anchor = select_trust_anchor(
         "simulated", simulated_root_der=platform.root_der, environ=SIMULATED_ENV
     )
@@ -224,8 +190,8 @@ def _run_broker(
 def _run_service(settings: Settings, platform: SimulatedTdxPlatform) -> None:
     from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 
-    _child_begins()  # a group for gunicorn's master and, forked from it, its worker
-    _die_with_parent()  # gunicorn's master; its worker follows the master on SIGTERM
+    child_begins()  # a group for gunicorn's master and, forked from it, its worker
+    die_with_parent()  # gunicorn's master; its worker follows the master on SIGTERM
 
     from tdllm.api import gunicorn_hooks
     from tdllm.api.app import create_app
@@ -267,19 +233,10 @@ def _run_service(settings: Settings, platform: SimulatedTdxPlatform) -> None:
     Gunicorn().run()
 
 
-def _check_alive(children: list[BaseProcess]) -> None:
-    for child in children:
-        if not child.is_alive():
-            raise TdllmError(
-                f"the {child.name} process exited on its own (exit code {child.exitcode}); "
-                "stopping the appliance"
-            )
-
-
 def _wait_ready(url: str, children: list[BaseProcess], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        _check_alive(children)
+        check_alive(children)
         try:
             resp = requests.get(url + "/ready", timeout=2)
             if resp.status_code == 200:
@@ -392,71 +349,6 @@ def _demo_answer(url: str, model: str, question: str) -> str:
     return f"\nQ: {question}\nA: {answer}\n{note}"
 
 
-class _Signals:
-    """SIGINT/SIGTERM in the parent. While `raising` (start-up, then watching the children) the
-    first one raises KeyboardInterrupt, so a wait for boot or the demo answer ends at once;
-    after that they are only counted, and the stop reads the count: a stop never gets an
-    exception thrown into the middle of it."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.raising = True
-
-    def __call__(self, _signum: int, _frame: Any) -> None:
-        self.count += 1
-        if self.raising:
-            self.raising = False
-            raise KeyboardInterrupt
-
-
-def _kill_group(child: BaseProcess) -> None:
-    """SIGKILL the child's process group (the service's: gunicorn's master and worker)."""
-    if child.pid is None:
-        return
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except ProcessLookupError:  # gone, or not a group leader yet: the child alone then
-        child.kill()
-
-
-@dataclass
-class _Stage:
-    child: BaseProcess
-    name: str
-    doing: str  # what its stop does, for the line that announces it
-    limit_s: float  # then SIGKILL
-
-
-def _stop_in_order(stages: list[_Stage], signals: _Signals) -> bool:
-    """Stop each child in turn: SIGTERM, wait, SIGKILL when its time is up; one line as each
-    stage begins and ends. A SIGINT/SIGTERM arriving meanwhile kills every remaining child at
-    once. Returns whether the stop was forced so."""
-    seen = signals.count
-    for index, stage in enumerate(stages):
-        child, name, limit_s = stage.child, stage.name, stage.limit_s
-        if not child.is_alive() or child.pid is None:
-            continue
-        click.echo(f"stopping the {name}{stage.doing}")
-        os.kill(child.pid, signal.SIGTERM)
-        deadline = time.monotonic() + limit_s
-        while child.is_alive():
-            if signals.count > seen:
-                click.echo("interrupted again: killing the service and the key broker now")
-                for later in stages[index:]:
-                    _kill_group(later.child)
-                for later in stages[index:]:
-                    if later.child.pid is not None:
-                        later.child.join()
-                return True
-            if time.monotonic() > deadline:
-                click.echo(f"the {name} did not stop within {limit_s:g}s: killing it")
-                _kill_group(child)
-                deadline = float("inf")
-            time.sleep(0.1)
-        click.echo(f"{name} stopped")
-    return False
-
-
 @click.command()
 @click.option(
     "--state-dir",
@@ -535,16 +427,16 @@ def appliance(state_dir: Path, ready_timeout: float, which: str, profile: str) -
     )
     service = _FORK.Process(target=_run_service, args=(settings, platform), name="service")
     children: list[BaseProcess] = [broker, service]
-    signals = _Signals()
+    signals = Signals()
 
     # Blocked while the children start: a SIGINT/SIGTERM arriving now waits for the handlers
     # below instead of being lost (a background start ignores SIGINT) or thrown into a fork.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     broker.start()
     service.start()
     for child in children:
         if child.pid is not None:
-            _own_process_group(child.pid)
+            own_process_group(child.pid)
     # Both explicitly: a shell that starts us in the background (CI, `&`, nohup) makes SIGINT
     # ignored, and Python then installs no KeyboardInterrupt handler of its own.
     signal.signal(signal.SIGINT, signals)
@@ -552,7 +444,7 @@ def appliance(state_dir: Path, ready_timeout: float, which: str, profile: str) -
     failure: Exception | None = None
     try:
         try:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # one held arrives here
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one held arrives here
             click.echo(
                 f"key broker pid {broker.pid} on 127.0.0.1:{broker_port}; service pid {service.pid}"
             )
@@ -565,7 +457,7 @@ def appliance(state_dir: Path, ready_timeout: float, which: str, profile: str) -
             click.echo(_demo_answer(url, model, question))
             sys.stdout.flush()
             while True:
-                _check_alive(children)
+                check_alive(children)
                 time.sleep(0.5)
         finally:
             signals.raising = False
@@ -576,10 +468,10 @@ def appliance(state_dir: Path, ready_timeout: float, which: str, profile: str) -
     drain_s = settings.drain_timeout_s
     draining = f" (it finishes the requests in flight, up to {drain_s:g}s)"
     stages = [
-        _Stage(service, "service", draining, drain_s + DRAIN_GRACE_S + 5),
-        _Stage(broker, "key broker", "", 10.0),
+        Stage(service, "service", draining, drain_s + DRAIN_GRACE_S + 5),
+        Stage(broker, "key broker", "", 10.0),
     ]
-    forced = _stop_in_order(stages, signals)
+    forced = stop_in_order(stages, signals)
     if failure is not None:
         raise failure
     if forced:
