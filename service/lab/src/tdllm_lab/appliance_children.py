@@ -39,7 +39,7 @@ def own_process_group(pid: int = 0) -> None:
 
 def child_begins() -> None:
     """First thing in a child: its own process group, then the stop signals the parent blocked
-    around the fork (see `appliance`) unblocked."""
+    around the fork (`tdllm_lab.appliance.appliance`) unblocked."""
     own_process_group()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 

@@ -425,6 +425,12 @@ def _positive_ints(text: str, option: str) -> tuple[int, ...]:
 
 
 # the subcommands that live in modules of their own
-for _command in (bench_fidelity, bench_serve, bench_soak, bench_split, bench_tolerance):
+for _command in (
+    bench_fidelity,
+    bench_serve,
+    bench_soak,
+    bench_split,
+    bench_tolerance,
+    bench_transcript,
+):
     bench.add_command(_command)
-bench.add_command(bench_transcript)
