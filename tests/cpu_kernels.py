@@ -1,15 +1,23 @@
-"""Marks for tests of kernels that only some CPUs run (the tests must hold on AMD EPYC too)."""
+"""Marks for tests of kernels that only some CPUs run (the tests must hold on AMD EPYC too, with
+AVX-512 (Zen 4) or AVX2 only (Zen 3))."""
 
 from __future__ import annotations
 
 import pytest
 
 from tdllm.model import avx512_kernel
+from tdllm.model.cpu_features import HAS_VNNI
 
 needs_avx512 = pytest.mark.skipif(
     bool(avx512_kernel.missing_cpu_flags()), reason="our kernels need AVX-512 VNNI"
 )
-# the W8A8 quants, ours only where the CPU has its instructions
-W8A8_QUANTS = ["w8a8", "w8a8-onednn", pytest.param("w8a8-avx512", marks=needs_avx512)]
+# FBGEMM's and oneDNN's W8A8 are refused without VNNI (an AMD EPYC of AVX2 only has none)
+needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="W8A8 needs a CPU with VNNI")
+# the W8A8 quants where the CPU has their instructions
+W8A8_QUANTS = [
+    pytest.param("w8a8", marks=needs_vnni),
+    pytest.param("w8a8-onednn", marks=needs_vnni),
+    pytest.param("w8a8-avx512", marks=needs_avx512),
+]
 # the quants of int4 weights, likewise
 INT4_QUANTS = ["int4", pytest.param("w4a8-avx512", marks=needs_avx512)]

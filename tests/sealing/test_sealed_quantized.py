@@ -24,6 +24,7 @@ from gguf.quants import quantize
 from tdllm.errors import UsageError
 from tdllm.model.block_embedding import BlockEmbedding
 from tdllm.model.checkpoint import Checkpoint, GgufTensors
+from tdllm.model.cpu_features import HAS_VNNI
 from tdllm.model.gguf_blocks import GgufQuantized
 from tdllm.model.int8_methods import int8_weights
 from tdllm.model.loader import load_model
@@ -35,7 +36,7 @@ from tdllm.sealing.reader import open_sealed
 from tdllm.sources import open_checkpoint
 from tdllm_lab.sealing.commands import seal
 from tdllm_lab.sealing.writer import seal_checkpoint
-from tests.cpu_kernels import needs_avx512
+from tests.cpu_kernels import needs_avx512, needs_vnni
 
 from .sealed_dirs import (
     all_files,
@@ -306,7 +307,14 @@ def same_weights(a: Transformer, b: Transformer) -> bool:
 
 
 @pytest.mark.parametrize(
-    "quant", ["int4", pytest.param("w4a8-avx512", marks=needs_avx512), "int8", "w8a8", "none"]
+    "quant",
+    [
+        "int4",
+        pytest.param("w4a8-avx512", marks=needs_avx512),
+        "int8",
+        pytest.param("w8a8", marks=needs_vnni),
+        "none",
+    ],
 )
 def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
     bundled_seals: dict[str, Path], recipient: tuple[Path, Path], quant: str
@@ -330,8 +338,10 @@ def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
     packed = [n for n, m in plain.named_modules() if "w8a8_handle" in m.__dict__]
     if quant == "w8a8":  # every projection but q|k|v
         assert len(packed) == 3 * plain.cfg.num_layers + 1
-    else:  # int4's head is W8A8, and w4a8-avx512's
-        assert packed == (["lm_head"] if "4" in quant else [])
+    else:  # int4's head is W8A8 where the CPU has VNNI, and w4a8-avx512's
+        assert packed == (
+            ["lm_head"] if quant == "w4a8-avx512" or (quant == "int4" and HAS_VNNI) else []
+        )
     for name in packed:
         ours, theirs = sealed.get_submodule(name), plain.get_submodule(name)
         assert all(map(torch.equal, int8_weights(ours), int8_weights(theirs))), name

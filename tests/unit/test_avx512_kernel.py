@@ -128,11 +128,23 @@ def test_the_kernel_asks_for_the_cpu_flags_it_uses(tmp_path: Path) -> None:
     assert avx512_kernel.missing_cpu_flags(cpu_flags(tmp_path / "absent")) == missing
 
 
-@pytest.mark.parametrize(("quant", "instead"), [("w8a8-avx512", "w8a8"), ("w4a8-avx512", "int4")])
+@pytest.mark.parametrize(
+    ("quant", "vnni", "instead"),
+    [
+        ("w8a8-avx512", True, "w8a8"),
+        ("w8a8-avx512", False, "int8"),  # no VNNI at all (an AVX2 CPU): FBGEMM's W8A8 neither
+        ("w4a8-avx512", False, "int4"),
+    ],
+)
 def test_a_quant_on_our_kernels_without_the_instructions_is_one_line_before_any_weight(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], quant: str, instead: str
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    quant: str,
+    vnni: bool,
+    instead: str,
 ) -> None:
     monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: ["avx512_vnni"])
+    monkeypatch.setattr(avx512_kernel, "HAS_VNNI", vnni)
     monkeypatch.setattr(avx512_kernel, "_build", avx512_kernel._build.__wrapped__)
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--quant", quant, "--max-tokens", "2", "Hi"])
@@ -159,6 +171,7 @@ def test_doctor_says_whether_the_kernel_can_be_built(monkeypatch: pytest.MonkeyP
     from tdllm import doctor
 
     monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: ["avx512_vnni"])
+    monkeypatch.setattr(avx512_kernel, "HAS_VNNI", True)  # AVX-VNNI without AVX-512's
     rows = dict(doctor.report())
     assert rows["avx512 kernels"].endswith("this CPU lacks avx512_vnni: use w8a8")
     monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: [])

@@ -16,6 +16,7 @@ from tdllm.model.linear import Linear, LinearMethodTable, PrepackedCpuMethod, ca
 from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Transformer
 from tdllm_lab.bench.held_memory import weight_bytes
+from tests.cpu_kernels import needs_vnni
 from tests.tiny_model import TINY, tiny_model, tiny_tensors
 
 
@@ -42,7 +43,7 @@ def test_bf16_weights_reordered_for_onednn_count_as_the_plain_ones_did() -> None
     assert weight_bytes(prepacked) >= weight_bytes(plain)
 
 
-@pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs a CPU with VNNI")
+@needs_vnni
 def test_w8a8_counts_its_packed_matrices_which_are_no_tensors_of_the_model() -> None:
     model = tiny_model(methods=quant_table("w8a8"))
     packed = [m for m in model.modules() if isinstance(m, Linear) and "w8a8_handle" in vars(m)]
@@ -53,6 +54,7 @@ def test_w8a8_counts_its_packed_matrices_which_are_no_tensors_of_the_model() -> 
     assert weight_bytes(model) >= sum(tensors.values()) + int8
 
 
+@needs_vnni
 def test_a_packed_projection_is_forgotten_with_its_layer() -> None:
     model = tiny_model(methods=quant_table("w8a8"))
     handles = [vars(m)["w8a8_handle"] for m in model.modules() if "w8a8_handle" in vars(m)]

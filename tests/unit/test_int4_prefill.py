@@ -6,6 +6,10 @@ not change."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -70,7 +74,7 @@ def float_layer(rows: int, cols: int, seed: int = 0) -> Linear:
 
 @pytest.mark.parametrize("rows", [16, 48, 64, 80, 208, 1008])
 def test_codes_read_back_from_the_packed_layout_are_the_codes_packed(rows: int) -> None:
-    # full 64-row tiles and a last one of 16, 48 rows: the two layouts torch's packing writes
+    # full tiles (64 rows with AVX-512, 32 below) and a shorter last one: both layouts
     weight = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
     q, _, _ = int4_quantize(weight)
     packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -88,11 +92,44 @@ def test_our_packing_is_torchs_byte_for_byte(rows: int) -> None:
     assert torch.equal(ours, torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
 
 
+# what this CPU runs, then each level ATen can be lowered to (its portable code pairs every tile)
+@pytest.mark.parametrize("capability", [None, "default", "avx2"])
+def test_packing_and_unpacking_follow_torchs_layout_at_each_cpu_capability(
+    capability: str | None,
+) -> None:
+    # on a CPU without AVX-512 torch's tiles are 32 rows, not 64: packing the AVX-512 way fed
+    # its kernel other weights (every int4 product wrong on such a CPU, found on an AVX2 EPYC)
+    env = dict(os.environ)
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    if capability is not None:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    script = """
+import torch
+from tdllm.model import int4_widen
+for rows in (16, 48, 64, 80, 208, 1008):
+    codes = torch.randint(0, 16, (rows, 96), generator=torch.Generator().manual_seed(rows))
+    ours = torch.empty(rows, 48, dtype=torch.uint8)
+    int4_widen.pack_codes(codes.to(torch.uint8), ours)
+    assert torch.equal(ours, torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1)), rows
+    back = torch.empty(96, rows, dtype=torch.int32)
+    int4_widen.unpack_codes_t(ours, 0, rows, back)
+    assert torch.equal(back.T, codes - 8), rows
+print(torch.backends.cpu.get_cpu_capability(), int4_widen.pack_layout())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    if capability == "default":
+        assert "halves=False" in done.stdout
+
+
 @pytest.mark.parametrize("rows", [200, 1000])
 def test_the_widened_weights_are_the_kernels_weights_bit_for_bit(
     rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 64-row blocks: several, the last one the packing's short tile (200 -> 208 rows: 3x64 + 16)
+    # on AVX-512, 32-row tiles below it (6x32 + 16)
     monkeypatch.setattr(int4_widen, "WIDEN_BLOCK_WEIGHTS", 64 * 96)
     layer = float_layer(rows, 96)
     assert int4_widen.block_rows(96) == 64

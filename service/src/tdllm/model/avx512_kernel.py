@@ -31,13 +31,12 @@ from pathlib import Path
 import torch
 
 from tdllm.errors import ModelLoadError
-from tdllm.model.cpu_features import HAS_AMX, cpu_flags
+from tdllm.model.cpu_features import HAS_AMX, HAS_VNNI, cpu_flags
 
 SOURCES = [
     Path(__file__).with_name("kernels") / f"{name}.cpp" for name in ("w8a8_avx512", "w4a8_avx512")
 ]
 NAME = "tdllm_avx512"
-FALLBACK = {"w8a8-avx512": "w8a8", "w4a8-avx512": "int4"}  # what to use where they cannot run
 # what the kernel's instructions need (VPDPBUSD on 512-bit registers, byte masks)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"]
@@ -66,13 +65,21 @@ def missing_cpu_flags(flags: set[str] | None = None) -> list[str]:
     return [flag for flag in CPU_FLAGS if flag not in have]
 
 
+def fallback(quant: str) -> str:
+    """What to use where `quant`'s kernel cannot run. FBGEMM's W8A8 needs VNNI too: a CPU with
+    AVX2 only (an AMD EPYC before Zen 4) runs neither, and int8 weight-only instead."""
+    if quant == "w4a8-avx512":
+        return "int4"
+    return "w8a8" if HAS_VNNI else "int8"
+
+
 def why_unavailable(quant: str = "w8a8-avx512") -> str | None:
     """Why `quant`'s kernel cannot run here, in one line (None: it can be built and run)."""
     missing = missing_cpu_flags()
     if missing:
         return (
             f"quant {quant} needs AVX-512 VNNI; this CPU lacks {', '.join(missing)}: "
-            f"use {FALLBACK[quant]}"
+            f"use {fallback(quant)}"
         )
     compiler = os.environ.get("CXX", "c++")  # what torch's builder runs
     absent = [tool for tool in (compiler, "ninja") if shutil.which(tool) is None]

@@ -22,3 +22,6 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
 # AMX tiles: oneDNN's bf16 GEMM is then several times faster, so widening quantized weights to
 # bf16 for it pays from far fewer rows (tdllm.model.int8_methods, tdllm.model.int4_widen)
 HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+# VNNI's int8 dot products: FBGEMM's W8A8 needs them (without, its u8 x s8 pairs saturate in
+# int16: `Int8DynamicMethod`), and int4's int8 head is W8A8 only where they are
+HAS_VNNI = bool(torch.cpu._is_vnni_supported())

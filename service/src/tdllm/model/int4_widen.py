@@ -11,23 +11,27 @@ The kernel itself rounds those fp32 weights to bf16 when it is probed with the i
 the GEMM's weights are the kernel's weights rounded to bf16 (tests/unit/test_int4_prefill.py).
 
 Packed layout (torch's CPU int4 packing, ``_convert_weight_to_int4pack_for_cpu`` with
-``inner_k_tiles`` 1, ``[N, K/2]`` uint8): every full block of 64 output rows is a ``[K, 32]``
-byte tile, byte ``[k, d]`` holding row ``d`` in its low nibble and row ``d + 32`` in its high
-one; a last block of ``n < 64`` rows is a ``[K, n/2]`` tile of row pairs ``2d`` (low) and
-``2d + 1`` (high). The tests check this against the packing itself; the load writes it with
-`pack_codes` (byte ops, no int32 copy of the codes) rather than torch's packing function.
+``inner_k_tiles`` 1, ``[N, K/2]`` uint8): output rows in tiles of `PackLayout.block` (64 where
+ATen runs its AVX-512 code, 32 with AVX2 or its portable code), each a ``[K, block/2]`` byte
+tile. In a full tile on AVX-512 or AVX2 byte ``[k, d]`` holds row ``d`` in its low nibble and
+row ``d + block/2`` in its high one; in the portable code's tiles, and in every last, shorter
+tile, it holds rows ``2d`` (low) and ``2d + 1`` (high). Which one this process's torch writes is
+probed once (`pack_layout`) rather than read off the CPU's flags: ``ATEN_CPU_CAPABILITY`` can
+lower the level. The tests check both functions against the packing itself; the load writes
+the layout with `pack_codes` (byte ops, no int32 copy of the codes) rather than torch's packing.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+from dataclasses import dataclass
 
 import torch
 
 from tdllm.model.cpu_features import HAS_AMX
 from tdllm.model.linear import scratch_tensor
 
-PACK_BLOCK = 64  # output rows torch's CPU int4 packing lays out as one tile
 # weights dequantized at a time: ~4M (8 MiB bf16 and 4 MiB of bytes of scratch, in L3) keeps
 # oneDNN's GEMM wide and the OpenMP regions few (each op on a block is one, a barrier). Measured
 # against 1M blocks on the Xeon: the 1B shape's projections 1.1-1.4x faster at 64-128 rows,
@@ -60,9 +64,47 @@ def prefill_min_rows(in_features: int, out_features: int) -> int:
     return PREFILL_MIN_ROWS
 
 
+@dataclass(frozen=True)
+class PackLayout:
+    """How torch's CPU int4 packing lays out output rows (module docstring)."""
+
+    block: int  # output rows a tile: ``[K, block/2]`` bytes
+    halves: bool  # a full tile pairs row d with row d + block/2; else rows 2d and 2d + 1
+
+
+# ATen's tiles are 4 vectors of fp32 wide: AVX-512, AVX2 and x86's portable code, NEON's
+_LAYOUTS = (
+    PackLayout(64, True),
+    PackLayout(32, True),
+    PackLayout(32, False),
+    PackLayout(16, False),
+)
+
+
+@functools.cache
+def pack_layout() -> PackLayout:
+    """The layout this process's torch packs int4 in: the one of `_LAYOUTS` whose bytes equal
+    torch's for codes spanning full tiles and a shorter last one. RuntimeError if none does
+    (a torch whose packing changed: our bytes would feed its kernel wrong weights)."""
+    codes = torch.randint(0, 16, (208, 32), generator=torch.Generator().manual_seed(0))
+    want = torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+    ours = torch.empty_like(want)
+    for layout in _LAYOUTS:
+        _pack(codes.to(torch.uint8), ours, layout)
+        if torch.equal(ours, want):
+            return layout
+    raise RuntimeError(
+        f"torch {torch.__version__} packs int4 weights for this CPU "
+        f"({torch.backends.cpu.get_cpu_capability()}) in a layout tdllm does not know: "
+        "use quant int8, or no quant"
+    )
+
+
 def block_rows(in_features: int) -> int:
-    """Output rows dequantized at a time: a multiple of `PACK_BLOCK` near `WIDEN_BLOCK_WEIGHTS`."""
-    return max(PACK_BLOCK, WIDEN_BLOCK_WEIGHTS // in_features // PACK_BLOCK * PACK_BLOCK)
+    """Output rows dequantized at a time: a multiple of the packing's tile near
+    `WIDEN_BLOCK_WEIGHTS`."""
+    tile = pack_layout().block
+    return max(tile, WIDEN_BLOCK_WEIGHTS // in_features // tile * tile)
 
 
 def pack_codes(codes: torch.Tensor, out: torch.Tensor) -> None:
@@ -70,52 +112,73 @@ def pack_codes(codes: torch.Tensor, out: torch.Tensor) -> None:
     exactly as ``torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1)`` packs them (tested
     byte for byte), in two byte ops a tile: no int32 copy of the codes, and 1.7x faster than
     torch's packing on the 1B shape's widest layer (measured)."""
+    _pack(codes, out, pack_layout())
+
+
+def _pack(codes: torch.Tensor, out: torch.Tensor, layout: PackLayout) -> None:
+    n = codes.shape[0]
+    full = n // layout.block * layout.block
+    if full:
+        _pack_tiles(codes[:full], out[:full], layout.block, layout.halves)
+    if n > full:  # the last, shorter tile: always row pairs
+        _pack_tiles(codes[full:], out[full:], n - full, halves=False)
+
+
+def _pack_tiles(codes: torch.Tensor, out: torch.Tensor, tile: int, halves: bool) -> None:
+    """Rows of whole tiles of `tile` rows, two byte ops for all of them."""
     n, k = codes.shape
-    full = n // PACK_BLOCK * PACK_BLOCK
-    if full:  # byte [k, d] of a tile: row d in the low nibble, row d + 32 in the high one
-        halves = codes[:full].view(full // PACK_BLOCK, 2, PACK_BLOCK // 2, k)
-        tiles = out[:full].view(full // PACK_BLOCK, k, PACK_BLOCK // 2)
-        torch.bitwise_left_shift(halves[:, 1].transpose(1, 2), 4, out=tiles)
-        tiles.bitwise_or_(halves[:, 0].transpose(1, 2))
-    if n > full:  # the last, shorter tile: rows 2d (low) and 2d + 1 (high)
-        pairs = codes[full:].view((n - full) // 2, 2, k)
-        tile = out[full:].view(k, (n - full) // 2)
-        torch.bitwise_left_shift(pairs[:, 1].transpose(0, 1), 4, out=tile)
-        tile.bitwise_or_(pairs[:, 0].transpose(0, 1))
+    if halves:  # byte [k, d] of a tile: row d in the low nibble, row d + tile/2 in the high one
+        rows = codes.view(n // tile, 2, tile // 2, k)
+        low, high = rows[:, 0], rows[:, 1]
+    else:  # rows 2d (low) and 2d + 1 (high)
+        rows = codes.view(n // tile, tile // 2, 2, k)
+        low, high = rows[:, :, 0], rows[:, :, 1]
+    tiles = out.view(n // tile, k, tile // 2)
+    torch.bitwise_left_shift(high.transpose(1, 2), 4, out=tiles)
+    tiles.bitwise_or_(low.transpose(1, 2))
 
 
 def unpack_codes_t(packed: torch.Tensor, start: int, rows: int, out: torch.Tensor) -> None:
     """Centred codes ``q - 8`` (-8..7) of packed output rows ``start:start+rows`` into `out`
     ``[K, rows]`` (a signed dtype), transposed: the GEMM's right operand. `start` is a multiple
-    of `PACK_BLOCK`; `rows` too, but for the packing's last, shorter block.
+    of the packing's tile; `rows` too, but for the packing's last, shorter tile.
 
     The centring is done on the bytes: ``x ^ 0x88`` turns each nibble ``q`` into ``q ^ 8``,
     which read as a 4-bit two's complement number is ``q - 8``; an arithmetic shift of the
     int8 byte sign-extends it. Byte ops cost a fifth of a pass over the widened weights, and
     the widening copy then writes the final values (measured: the dequantization 0.85 -> 0.51
     ns a weight on the 1B shape's up projection, Xeon, 2 threads)."""
+    layout = pack_layout()
     k = packed.shape[1] * 2
-    full, tail = rows // PACK_BLOCK * PACK_BLOCK, rows % PACK_BLOCK
+    full = rows // layout.block * layout.block
     centred = _buffer("centred", rows * k // 2, torch.uint8)
     torch.bitwise_xor(packed[start : start + rows].view(-1), 0x88, out=centred)
     signed = centred.view(torch.int8)
     nibble = _buffer("nibble", rows * k // 2, torch.int8)
+    cut = full * k // 2
     if full:
-        tiles = signed[: full * k // 2].view(full // PACK_BLOCK, k, PACK_BLOCK // 2)
-        nibbles = nibble[: full * k // 2].view(tiles.shape)
-        by_tile = out[:, :full].view(k, full // PACK_BLOCK, 2, PACK_BLOCK // 2)
-        _low_nibble(tiles, nibbles)  # row d of a tile
-        by_tile[:, :, 0].copy_(nibbles.transpose(0, 1))
-        torch.bitwise_right_shift(tiles, 4, out=nibbles)  # row d + 32
-        by_tile[:, :, 1].copy_(nibbles.transpose(0, 1))
-    if tail:  # row pairs 2d (low nibble), 2d + 1 (high)
-        tile = signed[full * k // 2 :].view(k, tail // 2)
-        pairs = out[:, full:].view(k, tail // 2, 2)
-        nibbles = nibble[full * k // 2 :].view(k, tail // 2)
-        _low_nibble(tile, nibbles)
-        pairs[:, :, 0].copy_(nibbles)
-        torch.bitwise_right_shift(tile, 4, out=nibbles)
-        pairs[:, :, 1].copy_(nibbles)
+        _unpack_tiles(signed[:cut], nibble[:cut], out[:, :full], layout.block, layout.halves)
+    if rows > full:  # the last, shorter tile: row pairs
+        _unpack_tiles(signed[cut:], nibble[cut:], out[:, full:], rows - full, halves=False)
+
+
+def _unpack_tiles(
+    signed: torch.Tensor, nibble: torch.Tensor, out: torch.Tensor, tile: int, halves: bool
+) -> None:
+    """`_pack_tiles` backwards: the bytes of whole tiles into their rows' columns of `out`."""
+    k, count = out.shape
+    tiles = signed.view(count // tile, k, tile // 2)
+    nibbles = nibble.view(tiles.shape)
+    if halves:  # row d of a tile, then row d + tile/2
+        by_tile = out.view(k, count // tile, 2, tile // 2)
+        low, high = by_tile[:, :, 0], by_tile[:, :, 1]
+    else:  # rows 2d, then 2d + 1
+        by_tile = out.view(k, count // tile, tile // 2, 2)
+        low, high = by_tile[..., 0], by_tile[..., 1]
+    _low_nibble(tiles, nibbles)
+    low.copy_(nibbles.transpose(0, 1))
+    torch.bitwise_right_shift(tiles, 4, out=nibbles)
+    high.copy_(nibbles.transpose(0, 1))
 
 
 def _low_nibble(signed: torch.Tensor, out: torch.Tensor) -> None:

@@ -131,12 +131,14 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
         self.backend = w8a8_packed.default_backend() if backend is None else backend
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        # before any weight is read: a failure costs nothing. The backend's own refusal first
+        # (ours names the AVX-512 flags the CPU lacks), then FBGEMM's and oneDNN's need of VNNI
+        w8a8_packed.prepare(self.backend)
         if not self.vnni:
             raise ModelLoadError(
                 "quant w8a8 needs a CPU with VNNI (AVX512-VNNI or AVX-VNNI); "
                 "this one has none: use int8"
             )
-        w8a8_packed.prepare(self.backend)  # before any weight is read: a failure costs nothing
         super().create_weights(layer, dtype)
 
     def staging(self, layer: Linear) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ blocks straight into the int kernels" and "W8A8".
 
 from __future__ import annotations
 
+from tdllm.model.cpu_features import HAS_VNNI
 from tdllm.model.int4_methods import Int4Avx512Method, Int4WeightOnlyMethod
 from tdllm.model.int8_methods import Int8DynamicMethod, Int8WeightOnlyMethod
 from tdllm.model.linear import LinearMethod, LinearMethodTable, PrepackedCpuMethod
@@ -39,12 +40,14 @@ def quant_table(quant: str) -> LinearMethodTable:
     """The methods of every projection for a ``quant`` setting. int4 keeps the lm_head int8
     (as llama.cpp's Q4 mixes keep their output tensor wider): the bundled model's tied head
     loses 9% of its norm to int4 g32 against 1.2% to int8, and it dominated int4's perplexity.
-    That head is W8A8: FBGEMM reads it 1.5-2x faster than ``_weight_int8pack_mm``, at the
-    same perplexity (measured). w8a8 keeps q|k|v weight-only: their input (the attention
+    That head is W8A8 where the CPU has VNNI: FBGEMM reads it 1.5-2x faster than
+    ``_weight_int8pack_mm``, at the same perplexity (measured); without VNNI it is int8
+    weight-only (W8A8 is refused there). w8a8 keeps q|k|v weight-only: their input (the attention
     norm's output) has the outliers; rounded per row it alone cost +2.2% perplexity, every
     other projection under +0.2% (docs/performance.md, "W8A8"); w8a8-onednn likewise."""
     if quant == "int4":
-        return LinearMethodTable([("lm_head", Int8DynamicMethod())], Int4WeightOnlyMethod())
+        head = Int8DynamicMethod() if HAS_VNNI else Int8WeightOnlyMethod()
+        return LinearMethodTable([("lm_head", head)], Int4WeightOnlyMethod())
     if quant == Int4Avx512Method.QUANT:  # the head W8A8 on the same library's kernel
         return LinearMethodTable(
             [("lm_head", Int8DynamicMethod(backend="avx512"))], Int4Avx512Method()
