@@ -179,3 +179,16 @@ def test_the_disk_check_counts_vllms_twins_not_yet_written(
     check(("ours", "llama.cpp"))
     with pytest.raises(UsageError, match=r"f16, f16 \(vLLM's twin\) needs 4\.9 GB on disk"):
         check(("ours", "vllm-cpu"))
+
+
+def test_a_decode_pair_the_host_disturbed_is_measured_again_never_a_negative_rate() -> None:
+    # one repeat on a loaded host: the one-token run outlasted the whole one (a CI run's vLLM
+    # row had a decode rate <= 0 from exactly this); the pair is timed again
+    firsts = iter([0.30, 0.30, 0.01])
+    wholes = iter([0.20, 0.25, 0.05])
+    assert vllm_peer.decode_seconds(lambda: next(firsts), lambda: next(wholes), 1) == 0.04
+    with pytest.raises(RuntimeError, match="below the timing noise in 3 tries"):
+        vllm_peer.decode_seconds(lambda: 0.3, lambda: 0.2, 2, tries=3)
+    # undisturbed pairs: the median of their differences
+    wholes = iter([0.5, 0.3, 0.9])
+    assert vllm_peer.decode_seconds(lambda: 0.1, lambda: next(wholes), 3) == pytest.approx(0.4)

@@ -23,6 +23,7 @@ from tdllm.model.quantized import quant_table
 from tdllm.sources import open_checkpoint
 from tdllm_lab.bench import held_memory
 from tdllm_lab.bench.machine import peak_rss_mb
+from tdllm_lab.bench.vllm_peer import decode_seconds
 
 TEXT = (
     "A trust domain keeps the memory of a virtual machine encrypted and integrity protected, so "
@@ -126,16 +127,14 @@ def run(
     result["prefill_tok_s"] = round(prompt_len / ttft, 1)
     for b, batch in batches.items():
 
-        def first_token(batch: list[list[int]] = batch) -> None:
-            generate(batch, 1)
+        def first_token(batch: list[list[int]] = batch) -> float:
+            return timed(lambda: generate(batch, 1), 1)
 
-        def all_tokens(batch: list[list[int]] = batch) -> None:
-            generate(batch, new_tokens + 1)
+        def all_tokens(batch: list[list[int]] = batch) -> float:
+            return timed(lambda: generate(batch, new_tokens + 1), 1)
 
-        # the decode time of each repeat: its two runs back to back, so a load burst on a shared
-        # machine lands in one repeat's difference, not between two separately taken medians
-        gaps = [timed(all_tokens, 1) - timed(first_token, 1) for _ in range(repeats)]
-        result[f"decode_b{b}_tok_s"] = round(b * new_tokens / statistics.median(gaps), 1)
+        decode_s = decode_seconds(first_token, all_tokens, repeats)
+        result[f"decode_b{b}_tok_s"] = round(b * new_tokens / decode_s, 1)
     result["peak_rss_mb"] = peak_rss_mb()
     if held is not None:  # the target: peak <= 1.2x the weights plus the KV at its fullest
         weights, token_bytes = held
