@@ -167,6 +167,26 @@ def test_a_missing_compiler_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert not (tmp_path / "kernels").exists()  # nothing built, nothing created
 
 
+def test_doctor_lists_the_quants_this_cpu_loads_and_why_the_others_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tdllm import doctor
+
+    monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: ["avx512f"])
+    monkeypatch.setattr(doctor, "HAS_VNNI", False)  # an AVX2 EPYC
+    assert doctor.quant_support() == (
+        "int8, int4 (its head int8 weight-only: no VNNI); refused here: "
+        "w8a8, w8a8-onednn (no VNNI); w8a8-avx512, w4a8-avx512 (avx512 kernels)"
+    )
+    monkeypatch.setattr(doctor, "HAS_VNNI", True)  # AVX-VNNI without AVX-512
+    assert doctor.quant_support() == (
+        "int8, int4, w8a8, w8a8-onednn; refused here: w8a8-avx512, w4a8-avx512 (avx512 kernels)"
+    )
+    monkeypatch.setattr(avx512_kernel, "why_unavailable", lambda: None)
+    assert doctor.quant_support().endswith("w8a8-onednn, w8a8-avx512, w4a8-avx512")
+    assert "quants" in dict(doctor.report())
+
+
 def test_doctor_says_whether_the_kernel_can_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
     from tdllm import doctor
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tdllm.model import avx512_kernel
-from tdllm.model.cpu_features import cpu_flags
+from tdllm.model.cpu_features import HAS_VNNI, cpu_flags
 
 TSM_REPORT = Path("/sys/kernel/config/tsm/report")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
@@ -56,6 +56,21 @@ def configured_protection() -> str:
     return f"{s.profile} on device {s.device}, K={s.k}, public prefix checked against {reference}"
 
 
+def quant_support() -> str:
+    """Which ``quant`` settings load on this CPU, and why the others are refused."""
+    runs = ["int8", "int4" if HAS_VNNI else "int4 (its head int8 weight-only: no VNNI)"]
+    refused = []
+    if HAS_VNNI:
+        runs += ["w8a8", "w8a8-onednn"]
+    else:
+        refused.append("w8a8, w8a8-onednn (no VNNI)")
+    if avx512_kernel.why_unavailable() is None:
+        runs += ["w8a8-avx512", "w4a8-avx512"]
+    else:
+        refused.append("w8a8-avx512, w4a8-avx512 (avx512 kernels)")
+    return ", ".join(runs) + (f"; refused here: {'; '.join(refused)}" if refused else "")
+
+
 def report() -> list[tuple[str, str]]:
     flags = cpu_flags()
     seen = [f for f in CPU_FLAGS if f in flags]
@@ -74,6 +89,7 @@ def report() -> list[tuple[str, str]]:
         ("torch", f"{torch.__version__} ({threads})"),
         ("oneDNN", onednn_version()),
         ("avx512 kernels", avx512_kernel.why_unavailable() or avx512_kernel.describe()),
+        ("quants", quant_support()),
         ("ipex", ipex_status()),
         ("protection", protection_status()),
         ("served profile", configured_protection()),
