@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from tdllm.engine import Engine, SamplingParams
-from tdllm.engine.engine import StepOutput
+from tdllm.engine.outputs import StepOutput
 from tdllm.idle_wait import wait_for_idle
 from tdllm.profiles.base import ServedModel
 from tdllm.trusted.errors import DeviceIntegrityError

@@ -5,7 +5,8 @@ waiting requests (prefill) and advances every running one by a token in one batc
 requests of different lengths join and leave between steps (continuous batching).
 """
 
-from tdllm.engine.engine import Completion, Engine, StepOutput
+from tdllm.engine.engine import Engine
+from tdllm.engine.outputs import Completion, StepOutput
 from tdllm.engine.sampling import SamplingParams
 
 __all__ = ["Completion", "Engine", "SamplingParams", "StepOutput"]

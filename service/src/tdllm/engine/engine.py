@@ -41,6 +41,7 @@ import llguidance
 import torch
 
 from tdllm.engine.chunking import check_budget, plan_prefill, prefill_groups
+from tdllm.engine.outputs import Completion, StepOutput
 from tdllm.engine.prefix_cache import PREFIX_BLOCK, PrefixCache, check_prefix_cache
 from tdllm.engine.prompt_check import check_prompt
 from tdllm.engine.sampling import (
@@ -57,29 +58,6 @@ from tdllm.model.compile_modes import COMPILE_MODES
 from tdllm.model.compiled_decode import compile_decode, warm_up
 from tdllm.model.tokenizer import Tokenizer
 from tdllm.model.transformer import Attention, Batch, KVCache, Transformer
-
-
-@dataclass
-class StepOutput:
-    """What one step produced for one request: a token, the text it made final, and the end."""
-
-    request_id: int
-    token_id: int
-    text: str
-    finish_reason: str | None  # "stop" (eos or stop string), "length", or None while running
-    index: int = 0  # which of the request's n choices
-    logprobs: TokenLogprobs | None = None  # when the request asked (`SamplingParams.logprobs`)
-
-
-@dataclass
-class Completion:
-    request_id: int
-    prompt_tokens: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    index: int = 0  # which of the request's n choices
-    logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked
 
 
 @dataclass
