@@ -16,14 +16,14 @@ from tdllm.errors import ModelLoadError
 from tdllm.model import compiled_decode
 from tdllm.model.compiled_decode import CACHE_DIR_ENV
 from tdllm.model.quantized import quant_table
-from tests.cpu_kernels import needs_avx512
+from tests.cpu_kernels import needs_avx512, needs_vnni
 from tests.protection.engine_runs import NoTokenizer
 from tests.tiny_model import tiny_model
 from tests.unit.test_compiled_decode import run
 
 
 @pytest.mark.slow  # a compile of its own (~20 s on 2 cores)
-@pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs a CPU with VNNI")
+@needs_vnni
 @pytest.mark.parametrize(
     ("quant", "mode"),
     [
@@ -51,7 +51,7 @@ def test_compiled_decode_runs_w8a8_projections_with_the_eager_tokens(
         torch._dynamo.reset()
 
 
-@pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs a CPU with VNNI")
+@needs_vnni
 @pytest.mark.parametrize("quant", ["w8a8", pytest.param("w8a8-avx512", marks=needs_avx512)])
 def test_w8a8_cannot_share_a_graph_between_blocks(quant: str) -> None:
     """W8A8's packed matrices are reached by a handle (an int a graph takes as a constant)."""

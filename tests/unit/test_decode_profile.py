@@ -9,6 +9,7 @@ from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.quantized import quant_table
 from tdllm_lab.bench.decode_profile import category, profile_decode
 from tdllm_lab.bench.held_memory import weight_bytes
+from tests.cpu_kernels import needs_vnni
 from tests.sealing.synthetic import synthetic_checkpoint
 from tests.tiny_model import tiny_model
 
@@ -41,7 +42,7 @@ def test_the_categories_add_up_to_the_profiled_step() -> None:
     assert report["ms_per_step"] > 0 and report["aten_ops_per_step"] > 10
 
 
-@pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs a CPU with VNNI")
+@needs_vnni
 def test_a_w8a8_step_spends_its_matmul_time_in_the_int8_kernel_and_no_rope_table_counts() -> None:
     checkpoint: Checkpoint = synthetic_checkpoint(seed=2)
     report = profile_decode(

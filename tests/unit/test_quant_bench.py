@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from tdllm.model import avx512_kernel
 from tdllm.model.int8_methods import int8_quantize
 from tdllm_lab.bench import linear_kernels
 from tdllm_lab.bench.engine_bench import format_table, quant_ratios
+from tests.cpu_kernels import needs_vnni
 
 
 def test_kernel_bench_times_every_variant_at_each_row_count() -> None:
@@ -64,7 +64,7 @@ def test_quant_ratios_divide_by_the_same_dtype_unquantized() -> None:
     assert "ratio quantized/unquantized (bf16 int8" in table
 
 
-@pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="W8A8 needs VNNI")
+@needs_vnni
 def test_the_onednn_w8a8_candidate_computes_our_w8a8_product() -> None:
     """The kernel bench's oneDNN W8A8 is the same product as our FBGEMM method: each row on
     its own grid, so a row's result does not depend on its batch, and both land within the

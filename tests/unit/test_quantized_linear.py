@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+from tdllm.model.cpu_features import HAS_VNNI
 from tdllm.model.int4_methods import Int4WeightOnlyMethod, int4_quantize
 from tdllm.model.int8_methods import (
     Int8DynamicMethod,
@@ -135,7 +136,7 @@ def test_staged_memory_is_not_zero_filled_yet_what_is_packed_does_not_depend_on_
     """Staging allocates without zero-filling (every real row is written once; zero-filling
     cost 8 s of an 8B load): the padding rows (int4: 70 rows padded to 80) and W8A8's range
     columns must still come out zero, whatever the allocator hands back."""
-    if method is Int8DynamicMethod and not torch.cpu._is_vnni_supported():
+    if method is Int8DynamicMethod and not HAS_VNNI:
         pytest.skip("W8A8 needs a CPU with VNNI")
     weight = torch.randn(70, 64, generator=torch.Generator().manual_seed(5))
 

@@ -24,10 +24,8 @@ from tdllm.model.linear import Linear
 from tdllm.model.quant_formats import W8A8_BACKENDS
 from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Batch, KVCache
+from tests.cpu_kernels import needs_vnni
 from tests.tiny_model import TINY, tiny_model
-
-VNNI = torch.cpu._is_vnni_supported()
-needs_vnni = pytest.mark.skipif(not VNNI, reason="W8A8 needs a CPU with VNNI")
 
 
 @pytest.fixture(autouse=True, params=w8a8_packed.BACKENDS)
