@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+from tdllm.model import quantized
 from tdllm.model.cpu_features import HAS_VNNI
 from tdllm.model.int4_methods import Int4WeightOnlyMethod, int4_quantize
 from tdllm.model.int8_methods import (
@@ -234,3 +235,16 @@ def test_widened_products_first_run_under_inference_mode_also_run_outside_it() -
             int4 = int4_widened_linear(x, packed, sz.bfloat16(), 32, 4096)
             results.append((int8.clone(), int4.clone()))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize(
+    ("vnni", "head"), [(True, Int8DynamicMethod), (False, Int8WeightOnlyMethod)]
+)
+def test_int4s_head_is_w8a8_only_where_the_cpu_has_vnni(
+    monkeypatch: pytest.MonkeyPatch, vnni: bool, head: type
+) -> None:
+    # without VNNI W8A8 is refused at load: a W8A8 head made int4 unloadable on an AVX2 EPYC
+    monkeypatch.setattr(quantized, "HAS_VNNI", vnni)
+    table = quantized.quant_table("int4")
+    assert type(table.method_for("lm_head")) is head
+    assert type(table.method_for("model.layers.0.mlp.down_proj")) is Int4WeightOnlyMethod
