@@ -22,6 +22,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import quantize
 
 from tdllm.errors import UsageError
+from tdllm.model import avx512_kernel
 from tdllm.model.block_embedding import BlockEmbedding
 from tdllm.model.checkpoint import Checkpoint, GgufTensors
 from tdllm.model.cpu_features import HAS_VNNI
@@ -36,7 +37,7 @@ from tdllm.sealing.reader import open_sealed
 from tdllm.sources import open_checkpoint
 from tdllm_lab.sealing.commands import seal
 from tdllm_lab.sealing.writer import seal_checkpoint
-from tests.cpu_kernels import needs_avx512, needs_vnni
+from tests.cpu_kernels import needs_avx2, needs_avx512, needs_vnni
 
 from .sealed_dirs import (
     all_files,
@@ -310,6 +311,7 @@ def same_weights(a: Transformer, b: Transformer) -> bool:
     "quant",
     [
         "int4",
+        pytest.param("w4a8", marks=needs_avx2),
         pytest.param("w4a8-avx512", marks=needs_avx512),
         "int8",
         pytest.param("w8a8", marks=needs_vnni),
@@ -338,10 +340,10 @@ def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
     packed = [n for n, m in plain.named_modules() if "w8a8_handle" in m.__dict__]
     if quant == "w8a8":  # every projection but q|k|v
         assert len(packed) == 3 * plain.cfg.num_layers + 1
-    else:  # int4's head is W8A8 where the CPU has VNNI, and w4a8-avx512's
-        assert packed == (
-            ["lm_head"] if quant == "w4a8-avx512" or (quant == "int4" and HAS_VNNI) else []
-        )
+    else:  # int4's head is W8A8 where the CPU has VNNI, w4a8's where it has AVX-512 VNNI
+        w8a8_head = (quant == "int4" and HAS_VNNI) or quant == "w4a8-avx512"
+        w8a8_head |= quant == "w4a8" and not avx512_kernel.missing_cpu_flags()
+        assert packed == (["lm_head"] if w8a8_head else [])
     for name in packed:
         ours, theirs = sealed.get_submodule(name), plain.get_submodule(name)
         assert all(map(torch.equal, int8_weights(ours), int8_weights(theirs))), name

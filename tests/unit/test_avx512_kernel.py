@@ -13,7 +13,7 @@ import torch
 
 from tdllm.cli import main
 from tdllm.errors import ModelLoadError
-from tdllm.model import avx512_kernel
+from tdllm.model import avx2_kernel, avx512_kernel, kernel_build
 from tdllm.model.cpu_features import HAS_AMX, cpu_flags
 from tdllm.model.w8a8_packed import X_STEP, X_ZERO
 from tests.cpu_kernels import needs_avx512
@@ -85,10 +85,10 @@ def test_a_kernel_directory_others_can_write_to_is_refused(tmp_path: Path) -> No
     shared.mkdir()
     shared.chmod(0o777)  # another user could swap the library between build and load
     with pytest.raises(ModelLoadError, match="not this user's alone"):
-        avx512_kernel.build_directory({"TDLLM_KERNEL_DIR": str(shared)})
+        kernel_build.build_directory({"TDLLM_KERNEL_DIR": str(shared)})
     shared.chmod(0o775)
     with pytest.raises(ModelLoadError, match="not this user's alone"):
-        avx512_kernel.build_directory({"TDLLM_KERNEL_DIR": str(shared)})
+        kernel_build.build_directory({"TDLLM_KERNEL_DIR": str(shared)})
 
 
 def test_a_kernel_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_a_kernel_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
     link = tmp_path / "kernels"
     link.symlink_to(target)
     with pytest.raises(ModelLoadError, match="is not a directory"):
-        avx512_kernel.build_directory({"TDLLM_KERNEL_DIR": str(link)})
+        kernel_build.build_directory({"TDLLM_KERNEL_DIR": str(link)})
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="giving a directory to another user needs root")
@@ -106,14 +106,14 @@ def test_a_kernel_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     theirs.mkdir(mode=0o700)
     os.chown(theirs, 1, 1)
     with pytest.raises(ModelLoadError, match="owner uid 1"):
-        avx512_kernel.build_directory({"TDLLM_KERNEL_DIR": str(theirs)})
+        kernel_build.build_directory({"TDLLM_KERNEL_DIR": str(theirs)})
 
 
 def test_the_default_kernel_directory_is_created_private(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(avx512_kernel.tempfile, "gettempdir", lambda: str(tmp_path))
-    path = avx512_kernel.build_directory({})
+    monkeypatch.setattr(kernel_build.tempfile, "gettempdir", lambda: str(tmp_path))
+    path = kernel_build.build_directory({})
     assert path.parent == tmp_path and stat.S_IMODE(path.stat().st_mode) == 0o700
 
 
@@ -126,14 +126,26 @@ def test_the_kernel_asks_for_the_cpu_flags_it_uses(tmp_path: Path) -> None:
     missing = avx512_kernel.missing_cpu_flags(cpu_flags(zen3))
     assert missing == ["avx512f", "avx512bw", "avx512_vnni"]
     assert avx512_kernel.missing_cpu_flags(cpu_flags(tmp_path / "absent")) == missing
+    assert avx2_kernel.missing_cpu_flags(cpu_flags(zen3)) == ["f16c"]  # as written above
+    zen3.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma f16c\n")
+    assert avx2_kernel.missing_cpu_flags(cpu_flags(zen3)) == []
+    assert avx2_kernel.missing_cpu_flags(cpu_flags(tmp_path / "absent")) == ["avx2", "fma", "f16c"]
 
 
 @pytest.mark.parametrize(
-    ("quant", "vnni", "instead"),
+    ("quant", "vnni", "avx2", "error"),
     [
-        ("w8a8-avx512", True, "w8a8"),
-        ("w8a8-avx512", False, "int8"),  # no VNNI at all (an AVX2 CPU): FBGEMM's W8A8 neither
-        ("w4a8-avx512", False, "int4"),
+        ("w8a8-avx512", True, True, "needs AVX-512 VNNI; this CPU lacks avx512_vnni: use w8a8"),
+        # no VNNI at all (an AVX2 CPU): FBGEMM's W8A8 neither
+        ("w8a8-avx512", False, True, "needs AVX-512 VNNI; this CPU lacks avx512_vnni: use int8"),
+        (
+            "w4a8-avx512",
+            False,
+            True,
+            "needs AVX-512 VNNI; this CPU lacks avx512_vnni: use w4a8 (our AVX2 kernel)",
+        ),
+        ("w4a8-avx512", False, False, "needs AVX-512 VNNI; this CPU lacks avx512_vnni: use int4"),
+        ("w4a8", False, False, "needs AVX2; this CPU lacks avx2: use int4"),
     ],
 )
 def test_a_quant_on_our_kernels_without_the_instructions_is_one_line_before_any_weight(
@@ -141,19 +153,18 @@ def test_a_quant_on_our_kernels_without_the_instructions_is_one_line_before_any_
     capsys: pytest.CaptureFixture[str],
     quant: str,
     vnni: bool,
-    instead: str,
+    avx2: bool,
+    error: str,
 ) -> None:
     monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: ["avx512_vnni"])
     monkeypatch.setattr(avx512_kernel, "HAS_VNNI", vnni)
     monkeypatch.setattr(avx512_kernel, "_build", avx512_kernel._build.__wrapped__)
+    monkeypatch.setattr(avx2_kernel, "missing_cpu_flags", lambda: [] if avx2 else ["avx2"])
+    monkeypatch.setattr(avx2_kernel, "_build", avx2_kernel._build.__wrapped__)
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--quant", quant, "--max-tokens", "2", "Hi"])
     assert exit_info.value.code == ModelLoadError.exit_code
-    err = capsys.readouterr().err
-    assert (
-        err
-        == f"error: quant {quant} needs AVX-512 VNNI; this CPU lacks avx512_vnni: use {instead}\n"
-    )
+    assert capsys.readouterr().err == f"error: quant {quant} {error}\n"
 
 
 def test_a_missing_compiler_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -173,17 +184,20 @@ def test_doctor_lists_the_quants_this_cpu_loads_and_why_the_others_are_refused(
     from tdllm import doctor
 
     monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: ["avx512f"])
+    monkeypatch.setattr(avx2_kernel, "why_unavailable", lambda: None)
     monkeypatch.setattr(doctor, "HAS_VNNI", False)  # an AVX2 EPYC
     assert doctor.quant_support() == (
-        "int8, int4 (its head int8 weight-only: no VNNI); refused here: "
-        "w8a8, w8a8-onednn (no VNNI); w8a8-avx512, w4a8-avx512 (avx512 kernels)"
+        "int8, int4 (its head int8 weight-only: no VNNI), w4a8 (on the avx2 kernels); refused "
+        "here: w8a8, w8a8-onednn (no VNNI); w8a8-avx512, w4a8-avx512 (avx512 kernels)"
     )
     monkeypatch.setattr(doctor, "HAS_VNNI", True)  # AVX-VNNI without AVX-512
+    monkeypatch.setattr(avx2_kernel, "why_unavailable", lambda: "no compiler")
     assert doctor.quant_support() == (
-        "int8, int4, w8a8, w8a8-onednn; refused here: w8a8-avx512, w4a8-avx512 (avx512 kernels)"
+        "int8, int4, w8a8, w8a8-onednn; refused here: w4a8 (avx2 kernels); "
+        "w8a8-avx512, w4a8-avx512 (avx512 kernels)"
     )
     monkeypatch.setattr(avx512_kernel, "why_unavailable", lambda: None)
-    assert doctor.quant_support().endswith("w8a8-onednn, w8a8-avx512, w4a8-avx512")
+    assert doctor.quant_support().endswith("w8a8-onednn, w8a8-avx512, w4a8, w4a8-avx512")
     assert "quants" in dict(doctor.report())
 
 

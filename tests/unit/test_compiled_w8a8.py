@@ -1,7 +1,8 @@
 """The compiled decode step through W8A8 projections (`quant: w8a8` and w8a8-avx512, and int4's
 head): the packed weights are opaque to a graph, so the step reaches them through the
 ``tdllm::w8a8_linear`` custom op, and gives the eager engine's tokens. Likewise our int4 kernel
-(`quant: w4a8-avx512`), an op of its own with a fake for the graph."""
+(`quant: w4a8`, `w4a8-avx512`), an op of its own with a fake for the graph; on AVX2, the int8
+head too."""
 
 from __future__ import annotations
 
@@ -16,20 +17,20 @@ from tdllm.errors import ModelLoadError
 from tdllm.model import compiled_decode
 from tdllm.model.compiled_decode import CACHE_DIR_ENV
 from tdllm.model.quantized import quant_table
-from tests.cpu_kernels import needs_avx512, needs_vnni
+from tests.cpu_kernels import needs_avx2, needs_avx512, needs_vnni
 from tests.protection.engine_runs import NoTokenizer
 from tests.tiny_model import tiny_model
 from tests.unit.test_compiled_decode import run
 
 
 @pytest.mark.slow  # a compile of its own (~20 s on 2 cores)
-@needs_vnni
 @pytest.mark.parametrize(
     ("quant", "mode"),
     [
-        ("w8a8", "decode"),
+        pytest.param("w8a8", "decode", marks=needs_vnni),
         pytest.param("w8a8-avx512", "decode", marks=needs_avx512),
         *(pytest.param("w4a8-avx512", m, marks=needs_avx512) for m in ("decode", "decode-groups")),
+        *(pytest.param("w4a8", m, marks=needs_avx2) for m in ("decode", "decode-groups")),
     ],
 )  # fmt: skip
 def test_compiled_decode_runs_w8a8_projections_with_the_eager_tokens(

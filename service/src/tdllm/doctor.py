@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tdllm.model import avx512_kernel
+from tdllm.model import avx2_kernel, avx512_kernel
 from tdllm.model.cpu_features import HAS_VNNI, cpu_flags
 
 TSM_REPORT = Path("/sys/kernel/config/tsm/report")
@@ -65,8 +65,12 @@ def quant_support() -> str:
     else:
         refused.append("w8a8, w8a8-onednn (no VNNI)")
     if avx512_kernel.why_unavailable() is None:
-        runs += ["w8a8-avx512", "w4a8-avx512"]
+        runs += ["w8a8-avx512", "w4a8", "w4a8-avx512"]
     else:
+        if avx2_kernel.why_unavailable() is None:
+            runs.append("w4a8 (on the avx2 kernels)")
+        else:
+            refused.append("w4a8 (avx2 kernels)")
         refused.append("w8a8-avx512, w4a8-avx512 (avx512 kernels)")
     return ", ".join(runs) + (f"; refused here: {'; '.join(refused)}" if refused else "")
 
@@ -89,6 +93,7 @@ def report() -> list[tuple[str, str]]:
         ("torch", f"{torch.__version__} ({threads})"),
         ("oneDNN", onednn_version()),
         ("avx512 kernels", avx512_kernel.why_unavailable() or avx512_kernel.describe()),
+        ("avx2 kernels", avx2_kernel.why_unavailable() or avx2_kernel.describe()),
         ("quants", quant_support()),
         ("ipex", ipex_status()),
         ("protection", protection_status()),

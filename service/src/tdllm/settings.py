@@ -52,8 +52,9 @@ class Settings:
     # kernels (activations stay `dtype`), or w8a8: int8 weights and activations rounded to int8
     # per row, FBGEMM (VNNI CPUs), or w8a8-onednn: the same on oneDNN's int8 GEMM (AMX: faster
     # prefill and batches, slower at one sequence), or w8a8-avx512: on our AVX-512 VNNI kernel
-    # (faster decode, slower prefill; built at first use: a C++ compiler), or w4a8-avx512: int4
-    # weights times inputs rounded to int8 per 32 on our kernel (likewise); engine tdllm,
+    # (faster decode, slower prefill; built at first use: a C++ compiler), or w4a8: int4
+    # weights times inputs rounded to int8 per 32 on our kernel (AVX-512 VNNI where the CPU has
+    # it, else AVX2; likewise), w4a8-avx512: on the AVX-512 one only; engine tdllm,
     # profile td-only (every projection) or split (its private tail and lm_head)
     # (docs/performance.md)
     quant: str = "none"
@@ -62,7 +63,7 @@ class Settings:
     # one int4 sequence; 3-7 minutes of start-up on 2 cores; needs g++; td-only and split,
     # docs/performance.md "Compiled decode step"); "decode-groups": one graph every group of
     # blocks shares (~1 minute of start-up, steps 1.0-1.2x as long as decode's on the bundled
-    # model, 1.1x eager's and 0.94x decode's at 1B; quant int8, int4, w4a8-avx512 or fp32;
+    # model, 1.1x eager's and 0.94x decode's at 1B; quant int8, int4, w4a8(-avx512) or fp32;
     # "Compiled a group of blocks at a time"); "off": eager
     compile: str = "off"
     # protection profile of the served model (docs/security.md): td-only | split (| ...);

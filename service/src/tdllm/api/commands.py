@@ -30,7 +30,8 @@ def gunicorn_argv() -> list[str]:
     default=None,
     help="weights kept int8/int4, or w8a8 (int8 weights and activations; w8a8-onednn: on "
     "oneDNN's GEMM, for batches; w8a8-avx512: on our AVX-512 kernel, for decode; "
-    "w4a8-avx512: int4 weights on our AVX-512 kernel, inputs rounded to int8 per 32); "
+    "w4a8: int4 weights on our kernel, AVX-512 or AVX2, inputs rounded to int8 per 32; "
+    "w4a8-avx512: on the AVX-512 one only); "
     "td-only, split or masked (the TD's own weights), engine "
     "tdllm; the `quant` setting, TDLLM_QUANT",
 )

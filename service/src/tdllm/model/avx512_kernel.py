@@ -8,45 +8,33 @@
   ``w4a8_avx512.cpp`` (`tdllm.model.int4_methods.Int4Avx512Method`; docs/performance.md, "Our own
   int4 kernel").
 
-It is C++ compiled by torch's extension builder on first use, so it needs what the compiled
-decode step needs: a C++ compiler and ninja on ``PATH`` (in the image:
-``ml_runtime_cxx_compiler``). It is built from the sources shipped in the package (in the
-image: the measured root) into a directory only this user can write, and loaded from there: a
-library another user could replace would run inside the TD, so a directory with other owners or
-writers is refused, not used.
+Built at first use, like every kernel of ours (`tdllm.model.kernel_build`: a C++ compiler and
+ninja, a directory only this user can write). `tdllm.model.avx2_kernel` builds the int4 kernel
+for a CPU without AVX-512.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import os
-import shutil
-import stat
-import tempfile
 import threading
-import time
-from pathlib import Path
 
 import torch
 
 from tdllm.errors import ModelLoadError
+from tdllm.model import avx2_kernel, kernel_build, w4a8_ops
 from tdllm.model.cpu_features import HAS_AMX, HAS_VNNI, cpu_flags
 
-SOURCES = [
-    Path(__file__).with_name("kernels") / f"{name}.cpp" for name in ("w8a8_avx512", "w4a8_avx512")
-]
+SOURCES = ("w8a8_avx512", "w4a8_avx512")
 NAME = "tdllm_avx512"
 # what the kernel's instructions need (VPDPBUSD on 512-bit registers, byte masks)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"]
-DIRECTORY_ENV = "TDLLM_KERNEL_DIR"
+FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vnni")
 # rows from which the product runs on AMX tiles where the CPU has them (0: never); below it the
 # VNNI stream, which reads the weights once for every six rows
 AMX_MIN_ROWS = 16 if HAS_AMX and "amx_int8" in cpu_flags() else 0
 
-GROUP = 32  # inputs per int4 scale and offset, and per rounded input group, in `w4a8`
-BLOCK = 64  # outputs per block of `pack4`'s layout
+GROUP = w4a8_ops.GROUP  # inputs per int4 scale and offset, and per rounded input group
+BLOCK = w4a8_ops.BLOCK  # outputs per block of `pack4`'s layout
 # weights widened to bf16 at a time for a prompt (`w4a8_widened`): 8 MiB, in L3 when the GEMM
 # reads it (int4's widening measured 4M blocks 1.1-1.4x faster than 1M on the 1B shapes)
 WIDEN_WEIGHTS = 1 << 22
@@ -54,9 +42,6 @@ WIDEN_WEIGHTS = 1 << 22
 # oneDNN has AMX its bf16 GEMM is nearly free and the widening is the cost; elsewhere the VNNI
 # kernel's rows stay the faster (docs/performance.md, "Our own int4 kernel")
 W4A8_WIDEN_MIN_ROWS = 160 if HAS_AMX else 0
-FP16_MAX = 65504.0  # the int4 kernel's scales and offsets are fp16
-
-log = logging.getLogger(__name__)
 
 
 def missing_cpu_flags(flags: set[str] | None = None) -> list[str]:
@@ -69,7 +54,7 @@ def fallback(quant: str) -> str:
     """What to use where `quant`'s kernel cannot run. FBGEMM's W8A8 needs VNNI too: a CPU with
     AVX2 only (an AMD EPYC before Zen 4) runs neither, and int8 weight-only instead."""
     if quant == "w4a8-avx512":
-        return "int4"
+        return "int4" if avx2_kernel.missing_cpu_flags() else "w4a8 (our AVX2 kernel)"
     return "w8a8" if HAS_VNNI else "int8"
 
 
@@ -81,40 +66,12 @@ def why_unavailable(quant: str = "w8a8-avx512") -> str | None:
             f"quant {quant} needs AVX-512 VNNI; this CPU lacks {', '.join(missing)}: "
             f"use {fallback(quant)}"
         )
-    compiler = os.environ.get("CXX", "c++")  # what torch's builder runs
-    absent = [tool for tool in (compiler, "ninja") if shutil.which(tool) is None]
-    if absent:
-        return (
-            f"quant {quant} builds its kernel at first use and needs a C++ compiler and "
-            f"ninja (image: ml_runtime_cxx_compiler); not found: {', '.join(absent)}"
-        )
-    return None
+    return kernel_build.missing_tools(quant)
 
 
 def describe() -> str:
     rows = f"w8a8 on AMX from {AMX_MIN_ROWS} rows" if AMX_MIN_ROWS else "no AMX"
-    return f"w8a8-avx512, w4a8-avx512 can be built (AVX-512 VNNI, {rows}; built at first use)"
-
-
-def build_directory(environ: dict[str, str] | None = None) -> Path:
-    """Where the kernel is built and loaded from: ``TDLLM_KERNEL_DIR``, else a directory of
-    this user's under the temporary directory (a tmpfs in the image). Created 0700; refused
-    when another user owns it or anyone else may write to it."""
-    env = os.environ if environ is None else environ
-    path = Path(
-        env.get(DIRECTORY_ENV) or Path(tempfile.gettempdir()) / f"tdllm-kernels-{os.getuid()}"
-    )
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.lstat()
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise ModelLoadError(f"kernel directory {path} is not a directory")
-    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ModelLoadError(
-            f"kernel directory {path} is not this user's alone (owner uid {info.st_uid}, mode "
-            f"{stat.S_IMODE(info.st_mode):o}): a library built there could be replaced; "
-            f"set {DIRECTORY_ENV} to a directory only this user can write"
-        )
-    return path
+    return f"w8a8-avx512, w4a8, w4a8-avx512 can be built (AVX-512 VNNI, {rows}; built at first use)"
 
 
 def load(quant: str = "w8a8-avx512") -> None:
@@ -129,24 +86,8 @@ def load(quant: str = "w8a8-avx512") -> None:
 
 @functools.cache
 def _build() -> None:
-    directory = build_directory()
-    from torch.utils import cpp_extension  # imports setuptools: only when the kernel is used
-
-    started = time.monotonic()
-    log.info("building the AVX-512 kernels in %s (the first time: ~20-40 s)", directory)
-    try:
-        cpp_extension.load(
-            NAME, [str(source) for source in SOURCES], extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
-            verbose=False,
-        )  # fmt: skip
-    except (OSError, RuntimeError) as error:  # no compiler or ninja, or it failed
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        raise ModelLoadError(
-            f"building the AVX-512 kernels in {directory} failed: {lines[0][:160]}"
-        ) from error
-    log.info("AVX-512 kernels ready in %.1f s", time.monotonic() - started)
-    torch.library.register_fake("tdllm_avx512::w4a8", _w4a8_shape)
+    kernel_build.build(NAME, SOURCES, FLAGS, "AVX-512 kernels")
+    torch.library.register_fake("tdllm_avx512::w4a8", w4a8_ops.output_shape)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -178,26 +119,15 @@ def product(
     return torch.ops.tdllm_avx512.w8a8(scaled, packed, scales, sums, n, k, x_step, amx_min_rows)
 
 
-def _w4a8_shape(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """`w4a8`'s output as a compiled graph sees it."""
-    return x.new_empty(*x.shape[:-1], n)
-
-
 def pack4(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """int4 ``codes [N, K]`` (uint8, 0..15) with a scale and an offset per 32 inputs (``[N,
-    K/32]`` fp32: ``w = q * scale + offset``) in `w4a8`'s layout (`load` first); scales and
-    offsets are kept as fp16 (ValueError outside its range)."""
-    if not max(float(scales.abs().max()), float(offsets.abs().max())) <= FP16_MAX:  # or NaN
-        raise ValueError("int4 scales and offsets beyond fp16's range")
-    return torch.ops.tdllm_avx512.pack4(codes, scales, offsets)
+    """`w4a8_ops.pack4` into this library's layout (`load` first)."""
+    return w4a8_ops.pack4(torch.ops.tdllm_avx512, codes, scales, offsets)
 
 
 def unpack4(
     packed: torch.Tensor, n: int, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(codes, scales, offsets)`` read back from `pack4`'s layout."""
-    codes, scales, offsets = torch.ops.tdllm_avx512.unpack4(packed, n, k)
-    return codes, scales, offsets
+    return w4a8_ops.unpack4(torch.ops.tdllm_avx512, packed, n, k)
 
 
 def w4a8(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

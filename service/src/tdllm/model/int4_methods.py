@@ -3,8 +3,9 @@
 
 - `Int4WeightOnlyMethod`: asymmetric, a scale and a zero per group of `group_size` inputs of each
   row (``w ~= (q - 8) * s + z``, ``q`` in 0..15), ``torch._weight_int4pack_mm_for_cpu``.
-- `Int4Avx512Method` (``w4a8-avx512``): `Int4WeightOnlyMethod`'s codes, scales and zeros, and
-  activations rounded to int8 per 32 inputs on each call, on our AVX-512 VNNI kernel.
+- `Int4W4A8Method` (``w4a8``): `Int4WeightOnlyMethod`'s codes, scales and zeros, and activations
+  rounded to int8 per 32 inputs on each call, on our kernel: AVX-512 VNNI where the CPU has it,
+  else AVX2 (the same bits). `Int4Avx512Method` (``w4a8-avx512``): on the AVX-512 one only.
 
 GGUF blocks: Q4_0, Q4_1 and Q4_K are int4 g32's own grid
 (``w = d * q + m = (q - 8) * d + (m + 8 d)``), taken by the int4 methods as they are (by
@@ -17,11 +18,13 @@ blocks straight into the int kernels".
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 
 from tdllm.errors import ModelLoadError
-from tdllm.model import avx512_kernel
+from tdllm.model import avx2_kernel, avx512_kernel
 from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
 from tdllm.model.gguf_blocks import INT4_KINDS, GgufQuantized
 from tdllm.model.int4_widen import int4_widened_linear, pack_codes, prefill_min_rows
@@ -172,25 +175,44 @@ class Int4WeightOnlyMethod(StagedQuantMethod):
         return shaped(y, x)
 
 
-class Int4Avx512Method(Int4WeightOnlyMethod):
-    """W4A8 on our AVX-512 VNNI kernel (`tdllm.model.avx512_kernel`, ``quant: w4a8-avx512``):
-    int4's codes, scales and zeros (the same rows from floats or GGUF blocks), packed as the
-    kernel streams them (scales and offsets ``z - 8 s`` in fp16: Q4_0's and Q4_1's own
-    precision), times the inputs rounded to int8 per 32 on each call (``max|x| / 127`` a step:
-    llama.cpp's Q8_0 activations). Not weight-only: the rounding of each input group is the
-    cost, measured by ``tdllm bench fidelity``. Against ``_weight_int4pack_mm_for_cpu`` the
-    kernel is 1.1-1.8x at one row on the 1B shapes, 1.1-2.2x at 8 rows, 2.3-5.5x at 64. From
-    `avx512_kernel.W4A8_WIDEN_MIN_ROWS` rows (where oneDNN has AMX) the weights are widened to
-    bf16 a block at a time for oneDNN's GEMM instead, the inputs rounded to bf16
-    (docs/performance.md, "Our own int4 kernel")."""
+class W4A8Kernel(Protocol):
+    """What `Int4W4A8Method` needs of a kernel module (`avx512_kernel`, `avx2_kernel`)."""
 
-    QUANT = "w4a8-avx512"
+    def load(self, quant: str) -> None: ...
 
-    def __init__(self) -> None:
+    def pack4(
+        self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def w4a8(self, x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor: ...
+
+
+def w4a8_kernel() -> W4A8Kernel:
+    """The int4 kernel for this CPU: AVX-512 VNNI where it has it, else AVX2."""
+    return avx2_kernel if avx512_kernel.missing_cpu_flags() else avx512_kernel
+
+
+class Int4W4A8Method(Int4WeightOnlyMethod):
+    """W4A8 on our kernel (``quant: w4a8``; `kernel`: AVX-512 VNNI where the CPU has it, else
+    AVX2, `w4a8_kernel`): int4's codes, scales and zeros (the same rows from floats or GGUF
+    blocks), packed as the kernel streams them (scales and offsets ``z - 8 s`` in fp16: Q4_0's
+    and Q4_1's own precision), times the inputs rounded to int8 per 32 on each call (``max|x| /
+    127`` a step: llama.cpp's Q8_0 activations). Not weight-only: the rounding of each input
+    group is the cost, measured by ``tdllm bench fidelity``. Both kernels give the same bits.
+    Against ``_weight_int4pack_mm_for_cpu`` the AVX-512 kernel is 1.1-1.8x at one row on the 1B
+    shapes, 1.1-2.2x at 8 rows, 2.3-5.5x at 64; the AVX2 one 4-5x at one row on an AVX2 EPYC.
+    From `avx512_kernel.W4A8_WIDEN_MIN_ROWS` rows (where oneDNN has AMX) the weights are widened
+    to bf16 a block at a time for oneDNN's GEMM instead, the inputs rounded to bf16
+    (docs/performance.md, "Our own int4 kernel", "A CPU without AVX-512")."""
+
+    QUANT = "w4a8"
+
+    def __init__(self, kernel: W4A8Kernel | None = None) -> None:
         super().__init__(avx512_kernel.GROUP)
+        self.kernel = w4a8_kernel() if kernel is None else kernel
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
-        avx512_kernel.load(self.QUANT)  # before any weight is read: a failure costs nothing
+        self.kernel.load(self.QUANT)  # before any weight is read: a failure costs nothing
         super().create_weights(layer, dtype)
 
     def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
@@ -216,7 +238,7 @@ class Int4Avx512Method(Int4WeightOnlyMethod):
         # (one temporary, scrubbed below: a sealed model's parameters)
         offsets = staged["scales"].mul(-8).add_(staged["zeros"])
         try:
-            packed = avx512_kernel.pack4(staged["codes"], staged["scales"], offsets)
+            packed = self.kernel.pack4(staged["codes"], staged["scales"], offsets)
         except ValueError as error:
             raise ModelLoadError(f"{layer.name}: {error}") from error
         finally:
@@ -228,7 +250,18 @@ class Int4Avx512Method(Int4WeightOnlyMethod):
         packed = layer.qweight
         assert isinstance(packed, torch.Tensor)
         n, k = layer.out_features, layer.in_features
-        if 0 < avx512_kernel.W4A8_WIDEN_MIN_ROWS <= x.numel() // k:  # a prompt, on AMX
+        if self.kernel is avx512_kernel and 0 < avx512_kernel.W4A8_WIDEN_MIN_ROWS <= x.numel() // k:
+            # a prompt, on AMX
             return shaped(avx512_kernel.w4a8_widened(x.reshape(-1, k), packed, n, k), x)
         # fp32 or bf16 (a model's dtypes) in any shape: no reshape or cast around the call
-        return avx512_kernel.w4a8(x, packed, n, k)
+        return self.kernel.w4a8(x, packed, n, k)
+
+
+class Int4Avx512Method(Int4W4A8Method):
+    """`Int4W4A8Method` on the AVX-512 VNNI kernel only (``quant: w4a8-avx512``: refused, with
+    what to use instead, on a CPU without it)."""
+
+    QUANT = "w4a8-avx512"
+
+    def __init__(self) -> None:
+        super().__init__(avx512_kernel)

@@ -5,6 +5,8 @@
   -127..127), ``torch._weight_int8pack_mm``.
 - `Int8DynamicMethod` (W8A8): `Int8WeightOnlyMethod`'s weights, and activations rounded to
   int8 per row on each call (not weight-only), FBGEMM's int8 GEMM; needs VNNI.
+- `Int8GroupAvx2Method`: int8 with a scale per 32 inputs (Q8_0's grid), activations rounded to
+  int8 per 32, on our AVX2 kernel: ``quant: w4a8``'s head on a CPU without AVX-512.
 
 GGUF blocks are dequantized a chunk of rows at a time and quantized as floats are (Q8_0: per row
 from its blocks). `int8_weights` reads back the weights either multiplies by.
@@ -21,8 +23,9 @@ from typing import cast
 import torch
 
 from tdllm.errors import ModelLoadError
-from tdllm.model import w8a8_packed
+from tdllm.model import avx2_kernel, w8a8_packed
 from tdllm.model.cpu_features import HAS_AMX
+from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
 from tdllm.model.gguf_blocks import GgufQuantized
 from tdllm.model.linear import Linear, widened_linear
 from tdllm.model.staged_quant import (
@@ -33,6 +36,7 @@ from tdllm.model.staged_quant import (
     release,
     shaped,
 )
+from tdllm.model.w4a8_ops import ScaleRangeError
 
 # int8: from this many rows on, oneDNN's bf16 GEMM on widened blocks. The int8 kernel's time
 # grows with every row; where oneDNN has AMX its bf16 GEMM hardly does, and widening pays from
@@ -193,6 +197,72 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
             scaled[:, k:] = _RANGE
             y = w8a8_packed.product(scaled, handle)
         return shaped(y.mul_(scale), x)
+
+
+class Int8GroupAvx2Method(StagedQuantMethod):
+    """int8 weights with a scale per 32 inputs (llama.cpp's Q8_0: ``w = q * s``, ``q`` in
+    -127..127), times the inputs rounded to int8 per 32 on each call, on our AVX2 kernel
+    (`avx2_kernel.w8a8g`): ``quant: w4a8``'s head on a CPU without AVX-512, where torch's int8
+    kernel read the 1B shape's head at 13 GB/s and this one at 24 (docs/performance.md, "A CPU
+    without AVX-512"). Q8_0 blocks arrive exactly; other rows are quantized per 32."""
+
+    QUANT = "w4a8"
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        avx2_kernel.load(self.QUANT)  # before any weight is read: a failure costs nothing
+        if layer.in_features % GGUF_GROUP:
+            raise ModelLoadError(
+                f"{layer.name}: {layer.in_features} inputs are not a multiple of {GGUF_GROUP}"
+            )
+        super().create_weights(layer, dtype)
+
+    def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
+        try:
+            super().load_weight(layer, weight, row_offset)
+        except ScaleRangeError as error:  # a host-chosen weight: the layer named, one line
+            raise ModelLoadError(f"{layer.name}: {error}") from error
+
+    def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
+        # the kernel's layout itself: rows are packed as they arrive (`_put`), so the load
+        # holds no staged copy of the whole (the 1B head's would be 262 MB beside its packing)
+        return {"packed": avx2_kernel.empty8(layer.out_features, layer.in_features)}
+
+    def stage_floats(self, staged: dict[str, torch.Tensor], start: int, rows: torch.Tensor) -> None:
+        groups = rows.float().reshape(rows.shape[0], -1, GGUF_GROUP)
+        s = groups.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q = torch.round(groups / s[..., None]).clamp(-127, 127).reshape(rows.shape)
+        self._put(staged, start, q.to(torch.int8), s)
+
+    def stage_blocks(
+        self, staged: dict[str, torch.Tensor], start: int, rows: GgufQuantized
+    ) -> None:
+        if rows.kind != "Q8_0":
+            self.stage_floats(staged, start, rows.dequantize())
+            return
+        codes, scale, _ = rows.affine()  # Q8_0: w = d * q, its own grid
+        self._put(staged, start, torch.from_numpy(codes), torch.from_numpy(scale))
+
+    def _put(
+        self, staged: dict[str, torch.Tensor], start: int, q: torch.Tensor, scales: torch.Tensor
+    ) -> None:
+        # u = q + 128 in u8 lanes (VPMADDUBSW's unsigned side): w = u * s + (-128 s). The
+        # temporaries are a chunk's plaintext parameters: scrubbed once packed
+        codes = q.view(torch.uint8) ^ 0x80
+        offsets = scales * -128
+        try:
+            avx2_kernel.pack8_into(staged["packed"], start, codes, scales, offsets)
+        finally:
+            codes.zero_()
+            offsets.zero_()
+
+    def pack(self, layer: Linear, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        layer.register_buffer("qweight", staged["packed"], persistent=False)
+        return [staged["packed"]]
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        packed = layer.qweight
+        assert isinstance(packed, torch.Tensor)
+        return avx2_kernel.w8a8g(x, packed, layer.out_features, layer.in_features)
 
 
 def int8_weights(layer: Linear) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,9 +14,10 @@ the kernel).
 - `Int8DynamicMethod` (W8A8, `tdllm.model.int8_methods`): `Int8WeightOnlyMethod`'s weights, and
   activations rounded to int8 per row on each call (not weight-only), FBGEMM's int8 GEMM; needs
   VNNI.
-- `Int4Avx512Method` (``w4a8-avx512``, `tdllm.model.int4_methods`): `Int4WeightOnlyMethod`'s
-  codes, scales and zeros, and activations rounded to int8 per 32 inputs on each call, on our
-  AVX-512 VNNI kernel.
+- `Int4W4A8Method` (``w4a8``, `tdllm.model.int4_methods`): `Int4WeightOnlyMethod`'s codes, scales
+  and zeros, and activations rounded to int8 per 32 inputs on each call, on our kernel (AVX-512
+  VNNI where the CPU has it, else AVX2); `Int4Avx512Method` (``w4a8-avx512``): on the AVX-512
+  one only.
 
 Each method stages a projection's rows already quantized, as they arrive (floats or GGUF
 blocks, a shard at a time), and packs the projection the moment its last row is in: the
@@ -29,9 +30,10 @@ blocks straight into the int kernels" and "W8A8".
 
 from __future__ import annotations
 
+from tdllm.model import avx512_kernel
 from tdllm.model.cpu_features import HAS_VNNI
-from tdllm.model.int4_methods import Int4Avx512Method, Int4WeightOnlyMethod
-from tdllm.model.int8_methods import Int8DynamicMethod, Int8WeightOnlyMethod
+from tdllm.model.int4_methods import Int4Avx512Method, Int4W4A8Method, Int4WeightOnlyMethod
+from tdllm.model.int8_methods import Int8DynamicMethod, Int8GroupAvx2Method, Int8WeightOnlyMethod
 from tdllm.model.linear import LinearMethod, LinearMethodTable, PrepackedCpuMethod
 from tdllm.model.quant_formats import QUANTS, W8A8_BACKENDS
 
@@ -46,16 +48,24 @@ def quant_table(quant: str) -> LinearMethodTable:
     norm's output) has the outliers; rounded per row it alone cost +2.2% perplexity, every
     other projection under +0.2% (docs/performance.md, "W8A8"); w8a8-onednn likewise."""
     if quant == "int4":
-        head = Int8DynamicMethod() if HAS_VNNI else Int8WeightOnlyMethod()
-        return LinearMethodTable([("lm_head", head)], Int4WeightOnlyMethod())
-    if quant == Int4Avx512Method.QUANT:  # the head W8A8 on the same library's kernel
-        return LinearMethodTable(
-            [("lm_head", Int8DynamicMethod(backend="avx512"))], Int4Avx512Method()
-        )
+        return LinearMethodTable([("lm_head", int8_head())], Int4WeightOnlyMethod())
+    if quant in (Int4W4A8Method.QUANT, Int4Avx512Method.QUANT):
+        body = quant_method(quant)
+        assert isinstance(body, Int4W4A8Method)
+        # the head int8 on the same library's kernel: W8A8 (per row) on AVX-512's, Q8_0's grid
+        # (a scale per 32) on AVX2's
+        avx512 = body.kernel is avx512_kernel
+        head = Int8DynamicMethod(backend="avx512") if avx512 else Int8GroupAvx2Method()
+        return LinearMethodTable([("lm_head", head)], body)
     if quant in W8A8_BACKENDS:
         return LinearMethodTable([("*.qkv_proj", Int8WeightOnlyMethod())], quant_method(quant))
     # "none": the plain kernels, bf16 weights prepacked for oneDNN where that is faster
     return LinearMethodTable(default=quant_method(quant) or PrepackedCpuMethod())
+
+
+def int8_head() -> LinearMethod:
+    """The int8 head of int4's weights: W8A8 (FBGEMM) where the CPU has VNNI, else weight-only."""
+    return Int8DynamicMethod() if HAS_VNNI else Int8WeightOnlyMethod()
 
 
 def quant_method(quant: str) -> LinearMethod | None:
@@ -64,6 +74,8 @@ def quant_method(quant: str) -> LinearMethod | None:
         return Int8WeightOnlyMethod()
     if quant == "int4":
         return Int4WeightOnlyMethod()
+    if quant == Int4W4A8Method.QUANT:
+        return Int4W4A8Method()
     if quant == Int4Avx512Method.QUANT:
         return Int4Avx512Method()
     if quant in W8A8_BACKENDS:

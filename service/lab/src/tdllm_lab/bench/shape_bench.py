@@ -41,7 +41,8 @@ from tdllm_lab.bench.synthetic_shapes import (
 # Q8_0 file as W8A8 (`quant: w8a8`, activations rounded to int8 too) instead of weight-only int8;
 # ours-compiled-w8a8: both; ours-w8a8-onednn: W8A8 on oneDNN's int8 GEMM (`quant: w8a8-onednn`);
 # ours-w8a8-avx512 (and compiled): W8A8 on our AVX-512 VNNI kernel (`quant: w8a8-avx512`);
-# ours-w4a8-avx512 (and compiled): the Q4_0 file on our int4 kernel (`quant: w4a8-avx512`);
+# ours-w4a8 (and compiled, grouped): the Q4_0 file on our int4 kernel (`quant: w4a8`: AVX-512
+# VNNI where the CPU has it, else AVX2); ours-w4a8-avx512 (likewise): on the AVX-512 one;
 # ours-grouped-*: compiled a group of blocks at a time (`compile: decode-groups`)
 QUANT_ENGINES = {
     "ours-w8a8": "w8a8",
@@ -49,11 +50,17 @@ QUANT_ENGINES = {
     "ours-w8a8-onednn": "w8a8-onednn",
     "ours-w8a8-avx512": "w8a8-avx512",
     "ours-compiled-w8a8-avx512": "w8a8-avx512",
+    "ours-w4a8": "w4a8",
+    "ours-compiled-w4a8": "w4a8",
+    "ours-grouped-w4a8": "w4a8",
     "ours-w4a8-avx512": "w4a8-avx512",
     "ours-compiled-w4a8-avx512": "w4a8-avx512",
     "ours-grouped-w4a8-avx512": "w4a8-avx512",
 }
-FILE_QUANT = {"w4a8-avx512": "int4"}  # the file each of those runs (the rest: int8, q8_0)
+FILE_QUANT = {
+    "w4a8": "int4",
+    "w4a8-avx512": "int4",
+}  # the file each of those runs (the rest: int8, q8_0)
 OURS = ("ours", "ours-compiled", "ours-grouped", *QUANT_ENGINES)
 PEERS = (llama_cpp_peer.ENGINE, vllm_peer.ENGINE)
 ENGINES = (*OURS, *PEERS)
@@ -70,7 +77,8 @@ OURS_BYTES_PER_WEIGHT = {
     "w8a8-onednn": 1.0,
     "w8a8-avx512": 1.0,
     "int4": 0.5 + 4 / 32,
-    "w4a8-avx512": 0.5 + 4 / 32,  # fp16 scale + offset per 32 weights
+    "w4a8": 0.5 + 4 / 32,  # fp16 scale + offset per 32 weights
+    "w4a8-avx512": 0.5 + 4 / 32,
 }
 
 
@@ -83,7 +91,7 @@ def ours_decode_bytes(shape: Shape, quant: str) -> int:
     for name, dims in shape.tensors():
         if name.startswith("blk.") and len(dims) == 2:
             projections += dims[0] * dims[1]
-    int4 = quant in ("int4", "w4a8-avx512")
+    int4 = FILE_QUANT.get(quant, quant) == "int4"
     head = shape.vocab * shape.hidden * (OURS_BYTES_PER_WEIGHT["int8"] if int4 else per)
     norms = (2 * shape.layers + 1) * shape.hidden * 2
     return int(projections * per + head + norms)

@@ -4,15 +4,13 @@
 //
 // Why our own: torch's int4 kernel (`_weight_int4pack_mm_for_cpu`) reads the weights at 10-20
 // GB/s at one row where the bus gives ~26-30 (docs/performance.md), and a prompt's rows cost it
-// as much each as one decode step. Here the codes are packed output-major in blocks of 64
-// outputs and, within a block, group by group: [N/64][K/32] of 1280 bytes, the group's codes
-// (4 x 256 bytes: eight inputs of 64 outputs, a byte holding inputs i and i + 4 of one output)
-// then its 64 scales and 64 offsets as fp16 (the precision of Q4_0's and Q4_1's own). One
-// contiguous stream per block; each 64-byte load gives two 16-lane VPDPBUSD operands (the low
+// as much each as one decode step. The weights are in w4a8_layout.h's layout: one contiguous
+// stream per block of 64 outputs; each 64-byte load gives two 16-lane VPDPBUSD operands (the low
 // and high nibbles, u4 in u8 lanes, times a broadcast quad of s8 inputs), no lane is reduced
 // across, and each group's int32 sums are scaled into fp32 with the group's scales:
 //   y[n] += dx[g] * (scale[n, g] * sum_k q[n, k] * xq[k] + offset[n, g] * sum_k xq[k])
 // where the inputs of group g are rounded as xq = round(x / dx[g]), dx[g] = max|x in g| / 127.
+// w4a8_avx2.cpp computes the same sums and scales them in the same order: the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -26,12 +24,10 @@
 #include <tuple>
 #include <vector>
 
+#include "w4a8_layout.h"
+
 namespace {
 
-constexpr int64_t kBlock = 64;                     // outputs a block
-constexpr int64_t kGroup = 32;                     // inputs sharing a scale and an offset
-constexpr int64_t kCodeBytes = kBlock * kGroup / 2;  // 1024: a block's codes for one group
-constexpr int64_t kGroupBytes = kCodeBytes + 2 * kBlock * 2;  // + 64 fp16 scales, 64 offsets
 constexpr int64_t kAhead = 5120;                   // bytes prefetched ahead in a block's stream
 
 inline __m512 halves(const uint8_t* p) {
@@ -192,96 +188,12 @@ void product(const T* in, int64_t lda, int64_t m, const at::Tensor& packed, int6
 
 }  // namespace
 
-// codes [N, K] u8 in 0..15, scales and offsets [N, K/32] fp32 (w = q * scale + offset) ->
-// [ceil(N/64), K/32, 1280] u8; outputs past N are zero. The caller checks that the scales and
-// offsets fit fp16 (avx512_kernel.pack4: a one-line error, not an infinity stored)
-at::Tensor pack4(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) % kGroup == 0,
-              "codes: [N, K] uint8, K a multiple of 32");
-  const int64_t n = codes.size(0), k = codes.size(1), groups = k / kGroup;
-  for (const at::Tensor* t : {&scales, &offsets})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == n &&
-                t->size(1) == groups, "scales, offsets: [N, K/32] fp32");
-  const at::Tensor c = codes.contiguous(), s = scales.contiguous(), f = offsets.contiguous();
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  at::Tensor packed = at::zeros({blocks, groups, kGroupBytes}, at::kByte);
-  const uint8_t* cp = c.data_ptr<uint8_t>();
-  const float *sp = s.data_ptr<float>(), *fp = f.data_ptr<float>();
-  uint8_t* out = packed.data_ptr<uint8_t>();
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) {
-      for (int64_t g = 0; g < groups; ++g) {
-        uint8_t* dst = out + (b * groups + g) * kGroupBytes;
-        auto* halves_out = reinterpret_cast<c10::Half*>(dst + kCodeBytes);
-        for (int64_t i = 0; i < kBlock && b * kBlock + i < n; ++i) {
-          const int64_t row = b * kBlock + i;
-          const uint8_t* src = cp + row * k + g * kGroup;
-          for (int o = 0; o < 4; ++o)
-            for (int t = 0; t < 4; ++t)
-              dst[o * 256 + i * 4 + t] = static_cast<uint8_t>(
-                  (src[o * 8 + t] & 0x0F) | (src[o * 8 + 4 + t] & 0x0F) << 4);
-          halves_out[i] = c10::Half(sp[row * groups + g]);
-          halves_out[kBlock + i] = c10::Half(fp[row * groups + g]);
-        }
-      }
-    }
-  });
-  return packed;
-}
-
-// packed -> (codes [n, k] u8, scales [n, k/32] fp32, offsets [n, k/32] fp32): for checks
-std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack4(const at::Tensor& packed, int64_t n,
-                                                        int64_t k) {
-  const int64_t groups = k / kGroup;
-  TORCH_CHECK(packed.dim() == 3 && packed.size(0) * kBlock >= n && packed.size(1) == groups &&
-              packed.size(2) == kGroupBytes, "packed: from pack4");
-  at::Tensor codes = at::empty({n, k}, at::kByte);
-  at::Tensor scales = at::empty({n, groups}, at::kFloat), offsets = at::empty_like(scales);
-  const at::Tensor p = packed.contiguous();
-  const uint8_t* src = p.data_ptr<uint8_t>();
-  uint8_t* c = codes.data_ptr<uint8_t>();
-  float *s = scales.data_ptr<float>(), *f = offsets.data_ptr<float>();
-  for (int64_t row = 0; row < n; ++row) {
-    const int64_t b = row / kBlock, i = row % kBlock;
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* grp = src + (b * groups + g) * kGroupBytes;
-      uint8_t* dst = c + row * k + g * kGroup;
-      for (int o = 0; o < 4; ++o)
-        for (int t = 0; t < 4; ++t) {
-          const uint8_t byte = grp[o * 256 + i * 4 + t];
-          dst[o * 8 + t] = byte & 0x0F;
-          dst[o * 8 + 4 + t] = byte >> 4;
-        }
-      const auto* h = reinterpret_cast<const c10::Half*>(grp + kCodeBytes);
-      s[row * groups + g] = static_cast<float>(h[i]);
-      f[row * groups + g] = static_cast<float>(h[kBlock + i]);
-    }
-  }
-  return {codes, scales, offsets};
-}
-
-// x [..., K] fp32 or bf16 times the packed weights: y [..., n] in x's dtype. Taking any leading
-// shape and either dtype saves a decode step's reshapes and casts around each call (~8 a layer).
+// x [..., K] fp32 or bf16 times the packed weights: y [..., n] in x's dtype
 at::Tensor product4(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t k) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k && k % kGroup == 0 &&
-              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "x: [..., K] fp32 or bf16, K a multiple of 32");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
-              packed.size(0) * kBlock >= n && packed.size(1) * kGroup == k &&
-              packed.size(2) == kGroupBytes, "packed: from pack4");
-  at::Tensor rows = x.reshape({-1, k});  // a view where it can be
-  if (rows.stride(1) != 1) rows = rows.contiguous();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
-  at::Tensor y = at::empty(shape, x.options());
-  const int64_t m = rows.size(0);
-  if (m == 0) return y;
-  if (x.scalar_type() == at::kFloat)
-    product(rows.data_ptr<float>(), rows.stride(0), m, packed, n, k, y.data_ptr<float>());
-  else
-    product(reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>()), rows.stride(0), m,
-            packed, n, k, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
-  return y;
+  return product_with(x, packed, n, k, kGroupBytes,
+                      [&](const auto* in, int64_t lda, int64_t m, auto* out) {
+                        product(in, lda, m, packed, n, k, out);
+                      });
 }
 
 // The weights of outputs [first, first + 64 * blocks) as bf16, transposed, into `wt` [k, >= 64 *

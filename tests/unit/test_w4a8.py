@@ -1,7 +1,9 @@
-"""Our int4 kernel (`avx512_kernel.w4a8`, ``quant: w4a8-avx512``): its product is the exact
-integer product of the codes and the inputs rounded per 32, scaled by the fp16 scales and
-offsets; a row's result does not depend on its batch; GGUF Q4_0 blocks arrive in it exactly; and
-the model runs on it with int4's weights."""
+"""Our int4 kernels (``quant: w4a8``: `avx512_kernel.w4a8` where the CPU has AVX-512 VNNI,
+`avx2_kernel.w4a8` elsewhere; ``w4a8-avx512``): each product is the exact integer product of the
+codes and the inputs rounded per 32, scaled by the fp16 scales and offsets; a row's result does
+not depend on its batch; the two kernels give the same bits; GGUF Q4_0 blocks arrive in them
+exactly; and the model runs on them with int4's weights. The AVX2 library's int8 product (the
+head of ``w4a8`` there): `tests/unit/test_w8a8_group.py`."""
 
 from __future__ import annotations
 
@@ -10,16 +12,28 @@ import pytest
 import torch
 
 from tdllm.errors import ModelLoadError
-from tdllm.model import avx512_kernel
-from tdllm.model.int4_methods import Int4Avx512Method, int4_quantize
+from tdllm.model import avx2_kernel, avx512_kernel
+from tdllm.model.int4_methods import Int4Avx512Method, Int4W4A8Method, W4A8Kernel, int4_quantize
 from tdllm.model.linear import Linear
 from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Batch, KVCache
-from tests.cpu_kernels import needs_avx512
+from tests.cpu_kernels import needs_avx2, needs_avx512
 from tests.tiny_model import tiny_model
 from tests.unit.test_gguf_quant_load import gguf_float, synthetic
 
 GROUP = avx512_kernel.GROUP
+KERNELS = [
+    pytest.param(avx512_kernel, marks=needs_avx512, id="avx512"),
+    pytest.param(avx2_kernel, marks=needs_avx2, id="avx2"),
+]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request: pytest.FixtureRequest) -> W4A8Kernel:
+    """Each int4 kernel this CPU runs, loaded."""
+    module: W4A8Kernel = request.param
+    module.load("w4a8")
+    return module
 
 
 def rounded_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,125 +65,140 @@ def random_weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     return codes, scales, offsets
 
 
-@needs_avx512
 @pytest.mark.parametrize(
     ("rows", "n", "k"),
     [(1, 64, 32), (1, 1000, 96), (2, 130, 576), (3, 64, 256), (4, 65, 64), (6, 200, 512),
      (7, 576, 576), (13, 100, 2048), (0, 64, 64)],
 )  # fmt: skip
 def test_the_int4_kernel_gives_the_exact_product_of_its_rounded_inputs(
-    rows: int, n: int, k: int
+    kernel: W4A8Kernel, rows: int, n: int, k: int
 ) -> None:
-    avx512_kernel.load("w4a8-avx512")
     codes, scales, offsets = random_weights(n, k, rows * 7919 + n * 31 + k)
-    packed = avx512_kernel.pack4(codes, scales, offsets)
+    packed = kernel.pack4(codes, scales, offsets)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
     if rows:
         x[0, :GROUP] = 0  # a zero group: a zero step, not 0/0
         x[-1, -GROUP:] *= 1000  # an outlier group rounds on its own step, not the row's
-    y = avx512_kernel.w4a8(x, packed, n, k)
+    y = kernel.w4a8(x, packed, n, k)
     assert y.shape == (rows, n)
     expected = exact(x, codes, scales, offsets)
     bound = 2e-6 * max(1.0, float(expected.abs().max())) if rows else 0.0
     assert torch.allclose(y.double(), expected, rtol=1e-5, atol=bound)
-    back = avx512_kernel.unpack4(packed, n, k)
+    back = kernel.unpack4(packed, n, k)
     assert torch.equal(back[0], codes)
     assert torch.equal(back[1], scales.half().float()) and torch.equal(
         back[2], offsets.half().float()
     )
 
 
-@needs_avx512
-def test_a_row_gives_the_same_result_alone_and_in_any_batch() -> None:
-    """Every row count takes its own register blocking (one to six rows, one or two passes over
-    a block); each row's sums and scaling run in the same order in all of them."""
-    avx512_kernel.load("w4a8-avx512")
+def test_a_row_gives_the_same_result_alone_and_in_any_batch(kernel: W4A8Kernel) -> None:
+    """Every row count takes its own register blocking (AVX-512: one to six rows, one or two
+    passes over a block; AVX2: one to four); each row's sums and scaling run in the same order in
+    all of them."""
     codes, scales, offsets = random_weights(192, 128, 5)
-    packed = avx512_kernel.pack4(codes, scales, offsets)
+    packed = kernel.pack4(codes, scales, offsets)
     x = torch.randn(17, 128, generator=torch.Generator().manual_seed(6))
-    together = avx512_kernel.w4a8(x, packed, 192, 128)
+    together = kernel.w4a8(x, packed, 192, 128)
     for r in range(17):
         for first in {0, max(0, r - 3), max(0, r - 5)}:
-            batch = avx512_kernel.w4a8(x[first : r + 1], packed, 192, 128)
+            batch = kernel.w4a8(x[first : r + 1], packed, 192, 128)
             assert torch.equal(batch[-1], together[r])
 
 
-@needs_avx512
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_bf16_inputs_give_the_fp32_products_rounded_to_bf16_bit_for_bit(rows: int) -> None:
+def test_bf16_inputs_give_the_fp32_products_rounded_to_bf16_bit_for_bit(
+    kernel: W4A8Kernel, rows: int
+) -> None:
     """A bf16 model's activations go in and come out as bf16 with no cast around the call: the
     same bits as widening them to fp32, the fp32 kernel, then ``.to(bfloat16)`` (NaN included)."""
-    avx512_kernel.load("w4a8-avx512")
     codes, scales, offsets = random_weights(200, 256, rows)
-    packed = avx512_kernel.pack4(codes, scales, offsets)
+    packed = kernel.pack4(codes, scales, offsets)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
     x[-1, 5] = float("nan")  # its row's outputs are NaN, as torch's cast writes them
-    y = avx512_kernel.w4a8(x, packed, 200, 256)
+    y = kernel.w4a8(x, packed, 200, 256)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 200)
-    expected = avx512_kernel.w4a8(x.float(), packed, 200, 256).to(torch.bfloat16)
+    expected = kernel.w4a8(x.float(), packed, 200, 256).to(torch.bfloat16)
     assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
     assert y[-1].isnan().all() and not y[:-1].isnan().any()
 
 
-@needs_avx512
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_any_leading_shape_and_strided_rows_give_the_rows_products(dtype: torch.dtype) -> None:
-    avx512_kernel.load("w4a8-avx512")
+def test_any_leading_shape_and_strided_rows_give_the_rows_products(
+    kernel: W4A8Kernel, dtype: torch.dtype
+) -> None:
     codes, scales, offsets = random_weights(130, 96, 11)
-    packed = avx512_kernel.pack4(codes, scales, offsets)
+    packed = kernel.pack4(codes, scales, offsets)
     wide = torch.randn(2, 3, 2 * 96, generator=torch.Generator().manual_seed(12)).to(dtype)
     x = wide[..., 96:]  # rows 192 apart: not one contiguous block
-    y = avx512_kernel.w4a8(x, packed, 130, 96)
+    y = kernel.w4a8(x, packed, 130, 96)
     assert y.shape == (2, 3, 130) and y.dtype == dtype
-    rows = avx512_kernel.w4a8(x.reshape(-1, 96).contiguous(), packed, 130, 96)
+    rows = kernel.w4a8(x.reshape(-1, 96).contiguous(), packed, 130, 96)
     assert torch.equal(y.reshape(-1, 130), rows)
 
 
-@needs_avx512
-def test_scales_beyond_fp16_are_refused_not_stored_as_infinity() -> None:
-    avx512_kernel.load("w4a8-avx512")
+def test_scales_beyond_fp16_are_refused_not_stored_as_infinity(kernel: W4A8Kernel) -> None:
     codes, scales, offsets = random_weights(64, 64, 7)
     for bad in (70000.0, float("nan")):
         scales[3, 1] = bad
         with pytest.raises(ValueError, match="beyond fp16's range"):
-            avx512_kernel.pack4(codes, scales, offsets)
+            kernel.pack4(codes, scales, offsets)
 
 
+@needs_avx2
 @needs_avx512
-def test_a_host_chosen_weight_beyond_fp16s_scales_is_a_clear_load_error() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_avx2_kernel_gives_the_avx512_kernels_bits(dtype: torch.dtype) -> None:
+    """The same integer sums, scaled by the same two FMAs in the same order: a model on
+    ``quant: w4a8`` answers the same on either CPU (at every row count each blocks its own)."""
+    avx512_kernel.load("w4a8")
+    avx2_kernel.load("w4a8")
+    codes, scales, offsets = random_weights(300, 576, 13)
+    x = torch.randn(11, 576, generator=torch.Generator().manual_seed(14)).to(dtype)
+    x[2, 64:96] = 0
+    wide = avx512_kernel.pack4(codes, scales, offsets)
+    narrow = avx2_kernel.pack4(codes, scales, offsets)
+    assert torch.equal(wide, narrow)  # one layout
+    for rows in range(1, 12):
+        a = avx512_kernel.w4a8(x[:rows], wide, 300, 576)
+        b = avx2_kernel.w4a8(x[:rows], narrow, 300, 576)
+        assert torch.equal(
+            a.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+            b.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        )
+
+
+def test_a_host_chosen_weight_beyond_fp16s_scales_is_a_clear_load_error(kernel: W4A8Kernel) -> None:
     """A file's weights are the host's to choose (a Q4_K block's scales reach 63 x 65504): a
     group whose int4 step overflows fp16 fails the load with the layer's name, not an
     infinity in the kernel's weights."""
     weight = torch.zeros(64, 64)
     weight[5, 40] = 2e6  # a step of 2e6 / 15 in that group
-    layer = Linear("layers.3.mlp.down_proj", 64, 64, Int4Avx512Method(), torch.float32)
+    layer = Linear("layers.3.mlp.down_proj", 64, 64, Int4W4A8Method(kernel), torch.float32)
     with pytest.raises(ModelLoadError, match=r"^layers.3.mlp.down_proj: .*beyond fp16's range"):
         layer.load_weight(weight)
 
 
-@needs_avx512
-def test_q4_0_blocks_arrive_in_the_kernel_exactly() -> None:
+def test_q4_0_blocks_arrive_in_the_kernel_exactly(kernel: W4A8Kernel) -> None:
     """Q4_0's scale is fp16 and its offset -8 scale: the kernel's fp16 keeps both exactly, so its
     weights are gguf's own dequantization, bit for bit."""
     blocks = synthetic("Q4_0", 96, 256)
-    layer = Linear("t", 256, 96, Int4Avx512Method(), torch.float32)
+    layer = Linear("t", 256, 96, Int4W4A8Method(kernel), torch.float32)
     method = layer.method
-    assert isinstance(method, Int4Avx512Method)
+    assert isinstance(method, Int4W4A8Method)
     method.load_blocks(layer, blocks)
     method.after_load(layer)
-    codes, scales, offsets = avx512_kernel.unpack4(layer.qweight, 96, 256)
+    codes, scales, offsets = kernel.unpack4(layer.qweight, 96, 256)
     weights = codes.float().reshape(96, -1, GROUP) * scales[..., None] + offsets[..., None]
     assert np.array_equal(weights.reshape(96, 256).numpy(), gguf_float(blocks))
     staged = [n for n, b in layer._buffers.items() if n.startswith("staged_") and b is not None]
     assert not staged  # dropped (and scrubbed) once packed
 
 
-@needs_avx512
-def test_float_rows_take_int4s_grid() -> None:
+def test_float_rows_take_int4s_grid(kernel: W4A8Kernel) -> None:
     weight = torch.randn(80, 128) / 10
-    layer = Linear("t", 128, 80, Int4Avx512Method(), torch.float32)
+    layer = Linear("t", 128, 80, Int4W4A8Method(kernel), torch.float32)
     layer.load_weight(weight)
-    codes, scales, offsets = avx512_kernel.unpack4(layer.qweight, 80, 128)
+    codes, scales, offsets = kernel.unpack4(layer.qweight, 80, 128)
     q, s, z = int4_quantize(weight)
     assert torch.equal(codes, q.to(torch.uint8))
     assert torch.equal(scales, s.half().float())
@@ -184,14 +213,19 @@ def test_float_rows_take_int4s_grid() -> None:
     assert bool((error <= bound * 1.001 + 1e-5).all()) and error.max() > 0
 
 
-@needs_avx512
-def test_the_model_runs_on_the_int4_kernel_near_int4_and_prefills_prompts_together() -> None:
+@pytest.mark.parametrize(
+    "quant",
+    [pytest.param("w4a8", marks=needs_avx2), pytest.param("w4a8-avx512", marks=needs_avx512)],
+)
+def test_the_model_runs_on_the_int4_kernel_near_int4_and_prefills_prompts_together(
+    quant: str,
+) -> None:
     """Same int4 weights, inputs rounded per 32: the logits stay near int4 weight-only's (the
     rounding's cost on the bundled model: `tdllm bench fidelity`, docs/performance.md)."""
     tokens = torch.tensor([[5, 9, 13, 2, 44, 7]])
     logits = []
-    for quant in ("int4", "w4a8-avx512"):
-        model = tiny_model(methods=quant_table(quant))
+    for name in ("int4", quant):
+        model = tiny_model(methods=quant_table(name))
         cache = KVCache(model.cfg, 2, 16, torch.float32)
         logits.append(model(tokens, Batch([0], [0], 6), cache, last_only=False))
     assert torch.allclose(logits[0], logits[1], atol=0.1 * float(logits[0].abs().max()))

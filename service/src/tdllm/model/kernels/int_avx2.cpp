@@ -1,0 +1,305 @@
+// Our kernels for a CPU without AVX-512 (an AMD EPYC before Zen 4, an Intel core before Ice
+// Lake): int4 or int8 weights, each with an fp16 scale and offset per 32 inputs, times inputs
+// rounded to int8 per 32.
+//
+// Why: torch's int4 and int8 kernels read a decode step's weights at 7-13 GB/s on such a CPU
+// where the bus gives 28-30 (docs/performance.md, "A CPU without AVX-512").
+//
+// int4 (`w4a8`): the product of w4a8_avx512.cpp on 256-bit registers and without VNNI, on the
+// same layout (w4a8_layout.h), giving the same bits. A 32-byte load holds four inputs of eight
+// outputs in each nibble; VPMADDUBSW multiplies the u4 codes (u8 lanes) by a broadcast quad of
+// s8 inputs and adds pairs into int16 lanes. A group's eight such products fit int16 without
+// saturating (8 x 2 x 15 x 128 = 30720 < 32767), so they are added in int16 and widened once
+// per group (VPMADDWD by ones): the exact int32 sum VPDPBUSD gives, scaled into fp32 by the
+// same two FMAs in the same order as the AVX-512 kernel.
+//
+// int8 (`w8a8g`, the head of `quant: w4a8` here): u8 codes (Q8_0's q + 128: w = u * scale +
+// offset, offset = -128 scale) in the same blocks of 64 outputs, a group's codes in eight
+// 256-byte chunks (inputs 4i..4i+3 of the 64 outputs, a byte an input) then its scales and
+// offsets: 2304 bytes. A code is 16 hi + lo; each nibble's products are summed as int4's are
+// and widened with weights 16 and 1 (VPMADDWD), exact.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+
+#include "w4a8_layout.h"
+
+namespace {
+
+constexpr int64_t kAhead = 5120;  // bytes prefetched ahead in a block's stream
+constexpr int kRows = 4;          // rows sharing each load of the weights (6: no faster)
+
+inline __m256 halves(const uint8_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline __m256i quad(const int8_t* x) {
+  int32_t bits;
+  std::memcpy(&bits, x, 4);
+  return _mm256_set1_epi32(bits);
+}
+
+// y rows [0, R) (ldy apart), the 64 outputs of one block (eight registers of 8): R rows share
+// every load of the block's stream. Each row's eight broadcast quads of a group are made once
+// and read from L1 by the eight registers' products (a broadcast per product ran 1.3x slower
+// at 4 rows); the compiler keeps what accumulators it can in registers.
+template <int Bits>
+constexpr int64_t group_bytes() {  // a block's bytes per group: codes, 64 scales, 64 offsets
+  return kBlock * kGroup * Bits / 8 + 2 * kBlock * 2;
+}
+
+template <int R, int Bits>
+void block(const int8_t* xq, int64_t lda, const float* dx, const float* dsum, int64_t groups,
+           const uint8_t* w, float* y, int64_t ldy) {
+  constexpr int64_t code_bytes = kBlock * kGroup * Bits / 8, bytes = group_bytes<Bits>();
+  __m256 acc[R][8];
+  for (int m = 0; m < R; ++m)
+    for (int j = 0; j < 8; ++j) acc[m][j] = _mm256_setzero_ps();
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i sixteens = _mm256_set1_epi16(16);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* wg = w + g * bytes;
+    for (int64_t line = 0; line < bytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(wg + kAhead + line), _MM_HINT_T0);
+    alignas(32) __m256i quads[R][8];  // inputs 4i..4i+3 of the group in every lane
+    for (int m = 0; m < R; ++m)
+      for (int i = 0; i < 8; ++i) quads[m][i] = quad(xq + m * lda + g * kGroup + i * 4);
+    for (int j = 0; j < 8; ++j) {
+      __m256i dot[R], high[R];  // int16 sums of the (low) nibbles' products; int8: high ones
+      for (int m = 0; m < R; ++m) dot[m] = high[m] = _mm256_setzero_si256();
+      for (int c = 0; c < Bits; ++c) {  // a chunk of 256 bytes: 4 inputs a nibble (int4) or byte
+        const __m256i v =
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(wg + c * 256 + j * 32));
+        const __m256i lo = _mm256_and_si256(v, nibble);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        for (int m = 0; m < R; ++m) {
+          if (Bits == 4) {  // inputs 8c..8c+3 in the low nibbles, 8c+4..8c+7 in the high
+            dot[m] = _mm256_add_epi16(dot[m], _mm256_maddubs_epi16(lo, quads[m][2 * c]));
+            dot[m] = _mm256_add_epi16(dot[m], _mm256_maddubs_epi16(hi, quads[m][2 * c + 1]));
+          } else {  // inputs 4c..4c+3, both nibbles of each
+            dot[m] = _mm256_add_epi16(dot[m], _mm256_maddubs_epi16(lo, quads[m][c]));
+            high[m] = _mm256_add_epi16(high[m], _mm256_maddubs_epi16(hi, quads[m][c]));
+          }
+        }
+      }
+      const __m256 scale = halves(wg + code_bytes + j * 16);
+      const __m256 offset = halves(wg + code_bytes + kBlock * 2 + j * 16);
+      for (int m = 0; m < R; ++m) {
+        const __m256 s = _mm256_mul_ps(scale, _mm256_set1_ps(dx[m * groups + g]));
+        __m256i sum32 = _mm256_madd_epi16(dot[m], ones);
+        if (Bits == 8) sum32 = _mm256_add_epi32(sum32, _mm256_madd_epi16(high[m], sixteens));
+        const __m256 sum = _mm256_cvtepi32_ps(sum32);
+        acc[m][j] = _mm256_fmadd_ps(sum, s, acc[m][j]);
+        acc[m][j] = _mm256_fmadd_ps(offset, _mm256_set1_ps(dsum[m * groups + g]), acc[m][j]);
+      }
+    }
+  }
+  for (int m = 0; m < R; ++m)
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(y + m * ldy + 8 * j, acc[m][j]);
+}
+
+// 8 inputs as fp32: bf16 widens exactly (its bits are fp32's upper half)
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const uint16_t* x) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+inline float max8(__m256 v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+inline int32_t sum8(__m256i v) {
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+}
+
+// one row's groups of 32, as the AVX-512 kernel rounds them: xq = round(x / dx) (to nearest,
+// ties to even), dx = max|x| / 127 (a zero group: dx = 0, xq = 0), dsum = dx * sum(xq); a NaN
+// in a group makes dx NaN, so the row's outputs are NaN as a float product's would be
+template <typename T>
+void round_row(const T* x, int64_t groups, int8_t* xq, float* dx, float* dsum) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = load8(x + g * kGroup + 8 * i);
+    const __m256 most8 = _mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(v[0], magnitude), _mm256_and_ps(v[1], magnitude)),
+        _mm256_max_ps(_mm256_and_ps(v[2], magnitude), _mm256_and_ps(v[3], magnitude)));
+    float most = max8(most8);
+    const __m256 nan = _mm256_or_ps(_mm256_cmp_ps(v[0], v[1], _CMP_UNORD_Q),
+                                    _mm256_cmp_ps(v[2], v[3], _CMP_UNORD_Q));
+    if (_mm256_movemask_ps(nan)) most = std::numeric_limits<float>::quiet_NaN();
+    const float inverse = most > 0 ? 127.0f / most : 0.0f;
+    const __m256 by = _mm256_set1_ps(inverse);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], by));
+    // int32 -> int8 with saturation, as VPMOVSDB does; the packs interleave 128-bit lanes
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                             _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + g * kGroup),
+                        _mm256_permutevar8x32_epi32(bytes, order));
+    dx[g] = most / 127.0f;
+    const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]),
+                                           _mm256_add_epi32(q[2], q[3]));
+    dsum[g] = dx[g] * static_cast<float>(sum8(total));
+  }
+}
+
+// fp32 -> bf16 bits, to nearest even as torch's cast rounds (a NaN becomes 0xFFFF)
+inline uint16_t bf16_bits(float v) {
+  if (std::isnan(v)) return 0xFFFF;
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// a block's fp32 outputs (rows of `tile`, 64 apart) into rows of y (ldy apart), in y's dtype
+inline void store(const float* tile, int64_t rows, int64_t outputs, float* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(tile + r * kBlock, outputs, y + r * ldy);
+}
+inline void store(const float* tile, int64_t rows, int64_t outputs, uint16_t* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < outputs; ++o) y[r * ldy + o] = bf16_bits(tile[r * kBlock + o]);
+}
+
+// x [M, K] rows of T (fp32 or bf16 bits) times the packed weights into y [M, n] of T
+template <int Bits, typename T>
+void product(const T* in, int64_t lda, int64_t m, const at::Tensor& packed, int64_t n, int64_t k,
+             T* out) {
+  const int64_t groups = k / kGroup;
+  at::Tensor xq = at::empty({m, k}, at::kChar);
+  at::Tensor dx = at::empty({m, groups}, at::kFloat), dsum = at::empty_like(dx);
+  int8_t* q = xq.data_ptr<int8_t>();
+  float *d = dx.data_ptr<float>(), *ds = dsum.data_ptr<float>();
+  at::parallel_for(0, m, 8, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r)
+      round_row(in + r * lda, groups, q + r * k, d + r * groups, ds + r * groups);
+  });
+
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    alignas(32) float tile[kRows * kBlock];  // a block's outputs for up to kRows rows
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t n0 = b * kBlock, outputs = std::min<int64_t>(kBlock, n - n0);
+      const uint8_t* wb = w + b * groups * group_bytes<Bits>();
+      for (int64_t r = 0; r < m; r += kRows) {  // the block's weights stay in L2 across rows
+        const int8_t* xr = q + r * k;
+        const float *dr = d + r * groups, *sr = ds + r * groups;
+        const int64_t count = std::min<int64_t>(kRows, m - r);
+        switch (count) {
+          case 1: block<1, Bits>(xr, k, dr, sr, groups, wb, tile, kBlock); break;
+          case 2: block<2, Bits>(xr, k, dr, sr, groups, wb, tile, kBlock); break;
+          case 3: block<3, Bits>(xr, k, dr, sr, groups, wb, tile, kBlock); break;
+          default: block<4, Bits>(xr, k, dr, sr, groups, wb, tile, kBlock); break;
+        }
+        store(tile, count, outputs, out + r * n + n0, n);
+      }
+    }
+  });
+}
+
+template <int Bits>
+at::Tensor product_of(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t k) {
+  return product_with(x, packed, n, k, group_bytes<Bits>(),
+                      [&](const auto* in, int64_t lda, int64_t m, auto* out) {
+                        product<Bits>(in, lda, m, packed, n, k, out);
+                      });
+}
+
+// rows [first, first + R) of the int8 layout `packed` ([ceil(N/64), K/32, 2304] u8, zeros
+// past N) from codes [R, K] u8, scales and offsets [R, K/32] fp32 (w = u * scale + offset): a
+// projection is packed as its rows arrive, with no staged copy of the whole (the caller checks
+// fp16's range)
+void pack8_into(at::Tensor packed, int64_t first, const at::Tensor& codes,
+                const at::Tensor& scales, const at::Tensor& offsets) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) % kGroup == 0,
+              "codes: [R, K] uint8, K a multiple of 32");
+  const int64_t r = codes.size(0), k = codes.size(1), groups = k / kGroup;
+  constexpr int64_t bytes = group_bytes<8>(), code_bytes = kBlock * kGroup;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
+              packed.size(1) == groups && packed.size(2) == bytes && first >= 0 &&
+              first + r <= packed.size(0) * kBlock,
+              "packed: [blocks, K/32, 2304] u8 holding the rows");
+  for (const at::Tensor* t : {&scales, &offsets})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == r &&
+                t->size(1) == groups, "scales, offsets: [R, K/32] fp32");
+  const at::Tensor c = codes.contiguous(), s = scales.contiguous(), f = offsets.contiguous();
+  const uint8_t* cp = c.data_ptr<uint8_t>();
+  const float *sp = s.data_ptr<float>(), *fp = f.data_ptr<float>();
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, r, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = first + i, b = row / kBlock, lane = row % kBlock;
+      for (int64_t g = 0; g < groups; ++g) {
+        uint8_t* dst = out + (b * groups + g) * bytes;
+        const uint8_t* src = cp + i * k + g * kGroup;
+        for (int chunk = 0; chunk < 8; ++chunk)
+          std::memcpy(dst + chunk * 256 + lane * 4, src + chunk * 4, 4);
+        auto* halves_out = reinterpret_cast<c10::Half*>(dst + code_bytes);
+        halves_out[lane] = c10::Half(sp[i * groups + g]);
+        halves_out[kBlock + lane] = c10::Half(fp[i * groups + g]);
+      }
+    }
+  });
+}
+
+// packed -> (codes [n, k] u8, scales, offsets [n, k/32] fp32): for checks
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack8(const at::Tensor& packed, int64_t n,
+                                                        int64_t k) {
+  const int64_t groups = k / kGroup;
+  constexpr int64_t bytes = group_bytes<8>(), code_bytes = kBlock * kGroup;
+  TORCH_CHECK(packed.dim() == 3 && packed.size(0) * kBlock >= n && packed.size(1) == groups &&
+              packed.size(2) == bytes, "packed: from pack8");
+  at::Tensor codes = at::empty({n, k}, at::kByte);
+  at::Tensor scales = at::empty({n, groups}, at::kFloat), offsets = at::empty_like(scales);
+  const at::Tensor p = packed.contiguous();
+  const uint8_t* src = p.data_ptr<uint8_t>();
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t b = row / kBlock, i = row % kBlock;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* grp = src + (b * groups + g) * bytes;
+      for (int chunk = 0; chunk < 8; ++chunk)
+        std::memcpy(codes.data_ptr<uint8_t>() + row * k + g * kGroup + chunk * 4,
+                    grp + chunk * 256 + i * 4, 4);
+      const auto* h = reinterpret_cast<const c10::Half*>(grp + code_bytes);
+      scales.data_ptr<float>()[row * groups + g] = static_cast<float>(h[i]);
+      offsets.data_ptr<float>()[row * groups + g] = static_cast<float>(h[kBlock + i]);
+    }
+  }
+  return {codes, scales, offsets};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tdllm_avx2, m) {
+  m.def("pack4(Tensor codes, Tensor scales, Tensor offsets) -> Tensor");
+  m.def("unpack4(Tensor packed, int n, int k) -> (Tensor, Tensor, Tensor)");
+  m.def("w4a8(Tensor x, Tensor packed, int n, int k) -> Tensor");
+  m.def("pack8_into(Tensor(a!) packed, int first, Tensor codes, Tensor scales, "
+        "Tensor offsets) -> ()");
+  m.def("unpack8(Tensor packed, int n, int k) -> (Tensor, Tensor, Tensor)");
+  m.def("w8a8g(Tensor x, Tensor packed, int n, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tdllm_avx2, CPU, m) {
+  m.impl("pack4", &pack4);
+  m.impl("unpack4", &unpack4);
+  m.impl("w4a8", &product_of<4>);
+  m.impl("pack8_into", &pack8_into);
+  m.impl("unpack8", &unpack8);
+  m.impl("w8a8g", &product_of<8>);
+}

@@ -1,0 +1,162 @@
+"""The AVX2 library's int8 product (`avx2_kernel.w8a8g`, `Int8GroupAvx2Method`: the head of
+``quant: w4a8`` on a CPU without AVX-512): the exact integer product of u8 codes and inputs
+rounded per 32, scaled by fp16 scales and offsets; Q8_0 blocks arrive in it exactly; rows are
+packed as they arrive (no staged copy of the whole); a host-chosen weight beyond fp16 is one
+line naming the layer; and ``w4a8`` picks it, and the AVX2 int4 kernel, where AVX-512 is
+missing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tdllm.errors import ModelLoadError
+from tdllm.model import avx2_kernel, avx512_kernel
+from tdllm.model.int4_methods import Int4W4A8Method
+from tdllm.model.int8_methods import Int8DynamicMethod, Int8GroupAvx2Method
+from tdllm.model.linear import Linear
+from tdllm.model.quantized import quant_table
+from tests.cpu_kernels import needs_avx2
+from tests.unit.test_gguf_quant_load import gguf_float, synthetic
+from tests.unit.test_w4a8 import GROUP, rounded_inputs
+
+pytestmark = needs_avx2
+
+
+def exact(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """What the kernel must give, in float64 from the integer sums (fp16 scales and offsets)."""
+    xq, dx = rounded_inputs(x)
+    n = codes.shape[0]
+    dots = torch.einsum("mgk,ngk->mng", xq.double(), codes.reshape(n, -1, GROUP).double())
+    sums = xq.sum(-1).double()[:, None, :]
+    s, f = scales.half().double(), offsets.half().double()
+    return (dx.double()[:, None, :] * (s * dots + f * sums)).sum(-1)
+
+
+def packed_rows(
+    n: int, k: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(packed, codes, scales, offsets)``: random u8 codes of every value, packed in two
+    uneven parts (as a projection's rows arrive), offsets -128 scale as the head's."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g)
+    codes[0, :GROUP] = 255  # the largest products, every pair: int16 sums must not saturate
+    scales = torch.rand(n, k // GROUP, generator=g) / 100
+    offsets = -128 * scales
+    packed = avx2_kernel.empty8(n, k)
+    cut = n // 3
+    avx2_kernel.pack8_into(packed, 0, codes[:cut], scales[:cut], offsets[:cut])
+    avx2_kernel.pack8_into(packed, cut, codes[cut:], scales[cut:], offsets[cut:])
+    return packed, codes, scales, offsets
+
+
+@pytest.fixture(autouse=True)
+def built() -> None:
+    avx2_kernel.load("w4a8")
+
+
+@pytest.mark.parametrize(
+    ("rows", "n", "k"),
+    [(1, 64, 32), (1, 1000, 96), (2, 130, 576), (3, 64, 256), (5, 65, 64), (13, 100, 2048),
+     (0, 64, 64)],
+)  # fmt: skip
+def test_the_int8_kernel_gives_the_exact_product_of_its_rounded_inputs(
+    rows: int, n: int, k: int
+) -> None:
+    packed, codes, scales, offsets = packed_rows(n, k, rows * 31 + n + k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
+    if rows:
+        x[0, :GROUP] = 0  # a zero group
+        x[0, GROUP : 2 * GROUP] = -1  # every input -127 after rounding: the int16 sums' extreme
+        x[-1, -GROUP:] *= 1000  # an outlier group rounds on its own step
+    y = avx2_kernel.w8a8g(x, packed, n, k)
+    assert y.shape == (rows, n)
+    expected = exact(x, codes, scales, offsets)
+    bound = 2e-6 * max(1.0, float(expected.abs().max())) if rows else 0.0
+    assert torch.allclose(y.double(), expected, rtol=1e-5, atol=bound)
+    back = avx2_kernel.unpack8(packed, n, k)
+    assert torch.equal(back[0], codes)
+    assert torch.equal(back[1], scales.half().float())
+    assert torch.equal(back[2], offsets.half().float())
+
+
+def test_an_int8_row_gives_the_same_result_alone_and_in_any_batch() -> None:
+    packed, *_ = packed_rows(130, 128, 3)
+    x = torch.randn(9, 128, generator=torch.Generator().manual_seed(4))
+    together = avx2_kernel.w8a8g(x, packed, 130, 128)
+    for r in range(9):
+        for first in {0, max(0, r - 2), max(0, r - 4)}:
+            assert torch.equal(
+                avx2_kernel.w8a8g(x[first : r + 1], packed, 130, 128)[-1], together[r]
+            )
+
+
+def test_bf16_inputs_give_the_fp32_products_rounded_to_bf16() -> None:
+    packed, *_ = packed_rows(100, 64, 5)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6)).bfloat16()
+    y = avx2_kernel.w8a8g(x, packed, 100, 64)
+    expected = avx2_kernel.w8a8g(x.float(), packed, 100, 64).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(
+        y.view(torch.int16), expected.view(torch.int16)
+    )
+
+
+def test_q8_0_blocks_arrive_in_the_head_exactly_and_are_packed_as_they_arrive() -> None:
+    """Q8_0 is ``d * q`` per 32 with an fp16 ``d``: codes ``q + 128`` and offsets ``-128 d`` keep
+    it bit for bit. The staged buffer is the packed layout itself: the load never holds a second
+    copy of the head."""
+    blocks = synthetic("Q8_0", 300, 256)
+    layer = Linear("lm_head", 256, 300, Int8GroupAvx2Method(), torch.float32)
+    method = layer.method
+    assert isinstance(method, Int8GroupAvx2Method)
+    method.load_blocks(layer, blocks.row_slice(0, 100))
+    staged = {n: b for n, b in layer._buffers.items() if n.startswith("staged_") and b is not None}
+    assert list(staged) == ["staged_packed"]
+    method.load_blocks(layer, blocks.row_slice(100, 300), row_offset=100)
+    method.after_load(layer)
+    codes, scales, offsets = avx2_kernel.unpack8(layer.qweight, 300, 256)
+    weights = codes.float().reshape(300, -1, GROUP) * scales[..., None] + offsets[..., None]
+    assert np.array_equal(weights.reshape(300, 256).numpy(), gguf_float(blocks))
+
+
+def test_float_rows_take_q8_0s_grid() -> None:
+    weight = torch.randn(70, 96) / 10
+    layer = Linear("lm_head", 96, 70, Int8GroupAvx2Method(), torch.float32)
+    layer.load_weight(weight)
+    codes, scales, offsets = avx2_kernel.unpack8(layer.qweight, 70, 96)
+    step = weight.reshape(70, -1, GROUP).abs().amax(-1) / 127
+    assert torch.equal(scales, step.half().float())
+    assert torch.equal(offsets, -128 * scales)
+    stored = (codes.float() - 128).reshape(70, -1, GROUP) * scales[..., None]
+    # half a step of rounding, plus up to 127 codes of the step's own rounding to fp16
+    error = (stored.reshape(70, 96) - weight).abs().reshape(70, -1, GROUP)
+    bound = step / 2 + 127 * (step - scales).abs()
+    assert bool((error <= bound[..., None] * 1.0001).all())
+    x = torch.randn(2, 96)
+    assert torch.allclose(layer(x), x @ stored.reshape(70, 96).T, rtol=0.05, atol=0.05)
+
+
+def test_a_host_chosen_head_beyond_fp16s_scales_is_a_clear_load_error() -> None:
+    weight = torch.zeros(64, 64)
+    weight[7, 3] = 1e8  # a step of 1e8 / 127 in that group
+    layer = Linear("lm_head", 64, 64, Int8GroupAvx2Method(), torch.float32)
+    with pytest.raises(ModelLoadError, match=r"^lm_head: int8 scales and offsets beyond fp16"):
+        layer.load_weight(weight)
+
+
+def test_w4a8_runs_both_kernels_where_the_cpu_has_no_avx512(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: ["avx512f"])
+    table = quant_table("w4a8")
+    body, head = table.method_for("layers.0.mlp.down_proj"), table.method_for("lm_head")
+    assert isinstance(body, Int4W4A8Method) and body.kernel is avx2_kernel
+    assert isinstance(head, Int8GroupAvx2Method)
+    monkeypatch.setattr(avx512_kernel, "missing_cpu_flags", lambda: [])
+    table = quant_table("w4a8")
+    body, head = table.method_for("layers.0.mlp.down_proj"), table.method_for("lm_head")
+    assert isinstance(body, Int4W4A8Method) and body.kernel is avx512_kernel
+    assert isinstance(head, Int8DynamicMethod) and head.backend == "avx512"
