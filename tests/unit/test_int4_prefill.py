@@ -29,6 +29,13 @@ from tdllm.sources import open_checkpoint
 NEVER = 1 << 30  # a prefill threshold no input reaches: the kernel path, as before
 
 
+@pytest.fixture(autouse=True)
+def widening_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The widened path's numerics hold on any CPU; only its speed needs bf16 in hardware
+    (without, `prefill_min_rows` never widens: tested below)."""
+    monkeypatch.setattr(int4_widen, "HAS_NATIVE_BF16", True)
+
+
 def kernel(layer: Linear, x: torch.Tensor) -> torch.Tensor:
     """The int4 kernel itself on `x` (any number of rows), the padding rows cut."""
     y = torch._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), layer.qweight, 32, layer.scales_zeros)
@@ -229,6 +236,29 @@ def test_bundled_int4_greedy_tokens_are_unchanged_by_the_widened_prefill(
     before = greedy(model, tokens)
     monkeypatch.setattr(int4_widen, "PREFILL_MIN_ROWS", threshold)
     assert greedy(model, tokens) == before
+
+
+def test_nothing_widens_to_bf16_where_the_cpu_has_no_bf16_arithmetic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An AVX2 EPYC: torch's bf16 GEMM ran a 512-row prompt through one 1B-wide layer in 16 s
+    (a scalar loop), int4's kernel in 53 ms; int8's widening likewise lost to its kernel."""
+    monkeypatch.setattr(int4_widen, "HAS_NATIVE_BF16", False)
+    assert int4_widen.prefill_min_rows(2048, 8192) == int4_widen.NEVER
+    layer = float_layer(300, 256, seed=4)
+    x = torch.randn(int4_widen.PREFILL_MIN_ROWS + 3, 256)
+    assert torch.equal(layer(x), kernel(layer, x))  # the kernel's product, bit for bit
+    script = (
+        "import tdllm.model.cpu_features as f, tdllm.model.int8_methods as m; "
+        "print(m.PREFILL_MIN_ROWS, f.HAS_NATIVE_BF16, f.HAS_AMX)"
+    )
+    threshold, native, amx = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
+    if native == "False":
+        assert int(threshold) == int4_widen.NEVER
+    else:
+        assert int(threshold) == (16 if amx == "True" else 128)
 
 
 @pytest.mark.parametrize("amx", [True, False])

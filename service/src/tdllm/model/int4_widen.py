@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tdllm.model.cpu_features import HAS_AMX
+from tdllm.model.cpu_features import HAS_AMX, HAS_NATIVE_BF16
 from tdllm.model.linear import scratch_tensor
 
 # weights dequantized at a time: ~4M (8 MiB bf16 and 4 MiB of bytes of scratch, in L3) keeps
@@ -45,6 +45,7 @@ WIDEN_BLOCK_WEIGHTS = 1 << 22
 PREFILL_MIN_ROWS = 128
 AMX_MIN_ROWS = 64  # where oneDNN has AMX, for layers of at least `AMX_WIDE_LAYER` weights
 AMX_WIDE_LAYER = 1 << 21
+NEVER = 1 << 62  # rows no input reaches: the kernel at every length
 
 _scratch = threading.local()  # per-thread scratch, grown to the largest block seen
 
@@ -58,7 +59,11 @@ def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def prefill_min_rows(in_features: int, out_features: int) -> int:
-    """From how many rows a projection of this shape runs widened rather than on the kernel."""
+    """From how many rows a projection of this shape runs widened rather than on the kernel:
+    never where the CPU has no bf16 arithmetic (`cpu_features.HAS_NATIVE_BF16`: torch's bf16
+    GEMM took 16 s where int4's kernel took 53 ms, a 512-row prompt on a 1B-wide layer)."""
+    if not HAS_NATIVE_BF16:
+        return NEVER
     if HAS_AMX and in_features * out_features >= AMX_WIDE_LAYER:
         return min(PREFILL_MIN_ROWS, AMX_MIN_ROWS)
     return PREFILL_MIN_ROWS

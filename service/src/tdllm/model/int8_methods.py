@@ -24,9 +24,10 @@ import torch
 
 from tdllm.errors import ModelLoadError
 from tdllm.model import avx2_kernel, w8a8_packed
-from tdllm.model.cpu_features import HAS_AMX
+from tdllm.model.cpu_features import HAS_AMX, HAS_NATIVE_BF16
 from tdllm.model.gguf_blocks import GROUP as GGUF_GROUP
 from tdllm.model.gguf_blocks import GgufQuantized
+from tdllm.model.int4_widen import NEVER
 from tdllm.model.linear import Linear, widened_linear
 from tdllm.model.staged_quant import (
     KERNEL_DTYPE,
@@ -42,8 +43,9 @@ from tdllm.model.w4a8_ops import ScaleRangeError
 # grows with every row; where oneDNN has AMX its bf16 GEMM hardly does, and widening pays from
 # ~14 rows (Xeon, bundled and 1B shapes: 3.2x faster at 64 rows), elsewhere from ~128 (EPYC,
 # AVX-512 bf16: the kernel 2-4x slower than bf16 from 64 rows, the widening costing the rest):
-# docs/performance.md, "int8 prefill where oneDNN has AMX"
-PREFILL_MIN_ROWS = 16 if HAS_AMX else 128
+# docs/performance.md, "int8 prefill where oneDNN has AMX"; never where the CPU has no bf16
+# arithmetic (an AVX2 EPYC: the kernel 13 ms at 128 rows on a 2048 x 2048 layer, widened 54)
+PREFILL_MIN_ROWS = 16 if HAS_AMX else 128 if HAS_NATIVE_BF16 else NEVER
 WIDEN_BLOCK_ROWS = 2048  # int8 rows widened to bf16 at a time: the block stays small and warm
 
 
