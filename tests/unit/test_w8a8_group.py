@@ -13,6 +13,7 @@ import torch
 
 from tdllm.errors import ModelLoadError
 from tdllm.model import avx2_kernel, avx512_kernel
+from tdllm.model.gguf_blocks import GgufQuantized
 from tdllm.model.int4_methods import Int4W4A8Method
 from tdllm.model.int8_methods import Int8DynamicMethod, Int8GroupAvx2Method
 from tdllm.model.linear import Linear
@@ -145,6 +146,19 @@ def test_a_host_chosen_head_beyond_fp16s_scales_is_a_clear_load_error() -> None:
     layer = Linear("lm_head", 64, 64, Int8GroupAvx2Method(), torch.float32)
     with pytest.raises(ModelLoadError, match=r"^lm_head: int8 scales and offsets beyond fp16"):
         layer.load_weight(weight)
+
+
+def test_a_host_chosen_q8_0_head_whose_offset_overflows_fp16_is_a_clear_load_error() -> None:
+    """A Q8_0 block's d is any fp16; the head keeps -128 d as its offset, which overflows fp16
+    from d = 512 on: refused with the layer's name, not stored as an infinity."""
+    blocks = synthetic("Q8_0", 64, 64)
+    raw = blocks.blocks.copy()
+    raw.reshape(64, -1, 34)[5, 1, 0:2] = np.array([600.0], dtype=np.float16).view(np.uint8)
+    layer = Linear("lm_head", 64, 64, Int8GroupAvx2Method(), torch.float32)
+    method = layer.method
+    assert isinstance(method, Int8GroupAvx2Method)
+    with pytest.raises(ModelLoadError, match=r"^lm_head: int8 scales and offsets beyond fp16"):
+        method.load_blocks(layer, GgufQuantized("Q8_0", (64, 64), raw))
 
 
 def test_w4a8_runs_both_kernels_where_the_cpu_has_no_avx512(

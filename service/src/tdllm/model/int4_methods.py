@@ -83,7 +83,7 @@ class Int4WeightOnlyMethod(StagedQuantMethod):
     for decode-sized inputs. From `int4_widen.prefill_min_rows` rows (long prefills) the
     kernel's own weights, dequantized from its packed codes a block of rows at a time and
     rounded to bf16, go through oneDNN's bf16 GEMM instead: the kernel falls 2-3x behind bf16
-    there."""
+    there (where the CPU has bf16 arithmetic; elsewhere the kernel at every length)."""
 
     def __init__(self, group_size: int = INT4_GROUP_SIZE) -> None:
         super().__init__()

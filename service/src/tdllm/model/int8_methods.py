@@ -17,7 +17,9 @@ Kernel choice and fidelity: docs/performance.md, "Weight-only int8 and int4 on t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from typing import cast
 
 import torch
@@ -67,7 +69,8 @@ class Int8WeightOnlyMethod(StagedQuantMethod):
     """int8 weights, one bf16 scale per output row; ``_weight_int8pack_mm`` for decode-sized
     inputs. From `PREFILL_MIN_ROWS` rows (long prefills) the int8 rows are widened to bf16 a
     block at a time instead (exact: -127..127 fit bf16's mantissa), multiplied by oneDNN's bf16
-    GEMM and scaled per row: the kernel is 2-4x slower than bf16 there, the widening less."""
+    GEMM and scaled per row: the kernel is 2-4x slower than bf16 there, the widening less (where
+    the CPU has bf16 arithmetic; elsewhere the kernel at every length)."""
 
     def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
         n, k = layer.out_features, layer.in_features
@@ -218,11 +221,15 @@ class Int8GroupAvx2Method(StagedQuantMethod):
             )
         super().create_weights(layer, dtype)
 
+    # a host-chosen weight (floats, or a Q8_0 block's d beyond 511: its offset -128 d overflows
+    # fp16) fails the load with the layer's name, one line
     def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
-        try:
+        with _named(layer):
             super().load_weight(layer, weight, row_offset)
-        except ScaleRangeError as error:  # a host-chosen weight: the layer named, one line
-            raise ModelLoadError(f"{layer.name}: {error}") from error
+
+    def load_blocks(self, layer: Linear, blocks: GgufQuantized, row_offset: int = 0) -> None:
+        with _named(layer):
+            super().load_blocks(layer, blocks, row_offset)
 
     def staging(self, layer: Linear) -> dict[str, torch.Tensor]:
         # the kernel's layout itself: rows are packed as they arrive (`_put`), so the load
@@ -265,6 +272,14 @@ class Int8GroupAvx2Method(StagedQuantMethod):
         packed = layer.qweight
         assert isinstance(packed, torch.Tensor)
         return avx2_kernel.w8a8g(x, packed, layer.out_features, layer.in_features)
+
+
+@contextlib.contextmanager
+def _named(layer: Linear) -> Iterator[None]:
+    try:
+        yield
+    except ScaleRangeError as error:
+        raise ModelLoadError(f"{layer.name}: {error}") from error
 
 
 def int8_weights(layer: Linear) -> tuple[torch.Tensor, torch.Tensor]:
