@@ -20,21 +20,9 @@ from tdllm.model.linear import Linear
 from tdllm.model.quantized import quant_table
 from tests.cpu_kernels import needs_avx2
 from tests.unit.test_gguf_quant_load import gguf_float, synthetic
-from tests.unit.test_w4a8 import GROUP, rounded_inputs
+from tests.unit.test_w4a8 import GROUP, exact
 
 pytestmark = needs_avx2
-
-
-def exact(
-    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
-) -> torch.Tensor:
-    """What the kernel must give, in float64 from the integer sums (fp16 scales and offsets)."""
-    xq, dx = rounded_inputs(x)
-    n = codes.shape[0]
-    dots = torch.einsum("mgk,ngk->mng", xq.double(), codes.reshape(n, -1, GROUP).double())
-    sums = xq.sum(-1).double()[:, None, :]
-    s, f = scales.half().double(), offsets.half().double()
-    return (dx.double()[:, None, :] * (s * dots + f * sums)).sum(-1)
 
 
 def packed_rows(

@@ -64,21 +64,11 @@ def _build() -> None:
     torch.library.register_fake("tdllm_avx2::w8a8g", w4a8_ops.output_shape)
 
 
-def pack4(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`w4a8_ops.pack4` into this library's layout (`load` first)."""
-    return w4a8_ops.pack4(torch.ops.tdllm_avx2, codes, scales, offsets)
-
-
-def unpack4(
-    packed: torch.Tensor, n: int, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return w4a8_ops.unpack4(torch.ops.tdllm_avx2, packed, n, k)
-
-
-def w4a8(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """``x [..., K]`` (fp32 or bf16), rounded to int8 per 32 inputs, times the `pack4` weights:
-    ``[..., n]`` in x's dtype (a bf16 output rounded to nearest even, as ``.to`` rounds)."""
-    return torch.ops.tdllm_avx2.w4a8(x, packed, n, k)
+# the int4 ops (`w4a8_ops.W4A8Ops`: `load` first)
+_INT4 = w4a8_ops.W4A8Ops("tdllm_avx2")
+pack4 = _INT4.pack4
+unpack4 = _INT4.unpack4
+w4a8 = _INT4.w4a8
 
 
 def empty8(n: int, k: int) -> torch.Tensor:

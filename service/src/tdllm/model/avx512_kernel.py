@@ -119,21 +119,11 @@ def product(
     return torch.ops.tdllm_avx512.w8a8(scaled, packed, scales, sums, n, k, x_step, amx_min_rows)
 
 
-def pack4(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`w4a8_ops.pack4` into this library's layout (`load` first)."""
-    return w4a8_ops.pack4(torch.ops.tdllm_avx512, codes, scales, offsets)
-
-
-def unpack4(
-    packed: torch.Tensor, n: int, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return w4a8_ops.unpack4(torch.ops.tdllm_avx512, packed, n, k)
-
-
-def w4a8(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """``x [..., K]`` (fp32 or bf16), rounded to int8 per 32 inputs, times the `pack4` weights:
-    ``[..., n]`` in x's dtype (a bf16 output rounded to nearest even, as ``.to`` rounds)."""
-    return torch.ops.tdllm_avx512.w4a8(x, packed, n, k)
+# the int4 ops (`w4a8_ops.W4A8Ops`: `load` first)
+_INT4 = w4a8_ops.W4A8Ops("tdllm_avx512")
+pack4 = _INT4.pack4
+unpack4 = _INT4.unpack4
+w4a8 = _INT4.w4a8
 
 
 def widen4(

@@ -29,20 +29,35 @@ def check_fp16(scales: torch.Tensor, offsets: torch.Tensor, bits: str = "int4") 
         raise ScaleRangeError(f"{bits} scales and offsets beyond fp16's range")
 
 
-def pack4(
-    ops: Any, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
-) -> torch.Tensor:
-    """int4 ``codes [N, K]`` (uint8, 0..15) with a scale and an offset per 32 inputs (``[N,
-    K/32]`` fp32: ``w = q * scale + offset``) in the kernels' layout (the library loaded first);
-    scales and offsets are kept as fp16 (ValueError outside its range)."""
-    check_fp16(scales, offsets)
-    packed: torch.Tensor = ops.pack4(codes, scales, offsets)
-    return packed
+class W4A8Ops:
+    """The int4 ops of one library, by its op namespace (``tdllm_avx512``, ``tdllm_avx2``)."""
 
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
 
-def unpack4(
-    ops: Any, packed: torch.Tensor, n: int, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(codes, scales, offsets)`` read back from `pack4`'s layout."""
-    codes, scales, offsets = ops.unpack4(packed, n, k)
-    return codes, scales, offsets
+    def _ops(self) -> Any:
+        return getattr(torch.ops, self.namespace)
+
+    def pack4(
+        self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+    ) -> torch.Tensor:
+        """int4 ``codes [N, K]`` (uint8, 0..15) with a scale and an offset per 32 inputs (``[N,
+        K/32]`` fp32: ``w = q * scale + offset``) in the kernels' layout (the library loaded
+        first); scales and offsets are kept as fp16 (ValueError outside its range)."""
+        check_fp16(scales, offsets)
+        packed: torch.Tensor = self._ops().pack4(codes, scales, offsets)
+        return packed
+
+    def unpack4(
+        self, packed: torch.Tensor, n: int, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(codes, scales, offsets)`` read back from `pack4`'s layout."""
+        codes, scales, offsets = self._ops().unpack4(packed, n, k)
+        return codes, scales, offsets
+
+    def w4a8(self, x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """``x [..., K]`` (fp32 or bf16), rounded to int8 per 32 inputs, times the `pack4`
+        weights: ``[..., n]`` in x's dtype (a bf16 output rounded to nearest even, as ``.to``
+        rounds)."""
+        y: torch.Tensor = self._ops().w4a8(x, packed, n, k)
+        return y
