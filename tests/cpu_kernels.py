@@ -22,6 +22,7 @@ W8A8_QUANTS = [
     pytest.param("w8a8", marks=needs_vnni),
     pytest.param("w8a8-onednn", marks=needs_vnni),
     pytest.param("w8a8-avx512", marks=needs_avx512),
+    pytest.param("w8a8-avx2", marks=needs_avx2),
 ]
 # the quants of int4 weights, likewise
 INT4_QUANTS = [

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tdllm.model.int4_methods import Int4Avx512Method, Int4W4A8Method, Int4WeightOnlyMethod
-from tdllm.model.int8_methods import Int8DynamicMethod, Int8WeightOnlyMethod
+from tdllm.model.int8_methods import Int8DynamicMethod, Int8GroupAvx2Method, Int8WeightOnlyMethod
 from tdllm.model.linear import Linear, PlainCpuMethod
 from tdllm.model.loader import load_model
 from tdllm.model.quantized import quant_table
@@ -32,6 +32,7 @@ QUANT_METHOD = {
     "w8a8": Int8DynamicMethod,
     "w8a8-onednn": Int8DynamicMethod,
     "w8a8-avx512": Int8DynamicMethod,
+    "w8a8-avx2": Int8GroupAvx2Method,
     "w4a8": Int4W4A8Method,
     "w4a8-avx512": Int4Avx512Method,
 }

@@ -187,17 +187,18 @@ def test_doctor_lists_the_quants_this_cpu_loads_and_why_the_others_are_refused(
     monkeypatch.setattr(avx2_kernel, "why_unavailable", lambda: None)
     monkeypatch.setattr(doctor, "HAS_VNNI", False)  # an AVX2 EPYC
     assert doctor.quant_support() == (
-        "int8, int4 (its head int8 weight-only: no VNNI), w4a8 (on the avx2 kernels); refused "
-        "here: w8a8, w8a8-onednn (no VNNI); w8a8-avx512, w4a8-avx512 (avx512 kernels)"
+        "int8, int4 (its head int8 weight-only: no VNNI), w8a8-avx2, w4a8; refused here: "
+        "w8a8, w8a8-onednn (no VNNI); w8a8-avx512, w4a8-avx512 (avx512 kernels)"
     )
     monkeypatch.setattr(doctor, "HAS_VNNI", True)  # AVX-VNNI without AVX-512
     monkeypatch.setattr(avx2_kernel, "why_unavailable", lambda: "no compiler")
     assert doctor.quant_support() == (
-        "int8, int4, w8a8, w8a8-onednn; refused here: w4a8 (avx2 kernels); "
-        "w8a8-avx512, w4a8-avx512 (avx512 kernels)"
+        "int8, int4, w8a8, w8a8-onednn; refused here: w8a8-avx512, w4a8-avx512 (avx512 "
+        "kernels); w8a8-avx2, w4a8 (avx2 kernels)"
     )
     monkeypatch.setattr(avx512_kernel, "why_unavailable", lambda: None)
-    assert doctor.quant_support().endswith("w8a8-onednn, w8a8-avx512, w4a8, w4a8-avx512")
+    monkeypatch.setattr(avx2_kernel, "why_unavailable", lambda: None)
+    assert doctor.quant_support().endswith("w8a8-onednn, w8a8-avx512, w4a8-avx512, w8a8-avx2, w4a8")
     assert "quants" in dict(doctor.report())
 
 

@@ -125,7 +125,8 @@ def cli() -> None:
     "w8a8: int8 weights, activations rounded to int8 per row (fastest on VNNI CPUs); "
     "w8a8-onednn: w8a8 on oneDNN's int8 GEMM (faster prefill and batches on AMX CPUs); "
     "w8a8-avx512: w8a8 on our AVX-512 VNNI kernel (faster decode; built at first use, needs "
-    "a C++ compiler); w4a8: int4 weights, inputs rounded to int8 per 32, on our kernel "
+    "a C++ compiler); w8a8-avx2: int8 weights and inputs, a scale per 32, on our AVX2 kernel "
+    "(likewise); w4a8: int4 weights, inputs rounded to int8 per 32, on our kernel "
     "(AVX-512 VNNI, else AVX2; likewise); w4a8-avx512: on the AVX-512 one only",
 )
 @click.option(

@@ -65,13 +65,13 @@ def quant_support() -> str:
     else:
         refused.append("w8a8, w8a8-onednn (no VNNI)")
     if avx512_kernel.why_unavailable() is None:
-        runs += ["w8a8-avx512", "w4a8", "w4a8-avx512"]
+        runs += ["w8a8-avx512", "w4a8-avx512"]
     else:
-        if avx2_kernel.why_unavailable() is None:
-            runs.append("w4a8 (on the avx2 kernels)")
-        else:
-            refused.append("w4a8 (avx2 kernels)")
         refused.append("w8a8-avx512, w4a8-avx512 (avx512 kernels)")
+    if avx2_kernel.why_unavailable() is None:
+        runs += ["w8a8-avx2", "w4a8"]
+    else:
+        refused.append("w8a8-avx2, w4a8 (avx2 kernels)")
     return ", ".join(runs) + (f"; refused here: {'; '.join(refused)}" if refused else "")
 
 

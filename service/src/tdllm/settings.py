@@ -52,7 +52,8 @@ class Settings:
     # kernels (activations stay `dtype`), or w8a8: int8 weights and activations rounded to int8
     # per row, FBGEMM (VNNI CPUs), or w8a8-onednn: the same on oneDNN's int8 GEMM (AMX: faster
     # prefill and batches, slower at one sequence), or w8a8-avx512: on our AVX-512 VNNI kernel
-    # (faster decode, slower prefill; built at first use: a C++ compiler), or w4a8: int4
+    # (faster decode, slower prefill; built at first use: a C++ compiler), or w8a8-avx2: int8
+    # weights and inputs with a scale per 32 on our AVX2 kernel (likewise), or w4a8: int4
     # weights times inputs rounded to int8 per 32 on our kernel (AVX-512 VNNI where the CPU has
     # it, else AVX2; likewise), w4a8-avx512: on the AVX-512 one only; engine tdllm,
     # profile td-only (every projection) or split (its private tail and lm_head)

@@ -30,6 +30,7 @@ def gunicorn_argv() -> list[str]:
     default=None,
     help="weights kept int8/int4, or w8a8 (int8 weights and activations; w8a8-onednn: on "
     "oneDNN's GEMM, for batches; w8a8-avx512: on our AVX-512 kernel, for decode; "
+    "w8a8-avx2: int8 weights and inputs per 32 on our AVX2 kernel; "
     "w4a8: int4 weights on our kernel, AVX-512 or AVX2, inputs rounded to int8 per 32; "
     "w4a8-avx512: on the AVX-512 one only); "
     "td-only, split or masked (the TD's own weights), engine "

