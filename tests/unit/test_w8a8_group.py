@@ -1,9 +1,9 @@
-"""The AVX2 library's int8 product (`avx2_kernel.w8a8g`, `Int8GroupAvx2Method`: the head of
-``quant: w4a8`` on a CPU without AVX-512): the exact integer product of u8 codes and inputs
-rounded per 32, scaled by fp16 scales and offsets; Q8_0 blocks arrive in it exactly; rows are
-packed as they arrive (no staged copy of the whole); a host-chosen weight beyond fp16 is one
-line naming the layer; and ``w4a8`` picks it, and the AVX2 int4 kernel, where AVX-512 is
-missing."""
+"""The AVX2 library's int8 product (`avx2_kernel.w8a8g`, `Int8GroupAvx2Method`: ``quant:
+w8a8-avx2``, and the head of ``w4a8`` on a CPU without AVX-512): the exact integer product of s8
+codes and inputs rounded per 32, scaled by fp16 scales and offsets; Q8_0 blocks arrive in it
+exactly; rows are packed as they arrive (no staged copy of the whole); a host-chosen weight
+beyond fp16 is one line naming the layer; and ``w4a8`` picks it, and the AVX2 int4 kernel,
+where AVX-512 is missing."""
 
 from __future__ import annotations
 
@@ -30,13 +30,15 @@ pytestmark = needs_avx2
 def packed_rows(
     n: int, k: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(packed, codes, scales, offsets)``: random u8 codes of every value, packed in two
-    uneven parts (as a projection's rows arrive), offsets -128 scale as the head's."""
+    """``(packed, codes, scales, offsets)``: random s8 codes of every value a model's have, packed
+    in two uneven parts (as a projection's rows arrive), random offsets."""
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g)
-    codes[0, :GROUP] = 255  # the largest products, every pair: int16 sums must not saturate
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    # a file's Q8_0 code may be -128: |q| 128 times -127 (see below), in every pair of row 0's
+    # second group, is the largest an int16 pair meets (2 x 128 x 127 < 32768): no saturation
+    codes[0, : 2 * GROUP] = -128
     scales = torch.rand(n, k // GROUP, generator=g) / 100
-    offsets = -128 * scales
+    offsets = torch.randn(n, k // GROUP, generator=g) / 1000
     packed = avx2_kernel.empty8(n, k)
     cut = n // 3
     avx2_kernel.pack8_into(packed, 0, codes[:cut], scales[:cut], offsets[:cut])
@@ -61,11 +63,11 @@ def test_the_int8_kernel_gives_the_exact_product_of_its_rounded_inputs(
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
     if rows:
         x[0, :GROUP] = 0  # a zero group
-        x[0, GROUP : 2 * GROUP] = -1  # every input -127 after rounding: the int16 sums' extreme
+        x[0, GROUP : 2 * GROUP] = -1  # every input -127 after rounding: the pairs' extreme
         x[-1, -GROUP:] *= 1000  # an outlier group rounds on its own step
     y = avx2_kernel.w8a8g(x, packed, n, k)
     assert y.shape == (rows, n)
-    expected = exact(x, codes, scales, offsets)
+    expected = exact(x, codes.float(), scales, offsets)
     bound = 2e-6 * max(1.0, float(expected.abs().max())) if rows else 0.0
     assert torch.allclose(y.double(), expected, rtol=1e-5, atol=bound)
     back = avx2_kernel.unpack8(packed, n, k)
@@ -96,7 +98,7 @@ def test_bf16_inputs_give_the_fp32_products_rounded_to_bf16() -> None:
 
 
 def test_q8_0_blocks_arrive_in_the_head_exactly_and_are_packed_as_they_arrive() -> None:
-    """Q8_0 is ``d * q`` per 32 with an fp16 ``d``: codes ``q + 128`` and offsets ``-128 d`` keep
+    """Q8_0 is ``d * q`` per 32 with an fp16 ``d``: its codes and scales, kept as they are, give
     it bit for bit. The staged buffer is the packed layout itself: the load never holds a second
     copy of the head."""
     blocks = synthetic("Q8_0", 300, 256)
@@ -120,8 +122,8 @@ def test_float_rows_take_q8_0s_grid() -> None:
     codes, scales, offsets = avx2_kernel.unpack8(layer.qweight, 70, 96)
     step = weight.reshape(70, -1, GROUP).abs().amax(-1) / 127
     assert torch.equal(scales, step.half().float())
-    assert torch.equal(offsets, -128 * scales)
-    stored = (codes.float() - 128).reshape(70, -1, GROUP) * scales[..., None]
+    assert not offsets.any()
+    stored = codes.float().reshape(70, -1, GROUP) * scales[..., None]
     # half a step of rounding, plus up to 127 codes of the step's own rounding to fp16
     error = (stored.reshape(70, 96) - weight).abs().reshape(70, -1, GROUP)
     bound = step / 2 + 127 * (step - scales).abs()
@@ -138,17 +140,22 @@ def test_a_host_chosen_head_beyond_fp16s_scales_is_a_clear_load_error() -> None:
         layer.load_weight(weight)
 
 
-def test_a_host_chosen_q8_0_head_whose_offset_overflows_fp16_is_a_clear_load_error() -> None:
-    """A Q8_0 block's d is any fp16; the head keeps -128 d as its offset, which overflows fp16
-    from d = 512 on: refused with the layer's name, not stored as an infinity."""
+def test_a_q8_0_block_of_any_fp16_scale_arrives_exactly() -> None:
+    """A block's d is any fp16 the file holds (here 600 and 60000): kept as it is, with no
+    offset to overflow."""
     blocks = synthetic("Q8_0", 64, 64)
     raw = blocks.blocks.copy()
-    raw.reshape(64, -1, 34)[5, 1, 0:2] = np.array([600.0], dtype=np.float16).view(np.uint8)
+    for row, d in ((5, 600.0), (9, 60000.0)):
+        raw.reshape(64, -1, 34)[row, 1, 0:2] = np.array([d], dtype=np.float16).view(np.uint8)
+    big = GgufQuantized("Q8_0", (64, 64), raw)
     layer = Linear("lm_head", 64, 64, Int8GroupAvx2Method(), torch.float32)
     method = layer.method
     assert isinstance(method, Int8GroupAvx2Method)
-    with pytest.raises(ModelLoadError, match=r"^lm_head: int8 scales and offsets beyond fp16"):
-        method.load_blocks(layer, GgufQuantized("Q8_0", (64, 64), raw))
+    method.load_blocks(layer, big)
+    method.after_load(layer)
+    codes, scales, offsets = avx2_kernel.unpack8(layer.qweight, 64, 64)
+    weights = codes.float().reshape(64, -1, GROUP) * scales[..., None] + offsets[..., None]
+    assert np.array_equal(weights.reshape(64, 64).numpy(), gguf_float(big))
 
 
 def test_the_model_runs_on_w8a8_avx2_near_int8_and_a_prompts_rows_alone_or_together() -> None:

@@ -86,9 +86,9 @@ def pack8_into(
     scales: torch.Tensor,
     offsets: torch.Tensor,
 ) -> None:
-    """Rows ``first:first + R`` of `packed` (`empty8`) from uint8 ``codes [R, K]`` with a scale
-    and an offset per 32 inputs (``w = u * scale + offset``; `load` first); fp16 scales and
-    offsets (ValueError outside its range, before anything is written)."""
+    """Rows ``first:first + R`` of `packed` (`empty8`) from int8 ``codes [R, K]`` (-127..127)
+    with a scale and an offset per 32 inputs (``w = q * scale + offset``; `load` first); fp16
+    scales and offsets (ValueError outside its range, before anything is written)."""
     w4a8_ops.check_fp16(scales, offsets, "int8")
     torch.ops.tdllm_avx2.pack8_into(packed, first, codes, scales, offsets)
 
@@ -101,6 +101,6 @@ def unpack8(
 
 
 def w8a8g(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """``x [..., K]`` (fp32 or bf16), rounded to int8 per 32 inputs, times the `pack8` weights:
+    """``x [..., K]`` (fp32 or bf16), rounded to int8 per 32 inputs, times the `pack8_into` weights:
     ``[..., n]`` in x's dtype."""
     return torch.ops.tdllm_avx2.w8a8g(x, packed, n, k)

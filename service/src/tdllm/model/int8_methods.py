@@ -227,8 +227,8 @@ class Int8GroupAvx2Method(StagedQuantMethod):
             )
         super().create_weights(layer, dtype)
 
-    # a host-chosen weight (floats, or a Q8_0 block's d beyond 511: its offset -128 d overflows
-    # fp16) fails the load with the layer's name, one line
+    # a host-chosen float weight whose scale overflows fp16 fails the load with the layer's
+    # name, one line
     def load_weight(self, layer: Linear, weight: torch.Tensor, row_offset: int = 0) -> None:
         with _named(layer):
             super().load_weight(layer, weight, row_offset)
@@ -260,15 +260,8 @@ class Int8GroupAvx2Method(StagedQuantMethod):
     def _put(
         self, staged: dict[str, torch.Tensor], start: int, q: torch.Tensor, scales: torch.Tensor
     ) -> None:
-        # u = q + 128 in u8 lanes (VPMADDUBSW's unsigned side): w = u * s + (-128 s). The
-        # temporaries are a chunk's plaintext parameters: scrubbed once packed
-        codes = q.view(torch.uint8) ^ 0x80
-        offsets = scales * -128
-        try:
-            avx2_kernel.pack8_into(staged["packed"], start, codes, scales, offsets)
-        finally:
-            codes.zero_()
-            offsets.zero_()
+        # w = q * s: no offset (the kernel's is zero here)
+        avx2_kernel.pack8_into(staged["packed"], start, q, scales, torch.zeros_like(scales))
 
     def pack(self, layer: Linear, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         layer.register_buffer("qweight", staged["packed"], persistent=False)
