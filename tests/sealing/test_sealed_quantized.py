@@ -314,6 +314,7 @@ def same_weights(a: Transformer, b: Transformer) -> bool:
         pytest.param("w4a8", marks=needs_avx2),
         pytest.param("w4a8-avx512", marks=needs_avx512),
         "int8",
+        pytest.param("w8a8-avx2", marks=needs_avx2),
         pytest.param("w8a8", marks=needs_vnni),
         "none",
     ],

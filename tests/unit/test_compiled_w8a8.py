@@ -31,6 +31,7 @@ from tests.unit.test_compiled_decode import run
         pytest.param("w8a8-avx512", "decode", marks=needs_avx512),
         *(pytest.param("w4a8-avx512", m, marks=needs_avx512) for m in ("decode", "decode-groups")),
         *(pytest.param("w4a8", m, marks=needs_avx2) for m in ("decode", "decode-groups")),
+        pytest.param("w8a8-avx2", "decode-groups", marks=needs_avx2),
     ],
 )  # fmt: skip
 def test_compiled_decode_runs_w8a8_projections_with_the_eager_tokens(

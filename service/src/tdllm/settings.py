@@ -64,7 +64,8 @@ class Settings:
     # one int4 sequence; 3-7 minutes of start-up on 2 cores; needs g++; td-only and split,
     # docs/performance.md "Compiled decode step"); "decode-groups": one graph every group of
     # blocks shares (~1 minute of start-up, steps 1.0-1.2x as long as decode's on the bundled
-    # model, 1.1x eager's and 0.94x decode's at 1B; quant int8, int4, w4a8(-avx512) or fp32;
+    # model, 1.1x eager's and 0.94x decode's at 1B; quant int8, int4, w8a8-avx2,
+    # w4a8(-avx512) or fp32;
     # "Compiled a group of blocks at a time"); "off": eager
     compile: str = "off"
     # protection profile of the served model (docs/security.md): td-only | split (| ...);

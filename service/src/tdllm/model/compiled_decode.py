@@ -99,7 +99,7 @@ def compile_decode(model: Transformer, grouped: bool = False) -> None:
     if reason is not None:
         raise ModelLoadError(
             f"compile 'decode-groups' shares one graph between the blocks, but {reason}; "
-            "use compile 'decode', or quant int8, int4, w4a8 or w4a8-avx512"
+            "use compile 'decode', or quant int8, int4, w8a8-avx2, w4a8 or w4a8-avx512"
         )
     private_cache_dir()
     import torch._functorch.config as functorch_config
