@@ -16,7 +16,7 @@ from tdllm.model import avx2_kernel, avx512_kernel
 from tdllm.model.int4_methods import Int4Avx512Method, Int4W4A8Method, W4A8Kernel, int4_quantize
 from tdllm.model.linear import Linear
 from tdllm.model.quantized import quant_table
-from tdllm.model.transformer import Batch, KVCache
+from tdllm.model.transformer import Batch, KVCache, Transformer
 from tests.cpu_kernels import needs_avx2, needs_avx512
 from tests.tiny_model import tiny_model
 from tests.unit.test_gguf_quant_load import gguf_float, synthetic
@@ -55,6 +55,36 @@ def exact(
     sums = xq.sum(-1).double()[:, None, :]
     s, f = scales.half().double(), offsets.half().double()
     return (dx.double()[:, None, :] * (s * dots + f * sums)).sum(-1)
+
+
+def stored_weights(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """``[N, K]`` fp32: the weights a kernel's layout holds (read back by its unpack)."""
+    n = codes.shape[0]
+    grouped = codes.float().reshape(n, -1, GROUP) * scales[..., None] + offsets[..., None]
+    return grouped.reshape(n, -1)
+
+
+def runs_near(reference: str, quant: str, tolerance: float) -> Transformer:
+    """The tiny model on `quant`: its logits within `tolerance` (of the largest) of
+    `reference`'s, and a prompt's rows the same alone or beside another prompt's."""
+    tokens = torch.tensor([[5, 9, 13, 2, 44, 7]])
+    logits = []
+    for name in (reference, quant):
+        model = tiny_model(methods=quant_table(name))
+        cache = KVCache(model.cfg, 2, 16, torch.float32)
+        logits.append(model(tokens, Batch([0], [0], 6), cache, last_only=False))
+    assert torch.allclose(logits[0], logits[1], atol=tolerance * float(logits[0].abs().max()))
+    cache = KVCache(model.cfg, 2, 16, torch.float32)
+    together = model(
+        torch.tensor([tokens[0].tolist(), [5, 9, 13, 0, 0, 0]]),
+        Batch([0, 1], [0, 0], 6, lengths=[6, 3]),
+        cache,
+        last_only=False,
+    )
+    assert torch.equal(together[0], logits[1][0])  # a prompt's rows: the same alone or not
+    return model
 
 
 def random_weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,8 +218,7 @@ def test_q4_0_blocks_arrive_in_the_kernel_exactly(kernel: W4A8Kernel) -> None:
     method.load_blocks(layer, blocks)
     method.after_load(layer)
     codes, scales, offsets = kernel.unpack4(layer.qweight, 96, 256)
-    weights = codes.float().reshape(96, -1, GROUP) * scales[..., None] + offsets[..., None]
-    assert np.array_equal(weights.reshape(96, 256).numpy(), gguf_float(blocks))
+    assert np.array_equal(stored_weights(codes, scales, offsets).numpy(), gguf_float(blocks))
     staged = [n for n, b in layer._buffers.items() if n.startswith("staged_") and b is not None]
     assert not staged  # dropped (and scrubbed) once packed
 
@@ -222,21 +251,7 @@ def test_the_model_runs_on_the_int4_kernel_near_int4_and_prefills_prompts_togeth
 ) -> None:
     """Same int4 weights, inputs rounded per 32: the logits stay near int4 weight-only's (the
     rounding's cost on the bundled model: `tdllm bench fidelity`, docs/performance.md)."""
-    tokens = torch.tensor([[5, 9, 13, 2, 44, 7]])
-    logits = []
-    for name in ("int4", quant):
-        model = tiny_model(methods=quant_table(name))
-        cache = KVCache(model.cfg, 2, 16, torch.float32)
-        logits.append(model(tokens, Batch([0], [0], 6), cache, last_only=False))
-    assert torch.allclose(logits[0], logits[1], atol=0.1 * float(logits[0].abs().max()))
-    cache = KVCache(model.cfg, 2, 16, torch.float32)
-    together = model(
-        torch.tensor([tokens[0].tolist(), [5, 9, 13, 0, 0, 0]]),
-        Batch([0, 1], [0, 0], 6, lengths=[6, 3]),
-        cache,
-        last_only=False,
-    )
-    assert torch.equal(together[0], logits[1][0])  # a prompt's rows: the same alone or not
+    runs_near("int4", quant, 0.1)
 
 
 @needs_avx512

@@ -18,11 +18,9 @@ from tdllm.model.int4_methods import Int4W4A8Method
 from tdllm.model.int8_methods import Int8DynamicMethod, Int8GroupAvx2Method
 from tdllm.model.linear import Linear
 from tdllm.model.quantized import quant_table
-from tdllm.model.transformer import Batch, KVCache
 from tests.cpu_kernels import needs_avx2
-from tests.tiny_model import tiny_model
 from tests.unit.test_gguf_quant_load import gguf_float, synthetic
-from tests.unit.test_w4a8 import GROUP, exact
+from tests.unit.test_w4a8 import GROUP, exact, runs_near, stored_weights
 
 pytestmark = needs_avx2
 
@@ -111,8 +109,7 @@ def test_q8_0_blocks_arrive_in_the_head_exactly_and_are_packed_as_they_arrive() 
     method.load_blocks(layer, blocks.row_slice(100, 300), row_offset=100)
     method.after_load(layer)
     codes, scales, offsets = avx2_kernel.unpack8(layer.qweight, 300, 256)
-    weights = codes.float().reshape(300, -1, GROUP) * scales[..., None] + offsets[..., None]
-    assert np.array_equal(weights.reshape(300, 256).numpy(), gguf_float(blocks))
+    assert np.array_equal(stored_weights(codes, scales, offsets).numpy(), gguf_float(blocks))
 
 
 def test_float_rows_take_q8_0s_grid() -> None:
@@ -154,32 +151,17 @@ def test_a_q8_0_block_of_any_fp16_scale_arrives_exactly() -> None:
     method.load_blocks(layer, big)
     method.after_load(layer)
     codes, scales, offsets = avx2_kernel.unpack8(layer.qweight, 64, 64)
-    weights = codes.float().reshape(64, -1, GROUP) * scales[..., None] + offsets[..., None]
-    assert np.array_equal(weights.reshape(64, 64).numpy(), gguf_float(big))
+    assert np.array_equal(stored_weights(codes, scales, offsets).numpy(), gguf_float(big))
 
 
 def test_the_model_runs_on_w8a8_avx2_near_int8_and_a_prompts_rows_alone_or_together() -> None:
     """Every projection and the head on the AVX2 int8 product: the logits stay near int8
     weight-only's (inputs rounded per 32 its only extra cost), and a prompt's rows are the same
     alone or beside another prompt's."""
-    tokens = torch.tensor([[5, 9, 13, 2, 44, 7]])
-    logits = []
-    for quant in ("int8", "w8a8-avx2"):
-        model = tiny_model(methods=quant_table(quant))
-        cache = KVCache(model.cfg, 2, 16, torch.float32)
-        logits.append(model(tokens, Batch([0], [0], 6), cache, last_only=False))
+    model = runs_near("int8", "w8a8-avx2", 0.05)
     assert all(
         isinstance(m.method, Int8GroupAvx2Method) for m in model.modules() if isinstance(m, Linear)
     )
-    assert torch.allclose(logits[0], logits[1], atol=0.05 * float(logits[0].abs().max()))
-    cache = KVCache(model.cfg, 2, 16, torch.float32)
-    together = model(
-        torch.tensor([tokens[0].tolist(), [5, 9, 13, 0, 0, 0]]),
-        Batch([0, 1], [0, 0], 6, lengths=[6, 3]),
-        cache,
-        last_only=False,
-    )
-    assert torch.equal(together[0], logits[1][0])
 
 
 def test_w4a8_runs_both_kernels_where_the_cpu_has_no_avx512(
