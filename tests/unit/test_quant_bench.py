@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tdllm.model import avx512_kernel
+from tdllm.model import avx2_kernel, avx512_kernel
 from tdllm.model.int8_methods import int8_quantize
 from tdllm_lab.bench import linear_kernels
 from tdllm_lab.bench.engine_bench import format_table, quant_ratios
@@ -26,6 +26,8 @@ def test_kernel_bench_times_every_variant_at_each_row_count() -> None:
             linear_kernels.W4A8_AVX512,
             linear_kernels.W4A8_WIDENED,
         } <= variants
+    if not avx2_kernel.missing_cpu_flags():  # and our AVX2 ones (every x86-64 server CPU)
+        assert {linear_kernels.W4A8_AVX2, linear_kernels.W8A8_AVX2} <= variants
     assert all(r["us"] > 0 and r["weight_gb_s"] > 0 and r["copies"] >= 2 for r in results)
     report = {"threads": 1, "results": results}
     assert "tiny 64->32 x8" in linear_kernels.format_report(report)

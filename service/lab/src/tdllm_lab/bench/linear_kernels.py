@@ -26,7 +26,9 @@ own grid as ours (a fixed u8 grid of 127 steps a side around 128, the row's max 
 same product on our AVX-512 VNNI kernel (``backend="avx512"``, `quant: w8a8-avx512`), timed as the
 layer runs it, where the CPU has the instructions; our int4 kernel (`Int4Avx512Method`, `quant:
 w4a8-avx512`: int4 g32 codes, inputs rounded to int8 per 32) likewise, and its prompt path
-(``avx512_kernel.w4a8_widened``); and the
+(``avx512_kernel.w4a8_widened``); our AVX2 kernels where the CPU has AVX2 (`quant: w4a8`'s int4
+product there, and `w8a8-avx2`'s int8 one: a scale per 32 weights, inputs rounded per 32),
+timed as their layers run them; and the
 int8 and int4 methods' prefill paths (their weights widened to bf16 a block at a time for oneDNN's
 GEMM), whose crossover with the kernels sets ``PREFILL_MIN_ROWS``.
 """
@@ -42,10 +44,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tdllm.model import avx512_kernel
-from tdllm.model.int4_methods import INT4_GROUP_SIZE, Int4Avx512Method, int4_pack
+from tdllm.model import avx2_kernel, avx512_kernel
+from tdllm.model.int4_methods import INT4_GROUP_SIZE, Int4Avx512Method, Int4W4A8Method, int4_pack
 from tdllm.model.int4_widen import int4_widened_linear
-from tdllm.model.int8_methods import WIDEN_BLOCK_ROWS, Int8DynamicMethod, int8_quantize
+from tdllm.model.int8_methods import (
+    WIDEN_BLOCK_ROWS,
+    Int8DynamicMethod,
+    Int8GroupAvx2Method,
+    int8_quantize,
+)
 from tdllm.model.linear import Linear, LinearMethod, widened_linear
 
 FALLBACK_CACHE_BYTES = 32 << 20  # where sysfs names no cache size
@@ -117,6 +124,9 @@ def _variants(weight: torch.Tensor) -> dict[str, tuple[Any, torch.dtype, int]]:
             # its prompt path: the packed weights widened to bf16 for oneDNN's GEMM
             wide = _quant_layer(weight, "w4a8").qweight
             out[W4A8_WIDENED] = ((wide, n, k), torch.bfloat16, n * k // 2 + n * k // 8)
+    if not avx2_kernel.missing_cpu_flags() and k % avx2_kernel.GROUP == 0:
+        out[W4A8_AVX2] = ((weight,), torch.float32, n * k // 2 + n * k // 8)
+        out[W8A8_AVX2] = ((weight,), torch.float32, n * k + n * k // 8)
     return out
 
 
@@ -125,6 +135,15 @@ W8A8_ONEDNN = "w8a8 (oneDNN)"
 W8A8_AVX512 = "w8a8 (ours, AVX-512)"
 W8A8_LAYERS = {W8A8: "fbgemm", W8A8_AVX512: "avx512"}  # timed as the layer runs them
 W4A8_AVX512 = "w4a8 (ours, AVX-512)"  # likewise
+W4A8_AVX2 = "w4a8 (ours, AVX2)"
+W8A8_AVX2 = "w8a8 per 32 (ours, AVX2)"
+# the variants timed as a layer runs them, by the kind `_quant_layer` builds
+LAYERS = {
+    **W8A8_LAYERS,
+    W4A8_AVX512: "w4a8",
+    W4A8_AVX2: "w4a8-avx2",
+    W8A8_AVX2: "w8a8-avx2",
+}
 W4A8_WIDENED = "w4a8 widened (bf16 GEMM)"
 # the methods' prefill paths: the weights widened to bf16 a block at a time, oneDNN's GEMM
 INT8_WIDENED = "int8 widened (bf16 GEMM)"
@@ -132,9 +151,17 @@ INT4_WIDENED = f"int4 g{INT4_GROUP_SIZE} widened (bf16 GEMM)"
 
 
 def _quant_layer(weight: torch.Tensor, kind: str = "fbgemm") -> Linear:
-    """A layer holding `weight` as the engine would: W8A8 on backend `kind`, or (``"w4a8"``)
-    our int4 kernel's method."""
-    method: LinearMethod = Int4Avx512Method() if kind == "w4a8" else Int8DynamicMethod(backend=kind)
+    """A layer holding `weight` as the engine would: W8A8 on backend `kind`, or our kernels'
+    methods (``"w4a8"``: the AVX-512 int4 one; ``"w4a8-avx2"``, ``"w8a8-avx2"``: the AVX2 ones)."""
+    method: LinearMethod
+    if kind == "w4a8":
+        method = Int4Avx512Method()
+    elif kind == "w4a8-avx2":
+        method = Int4W4A8Method(avx2_kernel)
+    elif kind == "w8a8-avx2":
+        method = Int8GroupAvx2Method()
+    else:
+        method = Int8DynamicMethod(backend=kind)
     layer = Linear("bench", weight.shape[1], weight.shape[0], method, torch.bfloat16)
     layer.method.load_weight(layer, weight)
     return layer
@@ -171,7 +198,7 @@ def _call(name: str) -> Callable[..., torch.Tensor]:
         return lambda x, q, s: torch._weight_int8pack_mm(x, q, s)
     if name.startswith("int4"):
         return lambda x, p, sz, g: torch._weight_int4pack_mm_for_cpu(x, p, g, sz)
-    if name in W8A8_LAYERS or name == W4A8_AVX512:
+    if name in LAYERS:
         return lambda x, layer: layer(x)
     if name == W8A8_ONEDNN:
         return onednn_w8a8
@@ -194,9 +221,10 @@ def time_shape(
     for variant, (operands, act, nbytes) in _variants(base).items():
         copies = max(MIN_COPIES, min(MAX_COPIES, -(-CACHE_MULTIPLE * cache_bytes // nbytes)))
         # distinct storage per copy (values equal: the kernels' time does not depend on them)
-        if variant in W8A8_LAYERS or variant == W4A8_AVX512:  # packed copies of their own
-            backend = W8A8_LAYERS.get(variant, "w4a8")
-            sets: list[tuple[Any, ...]] = [(_quant_layer(base, backend),) for _ in range(copies)]
+        if variant in LAYERS:  # packed copies of their own
+            sets: list[tuple[Any, ...]] = [
+                (_quant_layer(base, LAYERS[variant]),) for _ in range(copies)
+            ]
         elif variant == W8A8_ONEDNN:  # and so is oneDNN's (an opaque tensor: no clone)
             sets = [onednn_w8a8_operands(*operands) for _ in range(copies)]
         else:
