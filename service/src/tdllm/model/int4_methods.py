@@ -200,10 +200,11 @@ class Int4W4A8Method(Int4WeightOnlyMethod):
     127`` a step: llama.cpp's Q8_0 activations). Not weight-only: the rounding of each input
     group is the cost, measured by ``tdllm bench fidelity``. Both kernels give the same bits.
     Against ``_weight_int4pack_mm_for_cpu`` the AVX-512 kernel is 1.1-1.8x at one row on the 1B
-    shapes, 1.1-2.2x at 8 rows, 2.3-5.5x at 64; the AVX2 one 4-5x at one row on an AVX2 EPYC.
+    shapes, 1.1-2.2x at 8 rows, 2.3-5.5x at 64; the AVX2 one 2.6-2.9x at one row and 3.0-3.1x at
+    8 on an AVX2 EPYC (`tdllm bench linear-kernels`).
     From `avx512_kernel.W4A8_WIDEN_MIN_ROWS` rows (where oneDNN has AMX) the weights are widened
     to bf16 a block at a time for oneDNN's GEMM instead, the inputs rounded to bf16
-    (docs/performance.md, "Our own int4 kernel", "A CPU without AVX-512")."""
+    (docs/performance.md, "Our own int4 kernel", "Our int4 kernel on AVX2")."""
 
     QUANT = "w4a8"
 

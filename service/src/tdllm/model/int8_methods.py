@@ -209,9 +209,9 @@ class Int8GroupAvx2Method(StagedQuantMethod):
     """int8 weights with a scale per 32 inputs (llama.cpp's Q8_0: ``w = q * s``, ``q`` in
     -127..127), times the inputs rounded to int8 per 32 on each call, on our AVX2 kernel
     (`avx2_kernel.w8a8g`): ``quant: w8a8-avx2``, and ``w4a8``'s head on a CPU without AVX-512,
-    where torch's int8
-    kernel read the 1B shape's head at 13 GB/s and this one at 24 (docs/performance.md, "A CPU
-    without AVX-512"). Q8_0 blocks arrive exactly; other rows are quantized per 32."""
+    where torch's int8 kernel read the 1B shape's head at 13 GB/s and this one at 19-24
+    (docs/performance.md, "Our int4 kernel on AVX2"). Q8_0 blocks arrive exactly; other rows are
+    quantized per 32."""
 
     QUANT = "w8a8-avx2"
 
