@@ -27,7 +27,8 @@ from tdllm.model.block_embedding import BlockEmbedding
 from tdllm.model.checkpoint import Checkpoint, GgufTensors
 from tdllm.model.cpu_features import HAS_VNNI
 from tdllm.model.gguf_blocks import GgufQuantized
-from tdllm.model.int8_methods import int8_weights
+from tdllm.model.head_embedding import HeadEmbedding
+from tdllm.model.int8_methods import Int8GroupAvx2Method, int8_weights
 from tdllm.model.loader import load_model
 from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Batch, KVCache, Transformer
@@ -333,7 +334,11 @@ def test_the_quantized_seal_loads_bit_identical_to_the_plain_gguf(
         for buffer in ("qweight", "scales", "scales_zeros"):
             if isinstance(theirs := getattr(module, buffer, None), torch.Tensor):
                 assert torch.equal(getattr(sealed.get_submodule(name), buffer), theirs), name
-    if quant != "none":  # the Q8_0 embedding kept as its blocks (not in the state dict)
+    if isinstance(plain.lm_head.method, Int8GroupAvx2Method):  # holds the Q8_0 table exactly
+        # the embedding reads the head's rows (its qweight compared above), no table of its own
+        assert isinstance(sealed.embed_tokens, HeadEmbedding)
+        assert isinstance(plain.embed_tokens, HeadEmbedding)
+    elif quant != "none":  # the Q8_0 embedding kept as its blocks (not in the state dict)
         assert isinstance(sealed.embed_tokens, BlockEmbedding)
         assert isinstance(plain.embed_tokens, BlockEmbedding)
         assert torch.equal(sealed.embed_tokens.blocks, plain.embed_tokens.blocks)

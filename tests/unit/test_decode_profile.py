@@ -25,6 +25,8 @@ from tests.tiny_model import tiny_model
         ("quantized::linear_dynamic", "matmul"),
         ("onednn::qlinear_pointwise", "matmul"),
         ("tdllm_avx512::w4a8", "matmul"),
+        ("tdllm_avx2::w4a8", "matmul"),
+        ("tdllm_avx2::w8a8g", "matmul"),
     ],
 )
 def test_ops_fall_in_their_category(op: str, expected: str) -> None:

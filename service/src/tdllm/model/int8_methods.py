@@ -272,6 +272,15 @@ class Int8GroupAvx2Method(StagedQuantMethod):
         assert isinstance(packed, torch.Tensor)
         return avx2_kernel.w8a8g(x, packed, layer.out_features, layer.in_features)
 
+    def holds_exactly(self, kind: str) -> bool:
+        return kind == "Q8_0"  # its codes and fp16 scales as they are (`stage_blocks`)
+
+    def rows(self, layer: Linear, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the weight as fp32 (`head_embedding.HeadEmbedding`: a tied embedding)."""
+        packed = layer.qweight
+        assert isinstance(packed, torch.Tensor)
+        return avx2_kernel.rows8(packed, rows)
+
 
 @contextlib.contextmanager
 def _named(layer: Linear) -> Iterator[None]:
