@@ -39,9 +39,15 @@ def test_rows_read_from_the_packed_layout_are_the_packed_rows() -> None:
     packed = avx2_kernel.empty8(n, k)
     avx2_kernel.pack8_into(packed, 0, codes, scales, offsets)
     q, s, f = avx2_kernel.unpack8(packed, n, k)
-    want = (q.float().reshape(n, -1, 32) * s[..., None] + f[..., None]).reshape(n, k)
+    # one rounding of q * scale + offset (exact in float64 for these values)
+    exact = q.double().reshape(n, -1, 32) * s.double()[..., None] + f.double()[..., None]
+    want = exact.reshape(n, k).float()
     rows = torch.tensor([0, 199, 5, 5, 64, 63, 128, 192])
-    assert torch.equal(avx2_kernel.rows8(packed, rows), want[rows])
+    assert torch.equal(avx2_kernel.rows8(packed, rows, n, k), want[rows])
+    assert avx2_kernel.rows8(packed, rows[:0], n, k).shape == (0, k)
+    for bad in (n, n + 20, -1):  # rows 200..255 are the layout's padding
+        with pytest.raises(IndexError):
+            avx2_kernel.rows8(packed, torch.tensor([3, bad]), n, k)
 
 
 @pytest.fixture(scope="module")

@@ -100,22 +100,11 @@ def unpack8(
     return codes, scales, offsets
 
 
-_CODE_BYTES = w4a8_ops.BLOCK * GROUP  # a block's codes per group, before its scales and offsets
-
-
-def rows8(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows `rows` (int64 ``[T]``, each below the layout's row count; the caller checks) of an
-    `empty8` layout decoded to fp32 ``[T, K]``: ``q * scale + offset``, each product rounded
-    once, as a Q8_0 block's ``d * q``. Plain indexing on the layout: a group's codes are eight
-    chunks of four inputs for each of a block's 64 rows, then 64 fp16 scales and 64 offsets."""
-    groups = packed.shape[1]
-    block, lane = rows // w4a8_ops.BLOCK, rows % w4a8_ops.BLOCK
-    chunks = packed[..., :_CODE_BYTES].unflatten(-1, (8, w4a8_ops.BLOCK, 4))
-    codes = chunks[block, :, :, lane].view(torch.int8)  # [T, groups, 8, 4]
-    halves = packed[..., _CODE_BYTES:].view(torch.float16).unflatten(-1, (2, w4a8_ops.BLOCK))
-    scales, offsets = halves[block, :, 0, lane].float(), halves[block, :, 1, lane].float()
-    values = codes.reshape(len(rows), groups, GROUP).float() * scales[..., None]
-    return (values + offsets[..., None]).reshape(len(rows), groups * GROUP)
+def rows8(packed: torch.Tensor, rows: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Rows `rows` (int64 ``[T]``; IndexError for one outside ``0..n-1``) of a `pack8_into`
+    layout decoded to fp32 ``[T, K]``: ``q * scale + offset`` rounded once, so a Q8_0 block's
+    ``d * q`` exactly where the offset is zero (a tied embedding read from its head)."""
+    return torch.ops.tdllm_avx2.rows8(packed, rows, n, k)
 
 
 def w8a8g(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

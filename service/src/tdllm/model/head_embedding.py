@@ -33,7 +33,8 @@ class HoldsRowsExactly(Protocol):
         ...
 
     def rows(self, layer: Linear, rows: torch.Tensor) -> torch.Tensor:
-        """Rows `rows` (int64, in range) of `layer`'s weight, decoded to fp32 ``[T, in]``."""
+        """Rows `rows` (int64) of `layer`'s weight, decoded to fp32 ``[T, in]``; IndexError for
+        a row outside the weight."""
         ...
 
 
@@ -52,10 +53,7 @@ class HeadEmbedding(nn.Module):
         self._rows = functools.partial(method.rows, head)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        flat = tokens.reshape(-1)
-        if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < self.num_embeddings):
-            raise IndexError(f"token id outside the vocabulary of {self.num_embeddings}")
-        rows = self._rows(flat) if flat.numel() else torch.empty(0, self.embedding_dim)
+        rows = self._rows(tokens.reshape(-1))  # IndexError outside the vocabulary
         return rows.to(self.dtype).reshape(*tokens.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

@@ -279,7 +279,7 @@ class Int8GroupAvx2Method(StagedQuantMethod):
         """Rows of the weight as fp32 (`head_embedding.HeadEmbedding`: a tied embedding)."""
         packed = layer.qweight
         assert isinstance(packed, torch.Tensor)
-        return avx2_kernel.rows8(packed, rows)
+        return avx2_kernel.rows8(packed, rows, layer.out_features, layer.in_features)
 
 
 @contextlib.contextmanager

@@ -285,6 +285,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack8(const at::Tensor& packed,
   return {codes, scales, offsets};
 }
 
+// rows `rows` ([T] int64, each in [0, n): IndexError otherwise) of the int8 layout, decoded to
+// fp32 [T, k]: q * scale + offset with one rounding (an FMA), so a Q8_0 block's d * q exactly
+// where the offset is zero, as a tied head packed from the embedding's blocks has (the
+// embedding read from the head, `head_embedding.py`)
+at::Tensor rows8(const at::Tensor& packed, const at::Tensor& rows, int64_t n, int64_t k) {
+  const int64_t groups = k / kGroup;
+  constexpr int64_t bytes = group_bytes<8>(), code_bytes = kBlock * kGroup;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
+              packed.size(0) * kBlock >= n && packed.size(1) == groups && packed.size(2) == bytes,
+              "packed: from pack8");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1, "rows: [T] int64");
+  const at::Tensor r = rows.contiguous();
+  const int64_t* ids = r.data_ptr<int64_t>();
+  const int64_t t = r.size(0);
+  for (int64_t i = 0; i < t; ++i)
+    TORCH_CHECK_INDEX(ids[i] >= 0 && ids[i] < n, "row ", ids[i], " outside ", n, " rows");
+  at::Tensor out = at::empty({t, k}, at::kFloat);
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < t; ++i) {
+    const int64_t b = ids[i] / kBlock, lane = ids[i] % kBlock;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* grp = src + (b * groups + g) * bytes;
+      const auto* h = reinterpret_cast<const c10::Half*>(grp + code_bytes);
+      const float scale = static_cast<float>(h[lane]), offset = static_cast<float>(h[kBlock + lane]);
+      float* o = dst + i * k + g * kGroup;
+      for (int chunk = 0; chunk < 8; ++chunk) {
+        const auto* q = reinterpret_cast<const int8_t*>(grp + chunk * 256 + lane * 4);
+        for (int j = 0; j < 4; ++j) o[chunk * 4 + j] = std::fma(float(q[j]), scale, offset);
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tdllm_avx2, m) {
@@ -295,6 +330,7 @@ TORCH_LIBRARY_FRAGMENT(tdllm_avx2, m) {
         "Tensor offsets) -> ()");
   m.def("unpack8(Tensor packed, int n, int k) -> (Tensor, Tensor, Tensor)");
   m.def("w8a8g(Tensor x, Tensor packed, int n, int k) -> Tensor");
+  m.def("rows8(Tensor packed, Tensor rows, int n, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tdllm_avx2, CPU, m) {
@@ -304,4 +340,5 @@ TORCH_LIBRARY_IMPL(tdllm_avx2, CPU, m) {
   m.impl("pack8_into", &pack8_into);
   m.impl("unpack8", &unpack8);
   m.impl("w8a8g", &product_of<8>);
+  m.impl("rows8", &rows8);
 }
