@@ -27,6 +27,7 @@ from tests.tiny_model import tiny_model
         ("tdllm_avx512::w4a8", "matmul"),
         ("tdllm_avx2::w4a8", "matmul"),
         ("tdllm_avx2::w8a8g", "matmul"),
+        ("tdllm_avx2::rows8", "other ops"),
     ],
 )
 def test_ops_fall_in_their_category(op: str, expected: str) -> None:
