@@ -5,9 +5,9 @@ whole into the model's dtype it is the largest tensor in memory at a 128k vocabu
 of bf16 at the Llama-3.2-1B shape, against 0.28 GB of Q8_0 blocks), and a step only reads the
 rows of its tokens. `BlockEmbedding` keeps the blocks in TD memory (a file's map is copied: the
 host can change the file under it; fresh blocks, a sealed model's decrypted buffer, are kept as
-they are, with no second plaintext copy) and decodes the rows a step asks for with
-`GgufQuantized.dequantize`,
-then rounds them to the model's dtype: the values the float table held, bit for bit (tested),
+they are, with no second plaintext copy) and decodes the rows a step asks for (Q8_0's
+``d * q`` in torch, other types with `GgufQuantized.dequantize`), then rounds them to the
+model's dtype: the values the float table held, bit for bit (tested),
 as llama.cpp's ``get_rows`` does on its quantized embedding.
 
 The loader (`Transformer.load_weights`) installs it only where nothing else reads the float
@@ -48,9 +48,15 @@ class BlockEmbedding(nn.Module):
         flat = tokens.reshape(-1)
         if not flat.numel():
             return torch.empty(*tokens.shape, self.embedding_dim, dtype=self.dtype)
-        rows = self.blocks[flat].numpy()  # a copy of the rows' blocks (IndexError out of range)
-        part = GgufQuantized(self.kind, (len(rows), self.embedding_dim), rows)
-        return part.dequantize().to(self.dtype).reshape(*tokens.shape, self.embedding_dim)
+        picked = self.blocks.index_select(0, flat)  # the rows' blocks (IndexError out of range)
+        if self.kind == "Q8_0":  # llama.cpp's embeddings: d * q in torch, 3-4x numpy's decode
+            groups = picked.view(len(flat), -1, _Q8_0_BYTES)
+            scale = groups[..., :2].contiguous().view(torch.float16).float()
+            values = (groups[..., 2:].view(torch.int8).float() * scale).reshape(len(flat), -1)
+        else:
+            part = GgufQuantized(self.kind, (len(flat), self.embedding_dim), picked.numpy())
+            values = part.dequantize()
+        return values.to(self.dtype).reshape(*tokens.shape, self.embedding_dim)
 
     def as_gguf(self) -> GgufQuantized:
         """The table's blocks (a view of this module's copy)."""
@@ -61,6 +67,7 @@ class BlockEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.kind} blocks"
 
 
+_Q8_0_BYTES = 34  # a Q8_0 block: fp16 d, then 32 int8 codes
 _COPY_ROWS = 4096  # rows copied at a time: 17 MiB of the 8B shape's Q8_0 table
 
 
