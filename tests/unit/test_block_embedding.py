@@ -20,6 +20,7 @@ from tdllm.model.loader import load_model
 from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.sources import open_checkpoint
+from tests.cpu_kernels import needs_avx2
 from tests.tiny_model import TINY, tiny_tensors
 from tests.unit.test_gguf_quant_load import blocks_of, synthetic
 
@@ -111,8 +112,10 @@ def test_a_tied_head_on_plain_kernels_keeps_the_float_table_it_shares() -> None:
     assert model.lm_head.weight is model.embed_tokens.weight
 
 
-def test_an_untied_quantized_model_keeps_its_embedding_as_blocks() -> None:
-    model = Transformer(TINY, quant_table("int8"))
+# w8a8-avx2: its head would hold a tied Q8_0 table exactly (tests/unit/test_head_embedding.py)
+@pytest.mark.parametrize("quant", ["int8", pytest.param("w8a8-avx2", marks=needs_avx2)])
+def test_an_untied_quantized_model_keeps_its_embedding_as_blocks(quant: str) -> None:
+    model = Transformer(TINY, quant_table(quant))
     assert not TINY.tie_word_embeddings
     with torch.no_grad():
         model.load_weights(blocks_of(tiny_tensors(TINY)))

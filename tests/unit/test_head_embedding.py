@@ -121,12 +121,3 @@ def test_an_embedding_the_head_would_requantize_keeps_its_own_blocks() -> None:
     table = LinearMethodTable([("lm_head", Int8GroupAvx2Method())], quant_table("int4").default)
     model = tiny_tied(table, "Q4_0")
     assert isinstance(model.embed_tokens, BlockEmbedding) and model.embed_tokens.kind == "Q4_0"
-
-
-def test_an_untied_head_leaves_the_embedding_its_own_blocks() -> None:
-    model = Transformer(TINY, quant_table("w8a8-avx2"))
-    assert not TINY.tie_word_embeddings
-    with torch.no_grad():
-        model.load_weights(blocks_of(tiny_tensors(TINY)))
-        model.after_load()
-    assert isinstance(model.embed_tokens, BlockEmbedding)
