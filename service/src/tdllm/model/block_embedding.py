@@ -49,7 +49,7 @@ class BlockEmbedding(nn.Module):
         if not flat.numel():
             return torch.empty(*tokens.shape, self.embedding_dim, dtype=self.dtype)
         picked = self.blocks.index_select(0, flat)  # the rows' blocks (IndexError out of range)
-        if self.kind == "Q8_0":  # llama.cpp's embeddings: d * q in torch, 3-4x numpy's decode
+        if self.kind == "Q8_0":  # llama.cpp's embeddings: d * q in torch (1.5x the numpy lookup)
             groups = picked.view(len(flat), -1, _Q8_0_BYTES)
             scale = groups[..., :2].contiguous().view(torch.float16).float()
             values = (groups[..., 2:].view(torch.int8).float() * scale).reshape(len(flat), -1)
