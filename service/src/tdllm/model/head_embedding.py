@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from tdllm.model.gguf_blocks import GgufQuantized, TakesGgufBlocks
 from tdllm.model.linear import Linear
 
 
@@ -58,3 +59,20 @@ class HeadEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rows of the tied lm_head"
+
+
+def embedding_from_head(
+    head: Linear, blocks: GgufQuantized, dtype: torch.dtype
+) -> HeadEmbedding | None:
+    """For a tied model's embedding `blocks`: where `head`'s method holds their type exactly,
+    the head packed from them (the file's pages let go as rows are taken, no copy of the blocks)
+    and the embedding that reads the head's rows; None, with nothing loaded, anywhere else."""
+    method = head.method
+    if not (
+        isinstance(method, HoldsRowsExactly)
+        and isinstance(method, TakesGgufBlocks)
+        and method.holds_exactly(blocks.kind)
+    ):
+        return None
+    method.load_blocks(head, blocks)
+    return HeadEmbedding(head, dtype)

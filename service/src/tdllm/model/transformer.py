@@ -27,7 +27,7 @@ from tdllm.model.cache_layout import DecodeWindow
 from tdllm.model.cache_layout import KVCache as KVCache
 from tdllm.model.config import ModelConfig
 from tdllm.model.gguf_blocks import GgufQuantized, TakesGgufBlocks
-from tdllm.model.head_embedding import HeadEmbedding, HoldsRowsExactly
+from tdllm.model.head_embedding import HeadEmbedding, embedding_from_head
 from tdllm.model.linear import (
     Linear,
     LinearMethodTable,
@@ -246,14 +246,11 @@ class Transformer(nn.Module):
                 raise ValueError(f"checkpoint tensor {ckpt_name} given {why}")
             seen.add(ckpt_name)
             if ckpt_name == "model.embed_tokens.weight" and isinstance(tensor, GgufQuantized):
-                head = self.lm_head.method
-                if isinstance(head, TakesGgufBlocks) and self._head_holds_embedding(tensor):
-                    # the head packed from the file's blocks, the embedding read from it: one
-                    # copy of the table in TD memory, none staged (0.28 GB less at 1B)
-                    head.load_blocks(self.lm_head, tensor)
-                    self.embed_tokens = HeadEmbedding(self.lm_head, self.dtype)
-                    head_made = True
-                    continue
+                if self.cfg.tie_word_embeddings:  # the table held once where the head can
+                    read = embedding_from_head(self.lm_head, tensor, self.dtype)
+                    if read is not None:
+                        self.embed_tokens, head_made = read, True
+                        continue
                 embedding_blocks = tensor
                 if self._embedding_stays_blocks():
                     self.embed_tokens = BlockEmbedding(tensor, self.dtype)
@@ -268,16 +265,6 @@ class Transformer(nn.Module):
             # the layers' freed staging back to the kernel before the head's, the load's peak
             return_freed_heap()
             self._tie_lm_head(embedding_blocks)
-
-    def _head_holds_embedding(self, blocks: GgufQuantized) -> bool:
-        """Whether the tied head holds the embedding's blocks exactly (`HoldsRowsExactly`), so
-        the embedding may read its rows from the head (`HeadEmbedding`)."""
-        method = self.lm_head.method
-        return (
-            self.cfg.tie_word_embeddings
-            and isinstance(method, HoldsRowsExactly)
-            and method.holds_exactly(blocks.kind)
-        )
 
     def _embedding_stays_blocks(self) -> bool:
         """Whether the embedding may stay GGUF blocks (`BlockEmbedding`): nothing else reads a
@@ -356,10 +343,7 @@ class Transformer(nn.Module):
         quantized load may keep it as GGUF blocks instead (`BlockEmbedding`) or read it from the
         tied head (`HeadEmbedding`), which is refused."""
         if not isinstance(self.embed_tokens, nn.Embedding):
-            raise TypeError(
-                "the embedding is held as GGUF blocks or the tied head's rows (a quantized "
-                "load), not a table"
-            )
+            raise TypeError("the embedding is GGUF blocks or the tied head's rows, not a table")
         return self.embed_tokens
 
 

@@ -36,7 +36,8 @@ MATMUL = (
     "onednn::qlinear",  # W8A8 on oneDNN
     "tdllm::",  # our W8A8 op around either
     "tdllm_avx512::",  # our own AVX-512 kernels (w8a8, w4a8)
-    "tdllm_avx2::w",  # our own AVX2 products (w4a8, w8a8g; its rows8 is an embedding lookup)
+    "tdllm_avx2::w4a8",  # our own AVX2 products (its rows8 is an embedding lookup)
+    "tdllm_avx2::w8a8g",
 )
 ATTENTION = ("scaled_dot_product", "flash_attention", "_efficient_attention")
 CATEGORIES = ("matmul", "attention", "other ops")
