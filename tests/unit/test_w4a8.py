@@ -87,23 +87,31 @@ def runs_near(reference: str, quant: str, tolerance: float) -> Transformer:
     return model
 
 
-def random_weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_weights(
+    n: int, k: int, seed: int, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random codes, scales and offsets; `symmetric`: Q4_0's grid, every offset -8 scale (fp16
+    scales, as a file's)."""
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
     scales = torch.rand(n, k // GROUP, generator=g) / 100
+    if symmetric:
+        scales = scales.half().float()
+        return codes, scales, -8 * scales
     offsets = -8 * scales + torch.randn(n, k // GROUP, generator=g) / 1000
     return codes, scales, offsets
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["offsets", "symmetric"])
 @pytest.mark.parametrize(
     ("rows", "n", "k"),
     [(1, 64, 32), (1, 1000, 96), (2, 130, 576), (3, 64, 256), (4, 65, 64), (6, 200, 512),
      (7, 576, 576), (13, 100, 2048), (0, 64, 64)],
 )  # fmt: skip
 def test_the_int4_kernel_gives_the_exact_product_of_its_rounded_inputs(
-    kernel: W4A8Kernel, rows: int, n: int, k: int
+    kernel: W4A8Kernel, rows: int, n: int, k: int, symmetric: bool
 ) -> None:
-    codes, scales, offsets = random_weights(n, k, rows * 7919 + n * 31 + k)
+    codes, scales, offsets = random_weights(n, k, rows * 7919 + n * 31 + k, symmetric)
     packed = kernel.pack4(codes, scales, offsets)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
     if rows:
@@ -177,17 +185,21 @@ def test_scales_beyond_fp16_are_refused_not_stored_as_infinity(kernel: W4A8Kerne
 @needs_avx2
 @needs_avx512
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_avx2_kernel_gives_the_avx512_kernels_bits(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("symmetric", [False, True], ids=["offsets", "symmetric"])
+def test_the_avx2_kernel_gives_the_avx512_kernels_bits(dtype: torch.dtype, symmetric: bool) -> None:
     """The same integer sums, scaled by the same two FMAs in the same order: a model on
-    ``quant: w4a8`` answers the same on either CPU (at every row count each blocks its own)."""
+    ``quant: w4a8`` answers the same on either CPU (at every row count each blocks its own),
+    Q4_0's grid included, which the AVX2 kernel holds without its offsets."""
     avx512_kernel.load("w4a8")
     avx2_kernel.load("w4a8")
-    codes, scales, offsets = random_weights(300, 576, 13)
+    codes, scales, offsets = random_weights(300, 576, 13, symmetric)
     x = torch.randn(11, 576, generator=torch.Generator().manual_seed(14)).to(dtype)
     x[2, 64:96] = 0
     wide = avx512_kernel.pack4(codes, scales, offsets)
     narrow = avx2_kernel.pack4(codes, scales, offsets)
-    assert torch.equal(wide, narrow)  # one layout
+    # one layout; the AVX2 kernel's symmetric form leaves the offsets out
+    assert torch.equal(wide[..., : narrow.shape[-1]], narrow)
+    assert narrow.shape[-1] == (1152 if symmetric else 1280)
     for rows in range(1, 12):
         a = avx512_kernel.w4a8(x[:rows], wide, 300, 576)
         b = avx2_kernel.w4a8(x[:rows], narrow, 300, 576)
@@ -195,6 +207,43 @@ def test_the_avx2_kernel_gives_the_avx512_kernels_bits(dtype: torch.dtype) -> No
             a.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
             b.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
         )
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_symmetric_form_gives_the_full_layouts_bits(dtype: torch.dtype) -> None:
+    """Q4_0's grid packed without offsets (each -8 scale, computed exactly in the kernel) gives
+    the bits of the same weights with their offsets stored, at every row count, NaN included."""
+    avx2_kernel.load("w4a8")
+    codes, scales, offsets = random_weights(200, 256, 21, symmetric=True)
+    short = avx2_kernel.pack4(codes, scales, offsets)
+    full = torch.ops.tdllm_avx2.pack4(codes, scales, offsets)
+    assert short.shape == (4, 8, 1152) and full.shape == (4, 8, 1280)
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(22)).to(dtype)
+    x[1, :GROUP] = 0
+    x[4, 100] = float("nan")
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for rows in range(1, 10):
+        a = avx2_kernel.w4a8(x[:rows], short, 200, 256)
+        b = avx2_kernel.w4a8(x[:rows], full, 200, 256)
+        assert torch.equal(a.view(bits), b.view(bits))
+    back = avx2_kernel.unpack4(short, 200, 256)
+    assert torch.equal(back[0], codes) and torch.equal(back[2], offsets)
+
+
+@needs_avx2
+def test_an_offset_one_step_from_q4_0s_keeps_the_full_layout() -> None:
+    """A host-chosen Q4_1 block whose minimum is -8 d but for one fp16 step: dropping offsets
+    there would change its weights, so the layout keeps them and they read back exactly."""
+    avx2_kernel.load("w4a8")
+    codes, scales, offsets = random_weights(64, 64, 23, symmetric=True)
+    near = offsets.half()
+    near[5, 1] = torch.nextafter(near[5, 1], torch.tensor(0.0, dtype=torch.float16))
+    packed = avx2_kernel.pack4(codes, scales, near.float())
+    assert packed.shape[-1] == 1280
+    assert torch.equal(avx2_kernel.unpack4(packed, 64, 64)[2], near.float())
+    shape = avx2_kernel.w4a8(torch.ones(1, 64), packed, 64, 64).shape
+    assert shape == (1, 64)
 
 
 def test_a_host_chosen_weight_beyond_fp16s_scales_is_a_clear_load_error(kernel: W4A8Kernel) -> None:
@@ -210,7 +259,8 @@ def test_a_host_chosen_weight_beyond_fp16s_scales_is_a_clear_load_error(kernel: 
 
 def test_q4_0_blocks_arrive_in_the_kernel_exactly(kernel: W4A8Kernel) -> None:
     """Q4_0's scale is fp16 and its offset -8 scale: the kernel's fp16 keeps both exactly, so its
-    weights are gguf's own dequantization, bit for bit."""
+    weights are gguf's own dequantization, bit for bit (the AVX2 kernel's from the scales alone:
+    Q4_0's bytes, not 11% more)."""
     blocks = synthetic("Q4_0", 96, 256)
     layer = Linear("t", 256, 96, Int4W4A8Method(kernel), torch.float32)
     method = layer.method
@@ -219,6 +269,7 @@ def test_q4_0_blocks_arrive_in_the_kernel_exactly(kernel: W4A8Kernel) -> None:
     method.after_load(layer)
     codes, scales, offsets = kernel.unpack4(layer.qweight, 96, 256)
     assert np.array_equal(stored_weights(codes, scales, offsets).numpy(), gguf_float(blocks))
+    assert layer.qweight.shape[-1] == (1152 if kernel is avx2_kernel else 1280)
     staged = [n for n, b in layer._buffers.items() if n.startswith("staged_") and b is not None]
     assert not staged  # dropped (and scrubbed) once packed
 

@@ -1,9 +1,9 @@
 """The AVX2 library's int8 product (`avx2_kernel.w8a8g`, `Int8GroupAvx2Method`: ``quant:
 w8a8-avx2``, and the head of ``w4a8`` on a CPU without AVX-512): the exact integer product of s8
-codes and inputs rounded per 32, scaled by fp16 scales and offsets; Q8_0 blocks arrive in it
-exactly; rows are packed as they arrive (no staged copy of the whole); a host-chosen weight
-beyond fp16 is one line naming the layer; and ``w4a8`` picks it, and the AVX2 int4 kernel,
-where AVX-512 is missing."""
+codes and inputs rounded per 32, scaled by fp16 scales; Q8_0 blocks arrive in it exactly (Q8_0's
+34 bytes a 32); rows are packed as they arrive (no staged copy of the whole); a host-chosen
+weight beyond fp16 is one line naming the layer; and ``w4a8`` picks it, and the AVX2 int4
+kernel, where AVX-512 is missing."""
 
 from __future__ import annotations
 
@@ -25,23 +25,21 @@ from tests.unit.test_w4a8 import GROUP, exact, runs_near, stored_weights
 pytestmark = needs_avx2
 
 
-def packed_rows(
-    n: int, k: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(packed, codes, scales, offsets)``: random s8 codes of every value a model's have, packed
-    in two uneven parts (as a projection's rows arrive), random offsets."""
+def packed_rows(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(packed, codes, scales)``: random s8 codes of every value a model's have, packed in two
+    uneven parts (as a projection's rows arrive)."""
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     # a file's Q8_0 code may be -128: |q| 128 times -127 (see below), in every pair of row 0's
     # second group, is the largest an int16 pair meets (2 x 128 x 127 < 32768): no saturation
     codes[0, : 2 * GROUP] = -128
     scales = torch.rand(n, k // GROUP, generator=g) / 100
-    offsets = torch.randn(n, k // GROUP, generator=g) / 1000
     packed = avx2_kernel.empty8(n, k)
+    assert packed.shape[-1] == 64 * 34  # Q8_0's bytes
     cut = n // 3
-    avx2_kernel.pack8_into(packed, 0, codes[:cut], scales[:cut], offsets[:cut])
-    avx2_kernel.pack8_into(packed, cut, codes[cut:], scales[cut:], offsets[cut:])
-    return packed, codes, scales, offsets
+    avx2_kernel.pack8_into(packed, 0, codes[:cut], scales[:cut])
+    avx2_kernel.pack8_into(packed, cut, codes[cut:], scales[cut:])
+    return packed, codes, scales
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +55,7 @@ def built() -> None:
 def test_the_int8_kernel_gives_the_exact_product_of_its_rounded_inputs(
     rows: int, n: int, k: int
 ) -> None:
-    packed, codes, scales, offsets = packed_rows(n, k, rows * 31 + n + k)
+    packed, codes, scales = packed_rows(n, k, rows * 31 + n + k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
     if rows:
         x[0, :GROUP] = 0  # a zero group
@@ -65,13 +63,12 @@ def test_the_int8_kernel_gives_the_exact_product_of_its_rounded_inputs(
         x[-1, -GROUP:] *= 1000  # an outlier group rounds on its own step
     y = avx2_kernel.w8a8g(x, packed, n, k)
     assert y.shape == (rows, n)
-    expected = exact(x, codes.float(), scales, offsets)
+    expected = exact(x, codes.float(), scales, torch.zeros_like(scales))
     bound = 2e-6 * max(1.0, float(expected.abs().max())) if rows else 0.0
     assert torch.allclose(y.double(), expected, rtol=1e-5, atol=bound)
     back = avx2_kernel.unpack8(packed, n, k)
     assert torch.equal(back[0], codes)
     assert torch.equal(back[1], scales.half().float())
-    assert torch.equal(back[2], offsets.half().float())
 
 
 def test_an_int8_row_gives_the_same_result_alone_and_in_any_batch() -> None:
@@ -108,18 +105,18 @@ def test_q8_0_blocks_arrive_in_the_head_exactly_and_are_packed_as_they_arrive() 
     assert list(staged) == ["staged_packed"]
     method.load_blocks(layer, blocks.row_slice(100, 300), row_offset=100)
     method.after_load(layer)
-    codes, scales, offsets = avx2_kernel.unpack8(layer.qweight, 300, 256)
-    assert np.array_equal(stored_weights(codes, scales, offsets).numpy(), gguf_float(blocks))
+    codes, scales = avx2_kernel.unpack8(layer.qweight, 300, 256)
+    stored = stored_weights(codes, scales, torch.zeros_like(scales))
+    assert np.array_equal(stored.numpy(), gguf_float(blocks))
 
 
 def test_float_rows_take_q8_0s_grid() -> None:
     weight = torch.randn(70, 96) / 10
     layer = Linear("lm_head", 96, 70, Int8GroupAvx2Method(), torch.float32)
     layer.load_weight(weight)
-    codes, scales, offsets = avx2_kernel.unpack8(layer.qweight, 70, 96)
+    codes, scales = avx2_kernel.unpack8(layer.qweight, 70, 96)
     step = weight.reshape(70, -1, GROUP).abs().amax(-1) / 127
     assert torch.equal(scales, step.half().float())
-    assert not offsets.any()
     stored = codes.float().reshape(70, -1, GROUP) * scales[..., None]
     # half a step of rounding, plus up to 127 codes of the step's own rounding to fp16
     error = (stored.reshape(70, 96) - weight).abs().reshape(70, -1, GROUP)
@@ -133,7 +130,7 @@ def test_a_host_chosen_head_beyond_fp16s_scales_is_a_clear_load_error() -> None:
     weight = torch.zeros(64, 64)
     weight[7, 3] = 1e8  # a step of 1e8 / 127 in that group
     layer = Linear("lm_head", 64, 64, Int8GroupAvx2Method(), torch.float32)
-    with pytest.raises(ModelLoadError, match=r"^lm_head: int8 scales and offsets beyond fp16"):
+    with pytest.raises(ModelLoadError, match=r"^lm_head: int8 scales beyond fp16"):
         layer.load_weight(weight)
 
 
@@ -150,8 +147,9 @@ def test_a_q8_0_block_of_any_fp16_scale_arrives_exactly() -> None:
     assert isinstance(method, Int8GroupAvx2Method)
     method.load_blocks(layer, big)
     method.after_load(layer)
-    codes, scales, offsets = avx2_kernel.unpack8(layer.qweight, 64, 64)
-    assert np.array_equal(stored_weights(codes, scales, offsets).numpy(), gguf_float(big))
+    codes, scales = avx2_kernel.unpack8(layer.qweight, 64, 64)
+    stored = stored_weights(codes, scales, torch.zeros_like(scales))
+    assert np.array_equal(stored.numpy(), gguf_float(big))
 
 
 def test_the_model_runs_on_w8a8_avx2_near_int8_and_a_prompts_rows_alone_or_together() -> None:

@@ -7,10 +7,10 @@ where the CPU has it (`tdllm.model.avx512_kernel`) and on this one elsewhere: th
 (tested). torch's own int4 and int8 kernels read a decode step's weights at ~7 GB/s on such a
 CPU where the bus gives 28-30 (docs/performance.md, "A CPU without AVX-512").
 
-`w8a8g` is the int8 product of the same kind (Q8_0's grid: int8 codes with an fp16 scale per 32
-inputs, times inputs rounded to int8 per 32): ``quant: w8a8-avx2``, and ``w4a8``'s head here
-(`tdllm.model.int8_methods.Int8GroupAvx2Method`), where torch's int8 kernel read the 1B shape's
-262 MB head at 13 GB/s.
+`w8a8g` is the int8 product of the same kind (Q8_0's grid and bytes: int8 codes with an fp16
+scale per 32 inputs, times inputs rounded to int8 per 32): ``quant: w8a8-avx2``, and ``w4a8``'s
+head here (`tdllm.model.int8_methods.Int8GroupAvx2Method`), where torch's int8 kernel read the 1B
+shape's 262 MB head at 13 GB/s. ``w4a8`` holds Q4_0's grid without offsets here (`pack4`).
 """
 
 from __future__ import annotations
@@ -66,44 +66,51 @@ def _build() -> None:
 
 # the int4 ops (`w4a8_ops.W4A8Ops`: `load` first)
 _INT4 = w4a8_ops.W4A8Ops("tdllm_avx2")
-pack4 = _INT4.pack4
-unpack4 = _INT4.unpack4
-w4a8 = _INT4.w4a8
+unpack4 = _INT4.unpack4  # either form: the symmetric one's offsets read back as -8 scale
+w4a8 = _INT4.w4a8  # either form
+
+
+def pack4(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`w4a8_ops.W4A8Ops.pack4` for this kernel: where every offset is -8 times its scale in fp16
+    (Q4_0's grid, ``w = (q - 8) * scale``) the layout's symmetric form, which leaves the offsets
+    out (1152 bytes a group of 64 outputs, not 1280: Q4_0's 18 a 32) and gives the same bits;
+    the full layout elsewhere (Q4_1, Q4_K, floats quantized at load)."""
+    w4a8_ops.check_fp16("int4 scales and offsets", scales, offsets)
+    packed: torch.Tensor
+    if torch.equal(offsets.half(), scales.half().mul(-8)):  # exact, or inf: then not equal
+        packed = torch.ops.tdllm_avx2.pack4s(codes, scales)
+    else:
+        packed = torch.ops.tdllm_avx2.pack4(codes, scales, offsets)
+    return packed
 
 
 def empty8(n: int, k: int) -> torch.Tensor:
-    """A zeroed `w8a8g` layout for ``n`` outputs of ``k`` inputs (rows go in with `pack8_into`)."""
+    """A zeroed `w8a8g` layout for ``n`` outputs of ``k`` inputs (rows go in with `pack8_into`):
+    per block of 64 outputs and group of 32 inputs, the codes then 64 fp16 scales."""
     blocks = -(-n // w4a8_ops.BLOCK)
     return torch.zeros(
-        blocks, k // GROUP, w4a8_ops.BLOCK * GROUP + 4 * w4a8_ops.BLOCK, dtype=torch.uint8
+        blocks, k // GROUP, w4a8_ops.BLOCK * GROUP + 2 * w4a8_ops.BLOCK, dtype=torch.uint8
     )
 
 
-def pack8_into(
-    packed: torch.Tensor,
-    first: int,
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    offsets: torch.Tensor,
-) -> None:
-    """Rows ``first:first + R`` of `packed` (`empty8`) from int8 ``codes [R, K]`` (-127..127)
-    with a scale and an offset per 32 inputs (``w = q * scale + offset``; `load` first); fp16
-    scales and offsets (ValueError outside its range, before anything is written)."""
-    w4a8_ops.check_fp16(scales, offsets, "int8")
-    torch.ops.tdllm_avx2.pack8_into(packed, first, codes, scales, offsets)
+def pack8_into(packed: torch.Tensor, first: int, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Rows ``first:first + R`` of `packed` (`empty8`) from int8 ``codes [R, K]`` (-128..127)
+    with a scale per 32 inputs (``w = q * scale``; `load` first); fp16 scales (ValueError
+    outside its range, before anything is written)."""
+    w4a8_ops.check_fp16("int8 scales", scales)
+    torch.ops.tdllm_avx2.pack8_into(packed, first, codes, scales)
 
 
-def unpack8(
-    packed: torch.Tensor, n: int, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    codes, scales, offsets = torch.ops.tdllm_avx2.unpack8(packed, n, k)
-    return codes, scales, offsets
+def unpack8(packed: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes [n, k] int8, scales [n, k/32] fp32)`` read back from `pack8_into`'s layout."""
+    codes, scales = torch.ops.tdllm_avx2.unpack8(packed, n, k)
+    return codes, scales
 
 
 def rows8(packed: torch.Tensor, rows: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Rows `rows` (int64 ``[T]``; IndexError for one outside ``0..n-1``) of a `pack8_into`
-    layout decoded to fp32 ``[T, K]``: ``q * scale + offset`` rounded once, so a Q8_0 block's
-    ``d * q`` exactly where the offset is zero (a tied embedding read from its head)."""
+    layout decoded to fp32 ``[T, K]``: ``q * scale``, a Q8_0 block's ``d * q`` exactly (a tied
+    embedding read from its head)."""
     return torch.ops.tdllm_avx2.rows8(packed, rows, n, k)
 
 

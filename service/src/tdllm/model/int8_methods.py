@@ -260,8 +260,7 @@ class Int8GroupAvx2Method(StagedQuantMethod):
     def _put(
         self, staged: dict[str, torch.Tensor], start: int, q: torch.Tensor, scales: torch.Tensor
     ) -> None:
-        # w = q * s: no offset (the kernel's is zero here)
-        avx2_kernel.pack8_into(staged["packed"], start, q, scales, torch.zeros_like(scales))
+        avx2_kernel.pack8_into(staged["packed"], start, q, scales)  # w = q * s
 
     def pack(self, layer: Linear, staged: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         layer.register_buffer("qweight", staged["packed"], persistent=False)

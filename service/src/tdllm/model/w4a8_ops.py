@@ -22,11 +22,12 @@ class ScaleRangeError(ValueError):
     """A scale or offset fp16 cannot hold."""
 
 
-def check_fp16(scales: torch.Tensor, offsets: torch.Tensor, bits: str = "int4") -> None:
-    """ValueError where a scale or offset is beyond fp16's range (or NaN): the kernels keep
-    them as fp16, and an infinity stored would be a wrong model, not an error."""
-    if not max(float(scales.abs().max()), float(offsets.abs().max())) <= FP16_MAX:  # or NaN
-        raise ScaleRangeError(f"{bits} scales and offsets beyond fp16's range")
+def check_fp16(what: str, *tensors: torch.Tensor) -> None:
+    """ValueError where a value of `tensors` (`what`: "int4 scales and offsets") is beyond
+    fp16's range (or NaN): the kernels keep them as fp16, and an infinity stored would be a
+    wrong model, not an error."""
+    if not max(float(t.abs().max()) for t in tensors) <= FP16_MAX:  # or NaN
+        raise ScaleRangeError(f"{what} beyond fp16's range")
 
 
 class W4A8Ops:
@@ -44,7 +45,7 @@ class W4A8Ops:
         """int4 ``codes [N, K]`` (uint8, 0..15) with a scale and an offset per 32 inputs (``[N,
         K/32]`` fp32: ``w = q * scale + offset``) in the kernels' layout (the library loaded
         first); scales and offsets are kept as fp16 (ValueError outside its range)."""
-        check_fp16(scales, offsets)
+        check_fp16("int4 scales and offsets", scales, offsets)
         packed: torch.Tensor = self._ops().pack4(codes, scales, offsets)
         return packed
 
