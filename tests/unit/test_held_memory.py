@@ -15,7 +15,7 @@ from tdllm.model import w8a8_packed
 from tdllm.model.linear import Linear, LinearMethodTable, PrepackedCpuMethod, can_prepack_bf16
 from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Transformer
-from tdllm_lab.bench.held_memory import weight_bytes
+from tdllm_lab.bench.held_memory import step_bytes, weight_bytes
 from tests.cpu_kernels import needs_vnni
 from tests.tiny_model import TINY, tiny_model, tiny_tensors
 
@@ -27,6 +27,19 @@ def test_every_weight_counts_once_and_a_tied_head_shares_the_embeddings_bytes() 
     assert weight_bytes(untied) == floats + buffers
     tied = tiny_model(dataclasses.replace(TINY, tie_word_embeddings=True))
     assert weight_bytes(tied) == weight_bytes(untied) - TINY.vocab_size * TINY.hidden_size * 4
+
+
+def test_a_decode_step_reads_all_but_the_embeddings_table_and_the_rope_tables() -> None:
+    """A step reads one row of the embedding and of the rope tables; a tied head reads the
+    table it shares with the embedding whole, so there it counts."""
+    rope = sum(
+        b.untyped_storage().nbytes() for n, b in tiny_model().named_buffers() if "rope_" in n
+    )
+    table = TINY.vocab_size * TINY.hidden_size * 4
+    untied = tiny_model()
+    assert rope > 0 and step_bytes(untied) == weight_bytes(untied) - table - rope
+    tied = tiny_model(dataclasses.replace(TINY, tie_word_embeddings=True))
+    assert step_bytes(tied) == weight_bytes(tied) - rope
 
 
 @pytest.mark.skipif(not can_prepack_bf16(), reason="no native bf16: nothing is reordered")

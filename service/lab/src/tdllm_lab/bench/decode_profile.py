@@ -22,7 +22,7 @@ from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.linear import LinearMethodTable
 from tdllm.model.loader import load_model
 from tdllm.model.quantized import quant_table
-from tdllm_lab.bench.held_memory import weight_bytes
+from tdllm_lab.bench.held_memory import step_bytes
 
 MATMUL = (
     "aten::mm",
@@ -148,8 +148,7 @@ def _profile_batch(
         "share_by_category": {k: round(v / profiled_ms, 4) for k, v in rows.items()},
         "aten_ops_per_step": round(calls / steps, 1),
         "matmul_ops": sorted(matmul_ops),  # which kernels ran the projections
-        # what the model holds but the rope tables (one row a step): the bytes a step reads
-        "weight_bytes": weight_bytes(engine.model, skip_buffers=("rope_",)),
+        "weight_bytes": step_bytes(engine.model),  # the bytes a step reads
     }
 
 

@@ -41,9 +41,10 @@ def prompts(tokenizer: Any, length: int, count: int) -> list[list[int]]:
 
 def ours(
     source: str, dtype: torch.dtype, max_len: int, quant: str = "none", compile: str = "off"
-) -> tuple[Generate, Any, float, tuple[int, int]]:
+) -> tuple[Generate, Any, float, tuple[int, int, int]]:
     """Our engine's generate, the tokenizer, the seconds its decode step took to compile, and
-    the bytes of its weights as held and of one position's KV (`held_memory`)."""
+    the bytes of its weights as held, of one position's KV and of the weights a decode step
+    reads (`held_memory`)."""
     model, checkpoint = load_model(open_checkpoint(source), dtype, quant_table(quant))
     engine = Engine(model, checkpoint.tokenizer, max_batch=8, max_seq_len=max_len, compile=compile)
 
@@ -51,7 +52,11 @@ def ours(
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         engine.generate(batch, params)
 
-    held = (held_memory.weight_bytes(model), engine.cache.token_bytes)
+    held = (
+        held_memory.weight_bytes(model),
+        engine.cache.token_bytes,
+        held_memory.step_bytes(model),
+    )
     return generate, checkpoint.tokenizer, engine.compile_seconds, held
 
 
@@ -137,9 +142,10 @@ def run(
         result[f"decode_b{b}_tok_s"] = round(b * new_tokens / decode_s, 1)
     result["peak_rss_mb"] = peak_rss_mb()
     if held is not None:  # the target: peak <= 1.2x the weights plus the KV at its fullest
-        weights, token_bytes = held
+        weights, token_bytes, step = held
         kv = held_memory.kv_bytes(token_bytes, max(batches), prompt_len + new_tokens + 1)
         result["weights_mb"] = round(weights / held_memory.MIB, 1)
+        result["decode_weight_bytes"] = step  # measured in its layout, for the bus share
         result["kv_mb"] = round(kv / held_memory.MIB, 1)
         result["peak_vs_held"] = round(result["peak_rss_mb"] * held_memory.MIB / (weights + kv), 2)
     return result
