@@ -196,7 +196,8 @@ class Int4W4A8Method(Int4WeightOnlyMethod):
     """W4A8 on our kernel (``quant: w4a8``; `kernel`: AVX-512 VNNI where the CPU has it, else
     AVX2, `w4a8_kernel`): int4's codes, scales and zeros (the same rows from floats or GGUF
     blocks), packed as the kernel streams them (scales and offsets ``z - 8 s`` in fp16: Q4_0's
-    and Q4_1's own precision), times the inputs rounded to int8 per 32 on each call (``max|x| /
+    and Q4_1's own precision; the AVX2 kernel holds Q4_0's without its offsets, each ``-8 s``:
+    `avx2_kernel.pack4`), times the inputs rounded to int8 per 32 on each call (``max|x| /
     127`` a step: llama.cpp's Q8_0 activations). Not weight-only: the rounding of each input
     group is the cost, measured by ``tdllm bench fidelity``. Both kernels give the same bits.
     Against ``_weight_int4pack_mm_for_cpu`` the AVX-512 kernel is 1.1-1.8x at one row on the 1B
