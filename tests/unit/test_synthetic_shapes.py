@@ -211,6 +211,17 @@ def test_ours_w8a8_runs_only_the_q8_0_file_and_has_its_own_ratios(tmp_path: Path
     assert ratios["q8_0 w8a8"]["decode_b1_tok_s"] == 1.5
 
 
+def test_our_bus_share_uses_the_bytes_our_model_holds_and_a_peers_its_files() -> None:
+    one_b = shape_bench.shape_named("1b")
+    ours = {"engine": "ours-w4a8", "decode_b1_tok_s": 20.0, "decode_weight_bytes": 800_000_000}
+    shape_bench.add_bus_share(ours, one_b, "ours-w4a8", "q4_0", 32.0)
+    assert ours == {"engine": "ours-w4a8", "decode_b1_tok_s": 20.0, "decode_weight_gb": 0.8,
+                    "bandwidth_share": 0.5}  # fmt: skip
+    peer = {"engine": "llama.cpp", "decode_b1_tok_s": 20.0}
+    shape_bench.add_bus_share(peer, one_b, "llama.cpp", "q4_0", 32.0)
+    assert peer["decode_weight_gb"] == round(synthetic_shapes.decode_bytes(one_b, "q4_0") / 1e9, 3)
+
+
 @pytest.mark.skipif(not llama_cpp_peer.available(), reason="llama-cpp-python not installed")
 def test_llama_cpp_runs_the_same_file(tmp_path: Path) -> None:
     path = ensure_gguf("tiny", "q8_0", tmp_path, shape=TINY, progress=False)

@@ -232,13 +232,7 @@ def run_shape_bench(
             row = _run_one(engine, paths[fmt], fmt, dtype, prompt_tokens, new_tokens, repeats,
                            threads, batch_sizes, progress)  # fmt: skip
             if "decode_b1_tok_s" in row:
-                # ours: what its model holds, measured; a peer: its file's bytes
-                weight = row.pop("decode_weight_bytes", None) or engine_decode_bytes(
-                    shape, engine, fmt
-                )
-                row["decode_weight_gb"] = round(weight / GB, 3)
-                used = row["decode_b1_tok_s"] * weight / GB
-                row["bandwidth_share"] = round(used / report["read_gb_s"], 3)
+                add_bus_share(row, shape, engine, fmt, report["read_gb_s"])
             report["results"].append(row)
     report["ratios"] = peer_ratios(report["results"])
     if vllm_peer.ENGINE in engines:
@@ -252,6 +246,16 @@ def run_shape_bench(
             ensure_gguf(key, "f16", folder), progress, quantized=also
         )
     return report
+
+
+def add_bus_share(
+    row: dict[str, Any], shape: Shape, engine: str, fmt: str, read_gb_s: float
+) -> None:
+    """A decode row's weight bytes a token and its share of the measured read bandwidth: ours
+    from what its model holds (the worker's ``decode_weight_bytes``), a peer from its file."""
+    weight = row.pop("decode_weight_bytes", None) or engine_decode_bytes(shape, engine, fmt)
+    row["decode_weight_gb"] = round(weight / GB, 3)
+    row["bandwidth_share"] = round(row["decode_b1_tok_s"] * weight / GB / read_gb_s, 3)
 
 
 def engine_decode_bytes(shape: Shape, engine: str, fmt: str) -> int:
