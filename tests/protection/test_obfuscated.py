@@ -9,7 +9,8 @@ import torch
 
 from tdllm.model.checkpoint import Checkpoint
 from tdllm.model.loader import load_model
-from tdllm.model.transformer import Batch, KVCache, Transformer, apply_rope, rope_tables
+from tdllm.model.rotary import apply_rope, rope_tables
+from tdllm.model.transformer import Batch, KVCache, Transformer
 from tdllm.profiles import ProtectionOptions, build_model
 from tdllm.profiles.obfuscated import Obfuscated
 from tdllm.trusted.publishable import plaintext_activation

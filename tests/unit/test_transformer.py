@@ -9,16 +9,8 @@ import torch
 from torch import nn
 
 from tdllm.model.linear import Linear, LinearMethodTable, PlainCpuMethod
-from tdllm.model.transformer import (
-    Batch,
-    DecodeWindow,
-    KVCache,
-    Transformer,
-    apply_rope,
-    rope_tables,
-    rotate,
-    signed_sin,
-)
+from tdllm.model.rotary import apply_rope, rope_tables, rotate, signed_sin
+from tdllm.model.transformer import Batch, DecodeWindow, KVCache, Transformer
 from tests.tiny_model import TINY, tiny_model, tiny_tensors
 
 

@@ -1,10 +1,11 @@
 """A Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied lm_head.
 
-Read top to bottom: `Transformer`, `Block`, `Attention`, `FeedForward`, `RMSNorm`, rotary
-helpers; where rows sit in the KV cache (`KVCache`, `Batch`, `DecodeWindow`) is
-`tdllm.model.cache_layout`. Module and parameter names follow the
-Hugging Face Llama layout (``model.layers.N.self_attn...``) so checkpoints map one to one, except
-that q/k/v and gate/up are fused (`STACKED`) to halve the number of matmuls per block.
+Read top to bottom: `Transformer`, `Block`, `Attention`, `FeedForward`; the norm is
+`tdllm.model.rms_norm`, the rotary embedding `tdllm.model.rotary`, and where rows sit in the KV
+cache (`KVCache`, `Batch`, `DecodeWindow`) is `tdllm.model.cache_layout`. Module and parameter
+names follow the Hugging Face Llama layout (``model.layers.N.self_attn...``) so checkpoints map
+one to one, except that q/k/v and gate/up are fused (`STACKED`) to halve the number of matmuls
+per block.
 
 No projection here is an `nn.Linear`: each is a `Linear` that asks the `LinearMethodTable` for its
 strategy by full name.
@@ -35,6 +36,8 @@ from tdllm.model.linear import (
     TdCpuKernels,
     copy_unless_same,
 )
+from tdllm.model.rms_norm import RMSNorm
+from tdllm.model.rotary import rope_tables, rotate, signed_sin
 
 # checkpoint projection -> (fused projection, shard index); see Transformer.load_weights
 STACKED = {
@@ -466,43 +469,3 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in fp32 whatever the model dtype, as the reference implementation does
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def rope_tables(head_dim: int, theta: float, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin ``[max_pos, head_dim]`` for rotate-half RoPE, computed in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE as the reference writes it: ``x * cos + [-x2, x1] * sin``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """`sin` with the first half of its last dimension negated, for `rotate`."""
-    half = sin.shape[-1] // 2
-    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` with `signed_sin`'s table in four ops instead of seven, bit for bit:
-    ``[x2, x1] * [-s1, s2]`` is ``[-x2, x1] * [s1, s2]`` (negation is exact)."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed
