@@ -4,185 +4,30 @@ Each target also carries seeds (real inputs: Intel quotes and a CCEL log from
 ../shared/testvectors, a sealed manifest, valid requests), a Hypothesis strategy of inputs for
 the engine-less runs (mutated seeds, structured JSON with lone surrogates, NaN, huge numbers,
 deep nests) and, for libFuzzer, a dictionary of tokens. tdllm is imported inside the builders,
-so that the atheris worker can import it under coverage instrumentation.
+so that the atheris worker can import it under coverage instrumentation. `TARGETS` names them
+all; what a target is lives in `target.py`, the input strategies in `inputs.py`, the E2E
+envelope's two targets in `e2e_targets.py`.
 """
 
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
-import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hypothesis import strategies as st
 
 from tests.conftest import TDX_VECTORS
+from tests.fuzz.e2e_targets import e2e_client_target, e2e_server_target
+from tests.fuzz.inputs import json_dictionary, json_inputs, json_mutated, mutated
+from tests.fuzz.target import MODEL, Target
 
 VECTORS = TDX_VECTORS
-MODEL = "SmolLM2-135M-Instruct"
-
-
-@dataclass(frozen=True)
-class Target:
-    """One target; its builder takes `full` (make fuzz: the slower, more faithful setup)."""
-
-    name: str
-    allowed: tuple[type[BaseException], ...]  # the documented errors: these may escape
-    run: Callable[[bytes], object]
-    seeds: tuple[bytes, ...]
-    strategy: st.SearchStrategy[bytes]
-    dictionary: tuple[bytes, ...] = field(default=())
-
-    def check(self, data: bytes) -> None:
-        """Run one input; raises only for a crash (an error that is not documented)."""
-        try:
-            self.run(data)
-        except self.allowed:
-            pass
-
-
-class ServerError(Exception):
-    """A target's oracle: the service answered 5xx where a client mistake must be a 4xx."""
-
-
-# -- input strategies --------------------------------------------------------------------------
-
-INTERESTING_U32 = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF)
-NOT_TEXT = ("\ud800", "\udfff", "\udc00\ud800", "\x00", "a\x00b", "\ufeff", "\U0010ffff")
-
-
-@st.composite
-def _mutated(draw: st.DrawFn, seeds: Sequence[bytes]) -> bytes:
-    """A seed with a few byte-level edits: flips, overwrites, cuts, inserts, 32-bit fields."""
-    data = bytearray(draw(st.sampled_from(seeds)))
-    for _ in range(draw(st.integers(1, 4))):
-        pos = draw(st.integers(0, max(0, len(data) - 1)))
-        op = draw(st.sampled_from(("flip", "byte", "truncate", "delete", "insert", "u32")))
-        if op == "flip" and data:
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "byte" and data:
-            data[pos] = draw(st.integers(0, 255))
-        elif op == "truncate":
-            del data[pos:]
-        elif op == "delete":
-            del data[pos : pos + draw(st.integers(1, 64))]
-        elif op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
-        elif op == "u32":
-            data[pos : pos + 4] = draw(st.sampled_from(INTERESTING_U32)).to_bytes(4, "little")
-    return bytes(data)
-
-
-def mutated(seeds: Sequence[bytes]) -> st.SearchStrategy[bytes]:
-    return _mutated(seeds)
-
-
-TEXT = st.one_of(
-    st.text(st.characters(exclude_categories=()), max_size=12),  # surrogates included
-    st.sampled_from(NOT_TEXT),
-)
-SCALARS = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(),
-    st.sampled_from((0, 1, -1, 2**63, 2**64, 10**20, -(10**25), 10**300)),
-    st.floats(),  # NaN and infinities too: json.dumps writes them as NaN / Infinity
-    TEXT,
-)
-JSON_VALUES = st.recursive(
-    SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4)
-)
-
-
-def _paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [path]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            out += _paths(item, (*path, key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            out += _paths(item, (*path, i))
-    return out
-
-
-def _replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
-    if not path:
-        return new
-    head, rest = path[0], path[1:]
-    copy: Any = dict(value) if isinstance(value, dict) else list(value)
-    copy[head] = _replaced(value[head], rest, new)
-    return copy
-
-
-@st.composite
-def _json_mutated(draw: st.DrawFn, docs: Sequence[Any], keys: Sequence[str]) -> bytes:
-    """A seed document with values swapped for arbitrary JSON (or extra keys added), encoded
-    as JSON text that may hold NaN, CESU-8 surrogates or a deep nest."""
-    doc = draw(st.sampled_from(docs))
-    for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(_paths(doc)))
-        target = doc
-        for step in path:
-            target = target[step]
-        if isinstance(target, dict) and draw(st.booleans()):
-            key = draw(st.sampled_from(keys) | TEXT)
-            doc = _replaced(doc, path, target | {key: draw(JSON_VALUES)})
-        else:
-            doc = _replaced(doc, path, draw(JSON_VALUES))
-    if draw(st.integers(0, 9)) == 0:  # a deep nest where the chosen value was
-        depth = draw(st.sampled_from((31, 32, 33, 1000, 50_000)))
-        nest = "[" * depth + "]" * depth
-        text = json.dumps(doc).replace("null", nest, 1)
-    else:
-        text = json.dumps(doc, ensure_ascii=draw(st.booleans()))
-    return text.encode("utf-8", "surrogatepass")
-
-
-def json_mutated(docs: Sequence[Any], keys: Sequence[str] = ()) -> st.SearchStrategy[bytes]:
-    return _json_mutated(docs, keys)
-
-
-def _json_inputs(docs: Sequence[Any], keys: Sequence[str] = ()) -> st.SearchStrategy[bytes]:
-    seeds = [json.dumps(d).encode() for d in docs]
-    return st.one_of(json_mutated(docs, keys), mutated(seeds), st.binary(max_size=64))
-
-
-JSON_TOKENS = (
-    b"{",
-    b"}",
-    b"[",
-    b"]",
-    b'"',
-    b":",
-    b",",
-    b"null",
-    b"true",
-    b"false",
-    b"NaN",
-    b"Infinity",
-    b"-Infinity",
-    b"1e400",
-    b"-0",
-    b"99999999999999999999999",
-    b"\\ud800",
-    b"\\udc00",
-    b"\\u0000",
-    b"\\ud83d\\ude00",
-    b"\xed\xa0\x80",
-    b"\xc0\xaf",
-    b"\xef\xbb\xbf",
-)
-
-
-def _json_dictionary(keys: Sequence[str]) -> tuple[bytes, ...]:
-    return JSON_TOKENS + tuple(json.dumps(k).encode() for k in keys)
 
 
 # -- quote parser --------------------------------------------------------------------------------
@@ -270,8 +115,8 @@ def runtime_log_target(full: bool = False) -> Target:
         (EventLogError,),
         run,
         tuple(json.dumps(d).encode() for d in docs),
-        _json_inputs(docs, keys),
-        _json_dictionary(keys),
+        json_inputs(docs, keys),
+        json_dictionary(keys),
     )
 
 
@@ -348,169 +193,7 @@ def sealed_manifest_target(full: bool = False) -> Target:
         run,
         tuple(bytes([f]) + seed for f in (0, 1, 3, 9)),
         strategy,
-        _json_dictionary(keys),
-    )
-
-
-# -- the E2E envelope ----------------------------------------------------------------------------
-
-
-def _e2e_request(content: str = "hi", **options: Any) -> dict[str, Any]:
-    request = {"model": MODEL, "messages": [{"role": "user", "content": content}]}
-    return {"api_key": None, "request": request | options}
-
-
-def e2e_server_target(full: bool = False) -> Target:
-    """POST /v1/e2e/chat/completions on the real app (its engine not running, so every request
-    that gets through validation ends in a sealed 503 `not_ready`). First byte even: the input
-    is the outer body; odd: it is the plaintext, sealed to the service key here. Oracle: the
-    outer status is never 5xx, and neither is the sealed one, but for that 503."""
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    from tdllm.api.app import create_app
-    from tdllm.settings import Settings
-    from tdllm_attest.client.e2e_protocol import (
-        EXPORTER_LABEL,
-        INFO,
-        SUITE,
-        E2eDecryptError,
-        ExchangeKeys,
-        StreamOpener,
-        open_response,
-        pad,
-    )
-    from tdllm_attest.wire import b64url
-
-    missing = Path(tempfile.gettempdir()) / f"tdllm-fuzz-no-model-{os.getpid()}.gguf"
-    settings = Settings(model=str(missing), max_body_bytes=1 << 20, e2e_record_interval_ms=0)
-    app = create_app(settings)
-    client = app.test_client()
-    identity = app.extensions["tdllm"].identity
-    public = identity.private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    signing = identity.signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-    def seal(plaintext: bytes) -> tuple[bytes, ExchangeKeys]:
-        enc, context = SUITE.create_sender_context(SUITE.kem.deserialize_public_key(public), INFO)
-        ciphertext = context.seal(pad(plaintext))
-        keys = ExchangeKeys(
-            request_sha256=hashlib.sha256(enc + ciphertext).digest(),
-            enc_sha256=hashlib.sha256(enc).digest(),
-            secret=context.export(EXPORTER_LABEL, 32),
-        )
-        return json.dumps({"enc": b64url(enc), "ciphertext": b64url(ciphertext)}).encode(), keys
-
-    def sealed_status(response: Any, keys: ExchangeKeys) -> int:
-        if response.mimetype != "text/event-stream":
-            status, _ = open_response(keys, signing, response.get_json())
-            return status
-        opener = StreamOpener(keys, signing)
-        status = 200
-        for line in response.get_data(as_text=True).splitlines():
-            if line.startswith("data: "):
-                final, value = opener.open(json.loads(line[len("data: ") :]))
-                if final:
-                    status = value["status"]
-        opener.finish()
-        return status
-
-    def run(data: bytes) -> None:
-        if not data:
-            return
-        keys = None
-        body = data[1:]
-        if data[0] % 2:
-            body, keys = seal(data[1:])
-        response = client.post(
-            "/v1/e2e/chat/completions", data=body, content_type="application/json"
-        )
-        if response.status_code >= 500:
-            raise ServerError(f"the E2E endpoint answered {response.status_code}")
-        if keys is not None and response.status_code == 200:
-            try:
-                status = sealed_status(response, keys)
-            except E2eDecryptError as exc:  # our own answer must open
-                raise ServerError(f"the sealed answer does not open: {exc}") from None
-            if status >= 500 and status != 503:
-                raise ServerError(f"the sealed answer says {status}")
-
-    docs = [
-        _e2e_request(),
-        _e2e_request("hello", stream=True, max_tokens=2),
-        _e2e_request("x", temperature=0.5, stop=["a"], metadata={"k": "v"}),
-        {"api_key": "k" * 24, "request": _e2e_request()["request"]},
-    ]
-    outer = [{"enc": "A" * 43, "ciphertext": "B" * 64}]
-    plain = [b"\x01" + json.dumps(d).encode() for d in docs]
-    keys_ = ("api_key", "request", "model", "messages", "role", "content", "stream", "enc")
-    strategy = st.one_of(
-        st.builds(lambda b: b"\x01" + b, _json_inputs(docs, keys_)),
-        st.builds(lambda b: b"\x00" + b, _json_inputs(outer, ("enc", "ciphertext"))),
-    )
-    return Target(
-        "e2e-server",
-        (),
-        run,
-        (*plain, b"\x00" + json.dumps(outer[0]).encode()),
-        strategy,
-        _json_dictionary(keys_),
-    )
-
-
-def e2e_client_target(full: bool = False) -> Target:
-    """What a client opens from the host: a whole sealed answer (first byte even) or a stream of
-    records, one JSON per line (odd). Only E2eDecryptError may escape."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    from tdllm_attest.client.e2e_protocol import (
-        E2eDecryptError,
-        ExchangeKeys,
-        StreamOpener,
-        StreamSealer,
-        open_response,
-        seal_response,
-    )
-
-    keys = ExchangeKeys(request_sha256=bytes(32), enc_sha256=bytes(32), secret=bytes(range(32)))
-    signer = Ed25519PrivateKey.from_private_bytes(bytes(32))
-    signing = signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-    def run(data: bytes) -> None:
-        if not data:
-            return
-        lines = data[1:].split(b"\n")
-        try:
-            values = [json.loads(line) for line in lines]
-        except (ValueError, RecursionError):
-            return  # the transport's JSON decoding, not the protocol
-        if data[0] % 2 == 0:
-            open_response(keys, signing, values[0])
-            return
-        opener = StreamOpener(keys, signing)
-        for value in values:
-            opener.open(value)
-        opener.finish()
-
-    sealer = StreamSealer(keys, signer)
-    records = [sealer.record([{"x": 1}]), sealer.final(200, None)]
-    whole = seal_response(keys, signer, 200, {"ok": True})
-    seeds = (
-        b"\x00" + json.dumps(whole).encode(),
-        b"\x01" + b"\n".join(json.dumps(r).encode() for r in records),
-    )
-    fields = ("salt", "nonce", "ciphertext", "signature", "final")
-    strategy = st.one_of(
-        st.builds(lambda b: b"\x00" + b, _json_inputs([whole], fields)),
-        st.builds(lambda b: b"\x01" + b, _json_inputs(records, fields)),
-        mutated(seeds),
-    )
-    return Target(
-        "e2e-client",
-        (E2eDecryptError,),
-        run,
-        seeds,
-        strategy,
-        _json_dictionary(fields),
+        json_dictionary(keys),
     )
 
 
@@ -647,8 +330,8 @@ def openai_request_target(full: bool = False) -> Target:
         (ApiError, UsageError),
         run,
         tuple(json.dumps(d).encode() for d in docs),
-        _json_inputs(docs, keys),
-        _json_dictionary(keys),
+        json_inputs(docs, keys),
+        json_dictionary(keys),
     )
 
 
