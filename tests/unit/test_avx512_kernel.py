@@ -178,6 +178,18 @@ def test_a_missing_compiler_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert not (tmp_path / "kernels").exists()  # nothing built, nothing created
 
 
+def test_doctor_says_what_emulated_bf16_costs_where_the_cpu_lacks_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tdllm import doctor
+
+    monkeypatch.setattr(doctor, "cpu_flags", lambda: {"avx2", "fma", "f16c"})  # an AVX2 EPYC
+    row = dict(doctor.report())["bf16 matmul"]
+    assert row.startswith("emulated: prompts widened to fp32") and "prefer fp32" not in row
+    monkeypatch.setattr(doctor, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16"})
+    assert dict(doctor.report())["bf16 matmul"] == "native (AVX512-BF16/AMX)"
+
+
 def test_doctor_lists_the_quants_this_cpu_loads_and_why_the_others_are_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -87,7 +87,9 @@ def report() -> list[tuple[str, str]]:
             "bf16 matmul",
             "native (AVX512-BF16/AMX)"
             if native_bf16
-            else "emulated: bf16 is slow here, prefer fp32",
+            # measured on an AVX2 EPYC (docs/performance.md, "Served on a CPU without AVX-512")
+            else "emulated: prompts widened to fp32 (fp32's speed); decode reads bf16's half "
+            "of the bytes (faster for one stream, fp32 from ~8 streams)",
         ),
         ("amx", "yes" if "amx_tile" in flags else "no"),
         ("torch", f"{torch.__version__} ({threads})"),
