@@ -12,7 +12,6 @@ server decides (chunked framing, slow clients) is `test_http_framing`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,15 +23,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from tdllm.api.openapi import description
-from tdllm_attest.client.e2e_protocol import (
-    EXPORTER_LABEL,
-    INFO,
-    SUITE,
-    ExchangeKeys,
-    open_response,
-    pad,
-)
-from tdllm_attest.wire import b64url
+from tdllm_attest.client.e2e_protocol import ExchangeKeys, open_response, seal_plaintext
 
 from .conftest import MODEL
 from .test_request_validation import assert_openai_error
@@ -299,14 +290,7 @@ def _seal_raw(app: Flask, plaintext: bytes) -> tuple[dict[str, str], ExchangeKey
     """An envelope around exactly these plaintext bytes (seal_request would re-encode them)."""
     identity = app.extensions["tdllm"].identity
     public = identity.private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    enc, context = SUITE.create_sender_context(SUITE.kem.deserialize_public_key(public), INFO)
-    ciphertext = context.seal(pad(plaintext))
-    keys = ExchangeKeys(
-        request_sha256=hashlib.sha256(enc + ciphertext).digest(),
-        enc_sha256=hashlib.sha256(enc).digest(),
-        secret=context.export(EXPORTER_LABEL, 32),
-    )
-    return {"enc": b64url(enc), "ciphertext": b64url(ciphertext)}, keys
+    return seal_plaintext(public, plaintext)
 
 
 def _sealed_answer(app: Flask, request_json: bytes) -> tuple[int, Any]:

@@ -3,7 +3,6 @@ the client's (`tdllm_attest.client.e2e_protocol` opening a sealed answer)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -31,16 +30,12 @@ def e2e_server_target(full: bool = False) -> Target:
     from tdllm.api.app import create_app
     from tdllm.settings import Settings
     from tdllm_attest.client.e2e_protocol import (
-        EXPORTER_LABEL,
-        INFO,
-        SUITE,
         E2eDecryptError,
         ExchangeKeys,
         StreamOpener,
         open_response,
-        pad,
+        seal_plaintext,
     )
-    from tdllm_attest.wire import b64url
 
     missing = Path(tempfile.gettempdir()) / f"tdllm-fuzz-no-model-{os.getpid()}.gguf"
     settings = Settings(model=str(missing), max_body_bytes=1 << 20, e2e_record_interval_ms=0)
@@ -51,14 +46,8 @@ def e2e_server_target(full: bool = False) -> Target:
     signing = identity.signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
     def seal(plaintext: bytes) -> tuple[bytes, ExchangeKeys]:
-        enc, context = SUITE.create_sender_context(SUITE.kem.deserialize_public_key(public), INFO)
-        ciphertext = context.seal(pad(plaintext))
-        keys = ExchangeKeys(
-            request_sha256=hashlib.sha256(enc + ciphertext).digest(),
-            enc_sha256=hashlib.sha256(enc).digest(),
-            secret=context.export(EXPORTER_LABEL, 32),
-        )
-        return json.dumps({"enc": b64url(enc), "ciphertext": b64url(ciphertext)}).encode(), keys
+        envelope, keys = seal_plaintext(public, plaintext)
+        return json.dumps(envelope).encode(), keys
 
     def sealed_status(response: Any, keys: ExchangeKeys) -> int:
         if response.mimetype != "text/event-stream":

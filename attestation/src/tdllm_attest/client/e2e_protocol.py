@@ -89,8 +89,14 @@ def seal_request(
     service_key: bytes, request: Any, api_key: str | None = None
 ) -> tuple[dict[str, str], ExchangeKeys]:
     """(envelope to POST, keys for the answer) for `request` to the raw X25519 `service_key`."""
-    enc, context = SUITE.create_sender_context(SUITE.kem.deserialize_public_key(service_key), INFO)
     plaintext = json.dumps({"api_key": api_key, "request": request}).encode()
+    return seal_plaintext(service_key, plaintext)
+
+
+def seal_plaintext(service_key: bytes, plaintext: bytes) -> tuple[dict[str, str], ExchangeKeys]:
+    """`seal_request` of exactly these plaintext bytes (padded), whatever they hold: what a test
+    or fuzzer needs to reach the service's parsing of a request it could not JSON-encode."""
+    enc, context = SUITE.create_sender_context(SUITE.kem.deserialize_public_key(service_key), INFO)
     ciphertext = context.seal(pad(plaintext))
     return {"enc": b64url(enc), "ciphertext": b64url(ciphertext)}, _keys(context, enc, ciphertext)
 
