@@ -131,7 +131,7 @@ def test_vllms_memory_and_decode_bytes_count_its_bf16_head() -> None:
     assert bf16 == pytest.approx(2 * one_b.parameters(), rel=0.001)
     assert w8a8 == pytest.approx((one_b.parameters() - one_b.vocab * one_b.hidden) + head,
                                  rel=0.001)  # fmt: skip
-    assert shape_bench.engine_decode_bytes(one_b, "vllm-cpu", "q8_0") == w8a8
+    assert shape_bench.peer_decode_bytes(one_b, "vllm-cpu", "q8_0") == w8a8
     need = shape_bench.memory_needed(one_b, "q8_0", 256)
     assert need["vllm-cpu"] > w8a8 + shape_bench.VLLM_RUNTIME_BYTES
     assert set(shape_bench.ENGINES) == set(need)  # every engine has its row

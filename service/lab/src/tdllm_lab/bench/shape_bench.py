@@ -252,16 +252,19 @@ def add_bus_share(
     row: dict[str, Any], shape: Shape, engine: str, fmt: str, read_gb_s: float
 ) -> None:
     """A decode row's weight bytes a token and its share of the measured read bandwidth: ours
-    from what its model holds (the worker's ``decode_weight_bytes``), a peer from its file."""
-    weight = row.pop("decode_weight_bytes", None) or engine_decode_bytes(shape, engine, fmt)
+    from what its model holds (the worker's ``decode_weight_bytes``, always in our rows), a peer
+    from its file."""
+    if engine in OURS:
+        weight = row.pop("decode_weight_bytes")
+    else:
+        weight = peer_decode_bytes(shape, engine, fmt)
     row["decode_weight_gb"] = round(weight / GB, 3)
     row["bandwidth_share"] = round(row["decode_b1_tok_s"] * weight / GB / read_gb_s, 3)
 
 
-def engine_decode_bytes(shape: Shape, engine: str, fmt: str) -> int:
-    """The weight bytes `engine` reads per decode step on the `fmt` file, in its own layout."""
-    if engine in OURS:
-        return ours_decode_bytes(shape, ours_quant(engine, fmt))
+def peer_decode_bytes(shape: Shape, engine: str, fmt: str) -> int:
+    """The weight bytes peer `engine` reads per decode step on the `fmt` file, in its own layout
+    (ours are measured from the loaded model instead, `held_memory.step_bytes`)."""
     if engine == vllm_peer.ENGINE:
         return vllm_decode_bytes(shape, fmt)
     return decode_bytes(shape, fmt)
