@@ -30,18 +30,7 @@ class _BootingService(LocalService):
     """Real gunicorn with a model that cannot load: the worker answers at once (boot fails in
     a second, /ready says so) and every request is read and validated exactly as when ready."""
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        assert self.process is not None
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "gunicorn exited"
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("gunicorn did not answer /health")
+    ready_path = "/health"
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,10 @@ def free_port() -> int:
 class LocalService:
     """``with LocalService(model="bundled") as svc: svc.url`` (settings as TDLLM_* changes)."""
 
+    # what answers 200 once the service is up: /ready (a model loaded); a subclass whose model
+    # cannot load waits for /health (the worker answers) instead
+    ready_path = "/ready"
+
     def __init__(self, *, ready_timeout_s: float = 120.0, log: Path | None = None, **changes: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -55,12 +59,14 @@ class LocalService:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the service exited with {self.process.returncode}")
             try:
-                if requests.get(self.url + "/ready", timeout=2).status_code == 200:
+                if requests.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.25)
-        raise TimeoutError(f"the service was not ready within {self.ready_timeout_s:g}s")
+        raise TimeoutError(
+            f"the service did not answer {self.ready_path} within {self.ready_timeout_s:g}s"
+        )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
