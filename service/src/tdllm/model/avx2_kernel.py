@@ -24,7 +24,7 @@ from tdllm.model import kernel_build, w4a8_ops
 from tdllm.model.cpu_features import cpu_flags
 
 NAME = "tdllm_avx2"
-SOURCES = ("int_avx2",)
+SOURCES = ("int_avx2", "decode_block_avx2")
 CPU_FLAGS = ("avx2", "fma", "f16c")  # VPMADDUBSW on 256-bit registers, FMA, fp16 scales
 FLAGS = ("-mavx2", "-mfma", "-mf16c")
 GROUP = w4a8_ops.GROUP

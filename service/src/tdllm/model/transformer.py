@@ -2,10 +2,11 @@
 
 Read top to bottom: `Transformer`, `Block`, `Attention`, `FeedForward`; the norm is
 `tdllm.model.rms_norm`, the rotary embedding `tdllm.model.rotary`, and where rows sit in the KV
-cache (`KVCache`, `Batch`, `DecodeWindow`) is `tdllm.model.cache_layout`. Module and parameter
-names follow the Hugging Face Llama layout (``model.layers.N.self_attn...``) so checkpoints map
-one to one, except that q/k/v and gate/up are fused (`STACKED`) to halve the number of matmuls
-per block.
+cache (`KVCache`, `Batch`, `DecodeWindow`) is `tdllm.model.cache_layout`; a block whose
+projections all run on our AVX2 kernels takes a decode step in one op
+(`tdllm.model.one_call_block`). Module and parameter names follow the Hugging Face Llama layout
+(``model.layers.N.self_attn...``) so checkpoints map one to one, except that q/k/v and gate/up
+are fused (`STACKED`) to halve the number of matmuls per block.
 
 No projection here is an `nn.Linear`: each is a `Linear` that asks the `LinearMethodTable` for its
 strategy by full name.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdllm.freed_heap import return_freed_heap
+from tdllm.model import one_call_block
 from tdllm.model.block_embedding import BlockEmbedding
 from tdllm.model.cache_layout import Batch as Batch
 from tdllm.model.cache_layout import DecodeWindow
@@ -165,6 +167,9 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.method.after_load(module)
+        for block in self.layers:
+            if isinstance(block, Block):
+                block.one_call = one_call_block.for_block(block)
 
     def place(
         self,
@@ -371,6 +376,9 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, f"{prefix}.self_attn", methods, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = FeedForward(cfg, f"{prefix}.mlp", methods, dtype)
+        # a decode step in one op where every projection runs on our AVX2 kernels (set once
+        # the weights are in: `Transformer.after_load`)
+        self.one_call: one_call_block.OneCallBlock | None = None
 
     def forward(
         self,
@@ -381,6 +389,8 @@ class Block(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
+        if self.one_call is not None and self.one_call.takes(x):
+            return self.one_call(x, batch, cos, signed_sin, k_cache, v_cache)
         x = x + self.self_attn(self.input_layernorm(x), batch, cos, signed_sin, k_cache, v_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
