@@ -4,16 +4,19 @@ stands in for, and the steps it must leave to the eager block."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
 
+from tdllm.engine import Engine, SamplingParams
 from tdllm.model import avx2_kernel
 from tdllm.model.int4_methods import Int4W4A8Method
 from tdllm.model.linear import Linear, LinearMethodTable
 from tdllm.model.quantized import quant_table
 from tdllm.model.transformer import Batch, Block, KVCache, Transformer
 from tests.cpu_kernels import needs_avx2
+from tests.protection.engine_runs import NoTokenizer
 from tests.tiny_model import TINY, tiny_model
 
 pytestmark = needs_avx2
@@ -143,9 +146,37 @@ def test_a_hook_a_profiles_core_autograd_or_a_prompt_take_the_eager_block() -> N
         model(torch.tensor([[4], [8], [15]]), Batch(SLOTS, LENGTHS, 1), cache)
     handle.remove()
     assert len(seen) == 1  # the hooked projection ran, in the eager block
-    block.self_attn.core = lambda *_args: torch.zeros(1)  # type: ignore[assignment]
+    cores: list[torch.Tensor] = []
+
+    def core(x: torch.Tensor, *_rest: object) -> torch.Tensor:  # a profile's attention
+        cores.append(x)
+        return torch.zeros(x.shape[0], 1, CFG.num_heads * CFG.head_dim)
+
+    block.self_attn.core = core
+    assert not model.decodes_in_one_call()
     with torch.inference_mode():
-        assert not block.one_call.takes(one)
+        model(torch.tensor([[4], [8], [15]]), Batch(SLOTS, [n + 1 for n in LENGTHS], 1), cache)
+    assert len(cores) == 1
+
+
+def test_a_compile_setting_gives_way_where_every_block_decodes_in_one_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = model_on("w4a8")
+    assert model.decodes_in_one_call()
+    with caplog.at_level(logging.WARNING, logger="tdllm.engine.engine"):
+        engine = Engine(model, NoTokenizer(), 4, 48, compile="decode-groups")  # type: ignore[arg-type]
+    assert model.decode_step is None and engine.compile_seconds == 0
+    assert "compile 'decode-groups' not applied" in caplog.text
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    eager_model = model_on("w4a8")
+    for block in eager_model.layers:
+        assert isinstance(block, Block)
+        eager(block)
+    eager_engine = Engine(eager_model, NoTokenizer(), 4, 48)  # type: ignore[arg-type]
+    prompts = [[1, 2, 3], [9, 8]]
+    got = [c.token_ids for c in engine.generate(prompts, [params, params])]
+    assert got == [c.token_ids for c in eager_engine.generate(prompts, [params, params])]
 
 
 def test_a_position_outside_the_cache_is_an_index_error_before_anything_is_written() -> None:

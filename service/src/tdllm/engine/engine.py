@@ -32,6 +32,7 @@ from, for all such sequences of a step together (`LogprobTable`); the others cos
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +59,8 @@ from tdllm.model.compile_modes import COMPILE_MODES
 from tdllm.model.compiled_decode import compile_decode, warm_up
 from tdllm.model.tokenizer import Tokenizer
 from tdllm.model.transformer import Attention, Batch, KVCache, Transformer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,6 +142,14 @@ class Engine:
         self.compile_seconds = 0.0
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}")
+        if compile != "off" and model.decodes_in_one_call():
+            log.warning(
+                "compile %r not applied: every block's decode step already runs as one op on "
+                "the AVX2 kernels, faster than compiled graphs (docs/performance.md, 'One call "
+                "a block')",
+                compile,
+            )
+            compile = "off"
         if compile != "off":
             compile_decode(model, grouped=compile == "decode-groups")
             self.compile_seconds = warm_up(model, self.cache, max_batch, self.max_seq_len, status)

@@ -25,10 +25,10 @@ from tdllm.model import avx2_kernel
 from tdllm.model.int4_methods import Int4W4A8Method
 from tdllm.model.int8_methods import Int8GroupAvx2Method
 from tdllm.model.linear import Linear
+from tdllm.model.rms_norm import RMSNorm
 
 if TYPE_CHECKING:
     from tdllm.model.cache_layout import Batch
-    from tdllm.model.transformer import Block
 
 
 def _on_avx2_kernels(layer: Linear) -> bool:
@@ -39,22 +39,27 @@ def _on_avx2_kernels(layer: Linear) -> bool:
 
 
 class OneCallBlock:
-    """`block`'s decode step as ``tdllm_avx2::decode_block`` (`for_block` checks eligibility)."""
+    """A block's decode step as ``tdllm_avx2::decode_block``, from the block's parts: its two
+    norms and four projections (q|k|v, o, gate|up, down), as `for_block` found them."""
 
-    def __init__(self, block: Block) -> None:
-        attn, mlp = block.self_attn, block.mlp
-        self.block = block
-        self.projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        self.heads, self.kv_heads, self.inter = attn.n_heads, attn.n_kv, mlp.inter
-        self.eps = block.input_layernorm.eps
+    def __init__(
+        self,
+        norms: tuple[RMSNorm, RMSNorm],
+        projections: tuple[Linear, Linear, Linear, Linear],
+        heads: int,
+        kv_heads: int,
+        intermediate: int,
+    ) -> None:
+        self.norms, self.projections = norms, projections
+        self.heads, self.kv_heads, self.intermediate = heads, kv_heads, intermediate
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether this step may run here: one fp32 token a row and nothing that the eager
-        block would do besides (a profile's attention core, hooks, autograd, a trace)."""
+        block would do besides (hooks, autograd, a trace; the block checks its attention
+        core)."""
         return (
             x.shape[1] == 1
             and x.dtype == torch.float32
-            and self.block.self_attn.core is None
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and not any(p._forward_hooks or p._forward_pre_hooks for p in self.projections)
@@ -69,7 +74,7 @@ class OneCallBlock:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        b = self.block
+        attention_norm, mlp_norm = self.norms
         qkv, o, gate_up, down = (p.qweight for p in self.projections)
         out: torch.Tensor = torch.ops.tdllm_avx2.decode_block(
             x.contiguous(),
@@ -77,33 +82,33 @@ class OneCallBlock:
             batch.positions,
             cos,
             signed_sin,
-            b.input_layernorm.weight,
-            b.post_attention_layernorm.weight,
-            self.eps,
+            attention_norm.weight,
+            mlp_norm.weight,
+            attention_norm.eps,
             qkv,
             o,
             gate_up,
             down,
             self.heads,
             self.kv_heads,
-            self.inter,
+            self.intermediate,
             k_cache,
             v_cache,
         )
         return out
 
 
-def for_block(block: Block) -> OneCallBlock | None:
-    """The one-call decode step for `block`, or None where its eager form must run (see the
-    module's docstring); call once every weight is in."""
-    projections = (
-        block.self_attn.qkv_proj,
-        block.self_attn.o_proj,
-        block.mlp.gate_up_proj,
-        block.mlp.down_proj,
-    )
-    if block.input_layernorm.weight.dtype != torch.float32:
+def for_block(
+    norms: tuple[RMSNorm, RMSNorm],
+    projections: tuple[Linear, Linear, Linear, Linear],
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+) -> OneCallBlock | None:
+    """The one-call decode step of a block with these parts, or None where its eager form must
+    run (see the module's docstring); call once every weight is in."""
+    if any(norm.weight.dtype != torch.float32 for norm in norms):
         return None
     if not all(_on_avx2_kernels(p) for p in projections):
         return None
-    return OneCallBlock(block)
+    return OneCallBlock(norms, projections, heads, kv_heads, intermediate)

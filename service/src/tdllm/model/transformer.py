@@ -169,7 +169,26 @@ class Transformer(nn.Module):
                 module.method.after_load(module)
         for block in self.layers:
             if isinstance(block, Block):
-                block.one_call = one_call_block.for_block(block)
+                attn, mlp = block.self_attn, block.mlp
+                block.one_call = one_call_block.for_block(
+                    (block.input_layernorm, block.post_attention_layernorm),
+                    (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj),
+                    attn.n_heads,
+                    attn.n_kv,
+                    mlp.inter,
+                )
+
+    def decodes_in_one_call(self) -> bool:
+        """Whether every block run here (after a profile's prefix) takes its decode step in one
+        op (`one_call_block`): then a compiled decode step has nothing left to gain (its graphs
+        run the eager blocks, 0.72-0.81x that on the AVX2 EPYC: docs/performance.md, "One call
+        a block")."""
+        start = self.prefix.num_layers if self.prefix is not None else 0
+        blocks = list(self.layers)[start:]
+        return bool(blocks) and all(
+            isinstance(b, Block) and b.one_call is not None and b.self_attn.core is None
+            for b in blocks
+        )
 
     def place(
         self,
@@ -389,7 +408,7 @@ class Block(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        if self.one_call is not None and self.one_call.takes(x):
+        if self.one_call is not None and self.self_attn.core is None and self.one_call.takes(x):
             return self.one_call(x, batch, cos, signed_sin, k_cache, v_cache)
         x = x + self.self_attn(self.input_layernorm(x), batch, cos, signed_sin, k_cache, v_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
