@@ -28,6 +28,7 @@ from tests.tiny_model import tiny_model
         ("tdllm_avx2::w4a8", "matmul"),
         ("tdllm_avx2::w8a8g", "matmul"),
         ("tdllm_avx2::rows8", "other ops"),
+        ("tdllm_avx2::decode_block", "blocks in one op"),
     ],
 )
 def test_ops_fall_in_their_category(op: str, expected: str) -> None:
@@ -38,7 +39,7 @@ def test_the_categories_add_up_to_the_profiled_step() -> None:
     checkpoint: Checkpoint = synthetic_checkpoint(seed=2)
     report = profile_decode(checkpoint, torch.float32, batch=2, steps=3, prompt_tokens=5)
     spent = report["ms_per_step_by_category"]
-    assert set(spent) == {"matmul", "attention", "other ops", "outside any op"}
+    assert set(spent) == {"matmul", "attention", "blocks in one op", "other ops", "outside any op"}
     assert spent["matmul"] > 0 and spent["attention"] > 0
     assert sum(spent.values()) == pytest.approx(report["profiled_ms_per_step"], rel=0.02)
     assert sum(report["share_by_category"].values()) == pytest.approx(1.0, abs=0.01)
