@@ -4,8 +4,8 @@ The bundled model (or any), greedy, `batch` sequences already prefilled, then `s
 steps timed without a profiler (ms/step), and the same number again under torch's CPU profiler.
 Every aten op's *self* time is put in one category (matmul, attention, blocks run as one op,
 everything else); what the profiled step spends outside every op is Python, dispatch and
-allocation, the "overhead" a compiled decode step removes. The profiler adds its own cost per op, so that share is an
-upper bound; the unprofiled ms/step is the number to compare.
+allocation, the "overhead" a compiled decode step removes. The profiler adds its own cost per
+op, so that share is an upper bound; the unprofiled ms/step is the number to compare.
 """
 
 from __future__ import annotations
