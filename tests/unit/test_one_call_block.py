@@ -193,3 +193,30 @@ def test_a_position_outside_the_cache_is_an_index_error_before_anything_is_writt
             torch.zeros(1, 1, CFG.hidden_size), batch, cos, signed, cache.k[0], cache.v[0]
         )
     assert torch.equal(cache.k[0], before)
+
+
+@pytest.mark.parametrize("wrong", ["projection", "kv_heads"])
+def test_a_projection_or_head_count_that_does_not_fit_is_refused_before_anything_is_written(
+    wrong: str,
+) -> None:
+    model = model_on("w4a8")
+    cache = with_context(model)
+    before = cache.k[0].clone()
+    block = model.layers[0]
+    assert isinstance(block, Block) and block.one_call is not None
+    one = block.one_call
+    batch = Batch([0], [11], 1)
+    cos = model.rope_cos[batch.positions][:, :, None]
+    signed = model.rope_signed_sin[batch.positions][:, :, None]
+    qkv, o, gate_up, down = (p.qweight for p in one.projections)
+    if wrong == "projection":  # o's weights where q|k|v's belong
+        qkv, kv_heads, match = o, one.kv_heads, "qkv: not a packed AVX2 projection"
+    else:
+        kv_heads, match = 0, "caches"
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=match):
+        torch.ops.tdllm_avx2.decode_block(
+            torch.zeros(1, 1, CFG.hidden_size), batch.slot_index, batch.positions, cos, signed,
+            one.norms[0].weight, one.norms[1].weight, 1e-5, qkv, o, gate_up, down,
+            one.heads, kv_heads, one.intermediate, cache.k[0], cache.v[0],
+        )  # fmt: skip
+    assert torch.equal(cache.k[0], before)

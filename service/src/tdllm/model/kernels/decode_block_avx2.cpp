@@ -41,10 +41,9 @@ void project(const float* x, int64_t m, const at::Tensor& packed, int64_t n, int
 }
 
 void check_projection(const at::Tensor& packed, int64_t n, int64_t k, const char* name) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
-              packed.size(0) * kBlock >= n && packed.size(1) * kGroup == k &&
-              (packed.size(2) == group_bytes<4, true>() ||
-               packed.size(2) == group_bytes<4, false>() || packed.size(2) == group_bytes<8, false>()),
+  TORCH_CHECK(holds(packed, n, k, group_bytes<4, true>()) ||
+                  holds(packed, n, k, group_bytes<4, false>()) ||
+                  holds(packed, n, k, group_bytes<8, false>()),
               name, ": not a packed AVX2 projection of ", n, " outputs and ", k, " inputs");
 }
 
@@ -117,10 +116,11 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& slots, const at::
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == at::kFloat &&
               k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
               v_cache.scalar_type() == at::kFloat && v_cache.is_contiguous() &&
-              k_cache.size(1) == kv_heads && heads % kv_heads == 0,
+              kv_heads > 0 && k_cache.size(1) == kv_heads && heads % kv_heads == 0,
               "caches: [slots, kv_heads, len, head_dim] contiguous fp32");
   const int64_t d = k_cache.size(3), length = k_cache.size(2);
-  TORCH_CHECK(d % 8 == 0 && d <= kMaxHeadDim && cos.numel() == rows * d && signed_sin.numel() == rows * d &&
+  TORCH_CHECK(d > 0 && d % 8 == 0 && d <= kMaxHeadDim && cos.numel() == rows * d &&
+              signed_sin.numel() == rows * d &&
               cos.scalar_type() == at::kFloat && signed_sin.scalar_type() == at::kFloat &&
               cos.is_contiguous() && signed_sin.is_contiguous(),
               "cos, signed_sin: [B, 1, 1, head_dim] fp32, head_dim a multiple of 8 up to 256");
@@ -143,7 +143,8 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& slots, const at::
 
   at::Tensor out = at::empty_like(x);
   // scratch: normed rows, q/k/v, attention, o and down outputs, gate/up, SwiGLU
-  at::Tensor work = at::empty({rows * (2 * hidden + fused + q_size + 3 * intermediate)}, at::kFloat);
+  at::Tensor work =
+      at::empty({rows * (2 * hidden + fused + q_size + 3 * intermediate)}, at::kFloat);
   float* normed = work.data_ptr<float>();
   float* heads_out = normed + rows * hidden;
   float* attention = heads_out + rows * fused;

@@ -89,9 +89,7 @@ void pack8_into(at::Tensor packed, int64_t first, const at::Tensor& codes,
 }
 
 void check_int8_layout(const at::Tensor& packed, int64_t n, int64_t k) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
-              packed.size(0) * kBlock >= n && k % kGroup == 0 && packed.size(1) == k / kGroup &&
-              packed.size(2) == kInt8Bytes, "packed: from pack8_into");
+  TORCH_CHECK(holds(packed, n, k, kInt8Bytes), "packed: from pack8_into");
 }
 
 // the code and scale of row `row`, group `g` (s8 codes: chunk c's four at q(c)[0..3])

@@ -102,6 +102,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack4(const at::Tensor& packed,
   return {codes, scales, offsets};
 }
 
+// whether `packed` is a layout of `n` outputs and `k` inputs whose groups of 64 outputs x 32
+// inputs take `group_bytes` each (the form a product reads)
+inline bool holds(const at::Tensor& packed, int64_t n, int64_t k, int64_t group_bytes) {
+  return packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
+         packed.size(0) * kBlock >= n && packed.size(1) * kGroup == k &&
+         packed.size(2) == group_bytes;
+}
+
 // The checks and shapes around a product: x [..., K] fp32 or bf16 times the packed weights, y
 // [..., n] in x's dtype. `rows(in, lda, m, out)` is the kernel's, for T = float or uint16_t
 // (bf16 bits). Taking any leading shape and either dtype saves a decode step's reshapes and
@@ -113,9 +121,7 @@ at::Tensor product_with(const at::Tensor& x, const at::Tensor& packed, int64_t n
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k && k % kGroup == 0 &&
               (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x: [..., K] fp32 or bf16, K a multiple of 32");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
-              packed.size(0) * kBlock >= n && packed.size(1) * kGroup == k &&
-              packed.size(2) == group_bytes, "packed: from its pack");
+  TORCH_CHECK(holds(packed, n, k, group_bytes), "packed: from its pack");
   at::Tensor rows = x.reshape({-1, k});  // a view where it can be
   if (rows.stride(1) != 1) rows = rows.contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
